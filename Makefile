@@ -1,0 +1,36 @@
+# Every target bootstraps .venv from requirements.lock (hash-pinned) when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench format clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests --ignore=tests/bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check pdp pep tests deploy
+	$(BIN)/ruff format --check pdp pep tests deploy
+	$(BIN)/mypy
+
+demo: $(STAMP)
+	$(BIN)/python deploy/demo/run.py
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider
+
+format: $(STAMP)
+	$(BIN)/ruff format pdp pep tests deploy
+	$(BIN)/ruff check --fix pdp pep tests deploy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""ABC policy decision point: manifests and signing, policy engine, ledger, servers."""

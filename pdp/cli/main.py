@@ -1,0 +1,292 @@
+"""``abcctl`` entry point: flags in, plain arguments down, one-line errors out.
+
+Exit codes: 0 success, 1 a check failed or a user mistake (one line on stderr,
+never a traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from pdp.bundle import load_bundle
+from pdp.errors import AbcError, ConfigError
+from pdp.manifest import (
+    SqliteHighWater,
+    TrustEntry,
+    TrustStore,
+    freeze,
+    load_intent,
+    load_trust_store,
+    save_trust_store,
+    sign_manifest,
+    verify_envelope,
+)
+from pdp.manifest.canonical import digest
+from pdp.manifest.envelope import parse_envelope
+from pdp.manifest.keys import (
+    keyid,
+    load_private_key,
+    load_public_key,
+    raw_public_key,
+    write_keypair,
+)
+from pdp.manifest.model import Manifest, parse_timestamp
+
+__all__ = ["main", "main_exit"]
+
+STATE_DB = "abc.db"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _timestamp_arg(text: str) -> datetime:
+    try:
+        return parse_timestamp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key_path, pub_path, key_id = write_keypair(args.out, args.name)
+    print(key_id)
+    print(f"wrote {key_path} (private, mode 0600) and {pub_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_trust_add(args: argparse.Namespace) -> int:
+    public = load_public_key(args.pub)
+    store = load_trust_store(args.store) if args.store.exists() else TrustStore(())
+    not_before = args.not_before or _now()
+    not_after = args.not_after or not_before + timedelta(days=365)
+    if not_after <= not_before:
+        raise ConfigError("--not-after must be after --not-before")
+    key_id = keyid(raw_public_key(public))
+    entry = TrustEntry(
+        keyid=key_id,
+        public_key=public,
+        tenants=frozenset(args.tenant),
+        modes=frozenset(args.mode or ["enforce"]),
+        not_before=not_before,
+        not_after=not_after,
+        revoked=False,
+        comment=args.comment or "",
+    )
+    save_trust_store(store.with_entry(entry), args.store)
+    print(f"trusted {key_id} for tenant(s) {', '.join(sorted(entry.tenants))} in {args.store}")
+    return 0
+
+
+def cmd_trust_revoke(args: argparse.Namespace) -> int:
+    store = load_trust_store(args.store)
+    save_trust_store(store.revoke(args.keyid), args.store)
+    print(f"revoked {args.keyid} in {args.store}")
+    return 0
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    intent = load_intent(args.intent)
+    key = load_private_key(args.key)
+    bundle = load_bundle(args.policies)
+    manifest = freeze(intent, bundle.digest, _now())
+    envelope = sign_manifest(manifest, key)
+    _write(args.output, envelope + b"\n")
+    print(
+        f"froze {manifest.metadata.lineage} v{manifest.metadata.version} into {args.output}"
+        f" (policy {bundle.digest}, expires {manifest.metadata.expires_at})"
+    )
+    return 0
+
+
+def _envelope_bytes(path: Path) -> bytes:
+    # A trailing newline is how files end, not part of the envelope.
+    return _read(path, "envelope").rstrip(b"\n")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    trust = load_trust_store(args.trust)
+    high_water = SqliteHighWater(args.state / STATE_DB) if args.state else None
+    now = args.at or _now()
+    try:
+        verified = verify_envelope(_envelope_bytes(args.envelope), trust, now, high_water)
+    except AbcError as exc:
+        print(f"{exc.reason}: {exc} ({args.envelope})", file=sys.stderr)
+        return 1
+    meta = verified.manifest.metadata
+    print(
+        f"valid: {meta.lineage} v{meta.version} tenant {meta.tenant},"
+        f" signed by {verified.signer}, manifest {verified.digest}"
+    )
+    return 0
+
+
+def _summary(manifest: Manifest, manifest_digest: str) -> dict[str, object]:
+    return {
+        "verified": False,
+        "manifest_digest": manifest_digest,
+        "lineage": manifest.metadata.lineage,
+        "version": manifest.metadata.version,
+        "tenant": manifest.metadata.tenant,
+        "agent": manifest.metadata.agent,
+        "enforcement": manifest.enforcement,
+        "not_before": manifest.metadata.not_before,
+        "expires_at": manifest.metadata.expires_at,
+        "policy_bundle_digest": manifest.policy.bundle_digest,
+        "models": [m.target for m in manifest.capabilities.models],
+        "tools": [t.target for t in manifest.capabilities.tools],
+        "http": [h.target for h in manifest.capabilities.http],
+        "steps": [
+            {"id": s.id, "uses": list(s.uses), "after": list(s.after)}
+            for s in manifest.assembly.steps
+        ],
+        "budgets": manifest.budgets.model_dump(),
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    envelope = parse_envelope(_envelope_bytes(args.envelope))
+    try:
+        manifest = Manifest.model_validate_json(envelope.unverified_payload)
+    except ValueError as exc:
+        raise ConfigError(f"{args.envelope}: payload is not a RunManifest") from exc
+    summary = _summary(manifest, digest(envelope.unverified_payload))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"UNVERIFIED (run `abcctl verify` to check the signature): {args.envelope}")
+    for label, key in [
+        ("lineage", "lineage"),
+        ("version", "version"),
+        ("tenant", "tenant"),
+        ("agent", "agent"),
+        ("enforcement", "enforcement"),
+        ("valid from", "not_before"),
+        ("expires at", "expires_at"),
+        ("manifest", "manifest_digest"),
+        ("policy", "policy_bundle_digest"),
+    ]:
+        print(f"  {label:<12} {summary[key]}")
+    print("  models       " + (", ".join(m.target for m in manifest.capabilities.models) or "-"))
+    for tool in manifest.capabilities.tools:
+        constraints = ", ".join(
+            f"{name}:{c.type}" + ("!" if c.required else "") for name, c in tool.args.items()
+        )
+        print(f"  tool         {tool.target}({constraints})")
+    for http in manifest.capabilities.http:
+        print(f"  http         {'|'.join(http.methods)} {http.host}{http.path_prefix}*")
+    for step in manifest.assembly.steps:
+        after = f" after {', '.join(step.after)}" if step.after else ""
+        print(f"  step         {step.id}{after}: {', '.join(step.uses)}")
+    budgets = manifest.budgets
+    print(
+        f"  budgets      tokens={budgets.tokens} usd_micros={budgets.usd_micros}"
+        f" tool_calls={budgets.tool_calls} requests={budgets.requests}"
+    )
+    return 0
+
+
+def cmd_policy_digest(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.policies)
+    print(bundle.digest)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abcctl", description="ABC governance sidecar control")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    keygen = commands.add_parser("keygen", help="make an Ed25519 signing key pair")
+    keygen.add_argument(
+        "--out", type=Path, required=True, help="directory for NAME.key and NAME.pub"
+    )
+    keygen.add_argument("--name", default="signer")
+    keygen.set_defaults(func=cmd_keygen)
+
+    trust = commands.add_parser("trust", help="edit a trust store").add_subparsers(
+        dest="trust_command", required=True
+    )
+    add = trust.add_parser("add", help="trust a public key for one or more tenants")
+    add.add_argument("--store", type=Path, required=True)
+    add.add_argument("--pub", type=Path, required=True)
+    add.add_argument("--tenant", action="append", required=True, help="repeat for several")
+    add.add_argument("--mode", action="append", choices=["enforce", "shadow"])
+    add.add_argument("--not-before", type=_timestamp_arg, help="default: now")
+    add.add_argument("--not-after", type=_timestamp_arg, help="default: one year after not-before")
+    add.add_argument("--comment")
+    add.set_defaults(func=cmd_trust_add)
+    revoke = trust.add_parser("revoke", help="mark a key revoked")
+    revoke.add_argument("--store", type=Path, required=True)
+    revoke.add_argument("--keyid", required=True)
+    revoke.set_defaults(func=cmd_trust_revoke)
+
+    freeze_cmd = commands.add_parser("freeze", help="freeze an intent into a signed manifest")
+    freeze_cmd.add_argument("intent", type=Path)
+    freeze_cmd.add_argument("--key", type=Path, required=True)
+    freeze_cmd.add_argument("--policies", type=Path, required=True)
+    freeze_cmd.add_argument("-o", "--output", type=Path, required=True)
+    freeze_cmd.set_defaults(func=cmd_freeze)
+
+    verify = commands.add_parser("verify", help="verify a signed manifest envelope")
+    verify.add_argument("envelope", type=Path)
+    verify.add_argument("--trust", type=Path, required=True)
+    verify.add_argument(
+        "--state", type=Path, help="state directory: check and raise the rollback high-water mark"
+    )
+    verify.add_argument("--at", type=_timestamp_arg, help="verify as of this time (default: now)")
+    verify.set_defaults(func=cmd_verify)
+
+    inspect = commands.add_parser("inspect", help="show an envelope's manifest (unverified)")
+    inspect.add_argument("envelope", type=Path)
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=cmd_inspect)
+
+    policy = commands.add_parser("policy", help="policy bundles").add_subparsers(
+        dest="policy_command", required=True
+    )
+    policy_digest = policy.add_parser("digest", help="print a bundle's digest")
+    policy_digest.add_argument("policies", type=Path)
+    policy_digest.set_defaults(func=cmd_policy_digest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, AbcError) as exc:
+        print(f"abcctl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def main_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

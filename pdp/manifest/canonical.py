@@ -1,0 +1,85 @@
+"""Canonical JSON (RFC 8785 / JCS) and ``sha256:`` digests.
+
+Signed documents hold no floats: a float has no single canonical spelling a
+signer and a verifier would agree on, and money and token counts are integers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import rfc8785
+
+from pdp.errors import BadRequest
+
+__all__ = ["canonical_bytes", "digest", "parse_canonical", "parse_strict_json"]
+
+
+def digest(data: bytes) -> str:
+    """``sha256:<64 hex>`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def canonical_bytes(document: Any) -> bytes:
+    """RFC 8785 bytes of ``document``; raises ``BadRequest`` for floats or out-of-range integers."""
+    _reject_floats(document, "$")
+    try:
+        return rfc8785.dumps(document)
+    except rfc8785.CanonicalizationError as exc:
+        raise BadRequest(f"not canonicalizable: {exc}") from exc
+
+
+def _reject_floats(value: Any, path: str) -> None:
+    if isinstance(value, float):
+        raise BadRequest(f"float at {path}: signed documents hold integers only")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_floats(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_floats(item, f"{path}[{index}]")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadRequest(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"{name} is not JSON")
+
+
+def _no_float(text: str) -> Any:
+    raise BadRequest(f"float {text} where only integers are allowed")
+
+
+def parse_strict_json(data: bytes, *, allow_floats: bool = False) -> Any:
+    """Parse UTF-8 JSON, refusing duplicate keys, NaN/Infinity and (by default) floats."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_float=float if allow_floats else _no_float,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"not JSON: {exc}") from exc
+
+
+def parse_canonical(data: bytes) -> Any:
+    """Parse bytes that must already be canonical, or raise ``BadRequest``.
+
+    Re-canonicalizing and comparing bytes catches what a parser forgives:
+    duplicate keys, whitespace, key order, escapes, floats, trailing data.
+    """
+    document = parse_strict_json(data)
+    if canonical_bytes(document) != data:
+        raise BadRequest("payload is not RFC 8785 canonical JSON")
+    return document

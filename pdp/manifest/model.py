@@ -1,0 +1,287 @@
+"""The RunManifest document: capabilities (the VCS), budgets, and the Assembly.
+
+These models are the authoritative schema (DESIGN.md's example is illustrative).
+They are strict: unknown fields, wrong types and floats are refused, so what was
+signed is exactly what is enforced.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "API_VERSION",
+    "ArgConstraint",
+    "Assembly",
+    "Budgets",
+    "Capabilities",
+    "HttpCapability",
+    "Lineage",
+    "Manifest",
+    "ManifestMetadata",
+    "ModelCapability",
+    "PlanError",
+    "PolicyPin",
+    "Step",
+    "ToolCapability",
+    "check_assembly",
+    "format_timestamp",
+    "parse_timestamp",
+]
+
+API_VERSION = "abc/v1"
+MANIFEST_KIND = "RunManifest"
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, whole seconds: one spelling per instant)."""
+    if not _TIMESTAMP.match(text):
+        raise ValueError(f"timestamp {text!r} is not YYYY-MM-DDTHH:MM:SSZ")
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def format_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _timestamp(value: str) -> str:
+    parse_timestamp(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+Host = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$")
+]
+Lineage = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$", max_length=200)
+]
+Timestamp = Annotated[str, Field(pattern=_TIMESTAMP.pattern)]
+Count = Annotated[int, Field(ge=0)]
+ArgType = Literal["string", "integer", "number", "boolean", "array", "object", "null"]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+class ArgConstraint(_Strict):
+    """Constraints on one tool argument (a JSON-Schema-like subset, integers only)."""
+
+    type: ArgType
+    required: bool = False
+    enum: tuple[str | int | bool, ...] | None = None
+    minLength: Count | None = None  # noqa: N815 - JSON Schema spelling, kept on the wire
+    maxLength: Count | None = None  # noqa: N815
+    pattern: str | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"pattern does not compile: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> ArgConstraint:
+        if self.type != "string" and (
+            self.minLength is not None or self.maxLength is not None or self.pattern is not None
+        ):
+            raise ValueError("minLength, maxLength and pattern apply to type string only")
+        if self.type not in ("integer", "number") and (
+            self.minimum is not None or self.maximum is not None
+        ):
+            raise ValueError("minimum and maximum apply to type integer or number only")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError("minimum is above maximum")
+        if (
+            self.minLength is not None
+            and self.maxLength is not None
+            and self.minLength > self.maxLength
+        ):
+            raise ValueError("minLength is above maxLength")
+        return self
+
+
+class ModelCapability(_Strict):
+    provider: Name
+    model: ModelName
+    max_tokens_per_call: Annotated[int, Field(gt=0)]
+
+    @property
+    def target(self) -> str:
+        return f"model:{self.provider}/{self.model}"
+
+
+class ToolCapability(_Strict):
+    server: Name
+    name: Name
+    args: dict[Name, ArgConstraint] = Field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"tool:{self.server}/{self.name}"
+
+
+class HttpCapability(_Strict):
+    host: Host
+    methods: tuple[HttpMethod, ...] = Field(min_length=1)
+    path_prefix: Annotated[str, StringConstraints(pattern=r"^/[^\s?#]*$")] = "/"
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _no_dot_segments(cls, value: str) -> str:
+        if any(segment in (".", "..") for segment in value.split("/")):
+            raise ValueError("path_prefix may not contain '.' or '..' segments")
+        return value
+
+    @property
+    def target(self) -> str:
+        return f"http:{self.host}"
+
+
+class Capabilities(_Strict):
+    models: tuple[ModelCapability, ...] = ()
+    tools: tuple[ToolCapability, ...] = ()
+    http: tuple[HttpCapability, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> Capabilities:
+        seen: set[str] = set()
+        for target in self.target_list():
+            if target in seen:
+                raise ValueError(f"capability {target} is declared twice")
+            seen.add(target)
+        return self
+
+    def target_list(self) -> list[str]:
+        return [
+            *(m.target for m in self.models),
+            *(t.target for t in self.tools),
+            *(h.target for h in self.http),
+        ]
+
+    def targets(self) -> set[str]:
+        return set(self.target_list())
+
+
+class Budgets(_Strict):
+    tokens: Count
+    usd_micros: Count
+    tool_calls: Count
+    requests: Count
+
+
+class Step(_Strict):
+    id: Name
+    uses: tuple[str, ...] = Field(min_length=1)
+    after: tuple[Name, ...] = ()
+
+
+class Assembly(_Strict):
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+
+class PlanError(ValueError):
+    """A step that does not fit the capabilities or the order; ``loc`` points at it."""
+
+    def __init__(self, loc: tuple[int | str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def check_assembly(steps: tuple[Step, ...], capabilities: Capabilities) -> None:
+    """Every step is unique, uses only declared capabilities, and comes after earlier steps only.
+
+    Requiring ``after`` to name earlier steps makes the plan acyclic by construction.
+    Raises ``PlanError`` with a location relative to the step list.
+    """
+    declared = capabilities.targets()
+    seen: set[str] = set()
+    for i, step in enumerate(steps):
+        if step.id in seen:
+            raise PlanError((i, "id"), f"step {step.id!r} is declared twice")
+        for j, use in enumerate(step.uses):
+            if use not in declared:
+                raise PlanError(
+                    (i, "uses", j),
+                    f"step {step.id!r} uses {use!r}, which is not a declared capability",
+                )
+        for j, before in enumerate(step.after):
+            if before not in seen:
+                raise PlanError(
+                    (i, "after", j),
+                    f"step {step.id!r} comes after {before!r}, which is not an earlier step",
+                )
+        seen.add(step.id)
+
+
+class ManifestMetadata(_Strict):
+    lineage: Lineage
+    version: Annotated[int, Field(ge=1)]
+    tenant: Name
+    agent: Name
+    goal: Annotated[str, StringConstraints(max_length=1000)] = ""
+    issued_at: Timestamp
+    not_before: Timestamp
+    expires_at: Timestamp
+
+    @model_validator(mode="after")
+    def _window(self) -> ManifestMetadata:
+        if parse_timestamp(self.expires_at) <= parse_timestamp(self.not_before):
+            raise ValueError("expires_at must be after not_before")
+        return self
+
+
+class PolicyPin(_Strict):
+    bundle_digest: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+class Manifest(_Strict):
+    """A frozen RunManifest, as signed."""
+
+    apiVersion: Literal["abc/v1"]  # noqa: N815 - wire name
+    kind: Literal["RunManifest"]
+    metadata: ManifestMetadata
+    enforcement: Literal["enforce", "shadow"] = "enforce"
+    policy: PolicyPin
+    capabilities: Capabilities
+    budgets: Budgets
+    assembly: Assembly
+
+    @model_validator(mode="after")
+    def _assembly_fits(self) -> Manifest:
+        check_assembly(self.assembly.steps, self.capabilities)
+        return self
+
+    @property
+    def not_before(self) -> datetime:
+        return parse_timestamp(self.metadata.not_before)
+
+    @property
+    def expires_at(self) -> datetime:
+        return parse_timestamp(self.metadata.expires_at)
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document, without defaults left implicit: what gets canonicalized and signed."""
+        return self.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,124 @@
+"""Envelope verification, as ordered steps (DESIGN.md, "Envelope").
+
+Nothing from the payload is read before its signature verifies, and the manifest
+returned is parsed from exactly the bytes that were signed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import ValidationError
+
+from pdp.errors import BadRequest, ManifestExpired, SignatureInvalid
+from pdp.manifest.canonical import digest, parse_canonical
+from pdp.manifest.envelope import PAYLOAD_TYPE, pae, parse_envelope
+from pdp.manifest.highwater import HighWater
+from pdp.manifest.keys import verify_signature
+from pdp.manifest.model import Manifest
+from pdp.manifest.trust import TrustEntry, TrustStore
+
+__all__ = ["VerifiedManifest", "verify_envelope"]
+
+
+@dataclass(frozen=True)
+class VerifiedManifest:
+    payload: bytes  # the exact bytes that were signed
+    digest: str  # sha256 of payload: the manifest digest
+    manifest: Manifest
+    signer: str  # key id of the trust-store entry whose signature verified
+
+
+def verify_envelope(
+    raw_envelope: bytes,
+    trust: TrustStore,
+    now: datetime,
+    high_water: HighWater | None = None,
+) -> VerifiedManifest:
+    """Verify a DSSE envelope and return the manifest parsed from the signed bytes.
+
+    Steps, each raising on failure:
+
+    1. The envelope is strict JSON with exactly ``payloadType``, ``payload`` and one
+       signature; base64 is strict (no whitespace, exact padding).   -> SignatureInvalid
+    2. ``payloadType`` is exactly the manifest type.                    -> SignatureInvalid
+    3. The signature verifies over PAE(type, exact payload bytes) under a key taken
+       from the trust store only, not revoked and inside its window at ``now``. The
+       envelope's key id only orders the candidates, but when present it must name
+       the key that verified: the key id is unsigned, and no byte of an envelope may
+       change without refusal.                                          -> SignatureInvalid
+    4. Those exact bytes parse as JSON that is already canonical (no duplicate keys,
+       NaN, floats, whitespace or trailing data).                       -> SignatureInvalid
+    5. The parsed document is a valid RunManifest.                      -> BadRequest
+    6. The verifying key's scope covers the manifest's tenant, and its modes cover
+       the manifest's enforcement mode.                                 -> SignatureInvalid
+    7. ``now`` is inside the manifest's validity window.                -> ManifestExpired
+    8. The version is above the lineage's high-water mark (or is the same manifest
+       again), and the mark is raised; skipped when ``high_water`` is None.
+                                                                        -> ManifestRollback
+
+    ``now`` is the one decision time: no step reads the clock.
+    """
+    # (1)
+    envelope = parse_envelope(raw_envelope)
+    if len(envelope.signatures) != 1:
+        raise SignatureInvalid("an envelope carries exactly one signature")
+    (signature,) = envelope.signatures
+
+    # (2)
+    if envelope.payload_type != PAYLOAD_TYPE:
+        raise SignatureInvalid("unexpected payloadType")
+
+    # (3)
+    message = pae(envelope.payload_type, envelope.unverified_payload)
+    signer: TrustEntry | None = None
+    for candidate in trust.candidates(signature.claimed_keyid, now):
+        try:
+            verify_signature(candidate.public_key, signature.sig, message)
+        except SignatureInvalid:
+            continue
+        signer = candidate
+        break
+    if signer is None:
+        raise SignatureInvalid("no usable trusted key verifies the signature")
+    if signature.claimed_keyid and signature.claimed_keyid != signer.keyid:
+        raise SignatureInvalid("the envelope's keyid does not name the key that verified")
+    payload = envelope.unverified_payload  # verified from here on
+
+    # (4)
+    try:
+        document = parse_canonical(payload)
+    except BadRequest as exc:
+        raise SignatureInvalid(f"signed payload rejected: {exc}") from exc
+
+    # (5)
+    try:
+        manifest = Manifest.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BadRequest(f"not a valid RunManifest: {first['loc']}: {first['msg']}") from exc
+    del document  # parsed only to prove canonical form; the model is the reading we use
+
+    # (6)
+    if manifest.metadata.tenant not in signer.tenants:
+        raise SignatureInvalid(
+            f"key {signer.keyid} is not trusted for tenant {manifest.metadata.tenant!r}"
+        )
+    if manifest.enforcement not in signer.modes:
+        raise SignatureInvalid(
+            f"key {signer.keyid} may not sign {manifest.enforcement!r} manifests"
+        )
+
+    # (7)
+    if not manifest.not_before <= now < manifest.expires_at:
+        raise ManifestExpired(
+            f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at}"
+        )
+
+    manifest_digest = digest(payload)
+    # (8)
+    if high_water is not None:
+        high_water.admit(manifest.metadata.lineage, manifest.metadata.version, manifest_digest)
+
+    return VerifiedManifest(payload, manifest_digest, manifest, signer.keyid)

@@ -1,0 +1,1 @@
+"""ABC policy enforcement point: the sidecar proxy beside the agent."""

@@ -1,0 +1,43 @@
+"""Canonical JSON: strict parsing and the already-canonical check."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdp.errors import BadRequest
+from pdp.manifest.canonical import canonical_bytes, digest, parse_canonical, parse_strict_json
+
+
+def test_canonical_sorts_keys_and_drops_whitespace() -> None:
+    assert canonical_bytes({"b": 1, "a": [True, None, "x"]}) == b'{"a":[true,null,"x"],"b":1}'
+
+
+def test_digest_format() -> None:
+    assert digest(b"") == "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize(
+    "document",
+    [{"x": 1.5}, {"x": [0.0]}, {"x": 2**53 + 1}],
+    ids=["float", "nested-float", "big-int"],
+)
+def test_floats_and_unsafe_integers_cannot_be_canonicalized(document: object) -> None:
+    with pytest.raises(BadRequest):
+        canonical_bytes(document)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a":1,"a":2}', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":1.0}', b"\xff", b'{"a":1} x'],
+    ids=["duplicate", "nan", "infinity", "float", "not-utf8", "trailing"],
+)
+def test_strict_parse_refuses(data: bytes) -> None:
+    with pytest.raises(BadRequest):
+        parse_strict_json(data)
+
+
+def test_parse_canonical_accepts_only_the_canonical_spelling() -> None:
+    assert parse_canonical(b'{"a":1,"b":"\\u0001"}') == {"a": 1, "b": "\x01"}
+    for spelling in [b'{"b":1,"a":1}', b'{"a": 1}', b'{"a":"\\u0061"}', b'{"a":1e0}']:
+        with pytest.raises(BadRequest):
+            parse_canonical(spelling)

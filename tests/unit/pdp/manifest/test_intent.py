@@ -1,0 +1,106 @@
+"""Intent YAML: the demo intent loads; mistakes are reported at their line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdp.manifest.intent import IntentError, load_intent, parse_intent
+
+DEMO = Path(__file__).resolve().parents[4] / "deploy" / "demo" / "intent.yaml"
+TEXT = DEMO.read_text()
+
+
+def test_demo_intent_loads() -> None:
+    intent = load_intent(DEMO)
+    assert intent.lineage_name == "acme/support-bot"
+    assert intent.capabilities.targets() >= {"tool:kb/search", "model:openai/gpt-4o-mini"}
+    assert [step.id for step in intent.steps] == ["research", "answer"]
+
+
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle", "message"),
+    [
+        ("maxLength: 200", "maxLength: 2.5", "maxLength: 2.5", "tools[0].args.query.maxLength"),
+        ("tokens: 200000", "tokens: many", "tokens: many", "budgets.tokens"),
+        ("usd_micros: 5000000", "usd_micros: 5.0", "usd_micros: 5.0", "budgets.usd_micros"),
+        ("lifetime: 8h", "lifetime: 90d", "lifetime: 90d", "over the maximum"),
+        ("lifetime: 8h", "lifetime: forever", "lifetime: forever", "lifetime"),
+        ("after: [research]", "after: [answer]", "after: [answer]", "not an earlier step"),
+        (
+            "uses: [model:openai/gpt-4o-mini, model:anthropic",
+            "uses: [model:openai/gpt-5, model:anthropic",
+            "model:openai/gpt-5",
+            "not a declared capability",
+        ),
+        ("path_prefix: /v1/invoices/", "path_prefix: /v1/../admin", "/v1/../admin", "'..'"),
+        ("methods: [GET]", "methods: [YEET]", "methods: [YEET]", "http[0].methods[0]"),
+        ('pattern: "^KB-[0-9]{1,8}$"', 'pattern: "(["', 'pattern: "(["', "does not compile"),
+        ("version: 1", "version: 0", "version: 0", "version"),
+        ("version: 1", "version: [1", "goal:", "flow sequence at line 8"),
+        ("tokens: 200000", "tokens: 200000\n  tokens: 1", "tokens: 1", "duplicate key"),
+        ("agent: support-bot", "agent: support-bot\nsurprise: 1", "surprise: 1", "surprise"),
+    ],
+    ids=[
+        "float-constraint",
+        "string-budget",
+        "float-money",
+        "lifetime-too-long",
+        "lifetime-format",
+        "step-after-itself",
+        "undeclared-capability",
+        "dot-dot-prefix",
+        "bad-method",
+        "bad-pattern",
+        "version-zero",
+        "broken-yaml",
+        "duplicate-key",
+        "unknown-field",
+    ],
+)
+def test_errors_point_at_the_line(old: str, new: str, needle: str, message: str) -> None:
+    text = TEXT.replace(old, new, 1)
+    assert text != TEXT
+    with pytest.raises(IntentError) as caught:
+        parse_intent(text, "intent.yaml")
+    error = str(caught.value)
+    assert error.startswith(f"intent.yaml:{_line_of(text, needle)}:"), error
+    assert message in error
+
+
+def test_timestamps_stay_strings_and_are_checked() -> None:
+    text = TEXT.replace("lifetime: 8h", "lifetime: 8h\nnot_before: 2026-11-22")
+    with pytest.raises(IntentError, match="not_before"):
+        parse_intent(text, "intent.yaml")
+    ok = parse_intent(
+        TEXT.replace("lifetime: 8h", "lifetime: 8h\nnot_before: 2026-11-22T10:00:00Z")
+    )
+    assert ok.not_before == "2026-11-22T10:00:00Z"
+
+
+def test_duplicate_capability_refused() -> None:
+    text = TEXT.replace("name: fetch_article", "name: search")
+    with pytest.raises(IntentError, match="declared twice"):
+        parse_intent(text, "intent.yaml")
+
+
+@pytest.mark.parametrize("text", ["", "- a list", "just a string"], ids=["empty", "list", "scalar"])
+def test_not_a_mapping(text: str) -> None:
+    with pytest.raises(IntentError):
+        parse_intent(text, "intent.yaml")
+
+
+def test_no_steps_means_nothing_to_do() -> None:
+    head = TEXT[: TEXT.index("steps:")]
+    with pytest.raises(IntentError, match="steps"):
+        parse_intent(head + "steps: []\n", "intent.yaml")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(IntentError, match="cannot read"):
+        load_intent(tmp_path / "missing.yaml")
