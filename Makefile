@@ -15,6 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/abcctl policy test policies
 	$(BIN)/python -m pytest tests --ignore=tests/bench
 
 lint: $(STAMP)

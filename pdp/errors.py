@@ -7,7 +7,8 @@
     ├── SignatureInvalid     envelope, signature or key scope      -> signature_invalid
     ├── ManifestExpired      outside the manifest's validity window -> manifest_expired
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
-    └── ManifestUnknown      no such run or manifest               -> manifest_unknown
+    ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
+    └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
     ConfigError              the operator's mistake: stops start-up, never a denial
 
 Servers and the PEP read ``AbcError.reason`` and never match message text.
@@ -25,6 +26,7 @@ __all__ = [
     "ManifestExpired",
     "ManifestRollback",
     "ManifestUnknown",
+    "PolicyMismatch",
     "ReasonCode",
     "SignatureInvalid",
 ]
@@ -45,6 +47,9 @@ class ReasonCode(StrEnum):
     # unexpired, so neither signature_invalid nor manifest_expired would tell the
     # operator what happened (issue 3 asks for "their reason").
     MANIFEST_ROLLBACK = "manifest_rollback"
+    # Also an addition: a manifest pinned to another policy bundle than the PDP's is a
+    # deployment skew an operator must see as such, not as a bad signature.
+    POLICY_MISMATCH = "policy_mismatch"
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"
@@ -74,6 +79,10 @@ class ManifestRollback(AbcError):
 
 class ManifestUnknown(AbcError):
     reason = ReasonCode.MANIFEST_UNKNOWN
+
+
+class PolicyMismatch(AbcError):
+    reason = ReasonCode.POLICY_MISMATCH
 
 
 class ConfigError(Exception):

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from pdp.errors import BadRequest, ManifestExpired, SignatureInvalid
+from pdp.errors import BadRequest, ManifestExpired, PolicyMismatch, SignatureInvalid
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import PAYLOAD_TYPE, pae, parse_envelope
 from pdp.manifest.highwater import HighWater
@@ -35,6 +35,8 @@ def verify_envelope(
     trust: TrustStore,
     now: datetime,
     high_water: HighWater | None = None,
+    *,
+    expected_policy: str | None = None,
 ) -> VerifiedManifest:
     """Verify a DSSE envelope and return the manifest parsed from the signed bytes.
 
@@ -54,9 +56,11 @@ def verify_envelope(
     6. The verifying key's scope covers the manifest's tenant, and its modes cover
        the manifest's enforcement mode.                                 -> SignatureInvalid
     7. ``now`` is inside the manifest's validity window.                -> ManifestExpired
-    8. The version is above the lineage's high-water mark (or is the same manifest
-       again), and the mark is raised; skipped when ``high_water`` is None.
-                                                                        -> ManifestRollback
+    8. The manifest pins ``expected_policy``, the bundle that will judge it; skipped
+       when ``expected_policy`` is None.                                -> PolicyMismatch
+    9. The version is above the lineage's high-water mark (or is the same manifest
+       again), and the mark is raised; skipped when ``high_water`` is None. Last, so
+       a manifest refused for any other reason never moves the mark.   -> ManifestRollback
 
     ``now`` is the one decision time: no step reads the clock.
     """
@@ -116,8 +120,14 @@ def verify_envelope(
             f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at}"
         )
 
-    manifest_digest = digest(payload)
     # (8)
+    if expected_policy is not None and manifest.policy.bundle_digest != expected_policy:
+        raise PolicyMismatch(
+            f"manifest pins policy {manifest.policy.bundle_digest}, the PDP runs {expected_policy}"
+        )
+
+    manifest_digest = digest(payload)
+    # (9)
     if high_water is not None:
         high_water.admit(manifest.metadata.lineage, manifest.metadata.version, manifest_digest)
 

@@ -21,7 +21,10 @@ DESIGN_CODES = {
 
 
 def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
-    assert {code.value for code in ReasonCode} == DESIGN_CODES | {"manifest_rollback"}
+    assert {code.value for code in ReasonCode} == DESIGN_CODES | {
+        "manifest_rollback",
+        "policy_mismatch",
+    }
 
 
 def test_every_error_type_maps_to_a_reason_code() -> None:

@@ -13,6 +13,7 @@ from pdp.errors import (
     BadRequest,
     ManifestExpired,
     ManifestRollback,
+    PolicyMismatch,
     ReasonCode,
     SignatureInvalid,
 )
@@ -20,6 +21,7 @@ from pdp.manifest.canonical import canonical_bytes, digest
 from pdp.manifest.highwater import SqliteHighWater
 from pdp.manifest.verify import verify_envelope
 from tests.factories import (
+    BUNDLE_DIGEST,
     NOW,
     b64,
     envelope_from_payload,
@@ -274,7 +276,22 @@ def test_window_edges_use_the_given_time(key: Ed25519PrivateKey) -> None:
     assert verify_envelope(signed_envelope(key), store, NOW.replace(hour=17, minute=59, second=59))
 
 
-# (8) rollback high-water mark ---------------------------------------------------------------
+# (8) the pinned policy ----------------------------------------------------------------------
+
+
+def test_manifest_pinned_to_another_policy_refused(key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    marks = SqliteHighWater(tmp_path / "s.db")
+    store = trust_store(trust_entry(key))
+    with pytest.raises(PolicyMismatch) as caught:
+        verify_envelope(
+            signed_envelope(key), store, NOW, marks, expected_policy="sha256:" + "0" * 64
+        )
+    assert caught.value.reason is ReasonCode.POLICY_MISMATCH
+    assert marks.mark("acme/support-bot") is None
+    assert verify_envelope(signed_envelope(key), store, NOW, marks, expected_policy=BUNDLE_DIGEST)
+
+
+# (9) rollback high-water mark ---------------------------------------------------------------
 
 
 def test_rollback_refused_and_mark_persisted(key: Ed25519PrivateKey, tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""An action as the PDP judges it: validated, bounded, and shaped for the policy input.
+
+Validation here is hygiene, not judgement: it refuses what no manifest could allow
+(malformed targets, unknown kinds, oversized or non-exact arguments) so that only
+well-formed values reach the engine, and reason messages can name targets safely.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdp.engine.inputs import check_arg_names, engine_value
+from pdp.errors import BadRequest
+from pdp.manifest.canonical import parse_strict_json
+
+__all__ = ["KINDS", "MAX_ARGS_BYTES", "Action", "validate_action"]
+
+KINDS = ("model", "tool", "http", "step")
+MAX_ARGS_BYTES = 64 * 1024
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_TARGETS = {
+    "model": re.compile(rf"^model:{_NAME}/[A-Za-z0-9][A-Za-z0-9._:/-]{{0,127}}$"),
+    "tool": re.compile(rf"^tool:{_NAME}/{_NAME}$"),
+    "http": re.compile(r"^http:[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$"),
+    "step": re.compile(rf"^step:{_NAME}$"),
+}
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_PATH = re.compile(r"^/[\x21-\x7e]{0,2047}$")
+MAX_TOKENS = 10**9
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    target: str
+    args: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int = 0
+    method: str = ""
+    path: str = ""
+
+    def policy_input(self) -> dict[str, Any]:
+        action: dict[str, Any] = {"kind": self.kind, "target": self.target}
+        if self.kind == "tool":
+            action["args"] = self.args
+        elif self.kind == "model":
+            action["max_tokens"] = self.max_tokens
+        elif self.kind == "http":
+            action["method"], action["path"] = self.method, self.path
+        return action
+
+
+def validate_action(
+    kind: str,
+    target: str,
+    *,
+    args: dict[str, Any] | None = None,
+    args_json: bytes = b"",
+    max_tokens: int = 0,
+    method: str = "",
+    path: str = "",
+) -> Action:
+    """Build an ``Action`` or raise ``BadRequest``; ``args_json``, when set, wins over ``args``."""
+    if kind not in KINDS:
+        raise BadRequest("action kind must be one of model, tool, http, step")
+    if not _TARGETS[kind].match(target):
+        raise BadRequest(f"malformed {kind} target")
+    if not 0 <= max_tokens <= MAX_TOKENS:
+        raise BadRequest("max_tokens out of range")
+    if args_json:
+        if len(args_json) > MAX_ARGS_BYTES:
+            raise BadRequest(f"arguments over {MAX_ARGS_BYTES} bytes")
+        args = parse_strict_json(args_json, allow_floats=True)
+    args = args or {}
+    if not isinstance(args, dict):
+        raise BadRequest("arguments must be a JSON object")
+    if kind != "tool" and args:
+        raise BadRequest("only tool actions carry arguments")
+    check_arg_names(args)
+    safe_args = engine_value(args)
+    if kind == "http":
+        if method not in _METHODS:
+            raise BadRequest("unsupported HTTP method")
+        if not _PATH.match(path):
+            raise BadRequest("HTTP path must start with / and hold printable ASCII only")
+    elif method or path:
+        raise BadRequest("only http actions carry a method and path")
+    return Action(kind, target, safe_args, max_tokens, method, path)

@@ -1,0 +1,1 @@
+"""Generated from proto/ by pdp/api/generate.py; do not edit."""

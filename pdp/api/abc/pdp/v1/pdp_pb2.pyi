@@ -1,0 +1,120 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterManifestRequest(_message.Message):
+    __slots__ = ("envelope",)
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    envelope: bytes
+    def __init__(self, envelope: _Optional[bytes] = ...) -> None: ...
+
+class RegisterManifestResponse(_message.Message):
+    __slots__ = ("manifest_digest", "run_id")
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    manifest_digest: str
+    run_id: str
+    def __init__(self, manifest_digest: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("kind", "target", "args", "max_tokens", "method", "path", "args_json")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    target: str
+    args: _struct_pb2.Struct
+    max_tokens: int
+    method: str
+    path: str
+    args_json: bytes
+    def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ...) -> None: ...
+
+class DecideRequest(_message.Message):
+    __slots__ = ("run_id", "request_id", "action")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    request_id: str
+    action: Action
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
+
+class Reason(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DecideResponse(_message.Message):
+    __slots__ = ("allow", "reasons", "decision_id", "obligations", "reservation_id")
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBLIGATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    allow: bool
+    reasons: _containers.RepeatedCompositeFieldContainer[Reason]
+    decision_id: str
+    obligations: _struct_pb2.Struct
+    reservation_id: str
+    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+
+class ReportUsageRequest(_message.Message):
+    __slots__ = ("reservation_id", "tokens", "usd_micros")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USD_MICROS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    tokens: int
+    usd_micros: int
+    def __init__(self, reservation_id: _Optional[str] = ..., tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ...) -> None: ...
+
+class ReportUsageResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("tokens", "usd_micros", "tool_calls", "requests")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USD_MICROS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    usd_micros: int
+    tool_calls: int
+    requests: int
+    def __init__(self, tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ..., tool_calls: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class GetRunResponse(_message.Message):
+    __slots__ = ("step", "spent", "remaining", "status", "completed_steps", "manifest_digest")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    step: str
+    spent: Budget
+    remaining: Budget
+    status: str
+    completed_steps: _containers.RepeatedScalarFieldContainer[str]
+    manifest_digest: str
+    def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,184 @@
+"""Runs: one per manifest, with its Assembly position and its budget ledger.
+
+This is the embedded, in-memory registry: state lives as long as the PDP process.
+Budgets are reserved at their worst case before an action is forwarded and settled
+with the real usage, under one lock, so no interleaving of calls spends past a budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pdp.action import Action
+from pdp.engine import Decision, PreparedPolicy
+from pdp.errors import ManifestUnknown
+from pdp.manifest import VerifiedManifest
+
+__all__ = ["BUDGETS", "Ledger", "Run", "RunRegistry", "Usage", "run_id_for"]
+
+BUDGETS = ("tokens", "usd_micros", "tool_calls", "requests")
+
+
+def run_id_for(manifest_digest: str) -> str:
+    """One manifest, one run: registering the same manifest again never resets its budget."""
+    return "run_" + manifest_digest.removeprefix("sha256:")[:32]
+
+
+@dataclass
+class Usage:
+    tokens: int = 0
+    usd_micros: int = 0
+    tool_calls: int = 0
+    requests: int = 0
+
+    def add(self, other: Usage, sign: int = 1) -> None:
+        for name in BUDGETS:
+            setattr(self, name, getattr(self, name) + sign * getattr(other, name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in BUDGETS}
+
+
+@dataclass
+class Ledger:
+    limits: Usage
+    spent: Usage = field(default_factory=Usage)
+    reserved: Usage = field(default_factory=Usage)
+    reservations: dict[str, Usage] = field(default_factory=dict)
+
+    def remaining(self) -> Usage:
+        left = Usage(**self.limits.as_dict())
+        left.add(self.spent, -1)
+        left.add(self.reserved, -1)
+        return left
+
+    def try_reserve(self, cost: Usage) -> str | None:
+        """Reserve ``cost`` if every budget can hold it; the reservation id, or None."""
+        left = self.remaining()
+        if any(getattr(cost, name) > getattr(left, name) for name in BUDGETS):
+            return None
+        # usd_micros is only known after the call: an exhausted money budget refuses.
+        if left.usd_micros <= 0:
+            return None
+        reservation_id = "rsv_" + uuid.uuid4().hex
+        self.reserved.add(cost)
+        self.reservations[reservation_id] = cost
+        return reservation_id
+
+    def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
+        """Replace a reservation by the real usage; False if unknown or already settled."""
+        cost = self.reservations.pop(reservation_id, None)
+        if cost is None:
+            return False
+        self.reserved.add(cost, -1)
+        actual = Usage(tokens, usd_micros, cost.tool_calls, cost.requests)
+        self.spent.add(actual)
+        return True
+
+    def remaining_ratio(self) -> dict[str, float]:
+        left = self.remaining()
+        return {
+            name: (
+                max(getattr(left, name), 0) / limit
+                if (limit := getattr(self.limits, name))
+                else 0.0
+            )
+            for name in BUDGETS
+        }
+
+
+@dataclass
+class Run:
+    run_id: str
+    verified: VerifiedManifest
+    policy: PreparedPolicy
+    step: str
+    completed_steps: list[str]
+    ledger: Ledger
+
+    def policy_input(self, action: Action) -> dict[str, object]:
+        return {
+            "action": action.policy_input(),
+            "run": {"step": self.step, "completed_steps": list(self.completed_steps)},
+        }
+
+    def status(self, now: datetime) -> str:
+        manifest = self.verified.manifest
+        return "running" if manifest.not_before <= now < manifest.expires_at else "expired"
+
+
+def cost_of(action: Action, decision: Decision) -> Usage:
+    """The worst case an allowed action may spend, reserved before it is forwarded."""
+    if action.kind == "model":
+        return Usage(tokens=int(decision.obligations.get("max_tokens", 0)), requests=1)
+    if action.kind == "tool":
+        return Usage(tool_calls=1, requests=1)
+    if action.kind == "http":
+        return Usage(requests=1)
+    return Usage()
+
+
+class RunRegistry:
+    """Runs by id. One lock guards every run's step and ledger."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._runs: dict[str, Run] = {}
+        self._reservations: dict[str, str] = {}  # reservation id -> run id
+
+    def register(self, verified: VerifiedManifest, policy: PreparedPolicy) -> Run:
+        run_id = run_id_for(verified.digest)
+        with self.lock:
+            existing = self._runs.get(run_id)
+            if existing is not None:
+                return existing
+            manifest = verified.manifest
+            run = Run(
+                run_id=run_id,
+                verified=verified,
+                policy=policy,
+                step=manifest.assembly.steps[0].id,
+                completed_steps=[],
+                ledger=Ledger(limits=Usage(**manifest.budgets.model_dump())),
+            )
+            self._runs[run_id] = run
+            return run
+
+    def get(self, run_id: str) -> Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise ManifestUnknown("no run with this id")
+        return run
+
+    def reserve(self, run: Run, cost: Usage) -> str | None:
+        with self.lock:
+            reservation_id = run.ledger.try_reserve(cost)
+            if reservation_id is not None:
+                self._reservations[reservation_id] = run.run_id
+            return reservation_id
+
+    def enter_step(self, run: Run, step: str, seen_step: str) -> bool:
+        """Move to ``step`` if the run is still where the decision saw it."""
+        with self.lock:
+            if run.step != seen_step:
+                return False
+            run.completed_steps.append(run.step)
+            run.step = step
+            return True
+
+    def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> Run | None:
+        with self.lock:
+            run_id = self._reservations.pop(reservation_id, None)
+            if run_id is None:
+                return None
+            run = self._runs[run_id]
+            run.ledger.settle(reservation_id, tokens, usd_micros)
+            return run
+
+    def lowest_remaining_ratio(self) -> dict[str, float]:
+        with self.lock:
+            ratios = [run.ledger.remaining_ratio() for run in self._runs.values()]
+        return {name: min((r[name] for r in ratios), default=1.0) for name in BUDGETS}

@@ -1,0 +1,1 @@
+"""PDP servers: gRPC (DecisionService, health, reflection) and their entry point."""

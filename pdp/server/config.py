@@ -1,0 +1,72 @@
+"""``abc-pdp`` configuration: flags, else ``ABC_PDP_*`` environment variables, else defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdp.errors import ConfigError
+
+__all__ = ["PdpConfig", "parse_config"]
+
+
+@dataclass(frozen=True)
+class PdpConfig:
+    listen: str
+    trust: Path
+    policies: Path
+    state: Path
+    metrics: str | None
+    workers: int
+    grace_seconds: float
+    log_level: str
+
+
+_OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
+    # flag, environment variable, default, help
+    ("--listen", "ABC_PDP_LISTEN", "127.0.0.1:9191", "gRPC address HOST:PORT"),
+    ("--trust", "ABC_PDP_TRUST", None, "trust store YAML (required)"),
+    ("--policies", "ABC_PDP_POLICIES", None, "policy bundle directory (required)"),
+    ("--state", "ABC_PDP_STATE", None, "state directory (required)"),
+    ("--metrics", "ABC_PDP_METRICS", None, "Prometheus address HOST:PORT (off when unset)"),
+    ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),
+    ("--grace", "ABC_PDP_GRACE", "5", "seconds to drain on SIGTERM"),
+    ("--log-level", "ABC_PDP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+def _address(value: str, flag: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} must be HOST:PORT, got {value!r}")
+    return value
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PdpConfig:
+    parser = argparse.ArgumentParser(prog="abc-pdp", description="ABC policy decision point")
+    for flag, env, default, text in _OPTIONS:
+        shown = f" (env {env}" + (f", default {default})" if default else ")")
+        parser.add_argument(flag, default=environ.get(env, default), help=text + shown)
+    args = parser.parse_args(argv)
+    for flag in ("--trust", "--policies", "--state"):
+        if not getattr(args, flag[2:]):
+            raise ConfigError(f"{flag} is required (or its ABC_PDP_* variable)")
+    try:
+        workers, grace = int(args.workers), float(args.grace)
+    except ValueError as exc:
+        raise ConfigError(f"--workers and --grace must be numbers: {exc}") from exc
+    if not 1 <= workers <= 256:
+        raise ConfigError("--workers must be between 1 and 256")
+    return PdpConfig(
+        listen=_address(args.listen, "--listen"),
+        trust=Path(args.trust),
+        policies=Path(args.policies),
+        state=Path(args.state),
+        metrics=_address(args.metrics, "--metrics") if args.metrics else None,
+        workers=workers,
+        grace_seconds=grace,
+        log_level=args.log_level.upper(),
+    )

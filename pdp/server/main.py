@@ -1,0 +1,131 @@
+"""``abc-pdp``: load trust, policies and state, then serve gRPC until SIGTERM.
+
+Health is honest: ``SERVING`` only once the policy bundle has compiled and the state
+store is open; on SIGTERM or SIGINT it turns ``NOT_SERVING`` for good, then drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.bundle import load_bundle
+from pdp.engine import EngineError, PreparedPolicy
+from pdp.errors import ConfigError
+from pdp.manifest import SqliteHighWater, load_trust_store
+from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
+from pdp.metrics import PdpMetrics
+from pdp.server.config import PdpConfig, parse_config
+from pdp.server.servicer import DecisionServicer
+from pdp.service import DecisionService
+
+__all__ = ["main", "main_exit", "serve"]
+
+log = logging.getLogger("abc.pdp")
+SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
+STATE_DB = "abc.db"
+
+
+def _check_bundle_compiles(service: DecisionService) -> None:
+    """Compile the bundle once with an empty manifest so a broken policy stops start-up."""
+    empty: dict[str, object] = {
+        "abc": {"manifest": {}, "index": {"models": {}, "tools": {}, "http": {}, "steps": {}}}
+    }
+    try:
+        PreparedPolicy(service.bundle.rego_modules(), empty, service.bundle.digest, "startup")
+    except EngineError as exc:
+        raise ConfigError(f"policy bundle {service.bundle.digest}: {exc}") from exc
+
+
+def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
+    bundle = load_bundle(config.policies)
+    trust = load_trust_store(config.trust)
+    high_water = SqliteHighWater(config.state / STATE_DB)
+    registry = CollectorRegistry()
+    metrics = PdpMetrics(registry)
+    service = DecisionService(bundle, trust, high_water, metrics)
+    _check_bundle_compiles(service)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_ENVELOPE_BYTES + 4096),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        DecisionServicer(service), server
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if server.add_insecure_port(config.listen) == 0:
+        raise ConfigError(f"cannot listen on {config.listen}")
+    metrics_server = None
+    if config.metrics:
+        host, _, port = config.metrics.rpartition(":")
+        try:
+            metrics_server, _thread = start_http_server(int(port), addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "abc-pdp serving on %s (policy %s, %d trusted keys)",
+        config.listen,
+        bundle.digest,
+        len(trust.entries),
+    )
+    if ready is not None:
+        ready.set()
+    stop.wait()
+    log.info("abc-pdp stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(config.grace_seconds).wait()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    log.info("abc-pdp stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+        logging.basicConfig(
+            level=config.log_level,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+        stop = threading.Event()
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        serve(config, stop)
+    except ConfigError as exc:
+        print(f"abc-pdp: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

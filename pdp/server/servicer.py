@@ -1,0 +1,118 @@
+"""gRPC adapter: ``abc.pdp.v1.DecisionService`` over ``pdp.service.DecisionService``.
+
+A refusal is a normal ``DecideResponse`` (allow=false with reason codes). Registration
+refusals are gRPC errors whose message is the reason code alone; details go to the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from pdp.action import MAX_ARGS_BYTES, Action, validate_action
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.errors import AbcError, BadRequest, ReasonCode
+from pdp.service import DecisionService
+
+__all__ = ["DecisionServicer", "action_from_proto"]
+
+_REGISTRATION_STATUS = {
+    ReasonCode.SIGNATURE_INVALID: grpc.StatusCode.PERMISSION_DENIED,
+    ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.MANIFEST_ROLLBACK: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.POLICY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+}
+MAX_ID_LENGTH = 128
+
+
+def action_from_proto(message: pdp_pb2.Action) -> Action:
+    args: dict[str, Any] | None = None
+    if not message.args_json and message.HasField("args"):
+        if message.args.ByteSize() > MAX_ARGS_BYTES:
+            raise BadRequest(f"arguments over {MAX_ARGS_BYTES} bytes")
+        args = json_format.MessageToDict(message.args)
+    return validate_action(
+        message.kind,
+        message.target,
+        args=args,
+        args_json=message.args_json,
+        max_tokens=message.max_tokens,
+        method=message.method,
+        path=message.path,
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
+    def __init__(self, service: DecisionService, clock: Callable[[], datetime] = _now) -> None:
+        self._service = service
+        self._clock = clock
+
+    def RegisterManifest(  # noqa: N802 - gRPC method name
+        self, request: pdp_pb2.RegisterManifestRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.RegisterManifestResponse:
+        try:
+            run = self._service.register_manifest(request.envelope, self._clock())
+        except AbcError as exc:
+            context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            context.abort(
+                _REGISTRATION_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT),
+                exc.reason.value,
+            )
+        return pdp_pb2.RegisterManifestResponse(
+            manifest_digest=run.verified.digest, run_id=run.run_id
+        )
+
+    def Decide(  # noqa: N802
+        self, request: pdp_pb2.DecideRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.DecideResponse:
+        def build() -> Action:
+            if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
+                raise BadRequest("request_id is required (at most 128 characters)")
+            return action_from_proto(request.action)
+
+        outcome = self._service.decide(request.run_id, request.request_id, build, self._clock())
+        obligations = struct_pb2.Struct()
+        obligations.update(outcome.decision.obligations)
+        return pdp_pb2.DecideResponse(
+            allow=outcome.decision.allow,
+            reasons=[
+                pdp_pb2.Reason(code=r.code.value, message=r.message)
+                for r in outcome.decision.reasons
+            ],
+            decision_id=outcome.decision_id,
+            obligations=obligations,
+            reservation_id=outcome.reservation_id,
+        )
+
+    def ReportUsage(  # noqa: N802
+        self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.ReportUsageResponse:
+        if not self._service.report_usage(
+            request.reservation_id, request.tokens, request.usd_micros
+        ):
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown or already settled reservation")
+        return pdp_pb2.ReportUsageResponse()
+
+    def GetRun(  # noqa: N802
+        self, request: pdp_pb2.GetRunRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.GetRunResponse:
+        try:
+            view = self._service.get_run(request.run_id, self._clock())
+        except AbcError as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.reason.value)
+        return pdp_pb2.GetRunResponse(
+            step=view.step,
+            completed_steps=list(view.completed_steps),
+            status=view.status,
+            manifest_digest=view.manifest_digest,
+            spent=pdp_pb2.Budget(**view.spent),
+            remaining=pdp_pb2.Budget(**view.remaining),
+        )

@@ -1,0 +1,165 @@
+# Rego unit tests for abc.authz, run by `abcctl policy test policies/`.
+# rego-cpp 1.5.2 cannot replace the whole input (`with input as`) in a rule that
+# depends on other rules, so each test replaces input.action and input.run separately.
+package abc.authz_test
+
+import rego.v1
+
+import data.abc.authz
+
+fixture := {
+	"models": {"model:openai/gpt-4o-mini": {"max_tokens_per_call": 1000}},
+	"tools": {
+		"tool:kb/search": {"args": {
+			"query": {"type": "string", "required": true, "maxLength": 10, "minLength": 2},
+			"top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+			"lang": {"type": "string", "enum": ["en", "fr"]},
+			"id": {"type": "string", "pattern": "^KB-[0-9]+$"}
+		}},
+		"tool:kb/ping": {"args": {}}
+	},
+	"http": {"billing.internal": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}]},
+	"steps": {
+		"research": {"uses": {"model:openai/gpt-4o-mini": true, "tool:kb/search": true, "tool:kb/ping": true, "http:billing.internal": true}, "after": []},
+		"answer": {"uses": {"model:openai/gpt-4o-mini": true}, "after": ["research"]},
+		"publish": {"uses": {"model:openai/gpt-4o-mini": true}, "after": ["answer"]}
+	}
+}
+
+research := {"step": "research", "completed_steps": []}
+
+# rego-cpp 1.5.2: `with data.abc.index as fixture` (a rule reference) leaves the index
+# undefined; binding the fixture to a local variable first works.
+decide(act, run) := d if {
+	local_index := fixture
+	d := authz.decision with data.abc.index as local_index with input.action as act with input.run as run
+}
+
+codes(d) := {r.code | some r in d.reasons}
+
+search(args) := {"kind": "tool", "target": "tool:kb/search", "args": args}
+
+test_tool_allowed if {
+	d := decide(search({"query": "invoice", "top_k": 5}), research)
+	d.allow
+	d.reasons == []
+}
+
+test_unknown_tool_refused if {
+	d := decide({"kind": "tool", "target": "tool:kb/delete", "args": {"query": "x"}}, research)
+	not d.allow
+	codes(d) == {"tool_not_allowed"}
+}
+
+test_tool_without_args_field_allowed_when_none_required if {
+	decide({"kind": "tool", "target": "tool:kb/ping"}, research).allow
+}
+
+test_undeclared_argument_refused if {
+	codes(decide(search({"query": "abc", "sudo": true}), research)) == {"tool_args_invalid"}
+}
+
+test_missing_required_argument_refused if {
+	codes(decide(search({"top_k": 3}), research)) == {"tool_args_invalid"}
+}
+
+test_wrong_type_refused if {
+	not decide(search({"query": 42}), research).allow
+	not decide(search({"query": "ab", "top_k": 2.5}), research).allow
+	not decide(search({"query": "ab", "top_k": "3"}), research).allow
+}
+
+test_integer_given_as_whole_double_allowed if {
+	decide(search({"query": "ab", "top_k": 3.0}), research).allow
+}
+
+test_length_bounds if {
+	not decide(search({"query": "abcdefghijk"}), research).allow
+	decide(search({"query": "abcdefghij"}), research).allow
+	not decide(search({"query": "a"}), research).allow
+}
+
+test_numeric_bounds if {
+	not decide(search({"query": "ab", "top_k": 0}), research).allow
+	not decide(search({"query": "ab", "top_k": 21}), research).allow
+	decide(search({"query": "ab", "top_k": 20}), research).allow
+}
+
+test_enum if {
+	decide(search({"query": "ab", "lang": "fr"}), research).allow
+	not decide(search({"query": "ab", "lang": "de"}), research).allow
+}
+
+test_pattern if {
+	decide(search({"query": "ab", "id": "KB-42"}), research).allow
+	not decide(search({"query": "ab", "id": "KB-42; rm -rf"}), research).allow
+}
+
+test_model_allowed_with_token_cap_obligation if {
+	d := decide({"kind": "model", "target": "model:openai/gpt-4o-mini", "max_tokens": 5000}, research)
+	d.allow
+	d.obligations == {"max_tokens": 1000}
+	small := decide({"kind": "model", "target": "model:openai/gpt-4o-mini", "max_tokens": 200}, research)
+	small.obligations == {"max_tokens": 200}
+	none := decide({"kind": "model", "target": "model:openai/gpt-4o-mini"}, research)
+	none.obligations == {"max_tokens": 1000}
+}
+
+test_unknown_model_refused if {
+	codes(decide({"kind": "model", "target": "model:openai/gpt-5"}, research)) == {"model_not_allowed"}
+}
+
+invoice(method, path) := {"kind": "http", "target": "http:billing.internal", "method": method, "path": path}
+
+test_http_allowed if {
+	decide(invoice("GET", "/v1/invoices/42"), research).allow
+}
+
+test_http_refusals if {
+	codes(decide(invoice("POST", "/v1/invoices/42"), research)) == {"http_not_allowed"}
+	codes(decide(invoice("GET", "/v1/customers/1"), research)) == {"http_not_allowed"}
+	codes(decide({"kind": "http", "target": "http:evil.example", "method": "GET", "path": "/v1/invoices/1"}, research)) == {"http_not_allowed"}
+}
+
+test_http_path_escapes_refused if {
+	not decide(invoice("GET", "/v1/invoices/../../admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/%2e%2e/admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/%2E%2E/admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/./x"), research).allow
+	not decide(invoice("GET", "/v1/invoices/..\\admin"), research).allow
+}
+
+test_capability_outside_current_step_refused if {
+	d := decide(search({"query": "abc"}), {"step": "answer", "completed_steps": ["research"]})
+	codes(d) == {"step_out_of_order"}
+}
+
+test_step_change_in_order if {
+	decide({"kind": "step", "target": "step:answer"}, research).allow
+}
+
+test_step_change_skipping_ahead_refused if {
+	codes(decide({"kind": "step", "target": "step:publish"}, research)) == {"step_out_of_order"}
+}
+
+test_step_change_backwards_refused if {
+	d := decide({"kind": "step", "target": "step:research"}, {"step": "answer", "completed_steps": ["research"]})
+	codes(d) == {"step_out_of_order"}
+}
+
+test_unknown_step_refused if {
+	codes(decide({"kind": "step", "target": "step:exfiltrate"}, research)) == {"step_out_of_order"}
+}
+
+test_unknown_kind_refused if {
+	d := decide({"kind": "teleport", "target": "x"}, research)
+	not d.allow
+	codes(d) == {"bad_request"}
+}
+
+test_empty_manifest_allows_nothing if {
+	d := authz.decision with data.abc.index as {"models": {}, "tools": {}, "http": {}, "steps": {"s": {"uses": {}, "after": []}}}
+		with input.action as {"kind": "model", "target": "model:openai/gpt-4o-mini"}
+		with input.run as {"step": "s", "completed_steps": []}
+	not d.allow
+}

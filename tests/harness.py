@@ -1,0 +1,132 @@
+"""Real processes on loopback for integration tests: keys, trust, envelopes, abc-pdp."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+INTENT = ROOT / "deploy" / "demo" / "intent.yaml"
+POLICIES = ROOT / "policies"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def abcctl(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "abcctl"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+@dataclass
+class Signer:
+    """A key trusted for tenant acme, and helpers to freeze intents with it."""
+
+    dir: Path
+    key: Path = field(init=False)
+    trust: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        abcctl("keygen", "--out", self.dir / "keys", "--name", "signer")
+        self.key, self.trust = self.dir / "keys" / "signer.key", self.dir / "trust.yaml"
+        abcctl(
+            "trust",
+            "add",
+            "--store",
+            self.trust,
+            "--pub",
+            self.dir / "keys" / "signer.pub",
+            "--tenant",
+            "acme",
+        )
+
+    def freeze(self, intent_text: str, name: str, policies: Path = POLICIES) -> bytes:
+        intent = self.dir / f"{name}.yaml"
+        intent.write_text(intent_text)
+        envelope = self.dir / f"{name}.json"
+        abcctl("freeze", intent, "--key", self.key, "--policies", policies, "-o", envelope)
+        return envelope.read_bytes().rstrip(b"\n")
+
+
+@dataclass
+class PdpProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    metrics_address: str
+    log: Path
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_pdp(signer: Signer, state: Path, policies: Path = POLICIES, *extra: str) -> PdpProcess:
+    address = f"127.0.0.1:{free_port()}"
+    metrics = f"127.0.0.1:{free_port()}"
+    log = state.parent / f"pdp-{address.rsplit(':', 1)[1]}.log"
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        [
+            str(BIN / "abc-pdp"),
+            "--listen",
+            address,
+            "--trust",
+            str(signer.trust),
+            "--policies",
+            str(policies),
+            "--state",
+            str(state),
+            "--metrics",
+            metrics,
+            *extra,
+        ],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    pdp = PdpProcess(process, address, metrics, log)
+    wait_serving(pdp)
+    return pdp
+
+
+def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    with pdp.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if pdp.process.poll() is not None:
+                raise RuntimeError(f"abc-pdp exited early:\n{pdp.output()}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    pdp.stop(signal.SIGKILL)
+    raise RuntimeError(f"abc-pdp did not become SERVING:\n{pdp.output()}")

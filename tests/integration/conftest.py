@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import INTENT, PdpProcess, Signer, start_pdp
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Signer:
+    return Signer(tmp_path_factory.mktemp("signer"))
+
+
+@pytest.fixture(scope="module")
+def demo_envelope(signer: Signer) -> bytes:
+    return signer.freeze(INTENT.read_text(), "demo")
+
+
+@pytest.fixture(scope="module")
+def pdp(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PdpProcess]:
+    process = start_pdp(signer, Path(tmp_path_factory.mktemp("pdp-state")))
+    yield process
+    process.stop()
