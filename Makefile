@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python deploy/demo/run.py
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider
+	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o python_files="bench_*.py"
 
 format: $(STAMP)
 	$(BIN)/ruff format pdp pep tests deploy

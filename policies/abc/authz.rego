@@ -1,8 +1,12 @@
 # ABC authorization policy.
 #
 # Entrypoint: data.abc.authz.decision = {"allow", "reasons", "obligations"}.
-# data.abc.manifest is the verified manifest; data.abc.index is the same manifest keyed by
-# target, so every rule looks a capability up instead of scanning a list.
+# data.abc.manifest is the verified manifest. data.abc.index is the same manifest keyed
+# by target, sharded by the first two hex digits of sha256(target), because rego-cpp
+# scans an object to find a key: a flat table would cost more with every capability.
+#   data.abc.index.targets[a][b][target] = {kind, steps: {step: true}, and per kind:
+#       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)}
+#   data.abc.index.steps[id] = {after: [ids]}
 # input = {"action": {kind, target, args, max_tokens, method, path},
 #          "run": {"step", "completed_steps"}}
 # Budgets and the validity window are enforced by the PDP outside the policy.
@@ -13,14 +17,12 @@ package abc.authz
 
 import rego.v1
 
-index := data.abc.index
-
 action := input.action
 
 default decision := {
 	"allow": false,
 	"reasons": [{"code": "bad_request", "message": "action kind is not model, tool, http or step"}],
-	"obligations": {}
+	"obligations": {},
 }
 
 decision := {"allow": allow, "reasons": reasons, "obligations": obligations} if {
@@ -40,17 +42,34 @@ reasons := [r | some r in denials] if {
 	allow
 } else := [{"code": "bad_request", "message": "no rule granted this action"}]
 
+shard_of(key) := [substring(h, 0, 1), substring(h, 1, 1)] if {
+	h := crypto.sha256(key)
+}
+
+target_shard := shard_of(action.target)
+
+# The manifest's entry for the action's target, if it declares one of the same kind.
+# object.get with a key path, not data.abc.index.targets[a][b][t]: in rego-cpp 1.5.2
+# that reference ignores `with data.abc.index.targets as ...`, which the Rego tests use.
+capability := entry if {
+	entry := object.get(data.abc.index.targets, [target_shard[0], target_shard[1], action.target], null)
+	entry != null
+	entry.kind == action.kind
+}
+
+in_current_step if capability.steps[input.run.step]
+
 # ---- models -------------------------------------------------------------------------
 
 granted if {
 	action.kind == "model"
-	index.models[action.target]
+	capability
 	in_current_step
 }
 
 denials contains {"code": "model_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
 	action.kind == "model"
-	not index.models[action.target]
+	not capability
 }
 
 requested_tokens := object.get(action, "max_tokens", 0)
@@ -60,7 +79,7 @@ default obligations := {}
 obligations := {"max_tokens": cap} if {
 	allow
 	action.kind == "model"
-	cap := token_cap(index.models[action.target].max_tokens_per_call)
+	cap := token_cap(capability.max_tokens_per_call)
 }
 
 token_cap(limit) := requested_tokens if {
@@ -72,25 +91,25 @@ token_cap(limit) := requested_tokens if {
 
 granted if {
 	action.kind == "tool"
-	index.tools[action.target]
+	capability
 	in_current_step
 	count(arg_violations) == 0
 }
 
 denials contains {"code": "tool_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
 	action.kind == "tool"
-	not index.tools[action.target]
+	not capability
 }
 
 denials contains {"code": "tool_args_invalid", "message": violation} if {
 	action.kind == "tool"
-	index.tools[action.target]
+	capability
 	some violation in arg_violations
 }
 
 tool_args := object.get(action, "args", {})
 
-declared := index.tools[action.target].args
+declared := capability.args
 
 arg_violations contains sprintf("argument %s is not declared", [name]) if {
 	some name, _ in tool_args
@@ -175,8 +194,6 @@ type_ok("null", value) if is_null(value)
 
 # ---- http ---------------------------------------------------------------------------
 
-http_host := trim_prefix(action.target, "http:")
-
 path_segments := split(action.path, "/")
 
 clean_path if {
@@ -191,7 +208,7 @@ granted if {
 	action.kind == "http"
 	in_current_step
 	clean_path
-	some rule in index.http[http_host]
+	some rule in capability.rules
 	http_rule_matches(rule)
 }
 
@@ -202,7 +219,7 @@ http_rule_matches(rule) if {
 
 denials contains {"code": "http_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
 	action.kind == "http"
-	not index.http[http_host]
+	not capability
 }
 
 denials contains {"code": "http_not_allowed", "message": "path is not clean (dot segments, encoded dots or backslashes)"} if {
@@ -212,35 +229,31 @@ denials contains {"code": "http_not_allowed", "message": "path is not clean (dot
 
 denials contains {"code": "http_not_allowed", "message": sprintf("no rule for %s allows this method and path", [action.target])} if {
 	action.kind == "http"
-	index.http[http_host]
+	capability
 	clean_path
 	not any_http_rule_matches
 }
 
 any_http_rule_matches if {
-	some rule in index.http[http_host]
+	some rule in capability.rules
 	http_rule_matches(rule)
 }
 
 # ---- the Assembly: step order ---------------------------------------------------------
 
-current_step := index.steps[input.run.step]
-
-in_current_step if current_step.uses[action.target]
-
-declared_capability if index.models[action.target]
-
-declared_capability if index.tools[action.target]
-
-declared_capability if index.http[http_host]
-
 denials contains {"code": "step_out_of_order", "message": sprintf("step %s does not use %s", [input.run.step, action.target])} if {
 	action.kind in {"model", "tool", "http"}
-	declared_capability
+	capability
 	not in_current_step
 }
 
 step_id := trim_prefix(action.target, "step:")
+
+# object.get for the same rego-cpp reason as `capability` above.
+step_entry := entry if {
+	entry := object.get(data.abc.index.steps, step_id, null)
+	entry != null
+}
 
 done_steps := {s | some s in input.run.completed_steps} | {input.run.step}
 
@@ -250,26 +263,25 @@ granted if {
 }
 
 step_ready if {
-	step := index.steps[step_id]
 	not step_id in done_steps
-	every before in step.after {
+	every before in step_entry.after {
 		before in done_steps
 	}
 }
 
 denials contains {"code": "step_out_of_order", "message": sprintf("step %s is not in the assembly", [step_id])} if {
 	action.kind == "step"
-	not index.steps[step_id]
+	not step_entry
 }
 
 denials contains {"code": "step_out_of_order", "message": sprintf("step %s was already entered", [step_id])} if {
 	action.kind == "step"
-	index.steps[step_id]
+	step_entry
 	step_id in done_steps
 }
 
 denials contains {"code": "step_out_of_order", "message": sprintf("step %s needs step %s first", [step_id, before])} if {
 	action.kind == "step"
-	some before in index.steps[step_id].after
+	some before in step_entry.after
 	not before in done_steps
 }

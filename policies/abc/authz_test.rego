@@ -7,37 +7,52 @@ import rego.v1
 
 import data.abc.authz
 
-fixture := {
-	"models": {"model:openai/gpt-4o-mini": {"max_tokens_per_call": 1000}},
-	"tools": {
-		"tool:kb/search": {"args": {
-			"query": {"type": "string", "required": true, "maxLength": 10, "minLength": 2},
-			"top_k": {"type": "integer", "minimum": 1, "maximum": 20},
-			"lang": {"type": "string", "enum": ["en", "fr"]},
-			"id": {"type": "string", "pattern": "^KB-[0-9]+$"}
-		}},
-		"tool:kb/ping": {"args": {}}
-	},
-	"http": {"billing.internal": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}]},
-	"steps": {
-		"research": {"uses": {"model:openai/gpt-4o-mini": true, "tool:kb/search": true, "tool:kb/ping": true, "http:billing.internal": true}, "after": []},
-		"answer": {"uses": {"model:openai/gpt-4o-mini": true}, "after": ["research"]},
-		"publish": {"uses": {"model:openai/gpt-4o-mini": true}, "after": ["answer"]}
-	}
+capabilities := {
+	"model:openai/gpt-4o-mini": {"kind": "model", "max_tokens_per_call": 1000, "steps": {"research": true, "answer": true, "publish": true}},
+	"tool:kb/search": {"kind": "tool", "steps": {"research": true}, "args": {
+		"query": {"type": "string", "required": true, "maxLength": 10, "minLength": 2},
+		"top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+		"lang": {"type": "string", "enum": ["en", "fr"]},
+		"id": {"type": "string", "pattern": "^KB-[0-9]+$"}
+	}},
+	"tool:kb/ping": {"kind": "tool", "args": {}, "steps": {"research": true}},
+	"http:billing.internal": {"kind": "http", "rules": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}], "steps": {"research": true}}
 }
+
+# The same sharding as pdp/engine/index.py, built from the flat table above.
+sharded(flat) := {a: by_second(flat, a) | some key, _ in flat; a := authz.shard_of(key)[0]}
+
+by_second(flat, a) := {b: {k: v | some k, v in flat; authz.shard_of(k) == [a, b]} |
+	some key, _ in flat
+	s := authz.shard_of(key)
+	s[0] == a
+	b := s[1]
+}
+
+steps := {"research": {"after": []}, "answer": {"after": ["research"]}, "publish": {"after": ["answer"]}}
 
 research := {"step": "research", "completed_steps": []}
 
-# rego-cpp 1.5.2: `with data.abc.index as fixture` (a rule reference) leaves the index
-# undefined; binding the fixture to a local variable first works.
+# rego-cpp 1.5.2 quirks: `with data.abc.index as <rule>` leaves the index undefined, so
+# the fixture is bound to local variables first; and the sharded lookup only sees
+# replaced data when each table is replaced on its own path.
 decide(act, run) := d if {
-	local_index := fixture
-	d := authz.decision with data.abc.index as local_index with input.action as act with input.run as run
+	targets := sharded(capabilities)
+	step_table := steps
+	d := authz.decision with data.abc.index.targets as targets
+		with data.abc.index.steps as step_table
+		with input.action as act
+		with input.run as run
 }
 
 codes(d) := {r.code | some r in d.reasons}
 
 search(args) := {"kind": "tool", "target": "tool:kb/search", "args": args}
+
+test_kind_must_match_the_declared_capability if {
+	# A tool target is never judged as a model, whatever kind a caller claims.
+	codes(decide({"kind": "model", "target": "tool:kb/ping"}, research)) == {"model_not_allowed"}
+}
 
 test_tool_allowed if {
 	d := decide(search({"query": "invoice", "top_k": 5}), research)
@@ -158,7 +173,8 @@ test_unknown_kind_refused if {
 }
 
 test_empty_manifest_allows_nothing if {
-	d := authz.decision with data.abc.index as {"models": {}, "tools": {}, "http": {}, "steps": {"s": {"uses": {}, "after": []}}}
+	d := authz.decision with data.abc.index.targets as {}
+		with data.abc.index.steps as {"s": {"after": []}}
 		with input.action as {"kind": "model", "target": "model:openai/gpt-4o-mini"}
 		with input.run as {"step": "s", "completed_steps": []}
 	not d.allow
