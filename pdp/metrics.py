@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pdp.errors import ReasonCode
@@ -10,6 +12,10 @@ __all__ = ["NO_REASON", "PdpMetrics"]
 
 NO_REASON = "none"
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+def _ratio_of(lowest_remaining: Callable[[], dict[str, float]], budget: str) -> Callable[[], float]:
+    return lambda: lowest_remaining()[budget]
 
 
 class PdpMetrics:
@@ -42,18 +48,19 @@ class PdpMetrics:
             ["budget"],
             registry=registry,
         )
-        self.decisions.labels("allow", NO_REASON)
+        # Every series exists from start-up; the hot path only looks children up.
+        self._allowed = self.decisions.labels("allow", NO_REASON)
+        self._denied = {code: self.decisions.labels("deny", code.value) for code in ReasonCode}
         for code in ReasonCode:
-            self.decisions.labels("deny", code.value)
             self.manifests_rejected.labels(code.value)
-        for budget in ("tokens", "usd_micros", "tool_calls", "requests"):
-            self.budget_remaining.labels(budget).set(1.0)
 
     def count_decision(self, allow: bool, reason: ReasonCode | None) -> None:
-        self.decisions.labels(
-            "allow" if allow else "deny", NO_REASON if reason is None else reason.value
-        ).inc()
+        if allow or reason is None:
+            self._allowed.inc()
+        else:
+            self._denied[reason].inc()
 
-    def set_budget_ratios(self, ratios: dict[str, float]) -> None:
-        for budget, ratio in ratios.items():
-            self.budget_remaining.labels(budget).set(ratio)
+    def watch_budgets(self, lowest_remaining: Callable[[], dict[str, float]]) -> None:
+        """Compute the budget gauge when scraped, not on every decision."""
+        for budget in ("tokens", "usd_micros", "tool_calls", "requests"):
+            self.budget_remaining.labels(budget).set_function(_ratio_of(lowest_remaining, budget))

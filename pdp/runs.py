@@ -98,6 +98,8 @@ class Run:
     step: str
     completed_steps: list[str]
     ledger: Ledger
+    not_before: datetime
+    expires_at: datetime
 
     def policy_input(self, action: Action) -> dict[str, object]:
         return {
@@ -106,8 +108,7 @@ class Run:
         }
 
     def status(self, now: datetime) -> str:
-        manifest = self.verified.manifest
-        return "running" if manifest.not_before <= now < manifest.expires_at else "expired"
+        return "running" if self.not_before <= now < self.expires_at else "expired"
 
 
 def cost_of(action: Action, decision: Decision) -> Usage:
@@ -143,6 +144,8 @@ class RunRegistry:
                 step=manifest.assembly.steps[0].id,
                 completed_steps=[],
                 ledger=Ledger(limits=Usage(**manifest.budgets.model_dump())),
+                not_before=manifest.not_before,
+                expires_at=manifest.expires_at,
             )
             self._runs[run_id] = run
             return run

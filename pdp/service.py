@@ -65,6 +65,7 @@ class DecisionService:
         self._metrics = metrics
         self._runs = RunRegistry()
         self._modules = bundle.rego_modules()
+        metrics.watch_budgets(self._runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy, rollback mark), compile; or raise."""
@@ -145,17 +146,12 @@ class DecisionService:
             return Decision.deny(
                 ReasonCode.BUDGET_EXHAUSTED, "the run's remaining budget cannot hold this action"
             ), ""
-        self._metrics.set_budget_ratios(self._runs.lowest_remaining_ratio())
         return decision, reservation_id
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
         if tokens < 0 or usd_micros < 0:
             return False
-        run = self._runs.settle(reservation_id, tokens, usd_micros)
-        if run is None:
-            return False
-        self._metrics.set_budget_ratios(self._runs.lowest_remaining_ratio())
-        return True
+        return self._runs.settle(reservation_id, tokens, usd_micros) is not None
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._runs.get(run_id)

@@ -122,51 +122,32 @@ arg_violations contains sprintf("argument %s is required", [name]) if {
 	not has_key(tool_args, name)
 }
 
-arg_violations contains sprintf("argument %s is not of type %s", [name, c.type]) if {
+# One pass over the arguments; the first constraint an argument breaks is reported.
+arg_violations contains sprintf("argument %s %s", [name, problem]) if {
 	some name, value in tool_args
-	c := declared[name]
-	not type_ok(c.type, value)
+	constraint := declared[name]
+	problem := arg_problem(constraint, value)
 }
 
-arg_violations contains sprintf("argument %s is not one of the allowed values", [name]) if {
-	some name, value in tool_args
-	c := declared[name]
+arg_problem(c, value) := sprintf("is not of type %s", [c.type]) if {
+	not type_ok(c.type, value)
+} else := "is not one of the allowed values" if {
 	c.enum
 	not value in c.enum
-}
-
-arg_violations contains sprintf("argument %s is longer than maxLength %d", [name, c.maxLength]) if {
-	some name, value in tool_args
-	c := declared[name]
+} else := sprintf("is longer than maxLength %d", [c.maxLength]) if {
 	is_string(value)
 	count(value) > c.maxLength
-}
-
-arg_violations contains sprintf("argument %s is shorter than minLength %d", [name, c.minLength]) if {
-	some name, value in tool_args
-	c := declared[name]
+} else := sprintf("is shorter than minLength %d", [c.minLength]) if {
 	is_string(value)
 	count(value) < c.minLength
-}
-
-arg_violations contains sprintf("argument %s does not match pattern %s", [name, c.pattern]) if {
-	some name, value in tool_args
-	c := declared[name]
+} else := sprintf("does not match pattern %s", [c.pattern]) if {
 	is_string(value)
 	c.pattern
 	not regex.match(c.pattern, value)
-}
-
-arg_violations contains sprintf("argument %s is below minimum %d", [name, c.minimum]) if {
-	some name, value in tool_args
-	c := declared[name]
+} else := sprintf("is below minimum %d", [c.minimum]) if {
 	is_number(value)
 	value < c.minimum
-}
-
-arg_violations contains sprintf("argument %s is above maximum %d", [name, c.maximum]) if {
-	some name, value in tool_args
-	c := declared[name]
+} else := sprintf("is above maximum %d", [c.maximum]) if {
 	is_number(value)
 	value > c.maximum
 }
