@@ -39,9 +39,14 @@ class Action:
     max_tokens: int = 0
     method: str = ""
     path: str = ""
+    probe: bool = False
 
     def policy_input(self) -> dict[str, Any]:
         action: dict[str, Any] = {"kind": self.kind, "target": self.target}
+        if self.probe:
+            # Only the target is judged: a probe carries no arguments, tokens or path.
+            action["probe"] = True
+            return action
         if self.kind == "tool":
             action["args"] = self.args
         elif self.kind == "model":
@@ -60,8 +65,15 @@ def validate_action(
     max_tokens: int = 0,
     method: str = "",
     path: str = "",
+    probe: bool = False,
 ) -> Action:
     """Build an ``Action`` or raise ``BadRequest``; ``args_json``, when set, wins over ``args``."""
+    if probe:
+        if kind not in ("model", "tool"):
+            raise BadRequest("only model and tool targets can be probed")
+        if not _TARGETS[kind].match(target):
+            raise BadRequest(f"malformed {kind} target")
+        return Action(kind, target, probe=True)
     if kind not in KINDS:
         raise BadRequest("action kind must be one of model, tool, http, step")
     if not _TARGETS[kind].match(target):

@@ -17,7 +17,7 @@ Outward, the reason code is the whole answer; the message is detail for the log.
 
 from __future__ import annotations
 
-from enum import StrEnum
+from pdp.api.reasons import ReasonCode
 
 __all__ = [
     "AbcError",
@@ -30,29 +30,6 @@ __all__ = [
     "ReasonCode",
     "SignatureInvalid",
 ]
-
-
-class ReasonCode(StrEnum):
-    """The closed set of reason codes (a Prometheus label: never caller text)."""
-
-    MODEL_NOT_ALLOWED = "model_not_allowed"
-    TOOL_NOT_ALLOWED = "tool_not_allowed"
-    TOOL_ARGS_INVALID = "tool_args_invalid"
-    HTTP_NOT_ALLOWED = "http_not_allowed"
-    STEP_OUT_OF_ORDER = "step_out_of_order"
-    BUDGET_EXHAUSTED = "budget_exhausted"
-    MANIFEST_EXPIRED = "manifest_expired"
-    MANIFEST_UNKNOWN = "manifest_unknown"
-    # Not in DESIGN.md's first list: a rolled-back manifest is validly signed and
-    # unexpired, so neither signature_invalid nor manifest_expired would tell the
-    # operator what happened (issue 3 asks for "their reason").
-    MANIFEST_ROLLBACK = "manifest_rollback"
-    # Also an addition: a manifest pinned to another policy bundle than the PDP's is a
-    # deployment skew an operator must see as such, not as a bad signature.
-    POLICY_MISMATCH = "policy_mismatch"
-    SIGNATURE_INVALID = "signature_invalid"
-    PDP_UNAVAILABLE = "pdp_unavailable"
-    BAD_REQUEST = "bad_request"
 
 
 class AbcError(Exception):

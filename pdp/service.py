@@ -113,7 +113,7 @@ class DecisionService:
                 raise ManifestExpired("the run's manifest is outside its validity window")
             seen_step = run.step
             decision = self._evaluate(run, action)
-            if decision.allow:
+            if decision.allow and not action.probe:
                 decision, reservation_id = self._commit(run, action, decision, seen_step)
         except AbcError as exc:
             decision = Decision.deny(exc.reason, str(exc))

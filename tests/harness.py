@@ -130,3 +130,62 @@ def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
             time.sleep(0.05)
     pdp.stop(signal.SIGKILL)
     raise RuntimeError(f"abc-pdp did not become SERVING:\n{pdp.output()}")
+
+
+@dataclass
+class PepProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    metrics_url: str
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return str(response.read().decode())
+
+
+def start_pep(
+    pdp_address: str, upstreams: dict[str, str], log_dir: Path, *extra: str
+) -> PepProcess:
+    """Start abc-pep on free loopback ports; ``extra`` carries --run or --manifest and more."""
+    port, metrics_port = free_port(), free_port()
+    log = log_dir / f"pep-{port}.log"
+    args = [
+        str(BIN / "abc-pep"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--pdp",
+        pdp_address,
+        "--metrics",
+        f"127.0.0.1:{metrics_port}",
+        *extra,
+    ]
+    for name, url in upstreams.items():
+        args += ["--upstream", f"{name}={url}"]
+    handle = log.open("wb")
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT)
+    pep = PepProcess(
+        process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"abc-pep exited early:\n{pep.output()}")
+        try:
+            pep.metrics()
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return pep
+        except OSError:
+            time.sleep(0.05)
+    pep.stop(signal.SIGKILL)
+    raise RuntimeError(f"abc-pep did not start:\n{pep.output()}")

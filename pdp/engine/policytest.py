@@ -54,6 +54,7 @@ def run_policy_tests(bundle: PolicyBundle) -> list[TestOutcome]:
         return []
     interpreter = Interpreter()
     interpreter.log_level = LogLevel.NONE
+    interpreter.strict_built_in_errors = True  # as in production (pdp/engine/rego.py)
     try:
         interpreter.add_data_json(json.dumps(_data(bundle), ensure_ascii=False))
         for name, source in sorted(bundle.rego_modules().items()):

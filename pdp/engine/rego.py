@@ -12,6 +12,7 @@ Traps of regopy 1.5.2 this module exists to contain:
 - Parse errors are printed to stdout unless the log level is NONE.
 - ``with input as {...}`` in a test module aborts ``build()``: test files never enter
   the production build.
+- Builtin errors are undefined by default, which ``not`` turns into true: strict mode.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def production_modules(modules: Mapping[str, str]) -> dict[str, str]:
 def _interpreter() -> Interpreter:
     interpreter = Interpreter()
     interpreter.log_level = LogLevel.NONE
+    # A builtin error (a bad regex, say) is otherwise undefined, and `not regex.match(...)`
+    # would then hold: an error must stop the decision, never let it through.
+    interpreter.strict_built_in_errors = True
     return interpreter
 
 

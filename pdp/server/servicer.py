@@ -43,6 +43,7 @@ def action_from_proto(message: pdp_pb2.Action) -> Action:
         max_tokens=message.max_tokens,
         method=message.method,
         path=message.path,
+        probe=message.probe,
     )
 
 

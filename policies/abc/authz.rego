@@ -7,7 +7,7 @@
 #   data.abc.index.targets[a][b][target] = {kind, steps: {step: true}, and per kind:
 #       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)}
 #   data.abc.index.steps[id] = {after: [ids]}
-# input = {"action": {kind, target, args, max_tokens, method, path},
+# input = {"action": {kind, target, args, max_tokens, method, path, probe},
 #          "run": {"step", "completed_steps"}}
 # Budgets and the validity window are enforced by the PDP outside the policy.
 #
@@ -107,16 +107,21 @@ denials contains {"code": "tool_args_invalid", "message": violation} if {
 	some violation in arg_violations
 }
 
+# A probe asks whether a tool may be listed: the target is judged, its arguments are not.
+probe if action.probe == true
+
 tool_args := object.get(action, "args", {})
 
 declared := capability.args
 
 arg_violations contains sprintf("argument %s is not declared", [name]) if {
+	not probe
 	some name, _ in tool_args
 	not declared[name]
 }
 
 arg_violations contains sprintf("argument %s is required", [name]) if {
+	not probe
 	some name, constraint in declared
 	constraint.required
 	not has_key(tool_args, name)
@@ -124,6 +129,7 @@ arg_violations contains sprintf("argument %s is required", [name]) if {
 
 # One pass over the arguments; the first constraint an argument breaks is reported.
 arg_violations contains sprintf("argument %s %s", [name, problem]) if {
+	not probe
 	some name, value in tool_args
 	constraint := declared[name]
 	problem := arg_problem(constraint, value)
@@ -177,12 +183,18 @@ type_ok("null", value) if is_null(value)
 
 path_segments := split(action.path, "/")
 
+# Refused in paths: dot segments (also "..;x", which some servers read as ".."), and any
+# escape an upstream might decode into one: encoded dots, slashes, backslashes, percents.
 clean_path if {
 	startswith(action.path, "/")
-	not ".." in path_segments
-	not "." in path_segments
-	not contains(lower(action.path), "%2e")
+	not dot_segment
+	not regex.match(`%(2e|2f|5c|25)`, lower(action.path))
 	not contains(action.path, "\\")
+}
+
+dot_segment if {
+	some segment in path_segments
+	regex.match(`^\.\.?(;.*)?$`, segment)
 }
 
 granted if {
@@ -203,7 +215,7 @@ denials contains {"code": "http_not_allowed", "message": sprintf("%s is not in t
 	not capability
 }
 
-denials contains {"code": "http_not_allowed", "message": "path is not clean (dot segments, encoded dots or backslashes)"} if {
+denials contains {"code": "http_not_allowed", "message": "path is not clean (dot segments, encoded dots, slashes or percents, backslashes)"} if {
 	action.kind == "http"
 	not clean_path
 }

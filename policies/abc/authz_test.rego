@@ -142,6 +142,12 @@ test_http_path_escapes_refused if {
 	not decide(invoice("GET", "/v1/invoices/%2E%2E/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/./x"), research).allow
 	not decide(invoice("GET", "/v1/invoices/..\\admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/..%2f..%2fadmin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/..%2F..%2Fadmin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/%252e%252e/admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/..;/admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/x%5cadmin"), research).allow
+	decide(invoice("GET", "/v1/invoices/a..b/c.d"), research).allow
 }
 
 test_capability_outside_current_step_refused if {
@@ -164,6 +170,13 @@ test_step_change_backwards_refused if {
 
 test_unknown_step_refused if {
 	codes(decide({"kind": "step", "target": "step:exfiltrate"}, research)) == {"step_out_of_order"}
+}
+
+test_probe_judges_the_target_not_the_arguments if {
+	decide({"kind": "tool", "target": "tool:kb/search", "probe": true}, research).allow
+	codes(decide({"kind": "tool", "target": "tool:kb/delete", "probe": true}, research)) == {"tool_not_allowed"}
+	d := decide({"kind": "tool", "target": "tool:kb/search", "probe": true}, {"step": "answer", "completed_steps": ["research"]})
+	codes(d) == {"step_out_of_order"}
 }
 
 test_unknown_kind_refused if {

@@ -198,7 +198,7 @@ def test_steps_and_budget(pdp: PdpProcess, signer: Signer) -> None:
     assert [r.allow for r in results] == [True, True, True, False]
     assert codes(results[3]) == ["budget_exhausted"]
     model = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini", max_tokens=5000)
-    answer_model = pdp_pb2.Action(kind="model", target="model:anthropic/claude-3-5-haiku-latest")
+    answer_model = pdp_pb2.Action(kind="model", target="model:anthropic/claude-haiku-4-5")
     allowed = service.Decide(
         pdp_pb2.DecideRequest(run_id=run_id, request_id="m1", action=model), timeout=5
     )

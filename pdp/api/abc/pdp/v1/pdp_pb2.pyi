@@ -22,7 +22,7 @@ class RegisterManifestResponse(_message.Message):
     def __init__(self, manifest_digest: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Action(_message.Message):
-    __slots__ = ("kind", "target", "args", "max_tokens", "method", "path", "args_json")
+    __slots__ = ("kind", "target", "args", "max_tokens", "method", "path", "args_json", "probe")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Action(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     target: str
     args: _struct_pb2.Struct
@@ -37,7 +38,8 @@ class Action(_message.Message):
     method: str
     path: str
     args_json: bytes
-    def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ...) -> None: ...
+    probe: bool
+    def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
     __slots__ = ("run_id", "request_id", "action")

@@ -1,0 +1,31 @@
+"""The closed set of reason codes: part of the public contract, like the .proto.
+
+Both the PDP (which emits them) and the PEP (which counts them as metric labels)
+import this module; a code outside it is never trusted as a label.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+__all__ = ["ReasonCode"]
+
+
+class ReasonCode(StrEnum):
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    TOOL_NOT_ALLOWED = "tool_not_allowed"
+    TOOL_ARGS_INVALID = "tool_args_invalid"
+    HTTP_NOT_ALLOWED = "http_not_allowed"
+    STEP_OUT_OF_ORDER = "step_out_of_order"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    MANIFEST_EXPIRED = "manifest_expired"
+    MANIFEST_UNKNOWN = "manifest_unknown"
+    # Additions to DESIGN.md's first list. A rolled-back manifest is validly signed and
+    # unexpired, so neither signature_invalid nor manifest_expired would say what happened.
+    MANIFEST_ROLLBACK = "manifest_rollback"
+    # A manifest pinned to another policy bundle than the PDP's is deployment skew an
+    # operator must see as such, not as a bad signature.
+    POLICY_MISMATCH = "policy_mismatch"
+    SIGNATURE_INVALID = "signature_invalid"
+    PDP_UNAVAILABLE = "pdp_unavailable"
+    BAD_REQUEST = "bad_request"

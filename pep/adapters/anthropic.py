@@ -1,0 +1,44 @@
+"""Anthropic Messages API (streaming included)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pdp.api.actions import anthropic_action
+from pep.adapters.base import Call, parse_json_object, token_capper
+from pep.pdp_client import Verdict
+
+__all__ = ["AnthropicAdapter"]
+
+_ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 503: "api_error"}
+
+
+class AnthropicAdapter:
+    route = "anthropic"
+    reads_body = True
+
+    def call(self, request: web.Request, body: bytes) -> Call:
+        document = parse_json_object(body)
+        action = anthropic_action(request.match_info["tail"], document)
+        return Call(
+            action=action,
+            body=body,
+            streaming=document.get("stream") is True,
+            reads_usage=True,
+            apply_obligations=token_capper(body, document, "max_tokens", action.max_tokens),
+        )
+
+    def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
+        code = verdict.reason.value if verdict.reason else "bad_request"
+        return web.json_response(
+            {
+                "type": "error",
+                "error": {
+                    "type": _ERROR_TYPES.get(status, "permission_error"),
+                    "message": f"{code}: {verdict.message} (decision {verdict.decision_id})",
+                },
+                "abc": {"reason": code, "decision_id": verdict.decision_id},
+            },
+            status=status,
+            headers={"x-abc-decision-id": verdict.decision_id, "x-abc-reason": code},
+        )

@@ -1,0 +1,114 @@
+"""The shape every protocol adapter shares: request → ``Call`` (the action), verdict → refusal.
+
+``pep/proxy.py`` runs the loop once for all of them: request in → action → decision →
+forward or refuse. An adapter never talks to the PDP or the upstream itself, except the
+MCP ``tools/list`` filter, which gets a probe function from the loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import ClientResponse, web
+
+from pdp.api import ReasonCode, pdp_pb2
+from pdp.api.actions import MappingError
+from pep.pdp_client import Verdict
+
+__all__ = [
+    "Adapter",
+    "Call",
+    "MappingError",
+    "Probe",
+    "Responder",
+    "parse_json_object",
+    "refusal_status",
+    "token_capper",
+]
+
+Probe = Callable[[pdp_pb2.Action], Awaitable[Verdict]]
+Responder = Callable[[web.Request, ClientResponse, Probe], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Call:
+    """What an adapter makes of one agent request."""
+
+    action: pdp_pb2.Action | None  # None: forwarded without a decision ("pass")
+    body: bytes
+    streaming: bool = False
+    reads_usage: bool = False
+    # Rewrites the body to honour the decision's obligations (e.g. a max_tokens cap).
+    apply_obligations: Callable[[dict[str, Any]], bytes] | None = None
+    # Replaces the plain relay when the response itself must be judged (MCP tools/list).
+    respond: Responder | None = None
+    jsonrpc_id: Any = None
+
+
+class Adapter(Protocol):
+    route: str
+    reads_body: bool  # False: the request body streams through unread
+
+    def call(self, request: web.Request, body: bytes) -> Call:
+        """Map the request; ``MappingError`` if it cannot be mapped (then it is refused)."""
+
+    def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
+        """The refusal in the agent's protocol, carrying reason code and decision id."""
+
+
+def refusal_status(reason: ReasonCode | None) -> int:
+    """HTTP status of a refusal: 403 for policy, 503 when no decision could be had."""
+    if reason is ReasonCode.PDP_UNAVAILABLE:
+        return 503
+    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
+        return 400
+    return 403
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        # Parsers disagree on which duplicate wins; the sidecar and the upstream must not.
+        raise MappingError("duplicate keys in the request body")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise MappingError(f"{name} is not JSON")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; ``MappingError`` for anything else."""
+    try:
+        value = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, MappingError):
+            raise
+        raise MappingError("the request body is not JSON") from exc
+    if not isinstance(value, dict):
+        raise MappingError("the request body is not a JSON object")
+    return value
+
+
+def dump_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def token_capper(
+    raw: bytes, document: dict[str, Any], field: str | None, requested: int
+) -> Callable[[dict[str, Any]], bytes]:
+    """Write the decision's ``max_tokens`` cap into ``field`` when it lowers the request.
+
+    When the request already asks for no more than the cap, the agent's bytes go as sent.
+    """
+
+    def apply(obligations: dict[str, Any]) -> bytes:
+        cap = obligations.get("max_tokens")
+        if field is None or not isinstance(cap, int | float) or 0 < requested <= cap:
+            return raw
+        return dump_json({**document, field: int(cap)})
+
+    return apply

@@ -1,0 +1,48 @@
+"""OpenAI API (chat completions, completions, responses, embeddings; streaming included)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pdp.api.actions import openai_action, token_field
+from pep.adapters.base import Call, parse_json_object, token_capper
+from pep.pdp_client import Verdict
+
+__all__ = ["OpenAIAdapter"]
+
+_ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 503: "service_unavailable"}
+
+
+class OpenAIAdapter:
+    route = "openai"
+    reads_body = True
+
+    def call(self, request: web.Request, body: bytes) -> Call:
+        endpoint = request.match_info["tail"]
+        document = parse_json_object(body)
+        action = openai_action(endpoint, document)
+        return Call(
+            action=action,
+            body=body,
+            streaming=document.get("stream") is True,
+            reads_usage=True,
+            apply_obligations=token_capper(
+                body, document, token_field(endpoint, document), action.max_tokens
+            ),
+        )
+
+    def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
+        code = verdict.reason.value if verdict.reason else "bad_request"
+        return web.json_response(
+            {
+                "error": {
+                    "message": f"{code}: {verdict.message} (decision {verdict.decision_id})",
+                    "type": _ERROR_TYPES.get(status, "permission_error"),
+                    "code": code,
+                    "param": None,
+                    "decision_id": verdict.decision_id,
+                }
+            },
+            status=status,
+            headers={"x-abc-decision-id": verdict.decision_id, "x-abc-reason": code},
+        )

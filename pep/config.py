@@ -1,0 +1,134 @@
+"""``abc-pep`` configuration: flags, else ``ABC_PEP_*`` variables, else a YAML file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+__all__ = ["ConfigError", "PepConfig", "parse_config"]
+
+
+class ConfigError(Exception):
+    """A misconfiguration: ``abc-pep`` stops with one line naming it."""
+
+
+@dataclass(frozen=True)
+class PepConfig:
+    listen: str
+    pdp: str
+    run: str | None
+    manifest: Path | None
+    metrics: str | None
+    upstreams: dict[str, str] = field(default_factory=dict)
+    pdp_deadline_seconds: float = 0.25
+    max_body_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+
+
+_UPSTREAM_KINDS = ("openai", "anthropic", "mcp:", "http:")
+_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("listen", "ABC_PEP_LISTEN", "127.0.0.1:15001", "proxy address HOST:PORT"),
+    ("pdp", "ABC_PEP_PDP", "127.0.0.1:9191", "PDP gRPC address HOST:PORT"),
+    ("run", "ABC_PEP_RUN", None, "default run id (requests may name one in x-abc-run)"),
+    ("manifest", "ABC_PEP_MANIFEST", None, "envelope to register at start-up instead of --run"),
+    (
+        "metrics",
+        "ABC_PEP_METRICS",
+        "127.0.0.1:15090",
+        "Prometheus address HOST:PORT ('off' to disable)",
+    ),
+    ("pdp_deadline_ms", "ABC_PEP_PDP_DEADLINE_MS", 250, "PDP deadline per decision, ms"),
+    ("max_body_bytes", "ABC_PEP_MAX_BODY_BYTES", 1024 * 1024, "largest request body read"),
+    ("log_level", "ABC_PEP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+def _address(value: str, name: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name} must be HOST:PORT, got {value!r}")
+    return value
+
+
+def _upstream(entry: str) -> tuple[str, str]:
+    name, sep, url = entry.partition("=")
+    if not sep or not name.startswith(_UPSTREAM_KINDS) or name in ("mcp:", "http:"):
+        raise ConfigError(
+            f"--upstream {entry!r}: expected openai=URL, anthropic=URL,"
+            " mcp:SERVER=URL or http:NAME=URL"
+        )
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"--upstream {name}: {url!r} is not an http(s) URL")
+    return name, url.rstrip("/") if not name.startswith("mcp:") else url
+
+
+def _file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping")
+    return data
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PepConfig:
+    parser = argparse.ArgumentParser(prog="abc-pep", description="ABC sidecar proxy (PEP)")
+    parser.add_argument(
+        "--config", default=environ.get("ABC_PEP_CONFIG"), help="YAML file (env ABC_PEP_CONFIG)"
+    )
+    for name, env, default, text in _OPTIONS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, help=f"{text} (env {env}, default {default})"
+        )
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        help="openai=URL, anthropic=URL, mcp:SERVER=URL or http:NAME=URL; repeatable"
+        " (env ABC_PEP_UPSTREAMS, comma-separated)",
+    )
+    args = parser.parse_args(argv)
+    from_file = _file(args.config)
+    values: dict[str, Any] = {}
+    for name, env, default, _ in _OPTIONS:
+        for source in (getattr(args, name), environ.get(env), from_file.get(name), default):
+            if source is not None:
+                values[name] = source
+                break
+    entries = list(args.upstream) or [
+        e for e in environ.get("ABC_PEP_UPSTREAMS", "").split(",") if e.strip()
+    ]
+    if not entries:
+        entries = [f"{k}={v}" for k, v in (from_file.get("upstreams") or {}).items()]
+    upstreams = dict(_upstream(entry.strip()) for entry in entries)
+    if values.get("run") and values.get("manifest"):
+        raise ConfigError("give --run or --manifest, not both")
+    try:
+        deadline_ms, max_body = int(values["pdp_deadline_ms"]), int(values["max_body_bytes"])
+    except ValueError as exc:
+        raise ConfigError(f"--pdp-deadline-ms and --max-body-bytes are integers: {exc}") from exc
+    if not 1 <= deadline_ms <= 60_000 or not 1 <= max_body <= 64 * 1024 * 1024:
+        raise ConfigError("--pdp-deadline-ms must be 1..60000 and --max-body-bytes 1..64 MiB")
+    metrics = str(values["metrics"])
+    return PepConfig(
+        listen=_address(str(values["listen"]), "--listen"),
+        pdp=_address(str(values["pdp"]), "--pdp"),
+        run=values.get("run"),
+        manifest=Path(values["manifest"]) if values.get("manifest") else None,
+        metrics=None if metrics == "off" else _address(metrics, "--metrics"),
+        upstreams=upstreams,
+        pdp_deadline_seconds=deadline_ms / 1000,
+        max_body_bytes=max_body,
+        log_level=str(values["log_level"]).upper(),
+    )

@@ -1,0 +1,84 @@
+"""Forwarding: the sidecar passes bytes, not its reading of them.
+
+- hop-by-hop headers (RFC 9110 7.6.1, plus any the Connection header names) are dropped
+  both ways, and framing headers are re-derived;
+- upstream bodies are never decompressed; where the sidecar must read a response
+  (usage, ``tools/list``), it asks the upstream for ``identity`` encoding instead;
+- ``x-abc-*`` headers are the sidecar's own and never reach the upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import ClientResponse, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+__all__ = ["HOP_BY_HOP", "relay", "request_headers", "response_headers"]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_FRAMING = frozenset({"content-length", "host"})
+
+
+def _named_by_connection(headers: CIMultiDictProxy[str]) -> set[str]:
+    return {
+        token.strip().lower()
+        for value in headers.getall("connection", [])
+        for token in value.split(",")
+        if token.strip()
+    }
+
+
+def request_headers(request: web.Request, *, identity: bool) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _FRAMING | _named_by_connection(request.headers)
+    headers = CIMultiDict(
+        (name, value)
+        for name, value in request.headers.items()
+        if name.lower() not in drop and not name.lower().startswith("x-abc-")
+    )
+    if identity:
+        headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | {"content-length"} | _named_by_connection(upstream.headers)
+    return CIMultiDict((n, v) for n, v in upstream.headers.items() if n.lower() not in drop)
+
+
+async def relay(
+    request: web.Request,
+    upstream: ClientResponse,
+    extra_headers: dict[str, str],
+    tap: Callable[[bytes], None] | None = None,
+) -> web.StreamResponse:
+    """Send the upstream's response to the agent chunk by chunk, exactly as received."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(response_headers(upstream))
+    response.headers.update(extra_headers)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length  # same bytes, same length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            if tap is not None:
+                tap(chunk)
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        # The agent hung up (SDKs close a stream once they have read its last event):
+        # nothing is left to deliver, and leaving the block closes the upstream too.
+        pass
+    return response

@@ -1,0 +1,119 @@
+"""``abc-pep``: bind to a run (or register a manifest), then proxy until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from pep.config import ConfigError, PepConfig, parse_config
+from pep.metrics import PepMetrics
+from pep.pdp_client import PdpClient
+from pep.proxy import Sidecar, build_app, metrics_app
+
+__all__ = ["main", "main_exit", "serve"]
+
+log = logging.getLogger("abc.pep")
+REGISTER_ATTEMPTS = 30
+
+
+async def _register(pdp: PdpClient, config: PepConfig) -> str:
+    """Register the manifest, waiting (bounded) for a PDP that is still starting."""
+    assert config.manifest is not None
+    try:
+        envelope = config.manifest.read_bytes().rstrip(b"\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read manifest {config.manifest}: {exc.strerror}") from exc
+    for attempt in range(REGISTER_ATTEMPTS):
+        try:
+            return await pdp.register(envelope)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise ConfigError(f"the PDP refused {config.manifest}: {exc.details()}") from exc
+            log.info("PDP not reachable yet (attempt %d)", attempt + 1)
+            await asyncio.sleep(1)
+    raise ConfigError(f"the PDP at {config.pdp} did not answer; {config.manifest} not registered")
+
+
+async def _site(runner: web.AppRunner, address: str) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        await web.TCPSite(runner, host, int(port)).start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
+
+
+async def serve(config: PepConfig, stop: asyncio.Event) -> None:
+    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds)
+    runners: list[web.AppRunner] = []
+    try:
+        run_id = await _register(pdp, config) if config.manifest else config.run
+        metrics = PepMetrics(CollectorRegistry())
+        sidecar = Sidecar(config, pdp, metrics, run_id)
+        proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
+        runners.append(proxy)
+        await proxy.setup()
+        await _site(proxy, config.listen)
+        if config.metrics:
+            exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+            runners.append(exporter)
+            await exporter.setup()
+            await _site(exporter, config.metrics)
+        log.info(
+            "abc-pep proxying on %s for run %s (PDP %s)", config.listen, run_id or "-", config.pdp
+        )
+        await stop.wait()
+        log.info("abc-pep stopping")
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await pdp.close()
+    log.info("abc-pep stopped")
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on this platform: the standard loop works, slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:
+        print(f"abc-pep: error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    _install_uvloop()
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop)
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        print(f"abc-pep: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_exit() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

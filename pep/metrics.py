@@ -1,0 +1,55 @@
+"""PEP metrics. Label values come from closed sets only; every series exists from start-up."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from pdp.api import ReasonCode
+
+__all__ = ["DECISIONS", "ROUTES", "PepMetrics"]
+
+ROUTES = ("openai", "anthropic", "mcp", "http", "unknown")
+# "pass": forwarded without a decision (MCP initialize, notifications, session traffic).
+DECISIONS = ("allow", "deny", "pass")
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+
+
+class PepMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "abc_pep_requests",
+            "Requests seen, by route and outcome.",
+            ["route", "decision"],
+            registry=registry,
+        )
+        self.denials = Counter(
+            "abc_pep_denials",
+            "Requests refused, by route and reason code.",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.decision_seconds = Histogram(
+            "abc_pep_decision_seconds",
+            "Time waiting for the PDP's decision.",
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "abc_pep_upstream_seconds",
+            "Time from forwarding to the end of the upstream response.",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=registry,
+        )
+        for route in ROUTES:
+            for decision in DECISIONS:
+                self.requests.labels(route, decision)
+            for code in ReasonCode:
+                self.denials.labels(route, code.value)
+            self.upstream_seconds.labels(route)
+
+    def count(self, route: str, decision: str, reason: ReasonCode | None = None) -> None:
+        self.requests.labels(route, decision).inc()
+        if decision == "deny" and reason is not None:
+            self.denials.labels(route, reason.value).inc()

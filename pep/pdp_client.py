@@ -1,0 +1,93 @@
+"""The PEP's only way to the PDP: the public gRPC API, with a deadline, failing closed.
+
+Any error, timeout or malformed answer becomes a refusal with ``pdp_unavailable``
+and a locally made decision id, so every refusal can still be traced.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
+
+__all__ = ["PdpClient", "Verdict"]
+
+log = logging.getLogger("abc.pep")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allow: bool
+    reason: ReasonCode | None
+    message: str
+    decision_id: str
+    obligations: dict[str, Any] = field(default_factory=dict)
+    reservation_id: str = ""
+
+    @staticmethod
+    def refuse(reason: ReasonCode, message: str) -> Verdict:
+        """A refusal made by the PEP itself (no PDP decision behind it)."""
+        return Verdict(False, reason, message, "pep_" + uuid.uuid4().hex)
+
+
+def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
+    """Trust an answer only if it is well formed; otherwise fail closed."""
+    if not response.decision_id:
+        raise ValueError("answer without a decision id")
+    codes = [reason.code for reason in response.reasons]
+    if response.allow == bool(codes):
+        raise ValueError("an allow carries no reasons and a refusal at least one")
+    first = response.reasons[0] if codes else None
+    return Verdict(
+        allow=response.allow,
+        reason=ReasonCode(first.code) if first else None,  # ValueError for an unknown code
+        message=first.message if first else "",
+        decision_id=response.decision_id,
+        obligations=json_format.MessageToDict(response.obligations),
+        reservation_id=response.reservation_id,
+    )
+
+
+class PdpClient:
+    def __init__(self, target: str, deadline_seconds: float) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._deadline = deadline_seconds
+
+    async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
+        request = pdp_pb2.DecideRequest(run_id=run_id, request_id=request_id, action=action)
+        try:
+            response = await self._stub.Decide(request, timeout=self._deadline)
+            return _verdict(response)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("PDP did not decide: %s", exc.code().name)
+        except (ValueError, TypeError) as exc:
+            log.error("PDP answered garbage: %s", exc)
+        return Verdict.refuse(
+            ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
+        )
+
+    async def report_usage(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
+        """Settle a reservation; failures are logged (the PDP settles unreported ones itself)."""
+        request = pdp_pb2.ReportUsageRequest(
+            reservation_id=reservation_id, tokens=max(tokens, 0), usd_micros=max(usd_micros, 0)
+        )
+        try:
+            await self._stub.ReportUsage(request, timeout=max(self._deadline, 1.0))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("usage for %s not reported: %s", reservation_id, exc.code().name)
+
+    async def register(self, envelope: bytes, timeout: float = 10.0) -> str:
+        response = await self._stub.RegisterManifest(
+            pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=timeout
+        )
+        return str(response.run_id)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,265 @@
+"""The sidecar: one loop for every protocol. Request in → action → decision → forward or refuse.
+
+Fail closed throughout: no run, an unmappable request, a PDP that does not answer in
+time or answers garbage, an oversized body, an unknown route: each is refused in the
+agent's protocol with a reason code and a decision id, and nothing is forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdp.api import ReasonCode, pdp_pb2
+from pep.adapters.anthropic import AnthropicAdapter
+from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
+from pep.adapters.http import HttpAdapter, upstream_path
+from pep.adapters.mcp import McpAdapter
+from pep.adapters.openai import OpenAIAdapter
+from pep.config import PepConfig
+from pep.forward import relay, request_headers
+from pep.metrics import PepMetrics
+from pep.pdp_client import PdpClient, Verdict
+from pep.usage import UsageReader
+
+__all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
+
+log = logging.getLogger("abc.pep")
+MAX_ID = 128
+
+
+@dataclass
+class Sidecar:
+    config: PepConfig
+    pdp: PdpClient
+    metrics: PepMetrics
+    run_id: str | None
+    session: aiohttp.ClientSession | None = None
+    background: set[asyncio.Task[None]] | None = None
+
+
+SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+def _request_id(request: web.Request) -> str:
+    for header in ("x-request-id", "idempotency-key"):
+        value = request.headers.get(header, "")
+        if 0 < len(value) <= MAX_ID:
+            return value
+    return "pep_" + uuid.uuid4().hex
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None if it is over ``limit`` (read no further than that)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = await request.content.read(limit + 1)
+    return None if len(body) > limit else body
+
+
+def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:
+    query = request.rel_url.raw_query_string
+    suffix = f"?{query}" if query else ""
+    match adapter.route:
+        case "openai" | "anthropic":
+            base = upstreams.get(adapter.route)
+            tail = request.rel_url.raw_path[len(adapter.route) + 1 :]
+            return None if base is None else f"{base}{tail}{suffix}"
+        case "mcp":
+            return upstreams.get(f"mcp:{request.match_info['server']}")
+        case _:
+            base = upstreams.get(f"http:{request.match_info['name']}")
+            return None if base is None else f"{base}{upstream_path(request)}{suffix}"
+
+
+class Handler:
+    """The loop, written once; each route binds it to its adapter."""
+
+    def __init__(self, adapter: Adapter) -> None:
+        self.adapter = adapter
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        sidecar = request.app[SIDECAR]
+        adapter, route = self.adapter, self.adapter.route
+
+        def refuse(
+            verdict: Verdict, call: Call | None = None, status: int | None = None
+        ) -> web.Response:
+            sidecar.metrics.count(route, "deny", verdict.reason)
+            log.info(
+                "refused %s %s: %s (%s)", route, request.path, verdict.reason, verdict.decision_id
+            )
+            return adapter.refusal(verdict, call, status or refusal_status(verdict.reason))
+
+        try:
+            upstream_url = _upstream_url(request, adapter, sidecar.config.upstreams)
+        except MappingError as exc:
+            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)))
+        if upstream_url is None:
+            return refuse(
+                Verdict.refuse(ReasonCode.BAD_REQUEST, "no upstream is configured for this route"),
+                status=404,
+            )
+        run_id = request.headers.get("x-abc-run") or sidecar.run_id
+        if not run_id:
+            return refuse(
+                Verdict.refuse(ReasonCode.MANIFEST_UNKNOWN, "no run is bound (x-abc-run or --run)")
+            )
+        body = b""
+        if adapter.reads_body:
+            read = await _read_body(request, sidecar.config.max_body_bytes)
+            if read is None:
+                return refuse(
+                    Verdict.refuse(ReasonCode.BAD_REQUEST, "request body over the size limit"),
+                    status=413,
+                )
+            body = read
+        try:
+            call = adapter.call(request, body)
+        except MappingError as exc:
+            refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
+            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
+
+        verdict: Verdict | None = None
+        if call.action is not None:
+            started = time.perf_counter()
+            verdict = await sidecar.pdp.decide(run_id, _request_id(request), call.action)
+            sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
+            if not verdict.allow:
+                return refuse(verdict, call)
+            if call.apply_obligations is not None:
+                body = call.apply_obligations(verdict.obligations)
+        sidecar.metrics.count(route, "allow" if verdict or call.respond else "pass")
+        return await self._forward(request, sidecar, call, body, upstream_url, run_id, verdict)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        sidecar: Sidecar,
+        call: Call,
+        body: bytes,
+        url: str,
+        run_id: str,
+        verdict: Verdict | None,
+    ) -> web.StreamResponse:
+        assert sidecar.session is not None
+        route = self.adapter.route
+        # The sidecar must read model responses (usage) and tool lists: ask for identity.
+        headers = request_headers(request, identity=call.reads_usage or call.respond is not None)
+        data: bytes | aiohttp.StreamReader | None = body
+        if not self.adapter.reads_body:
+            data = request.content if request.body_exists else None
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        extra = {"x-abc-decision-id": verdict.decision_id} if verdict else {}
+        reader = UsageReader(call.streaming) if call.reads_usage else None
+        started = time.perf_counter()
+        status = 0
+        try:
+            async with sidecar.session.request(
+                request.method, url, headers=headers, data=data, allow_redirects=False
+            ) as upstream:
+                status = upstream.status
+                if call.respond is not None:
+                    return await call.respond(request, upstream, _prober(sidecar, run_id))
+                return await relay(request, upstream, extra, reader.feed if reader else None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("upstream %s failed: %s", route, exc)
+            if status:  # the response had started: the agent's connection carries the failure
+                raise
+            return self.adapter.refusal(
+                Verdict(
+                    False,
+                    ReasonCode.BAD_REQUEST,
+                    "the upstream did not answer",
+                    verdict.decision_id if verdict else "pep_" + uuid.uuid4().hex,
+                ),
+                call,
+                502,
+            )
+        finally:
+            sidecar.metrics.upstream_seconds.labels(route).observe(time.perf_counter() - started)
+            if verdict is not None and verdict.reservation_id:
+                _settle(sidecar, verdict, reader, status)
+
+
+def _settle(sidecar: Sidecar, verdict: Verdict, reader: UsageReader | None, status: int) -> None:
+    """Report real usage; unknown usage settles at the reserved worst case, a failed call at 0."""
+    tokens = reader.tokens() if reader else None
+    if tokens is None:
+        worst = int(verdict.obligations.get("max_tokens", 0))
+        tokens = 0 if not 200 <= status < 300 else worst
+    task = asyncio.get_running_loop().create_task(
+        sidecar.pdp.report_usage(verdict.reservation_id, tokens)
+    )
+    assert sidecar.background is not None
+    sidecar.background.add(task)
+    task.add_done_callback(sidecar.background.discard)
+
+
+def _prober(sidecar: Sidecar, run_id: str) -> Probe:
+    async def probe(action: pdp_pb2.Action) -> Verdict:
+        return await sidecar.pdp.decide(run_id, "probe_" + uuid.uuid4().hex, action)
+
+    return probe
+
+
+async def _unknown_route(request: web.Request) -> web.Response:
+    request.app[SIDECAR].metrics.count("unknown", "deny", ReasonCode.BAD_REQUEST)
+    return web.json_response(
+        {
+            "type": "urn:abc:reason:bad_request",
+            "title": "No such route on the ABC sidecar",
+            "status": 404,
+            "detail": "routes: /openai/v1/*, /anthropic/v1/*, /mcp/<server>, /http/<name>/*",
+            "reason": "bad_request",
+        },
+        status=404,
+        content_type="application/problem+json",
+    )
+
+
+def build_app(sidecar: Sidecar) -> web.Application:
+    app = web.Application(client_max_size=sidecar.config.max_body_bytes)
+    app[SIDECAR] = sidecar
+
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+        sidecar.session = aiohttp.ClientSession(
+            auto_decompress=False,  # bytes, not our reading of them
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
+            connector=aiohttp.TCPConnector(limit=256),
+        )
+        sidecar.background = set()
+        yield
+        if sidecar.background:
+            await asyncio.wait(sidecar.background, timeout=5)
+        await sidecar.session.close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/openai/v1/{tail:.*}", Handler(OpenAIAdapter()))
+    app.router.add_route("*", "/anthropic/v1/{tail:.*}", Handler(AnthropicAdapter()))
+    app.router.add_route("*", "/mcp/{server}", Handler(McpAdapter()))
+    app.router.add_route("*", "/http/{name}/{tail:.*}", Handler(HttpAdapter()))
+    app.router.add_route("*", "/http/{name}", Handler(HttpAdapter()))
+    app.router.add_route("*", "/{tail:.*}", _unknown_route)
+    return app
+
+
+def metrics_app(metrics: PepMetrics) -> web.Application:
+    async def serve_metrics(_request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app

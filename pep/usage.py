@@ -1,0 +1,74 @@
+"""Token usage read from an upstream model response as it streams by, bytes untouched.
+
+One reader serves OpenAI (chat, responses) and Anthropic, streamed or not: each JSON
+object seen (the body, or each SSE event's data) may carry a ``usage`` object, directly
+or under ``response`` / ``message``; later values win. Usage is bookkeeping, not a
+security decision: an unreadable response settles at the reserved worst case.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pep.sse import SseSplitter, event_data
+
+__all__ = ["UsageReader"]
+
+_INPUT = ("prompt_tokens", "input_tokens")
+_OUTPUT = ("completion_tokens", "output_tokens")
+_LIMIT = 8 * 1024 * 1024
+
+
+class UsageReader:
+    def __init__(self, streaming: bool) -> None:
+        self._streaming = streaming
+        self._splitter = SseSplitter()
+        self._body = bytearray()
+        self._seen: dict[str, int] = {}
+        self._broken = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            if self._streaming:
+                for raw in self._splitter.feed(chunk):
+                    data = event_data(raw)
+                    if data and data != "[DONE]":
+                        self._see(json.loads(data))
+            else:
+                self._body += chunk
+                if len(self._body) > _LIMIT:
+                    self._broken = True
+        except (ValueError, UnicodeDecodeError):
+            self._broken = True
+
+    def _see(self, document: Any) -> None:
+        if not isinstance(document, dict):
+            return
+        for holder in (document, document.get("response"), document.get("message")):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                for key, value in usage.items():
+                    if isinstance(value, int) and not isinstance(value, bool):
+                        self._seen[key] = value
+
+    def tokens(self) -> int | None:
+        """Total tokens the upstream reported, or None if it reported none readable."""
+        if not self._streaming and not self._broken and self._body:
+            try:
+                self._see(json.loads(self._body))
+            except (ValueError, UnicodeDecodeError):
+                return None
+        if self._broken:
+            return None
+        if "total_tokens" in self._seen:
+            return self._seen["total_tokens"]
+        parts = [
+            next((self._seen[k] for k in keys if k in self._seen), None)
+            for keys in (_INPUT, _OUTPUT)
+        ]
+        if all(part is None for part in parts):
+            return None
+        return sum(part or 0 for part in parts)

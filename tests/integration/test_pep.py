@@ -1,0 +1,337 @@
+"""The sidecar end to end: official SDKs → real abc-pep → real abc-pdp → fake upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx2 as httpx
+import openai
+import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tests.fakes.serve import FakeUpstreams
+from tests.harness import INTENT, PdpProcess, PepProcess, Signer, start_pep
+
+API_KEY = "sk-test-secret-4242"
+MODEL = "gpt-4o-mini"
+CLAUDE = "claude-haiku-4-5"
+
+
+def pep_intent() -> str:
+    """The demo intent, with a second MCP server (JSON framing) and Anthropic usable at once."""
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/pep-tests")
+    text = text.replace(
+        "  - server: kb\n    name: fetch_article",
+        "  - server: kbjson\n    name: search\n    args:\n"
+        "      query: {type: string, required: true, maxLength: 200}\n"
+        "  - server: kb\n    name: fetch_article",
+    )
+    return text.replace(
+        "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
+        "uses: [model:openai/gpt-4o-mini, model:anthropic/"
+        f"{CLAUDE}, tool:kbjson/search, tool:kb/search,",
+    )
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeUpstreams]:
+    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
+        yield upstreams
+
+
+def upstream_map(fakes: FakeUpstreams) -> dict[str, str]:
+    return {
+        "openai": fakes.openai_url.removesuffix("/v1"),
+        "anthropic": fakes.anthropic_url,
+        "mcp:kb": fakes.mcp_sse_url,
+        "mcp:kbjson": fakes.mcp_json_url,
+        "http:billing.internal": fakes.http_url,
+    }
+
+
+@pytest.fixture(scope="module")
+def envelope_path(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pep") / "envelope.json"
+    path.write_bytes(signer.freeze(pep_intent(), "pep"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pep(pdp: PdpProcess, fakes: FakeUpstreams, envelope_path: Path) -> Iterator[PepProcess]:
+    process = start_pep(
+        pdp.address, upstream_map(fakes), envelope_path.parent, "--manifest", str(envelope_path)
+    )
+    yield process
+    process.stop()
+
+
+def oai(pep: PepProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0)
+
+
+# ---- OpenAI -------------------------------------------------------------------------------
+
+
+def test_openai_allowed_and_capped(pep: PepProcess, fakes: FakeUpstreams) -> None:
+    reply = oai(pep).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5000
+    )
+    assert reply.choices[0].message.content.startswith("Hello from the fake OpenAI")
+    received = fakes.recorder.last("openai", path="/v1/chat/completions")
+    assert received.body["max_tokens"] == 2048  # the manifest's per-call cap, not 5000
+    assert received.header("authorization") == f"Bearer {API_KEY}"
+
+
+def test_openai_request_under_the_cap_goes_as_sent(pep: PepProcess, fakes: FakeUpstreams) -> None:
+    oai(pep).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=100
+    )
+    received = fakes.recorder.last("openai", path="/v1/chat/completions")
+    assert received.body["max_tokens"] == 100
+
+
+def test_openai_without_cap_gets_the_manifest_cap(pep: PepProcess, fakes: FakeUpstreams) -> None:
+    oai(pep).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert fakes.recorder.last("openai").body["max_completion_tokens"] == 2048
+
+
+def test_openai_refused_model_raises_permission_error(pep: PepProcess) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        oai(pep).chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.status_code == 403
+    assert caught.value.code == "model_not_allowed"
+    decision_id = caught.value.response.headers["x-abc-decision-id"]
+    assert decision_id.startswith("dec_")
+    assert caught.value.body["decision_id"] == decision_id  # type: ignore[index]
+
+
+def test_openai_stream_with_usage(pep: PepProcess) -> None:
+    chunks = list(
+        oai(pep).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "stream"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("Hello from the fake OpenAI")
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+def test_openai_responses_api_streams(pep: PepProcess) -> None:
+    with oai(pep).responses.stream(model=MODEL, input="hello") as stream:
+        final = stream.get_final_response()
+    assert final.usage is not None and final.output_text
+
+
+# ---- Anthropic ----------------------------------------------------------------------------
+
+
+def claude(pep: PepProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=f"{pep.url}/anthropic", api_key="ak-test", max_retries=0)
+
+
+def test_anthropic_allowed_streamed_and_refused(pep: PepProcess) -> None:
+    message = claude(pep).messages.create(
+        model=CLAUDE, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert message.content[0].text  # type: ignore[union-attr]
+    with claude(pep).messages.stream(
+        model=CLAUDE, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens > 0
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        claude(pep).messages.create(
+            model="claude-opus-4-1", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+    assert caught.value.body["abc"]["reason"] == "model_not_allowed"  # type: ignore[index]
+
+
+# ---- MCP ----------------------------------------------------------------------------------
+
+
+async def _mcp(url: str, work: Any) -> Any:
+    async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        return await work(session)
+
+
+@pytest.mark.parametrize("server", ["kb", "kbjson"], ids=["sse-framing", "json-framing"])
+def test_mcp_list_is_filtered_and_calls_are_decided(pep: PepProcess, server: str) -> None:
+    url = f"{pep.url}/mcp/{server}"
+
+    async def work(session: ClientSession) -> dict[str, Any]:
+        listed = sorted(tool.name for tool in (await session.list_tools()).tools)
+        result = await session.call_tool("search", {"query": "refunds"})
+        refusals = {}
+        for name, args in (("delete_everything", {}), ("search", {"query": "x" * 201})):
+            try:
+                await session.call_tool(name, args)
+                refusals[name] = "not refused"
+            except MCPError as exc:
+                refusals[name] = (exc.error.data or {}).get("reason")
+        return {"listed": listed, "result": result, "refusals": refusals}
+
+    outcome = asyncio.run(_mcp(url, work))
+    expected = ["fetch_article", "search"] if server == "kb" else ["search"]
+    assert outcome["listed"] == expected  # delete_everything and admin_reset are hidden
+    assert not outcome["result"].is_error
+    assert outcome["refusals"] == {
+        "delete_everything": "tool_not_allowed",
+        "search": "tool_args_invalid",
+    }
+
+
+def test_mcp_refused_call_never_reaches_the_server(pep: PepProcess, fakes: FakeUpstreams) -> None:
+    before = fakes.recorder.tool_calls("mcp-sse").count("admin_reset")
+
+    async def work(session: ClientSession) -> None:
+        with pytest.raises(MCPError):
+            await session.call_tool("admin_reset", {"confirm": True})
+
+    asyncio.run(_mcp(f"{pep.url}/mcp/kb", work))
+    assert fakes.recorder.tool_calls("mcp-sse").count("admin_reset") == before
+
+
+def test_mcp_unparseable_list_is_refused_not_passed(
+    pdp: PdpProcess, envelope_path: Path, tmp_path: Path
+) -> None:
+    """A tools/list answer with one undecodable SSE line must not leak the unfiltered list."""
+    from aiohttp import web
+
+    async def broken_server(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        tools = [
+            {"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_everything")
+        ]
+        good = {"jsonrpc": "2.0", "id": body["id"], "result": {"tools": tools}}
+        await response.write(b"event: message\ndata: {not json\n\n")
+        await response.write(f"event: message\ndata: {json.dumps(good)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def scenario() -> tuple[int, str]:
+        app = web.Application()
+        app.router.add_post("/mcp", broken_server)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        pep = await asyncio.to_thread(
+            start_pep,
+            pdp.address,
+            {"mcp:kb": f"http://127.0.0.1:{port}/mcp"},
+            tmp_path,
+            "--manifest",
+            str(envelope_path),
+        )
+        try:
+            async with httpx.AsyncClient() as client:
+                reply = await client.post(
+                    f"{pep.url}/mcp/kb",
+                    json={"jsonrpc": "2.0", "id": 7, "method": "tools/list"},
+                    headers={"Accept": "application/json, text/event-stream"},
+                )
+            return reply.status_code, reply.text
+        finally:
+            pep.stop()
+            await runner.cleanup()
+
+    status, text = asyncio.run(scenario())
+    assert status == 200
+    assert "delete_everything" not in text
+    assert '"reason":"bad_request"' in text
+
+
+# ---- plain HTTP ---------------------------------------------------------------------------
+
+
+def test_http_allowed_refused_and_headers(pep: PepProcess) -> None:
+    base = f"{pep.url}/http/billing.internal"
+    ok = httpx.get(f"{base}/v1/invoices/42")
+    assert ok.status_code == 200 and ok.json()["invoice"] == "42"
+    for method, path in (
+        ("GET", "/admin/secrets"),
+        ("POST", "/v1/invoices"),
+        ("GET", "/v1/invoices/..%2f..%2fadmin/secrets"),
+        ("GET", "/v1/invoices/%2e%2e/x"),
+    ):
+        refused = httpx.request(method, f"{base}{path}")
+        assert refused.status_code == 403, (method, path)
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json()["reason"] == "http_not_allowed"
+        assert refused.headers["x-abc-decision-id"] == refused.json()["decision_id"]
+
+
+# ---- bad input, metrics -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "reason"),
+    [
+        ("/openai/v1/chat/completions", b"{not json", 400, "bad_request"),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model":"gpt-4o-mini","model":"gpt-5"}',
+            400,
+            "bad_request",
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model":"' + b"x" * 2_000_000 + b'"}',
+            413,
+            "bad_request",
+        ),
+        ("/openai/v1/files", b"{}", 400, "bad_request"),
+        ("/nowhere", b"{}", 404, "bad_request"),
+        ("/http/unknown-upstream/x", b"", 404, "bad_request"),
+    ],
+    ids=[
+        "malformed-json",
+        "duplicate-model-key",
+        "oversized",
+        "ungoverned-endpoint",
+        "unknown-route",
+        "unknown-upstream",
+    ],
+)
+def test_bad_input_is_refused_and_the_sidecar_keeps_serving(
+    pep: PepProcess, path: str, body: bytes, status: int, reason: str
+) -> None:
+    reply = httpx.post(
+        f"{pep.url}{path}", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert reply.status_code == status
+    assert reason in reply.text
+    assert httpx.get(f"{pep.url}/http/billing.internal/v1/invoices/1").status_code == 200
+
+
+def test_metrics_count_decisions_with_closed_labels(pep: PepProcess) -> None:
+    with pytest.raises(openai.PermissionDeniedError):
+        oai(pep).chat.completions.create(
+            model="made-up-model-xyz", messages=[{"role": "user", "content": "x"}]
+        )
+    text = pep.metrics()
+
+    def sample(name: str, labels: str) -> float:
+        line = next(line for line in text.splitlines() if line.startswith(f"{name}{{{labels}}} "))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert sample("abc_pep_requests_total", 'decision="allow",route="openai"') >= 1
+    assert sample("abc_pep_denials_total", 'reason="model_not_allowed",route="openai"') >= 1
+    assert sample("abc_pep_denials_total", 'reason="http_not_allowed",route="http"') >= 0
+    assert "abc_pep_decision_seconds_bucket" in text and "abc_pep_upstream_seconds_bucket" in text
+    assert "made-up-model" not in text
+    assert API_KEY not in pep.output()  # the provider key is never logged
