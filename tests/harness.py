@@ -58,6 +58,17 @@ class Signer:
             "acme",
         )
 
+    @classmethod
+    def existing(cls, directory: Path) -> Signer:
+        """A signer whose keys/signer.key and trust.yaml were made already (by abcctl)."""
+        signer = cls.__new__(cls)
+        signer.dir, signer.key, signer.trust = (
+            directory,
+            directory / "keys" / "signer.key",
+            directory / "trust.yaml",
+        )
+        return signer
+
     def freeze(self, intent_text: str, name: str, policies: Path = POLICIES) -> bytes:
         intent = self.dir / f"{name}.yaml"
         intent.write_text(intent_text)

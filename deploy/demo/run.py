@@ -1,10 +1,13 @@
-"""The demo: keys, trust, freeze the demo intent, verify it, and show what verification refuses.
+"""The demo: the whole story on the embedded defaults, in a temporary directory, under a minute.
 
-Run with ``make demo``. Everything happens in a fresh temporary directory; nothing is left behind.
+keys → trust → freeze the demo intent → PDP, PEP and local fake upstreams up → allowed and
+refused model, tool and HTTP calls with the official SDKs → denial counters → clean stop.
+Run with ``make demo``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -12,16 +15,33 @@ import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-ABCCTL = str(Path(sys.executable).parent / "abcctl")
+sys.path.insert(0, str(ROOT))  # the fake upstreams live with the tests
+
+import anthropic  # noqa: E402
+import httpx2  # noqa: E402
+import openai  # noqa: E402
+from mcp.client.session import ClientSession  # noqa: E402
+from mcp.client.streamable_http import streamable_http_client  # noqa: E402
+from mcp.shared.exceptions import MCPError  # noqa: E402
+
+from tests.fakes.serve import FakeUpstreams  # noqa: E402
+from tests.harness import PdpProcess, PepProcess, Signer, start_pdp, start_pep  # noqa: E402
+
+BIN = Path(sys.executable).parent
 
 
-def run(*args: object, expect: int = 0) -> str:
-    command = [ABCCTL, *map(str, args)]
+def abcctl(*args: object, expect: int = 0) -> str:
     shown = " ".join(str(a) for a in args)
     print(f"\n$ abcctl {shown}")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+    done = subprocess.run(  # noqa: S603 - our own console script, arguments from this file
+        [str(BIN / "abcctl"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     output = (done.stdout + done.stderr).rstrip()
     if output:
         print("  " + output.replace("\n", "\n  "))
@@ -30,12 +50,95 @@ def run(*args: object, expect: int = 0) -> str:
     return done.stdout
 
 
+def show(label: str, outcome: str) -> None:
+    print(f"  {label:<58} {outcome}")
+
+
+def refused(reason: str, decision_id: str) -> str:
+    return f"REFUSED  {reason:<18} {decision_id}"
+
+
+def model_calls(pep: PepProcess) -> None:
+    client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key="sk-demo", max_retries=0)
+    reply = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Where is my invoice?"}],
+        max_tokens=100_000,
+    )
+    show(
+        "openai gpt-4o-mini, max_tokens=100000 (capped to 2048)",
+        f"ALLOWED  {reply.headers['x-abc-decision-id']}",
+    )
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "stream it"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    show("openai gpt-4o-mini, streamed", f"ALLOWED  {text[:40]!r}")
+    try:
+        client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    except openai.PermissionDeniedError as exc:
+        show("openai gpt-5 (not in the manifest)", refused(str(exc.code), exc.body["decision_id"]))  # type: ignore[index]
+    claude = anthropic.Anthropic(base_url=f"{pep.url}/anthropic", api_key="ak-demo", max_retries=0)
+    try:
+        claude.messages.create(
+            model="claude-haiku-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+        )
+    except anthropic.PermissionDeniedError as exc:
+        abc = exc.body["abc"]  # type: ignore[index]
+        show(
+            "anthropic claude-haiku-4-5 (only in step 'answer')",
+            refused(abc["reason"], abc["decision_id"]),
+        )
+
+
+async def tool_calls(pep: PepProcess) -> None:
+    async with (
+        streamable_http_client(f"{pep.url}/mcp/kb") as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        listed = sorted(t.name for t in (await session.list_tools()).tools)
+        show("mcp kb tools/list (server has 4 tools)", f"SHOWN    {', '.join(listed)}")
+        await session.call_tool("search", {"query": "refund policy", "top_k": 3})
+        show("mcp kb search(query='refund policy')", "ALLOWED")
+        for name, args in (("delete_everything", {}), ("search", {"query": "x" * 500})):
+            try:
+                await session.call_tool(name, args)
+            except MCPError as exc:
+                data: dict[str, Any] = exc.error.data or {}
+                show(
+                    f"mcp kb {name}({', '.join(f'{k}=...' for k in args)})",
+                    refused(data["reason"], data["decision_id"]),
+                )
+
+
+def http_calls(pep: PepProcess) -> None:
+    base = f"{pep.url}/http/billing.internal"
+    ok = httpx2.get(f"{base}/v1/invoices/42")
+    show("GET billing.internal/v1/invoices/42", f"ALLOWED  {ok.headers['x-abc-decision-id']}")
+    for method, path in (
+        ("GET", "/admin/secrets"),
+        ("GET", "/v1/invoices/..%2f..%2fadmin/secrets"),
+    ):
+        reply = httpx2.request(method, base + path).json()
+        show(f"{method} billing.internal{path}", refused(reply["reason"], reply["decision_id"]))
+
+
+def counters(text: str, prefix: str) -> None:
+    for line in text.splitlines():
+        if line.startswith(prefix) and not line.endswith(" 0.0"):
+            print(f"  {line}")
+
+
 def main() -> None:
     with tempfile.TemporaryDirectory(prefix="abc-demo-") as tmp:
         work = Path(tmp)
-        print("== 1. A signing key, trusted for tenant acme")
-        run("keygen", "--out", work / "keys", "--name", "signer")
-        run(
+        print("== 1. A signing key, trusted for tenant acme; the demo intent frozen and verified")
+        abcctl("keygen", "--out", work / "keys", "--name", "signer")
+        abcctl(
             "trust",
             "add",
             "--store",
@@ -45,9 +148,8 @@ def main() -> None:
             "--tenant",
             "acme",
         )
-        print("\n== 2. Freeze the demo intent into a signed manifest")
         envelope = work / "envelope.json"
-        run(
+        abcctl(
             "freeze",
             ROOT / "deploy/demo/intent.yaml",
             "--key",
@@ -57,22 +159,57 @@ def main() -> None:
             "-o",
             envelope,
         )
-        run("inspect", envelope)
-        print("\n== 3. Verify it (and record the lineage's high-water mark)")
-        run("verify", envelope, "--trust", work / "trust.yaml", "--state", work / "state")
-        print("\n== 4. What verification refuses")
-        print("-- the budget raised tenfold inside the signed payload:")
+        abcctl("inspect", envelope)
+        abcctl("verify", envelope, "--trust", work / "trust.yaml")
         document = json.loads(envelope.read_bytes())
-        payload = base64.b64decode(document["payload"])
-        forged = payload.replace(b'"tokens":200000', b'"tokens":2000000')
-        document["payload"] = base64.b64encode(forged).decode()
-        tampered = work / "tampered.json"
-        tampered.write_text(json.dumps(document))
-        run("verify", tampered, "--trust", work / "trust.yaml", expect=1)
-        print("-- the same envelope, a day later (past its 8h lifetime):")
+        forged = base64.b64decode(document["payload"]).replace(
+            b'"tokens":200000', b'"tokens":2000000'
+        )
+        (work / "tampered.json").write_text(
+            json.dumps({**document, "payload": base64.b64encode(forged).decode()})
+        )
+        print("\n-- the budget raised tenfold inside the signed payload:")
+        abcctl("verify", work / "tampered.json", "--trust", work / "trust.yaml", expect=1)
         tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        run("verify", envelope, "--trust", work / "trust.yaml", "--at", tomorrow, expect=1)
-        print("\ndemo: done")
+        print("-- the same envelope a day later (past its 8h lifetime):")
+        abcctl("verify", envelope, "--trust", work / "trust.yaml", "--at", tomorrow, expect=1)
+
+        print("\n== 2. PDP (gRPC), fake upstreams and the PEP sidecar, all on 127.0.0.1")
+        signer = Signer.existing(work)
+        pdp: PdpProcess | None = None
+        pep: PepProcess | None = None
+        with FakeUpstreams() as fakes:
+            try:
+                pdp = start_pdp(signer, work / "state")
+                pep = start_pep(
+                    pdp.address,
+                    {
+                        "openai": fakes.openai_url.removesuffix("/v1"),
+                        "anthropic": fakes.anthropic_url,
+                        "mcp:kb": fakes.mcp_sse_url,
+                        "http:billing.internal": fakes.http_url,
+                    },
+                    work,
+                    "--manifest",
+                    str(envelope),
+                )
+                print(f"  PDP {pdp.address}, PEP {pep.url}, metrics {pep.metrics_url}")
+                print("\n== 3. The agent's calls, through the sidecar")
+                model_calls(pep)
+                asyncio.run(tool_calls(pep))
+                http_calls(pep)
+                print("\n== 4. What the sidecar counted (abc_pep_denials_total, non-zero)")
+                counters(pep.metrics(), "abc_pep_denials_total{")
+                counters(pep.metrics(), "abc_pep_requests_total{")
+                forwarded = sorted(
+                    {r.tool_name for r in fakes.recorder.find("mcp-sse") if r.tool_name}
+                )
+                print(f"\n  tools that reached the MCP server: {', '.join(forwarded)}")
+            finally:
+                for process in (pep, pdp):
+                    if process is not None:
+                        process.stop()
+        print("\ndemo: done (PDP, PEP and upstreams stopped)")
 
 
 if __name__ == "__main__":

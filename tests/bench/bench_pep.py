@@ -1,0 +1,198 @@
+"""PEP benchmark: added latency and throughput of the sidecar, against direct and a bare proxy.
+
+One run, one machine: the same chat-completion load (non-streaming and streaming; 1 and 16
+concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
+pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP. The
+targets take turns batch by batch after an unmeasured warm-up. Writes bench-results/pep.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.bench.conftest import percentile, summary_ms, write_results
+from tests.harness import INTENT, Signer, free_port, start_pdp, start_pep
+
+SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
+BODY = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "bench"}],
+    "max_tokens": 64,
+}
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} did not open")
+
+
+async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> tuple[float, float]:
+    """(time to first byte, total) of one request, body read to the end."""
+    started = time.perf_counter()
+    payload = (
+        {**BODY, "stream": True, "stream_options": {"include_usage": True}} if stream else BODY
+    )
+    async with session.post(url, json=payload) as response:
+        assert response.status == 200, await response.text()
+        first = None
+        async for _chunk in response.content.iter_any():
+            if first is None:
+                first = time.perf_counter() - started
+        total = time.perf_counter() - started
+    return first or total, total
+
+
+async def load(urls: dict[str, str], stream: bool, clients: int, count: int) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=clients * 2)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for url in urls.values():
+            await asyncio.gather(*(one(session, url, stream) for _ in range(WARMUP // 3)))
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
+        busy: dict[str, float] = dict.fromkeys(urls, 0.0)
+        for _ in range(count // BATCH):
+            for name, url in urls.items():
+                queue = list(range(BATCH))
+                started = time.perf_counter()
+
+                async def client(
+                    name: str = name, url: str = url, queue: list[int] = queue
+                ) -> None:
+                    while queue:
+                        queue.pop()
+                        samples[name].append(await one(session, url, stream))
+
+                await asyncio.gather(*(client() for _ in range(clients)))
+                busy[name] += time.perf_counter() - started
+    result: dict[str, Any] = {}
+    direct = samples["direct"]
+    for name, values in samples.items():
+        totals, firsts = [v[1] for v in values], [v[0] for v in values]
+        entry: dict[str, Any] = {
+            "total": summary_ms(totals),
+            "ttfb": summary_ms(firsts),
+            "throughput_per_s": round(len(values) / busy[name], 1),
+        }
+        if name != "direct":
+            entry["added_p50_ms"] = round(
+                (percentile(totals, 0.5) - percentile([d[1] for d in direct], 0.5)) * 1000, 3
+            )
+            entry["added_p99_ms"] = round(
+                (percentile(totals, 0.99) - percentile([d[1] for d in direct], 0.99)) * 1000, 3
+            )
+        result[name] = entry
+    result["sidecar_vs_floor_throughput"] = round(
+        result["sidecar"]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
+    )
+    return result
+
+
+@pytest.mark.timeout(900)
+def test_bench_pep(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("openai", "anthropic", "http", "mcp")}
+    fakes = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.fakes.serve",
+            "--openai-port",
+            str(ports["openai"]),
+            "--anthropic-port",
+            str(ports["anthropic"]),
+            "--http-port",
+            str(ports["http"]),
+            "--mcp-port",
+            str(ports["mcp"]),
+            "--mcp-json-port",
+            str(free_port()),
+            "--mcp-stateless-port",
+            str(free_port()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    upstream = f"http://127.0.0.1:{ports['openai']}"
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("floor_proxy.py")),
+            str(floor_port),
+            upstream,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    signer = Signer(tmp_path)
+    pdp = start_pdp(signer, tmp_path / "state")
+    envelope = tmp_path / "envelope.json"
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-pep")
+    for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
+        text = text.replace(budget, budget.split(":")[0] + ": 1000000000")
+    envelope.write_bytes(signer.freeze(text, "bench"))
+    pep = start_pep(
+        pdp.address,
+        {"openai": upstream},
+        tmp_path,
+        "--manifest",
+        str(envelope),
+        "--log-level",
+        "WARNING",
+    )
+    try:
+        wait_port(ports["openai"])
+        wait_port(floor_port)
+        urls = {
+            "direct": f"{upstream}/v1/chat/completions",
+            "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+            "sidecar": f"{pep.url}/openai/v1/chat/completions",
+        }
+        results = {
+            f"{'stream' if stream else 'json'}_{clients}_clients": asyncio.run(
+                load(urls, stream, clients, SINGLE if clients == 1 else CONCURRENT)
+            )
+            for stream in (False, True)
+            for clients in (1, CLIENTS)
+        }
+    finally:
+        pep.stop()
+        pdp.stop()
+        floor.terminate()
+        fakes.terminate()
+        floor.wait(10)
+        fakes.wait(10)
+    path = write_results("pep", results)
+    print(f"\nPEP benchmark ({path}); added = over direct to the fake upstream")
+    for scenario, result in results.items():
+        print(f"  {scenario}:")
+        for name in ("direct", "floor", "sidecar"):
+            entry = result[name]
+            added = (
+                f"  added p50 {entry['added_p50_ms']:6.3f} ms p99 {entry['added_p99_ms']:6.3f} ms"
+                if "added_p50_ms" in entry
+                else ""
+            )
+            print(
+                f"    {name:<8} p50 {entry['total']['p50_ms']:7.3f} ms"
+                f"  p99 {entry['total']['p99_ms']:7.3f} ms"
+                f"  ttfb p50 {entry['ttfb']['p50_ms']:7.3f} ms"
+                f"  {entry['throughput_per_s']:7.1f}/s{added}"
+            )
+        print(f"    sidecar/floor throughput: {result['sidecar_vs_floor_throughput']}")
+    assert json.loads(path.read_text())
