@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import json_format
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
+from pep.usage_reporter import UsageReporter
 
 __all__ = ["PdpClient", "Verdict"]
 
@@ -59,6 +60,7 @@ class PdpClient:
         self._channel = grpc.aio.insecure_channel(target)
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
+        self._usage = UsageReporter(self._stub, deadline_seconds)
 
     async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
         request = pdp_pb2.DecideRequest(run_id=run_id, request_id=request_id, action=action)
@@ -73,15 +75,9 @@ class PdpClient:
             ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
         )
 
-    async def report_usage(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
-        """Settle a reservation; failures are logged (the PDP settles unreported ones itself)."""
-        request = pdp_pb2.ReportUsageRequest(
-            reservation_id=reservation_id, tokens=max(tokens, 0), usd_micros=max(usd_micros, 0)
-        )
-        try:
-            await self._stub.ReportUsage(request, timeout=max(self._deadline, 1.0))
-        except grpc.aio.AioRpcError as exc:
-            log.warning("usage for %s not reported: %s", reservation_id, exc.code().name)
+    def report_usage(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
+        """Queue a settlement; it reaches the PDP in the next batch."""
+        self._usage.report(reservation_id, tokens, usd_micros)
 
     async def register(self, envelope: bytes, timeout: float = 10.0) -> str:
         response = await self._stub.RegisterManifest(
@@ -90,4 +86,5 @@ class PdpClient:
         return str(response.run_id)
 
     async def close(self) -> None:
+        await self._usage.flush()
         await self._channel.close()

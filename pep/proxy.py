@@ -7,7 +7,6 @@ agent's protocol with a reason code and a decision id, and nothing is forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -43,7 +42,6 @@ class Sidecar:
     metrics: PepMetrics
     run_id: str | None
     session: aiohttp.ClientSession | None = None
-    background: set[asyncio.Task[None]] | None = None
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
@@ -197,12 +195,7 @@ def _settle(sidecar: Sidecar, verdict: Verdict, reader: UsageReader | None, stat
     if tokens is None:
         worst = int(verdict.obligations.get("max_tokens", 0))
         tokens = 0 if not 200 <= status < 300 else worst
-    task = asyncio.get_running_loop().create_task(
-        sidecar.pdp.report_usage(verdict.reservation_id, tokens)
-    )
-    assert sidecar.background is not None
-    sidecar.background.add(task)
-    task.add_done_callback(sidecar.background.discard)
+    sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 
 
 def _prober(sidecar: Sidecar, run_id: str) -> Probe:
@@ -238,10 +231,7 @@ def build_app(sidecar: Sidecar) -> web.Application:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
             connector=aiohttp.TCPConnector(limit=256),
         )
-        sidecar.background = set()
         yield
-        if sidecar.background:
-            await asyncio.wait(sidecar.background, timeout=5)
         await sidecar.session.close()
 
     app.cleanup_ctx.append(session_ctx)

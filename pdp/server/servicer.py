@@ -27,6 +27,7 @@ _REGISTRATION_STATUS = {
     ReasonCode.POLICY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
 }
 MAX_ID_LENGTH = 128
+MAX_BATCH = 1024
 
 
 def action_from_proto(message: pdp_pb2.Action) -> Action:
@@ -101,6 +102,18 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         ):
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown or already settled reservation")
         return pdp_pb2.ReportUsageResponse()
+
+    def ReportUsageBatch(  # noqa: N802
+        self, request: pdp_pb2.ReportUsageBatchRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.ReportUsageBatchResponse:
+        if len(request.reports) > MAX_BATCH:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
+        return pdp_pb2.ReportUsageBatchResponse(
+            settled=[
+                self._service.report_usage(r.reservation_id, r.tokens, r.usd_micros)
+                for r in request.reports
+            ]
+        )
 
     def GetRun(  # noqa: N802
         self, request: pdp_pb2.GetRunRequest, context: grpc.ServicerContext

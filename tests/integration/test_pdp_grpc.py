@@ -230,10 +230,20 @@ def test_steps_and_budget(pdp: PdpProcess, signer: Signer) -> None:
             pdp_pb2.ReportUsageRequest(reservation_id=allowed.reservation_id, tokens=700), timeout=5
         )
     assert again.value.code() == grpc.StatusCode.NOT_FOUND
+    batch = service.ReportUsageBatch(
+        pdp_pb2.ReportUsageBatchRequest(
+            reports=[
+                pdp_pb2.ReportUsageRequest(reservation_id=results[0].reservation_id),
+                pdp_pb2.ReportUsageRequest(reservation_id="rsv_unknown"),
+            ]
+        ),
+        timeout=5,
+    )
+    assert list(batch.settled) == [True, False]
     run = service.GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
     assert run.step == "answer" and list(run.completed_steps) == ["research"]
     assert run.status == "running"
-    assert run.spent.tokens == 700 and run.spent.usd_micros == 12 and run.spent.tool_calls == 0
+    assert run.spent.tokens == 700 and run.spent.usd_micros == 12 and run.spent.tool_calls == 1
     assert run.remaining.tool_calls == 0
     assert run.remaining.tokens == 200000 - 700 - 1024  # the claude call is still reserved
 

@@ -335,3 +335,30 @@ def test_metrics_count_decisions_with_closed_labels(pep: PepProcess) -> None:
     assert "abc_pep_decision_seconds_bucket" in text and "abc_pep_upstream_seconds_bucket" in text
     assert "made-up-model" not in text
     assert API_KEY not in pep.output()  # the provider key is never logged
+
+
+def test_usage_is_settled_with_the_pdp(
+    pep: PepProcess, pdp: PdpProcess, envelope_path: Path
+) -> None:
+    import time
+
+    from pdp.api import pdp_pb2, pdp_pb2_grpc
+
+    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
+    run_id = stub.RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope_path.read_bytes().rstrip(b"\n"))
+    ).run_id
+    before = stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).spent.tokens
+    reply = oai(pep).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "count me"}], max_tokens=100
+    )
+    assert reply.usage is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        run = stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+        if run.spent.tokens == before + reply.usage.total_tokens:
+            break
+        time.sleep(0.02)
+    assert run.spent.tokens == before + reply.usage.total_tokens
+    # Nothing is left reserved: every forwarded call has been settled.
+    assert run.spent.tokens + run.remaining.tokens == 200000

@@ -87,6 +87,18 @@ class ReportUsageResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReportUsageBatchRequest(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[ReportUsageRequest]
+    def __init__(self, reports: _Optional[_Iterable[_Union[ReportUsageRequest, _Mapping]]] = ...) -> None: ...
+
+class ReportUsageBatchResponse(_message.Message):
+    __slots__ = ("settled",)
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    settled: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, settled: _Optional[_Iterable[bool]] = ...) -> None: ...
+
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

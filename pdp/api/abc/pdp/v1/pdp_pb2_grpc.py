@@ -49,6 +49,11 @@ class DecisionServiceStub:
                 request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageRequest.SerializeToString,
                 response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageResponse.FromString,
                 _registered_method=True)
+        self.ReportUsageBatch = channel.unary_unary(
+                '/abc.pdp.v1.DecisionService/ReportUsageBatch',
+                request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchRequest.SerializeToString,
+                response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchResponse.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/abc.pdp.v1.DecisionService/GetRun',
                 request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunRequest.SerializeToString,
@@ -81,6 +86,13 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsageBatch(self, request, context):
+        """Settle several reservations in one call (what the sidecar sends under load).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetRun(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -104,6 +116,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.ReportUsage,
                     request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageRequest.FromString,
                     response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageResponse.SerializeToString,
+            ),
+            'ReportUsageBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUsageBatch,
+                    request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchRequest.FromString,
+                    response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchResponse.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
@@ -192,6 +209,33 @@ class DecisionService:
             '/abc.pdp.v1.DecisionService/ReportUsage',
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageRequest.SerializeToString,
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsageBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abc.pdp.v1.DecisionService/ReportUsageBatch',
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchRequest.SerializeToString,
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.ReportUsageBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,63 @@
+"""Settles reservations with the PDP in batches, off the request path.
+
+Each forwarded call ends with one settlement; sending each as its own RPC costs the
+sidecar and the PDP a gRPC call per request. Settlements wait at most ``linger``
+seconds to travel together. A reservation settled late only holds its worst case a
+little longer: conservative, never an overspend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+
+__all__ = ["UsageReporter"]
+
+log = logging.getLogger("abc.pep")
+MAX_BATCH = 256
+
+
+class UsageReporter:
+    def __init__(
+        self, stub: pdp_pb2_grpc.DecisionServiceStub, deadline: float, linger: float = 0.01
+    ) -> None:
+        self._stub = stub
+        self._deadline = deadline
+        self._linger = linger
+        self._queue: asyncio.Queue[pdp_pb2.ReportUsageRequest] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def report(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
+        self._queue.put_nowait(
+            pdp_pb2.ReportUsageRequest(
+                reservation_id=reservation_id, tokens=max(tokens, 0), usd_micros=max(usd_micros, 0)
+            )
+        )
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while not self._queue.empty():
+            await asyncio.sleep(self._linger)
+            batch: list[pdp_pb2.ReportUsageRequest] = []
+            while not self._queue.empty() and len(batch) < MAX_BATCH:
+                batch.append(self._queue.get_nowait())
+            await self._send(batch)
+
+    async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
+        try:
+            await self._stub.ReportUsageBatch(
+                pdp_pb2.ReportUsageBatchRequest(reports=batch), timeout=max(self._deadline, 1.0)
+            )
+        except grpc.aio.AioRpcError as exc:
+            # The PDP settles unreported reservations at their worst case.
+            log.warning("%d usage reports not delivered: %s", len(batch), exc.code().name)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Deliver what is queued (on shutdown), bounded in time."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=timeout)
