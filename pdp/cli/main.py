@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pdp.bundle import load_bundle
+from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
 from pdp.manifest import (
@@ -231,6 +232,22 @@ def cmd_policy_test(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    key = load_public_key(args.pub)
+    try:
+        report = verify_log(args.log, key, allow_tail=args.allow_tail, expect_seq=args.expect_seq)
+    except OSError as exc:
+        raise ConfigError(f"cannot read log {args.log}: {exc.strerror}") from exc
+    except LogInvalid as exc:
+        print(f"tampered: {exc} ({args.log})", file=sys.stderr)
+        return 1
+    print(
+        f"intact: {report.records} records, {report.checkpoints} signed checkpoints,"
+        f" {report.unsigned_tail} after the last; head {report.head}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abcctl", description="ABC governance sidecar control")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     policy_test.add_argument("policies", type=Path)
     policy_test.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
     policy_test.set_defaults(func=cmd_policy_test)
+    audit = commands.add_parser("audit", help="decision logs").add_subparsers(
+        dest="audit_command", required=True
+    )
+    audit_verify = audit.add_parser("verify", help="check a decision log's chain and checkpoints")
+    audit_verify.add_argument("log", type=Path)
+    audit_verify.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
+    audit_verify.add_argument(
+        "--allow-tail", action="store_true", help="accept records after the last checkpoint"
+    )
+    audit_verify.add_argument(
+        "--expect-seq", type=int, help="the log must reach this seq (an anchor kept elsewhere)"
+    )
+    audit_verify.set_defaults(func=cmd_audit_verify)
     return parser
 
 

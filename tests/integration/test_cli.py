@@ -228,3 +228,24 @@ def test_user_mistakes_are_one_line(setup: Setup, args: tuple[object, ...], mess
     _no_traceback(result)
     assert result.err.startswith("abcctl: error:")
     assert message in result.err
+
+
+def test_audit_verify(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from pdp.decisionlog import DecisionLog
+
+    abcctl("keygen", "--out", tmp_path, "--name", "pdp")
+    key = serialization.load_pem_private_key((tmp_path / "pdp.key").read_bytes(), password=None)
+    log = DecisionLog(tmp_path / "d.log", key, checkpoint_every=3)  # type: ignore[arg-type]
+    for i in range(5):
+        log.append("decision", {"decision_id": f"dec_{i}", "result": {"allow": True}})
+    log.close()
+    ok = abcctl("audit", "verify", tmp_path / "d.log", "--pub", tmp_path / "pdp.pub")
+    assert ok.code == 0 and ok.out.startswith("intact: 7 records, 2 signed checkpoints")
+    lines = (tmp_path / "d.log").read_bytes().splitlines(keepends=True)
+    (tmp_path / "d.log").write_bytes(b"".join(lines[:2] + lines[3:]))
+    bad = abcctl("audit", "verify", tmp_path / "d.log", "--pub", tmp_path / "pdp.pub")
+    assert bad.code == 1
+    assert bad.err.startswith("tampered: record seq 3 (line 3)")
+    _no_traceback(bad)

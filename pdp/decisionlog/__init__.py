@@ -1,0 +1,14 @@
+"""The tamper-evident decision log: hash-chained JSON lines, signed checkpoints, verifier."""
+
+from pdp.decisionlog.verify import LogInvalid, LogReport, verify_log
+from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, read_head
+
+__all__ = [
+    "DecisionLog",
+    "LogHead",
+    "LogInvalid",
+    "LogReport",
+    "MaskRule",
+    "read_head",
+    "verify_log",
+]

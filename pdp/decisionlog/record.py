@@ -1,0 +1,50 @@
+"""Decision-log records: one canonical JSON line each, chained by the hash of the one before.
+
+A record is a JSON object with a version field ``v``. Its hash is ``sha256:`` of its
+RFC 8785 bytes (what is written, minus the newline), so any edit changes it and breaks
+the next record's ``prev``. Checkpoints are records too, signed with the PDP's key over
+their own canonical bytes without ``sig``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from pdp.manifest.canonical import canonical_bytes, digest
+from pdp.manifest.keys import keyid, raw_public_key, verify_signature
+
+__all__ = [
+    "GENESIS",
+    "KINDS",
+    "RECORD_VERSION",
+    "record_hash",
+    "sign_checkpoint",
+    "verify_checkpoint",
+]
+
+RECORD_VERSION = 1
+GENESIS = "sha256:" + "0" * 64  # the `prev` of record 0
+KINDS = ("decision", "registration", "step", "settlement", "checkpoint")
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    return digest(canonical_bytes(record))
+
+
+def _unsigned(record: dict[str, Any]) -> bytes:
+    return canonical_bytes({k: v for k, v in record.items() if k != "sig"})
+
+
+def sign_checkpoint(record: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The checkpoint with ``keyid`` and ``sig`` (base64 Ed25519 over its canonical bytes)."""
+    signed = {**record, "keyid": keyid(raw_public_key(key.public_key()))}
+    return {**signed, "sig": base64.b64encode(key.sign(_unsigned(signed))).decode("ascii")}
+
+
+def verify_checkpoint(record: dict[str, Any], key: Ed25519PublicKey) -> None:
+    """Raise ``SignatureInvalid`` unless ``record`` is a checkpoint signed by ``key``."""
+    signature = base64.b64decode(str(record.get("sig", "")), validate=True)
+    verify_signature(key, signature, _unsigned(record))

@@ -1,0 +1,210 @@
+"""The append-only decision log, durable before an answer leaves the PDP.
+
+``append`` returns only after the record is written and fsynced. Concurrent appends are
+group-committed: one writer thread gathers whatever is waiting, writes it, fsyncs once,
+and wakes every caller in the batch. Every ``checkpoint_every`` records or
+``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the chain head.
+
+Secrets never reach the disk: configured argument paths (e.g. ``action.args.password``)
+and authorization headers are replaced by ``"***"`` before a record is hashed, and each
+record lists the paths it masked.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pdp.decisionlog.record import GENESIS, RECORD_VERSION, record_hash, sign_checkpoint
+from pdp.errors import ConfigError
+from pdp.manifest.canonical import canonical_bytes, parse_strict_json
+
+__all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
+
+MASK = "***"
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """A dotted path inside a record's ``input`` whose value is replaced before writing."""
+
+    path: tuple[str, ...]
+
+    @staticmethod
+    def parse(text: str) -> MaskRule:
+        parts = tuple(text.split("."))
+        if not text or any(not part for part in parts) or parts[0] not in ("action", "run"):
+            raise ConfigError(f"mask path {text!r} must be dotted and start with action. or run.")
+        return MaskRule(parts)
+
+
+def _mask(document: dict[str, Any], rules: Sequence[MaskRule]) -> list[str]:
+    masked: list[str] = []
+    for rule in rules:
+        node: Any = document
+        for part in rule.path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and rule.path[-1] in node:
+            node[rule.path[-1]] = MASK
+            masked.append(".".join(rule.path))
+    return masked
+
+
+@dataclass(frozen=True)
+class LogHead:
+    seq: int  # the next record's sequence number
+    hash: str  # the last record's hash (GENESIS for an empty log)
+
+
+def read_head(path: Path) -> LogHead:
+    """The head of an existing log (its last complete record), for appending after a restart.
+
+    A torn last line (a crash mid-write, never acknowledged) is cut off.
+    """
+    if not path.exists():
+        return LogHead(0, GENESIS)
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    lines = complete.splitlines()
+    if not lines:
+        return LogHead(0, GENESIS)
+    last = parse_strict_json(lines[-1])
+    return LogHead(int(last["seq"]) + 1, record_hash(last))
+
+
+class DecisionLog:
+    def __init__(
+        self,
+        path: Path,
+        key: Ed25519PrivateKey,
+        *,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 60.0,
+        masks: Sequence[MaskRule] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        head = read_head(path)
+        self._seq, self._prev = head.seq, head.hash
+        self._key = key
+        self._every, self._seconds = checkpoint_every, checkpoint_seconds
+        self._masks = tuple(masks)
+        self._clock = clock
+        self._file = path.open("ab", buffering=0)
+        self._lock = threading.Condition()
+        self._pending: list[bytes] = []
+        self._written = head.seq  # every seq below this is on disk
+        self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
+        self._closed = False
+        self._failure: OSError | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
+        self._writer.start()
+
+    def append(self, kind: str, fields: dict[str, Any]) -> int:
+        """Append one record and return its seq once it is on disk (fsynced)."""
+        record = copy.deepcopy(fields)
+        masked = _mask(record.get("input", {}), self._masks) if "input" in record else []
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the decision log is closed")
+            seq = self._enqueue(kind, record, masked)
+            if self._due_checkpoint():
+                self._enqueue_checkpoint()
+            self._lock.notify_all()
+            while self._written <= seq and self._failure is None:
+                self._lock.wait()
+            if self._failure is not None:
+                raise self._failure
+        return seq
+
+    def _enqueue(self, kind: str, record: dict[str, Any], masked: list[str]) -> int:
+        seq = self._seq
+        full = {
+            **record,
+            "v": RECORD_VERSION,
+            "seq": seq,
+            "kind": kind,
+            "time": self._clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "prev": self._prev,
+            **({"masked": masked} if masked else {}),
+        }
+        self._pending.append(canonical_bytes(full) + b"\n")
+        self._seq, self._prev = seq + 1, record_hash(full)
+        self._since_checkpoint += 1
+        return seq
+
+    def _due_checkpoint(self) -> bool:
+        return self._since_checkpoint >= self._every or (
+            time.monotonic() - self._checkpoint_at >= self._seconds
+        )
+
+    def _enqueue_checkpoint(self) -> None:
+        checkpoint = sign_checkpoint(
+            {
+                "v": RECORD_VERSION,
+                "seq": self._seq,
+                "kind": "checkpoint",
+                "time": self._clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "prev": self._prev,
+                "head": self._prev,
+            },
+            self._key,
+        )
+        self._pending.append(canonical_bytes(checkpoint) + b"\n")
+        self._seq, self._prev = self._seq + 1, record_hash(checkpoint)
+        self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
+
+    def checkpoint(self) -> None:
+        """Append a signed checkpoint now and wait until it is on disk."""
+        with self._lock:
+            self._enqueue_checkpoint()
+            target = self._seq
+            self._lock.notify_all()
+            while self._written < target and self._failure is None:
+                self._lock.wait()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._closed:
+                    # An idle log still gets its tail signed within checkpoint_seconds.
+                    if not self._lock.wait(timeout=self._seconds) and self._since_checkpoint:
+                        self._enqueue_checkpoint()
+                if not self._pending and self._closed:
+                    return
+                batch, self._pending = self._pending, []
+                upto = self._seq
+            try:
+                self._file.write(b"".join(batch))
+                os.fsync(self._file.fileno())
+            except OSError as exc:  # a log that cannot be written stops every decision
+                with self._lock:
+                    self._failure = exc
+                    self._lock.notify_all()
+                return
+            with self._lock:
+                self._written = upto
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """Checkpoint, flush and close (what a clean shutdown does)."""
+        if self._closed:
+            return
+        self.checkpoint()
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._writer.join(timeout=10)
+        self._file.close()

@@ -1,0 +1,213 @@
+"""Decision log: durable appends, chain and checkpoints; every kind of tampering is named."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, verify_log
+from pdp.decisionlog.record import record_hash
+from pdp.errors import ConfigError
+from pdp.manifest.canonical import canonical_bytes
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def decision(i: int) -> dict[str, object]:
+    return {
+        "decision_id": f"dec_{i}",
+        "run_id": "run_1",
+        "input": {"action": {"kind": "tool", "target": "tool:kb/search", "args": {"q": str(i)}}},
+        "result": {"allow": i % 2 == 0, "reasons": []},
+    }
+
+
+def written_log(tmp_path: Path, records: int = 10, every: int = 4) -> Path:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_every=every)
+    for i in range(records):
+        log.append("decision", decision(i))
+    log.close()
+    return path
+
+
+def test_a_clean_log_verifies(tmp_path: Path) -> None:
+    report = verify_log(written_log(tmp_path), KEY.public_key())
+    # 10 decisions, a checkpoint after every 4, and one at close.
+    assert report.records == 13 and report.checkpoints == 3 and report.unsigned_tail == 0
+
+
+def test_concurrent_appends_are_all_durable_and_chained(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_every=50)
+    seqs: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        for i in range(50):
+            seq = log.append("decision", decision(n * 100 + i))
+            with lock:
+                seqs.append(seq)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    assert len(set(seqs)) == 400
+    report = verify_log(path, KEY.public_key())
+    assert report.records - report.checkpoints == 400
+
+
+def test_a_restarted_log_continues_the_chain(tmp_path: Path) -> None:
+    path = written_log(tmp_path, records=3)
+    log = DecisionLog(path, KEY)
+    assert log.append("decision", decision(99)) == 4  # after 3 records and the closing checkpoint
+    log.close()
+    assert verify_log(path, KEY.public_key()).records == 6
+
+
+def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None:
+    path = written_log(tmp_path, records=3)
+    with path.open("ab") as handle:
+        handle.write(b'{"half a reco')
+    log = DecisionLog(path, KEY)
+    log.append("decision", decision(7))
+    log.close()
+    verify_log(path, KEY.public_key())
+
+
+def test_secrets_are_masked_before_hashing(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, masks=[MaskRule.parse("action.args.password")])
+    record = decision(1)
+    record["input"]["action"]["args"]["password"] = "hunter2"  # type: ignore[index]
+    log.append("decision", record)
+    log.close()
+    text = path.read_text()
+    assert "hunter2" not in text
+    first = json.loads(text.splitlines()[0])
+    assert first["input"]["action"]["args"]["password"] == "***"
+    assert first["masked"] == ["action.args.password"]
+    assert record["input"]["action"]["args"]["password"] == "hunter2"  # type: ignore[index]  # caller's copy
+
+
+@pytest.mark.parametrize("path", ["", "args.x", "action..x", "input.action"])
+def test_bad_mask_paths_stop_startup(path: str) -> None:
+    with pytest.raises(ConfigError):
+        MaskRule.parse(path)
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def _rewrite(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(lines))
+
+
+def _edit(line: bytes, change: object) -> bytes:
+    record = json.loads(line)
+    change(record)  # type: ignore[operator]
+    return canonical_bytes(record) + b"\n"
+
+
+def test_edited_record_is_named(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    lines[2] = _edit(lines[2], lambda r: r["result"].update(allow=not r["result"]["allow"]))
+    _rewrite(path, lines)
+    with pytest.raises(LogInvalid) as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.seq == 3  # the next record's prev no longer matches
+
+
+def test_edit_with_rechained_hashes_is_caught_by_the_checkpoint(tmp_path: Path) -> None:
+    """Rewriting every later prev makes the chain consistent; the signed head does not follow."""
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    records = [json.loads(line) for line in lines]
+    records[1]["result"]["allow"] = not records[1]["result"]["allow"]
+    for i in range(2, len(records)):
+        records[i]["prev"] = record_hash(records[i - 1])
+        if records[i]["kind"] == "checkpoint":
+            records[i]["head"] = records[i]["prev"]
+    _rewrite(path, [canonical_bytes(r) + b"\n" for r in records])
+    with pytest.raises(LogInvalid, match="forged") as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.seq == 4  # the first checkpoint after the edit
+
+
+def test_deleted_record_is_named(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    del lines[5]
+    _rewrite(path, lines)
+    with pytest.raises(LogInvalid, match="missing or out of order") as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.line == 6
+
+
+def test_reordered_records_are_named(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    lines[1], lines[2] = lines[2], lines[1]
+    _rewrite(path, lines)
+    with pytest.raises(LogInvalid) as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.line == 2
+
+
+def test_truncated_mid_record(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(LogInvalid, match="truncated"):
+        verify_log(path, KEY.public_key())
+
+
+def test_truncated_at_a_record_boundary_loses_the_final_checkpoint(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    _rewrite(path, _lines(path)[:-2])
+    with pytest.raises(LogInvalid, match="after the last checkpoint"):
+        verify_log(path, KEY.public_key())
+    assert verify_log(path, KEY.public_key(), allow_tail=True).unsigned_tail == 1
+
+
+def test_truncated_after_a_checkpoint_needs_an_anchor(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    _rewrite(path, _lines(path)[:5])  # ends on the first checkpoint: looks complete alone
+    assert verify_log(path, KEY.public_key())
+    with pytest.raises(LogInvalid, match="ends before seq 12"):
+        verify_log(path, KEY.public_key(), expect_seq=12)
+
+
+def test_forged_checkpoint_signature(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    forger = Ed25519PrivateKey.generate()
+
+    def resign(record: dict[str, object]) -> None:
+        unsigned = {k: v for k, v in record.items() if k != "sig"}
+        record["sig"] = base64.b64encode(forger.sign(canonical_bytes(unsigned))).decode()
+
+    lines[4] = _edit(lines[4], resign)
+    _rewrite(path, lines)
+    with pytest.raises(LogInvalid, match="forged") as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.seq == 4
+
+
+def test_inserted_record_is_named(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    lines = _lines(path)
+    lines.insert(3, lines[2])
+    _rewrite(path, lines)
+    with pytest.raises(LogInvalid) as caught:
+        verify_log(path, KEY.public_key())
+    assert caught.value.line == 4
