@@ -16,6 +16,7 @@ from typing import Any
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
+from pdp.decisionlog import DecisionLog
 from pdp.engine import Decision, EngineError, PreparedPolicy, policy_data
 from pdp.errors import AbcError, ManifestExpired, ReasonCode
 from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
@@ -58,8 +59,10 @@ class DecisionService:
         trust: TrustStore,
         high_water: HighWater,
         metrics: PdpMetrics,
+        log: DecisionLog,
     ) -> None:
         self.bundle = bundle
+        self._log = log
         self._trust = trust
         self._high_water = high_water
         self._metrics = metrics
@@ -80,8 +83,27 @@ class DecisionService:
         except AbcError as exc:
             self._metrics.manifests_rejected.labels(exc.reason.value).inc()
             log.warning("manifest refused: %s: %s", exc.reason.value, exc)
+            self._log.append(
+                "registration",
+                {
+                    "result": {"accepted": False, "reason": exc.reason.value, "detail": str(exc)},
+                    "policy_digest": self.bundle.digest,
+                },
+            )
             raise
         run = self._runs.register(verified, self._prepare(verified))
+        self._log.append(
+            "registration",
+            {
+                "result": {"accepted": True},
+                "run_id": run.run_id,
+                "manifest_digest": verified.digest,
+                "policy_digest": self.bundle.digest,
+                "lineage": verified.manifest.metadata.lineage,
+                "version": verified.manifest.metadata.version,
+                "signer": verified.signer,
+            },
+        )
         self._metrics.manifests_registered.inc()
         log.info("manifest %s registered as %s", verified.digest, run.run_id)
         return run
@@ -106,25 +128,55 @@ class DecisionService:
         started = time.perf_counter()
         decision_id = "dec_" + uuid.uuid4().hex
         reservation_id = ""
+        run: Run | None = None
+        policy_input: dict[str, object] = {}
         try:
             run = self._runs.get(run_id)
             action: Action = build_action()
             if run.status(now) != "running":
                 raise ManifestExpired("the run's manifest is outside its validity window")
             seen_step = run.step
-            decision = self._evaluate(run, action)
+            policy_input = run.policy_input(action)
+            decision = self._evaluate(run, policy_input)
             if decision.allow and not action.probe:
                 decision, reservation_id = self._commit(run, action, decision, seen_step)
         except AbcError as exc:
             decision = Decision.deny(exc.reason, str(exc))
+        try:
+            # Durable before the answer leaves: an unlogged decision is never given.
+            self._log.append(
+                "decision",
+                {
+                    "decision_id": decision_id,
+                    "request_id": request_id,
+                    "run_id": run_id,
+                    "manifest_digest": run.verified.digest if run else "",
+                    "policy_digest": self.bundle.digest,
+                    "input": policy_input,
+                    "result": {
+                        "allow": decision.allow,
+                        "reasons": [
+                            {"code": r.code.value, "message": r.message} for r in decision.reasons
+                        ],
+                        "obligations": decision.obligations,
+                    },
+                    "reservation_id": reservation_id,
+                },
+            )
+        except (OSError, RuntimeError) as exc:
+            log.error("decision log unwritable, refusing: %s", exc)
+            decision, reservation_id = (
+                Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"),
+                "",
+            )
         outcome = DecisionOutcome(decision, decision_id, reservation_id)
         self._metrics.count_decision(decision.allow, outcome.reason)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _evaluate(self, run: Run, action: Action) -> Decision:
+    def _evaluate(self, run: Run, policy_input: dict[str, object]) -> Decision:
         try:
-            return run.policy.evaluate(run.policy_input(action))
+            return run.policy.evaluate(policy_input)
         except EngineError as exc:
             log.error("policy failed to decide for %s: %s", run.run_id, exc)
             return Decision.deny(ReasonCode.PDP_UNAVAILABLE, "the policy could not decide")
@@ -151,7 +203,19 @@ class DecisionService:
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
         if tokens < 0 or usd_micros < 0:
             return False
-        return self._runs.settle(reservation_id, tokens, usd_micros) is not None
+        run = self._runs.settle(reservation_id, tokens, usd_micros)
+        if run is None:
+            return False
+        self._log.append(
+            "settlement",
+            {
+                "run_id": run.run_id,
+                "reservation_id": reservation_id,
+                "tokens": tokens,
+                "usd_micros": usd_micros,
+            },
+        )
+        return True
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._runs.get(run_id)

@@ -23,6 +23,11 @@ class PdpConfig:
     workers: int
     grace_seconds: float
     log_level: str
+    decision_log: Path
+    log_key: Path | None
+    log_masks: tuple[str, ...]
+    checkpoint_every: int
+    checkpoint_seconds: float
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -35,6 +40,30 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),
     ("--grace", "ABC_PDP_GRACE", "5", "seconds to drain on SIGTERM"),
     ("--log-level", "ABC_PDP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    (
+        "--decision-log",
+        "ABC_PDP_DECISION_LOG",
+        None,
+        "decision log file (default STATE/decisions.log)",
+    ),
+    (
+        "--log-key",
+        "ABC_PDP_LOG_KEY",
+        None,
+        "Ed25519 key signing log checkpoints (default: made in STATE)",
+    ),
+    (
+        "--checkpoint-every",
+        "ABC_PDP_CHECKPOINT_EVERY",
+        "1000",
+        "records between signed checkpoints",
+    ),
+    (
+        "--checkpoint-seconds",
+        "ABC_PDP_CHECKPOINT_SECONDS",
+        "60",
+        "seconds between signed checkpoints",
+    ),
 )
 
 
@@ -50,14 +79,25 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     for flag, env, default, text in _OPTIONS:
         shown = f" (env {env}" + (f", default {default})" if default else ")")
         parser.add_argument(flag, default=environ.get(env, default), help=text + shown)
+    parser.add_argument(
+        "--log-mask",
+        action="append",
+        default=None,
+        help="input path masked in the decision log, e.g. action.args.password; repeatable"
+        " (env ABC_PDP_LOG_MASKS, comma-separated)",
+    )
     args = parser.parse_args(argv)
+    masks = args.log_mask or [m for m in environ.get("ABC_PDP_LOG_MASKS", "").split(",") if m]
     for flag in ("--trust", "--policies", "--state"):
         if not getattr(args, flag[2:]):
             raise ConfigError(f"{flag} is required (or its ABC_PDP_* variable)")
     try:
         workers, grace = int(args.workers), float(args.grace)
+        every, seconds = int(args.checkpoint_every), float(args.checkpoint_seconds)
     except ValueError as exc:
-        raise ConfigError(f"--workers and --grace must be numbers: {exc}") from exc
+        raise ConfigError(f"--workers, --grace and --checkpoint-* must be numbers: {exc}") from exc
+    if every < 1 or seconds <= 0:
+        raise ConfigError("--checkpoint-every must be >= 1 and --checkpoint-seconds > 0")
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     return PdpConfig(
@@ -69,4 +109,9 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         workers=workers,
         grace_seconds=grace,
         log_level=args.log_level.upper(),
+        decision_log=Path(args.decision_log or Path(args.state) / "decisions.log"),
+        log_key=Path(args.log_key) if args.log_key else None,
+        log_masks=tuple(masks),
+        checkpoint_every=every,
+        checkpoint_seconds=seconds,
     )

@@ -15,16 +15,19 @@ from concurrent import futures
 from types import FrameType
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from pdp.bundle import load_bundle
+from pdp.bundle import PolicyBundle, load_bundle
+from pdp.decisionlog import DecisionLog, MaskRule
 from pdp.engine import EngineError, PreparedPolicy
 from pdp.errors import ConfigError
 from pdp.manifest import SqliteHighWater, load_trust_store
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
+from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
 from pdp.server.config import PdpConfig, parse_config
 from pdp.server.servicer import DecisionServicer
@@ -37,25 +40,52 @@ SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 STATE_DB = "abc.db"
 
 
-def _check_bundle_compiles(service: DecisionService) -> None:
+def _check_bundle_compiles(bundle: PolicyBundle) -> None:
     """Compile the bundle once with an empty manifest so a broken policy stops start-up."""
     empty: dict[str, object] = {
         "abc": {"manifest": {}, "index": {"models": {}, "tools": {}, "http": {}, "steps": {}}}
     }
     try:
-        PreparedPolicy(service.bundle.rego_modules(), empty, service.bundle.digest, "startup")
+        PreparedPolicy(bundle.rego_modules(), empty, bundle.digest, "startup")
     except EngineError as exc:
-        raise ConfigError(f"policy bundle {service.bundle.digest}: {exc}") from exc
+        raise ConfigError(f"policy bundle {bundle.digest}: {exc}") from exc
+
+
+def _log_key(config: PdpConfig) -> Ed25519PrivateKey:
+    """The checkpoint signing key: ``--log-key``, else one made once in the state directory."""
+    if config.log_key is not None:
+        return load_private_key(config.log_key)
+    path = config.state / "pdp-log.key"
+    if not path.exists():
+        write_keypair(config.state, "pdp-log")
+        log.warning(
+            "no --log-key: made %s; verify the log with %s (use a key from a secret in production)",
+            path,
+            config.state / "pdp-log.pub",
+        )
+    return load_private_key(path)
 
 
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
     bundle = load_bundle(config.policies)
+    _check_bundle_compiles(bundle)
     trust = load_trust_store(config.trust)
     high_water = SqliteHighWater(config.state / STATE_DB)
     registry = CollectorRegistry()
     metrics = PdpMetrics(registry)
-    service = DecisionService(bundle, trust, high_water, metrics)
-    _check_bundle_compiles(service)
+    try:
+        decision_log = DecisionLog(
+            config.decision_log,
+            _log_key(config),
+            checkpoint_every=config.checkpoint_every,
+            checkpoint_seconds=config.checkpoint_seconds,
+            masks=[MaskRule.parse(mask) for mask in config.log_masks],
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot open decision log {config.decision_log}: {exc.strerror}"
+        ) from exc
+    service = DecisionService(bundle, trust, high_water, metrics, decision_log)
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp"),
@@ -96,6 +126,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     log.info("abc-pdp stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
     health_servicer.enter_graceful_shutdown()
     server.stop(config.grace_seconds).wait()
+    decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole
     if metrics_server is not None:
         metrics_server.shutdown()
     log.info("abc-pdp stopped")

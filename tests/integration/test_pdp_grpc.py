@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.harness import INTENT, PdpProcess, Signer, start_pdp
+from tests.harness import POLICIES as POLICIES_DIR
 
 
 def stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
@@ -366,3 +367,38 @@ def test_misconfiguration_stops_startup(signer: Signer, tmp_path: Path, problem:
     assert done.returncode == 1
     assert done.stderr.startswith("abc-pdp: error:")
     assert "Traceback" not in done.stderr
+
+
+def test_every_decision_is_logged_masked_and_the_log_verifies(
+    signer: Signer, demo_envelope: bytes, tmp_path: Path
+) -> None:
+    import subprocess
+
+    from tests.harness import BIN
+
+    state = tmp_path / "state"
+    pdp = start_pdp(signer, state, POLICIES_DIR, "--log-mask", "action.args.query")
+    run_id = register(pdp, demo_envelope)
+    answers = [
+        stub(pdp).Decide(
+            tool_call(run_id, "search", {"query": "secret question"}, f"l{i}"), timeout=5
+        )
+        for i in range(3)
+    ] + [stub(pdp).Decide(tool_call(run_id, "drop_tables", {}, "l-deny"), timeout=5)]
+    assert pdp.stop() == 0
+    log = state / "decisions.log"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    decisions = [r for r in records if r["kind"] == "decision"]
+    assert [d["decision_id"] for d in decisions] == [a.decision_id for a in answers]
+    assert decisions[-1]["result"]["reasons"][0]["code"] == "tool_not_allowed"
+    assert "secret question" not in log.read_text()
+    assert decisions[0]["masked"] == ["action.args.query"]
+    assert records[-1]["kind"] == "checkpoint"  # a clean stop signs the tail
+    verified = subprocess.run(
+        [str(BIN / "abcctl"), "audit", "verify", str(log), "--pub", str(state / "pdp-log.pub")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stderr
