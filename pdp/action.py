@@ -40,6 +40,7 @@ class Action:
     method: str = ""
     path: str = ""
     probe: bool = False
+    input_bytes: int = 0
 
     def policy_input(self) -> dict[str, Any]:
         action: dict[str, Any] = {"kind": self.kind, "target": self.target}
@@ -66,6 +67,7 @@ def validate_action(
     method: str = "",
     path: str = "",
     probe: bool = False,
+    input_bytes: int = 0,
 ) -> Action:
     """Build an ``Action`` or raise ``BadRequest``; ``args_json``, when set, wins over ``args``."""
     if probe:
@@ -78,8 +80,8 @@ def validate_action(
         raise BadRequest("action kind must be one of model, tool, http, step")
     if not _TARGETS[kind].match(target):
         raise BadRequest(f"malformed {kind} target")
-    if not 0 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest("max_tokens out of range")
+    if not 0 <= max_tokens <= MAX_TOKENS or not 0 <= input_bytes <= MAX_TOKENS:
+        raise BadRequest("max_tokens or input_bytes out of range")
     if args_json:
         if len(args_json) > MAX_ARGS_BYTES:
             raise BadRequest(f"arguments over {MAX_ARGS_BYTES} bytes")
@@ -98,4 +100,4 @@ def validate_action(
             raise BadRequest("HTTP path must start with / and hold printable ASCII only")
     elif method or path:
         raise BadRequest("only http actions carry a method and path")
-    return Action(kind, target, safe_args, max_tokens, method, path)
+    return Action(kind, target, safe_args, max_tokens, method, path, input_bytes=input_bytes)

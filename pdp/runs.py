@@ -100,6 +100,7 @@ class Run:
     ledger: Ledger
     not_before: datetime
     expires_at: datetime
+    superseded_by: int | None = None  # a later version of the lineage was registered
 
     def policy_input(self, action: Action) -> dict[str, object]:
         return {
@@ -108,13 +109,17 @@ class Run:
         }
 
     def status(self, now: datetime) -> str:
+        if self.superseded_by is not None:
+            return "superseded"
         return "running" if self.not_before <= now < self.expires_at else "expired"
 
 
 def cost_of(action: Action, decision: Decision) -> Usage:
     """The worst case an allowed action may spend, reserved before it is forwarded."""
     if action.kind == "model":
-        return Usage(tokens=int(decision.obligations.get("max_tokens", 0)), requests=1)
+        # The completion cap plus an upper bound on the prompt: settled with real usage.
+        completion = int(decision.obligations.get("max_tokens", 0))
+        return Usage(tokens=completion + action.input_bytes, requests=1)
     if action.kind == "tool":
         return Usage(tool_calls=1, requests=1)
     if action.kind == "http":
@@ -147,6 +152,14 @@ class RunRegistry:
                 not_before=manifest.not_before,
                 expires_at=manifest.expires_at,
             )
+            # Rollback protection covers runs too: a newer version retires the older ones.
+            for other in self._runs.values():
+                meta = other.verified.manifest.metadata
+                if (
+                    meta.lineage == manifest.metadata.lineage
+                    and meta.version < manifest.metadata.version
+                ):
+                    other.superseded_by = manifest.metadata.version
             self._runs[run_id] = run
             return run
 

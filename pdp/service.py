@@ -133,8 +133,9 @@ class DecisionService:
         try:
             run = self._runs.get(run_id)
             action: Action = build_action()
-            if run.status(now) != "running":
-                raise ManifestExpired("the run's manifest is outside its validity window")
+            status = run.status(now)
+            if status != "running":
+                raise ManifestExpired(f"the run is {status}: its manifest no longer holds")
             seen_step = run.step
             policy_input = run.policy_input(action)
             decision = self._evaluate(run, policy_input)

@@ -59,8 +59,39 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     """The whole body, or None if it is over ``limit`` (read no further than that)."""
     if request.content_length is not None and request.content_length > limit:
         return None
-    body = await request.content.read(limit + 1)
-    return None if len(body) > limit else body
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+# Headers that make some servers do another method or path than the one decided.
+OVERRIDES = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-method",
+    }
+)
+
+
+def _unsafe_request(request: web.Request, route: str) -> str | None:
+    """Why this request cannot be judged faithfully, or None."""
+    if OVERRIDES & {name.lower() for name in request.headers}:
+        return "method or URL override headers are refused"
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        return "compressed request bodies are refused"
+    if route in ("openai", "anthropic"):
+        if request.method != "POST":
+            return f"{request.method} on a model endpoint is not governed"
+        if "%" in request.rel_url.raw_path:
+            return "percent-encoded model endpoint paths are refused"
+    return None
 
 
 def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:
@@ -92,8 +123,9 @@ class Handler:
             verdict: Verdict, call: Call | None = None, status: int | None = None
         ) -> web.Response:
             sidecar.metrics.count(route, "deny", verdict.reason)
+            # Route and method only: paths and bodies may carry the agent's secrets.
             log.info(
-                "refused %s %s: %s (%s)", route, request.path, verdict.reason, verdict.decision_id
+                "refused %s %s: %s (%s)", route, request.method, verdict.reason, verdict.decision_id
             )
             return adapter.refusal(verdict, call, status or refusal_status(verdict.reason))
 
@@ -106,7 +138,16 @@ class Handler:
                 Verdict.refuse(ReasonCode.BAD_REQUEST, "no upstream is configured for this route"),
                 status=404,
             )
-        run_id = request.headers.get("x-abc-run") or sidecar.run_id
+        unsafe = _unsafe_request(request, route)
+        if unsafe is not None:
+            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, unsafe))
+        named = request.headers.get("x-abc-run")
+        if sidecar.run_id and named and named != sidecar.run_id:
+            # A bound sidecar decides under its own run only: a header cannot switch runs.
+            return refuse(
+                Verdict.refuse(ReasonCode.BAD_REQUEST, "this sidecar is bound to another run")
+            )
+        run_id = sidecar.run_id or named
         if not run_id:
             return refuse(
                 Verdict.refuse(ReasonCode.MANIFEST_UNKNOWN, "no run is bound (x-abc-run or --run)")
@@ -186,14 +227,17 @@ class Handler:
         finally:
             sidecar.metrics.upstream_seconds.labels(route).observe(time.perf_counter() - started)
             if verdict is not None and verdict.reservation_id:
-                _settle(sidecar, verdict, reader, status)
+                _settle(sidecar, verdict, call, reader, status)
 
 
-def _settle(sidecar: Sidecar, verdict: Verdict, reader: UsageReader | None, status: int) -> None:
+def _settle(
+    sidecar: Sidecar, verdict: Verdict, call: Call, reader: UsageReader | None, status: int
+) -> None:
     """Report real usage; unknown usage settles at the reserved worst case, a failed call at 0."""
     tokens = reader.tokens() if reader else None
     if tokens is None:
-        worst = int(verdict.obligations.get("max_tokens", 0))
+        input_bound = call.action.input_bytes if call.action is not None else 0
+        worst = int(verdict.obligations.get("max_tokens", 0)) + input_bound
         tokens = 0 if not 200 <= status < 300 else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 

@@ -19,6 +19,7 @@ __all__ = ["UsageReporter"]
 
 log = logging.getLogger("abc.pep")
 MAX_BATCH = 256
+RETRIES = 2
 
 
 class UsageReporter:
@@ -49,13 +50,16 @@ class UsageReporter:
             await self._send(batch)
 
     async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
-        try:
-            await self._stub.ReportUsageBatch(
-                pdp_pb2.ReportUsageBatchRequest(reports=batch), timeout=max(self._deadline, 1.0)
-            )
-        except grpc.aio.AioRpcError as exc:
-            # The PDP settles unreported reservations at their worst case.
-            log.warning("%d usage reports not delivered: %s", len(batch), exc.code().name)
+        request = pdp_pb2.ReportUsageBatchRequest(reports=batch)
+        for attempt in range(RETRIES + 1):
+            try:
+                await self._stub.ReportUsageBatch(request, timeout=max(self._deadline, 1.0))
+                return
+            except grpc.aio.AioRpcError as exc:
+                failure = exc.code().name
+            await asyncio.sleep(0.1 * (attempt + 1))
+        # Unsettled reservations stay held at their worst case: conservative, never an overspend.
+        log.warning("%d usage reports not delivered: %s", len(batch), failure)
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (on shutdown), bounded in time."""

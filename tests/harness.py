@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -96,6 +97,26 @@ class PdpProcess:
         return self.log.read_text(errors="replace")
 
 
+def _with_fresh_ports(start: Any) -> Any:
+    """A port found free can be taken before the process binds it: retry on new ports."""
+
+    def retrying(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(3):
+            try:
+                return start(*args, **kwargs)
+            except EarlyExit:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    return retrying
+
+
+class EarlyExit(RuntimeError):
+    """The process exited before it was ready (e.g. its port was taken meanwhile)."""
+
+
+@_with_fresh_ports
 def start_pdp(signer: Signer, state: Path, policies: Path = POLICIES, *extra: str) -> PdpProcess:
     address = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
@@ -131,7 +152,7 @@ def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if pdp.process.poll() is not None:
-                raise RuntimeError(f"abc-pdp exited early:\n{pdp.output()}")
+                raise EarlyExit(f"abc-pdp exited early:\n{pdp.output()}")
             try:
                 status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
                 if status == health_pb2.HealthCheckResponse.SERVING:
@@ -165,6 +186,7 @@ class PepProcess:
             return str(response.read().decode())
 
 
+@_with_fresh_ports
 def start_pep(
     pdp_address: str, upstreams: dict[str, str], log_dir: Path, *extra: str
 ) -> PepProcess:
@@ -191,7 +213,7 @@ def start_pep(
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"abc-pep exited early:\n{pep.output()}")
+            raise EarlyExit(f"abc-pep exited early:\n{pep.output()}")
         try:
             pep.metrics()
             with socket.create_connection(("127.0.0.1", port), timeout=1):

@@ -37,6 +37,30 @@ class MappingError(ValueError):
     """The request cannot be mapped to an action: refuse it as ``bad_request``."""
 
 
+# Tools the agent runs itself (their calls come back to it, and through the sidecar);
+# anything else runs at the provider (web search, remote MCP servers, code) unjudged.
+_CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
+
+
+def _client_tools_only(body: dict[str, Any], *, untyped_is_client: bool) -> None:
+    """Refuse provider-side tools. OpenAI tools always name a type; an Anthropic client
+    tool may leave it out (its server tools always name one)."""
+    tools = body.get("tools", [])
+    if not isinstance(tools, list):
+        raise MappingError("tools must be a list")
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise MappingError("each tool must be an object")
+        kind = tool.get("type")
+        if kind is None and untyped_is_client:
+            continue
+        if kind not in _CLIENT_TOOL_TYPES:
+            raise MappingError(f"provider-side tool {kind!r} is not governed")
+    for field in ("web_search_options", "mcp_servers"):
+        if body.get(field):
+            raise MappingError(f"{field} runs tools at the provider, which are not governed")
+
+
 def _model_name(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -69,6 +93,11 @@ def openai_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:
     """``path`` is what follows ``/v1/`` (e.g. ``chat/completions``)."""
     if path not in MODEL_PATHS:
         raise MappingError(f"OpenAI endpoint /v1/{path} is not governed")
+    _client_tools_only(body, untyped_is_client=False)
+    for field in ("n", "best_of"):
+        # The cap is per completion: n completions would spend n times what was reserved.
+        if body.get(field, 1) != 1:
+            raise MappingError(f"{field} other than 1 is not governed")
     return pdp_pb2.Action(
         kind="model",
         target=f"model:openai/{_model_name(body)}",
@@ -79,6 +108,7 @@ def openai_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:
 def anthropic_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:
     if path != "messages":
         raise MappingError(f"Anthropic endpoint /v1/{path} is not governed")
+    _client_tools_only(body, untyped_is_client=True)
     return pdp_pb2.Action(
         kind="model",
         target=f"model:anthropic/{_model_name(body)}",
@@ -95,11 +125,13 @@ def mcp_tool_action(server: str, params: Any) -> pdp_pb2.Action:
         arguments = {}
     if not isinstance(arguments, dict):
         raise MappingError("tools/call arguments must be an object")
-    return pdp_pb2.Action(
-        kind="tool",
-        target=f"tool:{server}/{params['name']}",
+    try:
         # JSON bytes, not a Struct: integers stay integers.
-        args_json=json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode("utf-8"),
+        args_json = json.dumps(arguments, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError as exc:
+        raise MappingError("tools/call arguments hold a number JSON cannot carry") from exc
+    return pdp_pb2.Action(
+        kind="tool", target=f"tool:{server}/{params['name']}", args_json=args_json
     )
 
 

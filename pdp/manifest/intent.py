@@ -114,6 +114,9 @@ def parse_intent(text: str, source: str = "<intent>") -> Intent:
         # JSON mode: strict types, with YAML sequences accepted where tuples are declared.
         intent = Intent.model_validate_json(json.dumps(document.data))
         check_assembly(intent.steps, intent.capabilities)
+        if not intent.lineage_name.startswith(f"{intent.tenant}/"):
+            where = document.where(("lineage",))
+            raise IntentError(f"{where}: lineage: must start with the tenant, {intent.tenant}/")
         return intent
     except PlanError as exc:
         loc = ("steps", *exc.loc)

@@ -247,6 +247,13 @@ class ManifestMetadata(_Strict):
     expires_at: Timestamp
 
     @model_validator(mode="after")
+    def _lineage_of_tenant(self) -> ManifestMetadata:
+        # Lineages are the tenant's: another tenant's key cannot raise acme's mark.
+        if not self.lineage.startswith(f"{self.tenant}/"):
+            raise ValueError(f"lineage must start with the tenant, {self.tenant}/")
+        return self
+
+    @model_validator(mode="after")
     def _window(self) -> ManifestMetadata:
         if parse_timestamp(self.expires_at) <= parse_timestamp(self.not_before):
             raise ValueError("expires_at must be after not_before")

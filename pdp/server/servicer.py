@@ -45,6 +45,7 @@ def action_from_proto(message: pdp_pb2.Action) -> Action:
         method=message.method,
         path=message.path,
         probe=message.probe,
+        input_bytes=message.input_bytes,
     )
 
 

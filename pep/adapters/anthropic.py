@@ -20,6 +20,7 @@ class AnthropicAdapter:
     def call(self, request: web.Request, body: bytes) -> Call:
         document = parse_json_object(body)
         action = anthropic_action(request.match_info["tail"], document)
+        action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
         return Call(
             action=action,
             body=body,

@@ -56,10 +56,11 @@ class _ListFilter:
         """The message with its tool list filtered; raises ``MappingError`` if malformed."""
         if not isinstance(message, dict):
             raise MappingError("a JSON-RPC message must be an object")
-        if message.get("id") != self.request_id or "result" not in message:
+        result = message.get("result")
+        if not isinstance(result, dict) or "tools" not in result:
             return message  # notifications, errors, other answers: nothing listed
-        result = message["result"]
-        tools = result.get("tools") if isinstance(result, dict) else None
+        # Any answer that lists tools is filtered, whatever id it carries.
+        tools = result.get("tools")
         if not isinstance(tools, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
         ):
@@ -140,18 +141,41 @@ class _Unavailable(Exception):
         self.verdict = verdict
 
 
+def _plain_id(value: Any) -> bool:
+    """Ids that survive every JSON parser unchanged, so an answer cannot dodge the filter."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53
+
+
 class McpAdapter:
     route = "mcp"
     reads_body = True
 
     def call(self, request: web.Request, body: bytes) -> Call:
+        if request.method in ("GET", "DELETE"):
+            # The server's event stream, and ending a session: no message, nothing to decide.
+            if body:
+                raise MappingError(f"an MCP {request.method} carries no body")
+            return Call(action=None, body=body)
         if request.method != "POST":
-            return Call(action=None, body=body)  # GET (server stream), DELETE (end session)
+            raise MappingError(f"MCP over HTTP has no {request.method}")
         message = parse_json_object(body)  # a batch (JSON array) is refused here
         method, request_id = message.get("method"), message.get("id")
         server = request.match_info["server"]
-        if method is None or (isinstance(method, str) and method.startswith("notifications/")):
+        if "method" not in message:
+            # Only the client's answer to a server request passes without a method.
+            if "id" not in message or ("result" in message) == ("error" in message):
+                raise _Refused(request_id, "a message without a method must be a response")
             return Call(action=None, body=body, jsonrpc_id=request_id)
+        if not isinstance(method, str):
+            raise _Refused(request_id, "method must be a string")
+        if method.startswith("notifications/"):
+            if "id" in message:
+                raise _Refused(request_id, "a notification carries no id")
+            return Call(action=None, body=body)
+        if not _plain_id(request_id):
+            raise _Refused(None, "a request id must be a string or an integer below 2^53")
         if method in PASS_THROUGH:
             return Call(action=None, body=body, jsonrpc_id=request_id)
         if method == "tools/call":
@@ -160,7 +184,7 @@ class McpAdapter:
             except MappingError as exc:
                 raise _Refused(request_id, str(exc)) from exc
             return Call(action=action, body=body, jsonrpc_id=request_id)
-        if method == "tools/list" and request_id is not None:
+        if method == "tools/list":
             return Call(
                 action=None,
                 body=body,

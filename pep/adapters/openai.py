@@ -21,6 +21,7 @@ class OpenAIAdapter:
         endpoint = request.match_info["tail"]
         document = parse_json_object(body)
         action = openai_action(endpoint, document)
+        action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
         return Call(
             action=action,
             body=body,

@@ -184,11 +184,12 @@ type_ok("null", value) if is_null(value)
 path_segments := split(action.path, "/")
 
 # Refused in paths: dot segments (also "..;x", which some servers read as ".."), and any
-# escape an upstream might decode into one: encoded dots, slashes, backslashes, percents.
+# escape an upstream might decode into one: encoded dots, slashes, backslashes, percents,
+# and overlong UTF-8 lead bytes (%c0%ae is "." to a lenient decoder).
 clean_path if {
 	startswith(action.path, "/")
 	not dot_segment
-	not regex.match(`%(2e|2f|5c|25)`, lower(action.path))
+	not regex.match(`%(2e|2f|5c|25|c0|c1)`, lower(action.path))
 	not contains(action.path, "\\")
 }
 

@@ -147,6 +147,7 @@ test_http_path_escapes_refused if {
 	not decide(invoice("GET", "/v1/invoices/%252e%252e/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/..;/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/x%5cadmin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/%c0%ae%c0%ae/admin"), research).allow
 	decide(invoice("GET", "/v1/invoices/a..b/c.d"), research).allow
 }
 

@@ -402,3 +402,36 @@ def test_every_decision_is_logged_masked_and_the_log_verifies(
         check=False,
     )
     assert verified.returncode == 0, verified.stderr
+
+
+def test_a_newer_version_retires_the_older_run(pdp: PdpProcess, signer: Signer) -> None:
+    base = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/versions")
+    v1 = register(pdp, signer.freeze(base, "v1"))
+    assert stub(pdp).Decide(tool_call(v1, "search", {"query": "q"}, "v1-a"), timeout=5).allow
+    v2 = register(pdp, signer.freeze(base.replace("version: 1", "version: 2"), "v2"))
+    old = stub(pdp).Decide(tool_call(v1, "search", {"query": "q"}, "v1-b"), timeout=5)
+    assert codes(old) == ["manifest_expired"] and "superseded" in old.reasons[0].message
+    assert stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=v1), timeout=5).status == "superseded"
+    assert stub(pdp).Decide(tool_call(v2, "search", {"query": "q"}, "v2-a"), timeout=5).allow
+
+
+def test_model_reservation_covers_the_prompt_bound(pdp: PdpProcess, signer: Signer) -> None:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/prompt")
+    run_id = register(pdp, signer.freeze(text, "prompt"))
+    action = pdp_pb2.Action(
+        kind="model", target="model:openai/gpt-4o-mini", max_tokens=100, input_bytes=5000
+    )
+    assert (
+        stub(pdp)
+        .Decide(pdp_pb2.DecideRequest(run_id=run_id, request_id="p1", action=action), timeout=5)
+        .allow
+    )
+    run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
+    assert run.remaining.tokens == 200000 - 100 - 5000
+    too_big = pdp_pb2.Action(
+        kind="model", target="model:openai/gpt-4o-mini", max_tokens=100, input_bytes=500000
+    )
+    refused = stub(pdp).Decide(
+        pdp_pb2.DecideRequest(run_id=run_id, request_id="p2", action=too_big), timeout=5
+    )
+    assert codes(refused) == ["budget_exhausted"]

@@ -216,6 +216,11 @@ def test_mcp_unparseable_list_is_refused_not_passed(
             {"name": n, "inputSchema": {"type": "object"}} for n in ("search", "delete_everything")
         ]
         good = {"jsonrpc": "2.0", "id": body["id"], "result": {"tools": tools}}
+        if body["id"] == 8:  # an answer under another id must be filtered all the same
+            other = {"jsonrpc": "2.0", "id": 999, "result": {"tools": tools}}
+            await response.write(f"event: message\ndata: {json.dumps(other)}\n\n".encode())
+            await response.write_eof()
+            return response
         await response.write(b"event: message\ndata: {not json\n\n")
         await response.write(f"event: message\ndata: {json.dumps(good)}\n\n".encode())
         await response.write_eof()
@@ -244,6 +249,12 @@ def test_mcp_unparseable_list_is_refused_not_passed(
                     json={"jsonrpc": "2.0", "id": 7, "method": "tools/list"},
                     headers={"Accept": "application/json, text/event-stream"},
                 )
+                other = await client.post(
+                    f"{pep.url}/mcp/kb",
+                    json={"jsonrpc": "2.0", "id": 8, "method": "tools/list"},
+                    headers={"Accept": "application/json, text/event-stream"},
+                )
+            assert "delete_everything" not in other.text and '"search"' in other.text
             return reply.status_code, reply.text
         finally:
             pep.stop()
@@ -362,3 +373,242 @@ def test_usage_is_settled_with_the_pdp(
     assert run.spent.tokens == before + reply.usage.total_tokens
     # Nothing is left reserved: every forwarded call has been settled.
     assert run.spent.tokens + run.remaining.tokens == 200000
+
+
+# ---- attacks found in review: each must be refused, and nothing forwarded ----------------
+
+
+def test_a_bound_sidecar_ignores_no_run_header_but_refuses_another_run(
+    pep: PepProcess, fakes: FakeUpstreams
+) -> None:
+    before = len(fakes.recorder.find("openai"))
+    reply = httpx.post(
+        f"{pep.url}/openai/v1/chat/completions",
+        json={"model": MODEL, "messages": []},
+        headers={"x-abc-run": "run_someone_elses"},
+    )
+    assert reply.status_code == 400 and reply.json()["error"]["code"] == "bad_request"
+    assert len(fakes.recorder.find("openai")) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "headers"),
+    [
+        (
+            "/openai/v1/responses",
+            {"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]},
+            {},
+        ),
+        (
+            "/openai/v1/responses",
+            {
+                "model": MODEL,
+                "input": "x",
+                "tools": [{"type": "mcp", "server_url": "https://attacker.example/mcp"}],
+            },
+            {},
+        ),
+        (
+            "/openai/v1/chat/completions",
+            {"model": MODEL, "messages": [], "web_search_options": {"x": 1}},
+            {},
+        ),
+        ("/openai/v1/chat/completions", {"model": MODEL, "messages": [], "n": 8}, {}),
+        (
+            "/anthropic/v1/messages",
+            {
+                "model": CLAUDE,
+                "max_tokens": 5,
+                "messages": [],
+                "mcp_servers": [{"type": "url", "url": "https://attacker.example"}],
+            },
+            {},
+        ),
+        (
+            "/anthropic/v1/messages",
+            {
+                "model": CLAUDE,
+                "max_tokens": 5,
+                "messages": [],
+                "tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}],
+            },
+            {},
+        ),
+        ("/openai/v1/chat%2Fcompletions", {"model": MODEL, "messages": []}, {}),
+        (
+            "/openai/v1/chat/completions",
+            {"model": MODEL, "messages": []},
+            {"X-HTTP-Method-Override": "DELETE"},
+        ),
+        (
+            "/openai/v1/chat/completions",
+            {"model": MODEL, "messages": []},
+            {"Content-Encoding": "gzip"},
+        ),
+    ],
+    ids=[
+        "web-search-tool",
+        "remote-mcp-tool",
+        "web-search-options",
+        "n-completions",
+        "anthropic-mcp-servers",
+        "anthropic-server-tool",
+        "encoded-path",
+        "method-override",
+        "compressed-body",
+    ],
+)
+def test_requests_that_cannot_be_judged_faithfully_are_refused(
+    pep: PepProcess, fakes: FakeUpstreams, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> None:
+    before = len(fakes.recorder.requests)
+    reply = httpx.post(
+        f"{pep.url}{path}",
+        content=json.dumps(body),
+        headers={"Content-Type": "application/json", "anthropic-version": "2023-06-01", **headers},
+    )
+    assert reply.status_code == 400, reply.text
+    assert "bad_request" in reply.text
+    assert len(fakes.recorder.requests) == before
+
+
+def test_client_side_tools_are_allowed(pep: PepProcess) -> None:
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    assert oai(pep).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[tool],  # type: ignore[list-item]
+    )
+    assert claude(pep).messages.create(
+        model=CLAUDE,
+        max_tokens=16,
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[{"name": "lookup", "input_schema": {"type": "object"}}],
+    )
+
+
+def test_model_routes_take_post_only(pep: PepProcess, fakes: FakeUpstreams) -> None:
+    before = len(fakes.recorder.find("openai"))
+    for method in ("GET", "DELETE", "PUT"):
+        reply = httpx.request(method, f"{pep.url}/openai/v1/chat/completions?limit=100")
+        assert reply.status_code == 400, method
+    assert len(fakes.recorder.find("openai")) == before
+
+
+def _mcp_post(pep: PepProcess, message: Any, method: str = "POST") -> httpx.Response:
+    return httpx.request(
+        method,
+        f"{pep.url}/mcp/kbjson",
+        content=json.dumps(message),
+        headers={
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "method"),
+    [
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "delete_everything"},
+            },
+            "PUT",
+        ),
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "delete_everything"},
+            },
+            "GET",
+        ),
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "Method": "tools/call",
+                "params": {"name": "delete_everything"},
+            },
+            "POST",
+        ),
+        (
+            {"jsonrpc": "2.0", "id": 1, "method": None, "params": {"name": "delete_everything"}},
+            "POST",
+        ),
+        ({"jsonrpc": "2.0", "id": 1, "method": ["tools/call"]}, "POST"),
+        ({"jsonrpc": "2.0", "id": 1, "method": "notifications/x", "params": {"name": "d"}}, "POST"),
+        ({"jsonrpc": "2.0", "id": 9007199254740993, "method": "tools/list"}, "POST"),
+        (
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "resources/read",
+                "params": {"uri": "file:///etc"},
+            },
+            "POST",
+        ),
+        ([{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}], "POST"),
+    ],
+    ids=[
+        "put",
+        "get-with-body",
+        "method-casing",
+        "method-null",
+        "method-not-string",
+        "notification-with-id",
+        "id-beyond-2^53",
+        "ungoverned-method",
+        "batch",
+    ],
+)
+def test_mcp_messages_outside_the_protocol_are_refused(
+    pep: PepProcess, fakes: FakeUpstreams, message: Any, method: str
+) -> None:
+    before = len(fakes.recorder.find("mcp-json"))
+    reply = _mcp_post(pep, message, method)
+    assert reply.status_code in (200, 400), reply.text
+    assert "bad_request" in reply.text
+    assert len(fakes.recorder.find("mcp-json")) == before
+
+
+def test_mcp_arguments_json_cannot_carry_are_refused_not_crashed(pep: PepProcess) -> None:
+    raw = (
+        b'{"jsonrpc":"2.0","id":3,"method":"tools/call",'
+        b'"params":{"name":"search","arguments":{"query":1e999}}}'
+    )
+    reply = httpx.post(
+        f"{pep.url}/mcp/kbjson", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert reply.status_code == 200 and reply.json()["error"]["data"]["reason"] == "bad_request"
+
+
+def test_a_body_arriving_in_pieces_is_read_whole(pep: PepProcess) -> None:
+    body = json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "x" * 100_000}]}
+    ).encode()
+
+    def pieces() -> Any:
+        yield body[:1000]
+        import time
+
+        time.sleep(0.05)
+        yield body[1000:]
+
+    reply = httpx.post(
+        f"{pep.url}/openai/v1/chat/completions",
+        content=pieces(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def test_paths_are_not_logged(pep: PepProcess) -> None:
+    reply = httpx.get(f"{pep.url}/http/billing.internal/v1/token/sk-live-SECRET123")
+    assert reply.status_code == 403
+    assert "sk-live-SECRET123" not in pep.output()

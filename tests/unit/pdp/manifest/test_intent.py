@@ -45,6 +45,7 @@ def _line_of(text: str, needle: str) -> int:
         ("version: 1", "version: [1", "goal:", "flow sequence at line 8"),
         ("tokens: 200000", "tokens: 200000\n  tokens: 1", "tokens: 1", "duplicate key"),
         ("agent: support-bot", "agent: support-bot\nsurprise: 1", "surprise: 1", "surprise"),
+        ("lineage: acme/support-bot", "lineage: globex/support-bot", "lineage: globex", "tenant"),
     ],
     ids=[
         "float-constraint",
@@ -61,6 +62,7 @@ def _line_of(text: str, needle: str) -> int:
         "broken-yaml",
         "duplicate-key",
         "unknown-field",
+        "lineage-of-another-tenant",
     ],
 )
 def test_errors_point_at_the_line(old: str, new: str, needle: str, message: str) -> None:

@@ -241,6 +241,15 @@ def test_signed_canonical_but_invalid_manifest_is_bad_request(key: Ed25519Privat
 # (6) key scope: tenant and mode ------------------------------------------------------------
 
 
+def test_a_lineage_belongs_to_its_tenant(key: Ed25519PrivateKey) -> None:
+    # Else a key trusted for another tenant could raise acme's rollback mark and lock it out.
+    document = manifest_document(lineage="acme/support-bot", tenant="evil")
+    with pytest.raises(BadRequest):
+        verify_envelope(
+            signed_envelope(key, document), trust_store(trust_entry(key, ("evil",))), NOW
+        )
+
+
 def test_key_not_scoped_to_the_tenant_refused(key: Ed25519PrivateKey) -> None:
     with pytest.raises(SignatureInvalid):
         verify_envelope(signed_envelope(key), trust_store(trust_entry(key, ("globex",))), NOW)

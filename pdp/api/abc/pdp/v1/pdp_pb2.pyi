@@ -22,7 +22,7 @@ class RegisterManifestResponse(_message.Message):
     def __init__(self, manifest_digest: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class Action(_message.Message):
-    __slots__ = ("kind", "target", "args", "max_tokens", "method", "path", "args_json", "probe")
+    __slots__ = ("kind", "target", "args", "max_tokens", "method", "path", "args_json", "probe", "input_bytes")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class Action(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     kind: str
     target: str
     args: _struct_pb2.Struct
@@ -39,7 +40,8 @@ class Action(_message.Message):
     path: str
     args_json: bytes
     probe: bool
-    def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ..., probe: _Optional[bool] = ...) -> None: ...
+    input_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ..., probe: _Optional[bool] = ..., input_bytes: _Optional[int] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
     __slots__ = ("run_id", "request_id", "action")
