@@ -7,21 +7,22 @@ logged as errors, and they deny too (fail closed).
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
 from pdp.decisionlog import DecisionLog
-from pdp.engine import Decision, EngineError, PreparedPolicy, policy_data
-from pdp.errors import AbcError, ManifestExpired, ReasonCode
+from pdp.engine import Decision, EngineError, PreparedPolicy, Reason, policy_data
+from pdp.errors import AbcError, BadRequest, ManifestExpired, ReasonCode
 from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
 from pdp.metrics import PdpMetrics
-from pdp.runs import Run, RunRegistry, cost_of
+from pdp.runs import Run, RunRegistry, Usage, cost_of
 
 __all__ = ["DecisionOutcome", "DecisionService", "RunView"]
 
@@ -37,6 +38,43 @@ class DecisionOutcome:
     @property
     def reason(self) -> ReasonCode | None:
         return self.decision.reasons[0].code if self.decision.reasons else None
+
+
+@dataclass
+class _Commit:
+    """What deciding changed: the decision, and the reservation or step change it made."""
+
+    decision: Decision = field(
+        default_factory=lambda: Decision.deny(ReasonCode.BAD_REQUEST, "not decided")
+    )
+    reservation_id: str = ""
+    cost: Usage | None = None
+    step: tuple[str, str] | None = None
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _stored(outcome: DecisionOutcome, action: dict[str, Any]) -> dict[str, Any]:
+    decision = outcome.decision
+    return {
+        "action": action,
+        "decision_id": outcome.decision_id,
+        "reservation_id": outcome.reservation_id,
+        "allow": decision.allow,
+        "reasons": [{"code": r.code.value, "message": r.message} for r in decision.reasons],
+        "obligations": decision.obligations,
+    }
+
+
+def _outcome(stored: dict[str, Any]) -> DecisionOutcome:
+    decision = Decision(
+        bool(stored["allow"]),
+        tuple(Reason(ReasonCode(r["code"]), r["message"]) for r in stored["reasons"]),
+        dict(stored["obligations"]),
+    )
+    return DecisionOutcome(decision, stored["decision_id"], stored["reservation_id"])
 
 
 @dataclass(frozen=True)
@@ -60,9 +98,11 @@ class DecisionService:
         high_water: HighWater,
         metrics: PdpMetrics,
         log: DecisionLog,
+        reservation_ttl: timedelta = timedelta(minutes=10),
     ) -> None:
         self.bundle = bundle
         self._log = log
+        self._reservation_ttl = reservation_ttl
         self._trust = trust
         self._high_water = high_water
         self._metrics = metrics
@@ -102,6 +142,8 @@ class DecisionService:
                 "lineage": verified.manifest.metadata.lineage,
                 "version": verified.manifest.metadata.version,
                 "signer": verified.signer,
+                # The envelope itself, so a restarted PDP can verify and rebuild the run.
+                "envelope": base64.b64encode(raw_envelope).decode("ascii"),
             },
         )
         self._metrics.manifests_registered.inc()
@@ -124,56 +166,89 @@ class DecisionService:
     def decide(
         self, run_id: str, request_id: str, build_action: Any, now: datetime
     ) -> DecisionOutcome:
-        """Decide one action. ``build_action`` returns the validated ``Action`` or raises."""
+        """Decide one action. ``build_action`` returns the validated ``Action`` or raises.
+
+        A request id seen before for this run gets the answer it got then: the same
+        decision id and reservation, never a second charge.
+        """
         started = time.perf_counter()
         decision_id = "dec_" + uuid.uuid4().hex
-        reservation_id = ""
+        commit = _Commit()
         run: Run | None = None
+        action: Action | None = None
+        claimed = False
         policy_input: dict[str, object] = {}
         try:
             run = self._runs.get(run_id)
-            action: Action = build_action()
+            action = build_action()
+            policy_input = {"action": action.policy_input()}  # logged even if refused early
+            if not action.probe:
+                prior = self._runs.claim(run, request_id)
+                if prior is not None:
+                    if prior.get("action") != action.policy_input():
+                        raise BadRequest("request id already used for another action")
+                    return _outcome(prior)
+                claimed = True
             status = run.status(now)
             if status != "running":
                 raise ManifestExpired(f"the run is {status}: its manifest no longer holds")
+            self._expire(run, now)
             seen_step = run.step
             policy_input = run.policy_input(action)
-            decision = self._evaluate(run, policy_input)
-            if decision.allow and not action.probe:
-                decision, reservation_id = self._commit(run, action, decision, seen_step)
+            commit.decision = self._evaluate(run, policy_input)
+            if commit.decision.allow and not action.probe:
+                commit = self._commit(run, action, commit.decision, seen_step, now)
         except AbcError as exc:
-            decision = Decision.deny(exc.reason, str(exc))
+            commit = _Commit(Decision.deny(exc.reason, str(exc)))
+        decision = commit.decision
+        record: dict[str, Any] = {
+            "decision_id": decision_id,
+            "request_id": request_id,
+            "run_id": run_id,
+            "manifest_digest": run.verified.digest if run else "",
+            "policy_digest": self.bundle.digest,
+            "input": policy_input,
+            "result": {
+                "allow": decision.allow,
+                "reasons": [{"code": r.code.value, "message": r.message} for r in decision.reasons],
+                "obligations": decision.obligations,
+            },
+            "reservation_id": commit.reservation_id,
+        }
+        if commit.cost is not None:
+            record["cost"] = commit.cost.as_dict()
+            record["expires"] = _timestamp(now + self._reservation_ttl)
+        if commit.step is not None:
+            record["step"] = {"from": commit.step[0], "to": commit.step[1]}
         try:
             # Durable before the answer leaves: an unlogged decision is never given.
-            self._log.append(
-                "decision",
-                {
-                    "decision_id": decision_id,
-                    "request_id": request_id,
-                    "run_id": run_id,
-                    "manifest_digest": run.verified.digest if run else "",
-                    "policy_digest": self.bundle.digest,
-                    "input": policy_input,
-                    "result": {
-                        "allow": decision.allow,
-                        "reasons": [
-                            {"code": r.code.value, "message": r.message} for r in decision.reasons
-                        ],
-                        "obligations": decision.obligations,
-                    },
-                    "reservation_id": reservation_id,
-                },
-            )
+            self._log.append("decision", record)
         except (OSError, RuntimeError) as exc:
             log.error("decision log unwritable, refusing: %s", exc)
-            decision, reservation_id = (
-                Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"),
-                "",
-            )
-        outcome = DecisionOutcome(decision, decision_id, reservation_id)
+            if run is not None and commit.reservation_id:
+                self._runs.release(run, commit.reservation_id)
+            commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
+            decision = commit.decision
+        outcome = DecisionOutcome(decision, decision_id, commit.reservation_id)
+        if claimed and run is not None and action is not None:
+            self._runs.answer(run, request_id, _stored(outcome, action.policy_input()))
         self._metrics.count_decision(decision.allow, outcome.reason)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
+
+    def _expire(self, run: Run, now: datetime) -> None:
+        """Settle the run's reservations that were never reported, at their worst case."""
+        for reservation_id, cost in self._runs.expire(run, now):
+            self._log.append(
+                "settlement",
+                {
+                    "run_id": run.run_id,
+                    "reservation_id": reservation_id,
+                    "tokens": cost.tokens,
+                    "usd_micros": cost.usd_micros,
+                    "expired": True,
+                },
+            )
 
     def _evaluate(self, run: Run, policy_input: dict[str, object]) -> Decision:
         try:
@@ -183,23 +258,28 @@ class DecisionService:
             return Decision.deny(ReasonCode.PDP_UNAVAILABLE, "the policy could not decide")
 
     def _commit(
-        self, run: Run, action: Action, decision: Decision, seen_step: str
-    ) -> tuple[Decision, str]:
+        self, run: Run, action: Action, decision: Decision, seen_step: str, now: datetime
+    ) -> _Commit:
         """Apply an allow: reserve its worst-case cost, or move the run to the next step."""
         if action.kind == "step":
             target = action.target.removeprefix("step:")
             if not self._runs.enter_step(run, target, seen_step):
-                return Decision.deny(
-                    ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"
-                ), ""
-            return decision, ""
+                return _Commit(
+                    Decision.deny(
+                        ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"
+                    )
+                )
+            return _Commit(decision, step=(seen_step, target))
         cost = cost_of(action, decision)
-        reservation_id = self._runs.reserve(run, cost)
+        reservation_id = self._runs.reserve(run, cost, now + self._reservation_ttl)
         if reservation_id is None:
-            return Decision.deny(
-                ReasonCode.BUDGET_EXHAUSTED, "the run's remaining budget cannot hold this action"
-            ), ""
-        return decision, reservation_id
+            return _Commit(
+                Decision.deny(
+                    ReasonCode.BUDGET_EXHAUSTED,
+                    "the run's remaining budget cannot hold this action",
+                )
+            )
+        return _Commit(decision, reservation_id, cost)
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
         if tokens < 0 or usd_micros < 0:
@@ -217,6 +297,53 @@ class DecisionService:
             },
         )
         return True
+
+    def restore(self, record: dict[str, Any], trust_now: datetime) -> None:
+        """Apply one decision-log record to the in-memory state (start-up recovery).
+
+        A registration is verified again, from the envelope it carries, as of ``trust_now``
+        (when it was accepted); runs pinned to another policy bundle are left out.
+        """
+        kind = record["kind"]
+        if kind == "registration" and record["result"].get("accepted"):
+            raw = base64.b64decode(record["envelope"])
+            try:
+                verified = verify_envelope(
+                    raw, self._trust, trust_now, expected_policy=self.bundle.digest
+                )
+            except AbcError as exc:
+                log.warning("run %s not restored: %s", record.get("run_id"), exc.reason.value)
+                return
+            self._runs.register(verified, self._prepare(verified))
+            return
+        run = self._runs.find(str(record.get("run_id", "")))
+        if run is None:
+            return
+        if kind == "settlement":
+            self._runs.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
+        elif kind == "decision":
+            if record.get("cost"):
+                expires = datetime.strptime(record["expires"], "%Y-%m-%dT%H:%M:%S.%fZ")
+                self._runs.hold(
+                    run,
+                    record["reservation_id"],
+                    Usage(**record["cost"]),
+                    expires.replace(tzinfo=UTC),
+                )
+            if record.get("step"):
+                self._runs.enter_step(run, record["step"]["to"], record["step"]["from"])
+            acted = record["input"].get("action") if record["input"] else None
+            if acted is not None and not acted.get("probe") and record.get("request_id"):
+                self._runs.answer(
+                    run,
+                    record["request_id"],
+                    {
+                        "action": acted,
+                        "decision_id": record["decision_id"],
+                        "reservation_id": record["reservation_id"],
+                        **record["result"],
+                    },
+                )
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._runs.get(run_id)

@@ -28,6 +28,7 @@ class PdpConfig:
     log_masks: tuple[str, ...]
     checkpoint_every: int
     checkpoint_seconds: float
+    reservation_ttl_seconds: float
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -64,6 +65,12 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "60",
         "seconds between signed checkpoints",
     ),
+    (
+        "--reservation-ttl",
+        "ABC_PDP_RESERVATION_TTL",
+        "600",
+        "seconds before an unreported reservation settles at its worst case",
+    ),
 )
 
 
@@ -94,10 +101,15 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     try:
         workers, grace = int(args.workers), float(args.grace)
         every, seconds = int(args.checkpoint_every), float(args.checkpoint_seconds)
+        ttl = float(args.reservation_ttl)
     except ValueError as exc:
-        raise ConfigError(f"--workers, --grace and --checkpoint-* must be numbers: {exc}") from exc
-    if every < 1 or seconds <= 0:
-        raise ConfigError("--checkpoint-every must be >= 1 and --checkpoint-seconds > 0")
+        raise ConfigError(
+            f"--workers, --grace, --checkpoint-* and --reservation-ttl are numbers: {exc}"
+        ) from exc
+    if every < 1 or seconds <= 0 or ttl <= 0:
+        raise ConfigError(
+            "--checkpoint-every must be >= 1; --checkpoint-seconds, --reservation-ttl > 0"
+        )
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     return PdpConfig(
@@ -114,4 +126,5 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         log_masks=tuple(masks),
         checkpoint_every=every,
         checkpoint_seconds=seconds,
+        reservation_ttl_seconds=ttl,
     )

@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from concurrent import futures
+from datetime import timedelta
 from types import FrameType
 
 import grpc
@@ -29,6 +30,7 @@ from pdp.manifest import SqliteHighWater, load_trust_store
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
+from pdp.recovery import restore_from_log
 from pdp.server.config import PdpConfig, parse_config
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
@@ -73,10 +75,11 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     high_water = SqliteHighWater(config.state / STATE_DB)
     registry = CollectorRegistry()
     metrics = PdpMetrics(registry)
+    log_key = _log_key(config)
     try:
         decision_log = DecisionLog(
             config.decision_log,
-            _log_key(config),
+            log_key,
             checkpoint_every=config.checkpoint_every,
             checkpoint_seconds=config.checkpoint_seconds,
             masks=[MaskRule.parse(mask) for mask in config.log_masks],
@@ -85,7 +88,15 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         raise ConfigError(
             f"cannot open decision log {config.decision_log}: {exc.strerror}"
         ) from exc
-    service = DecisionService(bundle, trust, high_water, metrics, decision_log)
+    service = DecisionService(
+        bundle,
+        trust,
+        high_water,
+        metrics,
+        decision_log,
+        reservation_ttl=timedelta(seconds=config.reservation_ttl_seconds),
+    )
+    restore_from_log(service, config.decision_log, log_key.public_key())
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp"),

@@ -6,6 +6,7 @@ import json
 import random
 import signal
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,11 +34,11 @@ def register(pdp: PdpProcess, envelope: bytes) -> str:
 
 
 def tool_call(
-    run_id: str, name: str, args: dict[str, object], request_id: str = "r1"
+    run_id: str, name: str, args: dict[str, object], request_id: str | None = None
 ) -> pdp_pb2.DecideRequest:
     return pdp_pb2.DecideRequest(
         run_id=run_id,
-        request_id=request_id,
+        request_id=request_id or f"r-{uuid.uuid4().hex}",
         action=pdp_pb2.Action(
             kind="tool", target=f"tool:kb/{name}", args_json=json.dumps(args).encode()
         ),
@@ -85,6 +86,7 @@ def test_struct_args_integers_arrive_as_doubles_and_are_judged_exactly(
     assert codes(big) == ["bad_request"]
     args.update({"top_k": 2**53 + 1})  # arrives as 9007199254740992.0
     request.action.args.CopyFrom(args)
+    request.request_id = "s2"
     assert codes(stub(pdp).Decide(request, timeout=5)) == ["bad_request"]
     over = stub(pdp).Decide(tool_call(run_id, "search", {"query": "x", "top_k": 21}), timeout=5)
     assert codes(over) == ["tool_args_invalid"]

@@ -1,0 +1,151 @@
+"""Run state: idempotent request ids, expiring reservations, and recovery after kill -9."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+from tests.harness import INTENT, POLICIES, PdpProcess, Signer, start_pdp
+
+
+def stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
+    return pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
+
+
+def tool(run_id: str, request_id: str, name: str = "search") -> pdp_pb2.DecideRequest:
+    return pdp_pb2.DecideRequest(
+        run_id=run_id,
+        request_id=request_id,
+        action=pdp_pb2.Action(kind="tool", target=f"tool:kb/{name}", args_json=b'{"query": "q"}'),
+    )
+
+
+def envelope(signer: Signer, lineage: str) -> bytes:
+    return signer.freeze(INTENT.read_text().replace("acme/support-bot", f"acme/{lineage}"), lineage)
+
+
+def run_of(pdp: PdpProcess, raw: bytes) -> str:
+    return str(stub(pdp).RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=raw)).run_id)
+
+
+def test_a_retried_request_id_gets_the_same_answer_and_one_charge(
+    signer: Signer, tmp_path: Path
+) -> None:
+    pdp = start_pdp(signer, tmp_path / "state")
+    try:
+        run_id = run_of(pdp, envelope(signer, "idempotent"))
+        with ThreadPoolExecutor(8) as pool:  # duplicates racing each other, too
+            answers = list(pool.map(lambda _: stub(pdp).Decide(tool(run_id, "same-id")), range(8)))
+        assert len({a.decision_id for a in answers}) == 1
+        assert len({a.reservation_id for a in answers}) == 1 and answers[0].allow
+        run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+        assert run.remaining.tool_calls == 99  # charged once
+        assert stub(pdp).Decide(tool(run_id, "other-id")).decision_id != answers[0].decision_id
+    finally:
+        pdp.stop()
+
+
+def test_an_unreported_reservation_expires_at_its_worst_case(
+    signer: Signer, tmp_path: Path
+) -> None:
+    pdp = start_pdp(signer, tmp_path / "state", POLICIES, "--reservation-ttl", "0.5")
+    try:
+        run_id = run_of(pdp, envelope(signer, "expiry"))
+        model = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini", max_tokens=300)
+        held = stub(pdp).Decide(pdp_pb2.DecideRequest(run_id=run_id, request_id="m", action=model))
+        time.sleep(0.7)
+        stub(pdp).Decide(
+            tool(run_id, "later")
+        )  # any decision sweeps the run's expired reservations
+        run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+        assert run.spent.tokens == 300  # settled at the worst case it reserved
+        late = stub(pdp).ReportUsageBatch(
+            pdp_pb2.ReportUsageBatchRequest(
+                reports=[pdp_pb2.ReportUsageRequest(reservation_id=held.reservation_id, tokens=5)]
+            )
+        )
+        assert list(late.settled) == [False]  # already settled: never counted twice
+    finally:
+        pdp.stop()
+    records = [
+        json.loads(line) for line in (tmp_path / "state" / "decisions.log").read_text().splitlines()
+    ]
+    assert any(r["kind"] == "settlement" and r.get("expired") for r in records)
+
+
+def test_state_survives_kill_9_and_agrees_with_the_log(signer: Signer, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    pdp = start_pdp(signer, state)
+    raw = envelope(signer, "crash")
+    run_id = run_of(pdp, raw)
+    seen: list[pdp_pb2.DecideResponse] = []
+
+    def load(i: int) -> None:
+        seen.append(
+            stub(pdp).Decide(tool(run_id, f"c{i}", "search" if i % 3 else "rm_rf"), timeout=5)
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(load, range(60)))
+    step = stub(pdp).Decide(
+        pdp_pb2.DecideRequest(
+            run_id=run_id,
+            request_id="step",
+            action=pdp_pb2.Action(kind="step", target="step:answer"),
+        )
+    )
+    assert step.allow
+    first = next(answer for answer in seen if answer.reservation_id)
+    stub(pdp).ReportUsage(pdp_pb2.ReportUsageRequest(reservation_id=first.reservation_id, tokens=0))
+    before = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+    pdp.stop(signal.SIGKILL)  # no checkpoint, no flush: whatever was answered must be on disk
+
+    log_path = state / "decisions.log"
+    logged = {json.loads(line).get("decision_id") for line in log_path.read_text().splitlines()}
+    assert {answer.decision_id for answer in seen} <= logged  # every answer a client saw
+
+    again = start_pdp(signer, state)
+    try:
+        after = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+        assert after.step == "answer" and list(after.completed_steps) == ["research"]
+        assert after.spent == before.spent and after.remaining == before.remaining
+        replay = stub(again).Decide(tool(run_id, "c1"))  # an old request id: the old answer
+        original = next(a for a in seen if a.decision_id == replay.decision_id)
+        assert original.allow == replay.allow
+        assert stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining == after.remaining
+    finally:
+        again.stop()
+    import subprocess
+
+    from tests.harness import BIN
+
+    verified = subprocess.run(
+        [
+            str(BIN / "abcctl"),
+            "audit",
+            "verify",
+            str(log_path),
+            "--pub",
+            str(state / "pdp-log.pub"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stderr  # the restart's clean stop signed the tail
+
+
+def test_a_request_id_reused_for_another_action_is_refused(signer: Signer, tmp_path: Path) -> None:
+    pdp = start_pdp(signer, tmp_path / "state")
+    try:
+        run_id = run_of(pdp, envelope(signer, "reuse"))
+        assert stub(pdp).Decide(tool(run_id, "one-id", "search")).allow
+        other = stub(pdp).Decide(tool(run_id, "one-id", "fetch_article"))
+        assert not other.allow and other.reasons[0].code == "bad_request"
+    finally:
+        pdp.stop()
