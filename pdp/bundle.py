@@ -13,7 +13,7 @@ from pathlib import Path
 from pdp.errors import ConfigError
 from pdp.manifest.canonical import canonical_bytes, digest
 
-__all__ = ["PolicyBundle", "load_bundle"]
+__all__ = ["PolicyBundle", "load_bundle", "load_stored_bundle", "store_bundle"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,37 @@ def load_bundle(directory: Path) -> PolicyBundle:
         raise ConfigError(f"policy bundle {directory} holds no .rego file")
     index = {"files": {path: digest(content) for path, content in files.items()}}
     return PolicyBundle(digest=digest(canonical_bytes(index)), files=files)
+
+
+def _store_path(root: Path, bundle_digest: str) -> Path:
+    return root / bundle_digest.removeprefix("sha256:")
+
+
+def store_bundle(bundle: PolicyBundle, root: Path) -> Path:
+    """Keep a copy of ``bundle`` under ``root/<digest hex>/`` (content-addressed), once."""
+    target = _store_path(root, bundle.digest)
+    if target.exists():
+        return target
+    staging = root / f".{target.name}.tmp"
+    for relpath, content in bundle.files.items():
+        path = staging / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    staging.rename(target)
+    return target
+
+
+def load_stored_bundle(root: Path, bundle_digest: str) -> PolicyBundle:
+    """The stored bundle for ``bundle_digest``; ``ConfigError`` if missing or not that bundle.
+
+    The digest is recomputed: a bundle edited under its old digest is refused, never used.
+    """
+    path = _store_path(root, bundle_digest)
+    if not path.is_dir():
+        raise ConfigError(f"no stored policy bundle {bundle_digest} under {root}")
+    bundle = load_bundle(path)
+    if bundle.digest != bundle_digest:
+        raise ConfigError(
+            f"the bundle stored as {bundle_digest} now has digest {bundle.digest}: it was changed"
+        )
+    return bundle

@@ -57,14 +57,11 @@ def _timestamp(moment: datetime) -> str:
 
 
 def _stored(outcome: DecisionOutcome, action: dict[str, Any]) -> dict[str, Any]:
-    decision = outcome.decision
     return {
         "action": action,
         "decision_id": outcome.decision_id,
         "reservation_id": outcome.reservation_id,
-        "allow": decision.allow,
-        "reasons": [{"code": r.code.value, "message": r.message} for r in decision.reasons],
-        "obligations": decision.obligations,
+        **outcome.decision.as_dict(),
     }
 
 
@@ -174,6 +171,7 @@ class DecisionService:
         started = time.perf_counter()
         decision_id = "dec_" + uuid.uuid4().hex
         commit = _Commit()
+        policy_result: dict[str, Any] | None = None  # what the policy said, before the ledger
         run: Run | None = None
         action: Action | None = None
         claimed = False
@@ -196,6 +194,7 @@ class DecisionService:
             seen_step = run.step
             policy_input = run.policy_input(action)
             commit.decision = self._evaluate(run, policy_input)
+            policy_result = commit.decision.as_dict()
             if commit.decision.allow and not action.probe:
                 commit = self._commit(run, action, commit.decision, seen_step, now)
         except AbcError as exc:
@@ -208,13 +207,11 @@ class DecisionService:
             "manifest_digest": run.verified.digest if run else "",
             "policy_digest": self.bundle.digest,
             "input": policy_input,
-            "result": {
-                "allow": decision.allow,
-                "reasons": [{"code": r.code.value, "message": r.message} for r in decision.reasons],
-                "obligations": decision.obligations,
-            },
+            "result": decision.as_dict(),
             "reservation_id": commit.reservation_id,
         }
+        if policy_result is not None:
+            record["policy_result"] = policy_result  # what `abcctl replay` re-decides
         if commit.cost is not None:
             record["cost"] = commit.cost.as_dict()
             record["expires"] = _timestamp(now + self._reservation_ttl)

@@ -38,6 +38,7 @@ from pdp.manifest.keys import (
     write_keypair,
 )
 from pdp.manifest.model import Manifest, parse_timestamp
+from pdp.replay import replay_log
 
 __all__ = ["main", "main_exit"]
 
@@ -248,6 +249,28 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    key = load_public_key(args.pub)
+    try:
+        report = replay_log(args.log, args.bundles, key)
+    except OSError as exc:
+        raise ConfigError(f"cannot read log {args.log}: {exc.strerror}") from exc
+    except LogInvalid as exc:
+        print(f"tampered: {exc} ({args.log}); not replayed", file=sys.stderr)
+        return 1
+    for divergence in report.divergences[: args.show]:
+        replayed = divergence.replayed
+        shown = replayed if isinstance(replayed, str) else json.dumps(replayed, sort_keys=True)
+        logged = json.dumps(divergence.logged, sort_keys=True)
+        print(f"DIVERGES {divergence.decision_id}: logged {logged}")
+        print(f"         replayed {shown}")
+    print(
+        f"{report.decisions} decisions re-decided: {report.identical} identical,"
+        f" {len(report.divergences)} divergent"
+    )
+    return 1 if report.divergences else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abcctl", description="ABC governance sidecar control")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--expect-seq", type=int, help="the log must reach this seq (an anchor kept elsewhere)"
     )
     audit_verify.set_defaults(func=cmd_audit_verify)
+
+    replay = commands.add_parser(
+        "replay", help="re-decide a log's decisions with their pinned policies and manifests"
+    )
+    replay.add_argument("log", type=Path)
+    replay.add_argument("--bundles", type=Path, required=True, help="e.g. STATE/bundles")
+    replay.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
+    replay.add_argument("--show", type=int, default=20, help="divergences to print")
+    replay.set_defaults(func=cmd_replay)
     return parser
 
 

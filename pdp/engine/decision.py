@@ -30,6 +30,14 @@ class Decision:
     def deny(code: ReasonCode, message: str) -> Decision:
         return Decision(False, (Reason(code, message),), {})
 
+    def as_dict(self) -> dict[str, Any]:
+        """The decision as the policy writes it (and the decision log records it)."""
+        return {
+            "allow": self.allow,
+            "reasons": [{"code": r.code.value, "message": r.message} for r in self.reasons],
+            "obligations": self.obligations,
+        }
+
 
 def parse_decision(raw: Any) -> Decision:
     """Accept only ``{"allow": bool, "reasons": [{code, message}], "obligations": {}}``.

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from pdp.bundle import PolicyBundle, load_bundle
+from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.decisionlog import DecisionLog, MaskRule
 from pdp.engine import EngineError, PreparedPolicy
 from pdp.errors import ConfigError
@@ -71,6 +71,7 @@ def _log_key(config: PdpConfig) -> Ed25519PrivateKey:
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
     bundle = load_bundle(config.policies)
     _check_bundle_compiles(bundle)
+    store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
     trust = load_trust_store(config.trust)
     high_water = SqliteHighWater(config.state / STATE_DB)
     registry = CollectorRegistry()

@@ -1,0 +1,94 @@
+"""``abcctl replay``: re-decide every logged decision with its pinned policy and manifest.
+
+Each decision record names the policy bundle (by digest) and the manifest (by digest)
+that judged it, and carries the policy's own answer (``policy_result``) next to the
+final one (which the ledger may have turned into ``budget_exhausted``). Replay loads the
+bundle from the content-addressed store, refusing one whose files no longer hash to its
+digest, rebuilds the manifest from its registration record, evaluates the logged input
+again and compares. The log itself must first pass ``audit verify``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from pdp.bundle import load_stored_bundle
+from pdp.decisionlog import verify_log
+from pdp.engine import EngineError, PreparedPolicy, policy_data
+from pdp.errors import ConfigError
+from pdp.manifest.canonical import digest
+from pdp.manifest.envelope import parse_envelope
+from pdp.manifest.model import Manifest
+
+__all__ = ["Divergence", "ReplayReport", "replay_log"]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    decision_id: str
+    logged: dict[str, Any]
+    replayed: dict[str, Any] | str  # a result, or why it could not be re-decided
+
+
+@dataclass
+class ReplayReport:
+    decisions: int = 0
+    identical: int = 0
+    divergences: list[Divergence] = field(default_factory=list)
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _normalized(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result.get(k) for k in ("allow", "reasons", "obligations")}
+
+
+def replay_log(log: Path, bundles: Path, key: Ed25519PublicKey) -> ReplayReport:
+    verify_log(log, key, allow_tail=True)  # LogInvalid: a tampered log is never replayed
+    manifests: dict[str, Manifest] = {}
+    policies: dict[tuple[str, str], PreparedPolicy] = {}
+    report = ReplayReport()
+    for record in _records(log):
+        if record["kind"] == "registration" and record["result"].get("accepted"):
+            payload = parse_envelope(base64.b64decode(record["envelope"])).unverified_payload
+            if digest(payload) == record["manifest_digest"]:  # the chain vouches for the record
+                manifests[record["manifest_digest"]] = Manifest.model_validate_json(payload)
+            continue
+        if record["kind"] != "decision" or "policy_result" not in record:
+            continue
+        report.decisions += 1
+        logged = _normalized(record["policy_result"])
+        pair = (record["policy_digest"], record["manifest_digest"])
+        try:
+            if pair not in policies:
+                bundle = load_stored_bundle(bundles, pair[0])
+                manifest = manifests[pair[1]]
+                policies[pair] = PreparedPolicy(
+                    bundle.rego_modules(), policy_data(manifest), pair[0], pair[1]
+                )
+            decision = policies[pair].evaluate(record["input"])
+        except (ConfigError, EngineError, KeyError) as exc:
+            reason = (
+                f"manifest {pair[1]} was never registered"
+                if isinstance(exc, KeyError)
+                else str(exc)
+            )
+            report.divergences.append(Divergence(record["decision_id"], logged, reason))
+            continue
+        replayed = decision.as_dict()
+        if replayed == logged:
+            report.identical += 1
+        else:
+            report.divergences.append(Divergence(record["decision_id"], logged, replayed))
+    return report
