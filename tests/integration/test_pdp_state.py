@@ -149,3 +149,56 @@ def test_a_request_id_reused_for_another_action_is_refused(signer: Signer, tmp_p
         assert not other.allow and other.reasons[0].code == "bad_request"
     finally:
         pdp.stop()
+
+
+def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path: Path) -> None:
+    import threading
+
+    import grpc
+
+    state = tmp_path / "state"
+    pdp = start_pdp(signer, state)
+    run_id = run_of(pdp, envelope(signer, "underload"))
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        service = stub(pdp)
+        for i in range(10_000):
+            if stop.is_set():
+                return
+            try:
+                answer = service.Decide(
+                    tool(run_id, f"{n}-{i}", "search" if i % 4 else "rm"), timeout=2
+                )
+            except grpc.RpcError:
+                return  # the PDP died under us: this answer was never seen
+            seen.append(answer.decision_id)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    pdp.stop(signal.SIGKILL)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(seen) > 50
+    logged = {
+        json.loads(line).get("decision_id")
+        for line in (state / "decisions.log").read_text(errors="replace").splitlines()
+        if line.endswith("}")
+    }
+    assert set(seen) <= logged
+    again = start_pdp(signer, state)  # a torn tail is cut, the chain verifies, state restores
+    try:
+        run = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+        records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+        reserved = sum(
+            r.get("cost", {}).get("tool_calls", 0) for r in records if r["kind"] == "decision"
+        )
+        # The ledger agrees with the log: every logged reservation, and nothing else, is held.
+        assert run.spent.tool_calls == 0 and run.remaining.tool_calls == 100 - reserved
+        assert reserved > 0
+    finally:
+        again.stop()
