@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog.record import GENESIS, RECORD_VERSION, record_hash, sign_checkpoint
 from pdp.errors import ConfigError
-from pdp.manifest.canonical import canonical_bytes, parse_strict_json
+from pdp.manifest.canonical import canonical_bytes, digest, parse_strict_json
 
 __all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
 
@@ -114,8 +114,12 @@ class DecisionLog:
 
     def append(self, kind: str, fields: dict[str, Any]) -> int:
         """Append one record and return its seq once it is on disk (fsynced)."""
-        record = copy.deepcopy(fields)
-        masked = _mask(record.get("input", {}), self._masks) if "input" in record else []
+        record = dict(fields)
+        masked: list[str] = []
+        if self._masks and isinstance(record.get("input"), dict):
+            # Masking edits a copy: the caller's input is left as it was.
+            record["input"] = copy.deepcopy(record["input"])
+            masked = _mask(record["input"], self._masks)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decision log is closed")
@@ -140,8 +144,9 @@ class DecisionLog:
             "prev": self._prev,
             **({"masked": masked} if masked else {}),
         }
-        self._pending.append(canonical_bytes(full) + b"\n")
-        self._seq, self._prev = seq + 1, record_hash(full)
+        encoded = canonical_bytes(full)  # once: the line written is the line hashed
+        self._pending.append(encoded + b"\n")
+        self._seq, self._prev = seq + 1, digest(encoded)
         self._since_checkpoint += 1
         return seq
 
@@ -162,8 +167,9 @@ class DecisionLog:
             },
             self._key,
         )
-        self._pending.append(canonical_bytes(checkpoint) + b"\n")
-        self._seq, self._prev = self._seq + 1, record_hash(checkpoint)
+        encoded = canonical_bytes(checkpoint)
+        self._pending.append(encoded + b"\n")
+        self._seq, self._prev = self._seq + 1, digest(encoded)
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
 
     def checkpoint(self) -> None:

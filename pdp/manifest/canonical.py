@@ -22,8 +22,37 @@ def digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+_SAFE_INTEGER = 2**53
+
+
+def _plain(value: Any) -> bool:
+    """True when the standard library's sorted, compact JSON is already RFC 8785.
+
+    It is, for documents of strings, safe integers, booleans and null with ASCII keys:
+    the two differ only in float spelling and in the order of non-ASCII keys (UTF-16
+    code units versus code points). Anything else takes the reference implementation.
+    """
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -_SAFE_INTEGER < value < _SAFE_INTEGER
+    if isinstance(value, dict):
+        return all(k.isascii() and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(item) for item in value)
+    return False
+
+
 def canonical_bytes(document: Any) -> bytes:
     """RFC 8785 bytes of ``document``; raises ``BadRequest`` for floats or out-of-range integers."""
+    if _plain(document):
+        try:
+            # ~10x faster than the reference; tests pin it to rfc8785 byte for byte.
+            return json.dumps(
+                document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            ).encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: let the reference implementation refuse it
     _reject_floats(document, "$")
     try:
         return rfc8785.dumps(document)

@@ -89,3 +89,34 @@ def test_random_payload_bytes_are_refused_even_when_signed(payload: bytes) -> No
     except AbcError:
         return
     raise AssertionError(f"payload {base64.b64encode(payload)!r} verified")
+
+
+plain_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=12),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(alphabet=st.characters(max_codepoint=127), max_size=6), children, max_size=4
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500)
+@given(plain_values)
+def test_the_fast_canonical_path_is_rfc8785_byte_for_byte(value: object) -> None:
+    import rfc8785
+
+    assert canonical_bytes(value) == rfc8785.dumps(value)
+
+
+def test_non_ascii_keys_take_the_reference_path() -> None:
+    import rfc8785
+
+    # Code-point and UTF-16 orders differ here: U+FF61 sorts before U+1F600 in UTF-16.
+    document = {"\uff61": 1, "\U0001f600": 2}
+    assert canonical_bytes(document) == rfc8785.dumps(document)
