@@ -1,8 +1,8 @@
 """The append-only decision log, durable before an answer leaves the PDP.
 
 ``append`` returns only after the record is written and fsynced. Concurrent appends are
-group-committed: one writer thread gathers whatever is waiting, writes it, fsyncs once,
-and wakes every caller in the batch. Every ``checkpoint_every`` records or
+group-committed: the first caller to find no write under way writes whatever is waiting,
+fsyncs once, and wakes every caller in the batch. Every ``checkpoint_every`` records or
 ``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the chain head.
 
 Secrets never reach the disk: configured argument paths (e.g. ``action.args.password``)
@@ -108,9 +108,12 @@ class DecisionLog:
         self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
         self._closed = False
+        self._writing = False
         self._failure: OSError | None = None
-        self._writer = threading.Thread(target=self._write_loop, name="decision-log", daemon=True)
-        self._writer.start()
+        self._timer = threading.Thread(
+            target=self._idle_checkpoints, name="decision-log-checkpoints", daemon=True
+        )
+        self._timer.start()
 
     def append(self, kind: str, fields: dict[str, Any]) -> int:
         """Append one record and return its seq once it is on disk (fsynced)."""
@@ -126,12 +129,44 @@ class DecisionLog:
             seq = self._enqueue(kind, record, masked)
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
-            self._lock.notify_all()
-            while self._written <= seq and self._failure is None:
-                self._lock.wait()
+            self._commit_through(seq + 1)
+        return seq
+
+    def _commit_through(self, target: int) -> None:
+        """Return once every seq below ``target`` is on disk. Holds ``self._lock``.
+
+        Group commit, leader and followers: whoever finds no write under way writes and
+        fsyncs everything pending (its own record and any that queued meanwhile); the
+        others wait for that fsync. One fsync per batch, and no thread hand-off for a
+        caller that is alone.
+        """
+        while self._written < target:
             if self._failure is not None:
                 raise self._failure
-        return seq
+            if self._writing:
+                self._lock.wait()
+                continue
+            self._writing = True
+            batch, self._pending = self._pending, []
+            upto = self._seq
+            self._lock.release()
+            try:
+                self._file.write(b"".join(batch))
+                os.fsync(self._file.fileno())
+            except OSError as exc:  # a log that cannot be written stops every decision
+                failure: OSError | None = exc
+            else:
+                failure = None
+            finally:
+                self._lock.acquire()
+                self._writing = False
+            if failure is not None:
+                self._failure = failure
+            else:
+                self._written = upto
+            self._lock.notify_all()
+        if self._failure is not None and self._written < target:
+            raise self._failure
 
     def _enqueue(self, kind: str, record: dict[str, Any], masked: list[str]) -> int:
         seq = self._seq
@@ -176,33 +211,18 @@ class DecisionLog:
         """Append a signed checkpoint now and wait until it is on disk."""
         with self._lock:
             self._enqueue_checkpoint()
-            target = self._seq
-            self._lock.notify_all()
-            while self._written < target and self._failure is None:
-                self._lock.wait()
+            self._commit_through(self._seq)
 
-    def _write_loop(self) -> None:
+    def _idle_checkpoints(self) -> None:
+        """Sign an idle log's tail within ``checkpoint_seconds``."""
         while True:
             with self._lock:
-                while not self._pending and not self._closed:
-                    # An idle log still gets its tail signed within checkpoint_seconds.
-                    if not self._lock.wait(timeout=self._seconds) and self._since_checkpoint:
-                        self._enqueue_checkpoint()
-                if not self._pending and self._closed:
+                self._lock.wait(timeout=self._seconds)
+                if self._closed:
                     return
-                batch, self._pending = self._pending, []
-                upto = self._seq
-            try:
-                self._file.write(b"".join(batch))
-                os.fsync(self._file.fileno())
-            except OSError as exc:  # a log that cannot be written stops every decision
-                with self._lock:
-                    self._failure = exc
-                    self._lock.notify_all()
-                return
-            with self._lock:
-                self._written = upto
-                self._lock.notify_all()
+                if self._since_checkpoint and self._due_checkpoint():
+                    self._enqueue_checkpoint()
+                    self._commit_through(self._seq)
 
     def close(self) -> None:
         """Checkpoint, flush and close (what a clean shutdown does)."""
@@ -212,5 +232,5 @@ class DecisionLog:
         with self._lock:
             self._closed = True
             self._lock.notify_all()
-        self._writer.join(timeout=10)
+        self._timer.join(timeout=10)
         self._file.close()
