@@ -27,13 +27,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def abcctl(*args: object) -> subprocess.CompletedProcess[str]:
+def abcctl(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "abcctl"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=check,
+    )
+
+
+def audit_verify(state: Path) -> subprocess.CompletedProcess[str]:
+    """``abcctl audit verify`` on a PDP state directory's log, with its generated public key."""
+    return abcctl(
+        "audit", "verify", state / "decisions.log", "--pub", state / "pdp-log.pub", check=False
     )
 
 

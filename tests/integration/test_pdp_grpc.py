@@ -374,9 +374,7 @@ def test_misconfiguration_stops_startup(signer: Signer, tmp_path: Path, problem:
 def test_every_decision_is_logged_masked_and_the_log_verifies(
     signer: Signer, demo_envelope: bytes, tmp_path: Path
 ) -> None:
-    import subprocess
-
-    from tests.harness import BIN
+    from tests.harness import audit_verify
 
     state = tmp_path / "state"
     pdp = start_pdp(signer, state, POLICIES_DIR, "--log-mask", "action.args.query")
@@ -396,13 +394,7 @@ def test_every_decision_is_logged_masked_and_the_log_verifies(
     assert "secret question" not in log.read_text()
     assert decisions[0]["masked"] == ["action.args.query"]
     assert records[-1]["kind"] == "checkpoint"  # a clean stop signs the tail
-    verified = subprocess.run(
-        [str(BIN / "abcctl"), "audit", "verify", str(log), "--pub", str(state / "pdp-log.pub")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    verified = audit_verify(state)
     assert verified.returncode == 0, verified.stderr
 
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, start_pdp
+from tests.harness import INTENT, POLICIES, PdpProcess, Signer, audit_verify, start_pdp
 
 
 def stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
@@ -119,24 +119,7 @@ def test_state_survives_kill_9_and_agrees_with_the_log(signer: Signer, tmp_path:
         assert stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining == after.remaining
     finally:
         again.stop()
-    import subprocess
-
-    from tests.harness import BIN
-
-    verified = subprocess.run(
-        [
-            str(BIN / "abcctl"),
-            "audit",
-            "verify",
-            str(log_path),
-            "--pub",
-            str(state / "pdp-log.pub"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    verified = audit_verify(state)
     assert verified.returncode == 0, verified.stderr  # the restart's clean stop signed the tail
 
 
