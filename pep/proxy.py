@@ -167,6 +167,17 @@ class Handler:
             refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
             return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
 
+        step = request.headers.get("x-abc-step")
+        if step:
+            # Entering a step is an action of its own, decided (and logged) before the call.
+            moved = await sidecar.pdp.decide(
+                run_id,
+                f"{_request_id(request)}:step",
+                pdp_pb2.Action(kind="step", target=f"step:{step}"),
+            )
+            if not moved.allow:
+                return refuse(moved, call)
+
         verdict: Verdict | None = None
         if call.action is not None:
             started = time.perf_counter()

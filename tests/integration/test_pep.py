@@ -612,3 +612,32 @@ def test_paths_are_not_logged(pep: PepProcess) -> None:
     reply = httpx.get(f"{pep.url}/http/billing.internal/v1/token/sk-live-SECRET123")
     assert reply.status_code == 403
     assert "sk-live-SECRET123" not in pep.output()
+
+
+def test_x_abc_step_moves_the_run_before_the_call(
+    pdp: PdpProcess, fakes: FakeUpstreams, signer: Signer, tmp_path: Path
+) -> None:
+    """In the demo intent, claude is used in step 'answer' only, which comes after 'research'."""
+    envelope = tmp_path / "steps.json"
+    envelope.write_bytes(
+        signer.freeze(INTENT.read_text().replace("acme/support-bot", "acme/steps"), "steps")
+    )
+    own = start_pep(pdp.address, upstream_map(fakes), tmp_path, "--manifest", str(envelope))
+    ask = {"model": CLAUDE, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with pytest.raises(anthropic.PermissionDeniedError) as early:
+            claude(own).messages.create(**ask)  # type: ignore[arg-type]
+        assert early.value.body["abc"]["reason"] == "step_out_of_order"  # type: ignore[index]
+        with pytest.raises(anthropic.PermissionDeniedError) as skipped:
+            claude(own).messages.create(**ask, extra_headers={"x-abc-step": "nowhere"})  # type: ignore[arg-type]
+        assert skipped.value.body["abc"]["reason"] == "step_out_of_order"  # type: ignore[index]
+        assert claude(own).messages.create(**ask, extra_headers={"x-abc-step": "answer"})  # type: ignore[arg-type]
+        with pytest.raises(openai.PermissionDeniedError) as back:
+            oai(own).chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-abc-step": "research"},
+            )
+        assert back.value.code == "step_out_of_order"
+    finally:
+        own.stop()
