@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pdp.api.actions import anthropic_action
-from pep.adapters.base import Call, parse_json_object, token_capper
+from pep.adapters.base import Call, model_call, parse_json_object
 from pep.pdp_client import Verdict
 
 __all__ = ["AnthropicAdapter"]
@@ -20,14 +20,7 @@ class AnthropicAdapter:
     def call(self, request: web.Request, body: bytes) -> Call:
         document = parse_json_object(body)
         action = anthropic_action(request.match_info["tail"], document)
-        action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
-        return Call(
-            action=action,
-            body=body,
-            streaming=document.get("stream") is True,
-            reads_usage=True,
-            apply_obligations=token_capper(body, document, "max_tokens", action.max_tokens),
-        )
+        return model_call(body, document, action, "max_tokens")
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
         code = verdict.reason.value if verdict.reason else "bad_request"

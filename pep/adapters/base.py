@@ -24,6 +24,7 @@ __all__ = [
     "MappingError",
     "Probe",
     "Responder",
+    "model_call",
     "parse_json_object",
     "refusal_status",
     "token_capper",
@@ -95,6 +96,20 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def model_call(
+    body: bytes, document: dict[str, Any], action: pdp_pb2.Action, token_field: str | None
+) -> Call:
+    """A model request: streamed or not, usage read, its token cap written where it lowers."""
+    action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
+    return Call(
+        action=action,
+        body=body,
+        streaming=document.get("stream") is True,
+        reads_usage=True,
+        apply_obligations=token_capper(body, document, token_field, action.max_tokens),
+    )
 
 
 def token_capper(

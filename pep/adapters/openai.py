@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pdp.api.actions import openai_action, token_field
-from pep.adapters.base import Call, parse_json_object, token_capper
+from pep.adapters.base import Call, model_call, parse_json_object
 from pep.pdp_client import Verdict
 
 __all__ = ["OpenAIAdapter"]
@@ -21,16 +21,7 @@ class OpenAIAdapter:
         endpoint = request.match_info["tail"]
         document = parse_json_object(body)
         action = openai_action(endpoint, document)
-        action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
-        return Call(
-            action=action,
-            body=body,
-            streaming=document.get("stream") is True,
-            reads_usage=True,
-            apply_obligations=token_capper(
-                body, document, token_field(endpoint, document), action.max_tokens
-            ),
-        )
+        return model_call(body, document, action, token_field(endpoint, document))
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
         code = verdict.reason.value if verdict.reason else "bad_request"
