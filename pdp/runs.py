@@ -137,11 +137,9 @@ class Run:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
 
-    def policy_input(self, action: Action) -> dict[str, object]:
-        return {
-            "action": action.policy_input(),
-            "run": {"step": self.step, "completed_steps": list(self.completed_steps)},
-        }
+    def state(self) -> dict[str, object]:
+        """Where the run is in its Assembly: the policy input's ``run``."""
+        return {"step": self.step, "completed_steps": list(self.completed_steps)}
 
     def status(self, now: datetime) -> str:
         if self.superseded_by is not None:

@@ -173,17 +173,18 @@ class DecisionService:
         commit = _Commit()
         policy_result: dict[str, Any] | None = None  # what the policy said, before the ledger
         run: Run | None = None
-        action: Action | None = None
         claimed = False
         policy_input: dict[str, object] = {}
+        acted: dict[str, Any] = {}
         try:
             run = self._runs.get(run_id)
-            action = build_action()
-            policy_input = {"action": action.policy_input()}  # logged even if refused early
+            action: Action = build_action()
+            acted = action.policy_input()  # built once: logged, compared, judged, kept
+            policy_input = {"action": acted}  # logged even if refused early
             if not action.probe:
                 prior = self._runs.claim(run, request_id)
                 if prior is not None:
-                    if prior.get("action") != action.policy_input():
+                    if prior.get("action") != acted:
                         raise BadRequest("request id already used for another action")
                     return _outcome(prior)
                 claimed = True
@@ -192,7 +193,7 @@ class DecisionService:
                 raise ManifestExpired(f"the run is {status}: its manifest no longer holds")
             self._expire(run, now)
             seen_step = run.step
-            policy_input = run.policy_input(action)
+            policy_input = {"action": acted, "run": run.state()}
             commit.decision = self._evaluate(run, policy_input)
             policy_result = commit.decision.as_dict()
             if commit.decision.allow and not action.probe:
@@ -227,8 +228,8 @@ class DecisionService:
             commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
             decision = commit.decision
         outcome = DecisionOutcome(decision, decision_id, commit.reservation_id)
-        if claimed and run is not None and action is not None:
-            self._runs.answer(run, request_id, _stored(outcome, action.policy_input()))
+        if claimed and run is not None:
+            self._runs.answer(run, request_id, _stored(outcome, acted))
         self._metrics.count_decision(decision.allow, outcome.reason)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
