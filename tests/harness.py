@@ -229,3 +229,14 @@ def start_pep(
             time.sleep(0.05)
     pep.stop(signal.SIGKILL)
     raise RuntimeError(f"abc-pep did not start:\n{pep.output()}")
+
+
+async def serve_app(app: Any) -> tuple[Any, int]:
+    """Serve an aiohttp app on a free loopback port; (runner to clean up, port)."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]

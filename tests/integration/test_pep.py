@@ -17,7 +17,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, start_pep
+from tests.harness import INTENT, PdpProcess, PepProcess, Signer, serve_app, start_pep
 
 API_KEY = "sk-test-secret-4242"
 MODEL = "gpt-4o-mini"
@@ -229,11 +229,7 @@ def test_mcp_unparseable_list_is_refused_not_passed(
     async def scenario() -> tuple[int, str]:
         app = web.Application()
         app.router.add_post("/mcp", broken_server)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await serve_app(app)
         pep = await asyncio.to_thread(
             start_pep,
             pdp.address,

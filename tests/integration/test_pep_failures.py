@@ -17,7 +17,7 @@ from aiohttp import web
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import Signer, free_port, start_pdp, start_pep
+from tests.harness import Signer, free_port, serve_app, start_pdp, start_pep
 
 CHAT = "/openai/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -152,11 +152,7 @@ def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
     async def scenario() -> bytes:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", stream)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        runner, port = await serve_app(app)
         pdp = await asyncio.to_thread(start_pdp, signer, tmp_path / "state")
         envelope = tmp_path / "envelope.json"
         from tests.harness import INTENT
