@@ -24,7 +24,8 @@ _TARGETS = {
     "model": re.compile(rf"^model:{_NAME}/[A-Za-z0-9][A-Za-z0-9._:/-]{{0,127}}$"),
     "tool": re.compile(rf"^tool:{_NAME}/{_NAME}$"),
     "http": re.compile(r"^http:[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$"),
-    "step": re.compile(rf"^step:{_NAME}$"),
+    # "@..." names end the run (step ids never start with "@"); the policy knows which.
+    "step": re.compile(rf"^step:(@[a-z]{{1,32}}|{_NAME})$"),
 }
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _PATH = re.compile(r"^/[\x21-\x7e]{0,2047}$")

@@ -8,6 +8,7 @@
     ├── ManifestExpired      outside the manifest's validity window -> manifest_expired
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
     ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
+    ├── RunClosed            the run completed, failed or was revoked -> run_closed
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
     ConfigError              the operator's mistake: stops start-up, never a denial
 
@@ -28,6 +29,7 @@ __all__ = [
     "ManifestUnknown",
     "PolicyMismatch",
     "ReasonCode",
+    "RunClosed",
     "SignatureInvalid",
 ]
 
@@ -56,6 +58,10 @@ class ManifestRollback(AbcError):
 
 class ManifestUnknown(AbcError):
     reason = ReasonCode.MANIFEST_UNKNOWN
+
+
+class RunClosed(AbcError):
+    reason = ReasonCode.RUN_CLOSED
 
 
 class PolicyMismatch(AbcError):

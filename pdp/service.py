@@ -19,10 +19,18 @@ from pdp.action import Action
 from pdp.bundle import PolicyBundle
 from pdp.decisionlog import DecisionLog
 from pdp.engine import Decision, EngineError, PreparedPolicy, Reason, policy_data
-from pdp.errors import AbcError, BadRequest, ManifestExpired, ReasonCode
+from pdp.errors import (
+    AbcError,
+    BadRequest,
+    ManifestExpired,
+    ManifestUnknown,
+    ReasonCode,
+    RunClosed,
+)
 from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
 from pdp.metrics import PdpMetrics
-from pdp.runs import Run, RunRegistry, Usage, cost_of
+from pdp.runs import Run, RunRegistry, cost_of
+from pdp.runstore import MemoryRunStore, RunState, RunStore, Usage
 
 __all__ = ["DecisionOutcome", "DecisionService", "RunView"]
 
@@ -96,6 +104,7 @@ class DecisionService:
         metrics: PdpMetrics,
         log: DecisionLog,
         reservation_ttl: timedelta = timedelta(minutes=10),
+        store: RunStore | None = None,
     ) -> None:
         self.bundle = bundle
         self._log = log
@@ -103,7 +112,8 @@ class DecisionService:
         self._trust = trust
         self._high_water = high_water
         self._metrics = metrics
-        self._runs = RunRegistry()
+        self._store: RunStore = store if store is not None else MemoryRunStore()
+        self._runs = RunRegistry(self._store)
         self._modules = bundle.rego_modules()
         metrics.watch_budgets(self._runs.lowest_remaining_ratio)
 
@@ -116,6 +126,7 @@ class DecisionService:
                 now,
                 self._high_water,
                 expected_policy=self.bundle.digest,
+                pending_ok=True,
             )
         except AbcError as exc:
             self._metrics.manifests_rejected.labels(exc.reason.value).inc()
@@ -129,6 +140,7 @@ class DecisionService:
             )
             raise
         run = self._runs.register(verified, self._prepare(verified))
+        self._store.put_envelope(run.run_id, raw_envelope)
         self._log.append(
             "registration",
             {
@@ -177,23 +189,25 @@ class DecisionService:
         policy_input: dict[str, object] = {}
         acted: dict[str, Any] = {}
         try:
-            run = self._runs.get(run_id)
+            run = self._run(run_id, now)
             action: Action = build_action()
             acted = action.policy_input()  # built once: logged, compared, judged, kept
             policy_input = {"action": acted}  # logged even if refused early
             if not action.probe:
-                prior = self._runs.claim(run, request_id)
+                prior = self._store.claim(run_id, request_id)
                 if prior is not None:
                     if prior.get("action") != acted:
                         raise BadRequest("request id already used for another action")
                     return _outcome(prior)
                 claimed = True
-            status = run.status(now)
-            if status != "running":
-                raise ManifestExpired(f"the run is {status}: its manifest no longer holds")
             self._expire(run, now)
-            seen_step = run.step
-            policy_input = {"action": acted, "run": run.state()}
+            state = self._store.state(run_id, run.lineage)
+            _check_running(run, state, now)
+            seen_step = state.step
+            policy_input = {
+                "action": acted,
+                "run": {"step": state.step, "completed_steps": list(state.completed_steps)},
+            }
             commit.decision = self._evaluate(run, policy_input)
             policy_result = commit.decision.as_dict()
             if commit.decision.allow and not action.probe:
@@ -223,20 +237,20 @@ class DecisionService:
             self._log.append("decision", record)
         except (OSError, RuntimeError) as exc:
             log.error("decision log unwritable, refusing: %s", exc)
-            if run is not None and commit.reservation_id:
-                self._runs.release(run, commit.reservation_id)
+            if commit.reservation_id:
+                self._store.release(commit.reservation_id)
             commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
             decision = commit.decision
         outcome = DecisionOutcome(decision, decision_id, commit.reservation_id)
-        if claimed and run is not None:
-            self._runs.answer(run, request_id, _stored(outcome, acted))
+        if claimed:
+            self._store.answer(run_id, request_id, _stored(outcome, acted))
         self._metrics.count_decision(decision.allow, outcome.reason)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 
     def _expire(self, run: Run, now: datetime) -> None:
         """Settle the run's reservations that were never reported, at their worst case."""
-        for reservation_id, cost in self._runs.expire(run, now):
+        for reservation_id, cost in self._store.expire(run.run_id, now):
             self._log.append(
                 "settlement",
                 {
@@ -261,7 +275,7 @@ class DecisionService:
         """Apply an allow: reserve its worst-case cost, or move the run to the next step."""
         if action.kind == "step":
             target = action.target.removeprefix("step:")
-            if not self._runs.enter_step(run, target, seen_step):
+            if not self._move(run.run_id, seen_step, target):
                 return _Commit(
                     Decision.deny(
                         ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"
@@ -269,8 +283,8 @@ class DecisionService:
                 )
             return _Commit(decision, step=(seen_step, target))
         cost = cost_of(action, decision)
-        reservation_id = self._runs.reserve(run, cost, now + self._reservation_ttl)
-        if reservation_id is None:
+        reservation_id = "rsv_" + uuid.uuid4().hex
+        if not self._store.reserve(run.run_id, reservation_id, cost, now + self._reservation_ttl):
             return _Commit(
                 Decision.deny(
                     ReasonCode.BUDGET_EXHAUSTED,
@@ -282,13 +296,13 @@ class DecisionService:
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
         if tokens < 0 or usd_micros < 0:
             return False
-        run = self._runs.settle(reservation_id, tokens, usd_micros)
-        if run is None:
+        run_id = self._store.settle(reservation_id, tokens, usd_micros)
+        if run_id is None:
             return False
         self._log.append(
             "settlement",
             {
-                "run_id": run.run_id,
+                "run_id": run_id,
                 "reservation_id": reservation_id,
                 "tokens": tokens,
                 "usd_micros": usd_micros,
@@ -297,43 +311,38 @@ class DecisionService:
         return True
 
     def restore(self, record: dict[str, Any], trust_now: datetime) -> None:
-        """Apply one decision-log record to the in-memory state (start-up recovery).
+        """Apply one decision-log record to the state (start-up recovery).
 
         A registration is verified again, from the envelope it carries, as of ``trust_now``
-        (when it was accepted); runs pinned to another policy bundle are left out.
+        (when it was accepted); runs pinned to another policy bundle are left out. A shared
+        store (Redis) is its own record of steps, budgets and answers: only the runs are
+        rebuilt, so nothing is applied twice.
         """
         kind = record["kind"]
         if kind == "registration" and record["result"].get("accepted"):
-            raw = base64.b64decode(record["envelope"])
-            try:
-                verified = verify_envelope(
-                    raw, self._trust, trust_now, expected_policy=self.bundle.digest
-                )
-            except AbcError as exc:
-                log.warning("run %s not restored: %s", record.get("run_id"), exc.reason.value)
-                return
-            self._runs.register(verified, self._prepare(verified))
+            self._load(str(record["run_id"]), base64.b64decode(record["envelope"]), trust_now)
             return
-        run = self._runs.find(str(record.get("run_id", "")))
-        if run is None:
+        store = self._store
+        if not isinstance(store, MemoryRunStore) or self._runs.find(record["run_id"]) is None:
             return
+        run_id = record["run_id"]
         if kind == "settlement":
-            self._runs.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
+            store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
         elif kind == "decision":
             if record.get("cost"):
                 expires = datetime.strptime(record["expires"], "%Y-%m-%dT%H:%M:%S.%fZ")
-                self._runs.hold(
-                    run,
+                store.hold(
+                    run_id,
                     record["reservation_id"],
                     Usage(**record["cost"]),
                     expires.replace(tzinfo=UTC),
                 )
             if record.get("step"):
-                self._runs.enter_step(run, record["step"]["to"], record["step"]["from"])
+                self._move(run_id, record["step"]["from"], record["step"]["to"])
             acted = record["input"].get("action") if record["input"] else None
             if acted is not None and not acted.get("probe") and record.get("request_id"):
-                self._runs.answer(
-                    run,
+                store.answer(
+                    run_id,
                     record["request_id"],
                     {
                         "action": acted,
@@ -343,15 +352,66 @@ class DecisionService:
                     },
                 )
 
-    def get_run(self, run_id: str, now: datetime) -> RunView:
-        run = self._runs.get(run_id)
-        with self._runs.lock:
-            return RunView(
-                run_id=run.run_id,
-                manifest_digest=run.verified.digest,
-                step=run.step,
-                completed_steps=tuple(run.completed_steps),
-                status=run.status(now),
-                spent=run.ledger.spent.as_dict(),
-                remaining=run.ledger.remaining().as_dict(),
+    def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
+        """Verify a registered envelope again and compile its run; None if it fails now.
+
+        No rollback check: the run was admitted when registered, and a newer version of
+        its lineage shows in its status (revoked) instead.
+        """
+        try:
+            verified = verify_envelope(
+                raw, self._trust, trust_now, expected_policy=self.bundle.digest, pending_ok=True
             )
+        except AbcError as exc:
+            log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
+            return None
+        return self._runs.register(verified, self._prepare(verified))
+
+    def _run(self, run_id: str, now: datetime) -> Run:
+        """The run, compiled here; one registered on another replica is loaded from the
+        shared store's copy of its envelope, verified by this replica's own trust store."""
+        run = self._runs.find(run_id)
+        if run is None:
+            raw = self._store.envelope(run_id)
+            if raw is not None:
+                run = self._load(run_id, raw, now)
+        if run is None or run.run_id != run_id:
+            raise ManifestUnknown("no run with this id")
+        return run
+
+    def _move(self, run_id: str, seen_step: str, target: str) -> bool:
+        """Enter step ``target``, or end the run for an "@completed" / "@failed" target."""
+        if target.startswith("@"):
+            return self._store.move(run_id, seen_step, seen_step, target[1:])
+        return self._store.move(run_id, seen_step, target)
+
+    def get_run(self, run_id: str, now: datetime) -> RunView:
+        run = self._run(run_id, now)
+        state = self._store.state(run_id, run.lineage)
+        books = self._store.books(run_id)
+        return RunView(
+            run_id=run.run_id,
+            manifest_digest=run.verified.digest,
+            step=state.step,
+            completed_steps=state.completed_steps,
+            status=run.status(state, now),
+            spent=books.spent.as_dict(),
+            remaining=books.remaining().as_dict(),
+        )
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _check_running(run: Run, state: RunState, now: datetime) -> None:
+    status = run.status(state, now)
+    if status == "running":
+        return
+    manifest = run.verified.manifest
+    if status == "pending":
+        raise ManifestExpired(f"the run is pending until {manifest.metadata.not_before}")
+    if status == "expired":
+        raise ManifestExpired(f"the run expired at {manifest.metadata.expires_at}")
+    if status == "revoked" and not state.outcome:
+        raise RunClosed(f"the run is revoked: version {state.latest_version} superseded it")
+    raise RunClosed(f"the run is {status}")

@@ -26,6 +26,9 @@ class ReasonCode(StrEnum):
     # A manifest pinned to another policy bundle than the PDP's is deployment skew an
     # operator must see as such, not as a bad signature.
     POLICY_MISMATCH = "policy_mismatch"
+    # A run that ended (completed, failed) or was revoked (a newer version of its
+    # lineage was registered) decides nothing more; its manifest is still in its window.
+    RUN_CLOSED = "run_closed"
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"

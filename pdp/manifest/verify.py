@@ -37,6 +37,7 @@ def verify_envelope(
     high_water: HighWater | None = None,
     *,
     expected_policy: str | None = None,
+    pending_ok: bool = False,
 ) -> VerifiedManifest:
     """Verify a DSSE envelope and return the manifest parsed from the signed bytes.
 
@@ -55,7 +56,8 @@ def verify_envelope(
     5. The parsed document is a valid RunManifest.                      -> BadRequest
     6. The verifying key's scope covers the manifest's tenant, and its modes cover
        the manifest's enforcement mode.                                 -> SignatureInvalid
-    7. ``now`` is inside the manifest's validity window.                -> ManifestExpired
+    7. ``now`` is inside the manifest's validity window (or before it, when
+       ``pending_ok``: a run registered ahead of its start waits as pending). -> ManifestExpired
     8. The manifest pins ``expected_policy``, the bundle that will judge it; skipped
        when ``expected_policy`` is None.                                -> PolicyMismatch
     9. The version is above the lineage's high-water mark (or is the same manifest
@@ -115,7 +117,7 @@ def verify_envelope(
         )
 
     # (7)
-    if not manifest.not_before <= now < manifest.expires_at:
+    if now >= manifest.expires_at or (now < manifest.not_before and not pending_ok):
         raise ManifestExpired(
             f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at}"
         )

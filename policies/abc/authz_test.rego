@@ -169,6 +169,15 @@ test_step_change_backwards_refused if {
 	codes(d) == {"step_out_of_order"}
 }
 
+test_run_may_end_from_any_step if {
+	decide({"kind": "step", "target": "step:@completed"}, research).allow
+	decide({"kind": "step", "target": "step:@failed"}, {"step": "answer", "completed_steps": ["research"]}).allow
+}
+
+test_unknown_run_ending_refused if {
+	codes(decide({"kind": "step", "target": "step:@paused"}, research)) == {"step_out_of_order"}
+}
+
 test_unknown_step_refused if {
 	codes(decide({"kind": "step", "target": "step:exfiltrate"}, research)) == {"step_out_of_order"}
 }

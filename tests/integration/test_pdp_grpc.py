@@ -8,6 +8,7 @@ import signal
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -404,9 +405,40 @@ def test_a_newer_version_retires_the_older_run(pdp: PdpProcess, signer: Signer) 
     assert stub(pdp).Decide(tool_call(v1, "search", {"query": "q"}, "v1-a"), timeout=5).allow
     v2 = register(pdp, signer.freeze(base.replace("version: 1", "version: 2"), "v2"))
     old = stub(pdp).Decide(tool_call(v1, "search", {"query": "q"}, "v1-b"), timeout=5)
-    assert codes(old) == ["manifest_expired"] and "superseded" in old.reasons[0].message
-    assert stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=v1), timeout=5).status == "superseded"
+    assert codes(old) == ["run_closed"] and "superseded" in old.reasons[0].message
+    assert stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=v1), timeout=5).status == "revoked"
     assert stub(pdp).Decide(tool_call(v2, "search", {"query": "q"}, "v2-a"), timeout=5).allow
+
+
+def test_a_run_registered_ahead_of_its_window_is_pending(pdp: PdpProcess, signer: Signer) -> None:
+    start = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/later")
+    run_id = register(pdp, signer.freeze(f"{text}\nnot_before: {start}\n", "later"))
+    assert stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5).status == "pending"
+    early = stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
+    assert codes(early) == ["manifest_expired"] and "pending" in early.reasons[0].message
+
+
+def step(run_id: str, target: str) -> pdp_pb2.DecideRequest:
+    return pdp_pb2.DecideRequest(
+        run_id=run_id,
+        request_id=f"r-{uuid.uuid4().hex}",
+        action=pdp_pb2.Action(kind="step", target=f"step:{target}"),
+    )
+
+
+@pytest.mark.parametrize("ending", ["completed", "failed"])
+def test_a_run_ends_and_then_decides_nothing(pdp: PdpProcess, signer: Signer, ending: str) -> None:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", f"lineage: acme/{ending}")
+    run_id = register(pdp, signer.freeze(text, ending))
+    assert stub(pdp).Decide(step(run_id, "answer"), timeout=5).allow
+    assert stub(pdp).Decide(step(run_id, f"@{ending}"), timeout=5).allow
+    run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
+    assert (run.status, run.step, list(run.completed_steps)) == (ending, "answer", ["research"])
+    after = stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
+    assert codes(after) == ["run_closed"] and ending in after.reasons[0].message
+    assert codes(stub(pdp).Decide(step(run_id, "@failed"), timeout=5)) == ["run_closed"]
+    assert codes(stub(pdp).Decide(step(run_id, "@paused"), timeout=5)) == ["run_closed"]
 
 
 def test_model_reservation_covers_the_prompt_bound(pdp: PdpProcess, signer: Signer) -> None:

@@ -24,6 +24,7 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
     assert {code.value for code in ReasonCode} == DESIGN_CODES | {
         "manifest_rollback",
         "policy_mismatch",
+        "run_closed",
     }
 
 

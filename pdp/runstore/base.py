@@ -1,0 +1,112 @@
+"""What a run store keeps per run, and the interface every backend implements.
+
+A run's mutable state is its position in the Assembly (step, completed steps, and an
+outcome once it ended), its budget books (limits, spent, reserved, open reservations)
+and the answers it gave, by request id. Compiled policies and verified manifests stay
+in each PDP process; only this state is shared when several replicas use one store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+__all__ = ["BUDGETS", "OUTCOMES", "Books", "RunState", "RunStore", "Usage"]
+
+BUDGETS = ("tokens", "usd_micros", "tool_calls", "requests")
+# How a run ends. "revoked" is also what a run becomes once a newer version of its
+# lineage is registered (rollback protection extends to runs).
+OUTCOMES = ("completed", "failed", "revoked")
+
+
+@dataclass
+class Usage:
+    tokens: int = 0
+    usd_micros: int = 0
+    tool_calls: int = 0
+    requests: int = 0
+
+    def add(self, other: Usage, sign: int = 1) -> None:
+        for name in BUDGETS:
+            setattr(self, name, getattr(self, name) + sign * getattr(other, name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in BUDGETS}
+
+    def as_list(self) -> list[int]:
+        return [getattr(self, name) for name in BUDGETS]
+
+
+@dataclass(frozen=True)
+class Books:
+    limits: Usage
+    spent: Usage
+    reserved: Usage
+
+    def remaining(self) -> Usage:
+        left = Usage(**self.limits.as_dict())
+        left.add(self.spent, -1)
+        left.add(self.reserved, -1)
+        return left
+
+    def remaining_ratio(self) -> dict[str, float]:
+        left = self.remaining()
+        return {
+            name: max(getattr(left, name), 0) / limit
+            if (limit := getattr(self.limits, name))
+            else 0.0
+            for name in BUDGETS
+        }
+
+
+@dataclass(frozen=True)
+class RunState:
+    step: str
+    completed_steps: tuple[str, ...] = ()
+    outcome: str = ""  # "" while the run goes on, else one of OUTCOMES
+    latest_version: int = 0  # the highest version of the run's lineage registered
+
+
+class RunStore(Protocol):
+    """Run state and budgets. Every method is atomic with respect to every other caller."""
+
+    #: True when the state lives outside this process (several replicas share it) and
+    #: must not be rebuilt from this process's decision log at start-up.
+    shared: bool
+
+    def open(self, run_id: str, first_step: str, limits: Usage, lineage: str, version: int) -> None:
+        """Create the run if it does not exist yet (registering again changes nothing)."""
+
+    def state(self, run_id: str, lineage: str) -> RunState: ...
+
+    def move(self, run_id: str, seen_step: str, step: str, outcome: str = "") -> bool:
+        """Enter ``step`` (or end the run with ``outcome``) if the run is still at
+        ``seen_step`` and has not ended; False otherwise."""
+
+    def reserve(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> bool:
+        """Hold ``cost`` if every budget can take it; False (nothing held) otherwise."""
+
+    def release(self, reservation_id: str) -> None:
+        """Undo a reservation whose decision was never given."""
+
+    def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
+        """Replace a reservation by the real usage; its run id, or None if unknown."""
+
+    def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
+        """Settle the run's reservations past their expiry at their worst case."""
+
+    def books(self, run_id: str) -> Books: ...
+
+    def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
+        """The answer already given to ``request_id``, or None after marking it in flight
+        (a duplicate arriving meanwhile waits for the first one's answer)."""
+
+    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None: ...
+
+    def put_envelope(self, run_id: str, envelope: bytes) -> None:
+        """Keep a registered run's envelope, so another replica can verify and load it."""
+
+    def envelope(self, run_id: str) -> bytes | None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,177 @@
+"""The embedded run store: state in this process, made durable by the decision log.
+
+Every change is recorded in the decision log before it is answered, and the log is
+replayed into a fresh store at start-up (``pdp/recovery.py``): one durable write per
+decision, not a second database beside the log.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pdp.errors import ManifestUnknown
+from pdp.runstore.base import BUDGETS, Books, RunState, Usage
+
+__all__ = ["MemoryRunStore"]
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    run_id: str
+    cost: Usage
+    expires: datetime
+
+
+@dataclass
+class _Run:
+    step: str
+    lineage: str
+    limits: Usage
+    completed_steps: list[str] = field(default_factory=list)
+    outcome: str = ""
+    spent: Usage = field(default_factory=Usage)
+    reserved: Usage = field(default_factory=Usage)
+    reservations: set[str] = field(default_factory=set)
+    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    in_flight: set[str] = field(default_factory=set)
+
+
+class MemoryRunStore:
+    shared = False
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answered = threading.Condition(self._lock)
+        self._runs: dict[str, _Run] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._latest: dict[str, int] = {}  # lineage -> highest version registered
+
+    def _run(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise ManifestUnknown("no run with this id")
+        return run
+
+    def open(self, run_id: str, first_step: str, limits: Usage, lineage: str, version: int) -> None:
+        with self._lock:
+            self._runs.setdefault(run_id, _Run(step=first_step, lineage=lineage, limits=limits))
+            self._latest[lineage] = max(self._latest.get(lineage, 0), version)
+
+    def state(self, run_id: str, lineage: str) -> RunState:
+        with self._lock:
+            run = self._run(run_id)
+            return RunState(
+                run.step, tuple(run.completed_steps), run.outcome, self._latest.get(lineage, 0)
+            )
+
+    def move(self, run_id: str, seen_step: str, step: str, outcome: str = "") -> bool:
+        with self._lock:
+            run = self._run(run_id)
+            if run.step != seen_step or run.outcome:
+                return False
+            if outcome:
+                run.outcome = outcome
+            else:
+                run.completed_steps.append(run.step)
+                run.step = step
+            return True
+
+    def reserve(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> bool:
+        with self._lock:
+            run = self._run(run_id)
+            left = Usage(**run.limits.as_dict())
+            left.add(run.spent, -1)
+            left.add(run.reserved, -1)
+            if any(getattr(cost, name) > getattr(left, name) for name in BUDGETS):
+                return False
+            # usd_micros is only known after the call: an exhausted money budget refuses.
+            if left.usd_micros <= 0:
+                return False
+            self._hold(run_id, run, reservation_id, cost, expires)
+            return True
+
+    def hold(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> None:
+        """Record a reservation as made, without checking budgets (replaying the log)."""
+        with self._lock:
+            self._hold(run_id, self._run(run_id), reservation_id, cost, expires)
+
+    def _hold(
+        self, run_id: str, run: _Run, reservation_id: str, cost: Usage, expires: datetime
+    ) -> None:
+        run.reserved.add(cost)
+        run.reservations.add(reservation_id)
+        self._reservations[reservation_id] = _Reservation(run_id, cost, expires)
+
+    def _take(self, reservation_id: str) -> tuple[_Run, _Reservation] | None:
+        held = self._reservations.pop(reservation_id, None)
+        if held is None:
+            return None
+        run = self._runs[held.run_id]
+        run.reservations.discard(reservation_id)
+        run.reserved.add(held.cost, -1)
+        return run, held
+
+    def release(self, reservation_id: str) -> None:
+        with self._lock:
+            self._take(reservation_id)
+
+    def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
+        with self._lock:
+            taken = self._take(reservation_id)
+            if taken is None:
+                return None
+            run, held = taken
+            run.spent.add(Usage(tokens, usd_micros, held.cost.tool_calls, held.cost.requests))
+            return held.run_id
+
+    def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
+        with self._lock:
+            run = self._run(run_id)
+            due = [rid for rid in run.reservations if self._reservations[rid].expires <= now]
+            expired = []
+            for rid in due:
+                taken = self._take(rid)
+                assert taken is not None  # under the lock, listed just above
+                cost = taken[1].cost
+                run.spent.add(cost)
+                expired.append((rid, cost))
+            return expired
+
+    def books(self, run_id: str) -> Books:
+        with self._lock:
+            run = self._run(run_id)
+            return Books(
+                Usage(**run.limits.as_dict()),
+                Usage(**run.spent.as_dict()),
+                Usage(**run.reserved.as_dict()),
+            )
+
+    def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
+        with self._answered:
+            run = self._run(run_id)
+            while request_id in run.in_flight:
+                if not self._answered.wait(timeout=10):
+                    break
+            prior = run.answers.get(request_id)
+            if prior is None:
+                run.in_flight.add(request_id)
+            return prior
+
+    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
+        with self._answered:
+            run = self._run(run_id)
+            run.in_flight.discard(request_id)
+            run.answers[request_id] = stored
+            self._answered.notify_all()
+
+    def put_envelope(self, run_id: str, envelope: bytes) -> None:
+        """Nothing to do: only this process uses this store, and it registered the run."""
+
+    def envelope(self, run_id: str) -> bytes | None:
+        return None
+
+    def close(self) -> None:
+        pass
