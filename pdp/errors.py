@@ -9,6 +9,7 @@
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
     ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
+    ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
     ConfigError              the operator's mistake: stops start-up, never a denial
 
@@ -31,6 +32,7 @@ __all__ = [
     "ReasonCode",
     "RunClosed",
     "SignatureInvalid",
+    "StoreUnavailable",
 ]
 
 
@@ -62,6 +64,13 @@ class ManifestUnknown(AbcError):
 
 class RunClosed(AbcError):
     reason = ReasonCode.RUN_CLOSED
+
+
+class StoreUnavailable(AbcError):
+    """Not the caller's fault, but an answer all the same: without the run's state the PDP
+    cannot decide, so it refuses (fail closed)."""
+
+    reason = ReasonCode.PDP_UNAVAILABLE
 
 
 class PolicyMismatch(AbcError):

@@ -9,13 +9,14 @@ after it expired; otherwise running.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 
 from pdp.action import Action
 from pdp.engine import Decision, PreparedPolicy
-from pdp.errors import ManifestUnknown
+from pdp.errors import ManifestUnknown, StoreUnavailable
 from pdp.manifest import VerifiedManifest
 from pdp.runstore import BUDGETS, RunState, RunStore, Usage
 
@@ -100,5 +101,9 @@ class RunRegistry:
     def lowest_remaining_ratio(self) -> dict[str, float]:
         with self._lock:
             runs = list(self._runs.values())
-        ratios = [self.store.books(run.run_id).remaining_ratio() for run in runs]
+        try:
+            ratios = [self.store.books(run.run_id).remaining_ratio() for run in runs]
+        except StoreUnavailable:
+            # Unknown is not "full": a scrape during an outage shows no number at all.
+            return dict.fromkeys(BUDGETS, math.nan)
         return {name: min((r[name] for r in ratios), default=1.0) for name in BUDGETS}

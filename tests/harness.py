@@ -240,3 +240,55 @@ async def serve_app(app: Any) -> tuple[Any, int]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return runner, int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+
+@dataclass
+class RedisProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@_with_fresh_ports
+def start_redis(directory: Path) -> RedisProcess:
+    """A real redis-server (Debian's package) on loopback, no persistence, in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EarlyExit("redis-server exited early")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return RedisProcess(process, port)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not answer PING")

@@ -29,6 +29,7 @@ class PdpConfig:
     checkpoint_every: int
     checkpoint_seconds: float
     reservation_ttl_seconds: float
+    store: str
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -70,6 +71,13 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "ABC_PDP_RESERVATION_TTL",
         "600",
         "seconds before an unreported reservation settles at its worst case",
+    ),
+    (
+        "--store",
+        "ABC_PDP_STORE",
+        "memory",
+        "run state and budgets: memory (rebuilt from the decision log at start-up) or"
+        " redis://[:PASSWORD@]HOST:PORT/DB shared by several replicas",
     ),
 )
 
@@ -127,4 +135,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         checkpoint_every=every,
         checkpoint_seconds=seconds,
         reservation_ttl_seconds=ttl,
+        store=_store(args.store),
     )
+
+
+def _store(value: str) -> str:
+    if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+        return value
+    raise ConfigError("--store must be memory, redis://..., rediss://... or unix://...")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from datetime import timedelta
 from types import FrameType
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,12 +26,14 @@ from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.decisionlog import DecisionLog, MaskRule
 from pdp.engine import EngineError, PreparedPolicy
-from pdp.errors import ConfigError
-from pdp.manifest import SqliteHighWater, load_trust_store
+from pdp.errors import ConfigError, StoreUnavailable
+from pdp.manifest import HighWater, SqliteHighWater, load_trust_store
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
 from pdp.recovery import restore_from_log
+from pdp.runstore import MemoryRunStore, RunStore
+from pdp.runstore.redis import RedisRunStore
 from pdp.server.config import PdpConfig, parse_config
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
@@ -68,12 +71,35 @@ def _log_key(config: PdpConfig) -> Ed25519PrivateKey:
     return load_private_key(path)
 
 
+def _run_store(config: PdpConfig) -> tuple[RunStore, HighWater]:
+    """In this process (state rebuilt from the log), or Redis shared by replicas."""
+    if config.store == "memory":
+        return MemoryRunStore(), SqliteHighWater(config.state / STATE_DB)
+    store = RedisRunStore(config.store)
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        raise ConfigError(f"--store {_redacted(config.store)}: {exc}") from exc
+    return store, store
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, which must never reach a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
     bundle = load_bundle(config.policies)
     _check_bundle_compiles(bundle)
     store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
     trust = load_trust_store(config.trust)
-    high_water = SqliteHighWater(config.state / STATE_DB)
+    store, high_water = _run_store(config)
     registry = CollectorRegistry()
     metrics = PdpMetrics(registry)
     log_key = _log_key(config)
@@ -96,6 +122,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         metrics,
         decision_log,
         reservation_ttl=timedelta(seconds=config.reservation_ttl_seconds),
+        store=store,
     )
     restore_from_log(service, config.decision_log, log_key.public_key())
 
@@ -139,6 +166,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     health_servicer.enter_graceful_shutdown()
     server.stop(config.grace_seconds).wait()
     decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole
+    service.close()
     if metrics_server is not None:
         metrics_server.shutdown()
     log.info("abc-pdp stopped")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import INTENT, PdpProcess, Signer, start_pdp
+from tests.harness import INTENT, PdpProcess, RedisProcess, Signer, start_pdp, start_redis
 
 
 @pytest.fixture(scope="module")
@@ -23,3 +23,10 @@ def pdp(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pd
     process = start_pdp(signer, Path(tmp_path_factory.mktemp("pdp-state")))
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = start_redis(Path(tmp_path_factory.mktemp("redis")))
+    yield server
+    server.stop()

@@ -1,4 +1,6 @@
-"""No interleaving overspends: 200 concurrent calls (half streaming) race for a budget of 50."""
+"""No interleaving overspends: 200 concurrent calls (half streaming) race for a budget of 50,
+through one PDP with its embedded store, or through two PDP replicas sharing a real Redis
+(each with its own sidecar, the calls alternating between them)."""
 
 from __future__ import annotations
 
@@ -7,41 +9,57 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, Signer, start_pdp, start_pep
+from tests.harness import INTENT, POLICIES, RedisProcess, Signer, start_pdp, start_pep
 
 CALLS, AFFORDABLE = 200, 50
 
 
-def test_two_hundred_calls_race_for_fifty(signer: Signer, tmp_path: Path) -> None:
-    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/race")
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_two_hundred_calls_race_for_fifty(
+    signer: Signer, tmp_path: Path, redis_server: RedisProcess, store: str
+) -> None:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", f"lineage: acme/race-{store}")
     text = text.replace("requests: 500", f"requests: {AFFORDABLE}")
     envelope = tmp_path / "envelope.json"
     envelope.write_bytes(signer.freeze(text, "race"))
-    pdp = start_pdp(signer, tmp_path / "state")
+    replicas = 1 if store == "memory" else 2
+    store_url = "memory" if store == "memory" else redis_server.url
+    pdps = [
+        start_pdp(signer, tmp_path / f"state-{i}", POLICIES, "--store", store_url)
+        for i in range(replicas)
+    ]
     with FakeUpstreams() as fakes:
-        pep = start_pep(
-            pdp.address,
-            {"openai": fakes.openai_url.removesuffix("/v1")},
-            tmp_path,
-            "--manifest",
-            str(envelope),
-            "--log-level",
-            "WARNING",
-            # The race is about the ledger, not latency: no call may fail for a slow answer.
-            "--pdp-deadline-ms",
-            "10000",
-        )
-        try:
-            client = openai.AsyncOpenAI(
-                base_url=f"{pep.url}/openai/v1", api_key="k", max_retries=0, timeout=30
+        peps = [
+            start_pep(
+                pdp.address,
+                {"openai": fakes.openai_url.removesuffix("/v1")},
+                tmp_path,
+                "--manifest",
+                str(envelope),
+                "--log-level",
+                "WARNING",
+                # The race is about the ledger, not latency: no call may fail for a slow answer.
+                "--pdp-deadline-ms",
+                "10000",
             )
+            for pdp in pdps
+        ]
+        try:
+            clients = [
+                openai.AsyncOpenAI(
+                    base_url=f"{pep.url}/openai/v1", api_key="k", max_retries=0, timeout=30
+                )
+                for pep in peps
+            ]
 
             async def call(i: int) -> int | None:
                 """Tokens the upstream reported for an allowed call, None for a refusal."""
                 messages = [{"role": "user", "content": f"race {i}"}]
+                client = clients[i // 2 % len(clients)]  # streaming and not on every replica
                 try:
                     if i % 2:
                         stream = await client.chat.completions.create(
@@ -73,7 +91,7 @@ def test_two_hundred_calls_race_for_fifty(signer: Signer, tmp_path: Path) -> Non
             assert len(allowed) == AFFORDABLE
             assert len(fakes.recorder.find("openai")) == AFFORDABLE  # no refused call was forwarded
 
-            stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
+            stub = pdp_pb2_grpc.DecisionServiceStub(pdps[-1].channel())
             run_id = stub.RegisterManifest(
                 pdp_pb2.RegisterManifestRequest(envelope=envelope.read_bytes().rstrip(b"\n"))
             ).run_id
@@ -88,5 +106,5 @@ def test_two_hundred_calls_race_for_fifty(signer: Signer, tmp_path: Path) -> Non
             assert run.spent.tokens == sum(allowed)
             assert run.spent.tokens + run.remaining.tokens == 200000
         finally:
-            pep.stop()
-            pdp.stop()
+            for process in [*peps, *pdps]:
+                process.stop()

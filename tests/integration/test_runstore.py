@@ -1,0 +1,198 @@
+"""One contract, two run stores: in-process, and a real redis-server on loopback."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
+from pdp.runstore import MemoryRunStore, RunStore, Usage
+from pdp.runstore.redis import RedisRunStore
+from tests.harness import RedisProcess, free_port
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=10)
+LIMITS = Usage(tokens=1000, usd_micros=500, tool_calls=3, requests=10)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, redis_server: RedisProcess) -> Iterator[RunStore]:
+    if request.param == "memory":
+        yield MemoryRunStore()
+        return
+    # A prefix per test: tests share the server, never each other's keys.
+    shared = RedisRunStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield shared
+    shared.close()
+
+
+def opened(
+    store: RunStore, limits: Usage = LIMITS, lineage: str = "acme/a", version: int = 1
+) -> str:
+    run_id = "run_" + uuid.uuid4().hex
+    store.open(run_id, "research", Usage(**limits.as_dict()), lineage, version)
+    return run_id
+
+
+def test_open_is_idempotent_and_starts_at_the_first_step(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.move(run_id, "research", "answer")
+    store.open(run_id, "research", LIMITS, "acme/a", 1)  # registering again resets nothing
+    state = store.state(run_id, "acme/a")
+    assert (state.step, state.completed_steps, state.outcome) == ("answer", ("research",), "")
+    assert store.books(run_id).limits == LIMITS
+
+
+def test_move_is_a_compare_and_set_and_an_ending_is_final(store: RunStore) -> None:
+    run_id = opened(store)
+    assert not store.move(run_id, "answer", "publish")  # not where the caller saw it
+    assert store.move(run_id, "research", "answer")
+    assert not store.move(run_id, "research", "answer")  # the second of two racers loses
+    assert store.move(run_id, "answer", "answer", outcome="completed")
+    assert not store.move(run_id, "answer", "publish")
+    assert not store.move(run_id, "answer", "answer", outcome="failed")
+    state = store.state(run_id, "acme/a")
+    assert (state.step, state.completed_steps, state.outcome) == (
+        "answer",
+        ("research",),
+        "completed",
+    )
+
+
+def test_a_newer_version_of_the_lineage_shows_in_the_older_runs_state(store: RunStore) -> None:
+    old = opened(store, lineage="acme/versions", version=1)
+    assert store.state(old, "acme/versions").latest_version == 1
+    opened(store, lineage="acme/versions", version=3)
+    opened(store, lineage="acme/versions", version=2)  # a late, lower one lowers nothing
+    assert store.state(old, "acme/versions").latest_version == 3
+
+
+def test_reserve_holds_every_budget_or_nothing(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.reserve(run_id, "rsv_a", Usage(tokens=600, tool_calls=1, requests=1), LATER)
+    assert not store.reserve(run_id, "rsv_b", Usage(tokens=401, requests=1), LATER)
+    assert not store.reserve(run_id, "rsv_c", Usage(tool_calls=3, requests=1), LATER)
+    assert store.reserve(run_id, "rsv_d", Usage(tokens=400, tool_calls=2, requests=1), LATER)
+    books = store.books(run_id)
+    assert books.reserved == Usage(tokens=1000, tool_calls=3, requests=2)
+    assert books.remaining() == Usage(tokens=0, usd_micros=500, tool_calls=0, requests=8)
+
+
+def test_settle_charges_the_real_usage_once(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.reserve(run_id, "rsv_a", Usage(tokens=600, tool_calls=1, requests=1), LATER)
+    assert store.settle("rsv_a", 120, 30) == run_id
+    assert store.settle("rsv_a", 120, 30) is None  # already settled: never charged twice
+    assert store.settle("rsv_unknown", 1, 1) is None
+    books = store.books(run_id)
+    assert books.spent == Usage(tokens=120, usd_micros=30, tool_calls=1, requests=1)
+    assert books.reserved == Usage()
+
+
+def test_release_gives_the_reservation_back_uncharged(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.reserve(run_id, "rsv_a", Usage(tokens=1000, requests=1), LATER)
+    store.release("rsv_a")
+    assert store.books(run_id).spent == Usage() and store.books(run_id).reserved == Usage()
+    assert store.settle("rsv_a", 5, 5) is None
+
+
+def test_an_exhausted_money_budget_refuses(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.reserve(run_id, "rsv_a", Usage(tokens=10, requests=1), LATER)
+    assert store.settle("rsv_a", 10, 500) == run_id  # the money is known only afterwards
+    assert not store.reserve(run_id, "rsv_b", Usage(tokens=10, requests=1), LATER)
+
+
+def test_expired_reservations_settle_at_their_worst_case(store: RunStore) -> None:
+    run_id = opened(store)
+    store.reserve(run_id, "rsv_old", Usage(tokens=300, tool_calls=1, requests=1), NOW)
+    store.reserve(run_id, "rsv_new", Usage(tokens=100, requests=1), LATER)
+    assert store.expire(run_id, NOW) == [("rsv_old", Usage(300, 0, 1, 1))]
+    assert store.expire(run_id, NOW) == []
+    books = store.books(run_id)
+    assert books.spent == Usage(300, 0, 1, 1) and books.reserved == Usage(100, 0, 0, 1)
+    assert store.settle("rsv_old", 1, 1) is None
+
+
+def test_large_budgets_stay_exact(store: RunStore) -> None:
+    # Lua prints a large number as 1e+15; amounts must travel as exact integers.
+    big = Usage(tokens=10**15 + 7, usd_micros=10**15 + 3, tool_calls=1, requests=1)
+    run_id = opened(store, limits=big)
+    assert store.reserve(run_id, "rsv_a", Usage(tokens=10**15 + 1, requests=1), LATER)
+    assert store.settle("rsv_a", 10**15 + 1, 10**15 + 1) == run_id
+    assert store.books(run_id).remaining() == Usage(6, 2, 1, 0)
+
+
+def test_concurrent_reservations_never_overspend(store: RunStore) -> None:
+    run_id = opened(store, limits=Usage(tokens=10**6, usd_micros=1, tool_calls=100, requests=100))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        granted = list(
+            pool.map(
+                lambda i: store.reserve(run_id, f"rsv_{i}", Usage(tool_calls=1, requests=1), LATER),
+                range(300),
+            )
+        )
+    assert granted.count(True) == 100
+    assert store.books(run_id).remaining().requests == 0
+
+
+def test_a_request_id_is_answered_once_and_a_duplicate_waits_for_it(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.claim(run_id, "req-1") is None  # first: decide it
+    seen: list[object] = []
+    waiter = threading.Thread(target=lambda: seen.append(store.claim(run_id, "req-1")))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert waiter.is_alive()  # the duplicate waits while the first is in flight
+    store.answer(run_id, "req-1", {"decision_id": "dec_1", "allow": True})
+    waiter.join(timeout=5)
+    assert seen == [{"decision_id": "dec_1", "allow": True}]
+    assert store.claim(run_id, "req-1") == {"decision_id": "dec_1", "allow": True}
+
+
+def test_unknown_runs_are_refused(store: RunStore) -> None:
+    with pytest.raises(ManifestUnknown):
+        store.state("run_nope", "acme/a")
+    with pytest.raises(ManifestUnknown):
+        store.reserve("run_nope", "rsv_a", Usage(requests=1), LATER)
+    with pytest.raises(ManifestUnknown):
+        store.move("run_nope", "research", "answer")
+
+
+# ---- Redis only -----------------------------------------------------------------------
+
+
+def test_redis_rollback_marks_are_shared(redis_server: RedisProcess) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    replica_a = RedisRunStore(redis_server.url, prefix=prefix)
+    replica_b = RedisRunStore(redis_server.url, prefix=prefix)
+    replica_a.admit("acme/a", 2, "sha256:two")
+    replica_b.admit("acme/a", 2, "sha256:two")  # the same manifest again is no rollback
+    with pytest.raises(ManifestRollback):
+        replica_b.admit("acme/a", 1, "sha256:one")
+    with pytest.raises(ManifestRollback):
+        replica_b.admit("acme/a", 2, "sha256:other")
+    replica_b.admit("acme/a", 3, "sha256:three")
+    with pytest.raises(ManifestRollback):
+        replica_a.admit("acme/a", 2, "sha256:two")
+
+
+def test_redis_envelopes_are_kept_for_other_replicas(redis_server: RedisProcess) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    RedisRunStore(redis_server.url, prefix=prefix).put_envelope("run_x", b'{"payload": 1}')
+    assert RedisRunStore(redis_server.url, prefix=prefix).envelope("run_x") == b'{"payload": 1}'
+    assert RedisRunStore(redis_server.url, prefix=prefix).envelope("run_y") is None
+
+
+def test_an_unreachable_redis_is_store_unavailable() -> None:
+    store = RedisRunStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(StoreUnavailable):
+        store.ping()
+    with pytest.raises(StoreUnavailable):
+        store.reserve("run_x", "rsv_a", Usage(requests=1), LATER)
