@@ -60,7 +60,7 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
         "pdp_server_name",
         "ABC_PEP_PDP_SERVER_NAME",
         None,
-        "name expected in the PDP's certificate (default: the host of --pdp)",
+        "name checked in the PDP's certificate when not the host of --pdp",
     ),
 )
 
