@@ -53,7 +53,8 @@ async def _register(pdp: PdpClient, config: PepConfig) -> str:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise ConfigError(f"the PDP refused {config.manifest}: {exc.details()}") from exc
-            log.info("PDP not reachable yet (attempt %d)", attempt + 1)
+            # The details tell a PDP still starting from a TLS handshake that will never pass.
+            log.info("PDP not reachable yet (attempt %d): %s", attempt + 1, exc.details())
             await asyncio.sleep(1)
     raise ConfigError(f"the PDP at {config.pdp} did not answer; {config.manifest} not registered")
 
