@@ -12,7 +12,9 @@ from typing import Any
 import yaml
 from yarl import URL
 
-__all__ = ["ConfigError", "PepConfig", "parse_config"]
+from pdp.api.tls import is_loopback
+
+__all__ = ["ConfigError", "PepConfig", "build_parser", "parse_config", "transport_warnings"]
 
 
 class ConfigError(Exception):
@@ -30,6 +32,10 @@ class PepConfig:
     pdp_deadline_seconds: float = 0.25
     max_body_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    pdp_ca: Path | None = None
+    pdp_cert: Path | None = None
+    pdp_key: Path | None = None
+    pdp_server_name: str | None = None
 
 
 _UPSTREAM_KINDS = ("openai", "anthropic", "mcp:", "http:")
@@ -47,6 +53,15 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("pdp_deadline_ms", "ABC_PEP_PDP_DEADLINE_MS", 250, "PDP deadline per decision, ms"),
     ("max_body_bytes", "ABC_PEP_MAX_BODY_BYTES", 1024 * 1024, "largest request body read"),
     ("log_level", "ABC_PEP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("pdp_ca", "ABC_PEP_PDP_CA", None, "CA bundle PEM that signed the PDP's certificate (TLS)"),
+    ("pdp_cert", "ABC_PEP_PDP_CERT", None, "client certificate PEM presented to the PDP"),
+    ("pdp_key", "ABC_PEP_PDP_KEY", None, "client private key PEM"),
+    (
+        "pdp_server_name",
+        "ABC_PEP_PDP_SERVER_NAME",
+        None,
+        "name checked in the PDP's certificate when not the host of --pdp",
+    ),
 )
 
 
@@ -82,15 +97,32 @@ def _file(path: str | None) -> dict[str, Any]:
     return data
 
 
-def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PepConfig:
+def _path(value: Any) -> Path | None:
+    return Path(str(value)) if value else None
+
+
+def _tls(values: Mapping[str, Any]) -> tuple[Path | None, Path | None, Path | None, str | None]:
+    """(CA, cert, key, server name) for the PDP channel; the CA is what turns TLS on."""
+    ca, cert, key = (_path(values.get(k)) for k in ("pdp_ca", "pdp_cert", "pdp_key"))
+    name = str(values["pdp_server_name"]) if values.get("pdp_server_name") else None
+    if bool(cert) != bool(key):
+        raise ConfigError("--pdp-cert and --pdp-key go together: give both or neither")
+    # No fallback to the system's CAs: the PDP is trusted because our CA signed it.
+    if cert and not ca:
+        raise ConfigError("--pdp-cert and --pdp-key need --pdp-ca (the CA of the PDP)")
+    if name and not ca:
+        raise ConfigError("--pdp-server-name needs --pdp-ca: it names the PDP's certificate")
+    return ca, cert, key, name
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abc-pep", description="ABC sidecar proxy (PEP)")
     parser.add_argument(
         "--config", default=environ.get("ABC_PEP_CONFIG"), help="YAML file (env ABC_PEP_CONFIG)"
     )
     for name, env, default, text in _OPTIONS:
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, help=f"{text} (env {env}, default {default})"
-        )
+        shown = f"env {env}" + ("" if default is None else f", default {default}")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=f"{text} ({shown})")
     parser.add_argument(
         "--upstream",
         action="append",
@@ -98,7 +130,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         help="openai=URL, anthropic=URL, mcp:SERVER=URL or http:NAME=URL; repeatable"
         " (env ABC_PEP_UPSTREAMS, comma-separated)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PepConfig:
+    args = build_parser(environ).parse_args(argv)
     from_file = _file(args.config)
     values: dict[str, Any] = {}
     for name, env, default, _ in _OPTIONS:
@@ -121,6 +157,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     if not 1 <= deadline_ms <= 60_000 or not 1 <= max_body <= 64 * 1024 * 1024:
         raise ConfigError("--pdp-deadline-ms must be 1..60000 and --max-body-bytes 1..64 MiB")
     metrics = str(values["metrics"])
+    pdp_ca, pdp_cert, pdp_key, pdp_server_name = _tls(values)
     return PepConfig(
         listen=_address(str(values["listen"]), "--listen"),
         pdp=_address(str(values["pdp"]), "--pdp"),
@@ -131,4 +168,18 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         pdp_deadline_seconds=deadline_ms / 1000,
         max_body_bytes=max_body,
         log_level=str(values["log_level"]).upper(),
+        pdp_ca=pdp_ca,
+        pdp_cert=pdp_cert,
+        pdp_key=pdp_key,
+        pdp_server_name=pdp_server_name,
     )
+
+
+def transport_warnings(config: PepConfig) -> list[str]:
+    """What is unsafe about the way to the PDP; empty when nothing is."""
+    if config.pdp_ca is None and not is_loopback(config.pdp):
+        return [
+            f"the PDP at {config.pdp} is reached without TLS: decisions can be read and forged"
+            " on the way; give --pdp-ca, --pdp-cert and --pdp-key"
+        ]
+    return []

@@ -12,15 +12,32 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from pep.config import ConfigError, PepConfig, parse_config
+from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
+from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.metrics import PepMetrics
-from pep.pdp_client import PdpClient
+from pep.pdp_client import PdpClient, PdpTls
 from pep.proxy import Sidecar, build_app, metrics_app
 
 __all__ = ["main", "main_exit", "serve"]
 
 log = logging.getLogger("abc.pep")
 REGISTER_ATTEMPTS = 30
+
+
+def _pdp_tls(config: PepConfig) -> PdpTls | None:
+    """Read and check the PDP channel's PEM files once, at start-up; None for plaintext."""
+    if config.pdp_ca is None:
+        return None
+    try:
+        root = load_certificates(config.pdp_ca, "--pdp-ca")
+        chain, key = (
+            load_key_pair(config.pdp_cert, config.pdp_key, "--pdp-cert", "--pdp-key")
+            if config.pdp_cert is not None and config.pdp_key is not None
+            else (None, None)
+        )
+    except TlsFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    return PdpTls(root, chain, key, config.pdp_server_name)
 
 
 async def _register(pdp: PdpClient, config: PepConfig) -> str:
@@ -36,7 +53,8 @@ async def _register(pdp: PdpClient, config: PepConfig) -> str:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise ConfigError(f"the PDP refused {config.manifest}: {exc.details()}") from exc
-            log.info("PDP not reachable yet (attempt %d)", attempt + 1)
+            # The details tell a PDP still starting from a TLS handshake that will never pass.
+            log.info("PDP not reachable yet (attempt %d): %s", attempt + 1, exc.details())
             await asyncio.sleep(1)
     raise ConfigError(f"the PDP at {config.pdp} did not answer; {config.manifest} not registered")
 
@@ -50,7 +68,9 @@ async def _site(runner: web.AppRunner, address: str) -> None:
 
 
 async def serve(config: PepConfig, stop: asyncio.Event) -> None:
-    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds)
+    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds, _pdp_tls(config))
+    for warning in transport_warnings(config):
+        log.warning("%s", warning)
     runners: list[web.AppRunner] = []
     try:
         run_id = await _register(pdp, config) if config.manifest else config.run
@@ -66,7 +86,11 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
             await exporter.setup()
             await _site(exporter, config.metrics)
         log.info(
-            "abc-pep proxying on %s for run %s (PDP %s)", config.listen, run_id or "-", config.pdp
+            "abc-pep proxying on %s for run %s (PDP %s, %s)",
+            config.listen,
+            run_id or "-",
+            config.pdp,
+            "plaintext" if config.pdp_ca is None else "TLS",
         )
         await stop.wait()
         log.info("abc-pep stopping")

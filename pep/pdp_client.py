@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pep.usage_reporter import UsageReporter
 
-__all__ = ["PdpClient", "Verdict"]
+__all__ = ["PdpClient", "PdpTls", "Verdict"]
 
 log = logging.getLogger("abc.pep")
 
@@ -55,9 +55,31 @@ def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
     )
 
 
+@dataclass(frozen=True)
+class PdpTls:
+    """PEM bytes for a TLS channel to the PDP; the client pair is optional, the CA is not."""
+
+    root_certificates: bytes
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None  # the name checked in the PDP's certificate, if not the host
+
+
+def _channel(target: str, tls: PdpTls | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        tls.root_certificates, tls.private_key, tls.certificate_chain
+    )
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    # A failed handshake (wrong CA, refused client certificate) surfaces as UNAVAILABLE on
+    # the call, which decide() turns into a pdp_unavailable refusal: TLS fails closed too.
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
 class PdpClient:
-    def __init__(self, target: str, deadline_seconds: float) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, deadline_seconds: float, tls: PdpTls | None = None) -> None:
+        self._channel = _channel(target, tls)
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
         self._usage = UsageReporter(self._stub, deadline_seconds)

@@ -91,8 +91,11 @@ class PdpProcess:
     address: str
     metrics_address: str
     log: Path
+    credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
 
     def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.address, self.credentials)
         return grpc.insecure_channel(self.address)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
@@ -124,7 +127,14 @@ class EarlyExit(RuntimeError):
 
 
 @_with_fresh_ports
-def start_pdp(signer: Signer, state: Path, policies: Path = POLICIES, *extra: str) -> PdpProcess:
+def start_pdp(
+    signer: Signer,
+    state: Path,
+    policies: Path = POLICIES,
+    *extra: str,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> PdpProcess:
+    """Start abc-pdp; ``extra`` flags (e.g. --tls-*) need ``credentials`` to reach it."""
     address = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
     log = state.parent / f"pdp-{address.rsplit(':', 1)[1]}.log"
@@ -148,7 +158,7 @@ def start_pdp(signer: Signer, state: Path, policies: Path = POLICIES, *extra: st
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    pdp = PdpProcess(process, address, metrics, log)
+    pdp = PdpProcess(process, address, metrics, log, credentials)
     wait_serving(pdp)
     return pdp
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pdp.bundle import load_bundle
+from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
@@ -77,6 +78,18 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     key_path, pub_path, key_id = write_keypair(args.out, args.name)
     print(key_id)
     print(f"wrote {key_path} (private, mode 0600) and {pub_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    paths = write_dev_certs(args.out, args.pdp_host, args.days, args.force)
+    for path in paths:
+        print(path)
+    print(
+        f"wrote a development CA and the PDP's and PEP's certificates into {args.out}"
+        " (keys mode 0600); keep ca.key off the servers",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -281,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("--name", default="signer")
     keygen.set_defaults(func=cmd_keygen)
+
+    certs = commands.add_parser(
+        "certs", help="make a development CA and TLS certificates for the PDP and the PEP"
+    )
+    certs.add_argument(
+        "--out", type=Path, required=True, help="directory for ca, pdp and pep .pem/.key"
+    )
+    certs.add_argument(
+        "--pdp-host",
+        action="append",
+        default=[],
+        help=f"another name or IP in the PDP certificate, besides {', '.join(DEFAULT_PDP_HOSTS)};"
+        " repeatable",
+    )
+    certs.add_argument(
+        "--days", type=int, default=DEFAULT_DAYS, help=f"validity (default {DEFAULT_DAYS})"
+    )
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=cmd_certs)
 
     trust = commands.add_parser("trust", help="edit a trust store").add_subparsers(
         dest="trust_command", required=True

@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdp.api.tls import is_loopback
 from pdp.errors import ConfigError
 
-__all__ = ["PdpConfig", "parse_config"]
+__all__ = ["PdpConfig", "build_parser", "parse_config", "transport_warnings"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class PdpConfig:
     checkpoint_every: int
     checkpoint_seconds: float
     reservation_ttl_seconds: float
-    store: str
+    store: str = "memory"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -79,6 +83,14 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "run state and budgets: memory (rebuilt from the decision log at start-up) or"
         " redis://[:PASSWORD@]HOST:PORT/DB shared by several replicas",
     ),
+    ("--tls-cert", "ABC_PDP_TLS_CERT", None, "server certificate chain PEM (TLS with --tls-key)"),
+    ("--tls-key", "ABC_PDP_TLS_KEY", None, "server private key PEM"),
+    (
+        "--tls-client-ca",
+        "ABC_PDP_TLS_CLIENT_CA",
+        None,
+        "CA bundle PEM: clients must present a certificate it signed",
+    ),
 )
 
 
@@ -89,7 +101,21 @@ def _address(value: str, flag: str) -> str:
     return value
 
 
-def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PdpConfig:
+def _tls(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    """Cert and key come together; a client CA needs them (it is checked inside TLS)."""
+    cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if client_ca and not cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: it is checked in TLS")
+    return (
+        Path(cert) if cert else None,
+        Path(key) if key else None,
+        Path(client_ca) if client_ca else None,
+    )
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abc-pdp", description="ABC policy decision point")
     for flag, env, default, text in _OPTIONS:
         shown = f" (env {env}" + (f", default {default})" if default else ")")
@@ -101,7 +127,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         help="input path masked in the decision log, e.g. action.args.password; repeatable"
         " (env ABC_PDP_LOG_MASKS, comma-separated)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ) -> PdpConfig:
+    args = build_parser(environ).parse_args(argv)
     masks = args.log_mask or [m for m in environ.get("ABC_PDP_LOG_MASKS", "").split(",") if m]
     for flag in ("--trust", "--policies", "--state"):
         if not getattr(args, flag[2:]):
@@ -120,6 +150,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         )
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
+    tls_cert, tls_key, tls_client_ca = _tls(args)
     return PdpConfig(
         listen=_address(args.listen, "--listen"),
         trust=Path(args.trust),
@@ -136,6 +167,9 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         checkpoint_seconds=seconds,
         reservation_ttl_seconds=ttl,
         store=_store(args.store),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
     )
 
 
@@ -143,3 +177,25 @@ def _store(value: str) -> str:
     if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
         return value
     raise ConfigError("--store must be memory, redis://..., rediss://... or unix://...")
+
+
+def transport_warnings(config: PdpConfig) -> list[str]:
+    """What is unsafe about how the gRPC port is exposed; empty when nothing is.
+
+    Loopback without TLS is the development setup and stays quiet. A reachable port is
+    not refused (a service mesh may add mTLS outside the process) but is said loudly.
+    """
+    if is_loopback(config.listen):
+        return []
+    if config.tls_cert is None:
+        return [
+            f"--listen {config.listen} is reachable from other hosts without TLS: anyone who"
+            " reaches it can register manifests and ask for decisions; give --tls-cert,"
+            " --tls-key and --tls-client-ca"
+        ]
+    if config.tls_client_ca is None:
+        return [
+            f"--listen {config.listen} accepts any TLS client: give --tls-client-ca to"
+            " require client certificates"
+        ]
+    return []

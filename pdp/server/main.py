@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.decisionlog import DecisionLog, MaskRule
 from pdp.engine import EngineError, PreparedPolicy
@@ -34,7 +35,7 @@ from pdp.metrics import PdpMetrics
 from pdp.recovery import restore_from_log
 from pdp.runstore import MemoryRunStore, RunStore
 from pdp.runstore.redis import RedisRunStore
-from pdp.server.config import PdpConfig, parse_config
+from pdp.server.config import PdpConfig, parse_config, transport_warnings
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
 
@@ -94,7 +95,36 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _server_credentials(config: PdpConfig) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is given; None means plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    try:
+        chain, key = load_key_pair(config.tls_cert, config.tls_key, "--tls-cert", "--tls-key")
+        client_ca = (
+            load_certificates(config.tls_client_ca, "--tls-client-ca")
+            if config.tls_client_ca
+            else None
+        )
+    except TlsFileError as exc:
+        raise ConfigError(str(exc)) from exc
+    # With a client CA, a client without a certificate it signed fails the handshake:
+    # it never reaches a servicer, so no RPC can forget to check.
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _transport(config: PdpConfig) -> str:
+    if config.tls_cert is None:
+        return "plaintext"
+    return "TLS, client certificates required" if config.tls_client_ca else "TLS"
+
+
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
+    credentials = _server_credentials(config)  # first: a wrong file stops start-up at once
+    for warning in transport_warnings(config):
+        log.warning("%s", warning)
     bundle = load_bundle(config.policies)
     _check_bundle_compiles(bundle)
     store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
@@ -141,7 +171,12 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if server.add_insecure_port(config.listen) == 0:
+    bound = (
+        server.add_secure_port(config.listen, credentials)
+        if credentials is not None
+        else server.add_insecure_port(config.listen)
+    )
+    if bound == 0:
         raise ConfigError(f"cannot listen on {config.listen}")
     metrics_server = None
     if config.metrics:
@@ -154,8 +189,9 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "abc-pdp serving on %s (policy %s, %d trusted keys)",
+        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)",
         config.listen,
+        _transport(config),
         bundle.digest,
         len(trust.entries),
     )

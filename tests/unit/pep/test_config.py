@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pep.config import ConfigError, parse_config
+from pep.config import ConfigError, parse_config, transport_warnings
 
 
 def test_defaults_are_loopback_and_fail_closed() -> None:
@@ -14,6 +14,41 @@ def test_defaults_are_loopback_and_fail_closed() -> None:
     assert config.listen == "127.0.0.1:15001" and config.metrics == "127.0.0.1:15090"
     assert config.pdp_deadline_seconds == 0.25
     assert config.run is None and config.upstreams == {}
+    assert config.pdp_ca is config.pdp_cert is config.pdp_key is config.pdp_server_name is None
+    assert transport_warnings(config) == []  # a loopback PDP in plaintext is the dev setup
+
+
+def test_pdp_tls_from_flags_environment_and_file(tmp_path: Path) -> None:
+    file = tmp_path / "pep.yaml"
+    file.write_text("pdp_ca: /f/ca.pem\npdp_cert: /f/pep.pem\npdp_key: /f/pep.key\n")
+    from_file = parse_config(["--config", str(file)], environ={})
+    assert (from_file.pdp_ca, from_file.pdp_cert, from_file.pdp_key) == (
+        Path("/f/ca.pem"),
+        Path("/f/pep.pem"),
+        Path("/f/pep.key"),
+    )
+    mixed = parse_config(
+        ["--config", str(file), "--pdp-key", "/flag/pep.key"],
+        environ={"ABC_PEP_PDP_CERT": "/env/pep.pem", "ABC_PEP_PDP_SERVER_NAME": "abc-pdp"},
+    )
+    assert mixed.pdp_ca == Path("/f/ca.pem")
+    assert mixed.pdp_cert == Path("/env/pep.pem") and mixed.pdp_key == Path("/flag/pep.key")
+    assert mixed.pdp_server_name == "abc-pdp"
+
+
+@pytest.mark.parametrize(
+    ("pdp", "tls", "warned"),
+    [
+        ("127.0.0.1:9191", [], False),
+        ("abc-pdp:9191", [], True),
+        ("10.0.0.7:9191", [], True),
+        ("abc-pdp:9191", ["--pdp-ca", "ca.pem"], False),
+    ],
+)
+def test_a_remote_pdp_in_plaintext_is_warned_about(pdp: str, tls: list[str], warned: bool) -> None:
+    warnings = transport_warnings(parse_config(["--pdp", pdp, *tls], environ={}))
+    assert bool(warnings) is warned
+    assert all(pdp in warning and "without TLS" in warning for warning in warnings)
 
 
 def test_precedence(tmp_path: Path) -> None:
@@ -48,6 +83,10 @@ def test_upstreams_from_flags_and_environment() -> None:
         (["--run", "r", "--manifest", "m.json"], "not both"),
         (["--pdp-deadline-ms", "0"], "1..60000"),
         (["--config", "/nonexistent/pep.yaml"], "cannot read"),
+        (["--pdp-ca", "ca", "--pdp-cert", "c"], "--pdp-cert and --pdp-key go together"),
+        (["--pdp-ca", "ca", "--pdp-key", "k"], "--pdp-cert and --pdp-key go together"),
+        (["--pdp-cert", "c", "--pdp-key", "k"], "need --pdp-ca"),
+        (["--pdp-server-name", "abc-pdp"], "--pdp-server-name needs --pdp-ca"),
     ],
     ids=[
         "unknown-kind",
@@ -57,6 +96,10 @@ def test_upstreams_from_flags_and_environment() -> None:
         "run-and-manifest",
         "zero-deadline",
         "missing-file",
+        "tls-cert-without-key",
+        "tls-key-without-cert",
+        "tls-client-pair-without-ca",
+        "tls-server-name-without-ca",
     ],
 )
 def test_mistakes_are_config_errors(argv: list[str], message: str) -> None:

@@ -1,0 +1,292 @@
+"""mTLS between PEP and PDP: real abc-pdp and abc-pep on loopback, certificates from abcctl.
+
+The PDP requires a client certificate signed by its client CA; anything else fails the
+handshake before any RPC. A sidecar whose certificate is refused fails closed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx
+import openai
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+from tests.fakes.serve import FakeUpstreams
+from tests.harness import BIN, POLICIES, PdpProcess, Signer, abcctl, free_port, start_pdp, start_pep
+
+API_KEY = "sk-tls-test"
+CHAT = "/openai/v1/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@dataclass(frozen=True)
+class Pki:
+    """One ``abcctl certs`` output directory."""
+
+    dir: Path
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def read(self, name: str) -> bytes:
+        return (self.dir / name).read_bytes()
+
+
+def make_pki(directory: Path) -> Pki:
+    done = abcctl("certs", "--out", directory, "--days", "2", check=False)
+    assert done.returncode == 0, done.stderr
+    return Pki(directory)
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki-ours"))
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second, unrelated CA with certificates of the same names."""
+    return make_pki(tmp_path_factory.mktemp("pki-other"))
+
+
+def client_credentials(
+    trusted: Pki, client: Pki | None, name: str = "pep"
+) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(trusted.read("ca.pem"))
+    return grpc.ssl_channel_credentials(
+        trusted.read("ca.pem"), client.read(f"{name}.key"), client.read(f"{name}.pem")
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_pdp(
+    signer: Signer, ours: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PdpProcess]:
+    process = start_pdp(
+        signer,
+        tmp_path_factory.mktemp("tls-pdp") / "state",
+        POLICIES,
+        "--tls-cert",
+        ours.path("pdp.pem"),
+        "--tls-key",
+        ours.path("pdp.key"),
+        "--tls-client-ca",
+        ours.path("ca.pem"),
+        credentials=client_credentials(ours, ours),
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def run_id(tls_pdp: PdpProcess, demo_envelope: bytes) -> str:
+    with tls_pdp.channel() as channel:
+        reply = pdp_pb2_grpc.DecisionServiceStub(channel).RegisterManifest(
+            pdp_pb2.RegisterManifestRequest(envelope=demo_envelope), timeout=10
+        )
+    return str(reply.run_id)
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeUpstreams]:
+    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
+        yield upstreams
+
+
+def search(run: str) -> pdp_pb2.DecideRequest:
+    return pdp_pb2.DecideRequest(
+        run_id=run,
+        request_id=f"r-{uuid.uuid4().hex}",
+        action=pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=b'{"query": "x"}'),
+    )
+
+
+def test_a_client_with_a_certificate_from_the_ca_is_served(
+    tls_pdp: PdpProcess, run_id: str
+) -> None:
+    with tls_pdp.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        reply = pdp_pb2_grpc.DecisionServiceStub(channel).Decide(search(run_id), timeout=5)
+    assert reply.allow and reply.decision_id.startswith("dec_")
+    assert "TLS, client certificates required" in tls_pdp.output()
+
+
+@pytest.mark.parametrize(
+    "client",
+    ["no-client-cert", "cert-from-another-ca", "server-cert-as-client", "plaintext"],
+)
+def test_a_client_without_a_valid_certificate_is_refused(
+    tls_pdp: PdpProcess, run_id: str, ours: Pki, other: Pki, client: str
+) -> None:
+    channel = {
+        "no-client-cert": lambda: grpc.secure_channel(
+            tls_pdp.address, client_credentials(ours, None)
+        ),
+        "cert-from-another-ca": lambda: grpc.secure_channel(
+            tls_pdp.address, client_credentials(ours, other)
+        ),
+        # Signed by the right CA, but for serverAuth only: the EKU check refuses it.
+        "server-cert-as-client": lambda: grpc.secure_channel(
+            tls_pdp.address, client_credentials(ours, ours, name="pdp")
+        ),
+        "plaintext": lambda: grpc.insecure_channel(tls_pdp.address),
+    }[client]()
+    with channel:
+        with pytest.raises(grpc.RpcError) as health:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        with pytest.raises(grpc.RpcError) as decide:
+            pdp_pb2_grpc.DecisionServiceStub(channel).Decide(search(run_id), timeout=5)
+    assert health.value.code() == decide.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_client_that_does_not_trust_the_pdp_ca_stops_at_the_handshake(
+    tls_pdp: PdpProcess, other: Pki
+) -> None:
+    """The other direction: a PDP whose certificate the client's CA did not sign is refused."""
+    channel = grpc.secure_channel(tls_pdp.address, client_credentials(other, other))
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_sidecar_over_mtls_forwards_an_allowed_call_end_to_end(
+    tls_pdp: PdpProcess,
+    ours: Pki,
+    fakes: FakeUpstreams,
+    demo_envelope: bytes,
+    tmp_path: Path,
+) -> None:
+    envelope = tmp_path / "envelope.json"
+    envelope.write_bytes(demo_envelope)
+    pep = start_pep(
+        tls_pdp.address,
+        {"openai": fakes.openai_url.removesuffix("/v1")},
+        tmp_path,
+        "--manifest",  # registered over mTLS too
+        str(envelope),
+        "--pdp-ca",
+        ours.path("ca.pem"),
+        "--pdp-cert",
+        ours.path("pep.pem"),
+        "--pdp-key",
+        ours.path("pep.key"),
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0)
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "over mTLS"}]
+        )
+        assert reply.choices[0].message.content.startswith("Hello from the fake OpenAI")
+        assert (
+            fakes.recorder.last("openai", path="/v1/chat/completions").header("authorization")
+            == f"Bearer {API_KEY}"
+        )
+        # Decided by the PDP, not waved through: a model outside the manifest is refused.
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(
+                model="gpt-5", messages=[{"role": "user", "content": "x"}]
+            )
+        assert refused.value.code == "model_not_allowed"
+        assert "(PDP " in pep.output() and ", TLS)" in pep.output()
+    finally:
+        pep.stop()
+
+
+@pytest.mark.parametrize(
+    "problem", ["cert-from-another-ca", "no-client-cert", "wrong-server-name", "plaintext"]
+)
+def test_a_sidecar_the_pdp_refuses_fails_closed(
+    tls_pdp: PdpProcess,
+    run_id: str,
+    ours: Pki,
+    other: Pki,
+    fakes: FakeUpstreams,
+    tmp_path: Path,
+    problem: str,
+) -> None:
+    tls = {
+        "cert-from-another-ca": [
+            "--pdp-ca",
+            ours.path("ca.pem"),
+            "--pdp-cert",
+            other.path("pep.pem"),
+            "--pdp-key",
+            other.path("pep.key"),
+        ],
+        "no-client-cert": ["--pdp-ca", ours.path("ca.pem")],
+        "wrong-server-name": [
+            "--pdp-ca",
+            ours.path("ca.pem"),
+            "--pdp-cert",
+            ours.path("pep.pem"),
+            "--pdp-key",
+            ours.path("pep.key"),
+            "--pdp-server-name",
+            "not-the-pdp.example",
+        ],
+        "plaintext": [],
+    }[problem]
+    pep = start_pep(
+        tls_pdp.address,
+        {"openai": fakes.openai_url.removesuffix("/v1")},
+        tmp_path,
+        "--run",
+        run_id,
+        *tls,
+    )
+    forwarded = len(fakes.recorder.find("openai"))
+    try:
+        reply = httpx.post(pep.url + CHAT, json=BODY, timeout=10)
+        assert reply.status_code == 503
+        assert reply.json()["error"]["code"] == "pdp_unavailable"
+        assert reply.headers["x-abc-decision-id"].startswith("pep_")  # no PDP decision behind it
+        assert len(fakes.recorder.find("openai")) == forwarded  # nothing went upstream
+    finally:
+        pep.stop()
+
+
+def _start_up_error(binary: str, *args: str) -> str:
+    done = subprocess.run(
+        [str(BIN / binary), *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"{binary}: error:") and "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_tls_mistakes_stop_start_up_naming_the_file(
+    signer: Signer, ours: Pki, other: Pki, tmp_path: Path
+) -> None:
+    pdp = [
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--trust",
+        str(signer.trust),
+        "--policies",
+        str(POLICIES),
+        "--state",
+        str(tmp_path / "state"),
+    ]
+    only_cert = _start_up_error("abc-pdp", *pdp, "--tls-cert", ours.path("pdp.pem"))
+    assert "--tls-cert and --tls-key go together" in only_cert
+    swapped = _start_up_error(
+        "abc-pdp", *pdp, "--tls-cert", ours.path("pdp.pem"), "--tls-key", other.path("pdp.key")
+    )
+    assert f"--tls-key {other.path('pdp.key')} is not the key of --tls-cert" in swapped
+    assert "PRIVATE KEY" not in swapped  # never the key itself
+    missing_ca = _start_up_error(
+        "abc-pep", "--run", "r", "--pdp-ca", str(tmp_path / "absent.pem"), "--metrics", "off"
+    )
+    assert "cannot read --pdp-ca" in missing_ca

@@ -1,0 +1,79 @@
+"""abc-pdp configuration: TLS flags come in valid combinations; an exposed port is warned about."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pdp.errors import ConfigError
+from pdp.server.config import parse_config, transport_warnings
+
+REQUIRED = ["--trust", "t.yaml", "--policies", "p", "--state", "s"]
+
+
+def test_defaults_are_loopback_plaintext_without_warning() -> None:
+    config = parse_config(REQUIRED, environ={})
+    assert config.listen == "127.0.0.1:9191"
+    assert config.tls_cert is config.tls_key is config.tls_client_ca is None
+    assert transport_warnings(config) == []
+
+
+def test_tls_from_flags_and_from_environment() -> None:
+    flags = parse_config(
+        [*REQUIRED, "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"],
+        environ={},
+    )
+    env = parse_config(
+        REQUIRED,
+        environ={
+            "ABC_PDP_TLS_CERT": "c.pem",
+            "ABC_PDP_TLS_KEY": "k.pem",
+            "ABC_PDP_TLS_CLIENT_CA": "ca.pem",
+        },
+    )
+    for config in (flags, env):
+        assert (config.tls_cert, config.tls_key, config.tls_client_ca) == (
+            Path("c.pem"),
+            Path("k.pem"),
+            Path("ca.pem"),
+        )
+
+
+@pytest.mark.parametrize(
+    ("extra", "environ", "message"),
+    [
+        (["--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key go together"),
+        (["--tls-key", "k.pem"], {}, "--tls-cert and --tls-key go together"),
+        ([], {"ABC_PDP_TLS_KEY": "k.pem"}, "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "ca.pem"], {}, "--tls-client-ca needs --tls-cert and --tls-key"),
+    ],
+    ids=["cert-only", "key-only", "key-only-env", "client-ca-without-tls"],
+)
+def test_incomplete_tls_is_a_config_error(
+    extra: list[str], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config([*REQUIRED, *extra], environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("listen", "tls", "warned"),
+    [
+        ("127.0.0.1:9191", [], None),
+        ("[::1]:9191", [], None),
+        ("0.0.0.0:9191", [], "without TLS"),
+        ("[::]:9191", [], "without TLS"),
+        ("abc-pdp:9191", [], "without TLS"),
+        ("0.0.0.0:9191", ["--tls-cert", "c", "--tls-key", "k"], "accepts any TLS client"),
+        ("0.0.0.0:9191", ["--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca"], None),
+    ],
+)
+def test_an_exposed_port_without_mtls_is_warned_about(
+    listen: str, tls: list[str], warned: str | None
+) -> None:
+    warnings = transport_warnings(parse_config([*REQUIRED, "--listen", listen, *tls], environ={}))
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0] and listen in warnings[0]
