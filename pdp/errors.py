@@ -8,6 +8,7 @@
     ├── ManifestExpired      outside the manifest's validity window -> manifest_expired
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
     ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
+    ├── ShadowNotAllowed     shadow manifest from a key not granted it -> shadow_not_allowed
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
@@ -31,6 +32,7 @@ __all__ = [
     "PolicyMismatch",
     "ReasonCode",
     "RunClosed",
+    "ShadowNotAllowed",
     "SignatureInvalid",
     "StoreUnavailable",
 ]
@@ -60,6 +62,10 @@ class ManifestRollback(AbcError):
 
 class ManifestUnknown(AbcError):
     reason = ReasonCode.MANIFEST_UNKNOWN
+
+
+class ShadowNotAllowed(AbcError):
+    reason = ReasonCode.SHADOW_NOT_ALLOWED
 
 
 class RunClosed(AbcError):

@@ -11,6 +11,7 @@ from pdp.errors import ReasonCode
 __all__ = ["NO_REASON", "PdpMetrics"]
 
 NO_REASON = "none"
+MODES = ("enforce", "shadow")
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -24,7 +25,7 @@ class PdpMetrics:
         self.decisions = Counter(
             "abc_pdp_decisions",
             "Decisions made, by outcome and first reason code.",
-            ["decision", "reason"],
+            ["decision", "reason", "mode"],
             registry=registry,
         )
         self.decide_seconds = Histogram(
@@ -49,16 +50,22 @@ class PdpMetrics:
             registry=registry,
         )
         # Every series exists from start-up; the hot path only looks children up.
-        self._allowed = self.decisions.labels("allow", NO_REASON)
-        self._denied = {code: self.decisions.labels("deny", code.value) for code in ReasonCode}
+        # mode: "enforce", or "shadow" for what a shadow run would have been answered.
+        self._allowed = {mode: self.decisions.labels("allow", NO_REASON, mode) for mode in MODES}
+        self._denied = {
+            (code, mode): self.decisions.labels("deny", code.value, mode)
+            for code in ReasonCode
+            for mode in MODES
+        }
         for code in ReasonCode:
             self.manifests_rejected.labels(code.value)
 
-    def count_decision(self, allow: bool, reason: ReasonCode | None) -> None:
+    def count_decision(self, allow: bool, reason: ReasonCode | None, enforced: bool = True) -> None:
+        mode = "enforce" if enforced else "shadow"
         if allow or reason is None:
-            self._allowed.inc()
+            self._allowed[mode].inc()
         else:
-            self._denied[reason].inc()
+            self._denied[reason, mode].inc()
 
     def watch_budgets(self, lowest_remaining: Callable[[], dict[str, float]]) -> None:
         """Compute the budget gauge when scraped, not on every decision."""

@@ -17,7 +17,7 @@ from datetime import datetime
 from pdp.action import Action
 from pdp.engine import Decision, PreparedPolicy
 from pdp.errors import ManifestUnknown, StoreUnavailable
-from pdp.manifest import VerifiedManifest
+from pdp.manifest import VerifiedManifest, mark_lineage
 from pdp.runstore import BUDGETS, RunState, RunStore, Usage
 
 __all__ = ["STATUSES", "Run", "RunRegistry", "cost_of", "run_id_for"]
@@ -38,7 +38,17 @@ class Run:
 
     @property
     def lineage(self) -> str:
-        return self.verified.manifest.metadata.lineage
+        return mark_lineage(self.verified.manifest)
+
+    @property
+    def shadow(self) -> bool:
+        """Decided and logged like any run, but nothing is refused."""
+        return self.verified.manifest.enforcement == "shadow"
+
+    def has_step(self, target: str) -> bool:
+        """A step of the Assembly, or one of the endings."""
+        steps = self.verified.manifest.assembly.steps
+        return target in ("@completed", "@failed") or any(s.id == target for s in steps)
 
     def status(self, state: RunState, now: datetime) -> str:
         manifest = self.verified.manifest
@@ -55,7 +65,8 @@ def cost_of(action: Action, decision: Decision) -> Usage:
     """The worst case an allowed action may spend, reserved before it is forwarded."""
     if action.kind == "model":
         # The completion cap plus an upper bound on the prompt: settled with real usage.
-        completion = int(decision.obligations.get("max_tokens", 0))
+        # (A refused call forwarded by a shadow run has no cap: the one it asked for.)
+        completion = int(decision.obligations.get("max_tokens", action.max_tokens or 0))
         return Usage(tokens=completion + action.input_bytes, requests=1)
     if action.kind == "tool":
         return Usage(tool_calls=1, requests=1)
@@ -79,14 +90,15 @@ class RunRegistry:
             if existing is not None:
                 return existing
             manifest = verified.manifest
+            run = Run(run_id, verified, policy)
             self.store.open(
                 run_id,
                 manifest.assembly.steps[0].id,
                 Usage(**manifest.budgets.model_dump()),
-                manifest.metadata.lineage,
+                run.lineage,
                 manifest.metadata.version,
             )
-            run = self._runs[run_id] = Run(run_id, verified, policy)
+            self._runs[run_id] = run
             return run
 
     def find(self, run_id: str) -> Run | None:

@@ -39,9 +39,15 @@ log = logging.getLogger("abc.pdp")
 
 @dataclass(frozen=True)
 class DecisionOutcome:
-    decision: Decision
+    decision: Decision  # for a shadow run, what enforcing would have answered
     decision_id: str
     reservation_id: str = ""
+    enforced: bool = True
+
+    @property
+    def forward(self) -> bool:
+        """Whether the caller may go ahead: always, in shadow mode."""
+        return self.decision.allow or not self.enforced
 
     @property
     def reason(self) -> ReasonCode | None:
@@ -58,6 +64,7 @@ class _Commit:
     reservation_id: str = ""
     cost: Usage | None = None
     step: tuple[str, str] | None = None
+    over_budget: bool = False  # a shadow run spent past a budget
 
 
 def _timestamp(moment: datetime) -> str:
@@ -69,6 +76,7 @@ def _stored(outcome: DecisionOutcome, action: dict[str, Any]) -> dict[str, Any]:
         "action": action,
         "decision_id": outcome.decision_id,
         "reservation_id": outcome.reservation_id,
+        "enforced": outcome.enforced,
         **outcome.decision.as_dict(),
     }
 
@@ -79,7 +87,9 @@ def _outcome(stored: dict[str, Any]) -> DecisionOutcome:
         tuple(Reason(ReasonCode(r["code"]), r["message"]) for r in stored["reasons"]),
         dict(stored["obligations"]),
     )
-    return DecisionOutcome(decision, stored["decision_id"], stored["reservation_id"])
+    return DecisionOutcome(
+        decision, stored["decision_id"], stored["reservation_id"], stored.get("enforced", True)
+    )
 
 
 @dataclass(frozen=True)
@@ -185,7 +195,7 @@ class DecisionService:
         commit = _Commit()
         policy_result: dict[str, Any] | None = None  # what the policy said, before the ledger
         run: Run | None = None
-        claimed = False
+        claimed = shadow = False
         policy_input: dict[str, object] = {}
         acted: dict[str, Any] = {}
         try:
@@ -210,7 +220,11 @@ class DecisionService:
             }
             commit.decision = self._evaluate(run, policy_input)
             policy_result = commit.decision.as_dict()
-            if commit.decision.allow and not action.probe:
+            # Shadow mode lifts the policy's and the ledger's verdicts only: an unknown or
+            # closed run, a malformed action or an unwritable log still refuse.
+            shadow = run.shadow
+            # A shadow run goes ahead whatever the policy said: apply it, keep the verdict.
+            if not action.probe and (commit.decision.allow or run.shadow):
                 commit = self._commit(run, action, commit.decision, seen_step, now)
         except AbcError as exc:
             commit = _Commit(Decision.deny(exc.reason, str(exc)))
@@ -232,6 +246,10 @@ class DecisionService:
             record["expires"] = _timestamp(now + self._reservation_ttl)
         if commit.step is not None:
             record["step"] = {"from": commit.step[0], "to": commit.step[1]}
+        if shadow:
+            record["enforced"] = False
+        if commit.over_budget:
+            record["over_budget"] = True
         try:
             # Durable before the answer leaves: an unlogged decision is never given.
             self._log.append("decision", record)
@@ -240,11 +258,11 @@ class DecisionService:
             if commit.reservation_id:
                 self._store.release(commit.reservation_id)
             commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
-            decision = commit.decision
-        outcome = DecisionOutcome(decision, decision_id, commit.reservation_id)
+            decision, shadow = commit.decision, False
+        outcome = DecisionOutcome(decision, decision_id, commit.reservation_id, not shadow)
         if claimed:
             self._store.answer(run_id, request_id, _stored(outcome, acted))
-        self._metrics.count_decision(decision.allow, outcome.reason)
+        self._metrics.count_decision(decision.allow, outcome.reason, not shadow)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 
@@ -272,9 +290,16 @@ class DecisionService:
     def _commit(
         self, run: Run, action: Action, decision: Decision, seen_step: str, now: datetime
     ) -> _Commit:
-        """Apply an allow: reserve its worst-case cost, or move the run to the next step."""
+        """Apply what goes ahead: reserve its worst-case cost, or move the run's step.
+
+        For a shadow run this also applies what the policy refused (the call is forwarded
+        all the same): the verdict stays, budgets are charged past their limits and the
+        over-spend recorded, a step in the Assembly is entered out of order.
+        """
         if action.kind == "step":
             target = action.target.removeprefix("step:")
+            if not run.has_step(target):
+                return _Commit(decision)  # shadow: nothing to enter
             if not self._move(run.run_id, seen_step, target):
                 return _Commit(
                     Decision.deny(
@@ -284,14 +309,16 @@ class DecisionService:
             return _Commit(decision, step=(seen_step, target))
         cost = cost_of(action, decision)
         reservation_id = "rsv_" + uuid.uuid4().hex
-        if not self._store.reserve(run.run_id, reservation_id, cost, now + self._reservation_ttl):
-            return _Commit(
-                Decision.deny(
-                    ReasonCode.BUDGET_EXHAUSTED,
-                    "the run's remaining budget cannot hold this action",
-                )
-            )
-        return _Commit(decision, reservation_id, cost)
+        expires = now + self._reservation_ttl
+        if self._store.reserve(run.run_id, reservation_id, cost, expires, force=run.shadow):
+            return _Commit(decision, reservation_id, cost)
+        refusal = Decision.deny(
+            ReasonCode.BUDGET_EXHAUSTED, "the run's remaining budget cannot hold this action"
+        )
+        if not run.shadow:
+            return _Commit(refusal)
+        verdict = refusal if decision.allow else decision
+        return _Commit(verdict, reservation_id, cost, over_budget=True)
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
         if tokens < 0 or usd_micros < 0:

@@ -29,6 +29,12 @@ class PepMetrics:
             ["route", "reason"],
             registry=registry,
         )
+        self.shadow_denials = Counter(
+            "abc_pep_shadow_denials",
+            "Requests a shadow-mode run forwarded that enforcing would have refused.",
+            ["route", "reason"],
+            registry=registry,
+        )
         self.decision_seconds = Histogram(
             "abc_pep_decision_seconds",
             "Time waiting for the PDP's decision.",
@@ -47,7 +53,12 @@ class PepMetrics:
                 self.requests.labels(route, decision)
             for code in ReasonCode:
                 self.denials.labels(route, code.value)
+                self.shadow_denials.labels(route, code.value)
             self.upstream_seconds.labels(route)
+
+    def count_shadow(self, route: str, reason: ReasonCode | None) -> None:
+        if reason is not None:
+            self.shadow_denials.labels(route, reason.value).inc()
 
     def count(self, route: str, decision: str, reason: ReasonCode | None = None) -> None:
         self.requests.labels(route, decision).inc()

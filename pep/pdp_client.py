@@ -30,6 +30,9 @@ class Verdict:
     decision_id: str
     obligations: dict[str, Any] = field(default_factory=dict)
     reservation_id: str = ""
+    # A shadow run's answer: allow is true, and reason (if any) is the refusal that
+    # enforcing would have given.
+    shadow: bool = False
 
     @staticmethod
     def refuse(reason: ReasonCode, message: str) -> Verdict:
@@ -42,7 +45,9 @@ def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
     if not response.decision_id:
         raise ValueError("answer without a decision id")
     codes = [reason.code for reason in response.reasons]
-    if response.allow == bool(codes):
+    if response.shadow and not response.allow:
+        raise ValueError("a shadow answer refuses nothing")
+    if (response.would_allow if response.shadow else response.allow) == bool(codes):
         raise ValueError("an allow carries no reasons and a refusal at least one")
     first = response.reasons[0] if codes else None
     return Verdict(
@@ -52,6 +57,7 @@ def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
         decision_id=response.decision_id,
         obligations=json_format.MessageToDict(response.obligations),
         reservation_id=response.reservation_id,
+        shadow=response.shadow,
     )
 
 

@@ -177,6 +177,7 @@ class Handler:
             )
             if not moved.allow:
                 return refuse(moved, call)
+            sidecar.metrics.count_shadow(route, moved.reason)
 
         verdict: Verdict | None = None
         if call.action is not None:
@@ -185,6 +186,7 @@ class Handler:
             sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
             if not verdict.allow:
                 return refuse(verdict, call)
+            sidecar.metrics.count_shadow(route, verdict.reason)
             if call.apply_obligations is not None:
                 body = call.apply_obligations(verdict.obligations)
         sidecar.metrics.count(route, "allow" if verdict or call.respond else "pass")

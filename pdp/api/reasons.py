@@ -29,6 +29,9 @@ class ReasonCode(StrEnum):
     # A run that ended (completed, failed) or was revoked (a newer version of its
     # lineage was registered) decides nothing more; its manifest is still in its window.
     RUN_CLOSED = "run_closed"
+    # A shadow manifest (decisions logged, never enforced) signed by a key whose trust
+    # entry does not grant shadow mode: validly signed, yet not this signer's to make.
+    SHADOW_NOT_ALLOWED = "shadow_not_allowed"
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"

@@ -5,7 +5,7 @@ from pdp.manifest.highwater import HighWater, SqliteHighWater
 from pdp.manifest.intent import Intent, IntentError, load_intent, parse_intent
 from pdp.manifest.model import Manifest
 from pdp.manifest.trust import TrustEntry, TrustStore, load_trust_store, save_trust_store
-from pdp.manifest.verify import VerifiedManifest, verify_envelope
+from pdp.manifest.verify import VerifiedManifest, mark_lineage, verify_envelope
 
 __all__ = [
     "HighWater",
@@ -19,6 +19,7 @@ __all__ = [
     "freeze",
     "load_intent",
     "load_trust_store",
+    "mark_lineage",
     "parse_intent",
     "save_trust_store",
     "sign_manifest",

@@ -11,7 +11,13 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from pdp.errors import BadRequest, ManifestExpired, PolicyMismatch, SignatureInvalid
+from pdp.errors import (
+    BadRequest,
+    ManifestExpired,
+    PolicyMismatch,
+    ShadowNotAllowed,
+    SignatureInvalid,
+)
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import PAYLOAD_TYPE, pae, parse_envelope
 from pdp.manifest.highwater import HighWater
@@ -19,7 +25,7 @@ from pdp.manifest.keys import verify_signature
 from pdp.manifest.model import Manifest
 from pdp.manifest.trust import TrustEntry, TrustStore
 
-__all__ = ["VerifiedManifest", "verify_envelope"]
+__all__ = ["VerifiedManifest", "mark_lineage", "verify_envelope"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,16 @@ class VerifiedManifest:
     digest: str  # sha256 of payload: the manifest digest
     manifest: Manifest
     signer: str  # key id of the trust-store entry whose signature verified
+
+
+def mark_lineage(manifest: Manifest) -> str:
+    """The lineage a manifest's rollback mark and supersession count under.
+
+    Shadow manifests count apart: registering one observes, it must never retire (or be
+    retired by) the enforced versions of the same lineage.
+    """
+    lineage = manifest.metadata.lineage
+    return lineage + "#shadow" if manifest.enforcement == "shadow" else lineage
 
 
 def verify_envelope(
@@ -55,7 +71,7 @@ def verify_envelope(
        NaN, floats, whitespace or trailing data).                       -> SignatureInvalid
     5. The parsed document is a valid RunManifest.                      -> BadRequest
     6. The verifying key's scope covers the manifest's tenant, and its modes cover
-       the manifest's enforcement mode.                                 -> SignatureInvalid
+       the manifest's enforcement mode.            -> SignatureInvalid, ShadowNotAllowed
     7. ``now`` is inside the manifest's validity window (or before it, when
        ``pending_ok``: a run registered ahead of its start waits as pending). -> ManifestExpired
     8. The manifest pins ``expected_policy``, the bundle that will judge it; skipped
@@ -112,7 +128,7 @@ def verify_envelope(
             f"key {signer.keyid} is not trusted for tenant {manifest.metadata.tenant!r}"
         )
     if manifest.enforcement not in signer.modes:
-        raise SignatureInvalid(
+        raise ShadowNotAllowed(
             f"key {signer.keyid} may not sign {manifest.enforcement!r} manifests"
         )
 
@@ -131,6 +147,6 @@ def verify_envelope(
     manifest_digest = digest(payload)
     # (9)
     if high_water is not None:
-        high_water.admit(manifest.metadata.lineage, manifest.metadata.version, manifest_digest)
+        high_water.admit(mark_lineage(manifest), manifest.metadata.version, manifest_digest)
 
     return VerifiedManifest(payload, manifest_digest, manifest, signer.keyid)

@@ -84,8 +84,13 @@ class RunStore(Protocol):
         """Enter ``step`` (or end the run with ``outcome``) if the run is still at
         ``seen_step`` and has not ended; False otherwise."""
 
-    def reserve(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> bool:
-        """Hold ``cost`` if every budget can take it; False (nothing held) otherwise."""
+    def reserve(
+        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+    ) -> bool:
+        """Hold ``cost`` if every budget can take it; False (nothing held) otherwise.
+
+        With ``force`` (a shadow run: over-spend is recorded, not blocked) it is held
+        either way, and the answer still says whether it fitted."""
 
     def release(self, reservation_id: str) -> None:
         """Undo a reservation whose decision was never given."""

@@ -79,19 +79,21 @@ class MemoryRunStore:
                 run.step = step
             return True
 
-    def reserve(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> bool:
+    def reserve(
+        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+    ) -> bool:
         with self._lock:
             run = self._run(run_id)
             left = Usage(**run.limits.as_dict())
             left.add(run.spent, -1)
             left.add(run.reserved, -1)
-            if any(getattr(cost, name) > getattr(left, name) for name in BUDGETS):
-                return False
             # usd_micros is only known after the call: an exhausted money budget refuses.
-            if left.usd_micros <= 0:
-                return False
-            self._hold(run_id, run, reservation_id, cost, expires)
-            return True
+            fits = left.usd_micros > 0 and all(
+                getattr(cost, name) <= getattr(left, name) for name in BUDGETS
+            )
+            if fits or force:
+                self._hold(run_id, run, reservation_id, cost, expires)
+            return fits
 
     def hold(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> None:
         """Record a reservation as made, without checking budgets (replaying the log)."""

@@ -66,18 +66,20 @@ _RESERVE = """
 local b = redis.call('HMGET', KEYS[1], 'l1', 'l2', 'l3', 'l4', 's1', 's2', 's3', 's4',
   'r1', 'r2', 'r3', 'r4')
 if not b[1] then return -1 end
+local fits = 1
 for i = 1, 4 do
   local left = tonumber(b[i]) - tonumber(b[i + 4]) - tonumber(b[i + 8])
   -- usd_micros is only known after the call: an exhausted money budget refuses.
-  if tonumber(ARGV[i + 1]) > left or (i == 2 and left <= 0) then return 0 end
+  if tonumber(ARGV[i + 1]) > left or (i == 2 and left <= 0) then fits = 0 end
 end
+if fits == 0 and ARGV[8] ~= '1' then return 0 end
 for i = 1, 4 do
   if ARGV[i + 1] ~= '0' then redis.call('HINCRBY', KEYS[1], 'r' .. i, ARGV[i + 1]) end
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
-return 1
+return fits
 """
 
 # Take a reservation off the books; with 'settle', charge the real tokens and money and
@@ -226,14 +228,16 @@ class RedisRunStore:
         keys = [self._key(run_id, "run")]
         return bool(self._call(self._move, run_id, keys, [seen_step, step, outcome]))
 
-    def reserve(self, run_id: str, reservation_id: str, cost: Usage, expires: datetime) -> bool:
+    def reserve(
+        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+    ) -> bool:
         keys = [
             self._key(run_id, "run"),
             self._key(run_id, "rsv"),
             self._key(run_id, "exp"),
             self._prefix + "rsvrun",
         ]
-        args = [reservation_id, *cost.as_list(), _ms(expires), run_id]
+        args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force)]
         return bool(self._call(self._reserve, run_id, keys, args))
 
     def _take_off(self, reservation_id: str, tokens: int, usd_micros: int, mode: str) -> Any:

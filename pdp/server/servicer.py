@@ -85,7 +85,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         obligations = struct_pb2.Struct()
         obligations.update(outcome.decision.obligations)
         return pdp_pb2.DecideResponse(
-            allow=outcome.decision.allow,
+            allow=outcome.forward,
+            shadow=not outcome.enforced,
+            would_allow=outcome.decision.allow,
             reasons=[
                 pdp_pb2.Reason(code=r.code.value, message=r.message)
                 for r in outcome.decision.reasons

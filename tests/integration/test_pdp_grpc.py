@@ -306,7 +306,7 @@ def _scrape(pdp: PdpProcess) -> str:
 
 def _sample(text: str, name: str, labels: str) -> float:
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} "):
+        if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name}{{{labels}}} not exported")
 
@@ -314,18 +314,35 @@ def _sample(text: str, name: str, labels: str) -> float:
 def test_metrics_are_scraped(pdp: PdpProcess, demo_envelope: bytes) -> None:
     run_id = register(pdp, demo_envelope)
     before = _sample(
-        _scrape(pdp), "abc_pdp_decisions_total", 'decision="deny",reason="tool_not_allowed"'
+        _scrape(pdp),
+        "abc_pdp_decisions_total",
+        'decision="deny",mode="enforce",reason="tool_not_allowed"',
     )
+    assert stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5).allow
     stub(pdp).Decide(tool_call(run_id, "rm_rf", {}, "m-1"), timeout=5)
     stub(pdp).Decide(tool_call(run_id, "made_up_name_12345", {}, "m-2"), timeout=5)
     text = _scrape(pdp)
     assert (
-        _sample(text, "abc_pdp_decisions_total", 'decision="deny",reason="tool_not_allowed"')
+        _sample(
+            text,
+            "abc_pdp_decisions_total",
+            'decision="deny",mode="enforce",reason="tool_not_allowed"',
+        )
         == before + 2
     )
-    assert _sample(text, "abc_pdp_decisions_total", 'decision="allow",reason="none"') >= 1
-    assert _sample(text, "abc_pdp_decide_seconds_count", "") > 0 if False else True
-    assert "abc_pdp_decide_seconds_bucket" in text
+    assert (
+        _sample(text, "abc_pdp_decisions_total", 'decision="allow",mode="enforce",reason="none"')
+        >= 1
+    )
+    assert _sample(text, "abc_pdp_decide_seconds_count", "") >= 3
+    assert (
+        _sample(
+            text,
+            "abc_pdp_decisions_total",
+            'decision="deny",mode="shadow",reason="tool_not_allowed"',
+        )
+        == 0
+    )
     assert _sample(text, "abc_pdp_manifests_rejected_total", 'reason="signature_invalid"') >= 0
     assert 'budget="tool_calls"' in text
     assert "made_up_name" not in text  # caller text never becomes a label

@@ -196,3 +196,11 @@ def test_an_unreachable_redis_is_store_unavailable() -> None:
         store.ping()
     with pytest.raises(StoreUnavailable):
         store.reserve("run_x", "rsv_a", Usage(requests=1), LATER)
+
+
+def test_a_forced_reservation_is_held_and_says_it_did_not_fit(store: RunStore) -> None:
+    run_id = opened(store, limits=Usage(tokens=100, usd_micros=5, tool_calls=1, requests=1))
+    assert store.reserve(run_id, "rsv_a", Usage(tool_calls=1, requests=1), LATER, force=True)
+    assert not store.reserve(run_id, "rsv_b", Usage(tool_calls=1, requests=1), LATER, force=True)
+    assert store.books(run_id).remaining() == Usage(100, 5, -1, -1)  # shadow over-spend shows
+    assert store.settle("rsv_b", 0, 0) == run_id

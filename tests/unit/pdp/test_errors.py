@@ -25,6 +25,7 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
         "manifest_rollback",
         "policy_mismatch",
         "run_closed",
+        "shadow_not_allowed",
     }
 
 

@@ -15,6 +15,7 @@ from pdp.errors import (
     ManifestRollback,
     PolicyMismatch,
     ReasonCode,
+    ShadowNotAllowed,
     SignatureInvalid,
 )
 from pdp.manifest.canonical import canonical_bytes, digest
@@ -258,7 +259,7 @@ def test_key_not_scoped_to_the_tenant_refused(key: Ed25519PrivateKey) -> None:
 def test_shadow_manifest_needs_a_key_granted_shadow(key: Ed25519PrivateKey) -> None:
     document = manifest_document()
     document["enforcement"] = "shadow"
-    with pytest.raises(SignatureInvalid):
+    with pytest.raises(ShadowNotAllowed):
         verify_envelope(signed_envelope(key, document), trust_store(trust_entry(key)), NOW)
     granted = trust_entry(key, modes=("enforce", "shadow"))
     assert verify_envelope(signed_envelope(key, document), trust_store(granted), NOW)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdp/api/abc/pdp/v1/pdp.proto\x12\nabc.pdp.v1\x1a\x1cgoogle/protobuf/struct.proto\"+\n\x17RegisterManifestRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"C\n\x18RegisterManifestResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xb6\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x11\n\targs_json\x18\x07 \x01(\x0c\x12\r\n\x05probe\x18\x08 \x01(\x08\x12\x13\n\x0binput_bytes\x18\t \x01(\x03\"W\n\rDecideRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Action\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9f\x01\n\x0e\x44\x65\x63ideResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12#\n\x07reasons\x18\x02 \x03(\x0b\x32\x12.abc.pdp.v1.Reason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12,\n\x0bobligations\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\"P\n\x12ReportUsageRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\nusd_micros\x18\x03 \x01(\x03\"\x15\n\x13ReportUsageResponse\"J\n\x17ReportUsageBatchRequest\x12/\n\x07reports\x18\x01 \x03(\x0b\x32\x1e.abc.pdp.v1.ReportUsageRequest\"+\n\x18ReportUsageBatchResponse\x12\x0f\n\x07settled\x18\x01 \x03(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"R\n\x06\x42udget\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\x12\n\nusd_micros\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\"\xaa\x01\n\x0eGetRunResponse\x12\x0c\n\x04step\x18\x01 \x01(\t\x12!\n\x05spent\x18\x02 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12%\n\tremaining\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompleted_steps\x18\x05 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t2\xa1\x03\n\x0f\x44\x65\x63isionService\x12]\n\x10RegisterManifest\x12#.abc.pdp.v1.RegisterManifestRequest\x1a$.abc.pdp.v1.RegisterManifestResponse\x12?\n\x06\x44\x65\x63ide\x12\x19.abc.pdp.v1.DecideRequest\x1a\x1a.abc.pdp.v1.DecideResponse\x12N\n\x0bReportUsage\x12\x1e.abc.pdp.v1.ReportUsageRequest\x1a\x1f.abc.pdp.v1.ReportUsageResponse\x12]\n\x10ReportUsageBatch\x12#.abc.pdp.v1.ReportUsageBatchRequest\x1a$.abc.pdp.v1.ReportUsageBatchResponse\x12?\n\x06GetRun\x12\x19.abc.pdp.v1.GetRunRequest\x1a\x1a.abc.pdp.v1.GetRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdp/api/abc/pdp/v1/pdp.proto\x12\nabc.pdp.v1\x1a\x1cgoogle/protobuf/struct.proto\"+\n\x17RegisterManifestRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"C\n\x18RegisterManifestResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xb6\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x11\n\targs_json\x18\x07 \x01(\x0c\x12\r\n\x05probe\x18\x08 \x01(\x08\x12\x13\n\x0binput_bytes\x18\t \x01(\x03\"W\n\rDecideRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Action\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0e\x44\x65\x63ideResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12#\n\x07reasons\x18\x02 \x03(\x0b\x32\x12.abc.pdp.v1.Reason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12,\n\x0bobligations\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x13\n\x0bwould_allow\x18\x07 \x01(\x08\"P\n\x12ReportUsageRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\nusd_micros\x18\x03 \x01(\x03\"\x15\n\x13ReportUsageResponse\"J\n\x17ReportUsageBatchRequest\x12/\n\x07reports\x18\x01 \x03(\x0b\x32\x1e.abc.pdp.v1.ReportUsageRequest\"+\n\x18ReportUsageBatchResponse\x12\x0f\n\x07settled\x18\x01 \x03(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"R\n\x06\x42udget\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\x12\n\nusd_micros\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\"\xaa\x01\n\x0eGetRunResponse\x12\x0c\n\x04step\x18\x01 \x01(\t\x12!\n\x05spent\x18\x02 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12%\n\tremaining\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompleted_steps\x18\x05 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t2\xa1\x03\n\x0f\x44\x65\x63isionService\x12]\n\x10RegisterManifest\x12#.abc.pdp.v1.RegisterManifestRequest\x1a$.abc.pdp.v1.RegisterManifestResponse\x12?\n\x06\x44\x65\x63ide\x12\x19.abc.pdp.v1.DecideRequest\x1a\x1a.abc.pdp.v1.DecideResponse\x12N\n\x0bReportUsage\x12\x1e.abc.pdp.v1.ReportUsageRequest\x1a\x1f.abc.pdp.v1.ReportUsageResponse\x12]\n\x10ReportUsageBatch\x12#.abc.pdp.v1.ReportUsageBatchRequest\x1a$.abc.pdp.v1.ReportUsageBatchResponse\x12?\n\x06GetRun\x12\x19.abc.pdp.v1.GetRunRequest\x1a\x1a.abc.pdp.v1.GetRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,21 +43,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REASON']._serialized_start=462
   _globals['_REASON']._serialized_end=501
   _globals['_DECIDERESPONSE']._serialized_start=504
-  _globals['_DECIDERESPONSE']._serialized_end=663
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=665
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=745
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=747
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=768
-  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_start=770
-  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_end=844
-  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_start=846
-  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_end=889
-  _globals['_GETRUNREQUEST']._serialized_start=891
-  _globals['_GETRUNREQUEST']._serialized_end=922
-  _globals['_BUDGET']._serialized_start=924
-  _globals['_BUDGET']._serialized_end=1006
-  _globals['_GETRUNRESPONSE']._serialized_start=1009
-  _globals['_GETRUNRESPONSE']._serialized_end=1179
-  _globals['_DECISIONSERVICE']._serialized_start=1182
-  _globals['_DECISIONSERVICE']._serialized_end=1599
+  _globals['_DECIDERESPONSE']._serialized_end=700
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=702
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=782
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=784
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=805
+  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_start=807
+  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_end=881
+  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_start=883
+  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_end=926
+  _globals['_GETRUNREQUEST']._serialized_start=928
+  _globals['_GETRUNREQUEST']._serialized_end=959
+  _globals['_BUDGET']._serialized_start=961
+  _globals['_BUDGET']._serialized_end=1043
+  _globals['_GETRUNRESPONSE']._serialized_start=1046
+  _globals['_GETRUNRESPONSE']._serialized_end=1216
+  _globals['_DECISIONSERVICE']._serialized_start=1219
+  _globals['_DECISIONSERVICE']._serialized_end=1636
 # @@protoc_insertion_point(module_scope)

@@ -62,18 +62,22 @@ class Reason(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("allow", "reasons", "decision_id", "obligations", "reservation_id")
+    __slots__ = ("allow", "reasons", "decision_id", "obligations", "reservation_id", "shadow", "would_allow")
     ALLOW_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     OBLIGATIONS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
+    WOULD_ALLOW_FIELD_NUMBER: _ClassVar[int]
     allow: bool
     reasons: _containers.RepeatedCompositeFieldContainer[Reason]
     decision_id: str
     obligations: _struct_pb2.Struct
     reservation_id: str
-    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ...) -> None: ...
+    shadow: bool
+    would_allow: bool
+    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ..., shadow: _Optional[bool] = ..., would_allow: _Optional[bool] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
     __slots__ = ("reservation_id", "tokens", "usd_micros")
