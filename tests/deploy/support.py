@@ -153,23 +153,41 @@ def dockerfile_stages(path: Path = DEPLOY / "Dockerfile") -> list[Stage]:
     return stages
 
 
-def image_paths(target: str) -> set[str]:
-    """Paths a final stage has: what it and its ancestors COPY in, WORKDIR or create."""
+def image_paths(target: str) -> dict[str, Path | None]:
+    """Paths a final stage has, each with the project path it was copied from.
+
+    ``None`` for what comes from another stage (the venv) or is made by WORKDIR or
+    ``install -d``: only that exact path is known to exist, not what is under it.
+    """
     stages = {s.name: s for s in dockerfile_stages()}
-    paths: set[str] = set()
+    paths: dict[str, Path | None] = {}
     stage: Stage | None = stages[target]
     while stage is not None:
         for copy in stage.arguments("COPY"):
-            paths.add(copy.split()[-1].rstrip("/"))
-        paths.update(w.rstrip("/") for w in stage.arguments("WORKDIR"))
+            words = copy.split()
+            from_stage = any(w.startswith("--from=") for w in words)
+            sources = [w for w in words[:-1] if not w.startswith("--")]
+            dest = words[-1].rstrip("/")
+            paths[dest] = None if from_stage or len(sources) != 1 else ROOT / sources[0]
+        paths.update(dict.fromkeys((w.rstrip("/") for w in stage.arguments("WORKDIR")), None))
         for script in stage.arguments("RUN"):
             for created in re.findall(r"install -d(?: -[ogm] \S+)* ((?:/\S+ ?)+)", script):
-                paths.update(created.split())
+                paths.update(dict.fromkeys(created.split(), None))
         stage = stages.get(stage.base)
     return paths
 
 
-def in_paths(path: str, roots: set[str]) -> bool:
+def in_image(path: str, target: str) -> bool:
+    """Whether ``path`` exists in the image built from stage ``target``."""
+    for dest, source in image_paths(target).items():
+        if path == dest:
+            return True
+        if source is not None and path.startswith(dest + "/"):
+            return (source / path.removeprefix(dest + "/")).exists()
+    return False
+
+
+def under(path: str, roots: set[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
