@@ -84,7 +84,10 @@ def _stored(outcome: DecisionOutcome, action: dict[str, Any]) -> dict[str, Any]:
 def _outcome(stored: dict[str, Any]) -> DecisionOutcome:
     decision = Decision(
         bool(stored["allow"]),
-        tuple(Reason(ReasonCode(r["code"]), r["message"]) for r in stored["reasons"]),
+        tuple(
+            Reason(ReasonCode(r["code"]), r["message"], r.get("evidence", {}))
+            for r in stored["reasons"]
+        ),
         dict(stored["obligations"]),
     )
     return DecisionOutcome(
@@ -312,8 +315,11 @@ class DecisionService:
         expires = now + self._reservation_ttl
         if self._store.reserve(run.run_id, reservation_id, cost, expires, force=run.shadow):
             return _Commit(decision, reservation_id, cost)
+        books = self._store.books(run.run_id)
         refusal = Decision.deny(
-            ReasonCode.BUDGET_EXHAUSTED, "the run's remaining budget cannot hold this action"
+            ReasonCode.BUDGET_EXHAUSTED,
+            "the run's remaining budget cannot hold this action",
+            {"cost": cost.as_dict(), "remaining": books.remaining().as_dict()},
         )
         if not run.shadow:
             return _Commit(refusal)

@@ -18,6 +18,7 @@ from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
+from pdp.explain import NotInLog, explain, render
 from pdp.manifest import (
     SqliteHighWater,
     TrustEntry,
@@ -284,6 +285,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if report.divergences else 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    key = load_public_key(args.pub)
+    try:
+        explanation = explain(args.log, args.decision_id, key)
+    except OSError as exc:
+        raise ConfigError(f"cannot read log {args.log}: {exc.strerror}") from exc
+    except LogInvalid as exc:
+        print(f"tampered: {exc} ({args.log}); nothing explained", file=sys.stderr)
+        return 1
+    except NotInLog as exc:
+        print(f"abcctl: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(explanation.as_dict(), sort_keys=True, indent=2))
+    else:
+        print(render(explanation))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abcctl", description="ABC governance sidecar control")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -384,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
     replay.add_argument("--show", type=int, default=20, help="divergences to print")
     replay.set_defaults(func=cmd_replay)
+
+    why = commands.add_parser("explain", help="why one logged decision came out as it did")
+    why.add_argument("decision_id")
+    why.add_argument("--log", type=Path, required=True, help="the decision log holding it")
+    why.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
+    why.add_argument("--json", action="store_true", help="one JSON document, for machines")
+    why.set_defaults(func=cmd_explain)
     return parser
 
 

@@ -13,6 +13,11 @@
 #
 # Default deny: an action is allowed only when a rule below grants it positively and
 # no rule refuses it. Messages never echo argument values (they are the agent's data).
+#
+# Every reason carries `evidence`: what it was checked against (the capability, the step,
+# the argument and its constraint) or, for a name the manifest lacks, the closest names it
+# has. It is the policy's own account, so `abcctl explain` and replay show exactly what
+# decided, with no second judge in Python.
 package abc.authz
 
 import rego.v1
@@ -67,7 +72,11 @@ granted if {
 	in_current_step
 }
 
-denials contains {"code": "model_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
+denials contains {
+	"code": "model_not_allowed",
+	"message": sprintf("%s is not in the manifest", [action.target]),
+	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
+} if {
 	action.kind == "model"
 	not capability
 }
@@ -96,12 +105,20 @@ granted if {
 	count(arg_violations) == 0
 }
 
-denials contains {"code": "tool_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
+denials contains {
+	"code": "tool_not_allowed",
+	"message": sprintf("%s is not in the manifest", [action.target]),
+	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
+} if {
 	action.kind == "tool"
 	not capability
 }
 
-denials contains {"code": "tool_args_invalid", "message": violation} if {
+denials contains {
+	"code": "tool_args_invalid",
+	"message": violation.message,
+	"evidence": {"capability": action.target, "argument": violation.argument, "constraint": violation.constraint},
+} if {
 	action.kind == "tool"
 	capability
 	some violation in arg_violations
@@ -114,13 +131,21 @@ tool_args := object.get(action, "args", {})
 
 declared := capability.args
 
-arg_violations contains sprintf("argument %s is not declared", [name]) if {
+arg_violations contains {
+	"message": sprintf("argument %s is not declared", [name]),
+	"argument": name,
+	"constraint": {"declared": sorted_keys(declared)},
+} if {
 	not probe
 	some name, _ in tool_args
 	not declared[name]
 }
 
-arg_violations contains sprintf("argument %s is required", [name]) if {
+arg_violations contains {
+	"message": sprintf("argument %s is required", [name]),
+	"argument": name,
+	"constraint": {"required": true},
+} if {
 	not probe
 	some name, constraint in declared
 	constraint.required
@@ -128,32 +153,37 @@ arg_violations contains sprintf("argument %s is required", [name]) if {
 }
 
 # One pass over the arguments; the first constraint an argument breaks is reported.
-arg_violations contains sprintf("argument %s %s", [name, problem]) if {
+arg_violations contains {
+	"message": sprintf("argument %s %s", [name, problem[0]]),
+	"argument": name,
+	"constraint": problem[1],
+} if {
 	not probe
 	some name, value in tool_args
 	constraint := declared[name]
 	problem := arg_problem(constraint, value)
 }
 
-arg_problem(c, value) := sprintf("is not of type %s", [c.type]) if {
+# [what is wrong, the constraint it breaks]
+arg_problem(c, value) := [sprintf("is not of type %s", [c.type]), {"type": c.type}] if {
 	not type_ok(c.type, value)
-} else := "is not one of the allowed values" if {
+} else := ["is not one of the allowed values", {"enum": c.enum}] if {
 	c.enum
 	not value in c.enum
-} else := sprintf("is longer than maxLength %d", [c.maxLength]) if {
+} else := [sprintf("is longer than maxLength %d", [c.maxLength]), {"maxLength": c.maxLength}] if {
 	is_string(value)
 	count(value) > c.maxLength
-} else := sprintf("is shorter than minLength %d", [c.minLength]) if {
+} else := [sprintf("is shorter than minLength %d", [c.minLength]), {"minLength": c.minLength}] if {
 	is_string(value)
 	count(value) < c.minLength
-} else := sprintf("does not match pattern %s", [c.pattern]) if {
+} else := [sprintf("does not match pattern %s", [c.pattern]), {"pattern": c.pattern}] if {
 	is_string(value)
 	c.pattern
 	not regex.match(c.pattern, value)
-} else := sprintf("is below minimum %d", [c.minimum]) if {
+} else := [sprintf("is below minimum %d", [c.minimum]), {"minimum": c.minimum}] if {
 	is_number(value)
 	value < c.minimum
-} else := sprintf("is above maximum %d", [c.maximum]) if {
+} else := [sprintf("is above maximum %d", [c.maximum]), {"maximum": c.maximum}] if {
 	is_number(value)
 	value > c.maximum
 }
@@ -211,17 +241,29 @@ http_rule_matches(rule) if {
 	startswith(action.path, rule.path_prefix)
 }
 
-denials contains {"code": "http_not_allowed", "message": sprintf("%s is not in the manifest", [action.target])} if {
+denials contains {
+	"code": "http_not_allowed",
+	"message": sprintf("%s is not in the manifest", [action.target]),
+	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
+} if {
 	action.kind == "http"
 	not capability
 }
 
-denials contains {"code": "http_not_allowed", "message": "path is not clean (dot segments, encoded dots, slashes or percents, backslashes)"} if {
+denials contains {
+	"code": "http_not_allowed",
+	"message": "path is not clean (dot segments, encoded dots, slashes or percents, backslashes)",
+	"evidence": {"target": action.target, "check": "clean_path"},
+} if {
 	action.kind == "http"
 	not clean_path
 }
 
-denials contains {"code": "http_not_allowed", "message": sprintf("no rule for %s allows this method and path", [action.target])} if {
+denials contains {
+	"code": "http_not_allowed",
+	"message": sprintf("no rule for %s allows this method and path", [action.target]),
+	"evidence": {"capability": action.target, "method": action.method, "rules": capability.rules},
+} if {
 	action.kind == "http"
 	capability
 	clean_path
@@ -235,7 +277,11 @@ any_http_rule_matches if {
 
 # ---- the Assembly: step order ---------------------------------------------------------
 
-denials contains {"code": "step_out_of_order", "message": sprintf("step %s does not use %s", [input.run.step, action.target])} if {
+denials contains {
+	"code": "step_out_of_order",
+	"message": sprintf("step %s does not use %s", [input.run.step, action.target]),
+	"evidence": {"capability": action.target, "step": input.run.step, "allowed_in": sorted_keys(capability.steps)},
+} if {
 	action.kind in {"model", "tool", "http"}
 	capability
 	not in_current_step
@@ -272,20 +318,66 @@ granted if {
 	step_id in run_endings
 }
 
-denials contains {"code": "step_out_of_order", "message": sprintf("step %s is not in the assembly", [step_id])} if {
+denials contains {
+	"code": "step_out_of_order",
+	"message": sprintf("step %s is not in the assembly", [step_id]),
+	"evidence": {"step": step_id, "matched": null, "closest": closest_names(step_id, object.keys(data.abc.index.steps))},
+} if {
 	action.kind == "step"
 	not step_entry
 	not step_id in run_endings
 }
 
-denials contains {"code": "step_out_of_order", "message": sprintf("step %s was already entered", [step_id])} if {
+denials contains {
+	"code": "step_out_of_order",
+	"message": sprintf("step %s was already entered", [step_id]),
+	"evidence": {"step": step_id, "current": input.run.step, "completed": input.run.completed_steps},
+} if {
 	action.kind == "step"
 	step_entry
 	step_id in done_steps
 }
 
-denials contains {"code": "step_out_of_order", "message": sprintf("step %s needs step %s first", [step_id, before])} if {
+denials contains {
+	"code": "step_out_of_order",
+	"message": sprintf("step %s needs step %s first", [step_id, before]),
+	"evidence": {"step": step_id, "after": step_entry.after, "completed": input.run.completed_steps, "current": input.run.step},
+} if {
 	action.kind == "step"
 	some before in step_entry.after
 	not before in done_steps
 }
+
+# ---- explaining a name the manifest lacks ---------------------------------------------
+
+# The manifest's targets of the action's kind, by resemblance to the one asked for. Only
+# a refusal evaluates this, so scanning the index here costs an allow nothing.
+closest_targets := closest_names(action.target, targets_of_kind)
+
+targets_of_kind contains t if {
+	some shard in data.abc.index.targets
+	some inner in shard
+	some t, entry in inner
+	entry.kind == action.kind
+}
+
+# Up to three names sharing most letter pairs with `name` (Dice coefficient >= 0.4), the
+# "kind:" prefix aside (every candidate shares it). Ranked through a sortable string key:
+# "<1000 - score in thousandths> <name>".
+closest_names(name, names) := [substring(key, 5, -1) | some key in array.slice(ranked, 0, 3)] if {
+	mine := bigrams(bare(name))
+	ranked := sort([sprintf("%04d %s", [1000 - round(score * 1000), other]) |
+		some other in names
+		theirs := bigrams(bare(other))
+		score := (2 * count(mine & theirs)) / max([count(mine) + count(theirs), 1])
+		score >= 0.4
+	])
+}
+
+# rego-cpp 1.5.2: sort() of a set is never equal to the same array written out (sort of
+# an array is); collecting the sorted values again gives a plain array.
+sorted_keys(obj) := [k | some k in sort(object.keys(obj))]
+
+bare(target) := substring(target, indexof(target, ":") + 1, -1)
+
+bigrams(s) := {substring(s, i, 2) | some i in numbers.range(0, count(s) - 2)}

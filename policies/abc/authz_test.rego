@@ -202,3 +202,34 @@ test_empty_manifest_allows_nothing if {
 		with input.run as {"step": "s", "completed_steps": []}
 	not d.allow
 }
+
+# ---- evidence: what each refusal was checked against ------------------------------------
+
+evidence_of(d, code) := [r.evidence | some r in d.reasons; r.code == code]
+
+test_unknown_tool_names_the_closest_allowed_ones if {
+	d := decide({"kind": "tool", "target": "tool:kb/serch", "args": {}}, research)
+	evidence_of(d, "tool_not_allowed") == [{"target": "tool:kb/serch", "matched": null, "closest": ["tool:kb/search"]}]
+}
+
+test_unknown_tool_far_from_everything_has_no_closest if {
+	d := decide({"kind": "tool", "target": "tool:zz/qqqq", "args": {}}, research)
+	evidence_of(d, "tool_not_allowed")[0].closest == []
+}
+
+test_argument_evidence_names_the_constraint if {
+	long := evidence_of(decide(search({"query": "far too long a query"}), research), "tool_args_invalid")
+	long == [{"capability": "tool:kb/search", "argument": "query", "constraint": {"maxLength": 10}}]
+	bad := evidence_of(decide(search({"query": "abc", "id": "XX-1"}), research), "tool_args_invalid")
+	bad == [{"capability": "tool:kb/search", "argument": "id", "constraint": {"pattern": "^KB-[0-9]+$"}}]
+}
+
+test_step_evidence_names_where_the_capability_is_allowed if {
+	d := decide(search({"query": "abc"}), {"step": "answer", "completed_steps": ["research"]})
+	evidence_of(d, "step_out_of_order") == [{"capability": "tool:kb/search", "step": "answer", "allowed_in": ["research"]}]
+}
+
+test_step_evidence_names_the_missing_predecessor if {
+	d := decide({"kind": "step", "target": "step:publish"}, research)
+	evidence_of(d, "step_out_of_order") == [{"step": "publish", "after": ["answer"], "completed": [], "current": "research"}]
+}

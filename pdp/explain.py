@@ -1,0 +1,170 @@
+"""``abcctl explain``: why one decision came out as it did, from the decision log alone.
+
+Everything shown was recorded when the decision was made, or is rebuilt from the records
+before it: the action and the run's step (the policy input), each reason with the
+evidence the policy itself wrote, the manifest entries the policy consulted (the
+capability for the target, the step it was in), the policy and manifest digests, and
+the run's budgets at that moment (the log's reservations and settlements, folded). The
+log must verify first; nothing is re-decided (that is ``abcctl replay``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from pdp.decisionlog import verify_log
+from pdp.engine import policy_data
+from pdp.engine.index import shard
+from pdp.manifest.canonical import digest
+from pdp.manifest.envelope import parse_envelope
+from pdp.manifest.model import Manifest
+from pdp.runstore import MemoryRunStore, Usage
+
+__all__ = ["Explanation", "NotInLog", "explain", "render"]
+
+
+class NotInLog(LookupError):
+    """The log (verified) has no decision with that id."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    decision_id: str
+    time: str
+    run_id: str
+    enforced: bool
+    action: dict[str, Any]
+    run: dict[str, Any]
+    result: dict[str, Any]
+    policy_digest: str
+    manifest_digest: str
+    consulted: dict[str, Any]  # the manifest entries the policy looked at
+    budget: dict[str, dict[str, int]]  # limits, spent, reserved, remaining, before it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _registered(record: dict[str, Any]) -> Manifest | None:
+    """The manifest a registration record carries; the verified chain vouches for it."""
+    payload = parse_envelope(base64.b64decode(record["envelope"])).unverified_payload
+    if digest(payload) != record["manifest_digest"]:
+        return None
+    return Manifest.model_validate_json(payload)
+
+
+def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> dict[str, Any]:
+    if manifest is None:
+        return {}
+    index = policy_data(manifest)["abc"]["index"]
+    target = str(action.get("target", ""))
+    if action.get("kind") == "step":
+        name = target.removeprefix("step:")
+        return {"step": {name: index["steps"].get(name)}, "current_step": step}
+    first, second = shard(target)
+    entry = index["targets"].get(first, {}).get(second, {}).get(target)
+    return {"capability": {target: entry}, "current_step": step}
+
+
+def explain(log: Path, decision_id: str, key: Ed25519PublicKey) -> Explanation:
+    verify_log(log, key, allow_tail=True)  # LogInvalid: a tampered log explains nothing
+    manifests: dict[str, Manifest] = {}
+    books = MemoryRunStore()
+    for record in _records(log):
+        kind = record["kind"]
+        if kind == "registration" and record["result"].get("accepted"):
+            manifest = _registered(record)
+            if manifest is not None:
+                manifests[record["run_id"]] = manifest
+                books.open(
+                    record["run_id"],
+                    manifest.assembly.steps[0].id,
+                    Usage(**manifest.budgets.model_dump()),
+                    manifest.metadata.lineage,
+                    manifest.metadata.version,
+                )
+        elif kind == "settlement":
+            books.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
+        elif kind == "decision" and record["decision_id"] == decision_id:
+            return _explanation(record, manifests.get(record["run_id"]), books)
+        elif kind == "decision" and record.get("cost") and record["run_id"] in manifests:
+            expires = datetime.strptime(record["expires"], "%Y-%m-%dT%H:%M:%S.%fZ")
+            books.hold(
+                record["run_id"],
+                record["reservation_id"],
+                Usage(**record["cost"]),
+                expires.replace(tzinfo=UTC),
+            )
+    raise NotInLog(f"no decision {decision_id} in {log}")
+
+
+def _explanation(
+    record: dict[str, Any], manifest: Manifest | None, books: MemoryRunStore
+) -> Explanation:
+    policy_input = record.get("input") or {}
+    action = policy_input.get("action", {})
+    run = policy_input.get("run", {})
+    budget: dict[str, dict[str, int]] = {}
+    if manifest is not None:
+        held = books.books(record["run_id"])
+        budget = {
+            "limits": held.limits.as_dict(),
+            "spent": held.spent.as_dict(),
+            "reserved": held.reserved.as_dict(),
+            "remaining": held.remaining().as_dict(),
+        }
+    return Explanation(
+        decision_id=record["decision_id"],
+        time=record["time"],
+        run_id=record["run_id"],
+        enforced=record.get("enforced", True),
+        action=action,
+        run=run,
+        result=record["result"],
+        policy_digest=record["policy_digest"],
+        manifest_digest=record["manifest_digest"],
+        consulted=_consulted(manifest, action, str(run.get("step", ""))),
+        budget=budget,
+    )
+
+
+def render(explanation: Explanation) -> str:
+    """The explanation for a person: one fact per line."""
+    e = explanation
+    verdict = "ALLOW" if e.result["allow"] else "DENY"
+    lines = [
+        f"decision {e.decision_id} at {e.time}: {verdict}"
+        + ("" if e.enforced else " (shadow: not enforced)"),
+        f"run      {e.run_id}, step {e.run.get('step', '?')}"
+        f" (completed: {', '.join(e.run.get('completed_steps', [])) or 'none'})",
+        f"action   {json.dumps(e.action, sort_keys=True)}",
+        f"policy   {e.policy_digest}",
+        f"manifest {e.manifest_digest}",
+    ]
+    for name, entry in e.consulted.items():
+        if name != "current_step":
+            for key, value in entry.items():
+                shown = json.dumps(value, sort_keys=True) if value is not None else "none matched"
+                lines.append(f"consulted {name} {key}: {shown}")
+    for reason in e.result["reasons"]:
+        lines.append(f"reason   {reason['code']}: {reason['message']}")
+        for key, value in sorted(reason.get("evidence", {}).items()):
+            lines.append(f"         {key}: {json.dumps(value, sort_keys=True)}")
+    for name, values in e.budget.items():
+        shown = ", ".join(f"{k} {v}" for k, v in values.items())
+        lines.append(f"budget   {name}: {shown}")
+    return "\n".join(lines)
