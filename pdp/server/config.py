@@ -11,7 +11,9 @@ from pathlib import Path
 from pdp.api.tls import is_loopback
 from pdp.errors import ConfigError
 
-__all__ = ["PdpConfig", "build_parser", "parse_config", "transport_warnings"]
+__all__ = ["DEFAULT_HTTP", "PdpConfig", "build_parser", "parse_config", "transport_warnings"]
+
+DEFAULT_HTTP = "127.0.0.1:8181"  # OPA's port
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class PdpConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    http: str | None = None  # the OPA-compatible REST door; off when None
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -121,6 +124,15 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
         shown = f" (env {env}" + (f", default {default})" if default else ")")
         parser.add_argument(flag, default=environ.get(env, default), help=text + shown)
     parser.add_argument(
+        "--http",
+        nargs="?",
+        const=DEFAULT_HTTP,
+        default=environ.get("ABC_PDP_HTTP") or None,
+        metavar="HOST:PORT",
+        help=f"serve OPA's REST Data API on HOST:PORT ({DEFAULT_HTTP} when given alone;"
+        " off when not given) (env ABC_PDP_HTTP)",
+    )
+    parser.add_argument(
         "--log-mask",
         action="append",
         default=None,
@@ -170,6 +182,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
+        http=_address(args.http, "--http") if args.http else None,
     )
 
 
@@ -180,22 +193,29 @@ def _store(value: str) -> str:
 
 
 def transport_warnings(config: PdpConfig) -> list[str]:
-    """What is unsafe about how the gRPC port is exposed; empty when nothing is.
+    """What is unsafe about how the gRPC and REST ports are exposed; empty when nothing is.
 
     Loopback without TLS is the development setup and stays quiet. A reachable port is
     not refused (a service mesh may add mTLS outside the process) but is said loudly.
+    Both ports serve decisions and take the same TLS files, so they get the same words.
     """
-    if is_loopback(config.listen):
-        return []
-    if config.tls_cert is None:
-        return [
-            f"--listen {config.listen} is reachable from other hosts without TLS: anyone who"
-            " reaches it can register manifests and ask for decisions; give --tls-cert,"
-            " --tls-key and --tls-client-ca"
-        ]
-    if config.tls_client_ca is None:
-        return [
-            f"--listen {config.listen} accepts any TLS client: give --tls-client-ca to"
-            " require client certificates"
-        ]
-    return []
+    warnings = []
+    for flag, address in (("--listen", config.listen), ("--http", config.http)):
+        if address is None or is_loopback(address):
+            continue
+        if config.tls_cert is None:
+            can = (
+                "register manifests and ask for decisions"
+                if flag == "--listen"
+                else "ask for decisions and spend budgets"
+            )
+            warnings.append(
+                f"{flag} {address} is reachable from other hosts without TLS: anyone who"
+                f" reaches it can {can}; give --tls-cert, --tls-key and --tls-client-ca"
+            )
+        elif config.tls_client_ca is None:
+            warnings.append(
+                f"{flag} {address} accepts any TLS client: give --tls-client-ca to"
+                " require client certificates"
+            )
+    return warnings
