@@ -37,6 +37,8 @@ class PdpConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     http: str | None = None  # the OPA-compatible REST door; off when None
+    ext_authz_openai_prefix: str | None = "/openai/"  # None: no OpenAI route
+    ext_authz_anthropic_prefix: str | None = "/anthropic/"
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -93,6 +95,18 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "ABC_PDP_TLS_CLIENT_CA",
         None,
         "CA bundle PEM: clients must present a certificate it signed",
+    ),
+    (
+        "--ext-authz-openai-prefix",
+        "ABC_PDP_EXT_AUTHZ_OPENAI_PREFIX",
+        "/openai/",
+        "Envoy ext_authz: path prefix of the OpenAI API route (PREFIXv1/...), or off",
+    ),
+    (
+        "--ext-authz-anthropic-prefix",
+        "ABC_PDP_EXT_AUTHZ_ANTHROPIC_PREFIX",
+        "/anthropic/",
+        "Envoy ext_authz: path prefix of the Anthropic API route, or off",
     ),
 )
 
@@ -163,6 +177,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     tls_cert, tls_key, tls_client_ca = _tls(args)
+    openai = _prefix("openai", args.ext_authz_openai_prefix)
+    anthropic = _prefix("anthropic", args.ext_authz_anthropic_prefix)
+    if openai and anthropic and (openai.startswith(anthropic) or anthropic.startswith(openai)):
+        # One provider's requests would be judged as the other's.
+        raise ConfigError("--ext-authz-openai-prefix and --ext-authz-anthropic-prefix overlap")
     return PdpConfig(
         listen=_address(args.listen, "--listen"),
         trust=Path(args.trust),
@@ -183,7 +202,18 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         http=_address(args.http, "--http") if args.http else None,
+        ext_authz_openai_prefix=openai,
+        ext_authz_anthropic_prefix=anthropic,
     )
+
+
+def _prefix(provider: str, value: str) -> str | None:
+    """A path prefix that ends on a segment boundary ("/openai/"), or None for off."""
+    if value == "off":
+        return None
+    if not (value.startswith("/") and value.endswith("/")) or "%" in value:
+        raise ConfigError(f"--ext-authz-{provider}-prefix must be off or a path like /{provider}/")
+    return value
 
 
 def _store(value: str) -> str:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -39,6 +40,8 @@ from pdp.recovery import restore_from_log
 from pdp.runstore import MemoryRunStore, RunStore
 from pdp.runstore.redis import RedisRunStore
 from pdp.server.config import PdpConfig, parse_config, transport_warnings
+from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
+from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
 from pdp.server.rest import RestServer
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
@@ -188,10 +191,17 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         DecisionServicer(service), server
     )
+    # Envoy's ext_authz door, on the same port and the same decision path.
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        ExtAuthzServicer(
+            service, ModelRoutes(config.ext_authz_openai_prefix, config.ext_authz_anthropic_prefix)
+        ),
+        server,
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, EXT_AUTHZ_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     bound = (
         server.add_secure_port(config.listen, credentials)
@@ -219,7 +229,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         )
         rest.start()
     server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, EXT_AUTHZ_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     serving.set()
     log.info(

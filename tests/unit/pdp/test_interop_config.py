@@ -38,3 +38,45 @@ def test_an_exposed_rest_door_is_warned_about_like_the_grpc_port(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warned in warnings[0] and "--http 0.0.0.0:8181" in warnings[0]
+
+
+def test_ext_authz_model_prefixes() -> None:
+    config = parse_config(REQUIRED, environ={})
+    assert (config.ext_authz_openai_prefix, config.ext_authz_anthropic_prefix) == (
+        "/openai/",
+        "/anthropic/",
+    )
+    config = parse_config(
+        [*REQUIRED, "--ext-authz-openai-prefix", "/llm/oai/"],
+        environ={"ABC_PDP_EXT_AUTHZ_ANTHROPIC_PREFIX": "off"},
+    )
+    assert (config.ext_authz_openai_prefix, config.ext_authz_anthropic_prefix) == (
+        "/llm/oai/",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("openai", "anthropic", "message"),
+    [
+        ("openai", "/anthropic/", "must be off or a path like /openai/"),
+        ("/openai", "/anthropic/", "must be off or a path like /openai/"),
+        ("/openai/", "/a%2f/", "must be off or a path like /anthropic/"),
+        ("/llm/", "/llm/anthropic/", "overlap"),
+        ("/", "/anthropic/", "overlap"),
+    ],
+)
+def test_bad_or_overlapping_prefixes_stop_start_up(
+    openai: str, anthropic: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(
+            [
+                *REQUIRED,
+                "--ext-authz-openai-prefix",
+                openai,
+                "--ext-authz-anthropic-prefix",
+                anthropic,
+            ],
+            environ={},
+        )
