@@ -345,7 +345,7 @@ def test_health_and_decisions_stop_during_the_drain(signer: Signer, tmp_path: Pa
         f"POST {DECISION} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         + body[:10]
     )
-    time.sleep(0.3)
+    time.sleep(1.0)  # its handler has started (headers parsed) before the signal
     pdp.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 4
     while call(address, "GET", "/health")[0] == 200:
