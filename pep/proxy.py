@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdp.api import ReasonCode, pdp_pb2
+from pdp.api.actions import unsafe_request
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
 from pep.adapters.http import HttpAdapter, upstream_path
@@ -67,31 +68,14 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-# Headers that make some servers do another method or path than the one decided.
-OVERRIDES = frozenset(
-    {
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "x-original-url",
-        "x-rewrite-url",
-        "x-original-method",
-    }
-)
-
-
 def _unsafe_request(request: web.Request, route: str) -> str | None:
-    """Why this request cannot be judged faithfully, or None."""
-    if OVERRIDES & {name.lower() for name in request.headers}:
-        return "method or URL override headers are refused"
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-        return "compressed request bodies are refused"
-    if route in ("openai", "anthropic"):
-        if request.method != "POST":
-            return f"{request.method} on a model endpoint is not governed"
-        if "%" in request.rel_url.raw_path:
-            return "percent-encoded model endpoint paths are refused"
-    return None
+    """Why this request cannot be judged faithfully, or None (the shared rule)."""
+    return unsafe_request(
+        request.method,
+        request.rel_url.raw_path,
+        request.headers.items(),
+        model_route=route in ("openai", "anthropic"),
+    )
 
 
 def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:

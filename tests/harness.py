@@ -92,6 +92,7 @@ class PdpProcess:
     metrics_address: str
     log: Path
     credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
+    http_address: str = ""  # the REST door's HOST:PORT, for a PDP started with http=True
 
     def channel(self) -> grpc.Channel:
         if self.credentials is not None:
@@ -133,10 +134,15 @@ def start_pdp(
     policies: Path = POLICIES,
     *extra: str,
     credentials: grpc.ChannelCredentials | None = None,
+    http: bool = False,
 ) -> PdpProcess:
-    """Start abc-pdp; ``extra`` flags (e.g. --tls-*) need ``credentials`` to reach it."""
+    """Start abc-pdp; ``extra`` flags (e.g. --tls-*) need ``credentials`` to reach it.
+    ``http`` serves the REST door too, on a free port of its own."""
     address = f"127.0.0.1:{free_port()}"
     metrics = f"127.0.0.1:{free_port()}"
+    http_address = f"127.0.0.1:{free_port()}" if http else ""
+    if http:
+        extra = (*extra, "--http", http_address)
     log = state.parent / f"pdp-{address.rsplit(':', 1)[1]}.log"
     handle = log.open("wb")
     process = subprocess.Popen(
@@ -158,7 +164,7 @@ def start_pdp(
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    pdp = PdpProcess(process, address, metrics, log, credentials)
+    pdp = PdpProcess(process, address, metrics, log, credentials, http_address)
     wait_serving(pdp)
     return pdp
 

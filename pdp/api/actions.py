@@ -9,19 +9,27 @@ the caller refuses (an unmappable request is never passed through).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pdp.api.abc.pdp.v1 import pdp_pb2
+from pdp.api.reasons import ReasonCode
 
 __all__ = [
     "MODEL_PATHS",
+    "OVERRIDE_HEADERS",
     "MappingError",
     "anthropic_action",
+    "cap_to_write",
     "http_action",
     "mcp_list_probe",
     "mcp_tool_action",
+    "model_request",
     "openai_action",
+    "parse_json_object",
+    "refusal_status",
     "token_field",
+    "unsafe_request",
 ]
 
 # OpenAI endpoints that consume a model, and the body field that caps the completion.
@@ -35,6 +43,76 @@ MODEL_PATHS = {
 
 class MappingError(ValueError):
     """The request cannot be mapped to an action: refuse it as ``bad_request``."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        # Parsers disagree on which duplicate wins; the decider and the upstream must not.
+        raise MappingError("duplicate keys in the request body")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise MappingError(f"{name} is not JSON")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; ``MappingError`` for anything else."""
+    try:
+        value = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, MappingError):
+            raise
+        raise MappingError("the request body is not JSON") from exc
+    if not isinstance(value, dict):
+        raise MappingError("the request body is not a JSON object")
+    return value
+
+
+# Headers that make some servers do another method or path than the one decided.
+OVERRIDE_HEADERS = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-method",
+    }
+)
+
+
+def unsafe_request(
+    method: str, raw_path: str, headers: Iterable[tuple[str, str]], *, model_route: bool
+) -> str | None:
+    """Why a request cannot be judged faithfully (then it is refused), or None.
+
+    ``headers`` are (name, value) pairs as received; ``raw_path`` is the path as sent.
+    """
+    for name, value in headers:
+        name = name.lower()
+        if name in OVERRIDE_HEADERS:
+            return "method or URL override headers are refused"
+        # Every Content-Encoding header counts: a second one must not hide behind the first.
+        if name == "content-encoding" and value.strip().lower() != "identity":
+            return "compressed request bodies are refused"
+    if model_route:
+        if method != "POST":
+            return f"{method} on a model endpoint is not governed"
+        if "%" in raw_path:
+            return "percent-encoded model endpoint paths are refused"
+    return None
+
+
+def refusal_status(reason: ReasonCode | None) -> int:
+    """HTTP status of a refusal: 403 for policy, 400 for a request that cannot be judged,
+    503 when no decision could be had."""
+    if reason is ReasonCode.PDP_UNAVAILABLE:
+        return 503
+    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
+        return 400
+    return 403
 
 
 # Tools the agent runs itself (their calls come back to it, and through the sidecar);
@@ -114,6 +192,34 @@ def anthropic_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:
         target=f"model:anthropic/{_model_name(body)}",
         max_tokens=_tokens(body, ("max_tokens",)),
     )
+
+
+def model_request(
+    provider: str, endpoint: str, body: bytes
+) -> tuple[pdp_pb2.Action, dict[str, Any]]:
+    """A model request's action and its parsed body. ``endpoint`` follows ``/v1/``.
+
+    The body's size is an upper bound on its prompt tokens: reserved with the completion
+    cap, so the prompt cannot spend past the budget either.
+    """
+    document = parse_json_object(body)
+    if provider == "openai":
+        action = openai_action(endpoint, document)
+    elif provider == "anthropic":
+        action = anthropic_action(endpoint, document)
+    else:
+        raise MappingError(f"no model provider {provider!r}")
+    action.input_bytes = len(body)
+    return action, document
+
+
+def cap_to_write(requested: int, obligations: Mapping[str, Any]) -> int | None:
+    """The ``max_tokens`` cap a decision obliges the request to carry, when the request
+    does not already ask for at most that (0: it asked for no cap); None otherwise."""
+    cap = obligations.get("max_tokens")
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or 0 < requested <= cap:
+        return None
+    return int(cap)
 
 
 def mcp_tool_action(server: str, params: Any) -> pdp_pb2.Action:

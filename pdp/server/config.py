@@ -11,7 +11,9 @@ from pathlib import Path
 from pdp.api.tls import is_loopback
 from pdp.errors import ConfigError
 
-__all__ = ["PdpConfig", "build_parser", "parse_config", "transport_warnings"]
+__all__ = ["DEFAULT_HTTP", "PdpConfig", "build_parser", "parse_config", "transport_warnings"]
+
+DEFAULT_HTTP = "127.0.0.1:8181"  # OPA's port
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class PdpConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    http: str | None = None  # the OPA-compatible REST door; off when None
+    ext_authz_openai_prefix: str | None = "/openai/"  # None: no OpenAI route
+    ext_authz_anthropic_prefix: str | None = "/anthropic/"
 
 
 _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -91,6 +96,18 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         None,
         "CA bundle PEM: clients must present a certificate it signed",
     ),
+    (
+        "--ext-authz-openai-prefix",
+        "ABC_PDP_EXT_AUTHZ_OPENAI_PREFIX",
+        "/openai/",
+        "Envoy ext_authz: path prefix of the OpenAI API route (PREFIXv1/...), or off",
+    ),
+    (
+        "--ext-authz-anthropic-prefix",
+        "ABC_PDP_EXT_AUTHZ_ANTHROPIC_PREFIX",
+        "/anthropic/",
+        "Envoy ext_authz: path prefix of the Anthropic API route, or off",
+    ),
 )
 
 
@@ -120,6 +137,15 @@ def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentPa
     for flag, env, default, text in _OPTIONS:
         shown = f" (env {env}" + (f", default {default})" if default else ")")
         parser.add_argument(flag, default=environ.get(env, default), help=text + shown)
+    parser.add_argument(
+        "--http",
+        nargs="?",
+        const=DEFAULT_HTTP,
+        default=environ.get("ABC_PDP_HTTP") or None,
+        metavar="HOST:PORT",
+        help=f"serve OPA's REST Data API on HOST:PORT ({DEFAULT_HTTP} when given alone;"
+        " off when not given) (env ABC_PDP_HTTP)",
+    )
     parser.add_argument(
         "--log-mask",
         action="append",
@@ -151,6 +177,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     tls_cert, tls_key, tls_client_ca = _tls(args)
+    openai = _prefix("openai", args.ext_authz_openai_prefix)
+    anthropic = _prefix("anthropic", args.ext_authz_anthropic_prefix)
+    if openai and anthropic and (openai.startswith(anthropic) or anthropic.startswith(openai)):
+        # One provider's requests would be judged as the other's.
+        raise ConfigError("--ext-authz-openai-prefix and --ext-authz-anthropic-prefix overlap")
     return PdpConfig(
         listen=_address(args.listen, "--listen"),
         trust=Path(args.trust),
@@ -170,7 +201,19 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
+        http=_address(args.http, "--http") if args.http else None,
+        ext_authz_openai_prefix=openai,
+        ext_authz_anthropic_prefix=anthropic,
     )
+
+
+def _prefix(provider: str, value: str) -> str | None:
+    """A path prefix that ends on a segment boundary ("/openai/"), or None for off."""
+    if value == "off":
+        return None
+    if not (value.startswith("/") and value.endswith("/")) or "%" in value:
+        raise ConfigError(f"--ext-authz-{provider}-prefix must be off or a path like /{provider}/")
+    return value
 
 
 def _store(value: str) -> str:
@@ -180,22 +223,29 @@ def _store(value: str) -> str:
 
 
 def transport_warnings(config: PdpConfig) -> list[str]:
-    """What is unsafe about how the gRPC port is exposed; empty when nothing is.
+    """What is unsafe about how the gRPC and REST ports are exposed; empty when nothing is.
 
     Loopback without TLS is the development setup and stays quiet. A reachable port is
     not refused (a service mesh may add mTLS outside the process) but is said loudly.
+    Both ports serve decisions and take the same TLS files, so they get the same words.
     """
-    if is_loopback(config.listen):
-        return []
-    if config.tls_cert is None:
-        return [
-            f"--listen {config.listen} is reachable from other hosts without TLS: anyone who"
-            " reaches it can register manifests and ask for decisions; give --tls-cert,"
-            " --tls-key and --tls-client-ca"
-        ]
-    if config.tls_client_ca is None:
-        return [
-            f"--listen {config.listen} accepts any TLS client: give --tls-client-ca to"
-            " require client certificates"
-        ]
-    return []
+    warnings = []
+    for flag, address in (("--listen", config.listen), ("--http", config.http)):
+        if address is None or is_loopback(address):
+            continue
+        if config.tls_cert is None:
+            can = (
+                "register manifests and ask for decisions"
+                if flag == "--listen"
+                else "ask for decisions and spend budgets"
+            )
+            warnings.append(
+                f"{flag} {address} is reachable from other hosts without TLS: anyone who"
+                f" reaches it can {can}; give --tls-cert, --tls-key and --tls-client-ca"
+            )
+        elif config.tls_client_ca is None:
+            warnings.append(
+                f"{flag} {address} accepts any TLS client: give --tls-client-ca to"
+                " require client certificates"
+            )
+    return warnings

@@ -1,15 +1,18 @@
-"""``abc-pdp``: load trust, policies and state, then serve gRPC until SIGTERM.
+"""``abc-pdp``: load trust, policies and state, then serve gRPC (and REST) until SIGTERM.
 
 Health is honest: ``SERVING`` only once the policy bundle has compiled and the state
 store is open; on SIGTERM or SIGINT it turns ``NOT_SERVING`` for good, then drains.
+The REST door's ``/health`` follows the same state.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from datetime import timedelta
@@ -18,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
@@ -36,6 +40,9 @@ from pdp.recovery import restore_from_log
 from pdp.runstore import MemoryRunStore, RunStore
 from pdp.runstore.redis import RedisRunStore
 from pdp.server.config import PdpConfig, parse_config, transport_warnings
+from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
+from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
+from pdp.server.rest import RestServer
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
 
@@ -115,6 +122,24 @@ def _server_credentials(config: PdpConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def _rest_ssl_context(config: PdpConfig) -> ssl.SSLContext | None:
+    """The REST door's TLS: the gRPC port's files and the same client-certificate rule."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    # A bare server context: create_default_context() would also trust the system's CAs
+    # for client certificates, letting in any client a public CA ever signed.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=config.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--http: cannot use the --tls-* files: {exc}") from exc
+    return context
+
+
 def _transport(config: PdpConfig) -> str:
     if config.tls_cert is None:
         return "plaintext"
@@ -166,10 +191,17 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         DecisionServicer(service), server
     )
+    # Envoy's ext_authz door, on the same port and the same decision path.
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        ExtAuthzServicer(
+            service, ModelRoutes(config.ext_authz_openai_prefix, config.ext_authz_anthropic_prefix)
+        ),
+        server,
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, EXT_AUTHZ_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     bound = (
         server.add_secure_port(config.listen, credentials)
@@ -185,22 +217,39 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
             metrics_server, _thread = start_http_server(int(port), addr=host, registry=registry)
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
+    serving = threading.Event()  # the REST door's view of the gRPC health status
+    rest = None
+    if config.http:
+        rest = RestServer(
+            service,
+            config.http,
+            serving,
+            workers=config.workers,
+            ssl_context=_rest_ssl_context(config),
+        )
+        rest.start()
     server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, EXT_AUTHZ_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving.set()
     log.info(
-        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)",
+        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s",
         config.listen,
         _transport(config),
         bundle.digest,
         len(trust.entries),
+        f"; OPA REST API on {config.http}" if config.http else "",
     )
     if ready is not None:
         ready.set()
     stop.wait()
     log.info("abc-pdp stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
+    deadline = time.monotonic() + config.grace_seconds
+    serving.clear()
     health_servicer.enter_graceful_shutdown()
     server.stop(config.grace_seconds).wait()
+    if rest is not None:
+        rest.stop(deadline)  # REST requests in flight finish within the same grace
     decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole
     service.close()
     if metrics_server is not None:

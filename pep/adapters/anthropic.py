@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import anthropic_action
-from pep.adapters.base import Call, model_call, parse_json_object
+from pdp.api.actions import model_request
+from pep.adapters.base import Call, model_call
 from pep.pdp_client import Verdict
 
 __all__ = ["AnthropicAdapter"]
@@ -18,8 +18,7 @@ class AnthropicAdapter:
     reads_body = True
 
     def call(self, request: web.Request, body: bytes) -> Call:
-        document = parse_json_object(body)
-        action = anthropic_action(request.match_info["tail"], document)
+        action, document = model_request("anthropic", request.match_info["tail"], body)
         return model_call(body, document, action, "max_tokens")
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 from aiohttp import ClientResponse, web
 
-from pdp.api import ReasonCode, pdp_pb2
-from pdp.api.actions import MappingError
+from pdp.api import pdp_pb2
+from pdp.api.actions import MappingError, cap_to_write, parse_json_object, refusal_status
 from pep.pdp_client import Verdict
 
 __all__ = [
@@ -60,40 +60,6 @@ class Adapter(Protocol):
         """The refusal in the agent's protocol, carrying reason code and decision id."""
 
 
-def refusal_status(reason: ReasonCode | None) -> int:
-    """HTTP status of a refusal: 403 for policy, 503 when no decision could be had."""
-    if reason is ReasonCode.PDP_UNAVAILABLE:
-        return 503
-    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
-        return 400
-    return 403
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
-        # Parsers disagree on which duplicate wins; the sidecar and the upstream must not.
-        raise MappingError("duplicate keys in the request body")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> Any:
-    raise MappingError(f"{name} is not JSON")
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; ``MappingError`` for anything else."""
-    try:
-        value = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, MappingError):
-            raise
-        raise MappingError("the request body is not JSON") from exc
-    if not isinstance(value, dict):
-        raise MappingError("the request body is not a JSON object")
-    return value
-
-
 def dump_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
@@ -102,7 +68,6 @@ def model_call(
     body: bytes, document: dict[str, Any], action: pdp_pb2.Action, token_field: str | None
 ) -> Call:
     """A model request: streamed or not, usage read, its token cap written where it lowers."""
-    action.input_bytes = len(body)  # reserved with the cap: the prompt costs tokens too
     return Call(
         action=action,
         body=body,
@@ -121,9 +86,9 @@ def token_capper(
     """
 
     def apply(obligations: dict[str, Any]) -> bytes:
-        cap = obligations.get("max_tokens")
-        if field is None or not isinstance(cap, int | float) or 0 < requested <= cap:
+        cap = cap_to_write(requested, obligations)
+        if field is None or cap is None:
             return raw
-        return dump_json({**document, field: int(cap)})
+        return dump_json({**document, field: cap})
 
     return apply

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import openai_action, token_field
-from pep.adapters.base import Call, model_call, parse_json_object
+from pdp.api.actions import model_request, token_field
+from pep.adapters.base import Call, model_call
 from pep.pdp_client import Verdict
 
 __all__ = ["OpenAIAdapter"]
@@ -19,8 +19,7 @@ class OpenAIAdapter:
 
     def call(self, request: web.Request, body: bytes) -> Call:
         endpoint = request.match_info["tail"]
-        document = parse_json_object(body)
-        action = openai_action(endpoint, document)
+        action, document = model_request("openai", endpoint, body)
         return model_call(body, document, action, token_field(endpoint, document))
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:

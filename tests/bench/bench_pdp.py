@@ -2,11 +2,14 @@
 
 Prints p50/p99 for Check and for Decide (allowed and refused; 5 and 1,000 tools; decisions
 served from the cache and forced past it with unique arguments), the ratios, and
-throughput with 4 client threads. Writes bench-results/pdp.json.
+throughput with 4 client threads; then the OPA REST door against the same server's gRPC
+Decide (same inputs, one keep-alive connection, turns taken batch by batch).
+Writes bench-results/pdp.json.
 """
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import time
@@ -23,6 +26,7 @@ from tests.harness import Signer, start_pdp
 
 ROUNDS, BATCH, WARMUP = 10, 200, 300
 THREADS, THROUGHPUT_CALLS = 4, 2000
+REST_ROUNDS, REST_BATCH = 5, 60  # per door and input kind: 600 REST calls in all
 
 
 def intent(tools: int) -> str:
@@ -61,7 +65,7 @@ def timed(call: Callable[[], object]) -> float:
 @pytest.mark.timeout(600)
 def test_bench_pdp(tmp_path: Path) -> None:
     signer = Signer(tmp_path)
-    pdp = start_pdp(signer, tmp_path / "state")
+    pdp = start_pdp(signer, tmp_path / "state", http=True)
     channel = pdp.channel()
     decide = pdp_pb2_grpc.DecisionServiceStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
@@ -138,6 +142,7 @@ def test_bench_pdp(tmp_path: Path) -> None:
         "decide_5_allow_uncached": throughput(targets["decide_5_allow_uncached"]),
         "decide_1000_deny_uncached": throughput(targets["decide_1000_deny_uncached"]),
     }
+    results["rest_vs_grpc"] = rest_vs_grpc(pdp.http_address, runs[5], decide, ids)
     channel.close()
     assert pdp.stop() == 0
     path = write_results("pdp", results)
@@ -150,3 +155,69 @@ def test_bench_pdp(tmp_path: Path) -> None:
         )
     print(f"  1000 vs 5 tools (p50): {results['ratio_p50_1000_vs_5_tools']}")
     print(f"  throughput, {THREADS} threads: {results['throughput_per_s_4_threads']}")
+    rest = results["rest_vs_grpc"]
+    for name, stats in rest["latency"].items():  # type: ignore[index]
+        print(f"  {name:<30} p50 {stats['p50_ms']:7.3f} ms  p99 {stats['p99_ms']:7.3f} ms")
+    print(f"  REST / gRPC Decide (p50): {rest['ratio_p50_rest_vs_grpc']}")  # type: ignore[index]
+
+
+def rest_vs_grpc(
+    address: str,
+    run_id: str,
+    decide: pdp_pb2_grpc.DecisionServiceStub,
+    ids: itertools.count[int],
+) -> dict[str, object]:
+    """The same allowed tool call through OPA's REST door and through gRPC Decide."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)  # kept alive
+
+    def args(unique: bool) -> dict[str, str]:
+        return {"query": f"q{next(ids)}" if unique else "q"}
+
+    def rest(unique: bool) -> None:
+        doc = {
+            "run_id": run_id,
+            "request_id": f"rest{next(ids)}",
+            "action": {"kind": "tool", "target": "tool:bench/t4", "args": args(unique)},
+        }
+        connection.request(
+            "POST",
+            "/v1/data/abc/authz/decision",
+            json.dumps({"input": doc}),
+            {"Content-Type": "application/json"},
+        )
+        answer = json.loads(connection.getresponse().read())
+        assert answer["result"]["allow"] is True
+
+    def grpc(unique: bool) -> None:
+        action = pdp_pb2.Action(
+            kind="tool", target="tool:bench/t4", args_json=json.dumps(args(unique)).encode()
+        )
+        request = pdp_pb2.DecideRequest(run_id=run_id, request_id=f"g{next(ids)}", action=action)
+        assert decide.Decide(request, timeout=5).allow
+
+    targets: dict[str, Callable[[], object]] = {
+        "grpc_decide_5_allow_cached": lambda: grpc(False),
+        "rest_decide_5_allow_cached": lambda: rest(False),
+        "grpc_decide_5_allow_uncached": lambda: grpc(True),
+        "rest_decide_5_allow_uncached": lambda: rest(True),
+    }
+    for target in targets.values():  # warm-up: the connection, the pool's threads
+        for _ in range(20):
+            target()
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    for _ in range(REST_ROUNDS):
+        for name, target in targets.items():
+            samples[name].extend(timed(target) for _ in range(REST_BATCH))
+    connection.close()
+    return {
+        "latency": {name: summary_ms(s) for name, s in samples.items()},
+        "ratio_p50_rest_vs_grpc": {
+            kind: round(
+                percentile(samples[f"rest_decide_5_allow_{kind}"], 0.5)
+                / percentile(samples[f"grpc_decide_5_allow_{kind}"], 0.5),
+                3,
+            )
+            for kind in ("cached", "uncached")
+        },
+    }

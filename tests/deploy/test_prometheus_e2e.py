@@ -159,8 +159,15 @@ def test_a_burst_of_denials_fires_the_shipped_alert(
 
     # The counter's zero is scraped first, so the burst is an increase Prometheus can see.
     wait_for("Prometheus to scrape the sidecar", scraped_at_zero, deadline)
-    targets = prometheus.api("targets")["activeTargets"]
-    assert {t["labels"]["job"]: t["health"] for t in targets} == {"abc-pdp": "up", "abc-pep": "up"}
+
+    def both_up() -> bool | None:
+        # Targets are scraped on their own schedules: the PDP's first scrape may come later.
+        targets = prometheus.api("targets")["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        assert set(health) == {"abc-pdp", "abc-pep"} and "down" not in health.values(), health
+        return True if set(health.values()) == {"up"} else None
+
+    wait_for("Prometheus to scrape the PDP and the sidecar", both_up, deadline)
     assert prometheus.api("query", query="abc_pdp_decisions_total")["result"]
 
     burst = int(threshold_of(ALERT)) + 5

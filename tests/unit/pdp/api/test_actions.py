@@ -1,0 +1,80 @@
+"""The one request → action mapping that the PEP's adapters and the ext_authz door share."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdp.api import ReasonCode
+from pdp.api.actions import (
+    MappingError,
+    cap_to_write,
+    model_request,
+    parse_json_object,
+    refusal_status,
+    unsafe_request,
+)
+
+
+def test_model_request_reserves_the_body_size_with_the_cap() -> None:
+    body = b'{"model": "gpt-4o-mini", "max_tokens": 100, "messages": []}'
+    action, document = model_request("openai", "chat/completions", body)
+    assert (action.kind, action.target, action.max_tokens) == (
+        "model",
+        "model:openai/gpt-4o-mini",
+        100,
+    )
+    assert action.input_bytes == len(body) and document["max_tokens"] == 100
+    claude, _ = model_request("anthropic", "messages", b'{"model": "c", "max_tokens": 9}')
+    assert claude.target == "model:anthropic/c" and claude.max_tokens == 9
+
+
+@pytest.mark.parametrize(
+    ("provider", "endpoint", "body"),
+    [
+        ("openai", "chat/completions", b'{"model": "a", "model": "b"}'),
+        ("openai", "chat/completions", b"[1]"),
+        ("openai", "chat/completions", b'{"model": "a", "max_tokens": NaN}'),
+        ("openai", "files", b'{"model": "a"}'),
+        ("anthropic", "complete", b'{"model": "a"}'),
+        ("gemini", "generate", b'{"model": "a"}'),
+    ],
+)
+def test_unmappable_model_requests_raise(provider: str, endpoint: str, body: bytes) -> None:
+    with pytest.raises(MappingError):
+        model_request(provider, endpoint, body)
+
+
+def test_parse_json_object_refuses_duplicates() -> None:
+    with pytest.raises(MappingError, match="duplicate"):
+        parse_json_object(b'{"a": 1, "a": 2}')
+
+
+def test_cap_to_write() -> None:
+    assert cap_to_write(100, {"max_tokens": 2048}) is None  # already below the cap
+    assert cap_to_write(2048, {"max_tokens": 2048}) is None
+    assert cap_to_write(5000, {"max_tokens": 2048}) == 2048
+    assert cap_to_write(0, {"max_tokens": 2048}) == 2048  # no cap asked: the manifest's
+    assert cap_to_write(5000, {}) is None
+    assert cap_to_write(5000, {"max_tokens": True}) is None
+
+
+def test_unsafe_requests() -> None:
+    def unsafe(headers: list[tuple[str, str]], method: str = "POST", path: str = "/v1/x") -> bool:
+        return unsafe_request(method, path, headers, model_route=True) is not None
+
+    assert not unsafe([("Content-Type", "application/json")])
+    assert not unsafe([("Content-Encoding", "identity")])
+    assert unsafe([("Content-Encoding", "gzip")])
+    # A second Content-Encoding must not hide behind an innocent first one.
+    assert unsafe([("Content-Encoding", "identity"), ("content-encoding", "gzip")])
+    assert unsafe([("X-HTTP-Method-Override", "DELETE")])
+    assert unsafe([], method="GET")
+    assert unsafe([], path="/v1/chat%2Fcompletions")
+    assert unsafe_request("GET", "/a%2e", [], model_route=False) is None  # the policy judges
+
+
+def test_refusal_status() -> None:
+    assert refusal_status(ReasonCode.TOOL_NOT_ALLOWED) == 403
+    assert refusal_status(ReasonCode.MANIFEST_UNKNOWN) == 400
+    assert refusal_status(ReasonCode.BAD_REQUEST) == 400
+    assert refusal_status(ReasonCode.PDP_UNAVAILABLE) == 503
