@@ -340,6 +340,7 @@ def suggest(
         {s.id: list(s.uses) for s in base.assembly.steps},
     )
     additions = _learn_refusals(plan, calls, min_count, examples)
+    _note_step_refusals(plan, decisions, examples)
     entered = _entered_steps(decisions, {r: runs[r] for r in active_runs})
     _remove_unused(plan, calls, entered, len(active_runs))
     budgets = _budgets(plan, records, calls, additions, active_runs, headroom)
@@ -445,6 +446,23 @@ def _learn_refusals(
             plan.summary.append(f"  + {shown} in step {group.step}: {evidence}, {ids}")
             accepted.add((target, group.step))
     return accepted
+
+
+def _note_step_refusals(plan: _Plan, decisions: list[dict[str, Any]], examples: int) -> None:
+    """Refused step changes are listed, never learned: the order of steps is the plan."""
+    refused: dict[tuple[str, str], list[str]] = {}
+    for record in decisions:
+        answer = policy_answer(record)
+        if _action(record).get("kind") == "step" and not answer.get("allow"):
+            message = str(answer["reasons"][0].get("message", ""))
+            refused.setdefault((str(_action(record)["target"]), message), []).append(
+                record["decision_id"]
+            )
+    for (target, message), ids in sorted(refused.items()):
+        plan.notes.append(
+            f"not proposed: {target} refused {len(ids)}x ({message}): the order of steps is"
+            f" the plan's; e.g. {', '.join(ids[:examples])}"
+        )
 
 
 def _declare(

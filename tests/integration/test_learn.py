@@ -106,6 +106,7 @@ def _run_one(agent: Agent) -> None:
 
 def _run_two(agent: Agent) -> None:
     """Run 2 (the next version, same content): smaller, and the same habits."""
+    assert not agent.step("review").allow  # not in the Assembly: listed, never learned
     assert agent.tool("search", {"query": "late fee"}).allow
     assert not agent.tool("export", {"format": "csv"}).allow
     agent.model("model:openai/gpt-4o-mini", 50, used=60, usd=100)
@@ -234,6 +235,7 @@ def test_suggest_marks_each_addition_with_its_evidence(
     out = suggested.out
     assert "not proposed: tool:kb/delete_all refused 1x tool_not_allowed" in out
     assert "not proposed: tool:kb/search refused 1x tool_args_invalid" in out
+    assert "not proposed: step:review refused 1x (step review is not in the assembly)" in out
     assert "nothing is applied" in out
 
 
@@ -278,7 +280,8 @@ def test_the_suggestion_freezes_and_a_what_if_allows_what_recurred(
         ("allow_to_deny", "tool_not_allowed", "tool:kb/fetch_article", True): 1,
     }
     # What did not recur stays refused; the budgets hold every run's recorded use.
-    assert report["unchanged"]["deny"] == 3  # delete_all (call, probe), the long query
+    # delete_all (call and probe), the long query, the step to "review"
+    assert report["unchanged"]["deny"] == 4
     assert [b["fits"] for b in report["budgets"]] == [True, True]
     # Each run's recorded reservations and settlements, charged to that run: run 1 settled
     # 120 + 250 tokens and 300 + 500 micro-dollars, and reserved 2 searches, 2 model calls
