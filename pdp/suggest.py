@@ -213,7 +213,7 @@ class _Group:
     step: str
     reason: str  # the refusal's reason codes
     learn: str  # _DECLARE, _STEP, or "" for a refusal that is never learned
-    message: str = ""
+    messages: list[str] = field(default_factory=list)  # distinct, in order seen
     records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -354,8 +354,8 @@ def suggest(
         f"log verified ({history.report.records} records, head {history.report.head}).",
         f"Learned for {base.metadata.lineage} v{base.metadata.version} ({manifest_digest}).",
         "Nothing here is in force. Review every PROPOSED entry (delete what you do not want),",
-        "test it with a what-if `abcctl replay LOG --manifest ... --policies ...`,",
-        "then `abcctl freeze` it.",
+        "`abcctl freeze` it, and test the envelope on the same log before registering it:",
+        "`abcctl replay LOG --pub PUB --manifest ENVELOPE --policies DIR` (a what-if).",
     ]
     if base.enforcement == "shadow":
         header.append(
@@ -407,7 +407,9 @@ def _learn_refusals(
         group = groups.setdefault(key, _Group(target, step, key[2], learn))
         if group.learn != learn:
             group.learn = ""  # one unclean path among the calls is enough not to learn any
-        group.message = group.message or str(answer["reasons"][0].get("message", ""))
+        for reason in answer["reasons"]:
+            if str(reason.get("message", "")) not in group.messages:
+                group.messages.append(str(reason.get("message", "")))
         group.records.append(record)
     accepted: set[tuple[str, str]] = set()
     by_target: dict[str, list[_Group]] = {}
@@ -416,8 +418,8 @@ def _learn_refusals(
         shown = ", ".join(group.examples(examples))
         if not group.learn:
             plan.notes.append(
-                f"not proposed: {refused} ({group.message}): a limit of the manifest, not"
-                f" widened; e.g. {shown}"
+                f"not proposed: {refused} ({'; '.join(group.messages)}): a limit of the"
+                f" manifest, not widened; e.g. {shown}"
             )
         elif group.step not in plan.uses:
             plan.notes.append(f"not proposed: {refused}, a step the manifest does not have")
@@ -487,11 +489,8 @@ def _declare(
             [(_action(r).get("args") or {}, _masked_args(r)) for r in every_call]
         )
         plan.tools.append(ToolCapability(server=owner, name=name, args=args))
-        described = (
-            "("
-            + ", ".join(f"{k}:{c.type}{'!' if c.required else ''}" for k, c in args.items())
-            + ")"
-        )
+        shown = ", ".join(f"{k}:{c.type}{'!' if c.required else ''}" for k, c in args.items())
+        described = f"({shown or 'no arguments'})"
         lines.append(
             f"Arguments as observed in {len(every_call)} call(s): one type each, required when"
             " always sent, bounds = the values seen."

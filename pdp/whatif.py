@@ -221,6 +221,11 @@ def what_if(history: History, candidate: Candidate, examples: int = 3) -> WhatIf
         manifest=(
             f"{candidate.manifest.metadata.lineage} v{candidate.manifest.metadata.version}"
             f" {candidate.manifest_digest}"
+            + (
+                f" (signature verified, key {candidate.verified_by})"
+                if candidate.verified_by
+                else " (NOT VERIFIED)"
+            )
             if candidate.manifest
             else "each run's own manifest"
         ),
@@ -367,6 +372,7 @@ def format_report(report: WhatIfReport) -> str:
         f" {report.unchanged_allow + report.unchanged_deny} unchanged"
         f" ({report.unchanged_allow} allowed, {report.unchanged_deny} denied)",
     ]
+    width = max((len(c.target) + (8 if c.probe else 0) for c in report.changes), default=0)
     for direction, title, label in (
         (ALLOW_TO_DENY, "allow -> deny", "now refused by"),
         (DENY_TO_ALLOW, "deny -> allow", "was refused by"),
@@ -375,7 +381,6 @@ def format_report(report: WhatIfReport) -> str:
         if not changes:
             continue
         lines.append(f"  {title} ({label}):")
-        width = max(len(c.target) + (8 if c.probe else 0) for c in changes)
         for c in changes:
             target = c.target + (" (probe)" if c.probe else "")
             lines.append(

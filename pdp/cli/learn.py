@@ -118,7 +118,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     print("\n".join(suggestion.summary))
     print(
         f"wrote {args.output} and {diff_path}: nothing is applied; review each PROPOSED entry,"
-        f" then `abcctl freeze {args.output} ...`"
+        f" `abcctl freeze {args.output} ...`, then a what-if `abcctl replay` of the envelope"
     )
     return 0
 
