@@ -73,6 +73,11 @@ def _candidate_manifest(path: Path, trust: Path | None) -> tuple[Manifest, str, 
 
 def what_if_command(args: argparse.Namespace, key: Ed25519PublicKey) -> int:
     """``replay --policies DIR and/or --manifest ENVELOPE``."""
+    if args.policies is None and args.bundles is None:
+        raise ConfigError(
+            "a candidate manifest alone is judged by each run's own policy bundle:"
+            " give --bundles STATE/bundles, or a candidate --policies DIR"
+        )
     history = _history(args, key)
     if history is None:
         return 1

@@ -316,6 +316,10 @@ def test_a_what_if_verifies_the_candidate_when_given_a_trust_store(
         "--bundles", bundles, check=False,
     )  # fmt: skip
     assert unverified.returncode == 0 and "NOT VERIFIED" in unverified.stderr
+    unjudged = abcctl(
+        "replay", learned.log, "--pub", learned.pub, "--manifest", envelope, check=False
+    )
+    assert unjudged.returncode == 1 and "give --bundles STATE/bundles" in unjudged.stderr
 
 
 def test_a_what_if_with_tighter_budgets_names_the_reservations_refused(
