@@ -10,21 +10,16 @@ log must verify first; nothing is re-decided (that is ``abcctl replay``).
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pdp.decisionlog import verify_log
 from pdp.engine import policy_data
 from pdp.engine.index import shard
-from pdp.manifest.canonical import digest
-from pdp.manifest.envelope import parse_envelope
+from pdp.history import load_history, record_time
 from pdp.manifest.model import Manifest
 from pdp.runstore import MemoryRunStore, Usage
 
@@ -53,20 +48,6 @@ class Explanation:
         return asdict(self)
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as handle:
-        for line in handle:
-            yield json.loads(line)
-
-
-def _registered(record: dict[str, Any]) -> Manifest | None:
-    """The manifest a registration record carries; the verified chain vouches for it."""
-    payload = parse_envelope(base64.b64decode(record["envelope"])).unverified_payload
-    if digest(payload) != record["manifest_digest"]:
-        return None
-    return Manifest.model_validate_json(payload)
-
-
 def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> dict[str, Any]:
     if manifest is None:
         return {}
@@ -81,33 +62,33 @@ def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> 
 
 
 def explain(log: Path, decision_id: str, key: Ed25519PublicKey) -> Explanation:
-    verify_log(log, key, allow_tail=True)  # LogInvalid: a tampered log explains nothing
-    manifests: dict[str, Manifest] = {}
+    """LogInvalid for a log that does not verify (a running PDP's unsigned tail is read)."""
+    history = load_history(log, key, allow_tail=True)
     books = MemoryRunStore()
-    for record in _records(log):
-        kind = record["kind"]
-        if kind == "registration" and record["result"].get("accepted"):
-            manifest = _registered(record)
-            if manifest is not None:
-                manifests[record["run_id"]] = manifest
-                books.open(
-                    record["run_id"],
-                    manifest.assembly.steps[0].id,
-                    Usage(**manifest.budgets.model_dump()),
-                    manifest.metadata.lineage,
-                    manifest.metadata.version,
-                )
-        elif kind == "settlement":
+    for run in history.runs.values():
+        manifest = run.manifest
+        books.open(
+            run.run_id,
+            manifest.assembly.steps[0].id,
+            Usage(**manifest.budgets.model_dump()),
+            manifest.metadata.lineage,
+            manifest.metadata.version,
+        )
+    for record in history.records:
+        known = record.get("run_id") in history.runs
+        if record["kind"] == "settlement" and known:
             books.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
-        elif kind == "decision" and record["decision_id"] == decision_id:
-            return _explanation(record, manifests.get(record["run_id"]), books)
-        elif kind == "decision" and record.get("cost") and record["run_id"] in manifests:
-            expires = datetime.strptime(record["expires"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        elif record["kind"] != "decision":
+            continue
+        elif record["decision_id"] == decision_id:
+            info = history.runs.get(record["run_id"])
+            return _explanation(record, info.manifest if info else None, books)
+        elif record.get("cost") and known:
             books.hold(
                 record["run_id"],
                 record["reservation_id"],
                 Usage(**record["cost"]),
-                expires.replace(tzinfo=UTC),
+                record_time(record),  # never expired here: expiries are settlement records
             )
     raise NotInLog(f"no decision {decision_id} in {log}")
 

@@ -54,8 +54,16 @@ def _normalized(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in ("allow", "reasons", "obligations")}
 
 
-def replay_log(log: Path, bundles: Path, key: Ed25519PublicKey) -> ReplayReport:
-    verify_log(log, key, allow_tail=True)  # LogInvalid: a tampered log is never replayed
+def replay_log(
+    log: Path,
+    bundles: Path,
+    key: Ed25519PublicKey,
+    *,
+    allow_tail: bool = False,
+    expect_seq: int | None = None,
+) -> ReplayReport:
+    # LogInvalid: a log that `audit verify` refuses is never replayed.
+    verify_log(log, key, allow_tail=allow_tail, expect_seq=expect_seq)
     manifests: dict[str, Manifest] = {}
     policies: dict[tuple[str, str], PreparedPolicy] = {}
     report = ReplayReport()

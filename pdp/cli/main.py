@@ -15,6 +15,12 @@ from pathlib import Path
 
 from pdp.bundle import load_bundle
 from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
+from pdp.cli.learn import (
+    add_log_flags,
+    add_suggest_parser,
+    add_what_if_flags,
+    what_if_command,
+)
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
@@ -265,8 +271,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     key = load_public_key(args.pub)
+    if args.policies or args.manifest:
+        return what_if_command(args, key)
+    if args.bundles is None:
+        raise ConfigError("replay needs --bundles STATE/bundles (or a what-if candidate)")
     try:
-        report = replay_log(args.log, args.bundles, key)
+        report = replay_log(
+            args.log, args.bundles, key, allow_tail=args.allow_tail, expect_seq=args.expect_seq
+        )
     except OSError as exc:
         raise ConfigError(f"cannot read log {args.log}: {exc.strerror}") from exc
     except LogInvalid as exc:
@@ -397,12 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.set_defaults(func=cmd_audit_verify)
 
     replay = commands.add_parser(
-        "replay", help="re-decide a log's decisions with their pinned policies and manifests"
+        "replay",
+        help="re-decide a log's decisions with their pinned policies and manifests,"
+        " or with a candidate (what-if)",
     )
     replay.add_argument("log", type=Path)
-    replay.add_argument("--bundles", type=Path, required=True, help="e.g. STATE/bundles")
     replay.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
+    replay.add_argument(
+        "--bundles", type=Path, help="e.g. STATE/bundles: the runs' own policy bundles"
+    )
     replay.add_argument("--show", type=int, default=20, help="divergences to print")
+    add_log_flags(replay)
+    add_what_if_flags(replay)
     replay.set_defaults(func=cmd_replay)
 
     why = commands.add_parser("explain", help="why one logged decision came out as it did")
@@ -411,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     why.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
     why.add_argument("--json", action="store_true", help="one JSON document, for machines")
     why.set_defaults(func=cmd_explain)
+
+    add_suggest_parser(commands)
     return parser
 
 

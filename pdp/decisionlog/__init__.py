@@ -1,6 +1,6 @@
 """The tamper-evident decision log: hash-chained JSON lines, signed checkpoints, verifier."""
 
-from pdp.decisionlog.verify import LogInvalid, LogReport, verify_log
+from pdp.decisionlog.verify import LogInvalid, LogReport, VerifiedLog, read_verified_log, verify_log
 from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, read_head
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "LogInvalid",
     "LogReport",
     "MaskRule",
+    "VerifiedLog",
     "read_head",
+    "read_verified_log",
     "verify_log",
 ]

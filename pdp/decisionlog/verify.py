@@ -33,7 +33,7 @@ from pdp.decisionlog.record import GENESIS, KINDS, RECORD_VERSION, record_hash, 
 from pdp.errors import AbcError, SignatureInvalid
 from pdp.manifest.canonical import parse_canonical
 
-__all__ = ["LogInvalid", "LogReport", "verify_log"]
+__all__ = ["LogInvalid", "LogReport", "VerifiedLog", "read_verified_log", "verify_log"]
 
 
 class LogInvalid(Exception):
@@ -72,15 +72,44 @@ def verify_log(
     allow_tail: bool = False,
     expect_seq: int | None = None,
 ) -> LogReport:
-    data = path.read_bytes()
+    return _verify(path.read_bytes(), key, allow_tail, expect_seq)[0]
+
+
+@dataclass(frozen=True)
+class VerifiedLog:
+    report: LogReport
+    records: list[dict[str, Any]]  # every record, checkpoints included, in log order
+
+
+def read_verified_log(
+    path: Path,
+    key: Ed25519PublicKey,
+    *,
+    allow_tail: bool = False,
+    expect_seq: int | None = None,
+) -> VerifiedLog:
+    """The log's records, parsed from exactly the bytes that verified.
+
+    Reading the file once for both keeps a writer (or an attacker) from changing it
+    between the check and the reading: what is analysed is what was proven intact.
+    """
+    report, records = _verify(path.read_bytes(), key, allow_tail, expect_seq)
+    return VerifiedLog(report, records)
+
+
+def _verify(
+    data: bytes, key: Ed25519PublicKey, allow_tail: bool, expect_seq: int | None
+) -> tuple[LogReport, list[dict[str, Any]]]:
     lines = data.split(b"\n")
     if lines[-1]:
         # (1) a last line without its newline was torn: written, never acknowledged whole.
         raise LogInvalid(len(lines), None, "the log ends inside a record (truncated)")
     lines = lines[:-1]
     prev, checkpoints, since_checkpoint = GENESIS, 0, 0
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         record = _record(line, number)  # (1)
+        records.append(record)
         seq = record["seq"]
         if seq != number - 1:  # (2)
             raise LogInvalid(
@@ -110,4 +139,4 @@ def verify_log(
         )
     if expect_seq is not None and len(lines) <= expect_seq:  # (6)
         raise LogInvalid(len(lines), None, f"the log ends before seq {expect_seq} (truncated)")
-    return LogReport(len(lines), checkpoints, prev, since_checkpoint)
+    return LogReport(len(lines), checkpoints, prev, since_checkpoint), records

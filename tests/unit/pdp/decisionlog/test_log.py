@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, verify_log
+from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, read_verified_log, verify_log
 from pdp.decisionlog.record import record_hash
 from pdp.errors import ConfigError
 from pdp.manifest.canonical import canonical_bytes
@@ -40,6 +40,21 @@ def test_a_clean_log_verifies(tmp_path: Path) -> None:
     report = verify_log(written_log(tmp_path), KEY.public_key())
     # 10 decisions, a checkpoint after every 4, and one at close.
     assert report.records == 13 and report.checkpoints == 3 and report.unsigned_tail == 0
+
+
+def test_the_records_read_are_the_records_verified(tmp_path: Path) -> None:
+    path = written_log(tmp_path)
+    verified = read_verified_log(path, KEY.public_key())
+    assert verified.report == verify_log(path, KEY.public_key())
+    assert [r["seq"] for r in verified.records] == list(range(13))
+    assert [r["decision_id"] for r in verified.records if r["kind"] == "decision"] == [
+        f"dec_{i}" for i in range(10)
+    ]
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # the closing checkpoint cut off
+    with pytest.raises(LogInvalid, match="after the last checkpoint"):
+        read_verified_log(path, KEY.public_key())
+    assert len(read_verified_log(path, KEY.public_key(), allow_tail=True).records) == 12
 
 
 def test_concurrent_appends_are_all_durable_and_chained(tmp_path: Path) -> None:

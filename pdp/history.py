@@ -1,0 +1,137 @@
+"""A verified decision log, read for learning: its runs, their manifests, their records.
+
+``abcctl suggest`` and the what-if ``abcctl replay`` read history through this module
+only, so both start the same way: the log is verified (the same checks as ``abcctl
+audit verify``) and every record is parsed from the very bytes that verified. A run's
+manifest comes from its registration record, whose envelope the PDP verified when it
+accepted it; the log's hash chain and signed checkpoints vouch that the record is the
+PDP's, and the envelope's payload must hash to the digest the record names.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
+
+from pdp.decisionlog import LogReport, read_verified_log
+from pdp.errors import AbcError, ConfigError
+from pdp.manifest.canonical import digest
+from pdp.manifest.envelope import parse_envelope
+from pdp.manifest.model import Manifest
+
+__all__ = [
+    "CALL_KINDS",
+    "History",
+    "RunInfo",
+    "is_call",
+    "load_history",
+    "parse_since",
+    "policy_answer",
+    "record_time",
+]
+
+CALL_KINDS = ("model", "tool", "http")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    manifest_digest: str
+    manifest: Manifest
+
+    @property
+    def lineage(self) -> str:
+        return self.manifest.metadata.lineage
+
+    @property
+    def version(self) -> int:
+        return self.manifest.metadata.version
+
+
+@dataclass(frozen=True)
+class History:
+    path: Path
+    report: LogReport
+    records: list[dict[str, Any]]  # every record but checkpoints, in log order
+    runs: dict[str, RunInfo]  # accepted registrations, by run id
+
+    def decisions(self) -> Iterator[dict[str, Any]]:
+        """Decision records that reached the policy (they carry its own answer)."""
+        for record in self.records:
+            if record["kind"] == "decision" and isinstance(record.get("policy_result"), dict):
+                yield record
+
+    def lineage_runs(self, lineage: str) -> dict[str, RunInfo]:
+        return {run_id: run for run_id, run in self.runs.items() if run.lineage == lineage}
+
+
+def record_time(record: dict[str, Any]) -> datetime:
+    return datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO 8601 instant with its offset (``2026-11-22T10:00:00Z``, ``...+01:00``)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an ISO 8601 date and time") from exc
+    if moment.tzinfo is None:
+        # A log spans time zones no better than its reader: say which instant is meant.
+        raise ValueError(f"{text!r} has no time zone (add Z or an offset such as +01:00)")
+    return moment.astimezone(UTC)
+
+
+def is_call(record: dict[str, Any]) -> bool:
+    """A model, tool or HTTP call the agent made; a tools/list probe is not one."""
+    action = (record.get("input") or {}).get("action") or {}
+    return action.get("kind") in CALL_KINDS and not action.get("probe")
+
+
+def policy_answer(record: dict[str, Any]) -> dict[str, Any]:
+    """The policy's own answer (before the ledger), as logged."""
+    answer: dict[str, Any] = record["policy_result"]
+    return answer
+
+
+def _registered_manifest(record: dict[str, Any]) -> Manifest | None:
+    """The manifest of an accepted registration, if its envelope is the one the record names."""
+    try:
+        payload = parse_envelope(base64.b64decode(record["envelope"], validate=True))
+    except (AbcError, ValueError, KeyError, TypeError):
+        return None
+    if digest(payload.unverified_payload) != record.get("manifest_digest"):
+        return None
+    try:
+        return Manifest.model_validate_json(payload.unverified_payload)
+    except ValidationError:
+        return None
+
+
+def load_history(
+    path: Path,
+    key: Ed25519PublicKey,
+    *,
+    allow_tail: bool = False,
+    expect_seq: int | None = None,
+) -> History:
+    """Verify ``path`` with the PDP's public ``key`` and read it; ``LogInvalid`` if tampered."""
+    try:
+        verified = read_verified_log(path, key, allow_tail=allow_tail, expect_seq=expect_seq)
+    except OSError as exc:
+        raise ConfigError(f"cannot read log {path}: {exc.strerror}") from exc
+    records = [r for r in verified.records if r["kind"] != "checkpoint"]
+    runs: dict[str, RunInfo] = {}
+    for record in records:
+        if record["kind"] != "registration" or not record["result"].get("accepted"):
+            continue
+        manifest = _registered_manifest(record)
+        if manifest is not None:
+            runs[record["run_id"]] = RunInfo(record["run_id"], record["manifest_digest"], manifest)
+    return History(path, verified.report, records, runs)
