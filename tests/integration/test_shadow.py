@@ -237,3 +237,30 @@ def test_a_shadow_version_never_retires_the_enforced_run(
     assert run.status == "running"
     still = stub(shadow_pdp).Decide(tool_call(enforced, "delete_all", {}), timeout=5)
     assert not still.allow and not still.shadow and codes(still) == ["tool_not_allowed"]
+
+
+def test_suggest_learns_from_a_shadow_run(
+    shadow_pdp: PdpProcess, shadow_state: Path, signer: Signer, shadow_key: Path, tmp_path: Path
+) -> None:
+    envelope = frozen(signer, shadow_key, intent("observed", shadow=True), "observed")
+    run_id = register(shadow_pdp, envelope.read_bytes().strip())
+    for n in range(2):  # forwarded both times, refused only in the log
+        answer = stub(shadow_pdp).Decide(
+            tool_call(run_id, "translate", {"text": f"t{n}"}), timeout=5
+        )
+        assert answer.allow and answer.shadow and not answer.would_allow
+    out = tmp_path / "next.yaml"
+    abcctl(
+        "suggest",
+        shadow_state / "decisions.log",
+        "--pub",
+        shadow_state / "pdp-log.pub",
+        "--manifest",
+        envelope,
+        "-o",
+        out,
+        "--allow-tail",
+    )
+    proposed = out.read_text()
+    assert "name: translate" in proposed and "PROPOSED" in proposed
+    assert "enforcement: shadow" in proposed  # the next version is still the signer's choice
