@@ -152,7 +152,8 @@ class DecisionLog:
             self._lock.release()
             try:
                 self._file.write(b"".join(batch))
-                os.fsync(self._file.fileno())
+                # fdatasync: the data and the size that reaches it, not the mtime.
+                os.fdatasync(self._file.fileno())
             except OSError as exc:  # a log that cannot be written stops every decision
                 failure: OSError | None = exc
             else:

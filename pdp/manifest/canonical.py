@@ -32,15 +32,25 @@ def _plain(value: Any) -> bool:
     the two differ only in float spelling and in the order of non-ASCII keys (UTF-16
     code units versus code points). Anything else takes the reference implementation.
     """
-    if isinstance(value, str) or value is None or isinstance(value, bool):
-        return True
-    if isinstance(value, int):
-        return -_SAFE_INTEGER < value < _SAFE_INTEGER
-    if isinstance(value, dict):
-        return all(k.isascii() and _plain(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(item) for item in value)
-    return False
+    # A loop over a stack, not recursion: every decision-log record passes through here.
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) or item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, int):
+            if not -_SAFE_INTEGER < item < _SAFE_INTEGER:
+                return False
+        elif isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str) or not key.isascii():
+                    return False
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        else:
+            return False
+    return True
 
 
 def canonical_bytes(document: Any) -> bytes:
