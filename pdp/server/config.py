@@ -37,6 +37,7 @@ class PdpConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     http: str | None = None  # the OPA-compatible REST door; off when None
+    health: str | None = None  # plaintext grpc.health.v1 only, for probes; off when None
     ext_authz_openai_prefix: str | None = "/openai/"  # None: no OpenAI route
     ext_authz_anthropic_prefix: str | None = "/anthropic/"
 
@@ -48,6 +49,12 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--policies", "ABC_PDP_POLICIES", None, "policy bundle directory (required)"),
     ("--state", "ABC_PDP_STATE", None, "state directory (required)"),
     ("--metrics", "ABC_PDP_METRICS", None, "Prometheus address HOST:PORT (off when unset)"),
+    (
+        "--health",
+        "ABC_PDP_HEALTH",
+        None,
+        "plaintext gRPC health (only) on HOST:PORT, for probes that cannot speak mTLS (off)",
+    ),
     ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),
     ("--grace", "ABC_PDP_GRACE", "5", "seconds to drain on SIGTERM"),
     ("--log-level", "ABC_PDP_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -202,6 +209,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         http=_address(args.http, "--http") if args.http else None,
+        health=_address(args.health, "--health") if args.health else None,
         ext_authz_openai_prefix=openai,
         ext_authz_anthropic_prefix=anthropic,
     )

@@ -146,6 +146,18 @@ def _transport(config: PdpConfig) -> str:
     return "TLS, client certificates required" if config.tls_client_ca else "TLS"
 
 
+def _health_server(config: PdpConfig, servicer: health.HealthServicer) -> grpc.Server | None:
+    """Health alone, in plaintext, on its own port: Kubernetes' gRPC probes cannot present a
+    client certificate, and this port answers nothing but SERVING or NOT_SERVING."""
+    if config.health is None:
+        return None
+    probes = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, probes)
+    if probes.add_insecure_port(config.health) == 0:
+        raise ConfigError(f"cannot listen on {config.health}")
+    return probes
+
+
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
     credentials = _server_credentials(config)  # first: a wrong file stops start-up at once
     for warning in transport_warnings(config):
@@ -210,6 +222,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     )
     if bound == 0:
         raise ConfigError(f"cannot listen on {config.listen}")
+    probes = _health_server(config, health_servicer)
     metrics_server = None
     if config.metrics:
         host, _, port = config.metrics.rpartition(":")
@@ -229,6 +242,8 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         )
         rest.start()
     server.start()
+    if probes is not None:
+        probes.start()
     for name in ("", SERVICE_NAME, EXT_AUTHZ_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     serving.set()
@@ -248,6 +263,8 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     serving.clear()
     health_servicer.enter_graceful_shutdown()
     server.stop(config.grace_seconds).wait()
+    if probes is not None:
+        probes.stop(0)
     if rest is not None:
         rest.stop(deadline)  # REST requests in flight finish within the same grace
     decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole

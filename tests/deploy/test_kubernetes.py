@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -143,14 +144,20 @@ def test_volumes_come_from_the_manifests_or_from_objects_the_readme_creates() ->
                 assert "emptyDir" in volume, volume
 
 
-def test_the_pdp_probes_grpc_health_on_its_listen_port_and_never_shares_its_state() -> None:
+def test_the_pdp_speaks_mtls_and_probes_its_plaintext_health_port() -> None:
     deployment = of_kind("Deployment")["abc-pdp"]
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
     pdp = container("abc-pdp", "pdp")
+    mounts = {m["mountPath"] for m in pdp["volumeMounts"]}
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+        (path,) = option_value(pdp["args"], flag)
+        assert str(Path(path).parent) in mounts, flag  # from the abc-pdp-tls Secret
+    (health,) = option_value(pdp["args"], "--health")
     (listen,) = option_value(pdp["args"], "--listen")
+    assert port_of(health) != port_of(listen)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert pdp[probe]["grpc"]["port"] == port_of(listen) == container_port(pdp, "grpc")
+        assert pdp[probe]["grpc"]["port"] == port_of(health) == container_port(pdp, "health")
     (state,) = option_value(pdp["args"], "--state")
     assert state in {m["mountPath"] for m in pdp["volumeMounts"]}
 
@@ -188,6 +195,13 @@ def test_the_sidecar_finds_the_pdp_through_its_service() -> None:
     assert container_port(pdp, served["targetPort"]) == port_of(
         option_value(pdp["args"], "--listen")[0]
     )
+    # Over mTLS: the PDP's certificate must name the Service (abcctl certs --pdp-host).
+    mounts = {m["mountPath"] for m in pep["volumeMounts"]}
+    for flag in ("--pdp-ca", "--pdp-cert", "--pdp-key"):
+        (path,) = option_value(pep["args"], flag)
+        assert str(Path(path).parent) in mounts, flag
+    readme = (ROOT / "README.md").read_text()
+    assert f"--pdp-host {host}" in readme
 
 
 def test_prometheus_annotations_name_the_metrics_ports() -> None:

@@ -68,8 +68,13 @@ def client_credentials(
 
 
 @pytest.fixture(scope="module")
+def health_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
 def tls_pdp(
-    signer: Signer, ours: Pki, tmp_path_factory: pytest.TempPathFactory
+    signer: Signer, ours: Pki, health_address: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[PdpProcess]:
     process = start_pdp(
         signer,
@@ -81,6 +86,8 @@ def tls_pdp(
         ours.path("pdp.key"),
         "--tls-client-ca",
         ours.path("ca.pem"),
+        "--health",
+        health_address,
         credentials=client_credentials(ours, ours),
     )
     yield process
@@ -121,6 +128,19 @@ def test_a_client_with_a_certificate_from_the_ca_is_served(
         reply = pdp_pb2_grpc.DecisionServiceStub(channel).Decide(search(run_id), timeout=5)
     assert reply.allow and reply.decision_id.startswith("dec_")
     assert "TLS, client certificates required" in tls_pdp.output()
+
+
+def test_probes_get_plaintext_health_and_nothing_else(
+    tls_pdp: PdpProcess, health_address: str, run_id: str
+) -> None:
+    with grpc.insecure_channel(health_address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            pdp_pb2_grpc.DecisionServiceStub(channel).Decide(search(run_id), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 @pytest.mark.parametrize(
