@@ -47,11 +47,41 @@ def _capabilities(manifest: Manifest) -> dict[str, dict[str, Any]]:
     return entries
 
 
+# How many leading characters of a name the "closest names" table indexes, at least and
+# at most; and how many names it keeps per prefix.
+PREFIX_MIN, PREFIX_MAX, PREFIX_HITS = 3, 40, 3
+
+
+def _sharded(flat: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, value in flat.items():
+        first, second = shard(key)
+        table.setdefault(first, {}).setdefault(second, {})[key] = value
+    return table
+
+
+def _prefixes(names: list[str]) -> dict[str, list[str]]:
+    """``kind:prefix`` -> up to three names of that kind starting so, for explaining a refused
+    name by its closest allowed ones. Comparing against every name in Rego costs ~1 ms a
+    name (a second for 1,000 tools, on every refusal); this costs one lookup per length."""
+    table: dict[str, list[str]] = {}
+    for name in sorted(names):
+        kind, _, bare = name.partition(":")
+        for length in range(PREFIX_MIN, min(len(bare), PREFIX_MAX) + 1):
+            hits = table.setdefault(f"{kind}:{bare[:length]}", [])
+            if len(hits) < PREFIX_HITS:
+                hits.append(name)
+    return table
+
+
 def policy_data(manifest: Manifest) -> dict[str, Any]:
     """The whole data document, in one piece: regopy's ``add_data`` does not deep-merge."""
-    targets: dict[str, dict[str, dict[str, Any]]] = {}
-    for target, entry in _capabilities(manifest).items():
-        first, second = shard(target)
-        targets.setdefault(first, {}).setdefault(second, {})[target] = entry
+    capabilities = _capabilities(manifest)
     steps = {s.id: {"after": list(s.after)} for s in manifest.assembly.steps}
-    return {"abc": {"manifest": manifest.document(), "index": {"targets": targets, "steps": steps}}}
+    names = [*capabilities, *(f"step:{step}" for step in steps)]
+    index = {
+        "targets": _sharded(capabilities),
+        "steps": steps,
+        "prefixes": _sharded(_prefixes(names)),
+    }
+    return {"abc": {"manifest": manifest.document(), "index": index}}

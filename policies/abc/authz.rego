@@ -7,6 +7,7 @@
 #   data.abc.index.targets[a][b][target] = {kind, steps: {step: true}, and per kind:
 #       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)}
 #   data.abc.index.steps[id] = {after: [ids]}
+#   data.abc.index.prefixes[a][b]["kind:prefix"] = [up to 3 names], sharded the same way
 # input = {"action": {kind, target, args, max_tokens, method, path, probe},
 #          "run": {"step", "completed_steps"}}
 # Budgets and the validity window are enforced by the PDP outside the policy.
@@ -321,7 +322,7 @@ granted if {
 denials contains {
 	"code": "step_out_of_order",
 	"message": sprintf("step %s is not in the assembly", [step_id]),
-	"evidence": {"step": step_id, "matched": null, "closest": closest_names(step_id, object.keys(data.abc.index.steps))},
+	"evidence": {"step": step_id, "matched": null, "closest": closest_targets},
 } if {
 	action.kind == "step"
 	not step_entry
@@ -350,29 +351,23 @@ denials contains {
 
 # ---- explaining a name the manifest lacks ---------------------------------------------
 
-# The manifest's targets of the action's kind, by resemblance to the one asked for. Only
-# a refusal evaluates this, so scanning the index here costs an allow nothing.
-closest_targets := closest_names(action.target, targets_of_kind)
-
-targets_of_kind contains t if {
-	some shard in data.abc.index.targets
-	some inner in shard
-	some t, entry in inner
-	entry.kind == action.kind
-}
-
-# Up to three names sharing most letter pairs with `name` (Dice coefficient >= 0.4), the
-# "kind:" prefix aside (every candidate shares it). Ranked through a sortable string key:
-# "<1000 - score in thousandths> <name>".
-closest_names(name, names) := [substring(key, 5, -1) | some key in array.slice(ranked, 0, 3)] if {
-	mine := bigrams(bare(name))
-	ranked := sort([sprintf("%04d %s", [1000 - round(score * 1000), other]) |
-		some other in names
-		theirs := bigrams(bare(other))
-		score := (2 * count(mine & theirs)) / max([count(mine) + count(theirs), 1])
-		score >= 0.4
-	])
-}
+# Up to three allowed names of the action's kind sharing the longest prefix (at least
+# three characters after "kind:") with the refused one, e.g. tool:kb/serch -> tool:kb/search.
+# From the prefix table made with the index: one lookup per prefix length (at most 40),
+# however many capabilities the manifest has.
+closest_targets := hits[0] if {
+	rest := bare(action.target)
+	top := min([count(rest), 40])
+	top >= 3
+	hits := [hit |
+		some i in numbers.range(0, top - 3)
+		key := concat("", [action.kind, ":", substring(rest, 0, top - i)])
+		s := shard_of(key)
+		hit := object.get(data.abc.index.prefixes, [s[0], s[1], key], null)
+		hit != null
+	]
+	count(hits) > 0
+} else := []
 
 # rego-cpp 1.5.2: sort() of a set is never equal to the same array written out (sort of
 # an array is); collecting the sorted values again gives a plain array.
@@ -380,4 +375,3 @@ sorted_keys(obj) := [k | some k in sort(object.keys(obj))]
 
 bare(target) := substring(target, indexof(target, ":") + 1, -1)
 
-bigrams(s) := {substring(s, i, 2) | some i in numbers.range(0, count(s) - 2)}

@@ -33,14 +33,28 @@ steps := {"research": {"after": []}, "answer": {"after": ["research"]}, "publish
 
 research := {"step": "research", "completed_steps": []}
 
+# The closest-names table as pdp/engine/index.py makes it (without its 3-name cap).
+# (rego-cpp 1.5.2 misreads `{k | some k, _ in obj}` as an object: object.keys instead.)
+names := object.keys(capabilities) | {concat("", ["step:", s]) | some s in object.keys(steps)}
+
+prefixes := {key: sort([n | some n in names; startswith(n, key)]) |
+	some name in names
+	colon := indexof(name, ":")
+	rest := substring(name, colon + 1, -1)
+	some length in numbers.range(3, count(rest))
+	key := concat("", [substring(name, 0, colon + 1), substring(rest, 0, length)])
+}
+
 # rego-cpp 1.5.2 quirks: `with data.abc.index as <rule>` leaves the index undefined, so
 # the fixture is bound to local variables first; and the sharded lookup only sees
 # replaced data when each table is replaced on its own path.
 decide(act, run) := d if {
 	targets := sharded(capabilities)
 	step_table := steps
+	prefix_table := sharded(prefixes)
 	d := authz.decision with data.abc.index.targets as targets
 		with data.abc.index.steps as step_table
+		with data.abc.index.prefixes as prefix_table
 		with input.action as act
 		with input.run as run
 }
@@ -210,6 +224,11 @@ evidence_of(d, code) := [r.evidence | some r in d.reasons; r.code == code]
 test_unknown_tool_names_the_closest_allowed_ones if {
 	d := decide({"kind": "tool", "target": "tool:kb/serch", "args": {}}, research)
 	evidence_of(d, "tool_not_allowed") == [{"target": "tool:kb/serch", "matched": null, "closest": ["tool:kb/search"]}]
+}
+
+test_unknown_step_names_the_closest_step if {
+	d := decide({"kind": "step", "target": "step:answr"}, research)
+	evidence_of(d, "step_out_of_order") == [{"step": "answr", "matched": null, "closest": ["step:answer"]}]
 }
 
 test_unknown_tool_far_from_everything_has_no_closest if {

@@ -46,6 +46,17 @@ def test_every_target_is_found_through_the_sharded_index() -> None:
     assert not policy.evaluate(tool_input("t300", "ok")).allow
 
 
+def test_a_refused_name_is_explained_by_its_closest_allowed_names() -> None:
+    # Found through the prefix table with a bounded number of lookups, at any size.
+    policy = prepared(300)
+    refused = policy.evaluate(tool_input("t29x", "ok"))
+    assert refused.reasons[0].evidence["closest"] == ["tool:s/t29", "tool:s/t290", "tool:s/t291"]
+    assert policy.evaluate(tool_input("zz", "ok")).reasons[0].evidence["closest"] == []
+    step = {"kind": "step", "target": "step:latr"}
+    late = policy.evaluate({"action": step, "run": {"step": "work", "completed_steps": []}})
+    assert late.reasons[0].evidence["closest"] == ["step:later"]
+
+
 def test_capability_outside_the_step_is_refused() -> None:
     decision = prepared().evaluate(tool_input("t1", "ok", step="later"))
     assert [r.code.value for r in decision.reasons] == ["step_out_of_order"]
