@@ -7,6 +7,7 @@ decision, not a second database beside the log.
 
 from __future__ import annotations
 
+import heapq
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +35,9 @@ class _Run:
     outcome: str = ""
     spent: Usage = field(default_factory=Usage)
     reserved: Usage = field(default_factory=Usage)
-    reservations: set[str] = field(default_factory=set)
+    # (expiry, reservation id), a min-heap: settled ones are skipped when they surface, so
+    # a sweep costs what expired, not what is held.
+    expiries: list[tuple[datetime, str]] = field(default_factory=list)
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
 
@@ -104,7 +107,7 @@ class MemoryRunStore:
         self, run_id: str, run: _Run, reservation_id: str, cost: Usage, expires: datetime
     ) -> None:
         run.reserved.add(cost)
-        run.reservations.add(reservation_id)
+        heapq.heappush(run.expiries, (expires, reservation_id))
         self._reservations[reservation_id] = _Reservation(run_id, cost, expires)
 
     def _take(self, reservation_id: str) -> tuple[_Run, _Reservation] | None:
@@ -112,7 +115,6 @@ class MemoryRunStore:
         if held is None:
             return None
         run = self._runs[held.run_id]
-        run.reservations.discard(reservation_id)
         run.reserved.add(held.cost, -1)
         return run, held
 
@@ -132,14 +134,14 @@ class MemoryRunStore:
     def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
         with self._lock:
             run = self._run(run_id)
-            due = [rid for rid in run.reservations if self._reservations[rid].expires <= now]
             expired = []
-            for rid in due:
+            while run.expiries and run.expiries[0][0] <= now:
+                _, rid = heapq.heappop(run.expiries)
                 taken = self._take(rid)
-                assert taken is not None  # under the lock, listed just above
-                cost = taken[1].cost
-                run.spent.add(cost)
-                expired.append((rid, cost))
+                if taken is not None:  # not settled or released meanwhile
+                    cost = taken[1].cost
+                    run.spent.add(cost)
+                    expired.append((rid, cost))
             return expired
 
     def books(self, run_id: str) -> Books:
