@@ -17,13 +17,11 @@ from functools import cached_property
 
 from pdp.action import Action
 from pdp.engine import Decision, PreparedPolicy
-from pdp.errors import ManifestUnknown, StoreUnavailable
+from pdp.errors import StoreUnavailable
 from pdp.manifest import VerifiedManifest, mark_lineage
 from pdp.runstore import BUDGETS, RunState, RunStore, Usage
 
-__all__ = ["STATUSES", "Run", "RunRegistry", "cost_of", "run_id_for"]
-
-STATUSES = ("pending", "running", "completed", "failed", "expired", "revoked")
+__all__ = ["Run", "RunRegistry", "cost_of", "run_id_for"]
 
 
 def run_id_for(manifest_digest: str) -> str:
@@ -110,12 +108,6 @@ class RunRegistry:
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
-
-    def get(self, run_id: str) -> Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            raise ManifestUnknown("no run with this id")
-        return run
 
     def lowest_remaining_ratio(self) -> dict[str, float]:
         with self._lock:

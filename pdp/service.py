@@ -26,6 +26,7 @@ from pdp.errors import (
     ManifestUnknown,
     ReasonCode,
     RunClosed,
+    StoreUnavailable,
 )
 from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
 from pdp.metrics import PdpMetrics
@@ -35,6 +36,10 @@ from pdp.runstore import MemoryRunStore, RunState, RunStore, Usage
 __all__ = ["DecisionOutcome", "DecisionService", "RunView"]
 
 log = logging.getLogger("abc.pdp")
+
+# The most one report may settle: exact in JSON (2^53) and far below what would overflow a
+# Redis counter however often it is reported.
+MAX_REPORTED = 2**40
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,7 @@ class DecisionService:
         commit = _Commit()
         policy_result: dict[str, Any] | None = None  # what the policy said, before the ledger
         run: Run | None = None
-        claimed = shadow = False
+        claimed = shadow = reused = False
         policy_input: dict[str, object] = {}
         acted: dict[str, Any] = {}
         try:
@@ -210,6 +215,7 @@ class DecisionService:
                 prior = self._store.claim(run_id, request_id)
                 if prior is not None:
                     if prior.get("action") != acted:
+                        reused = True  # logged, but the first answer stays the answer
                         raise BadRequest("request id already used for another action")
                     return _outcome(prior)
                 claimed = True
@@ -231,6 +237,7 @@ class DecisionService:
                 commit = self._commit(run, action, commit.decision, seen_step, now)
         except AbcError as exc:
             commit = _Commit(Decision.deny(exc.reason, str(exc)))
+            shadow = False  # shadow lifts the policy's and the ledger's verdicts, no other
         decision = commit.decision
         record: dict[str, Any] = {
             "decision_id": decision_id,
@@ -253,6 +260,8 @@ class DecisionService:
             record["enforced"] = False
         if commit.over_budget:
             record["over_budget"] = True
+        if reused:
+            record["reused_request_id"] = True
         try:
             # Durable before the answer leaves: an unlogged decision is never given.
             self._log.append("decision", record)
@@ -263,7 +272,9 @@ class DecisionService:
             commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
             decision, shadow = commit.decision, False
         outcome = DecisionOutcome(decision, decision_id, commit.reservation_id, not shadow)
-        if claimed:
+        if claimed and outcome.reason is ReasonCode.PDP_UNAVAILABLE:
+            self._store.unclaim(run_id, request_id)  # a passing outage: a retry decides anew
+        elif claimed:
             self._store.answer(run_id, request_id, _stored(outcome, acted))
         self._metrics.count_decision(decision.allow, outcome.reason, not shadow)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
@@ -272,16 +283,20 @@ class DecisionService:
     def _expire(self, run: Run, now: datetime) -> None:
         """Settle the run's reservations that were never reported, at their worst case."""
         for reservation_id, cost in self._store.expire(run.run_id, now):
-            self._log.append(
-                "settlement",
-                {
-                    "run_id": run.run_id,
-                    "reservation_id": reservation_id,
-                    "tokens": cost.tokens,
-                    "usd_micros": cost.usd_micros,
-                    "expired": True,
-                },
-            )
+            try:
+                self._log.append(
+                    "settlement",
+                    {
+                        "run_id": run.run_id,
+                        "reservation_id": reservation_id,
+                        "tokens": cost.tokens,
+                        "usd_micros": cost.usd_micros,
+                        "expired": True,
+                    },
+                )
+            except (OSError, RuntimeError) as exc:
+                log.error("decision log unwritable, refusing: %s", exc)
+                raise StoreUnavailable("decision log unavailable") from exc
 
     def _evaluate(self, run: Run, policy_input: dict[str, object]) -> Decision:
         try:
@@ -327,7 +342,9 @@ class DecisionService:
         return _Commit(verdict, reservation_id, cost, over_budget=True)
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
-        if tokens < 0 or usd_micros < 0:
+        """Settle; False for an unknown or settled reservation or an impossible amount.
+        ``StoreUnavailable`` when the run store cannot be reached (the caller retries)."""
+        if not (0 <= tokens <= MAX_REPORTED and 0 <= usd_micros <= MAX_REPORTED):
             return False
         run_id = self._store.settle(reservation_id, tokens, usd_micros)
         if run_id is None:
@@ -356,9 +373,9 @@ class DecisionService:
             self._load(str(record["run_id"]), base64.b64decode(record["envelope"]), trust_now)
             return
         store = self._store
-        if not isinstance(store, MemoryRunStore) or self._runs.find(record["run_id"]) is None:
+        run_id = record.get("run_id")  # a refused registration names no run
+        if not isinstance(store, MemoryRunStore) or not run_id or self._runs.find(run_id) is None:
             return
-        run_id = record["run_id"]
         if kind == "settlement":
             store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
         elif kind == "decision":
@@ -373,7 +390,14 @@ class DecisionService:
             if record.get("step"):
                 self._move(run_id, record["step"]["from"], record["step"]["to"])
             acted = record["input"].get("action") if record["input"] else None
-            if acted is not None and not acted.get("probe") and record.get("request_id"):
+            answered = (
+                acted is not None
+                and not acted.get("probe")
+                and record.get("request_id")
+                and not record.get("reused_request_id")  # the first answer stays the answer
+                and [r["code"] for r in record["result"]["reasons"][:1]] != ["pdp_unavailable"]
+            )
+            if answered:
                 store.answer(
                     run_id,
                     record["request_id"],
@@ -381,6 +405,7 @@ class DecisionService:
                         "action": acted,
                         "decision_id": record["decision_id"],
                         "reservation_id": record["reservation_id"],
+                        "enforced": record.get("enforced", True),
                         **record["result"],
                     },
                 )
@@ -445,6 +470,6 @@ def _check_running(run: Run, state: RunState, now: datetime) -> None:
         raise ManifestExpired(f"the run is pending until {manifest.metadata.not_before}")
     if status == "expired":
         raise ManifestExpired(f"the run expired at {manifest.metadata.expires_at}")
-    if status == "revoked" and not state.outcome:
+    if status == "revoked":
         raise RunClosed(f"the run is revoked: version {state.latest_version} superseded it")
     raise RunClosed(f"the run is {status}")

@@ -33,7 +33,6 @@ from pep.usage import UsageReader
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
 
 log = logging.getLogger("abc.pep")
-MAX_ID = 128
 
 
 @dataclass
@@ -49,10 +48,9 @@ SIDECAR = web.AppKey("sidecar", Sidecar)
 
 
 def _request_id(request: web.Request) -> str:
-    for header in ("x-request-id", "idempotency-key"):
-        value = request.headers.get(header, "")
-        if 0 < len(value) <= MAX_ID:
-            return value
+    """A fresh id per request, never one the agent chose: a replayed id gets the stored
+    allow again, so an agent naming its own could repeat one paid call as often as it liked.
+    (A retry by the agent is then a new, charged decision: fail closed on budget.)"""
     return "pep_" + uuid.uuid4().hex
 
 

@@ -1,11 +1,10 @@
 """Run state and budget ledgers: in this process (default) or in Redis (replicas)."""
 
-from pdp.runstore.base import BUDGETS, OUTCOMES, Books, RunState, RunStore, Usage
+from pdp.runstore.base import BUDGETS, Books, RunState, RunStore, Usage
 from pdp.runstore.memory import MemoryRunStore
 
 __all__ = [
     "BUDGETS",
-    "OUTCOMES",
     "Books",
     "MemoryRunStore",
     "RunState",

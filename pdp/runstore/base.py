@@ -12,12 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-__all__ = ["BUDGETS", "OUTCOMES", "Books", "RunState", "RunStore", "Usage"]
+__all__ = ["BUDGETS", "Books", "RunState", "RunStore", "Usage"]
 
 BUDGETS = ("tokens", "usd_micros", "tool_calls", "requests")
-# How a run ends. "revoked" is also what a run becomes once a newer version of its
-# lineage is registered (rollback protection extends to runs).
-OUTCOMES = ("completed", "failed", "revoked")
 
 
 @dataclass
@@ -64,7 +61,7 @@ class Books:
 class RunState:
     step: str
     completed_steps: tuple[str, ...] = ()
-    outcome: str = ""  # "" while the run goes on, else one of OUTCOMES
+    outcome: str = ""  # "" while the run goes on, else "completed" or "failed"
     latest_version: int = 0  # the highest version of the run's lineage registered
 
 
@@ -108,6 +105,9 @@ class RunStore(Protocol):
         (a duplicate arriving meanwhile waits for the first one's answer)."""
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None: ...
+
+    def unclaim(self, run_id: str, request_id: str) -> None:
+        """Drop the in-flight mark without an answer: the next try decides anew."""
 
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         """Keep a registered run's envelope, so another replica can verify and load it."""

@@ -171,6 +171,11 @@ class MemoryRunStore:
             run.answers[request_id] = stored
             self._answered.notify_all()
 
+    def unclaim(self, run_id: str, request_id: str) -> None:
+        with self._answered:
+            self._run(run_id).in_flight.discard(request_id)
+            self._answered.notify_all()
+
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         """Nothing to do: only this process uses this store, and it registered the run."""
 

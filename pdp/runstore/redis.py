@@ -83,25 +83,31 @@ return fits
 """
 
 # Take a reservation off the books; with 'settle', charge the real tokens and money and
-# the reserved tool calls and requests; with 'release', charge nothing.
+# the reserved tool calls and requests; with 'release', charge nothing. The charge comes
+# first: a script that fails midway keeps what it wrote, and a failed charge writes nothing.
 _TAKE = """
 local run_id = redis.call('HGET', KEYS[1], ARGV[1])
 if not run_id then return false end
 local base = ARGV[5] .. '{' .. run_id .. '}:'
 local held = redis.call('HGET', base .. 'rsv', ARGV[1])
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', base .. 'rsv', ARGV[1])
-redis.call('ZREM', base .. 'exp', ARGV[1])
-if not held then return false end
+if not held then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return false
+end
 local cost = {}
 for v in string.gmatch(held, '[^,]+') do table.insert(cost, v) end
 local charge = {ARGV[2], ARGV[3], cost[3], cost[4]}
 for i = 1, 4 do
-  if cost[i] ~= '0' then redis.call('HINCRBY', base .. 'run', 'r' .. i, '-' .. cost[i]) end
   if ARGV[4] == 'settle' and charge[i] ~= '0' then
     redis.call('HINCRBY', base .. 'run', 's' .. i, charge[i])
   end
 end
+for i = 1, 4 do
+  if cost[i] ~= '0' then redis.call('HINCRBY', base .. 'run', 'r' .. i, '-' .. cost[i]) end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', base .. 'rsv', ARGV[1])
+redis.call('ZREM', base .. 'exp', ARGV[1])
 return run_id
 """
 
@@ -140,6 +146,13 @@ if cur and (string.sub(cur, 1, 1) ~= '~' or tonumber(string.sub(cur, 2)) > now_m
 end
 redis.call('HSET', KEYS[1], ARGV[1], '~' .. (now_ms + tonumber(ARGV[2])))
 return false
+"""
+
+# Only an in-flight mark is dropped, never an answer.
+_UNCLAIM = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, 1, 1) == '~' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
 """
 
 _ADMIT = """
@@ -182,7 +195,7 @@ class RedisRunStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._prefix = prefix
-        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _ADMIT)
+        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _UNCLAIM, _ADMIT)
         (
             self._open,
             self._move,
@@ -190,6 +203,7 @@ class RedisRunStore:
             self._take,
             self._expire,
             self._claim,
+            self._unclaim,
             self._admit,
         ) = (self._redis.register_script(source) for source in scripts)
 
@@ -288,6 +302,10 @@ class RedisRunStore:
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         key = self._key(run_id, "answers")
         _guarded(lambda: self._redis.hset(key, request_id, json.dumps(stored)))
+
+    def unclaim(self, run_id: str, request_id: str) -> None:
+        keys = [self._key(run_id, "answers")]
+        _guarded(lambda: self._unclaim(keys=keys, args=[request_id]))
 
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         _guarded(lambda: self._redis.hset(self._prefix + "envelopes", run_id, envelope))

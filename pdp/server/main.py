@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from datetime import timedelta
 from types import FrameType
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -83,23 +83,16 @@ def _run_store(config: PdpConfig) -> tuple[RunStore, HighWater]:
     """In this process (state rebuilt from the log), or Redis shared by replicas."""
     if config.store == "memory":
         return MemoryRunStore(), SqliteHighWater(config.state / STATE_DB)
-    store = RedisRunStore(config.store)
+    # The URL may carry a password (in the authority or the query): never echo it.
+    shown = f"--store {urlsplit(config.store).scheme}://{urlsplit(config.store).hostname}"
     try:
+        store = RedisRunStore(config.store)
         store.ping()
+    except ValueError as exc:
+        raise ConfigError(f"{shown}: not a Redis URL") from exc
     except StoreUnavailable as exc:
-        raise ConfigError(f"--store {_redacted(config.store)}: {exc}") from exc
+        raise ConfigError(f"{shown}: {exc}") from exc
     return store, store
-
-
-def _redacted(url: str) -> str:
-    """The URL without its password, which must never reach a log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
-        f":{parts.port}" if parts.port else ""
-    )
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _server_credentials(config: PdpConfig) -> grpc.ServerCredentials | None:

@@ -16,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 
 from pdp.action import MAX_ARGS_BYTES, Action, validate_action
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from pdp.errors import AbcError, BadRequest, ReasonCode
+from pdp.errors import AbcError, BadRequest, ReasonCode, StoreUnavailable
 from pdp.service import DecisionService
 
 __all__ = ["DecisionServicer", "action_from_json", "action_from_proto"]
@@ -136,11 +136,18 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def ReportUsage(  # noqa: N802
         self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.ReportUsageResponse:
-        if not self._service.report_usage(
-            request.reservation_id, request.tokens, request.usd_micros
-        ):
+        if not self._settle(request, context):
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown or already settled reservation")
         return pdp_pb2.ReportUsageResponse()
+
+    def _settle(self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext) -> bool:
+        try:
+            return self._service.report_usage(
+                report.reservation_id, report.tokens, report.usd_micros
+            )
+        except StoreUnavailable:
+            # Not "unknown": the sidecar keeps the report and tries again.
+            context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
 
     def ReportUsageBatch(  # noqa: N802
         self, request: pdp_pb2.ReportUsageBatchRequest, context: grpc.ServicerContext
@@ -148,10 +155,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         if len(request.reports) > MAX_BATCH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
         return pdp_pb2.ReportUsageBatchResponse(
-            settled=[
-                self._service.report_usage(r.reservation_id, r.tokens, r.usd_micros)
-                for r in request.reports
-            ]
+            settled=[self._settle(r, context) for r in request.reports]
         )
 
     def GetRun(  # noqa: N802
@@ -160,7 +164,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         try:
             view = self._service.get_run(request.run_id, self._clock())
         except AbcError as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, exc.reason.value)
+            unavailable = exc.reason is ReasonCode.PDP_UNAVAILABLE
+            status = grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.NOT_FOUND
+            context.abort(status, exc.reason.value)
         return pdp_pb2.GetRunResponse(
             step=view.step,
             completed_steps=list(view.completed_steps),

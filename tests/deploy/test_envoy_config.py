@@ -144,9 +144,9 @@ def test_model_routes_forward_their_whole_body_under_the_pdps_prefixes(bootstrap
         assert routes[prefix].route.prefix_rewrite == "/"
 
 
-def test_the_run_header_is_set_by_envoy_not_the_agent(bootstrap: Any) -> None:
+def test_the_run_header_and_request_id_are_set_by_envoy_not_the_agent(bootstrap: Any) -> None:
     hcm = manager(bootstrap)
-    assert hcm.preserve_external_request_id is True
+    assert hcm.preserve_external_request_id is False  # the agent's id could replay an allow
     [extension] = hcm.early_header_mutation_extensions
     mutation = unpack(extension.typed_config, header_mutation_pb2.HeaderMutation)
     [append] = [m.append for m in mutation.mutations]

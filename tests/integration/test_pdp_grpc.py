@@ -478,3 +478,22 @@ def test_model_reservation_covers_the_prompt_bound(pdp: PdpProcess, signer: Sign
         pdp_pb2.DecideRequest(run_id=run_id, request_id="p2", action=too_big), timeout=5
     )
     assert codes(refused) == ["budget_exhausted"]
+
+
+def test_an_impossible_usage_report_is_refused_and_the_reservation_kept(
+    pdp: PdpProcess, signer: Signer
+) -> None:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/huge")
+    run_id = register(pdp, signer.freeze(text, "huge"))
+    held = stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub(pdp).ReportUsage(
+            pdp_pb2.ReportUsageRequest(reservation_id=held.reservation_id, tokens=2**63 - 1),
+            timeout=5,
+        )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    stub(pdp).ReportUsage(
+        pdp_pb2.ReportUsageRequest(reservation_id=held.reservation_id, tokens=7), timeout=5
+    )
+    run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
+    assert (run.spent.tokens, run.spent.tool_calls) == (7, 1)

@@ -8,6 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+import pytest
+
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.harness import INTENT, POLICIES, PdpProcess, Signer, audit_verify, start_pdp
 
@@ -123,15 +126,28 @@ def test_state_survives_kill_9_and_agrees_with_the_log(signer: Signer, tmp_path:
     assert verified.returncode == 0, verified.stderr  # the restart's clean stop signed the tail
 
 
-def test_a_request_id_reused_for_another_action_is_refused(signer: Signer, tmp_path: Path) -> None:
+def test_a_request_id_reused_for_another_action_is_refused_also_after_restart(
+    signer: Signer, tmp_path: Path
+) -> None:
     pdp = start_pdp(signer, tmp_path / "state")
     try:
         run_id = run_of(pdp, envelope(signer, "reuse"))
-        assert stub(pdp).Decide(tool(run_id, "one-id", "search")).allow
+        first = stub(pdp).Decide(tool(run_id, "one-id", "search"))
+        assert first.allow
         other = stub(pdp).Decide(tool(run_id, "one-id", "fetch_article"))
         assert not other.allow and other.reasons[0].code == "bad_request"
+        # A registration refused before the restart: its record names no run.
+        with pytest.raises(grpc.RpcError):
+            stub(pdp).RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=b"{}"))
     finally:
-        pdp.stop()
+        pdp.stop(signal.SIGKILL)
+    again = start_pdp(signer, tmp_path / "state")  # replays the refused registration too
+    try:
+        retried = stub(again).Decide(tool(run_id, "one-id", "search"))
+        # The first answer stays the answer: the logged refusal of the reuse did not replace it.
+        assert (retried.allow, retried.decision_id) == (True, first.decision_id)
+    finally:
+        again.stop()
 
 
 def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path: Path) -> None:

@@ -374,6 +374,35 @@ def test_usage_is_settled_with_the_pdp(
 # ---- attacks found in review: each must be refused, and nothing forwarded ----------------
 
 
+def test_an_agent_chosen_request_id_never_replays_a_paid_allow(
+    pep: PepProcess, pdp: PdpProcess, envelope_path: Path
+) -> None:
+    from pdp.api import pdp_pb2, pdp_pb2_grpc
+
+    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
+    run_id = stub.RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope_path.read_bytes().rstrip(b"\n"))
+    ).run_id
+    before = stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining.requests
+    same = {
+        "x-request-id": "agent-picked",
+        "idempotency-key": "agent-picked",
+        "authorization": f"Bearer {API_KEY}",
+    }
+    ids = set()
+    for _ in range(3):
+        reply = httpx.post(
+            f"{pep.url}/openai/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "again"}]},
+            headers=same,
+            timeout=10,
+        )
+        assert reply.status_code == 200
+        ids.add(reply.headers["x-abc-decision-id"])
+    assert len(ids) == 3  # three decisions, three charges: not one allow replayed
+    assert stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining.requests == before - 3
+
+
 def test_a_bound_sidecar_ignores_no_run_header_but_refuses_another_run(
     pep: PepProcess, fakes: FakeUpstreams
 ) -> None:

@@ -204,3 +204,28 @@ def test_a_forced_reservation_is_held_and_says_it_did_not_fit(store: RunStore) -
     assert not store.reserve(run_id, "rsv_b", Usage(tool_calls=1, requests=1), LATER, force=True)
     assert store.books(run_id).remaining() == Usage(100, 5, -1, -1)  # shadow over-spend shows
     assert store.settle("rsv_b", 0, 0) == run_id
+
+
+def test_an_unclaimed_request_id_is_decided_anew_without_waiting(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.claim(run_id, "req-1") is None
+    store.unclaim(run_id, "req-1")  # e.g. the answer was pdp_unavailable: not kept
+    assert store.claim(run_id, "req-1") is None  # at once, not after the in-flight wait
+    store.answer(run_id, "req-1", {"decision_id": "dec_2"})
+    store.unclaim(run_id, "req-1")  # an answer is never dropped
+    assert store.claim(run_id, "req-1") == {"decision_id": "dec_2"}
+
+
+def test_a_charge_that_overflows_writes_nothing(redis_server: RedisProcess) -> None:
+    # The PDP bounds reports (MAX_REPORTED); the script still leaves no half-taken reservation.
+    store = RedisRunStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    run_id = opened(store)
+    for rid in ("rsv_a", "rsv_b"):
+        assert store.reserve(run_id, rid, Usage(tokens=10, tool_calls=1, requests=1), LATER)
+    assert store.settle("rsv_a", 2**62, 0) == run_id
+    with pytest.raises(StoreUnavailable):  # 2^62 + 2^62 overflows the counter
+        store.settle("rsv_b", 2**62, 0)
+    books = store.books(run_id)
+    assert books.reserved == Usage(tokens=10, tool_calls=1, requests=1)  # rsv_b still held
+    assert books.spent == Usage(tokens=2**62, tool_calls=1, requests=1)
+    assert store.settle("rsv_b", 1, 0) == run_id  # and can still be settled
