@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -85,19 +87,12 @@ class Signer:
         return envelope.read_bytes().rstrip(b"\n")
 
 
-@dataclass
-class PdpProcess:
-    process: subprocess.Popen[bytes]
-    address: str
-    metrics_address: str
-    log: Path
-    credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
-    http_address: str = ""  # the REST door's HOST:PORT, for a PDP started with http=True
+class _Child:
+    """What a started abc-pdp or abc-pep shares: stopping it, its output, its metrics."""
 
-    def channel(self) -> grpc.Channel:
-        if self.credentials is not None:
-            return grpc.secure_channel(self.address, self.credentials)
-        return grpc.insecure_channel(self.address)
+    process: subprocess.Popen[bytes]
+    log: Path
+    metrics_url: str
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.process.poll() is None:
@@ -106,6 +101,38 @@ class PdpProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return str(response.read().decode())
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text, its labels in any order."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+@dataclass
+class PdpProcess(_Child):
+    process: subprocess.Popen[bytes]
+    address: str
+    metrics_address: str
+    log: Path
+    credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
+    http_address: str = ""  # the REST door's HOST:PORT, for a PDP started with http=True
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_address}/metrics"
+
+    def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.address, self.credentials)
+        return grpc.insecure_channel(self.address)
 
 
 def _with_fresh_ports(start: Any) -> Any:
@@ -188,25 +215,11 @@ def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
 
 
 @dataclass
-class PepProcess:
+class PepProcess(_Child):
     process: subprocess.Popen[bytes]
     url: str
     metrics_url: str
     log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            return str(response.read().decode())
 
 
 @_with_fresh_ports

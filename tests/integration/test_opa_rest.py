@@ -21,7 +21,7 @@ from opa_client import OpaClient
 from opa_client.errors import DeleteDataError, DeletePolicyError, PatchDataError, RegoParseError
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, start_pdp
+from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, sample, start_pdp
 
 DECISION = "/v1/data/abc/authz/decision"
 SEARCH = {"kind": "tool", "target": "tool:kb/search", "args": {"query": "refund policy"}}
@@ -143,20 +143,6 @@ def _stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
     return pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
 
 
-def _scrape(pdp: PdpProcess) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{pdp.metrics_address}/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
-def _count(text: str, labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"abc_pdp_decisions_total{{{labels}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(labels)
-
-
 def test_one_decision_path_for_both_doors(
     rest_pdp: PdpProcess, signer: Signer, tmp_path: Path
 ) -> None:
@@ -166,7 +152,7 @@ def test_one_decision_path_for_both_doors(
     run = stub.RegisterManifest(
         pdp_pb2.RegisterManifestRequest(envelope=signer.freeze(text, "rest-door")), timeout=10
     ).run_id
-    before = _scrape(rest_pdp)
+    before = rest_pdp.metrics()
     model = {"kind": "model", "target": "model:openai/gpt-4o-mini", "max_tokens": 300}
     status, rest = decide(
         rest_pdp.http_address, {"run_id": run, "request_id": "same", "action": model}
@@ -194,14 +180,30 @@ def test_one_decision_path_for_both_doors(
         rest_pdp.http_address,
         {"run_id": run, "request_id": "d1", "action": {"kind": "tool", "target": "tool:kb/rm"}},
     )
-    after = _scrape(rest_pdp)
+    after = rest_pdp.metrics()
     assert (
-        _count(after, 'decision="allow",mode="enforce",reason="none"')
-        == _count(before, 'decision="allow",mode="enforce",reason="none"') + 1
+        sample(after, "abc_pdp_decisions_total", decision="allow", mode="enforce", reason="none")
+        == sample(
+            before, "abc_pdp_decisions_total", decision="allow", mode="enforce", reason="none"
+        )
+        + 1
     )
     assert (
-        _count(after, 'decision="deny",mode="enforce",reason="tool_not_allowed"')
-        == _count(before, 'decision="deny",mode="enforce",reason="tool_not_allowed"') + 1
+        sample(
+            after,
+            "abc_pdp_decisions_total",
+            decision="deny",
+            mode="enforce",
+            reason="tool_not_allowed",
+        )
+        == sample(
+            before,
+            "abc_pdp_decisions_total",
+            decision="deny",
+            mode="enforce",
+            reason="tool_not_allowed",
+        )
+        + 1
     )
     state = rest_pdp.log.parent / "state"
     records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]

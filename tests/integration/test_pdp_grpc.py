@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, PdpProcess, Signer, start_pdp
+from tests.harness import INTENT, PdpProcess, Signer, sample, start_pdp
 from tests.harness import POLICIES as POLICIES_DIR
 
 
@@ -299,51 +298,45 @@ def test_health_and_reflection(pdp: PdpProcess) -> None:
     assert {"abc.pdp.v1.DecisionService", "grpc.health.v1.Health"} <= names
 
 
-def _scrape(pdp: PdpProcess) -> str:
-    with urllib.request.urlopen(f"http://{pdp.metrics_address}/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
-def _sample(text: str, name: str, labels: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{labels}}} " if labels else f"{name} "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{labels}}} not exported")
-
-
 def test_metrics_are_scraped(pdp: PdpProcess, demo_envelope: bytes) -> None:
     run_id = register(pdp, demo_envelope)
-    before = _sample(
-        _scrape(pdp),
+    before = sample(
+        pdp.metrics(),
         "abc_pdp_decisions_total",
-        'decision="deny",mode="enforce",reason="tool_not_allowed"',
+        decision="deny",
+        mode="enforce",
+        reason="tool_not_allowed",
     )
     assert stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5).allow
     stub(pdp).Decide(tool_call(run_id, "rm_rf", {}, "m-1"), timeout=5)
     stub(pdp).Decide(tool_call(run_id, "made_up_name_12345", {}, "m-2"), timeout=5)
-    text = _scrape(pdp)
+    text = pdp.metrics()
     assert (
-        _sample(
+        sample(
             text,
             "abc_pdp_decisions_total",
-            'decision="deny",mode="enforce",reason="tool_not_allowed"',
+            decision="deny",
+            mode="enforce",
+            reason="tool_not_allowed",
         )
         == before + 2
     )
     assert (
-        _sample(text, "abc_pdp_decisions_total", 'decision="allow",mode="enforce",reason="none"')
+        sample(text, "abc_pdp_decisions_total", decision="allow", mode="enforce", reason="none")
         >= 1
     )
-    assert _sample(text, "abc_pdp_decide_seconds_count", "") >= 3
+    assert sample(text, "abc_pdp_decide_seconds_count") >= 3
     assert (
-        _sample(
+        sample(
             text,
             "abc_pdp_decisions_total",
-            'decision="deny",mode="shadow",reason="tool_not_allowed"',
+            decision="deny",
+            mode="shadow",
+            reason="tool_not_allowed",
         )
         == 0
     )
-    assert _sample(text, "abc_pdp_manifests_rejected_total", 'reason="signature_invalid"') >= 0
+    assert sample(text, "abc_pdp_manifests_rejected_total", reason="signature_invalid") >= 0
     assert 'budget="tool_calls"' in text
     assert "made_up_name" not in text  # caller text never becomes a label
 

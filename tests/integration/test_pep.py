@@ -16,8 +16,9 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, serve_app, start_pep
+from tests.harness import INTENT, PdpProcess, PepProcess, Signer, sample, serve_app, start_pep
 
 API_KEY = "sk-test-secret-4242"
 MODEL = "gpt-4o-mini"
@@ -331,17 +332,21 @@ def test_metrics_count_decisions_with_closed_labels(pep: PepProcess) -> None:
             model="made-up-model-xyz", messages=[{"role": "user", "content": "x"}]
         )
     text = pep.metrics()
-
-    def sample(name: str, labels: str) -> float:
-        line = next(line for line in text.splitlines() if line.startswith(f"{name}{{{labels}}} "))
-        return float(line.rsplit(" ", 1)[1])
-
-    assert sample("abc_pep_requests_total", 'decision="allow",route="openai"') >= 1
-    assert sample("abc_pep_denials_total", 'reason="model_not_allowed",route="openai"') >= 1
-    assert sample("abc_pep_denials_total", 'reason="http_not_allowed",route="http"') >= 0
+    assert sample(text, "abc_pep_requests_total", decision="allow", route="openai") >= 1
+    assert sample(text, "abc_pep_denials_total", reason="model_not_allowed", route="openai") >= 1
+    assert sample(text, "abc_pep_denials_total", reason="http_not_allowed", route="http") >= 0
     assert "abc_pep_decision_seconds_bucket" in text and "abc_pep_upstream_seconds_bucket" in text
     assert "made-up-model" not in text
     assert API_KEY not in pep.output()  # the provider key is never logged
+
+
+def bound_run(pdp: PdpProcess, envelope_path: Path) -> tuple[pdp_pb2_grpc.DecisionServiceStub, str]:
+    """A stub, and the run the sidecar is bound to (registering its manifest again is a no-op)."""
+    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
+    run_id = stub.RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope_path.read_bytes().rstrip(b"\n"))
+    ).run_id
+    return stub, str(run_id)
 
 
 def test_usage_is_settled_with_the_pdp(
@@ -349,12 +354,7 @@ def test_usage_is_settled_with_the_pdp(
 ) -> None:
     import time
 
-    from pdp.api import pdp_pb2, pdp_pb2_grpc
-
-    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
-    run_id = stub.RegisterManifest(
-        pdp_pb2.RegisterManifestRequest(envelope=envelope_path.read_bytes().rstrip(b"\n"))
-    ).run_id
+    stub, run_id = bound_run(pdp, envelope_path)
     before = stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).spent.tokens
     reply = oai(pep).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "count me"}], max_tokens=100
@@ -377,12 +377,7 @@ def test_usage_is_settled_with_the_pdp(
 def test_an_agent_chosen_request_id_never_replays_a_paid_allow(
     pep: PepProcess, pdp: PdpProcess, envelope_path: Path
 ) -> None:
-    from pdp.api import pdp_pb2, pdp_pb2_grpc
-
-    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())
-    run_id = stub.RegisterManifest(
-        pdp_pb2.RegisterManifestRequest(envelope=envelope_path.read_bytes().rstrip(b"\n"))
-    ).run_id
+    stub, run_id = bound_run(pdp, envelope_path)
     before = stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining.requests
     same = {
         "x-request-id": "agent-picked",

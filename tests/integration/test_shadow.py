@@ -7,7 +7,6 @@ say which refusals were enforced and which were only observed.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.harness import (
     PepProcess,
     Signer,
     abcctl,
+    sample,
     start_pdp,
     start_pep,
 )
@@ -76,22 +76,6 @@ def intent(lineage: str, shadow: bool, requests: int = 500) -> str:
     return text + ("\nenforcement: shadow\n" if shadow else "")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
-        if match and ",".join(sorted(match.group(1).split(","))) == wanted:
-            return float(match.group(2))
-    raise AssertionError(f"no series {name}{{{wanted}}}")
-
-
-def pdp_metrics(pdp: PdpProcess) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{pdp.metrics_address}/metrics", timeout=5) as reply:
-        return str(reply.read().decode())
-
-
 def decisions_of(state: Path, run_id: str) -> list[dict[str, object]]:
     records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
     return [r for r in records if r["kind"] == "decision" and r["run_id"] == run_id]
@@ -104,8 +88,8 @@ def test_a_key_without_shadow_mode_cannot_register_a_shadow_manifest(
     with pytest.raises(grpc.RpcError) as refused:
         register(shadow_pdp, envelope.read_bytes().strip())
     assert refused.value.details() == "shadow_not_allowed"
-    counted = metric(
-        pdp_metrics(shadow_pdp), "abc_pdp_manifests_rejected_total", reason="shadow_not_allowed"
+    counted = sample(
+        shadow_pdp.metrics(), "abc_pdp_manifests_rejected_total", reason="shadow_not_allowed"
     )
     assert counted == 1
 
@@ -159,7 +143,7 @@ def test_same_traffic_same_decisions_different_forwarding(
     assert all("enforced" not in r for r in logged["enforce"])
 
     assert (
-        metric(
+        sample(
             pep_metrics["enforce"],
             "abc_pep_denials_total",
             route="openai",
@@ -168,7 +152,7 @@ def test_same_traffic_same_decisions_different_forwarding(
         == 2
     )
     assert (
-        metric(
+        sample(
             pep_metrics["shadow"],
             "abc_pep_denials_total",
             route="openai",
@@ -177,7 +161,7 @@ def test_same_traffic_same_decisions_different_forwarding(
         == 0
     )
     assert (
-        metric(
+        sample(
             pep_metrics["shadow"],
             "abc_pep_shadow_denials_total",
             route="openai",
@@ -186,7 +170,7 @@ def test_same_traffic_same_decisions_different_forwarding(
         == 2
     )
     assert (
-        metric(
+        sample(
             pep_metrics["enforce"],
             "abc_pep_shadow_denials_total",
             route="openai",
@@ -194,10 +178,10 @@ def test_same_traffic_same_decisions_different_forwarding(
         )
         == 0
     )
-    pdp_text = pdp_metrics(shadow_pdp)
+    pdp_text = shadow_pdp.metrics()
     for mode in ("enforce", "shadow"):
         assert (
-            metric(
+            sample(
                 pdp_text,
                 "abc_pdp_decisions_total",
                 decision="deny",
