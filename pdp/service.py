@@ -76,13 +76,20 @@ def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _stored(outcome: DecisionOutcome, action: dict[str, Any]) -> dict[str, Any]:
+def _stored(
+    action: dict[str, Any],
+    decision_id: str,
+    reservation_id: str,
+    enforced: bool,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """The answer kept for a request id: what a retry gets back, live or after a restart."""
     return {
         "action": action,
-        "decision_id": outcome.decision_id,
-        "reservation_id": outcome.reservation_id,
-        "enforced": outcome.enforced,
-        **outcome.decision.as_dict(),
+        "decision_id": decision_id,
+        "reservation_id": reservation_id,
+        "enforced": enforced,
+        **result,
     }
 
 
@@ -275,7 +282,14 @@ class DecisionService:
         if claimed and outcome.reason is ReasonCode.PDP_UNAVAILABLE:
             self._store.unclaim(run_id, request_id)  # a passing outage: a retry decides anew
         elif claimed:
-            self._store.answer(run_id, request_id, _stored(outcome, acted))
+            kept = _stored(
+                acted,
+                decision_id,
+                outcome.reservation_id,
+                outcome.enforced,
+                decision.as_dict(),
+            )
+            self._store.answer(run_id, request_id, kept)
         self._metrics.count_decision(decision.allow, outcome.reason, not shadow)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
@@ -389,26 +403,23 @@ class DecisionService:
                 )
             if record.get("step"):
                 self._move(run_id, record["step"]["from"], record["step"]["to"])
-            acted = record["input"].get("action") if record["input"] else None
+            acted: dict[str, Any] = (record["input"] or {}).get("action") or {}
             answered = (
-                acted is not None
+                acted
                 and not acted.get("probe")
                 and record.get("request_id")
                 and not record.get("reused_request_id")  # the first answer stays the answer
                 and [r["code"] for r in record["result"]["reasons"][:1]] != ["pdp_unavailable"]
             )
             if answered:
-                store.answer(
-                    run_id,
-                    record["request_id"],
-                    {
-                        "action": acted,
-                        "decision_id": record["decision_id"],
-                        "reservation_id": record["reservation_id"],
-                        "enforced": record.get("enforced", True),
-                        **record["result"],
-                    },
+                kept = _stored(
+                    acted,
+                    record["decision_id"],
+                    record["reservation_id"],
+                    record.get("enforced", True),
+                    record["result"],
                 )
+                store.answer(run_id, record["request_id"], kept)
 
     def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
         """Verify a registered envelope again and compile its run; None if it fails now.
