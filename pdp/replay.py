@@ -10,9 +10,6 @@ again and compares. The log itself must first pass ``audit verify``.
 
 from __future__ import annotations
 
-import base64
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +17,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.bundle import load_stored_bundle
-from pdp.decisionlog import verify_log
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError
-from pdp.manifest.canonical import digest
-from pdp.manifest.envelope import parse_envelope
-from pdp.manifest.model import Manifest
+from pdp.history import load_history
 
 __all__ = ["Divergence", "ReplayReport", "replay_log"]
 
@@ -44,12 +38,6 @@ class ReplayReport:
     divergences: list[Divergence] = field(default_factory=list)
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as handle:
-        for line in handle:
-            yield json.loads(line)
-
-
 def _normalized(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in ("allow", "reasons", "obligations")}
 
@@ -62,19 +50,13 @@ def replay_log(
     allow_tail: bool = False,
     expect_seq: int | None = None,
 ) -> ReplayReport:
-    # LogInvalid: a log that `audit verify` refuses is never replayed.
-    verify_log(log, key, allow_tail=allow_tail, expect_seq=expect_seq)
-    manifests: dict[str, Manifest] = {}
+    # LogInvalid: a log that `audit verify` refuses is never replayed, and what is replayed
+    # is read from the very bytes that verified.
+    history = load_history(log, key, allow_tail=allow_tail, expect_seq=expect_seq)
+    manifests = {run.manifest_digest: run.manifest for run in history.runs.values()}
     policies: dict[tuple[str, str], PreparedPolicy] = {}
     report = ReplayReport()
-    for record in _records(log):
-        if record["kind"] == "registration" and record["result"].get("accepted"):
-            payload = parse_envelope(base64.b64decode(record["envelope"])).unverified_payload
-            if digest(payload) == record["manifest_digest"]:  # the chain vouches for the record
-                manifests[record["manifest_digest"]] = Manifest.model_validate_json(payload)
-            continue
-        if record["kind"] != "decision" or "policy_result" not in record:
-            continue
+    for record in history.decisions():
         report.decisions += 1
         logged = _normalized(record["policy_result"])
         pair = (record["policy_digest"], record["manifest_digest"])
