@@ -13,7 +13,6 @@ import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 
 from pdp.action import Action
 from pdp.engine import Decision, PreparedPolicy
@@ -35,12 +34,6 @@ class Run:
     verified: VerifiedManifest
     policy: PreparedPolicy
 
-    @cached_property
-    def window(self) -> tuple[datetime, datetime]:
-        """(not before, expires at), parsed once: every decision checks it."""
-        manifest = self.verified.manifest
-        return manifest.not_before, manifest.expires_at
-
     @property
     def lineage(self) -> str:
         return mark_lineage(self.verified.manifest)
@@ -58,12 +51,12 @@ class Run:
     def status(self, state: RunState, now: datetime) -> str:
         if state.outcome:
             return state.outcome
-        if state.latest_version > self.verified.manifest.metadata.version:
+        manifest = self.verified.manifest
+        if state.latest_version > manifest.metadata.version:
             return "revoked"
-        not_before, expires_at = self.window
-        if now < not_before:
+        if now < manifest.not_before:
             return "pending"
-        return "running" if now < expires_at else "expired"
+        return "running" if now < manifest.expires_at else "expired"
 
 
 def cost_of(action: Action, decision: Decision) -> Usage:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -281,11 +282,12 @@ class Manifest(_Strict):
         check_assembly(self.assembly.steps, self.capabilities)
         return self
 
-    @property
+    # Parsed once per (frozen) manifest: every decision checks the window.
+    @cached_property
     def not_before(self) -> datetime:
         return parse_timestamp(self.metadata.not_before)
 
-    @property
+    @cached_property
     def expires_at(self) -> datetime:
         return parse_timestamp(self.metadata.expires_at)
 
