@@ -4,23 +4,34 @@ One run, one machine: the same chat-completion load (non-streaming and streaming
 concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
 pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP. The
 targets take turns batch by batch after an unmeasured warm-up. Writes bench-results/pep.json.
+
+With one client, three more baselines take the same turns, so the sidecar's added latency
+can be split: a bare gRPC health check to the same PDP, one ``Decide`` for the sidecar's run
+(what the sidecar waits for), and one synced append to a file beside the PDP's log. Floor +
+bare gRPC + sync is the least that any sidecar asking a remote PDP for a durable decision
+can add on this machine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.bench.conftest import percentile, summary_ms, write_results
-from tests.harness import INTENT, Signer, free_port, start_pdp, start_pep
+from tests.harness import INTENT, PdpProcess, Signer, free_port, start_pdp, start_pep
 
 SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
 BODY = {
@@ -43,7 +54,11 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
-async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> tuple[float, float]:
+Sample = tuple[float, float]  # (time to first byte, total), in seconds
+Target = Callable[[], Awaitable[Sample]]
+
+
+async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> Sample:
     """(time to first byte, total) of one request, body read to the end."""
     started = time.perf_counter()
     payload = (
@@ -59,24 +74,79 @@ async def one(session: aiohttp.ClientSession, url: str, stream: bool) -> tuple[f
     return first or total, total
 
 
-async def load(urls: dict[str, str], stream: bool, clients: int, count: int) -> dict[str, Any]:
+def fetch(session: aiohttp.ClientSession, url: str, stream: bool) -> Target:
+    return lambda: one(session, url, stream)
+
+
+def timed(call: Callable[[], Awaitable[object]]) -> Target:
+    async def target() -> Sample:
+        started = time.perf_counter()
+        await call()
+        total = time.perf_counter() - started
+        return total, total
+
+    return target
+
+
+def baselines(pdp: PdpProcess, run_id: str, state: Path) -> dict[str, Callable[[], Target]]:
+    """The split of a sidecar request's cost, as targets made inside the benchmark's loop."""
+    log = os.open(state / "bench-sync", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    line = b"x" * 900 + b"\n"  # about a decision record
+
+    async def synced() -> None:
+        os.write(log, line)
+        os.fdatasync(log)
+
+    def grpc_check() -> Target:
+        stub = health_pb2_grpc.HealthStub(grpc.aio.insecure_channel(pdp.address))
+        return timed(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=5))
+
+    def decide() -> Target:
+        stub = pdp_pb2_grpc.DecisionServiceStub(grpc.aio.insecure_channel(pdp.address))  # type: ignore[no-untyped-call]
+        action = pdp_pb2.Action(
+            kind="model", target="model:openai/gpt-4o-mini", max_tokens=64, input_bytes=120
+        )
+        ids = iter(range(10**9))
+        return timed(
+            lambda: stub.Decide(
+                pdp_pb2.DecideRequest(
+                    run_id=run_id, request_id=f"bench-{next(ids)}", action=action
+                ),
+                timeout=5,
+            )
+        )
+
+    return {"grpc_check": grpc_check, "decide_rpc": decide, "sync": lambda: timed(synced)}
+
+
+async def load(
+    urls: dict[str, str],
+    stream: bool,
+    clients: int,
+    count: int,
+    extra: dict[str, Callable[[], Target]] | None = None,
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=clients * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
-        for url in urls.values():
-            await asyncio.gather(*(one(session, url, stream) for _ in range(WARMUP // 3)))
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
-        busy: dict[str, float] = dict.fromkeys(urls, 0.0)
+        targets: dict[str, Target] = {
+            name: fetch(session, url, stream) for name, url in urls.items()
+        }
+        targets |= {name: make() for name, make in (extra or {}).items()}
+        for target in targets.values():
+            await asyncio.gather(*(target() for _ in range(WARMUP // 3)))
+        samples: dict[str, list[Sample]] = {name: [] for name in targets}
+        busy: dict[str, float] = dict.fromkeys(targets, 0.0)
         for _ in range(count // BATCH):
-            for name, url in urls.items():
+            for name, target in targets.items():
                 queue = list(range(BATCH))
                 started = time.perf_counter()
 
                 async def client(
-                    name: str = name, url: str = url, queue: list[int] = queue
+                    name: str = name, target: Target = target, queue: list[int] = queue
                 ) -> None:
                     while queue:
                         queue.pop()
-                        samples[name].append(await one(session, url, stream))
+                        samples[name].append(await target())
 
                 await asyncio.gather(*(client() for _ in range(clients)))
                 busy[name] += time.perf_counter() - started
@@ -89,7 +159,7 @@ async def load(urls: dict[str, str], stream: bool, clients: int, count: int) -> 
             "ttfb": summary_ms(firsts),
             "throughput_per_s": round(len(values) / busy[name], 1),
         }
-        if name != "direct":
+        if name in ("floor", "sidecar"):
             entry["added_p50_ms"] = round(
                 (percentile(totals, 0.5) - percentile([d[1] for d in direct], 0.5)) * 1000, 3
             )
@@ -100,6 +170,21 @@ async def load(urls: dict[str, str], stream: bool, clients: int, count: int) -> 
     result["sidecar_vs_floor_throughput"] = round(
         result["sidecar"]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
     )
+    if extra:
+        p50 = {name: result[name]["total"]["p50_ms"] for name in extra}
+        result["split_p50_ms"] = {
+            "floor_added": result["floor"]["added_p50_ms"],
+            "decide_rpc": p50["decide_rpc"],
+            "rest": round(
+                result["sidecar"]["added_p50_ms"]
+                - result["floor"]["added_p50_ms"]
+                - p50["decide_rpc"],
+                3,
+            ),
+            "durable_remote_decision_floor": round(
+                result["floor"]["added_p50_ms"] + p50["grpc_check"] + p50["sync"], 3
+            ),
+        }
     return result
 
 
@@ -163,9 +248,22 @@ def test_bench_pep(tmp_path: Path) -> None:
             "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
             "sidecar": f"{pep.url}/openai/v1/chat/completions",
         }
+        # Registering the sidecar's envelope again answers with the run it is bound to.
+        run_id = (
+            pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+            .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope.read_bytes()))
+            .run_id
+        )
+        split = baselines(pdp, run_id, tmp_path / "state")
         results = {
             f"{'stream' if stream else 'json'}_{clients}_clients": asyncio.run(
-                load(urls, stream, clients, SINGLE if clients == 1 else CONCURRENT)
+                load(
+                    urls,
+                    stream,
+                    clients,
+                    SINGLE if clients == 1 else CONCURRENT,
+                    split if clients == 1 and not stream else None,
+                )
             )
             for stream in (False, True)
             for clients in (1, CLIENTS)
@@ -195,4 +293,17 @@ def test_bench_pep(tmp_path: Path) -> None:
                 f"  {entry['throughput_per_s']:7.1f}/s{added}"
             )
         print(f"    sidecar/floor throughput: {result['sidecar_vs_floor_throughput']}")
+        if "split_p50_ms" in result:
+            for name in split:
+                entry = result[name]["total"]
+                print(
+                    f"    {name:<11} p50 {entry['p50_ms']:7.3f} ms  p99 {entry['p99_ms']:7.3f} ms"
+                )
+            cut = result["split_p50_ms"]
+            print(
+                f"    sidecar added p50 = floor {cut['floor_added']:.3f} + Decide"
+                f" {cut['decide_rpc']:.3f} + the rest {cut['rest']:.3f} ms; no sidecar asking a"
+                f" remote PDP for a durable decision adds less than floor + bare gRPC + sync ="
+                f" {cut['durable_remote_decision_floor']:.3f} ms here"
+            )
     assert json.loads(path.read_text())

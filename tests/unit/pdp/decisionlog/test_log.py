@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,27 @@ def test_a_restarted_log_continues_the_chain(tmp_path: Path) -> None:
     assert log.append("decision", decision(99)) == 4  # after 3 records and the closing checkpoint
     log.close()
     assert verify_log(path, KEY.public_key()).records == 6
+
+
+def test_an_idle_tail_is_checkpointed_within_the_interval(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_seconds=0.2)
+    try:
+        for i in range(3):  # appends before the interval ends do not put the timer off
+            log.append("decision", decision(i))
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+            if kinds[-1:] == ["checkpoint"]:
+                break
+            time.sleep(0.02)
+        assert kinds == ["decision"] * 3 + ["checkpoint"]
+        time.sleep(0.5)  # nothing new: no further checkpoint
+        assert len(path.read_text().splitlines()) == 4
+    finally:
+        log.close()
+    assert verify_log(path, KEY.public_key()).records == 5
 
 
 def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None:
