@@ -2,10 +2,7 @@
 
 ``append`` returns only after the record is written and fsynced. Concurrent appends are
 group-committed: the first caller to find no write under way writes whatever is waiting,
-fsyncs once, and wakes every caller in the batch. ``append(..., durable=False)`` (usage
-settlements: no answer depends on them) returns once the record is written to the OS,
-which a crash of the process cannot undo; the next durable append or checkpoint syncs it,
-so it never costs a decision a second fsync. Every ``checkpoint_every`` records or
+fsyncs once, and wakes every caller in the batch. Every ``checkpoint_every`` records or
 ``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the chain head.
 
 Secrets never reach the disk: configured argument paths (e.g. ``action.args.password``)
@@ -108,8 +105,7 @@ class DecisionLog:
         self._file = path.open("ab", buffering=0)
         self._lock = threading.Condition()
         self._pending: list[bytes] = []
-        self._written = head.seq  # every seq below this is written to the OS
-        self._synced = head.seq  # every seq below this is on disk
+        self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
         self._closed = False
         self._writing = False
@@ -122,9 +118,8 @@ class DecisionLog:
         )
         self._timer.start()
 
-    def append(self, kind: str, fields: dict[str, Any], *, durable: bool = True) -> int:
-        """Append one record and return its seq once it is on disk (fsynced), or, when not
-        ``durable``, once it is written (on disk with the next sync, which nothing reorders)."""
+    def append(self, kind: str, fields: dict[str, Any]) -> int:
+        """Append one record and return its seq once it is on disk (fsynced)."""
         record = dict(fields)
         masked: list[str] = []
         if self._masks and isinstance(record.get("input"), dict):
@@ -137,19 +132,18 @@ class DecisionLog:
             seq = self._enqueue(kind, record, masked)
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
-            self._commit_through(seq + 1, sync=durable)
+            self._commit_through(seq + 1)
         return seq
 
-    def _commit_through(self, target: int, *, sync: bool = True) -> None:
-        """Return once every seq below ``target`` is written and, if ``sync``, on disk.
-        Holds ``self._lock``.
+    def _commit_through(self, target: int) -> None:
+        """Return once every seq below ``target`` is on disk. Holds ``self._lock``.
 
-        Group commit, leader and followers: whoever finds no write under way writes
-        everything pending (its own record and any that queued meanwhile) and fsyncs if it
-        must; the others wait for it. One fsync per batch, and no thread hand-off for a
+        Group commit, leader and followers: whoever finds no write under way writes and
+        fsyncs everything pending (its own record and any that queued meanwhile); the
+        others wait for that fsync. One fsync per batch, and no thread hand-off for a
         caller that is alone.
         """
-        while (self._synced if sync else self._written) < target:
+        while self._written < target:
             if self._failure is not None:
                 raise self._failure
             if self._writing:
@@ -160,11 +154,9 @@ class DecisionLog:
             upto = self._seq
             self._lock.release()
             try:
-                if batch:
-                    self._file.write(b"".join(batch))
-                if sync:
-                    # fdatasync: the data and the size that reaches it, not the mtime.
-                    os.fdatasync(self._file.fileno())
+                self._file.write(b"".join(batch))
+                # fdatasync: the data and the size that reaches it, not the mtime.
+                os.fdatasync(self._file.fileno())
             except OSError as exc:  # a log that cannot be written stops every decision
                 failure: OSError | None = exc
             else:
@@ -176,9 +168,9 @@ class DecisionLog:
                 self._failure = failure
             else:
                 self._written = upto
-                if sync:
-                    self._synced = upto
             self._lock.notify_all()
+        if self._failure is not None and self._written < target:
+            raise self._failure
 
     def _enqueue(self, kind: str, record: dict[str, Any], masked: list[str]) -> int:
         seq = self._seq
