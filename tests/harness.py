@@ -154,6 +154,37 @@ class EarlyExit(RuntimeError):
     """The process exited before it was ready (e.g. its port was taken meanwhile)."""
 
 
+def pdp_flags(
+    trust: Path, state: Path, policies: Path = POLICIES, *, listen: str | None = None
+) -> list[str]:
+    """The flags every abc-pdp needs; it listens on a free loopback port unless told."""
+    return [
+        "--listen",
+        listen or f"127.0.0.1:{free_port()}",
+        "--trust",
+        str(trust),
+        "--policies",
+        str(policies),
+        "--state",
+        str(state),
+    ]
+
+
+def start_up_error(binary: str, *args: object) -> str:
+    """Run abc-pdp or abc-pep expecting it to refuse to start: exit 1 and one clean error
+    line, no traceback. Returns what it printed."""
+    done = subprocess.run(
+        [str(BIN / binary), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"{binary}: error:") and "Traceback" not in done.stderr
+    return done.stderr
+
+
 @_with_fresh_ports
 def start_pdp(
     signer: Signer,
@@ -175,14 +206,7 @@ def start_pdp(
     process = subprocess.Popen(
         [
             str(BIN / "abc-pdp"),
-            "--listen",
-            address,
-            "--trust",
-            str(signer.trust),
-            "--policies",
-            str(policies),
-            "--state",
-            str(state),
+            *pdp_flags(signer.trust, state, policies, listen=address),
             "--metrics",
             metrics,
             *extra,

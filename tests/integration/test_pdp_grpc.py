@@ -349,9 +349,7 @@ def test_sigterm_stops_cleanly(signer: Signer, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("problem", ["broken-policy", "missing-trust"])
 def test_misconfiguration_stops_startup(signer: Signer, tmp_path: Path, problem: str) -> None:
-    import subprocess
-
-    from tests.harness import BIN, POLICIES, free_port
+    from tests.harness import POLICIES, pdp_flags, start_up_error
 
     policies, trust = POLICIES, signer.trust
     if problem == "broken-policy":
@@ -360,26 +358,7 @@ def test_misconfiguration_stops_startup(signer: Signer, tmp_path: Path, problem:
         (policies / "abc" / "authz.rego").write_text("package abc.authz\n\ndecision := {\n")
     else:
         trust = tmp_path / "absent.yaml"
-    done = subprocess.run(
-        [
-            str(BIN / "abc-pdp"),
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--trust",
-            str(trust),
-            "--policies",
-            str(policies),
-            "--state",
-            str(tmp_path / "s"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 1
-    assert done.stderr.startswith("abc-pdp: error:")
-    assert "Traceback" not in done.stderr
+    start_up_error("abc-pdp", *pdp_flags(trust, tmp_path / "s", policies))
 
 
 def test_every_decision_is_logged_masked_and_the_log_verifies(

@@ -6,7 +6,6 @@ handshake before any RPC. A sidecar whose certificate is refused fails closed.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import BIN, POLICIES, PdpProcess, Signer, abcctl, free_port, start_pdp, start_pep
+from tests.harness import (
+    POLICIES,
+    PdpProcess,
+    Signer,
+    abcctl,
+    free_port,
+    pdp_flags,
+    start_pdp,
+    start_pep,
+    start_up_error,
+)
 
 API_KEY = "sk-tls-test"
 CHAT = "/openai/v1/chat/completions"
@@ -277,36 +286,18 @@ def test_a_sidecar_the_pdp_refuses_fails_closed(
         pep.stop()
 
 
-def _start_up_error(binary: str, *args: str) -> str:
-    done = subprocess.run(
-        [str(BIN / binary), *args], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 1, done.stderr
-    assert done.stderr.startswith(f"{binary}: error:") and "Traceback" not in done.stderr
-    return done.stderr
-
-
 def test_tls_mistakes_stop_start_up_naming_the_file(
     signer: Signer, ours: Pki, other: Pki, tmp_path: Path
 ) -> None:
-    pdp = [
-        "--listen",
-        f"127.0.0.1:{free_port()}",
-        "--trust",
-        str(signer.trust),
-        "--policies",
-        str(POLICIES),
-        "--state",
-        str(tmp_path / "state"),
-    ]
-    only_cert = _start_up_error("abc-pdp", *pdp, "--tls-cert", ours.path("pdp.pem"))
+    pdp = pdp_flags(signer.trust, tmp_path / "state")
+    only_cert = start_up_error("abc-pdp", *pdp, "--tls-cert", ours.path("pdp.pem"))
     assert "--tls-cert and --tls-key go together" in only_cert
-    swapped = _start_up_error(
+    swapped = start_up_error(
         "abc-pdp", *pdp, "--tls-cert", ours.path("pdp.pem"), "--tls-key", other.path("pdp.key")
     )
     assert f"--tls-key {other.path('pdp.key')} is not the key of --tls-cert" in swapped
     assert "PRIVATE KEY" not in swapped  # never the key itself
-    missing_ca = _start_up_error(
+    missing_ca = start_up_error(
         "abc-pep", "--run", "r", "--pdp-ca", str(tmp_path / "absent.pem"), "--metrics", "off"
     )
     assert "cannot read --pdp-ca" in missing_ca
