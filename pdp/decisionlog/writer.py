@@ -238,7 +238,6 @@ class DecisionLog:
         self.checkpoint()
         with self._lock:
             self._closed = True
-            self._lock.notify_all()
         self._stop_timer.set()
         self._timer.join(timeout=10)
         self._file.close()
