@@ -10,7 +10,10 @@ install: $(STAMP)
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
+	# --ignore-requires-python: only for opa-golib-python-bindings (see requirements.lock);
+	# every pin is exact and hash-checked, so nothing else can resolve differently.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+		--ignore-requires-python -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

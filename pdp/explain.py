@@ -18,7 +18,6 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.engine import policy_data
-from pdp.engine.index import shard
 from pdp.history import load_history, record_time
 from pdp.manifest.model import Manifest
 from pdp.runstore import MemoryRunStore, Usage
@@ -56,8 +55,7 @@ def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> 
     if action.get("kind") == "step":
         name = target.removeprefix("step:")
         return {"step": {name: index["steps"].get(name)}, "current_step": step}
-    first, second = shard(target)
-    entry = index["targets"].get(first, {}).get(second, {}).get(target)
+    entry = index["targets"].get(target)
     return {"capability": {target: entry}, "current_step": step}
 
 

@@ -1,4 +1,4 @@
-"""The policy engine: Rego (regopy) only; no gRPC, HTTP or storage in here."""
+"""The policy engine: Rego evaluated by OPA's own Go engine; no gRPC, HTTP or storage in here."""
 
 from pdp.engine.decision import Decision, EngineError, Reason, parse_decision
 from pdp.engine.index import policy_data

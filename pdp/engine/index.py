@@ -1,28 +1,18 @@
-"""``data.abc.index``: the manifest keyed by target, sharded so lookups stay cheap.
-
-rego-cpp 1.5.2 looks a key up in an object by scanning it (measured: the last of
-1,000 keys costs ~0.75 ms, the first ~0.03 ms), so one flat table keyed by target
-grows with the manifest. Each target is filed under the first two hex digits of
-its sha256 (16 x 16 shards): at 1,000 capabilities a lookup scans ~40 keys. The
-policy computes the same shard with ``crypto.sha256``.
+"""``data.abc.index``: the manifest keyed by target, so the policy looks a capability up
+instead of scanning a list (OPA's objects are hash tables: the cost does not grow with
+the manifest).
 
 Each capability lists the steps that use it, so "is this allowed in the current
-step" is one more small lookup, not a scan of the step's list.
+step" is one more lookup, not a scan of the step's list.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from pdp.manifest.model import Manifest
 
-__all__ = ["policy_data", "shard"]
-
-
-def shard(target: str) -> tuple[str, str]:
-    digest = hashlib.sha256(target.encode("utf-8")).hexdigest()
-    return digest[0], digest[1]
+__all__ = ["policy_data"]
 
 
 def _capabilities(manifest: Manifest) -> dict[str, dict[str, Any]]:
@@ -52,14 +42,6 @@ def _capabilities(manifest: Manifest) -> dict[str, dict[str, Any]]:
 PREFIX_MIN, PREFIX_MAX, PREFIX_HITS = 3, 40, 3
 
 
-def _sharded(flat: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    table: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, value in flat.items():
-        first, second = shard(key)
-        table.setdefault(first, {}).setdefault(second, {})[key] = value
-    return table
-
-
 def _prefixes(names: list[str]) -> dict[str, list[str]]:
     """``kind:prefix`` -> up to three names of that kind starting so, for explaining a refused
     name by its closest allowed ones. Comparing against every name in Rego costs ~1 ms a
@@ -75,13 +57,13 @@ def _prefixes(names: list[str]) -> dict[str, list[str]]:
 
 
 def policy_data(manifest: Manifest) -> dict[str, Any]:
-    """The whole data document, in one piece: regopy's ``add_data`` does not deep-merge."""
+    """The whole data document the policy reads beside its input."""
     capabilities = _capabilities(manifest)
     steps = {s.id: {"after": list(s.after)} for s in manifest.assembly.steps}
     names = [*capabilities, *(f"step:{step}" for step in steps)]
     index = {
-        "targets": _sharded(capabilities),
+        "targets": capabilities,
         "steps": steps,
-        "prefixes": _sharded(_prefixes(names)),
+        "prefixes": _prefixes(names),
     }
     return {"abc": {"manifest": manifest.document(), "index": index}}

@@ -1,14 +1,18 @@
-"""Make an action's values safe to hand to rego-cpp, or refuse them.
+"""Make an action's values safe to hand to the engine exactly, or refuse them.
 
-rego-cpp's dict input (``set_input``) keeps strings exact (lengths and regexes see the
-real characters; the JSON-term path does not: it sees escapes), but it rounds floats
-to 6 decimals and wraps integers outside int64. So before evaluation:
+OPA reads its input as JSON text and keeps every string and number as sent (NUL
+characters, non-ASCII, fractions). What cannot cross into it unchanged is refused
+before evaluation with a reason, never truncated or rounded (``BadRequest``):
 
-- a double that holds an integer exactly becomes that integer (gRPC's Struct sends
-  5 as 5.0);
-- an integer beyond 2^53, or a float the engine would round, is refused: an argument
-  is judged exactly as sent, never rounded (``BadRequest``);
-- argument names must be plain identifiers (they appear in reason messages).
+- a lone surrogate (not Unicode: Go would read it as U+FFFD, another string);
+- NaN and infinities (not JSON);
+- an integer at or beyond 2^53: gRPC's Struct carries numbers as doubles, so such a
+  value may already be a rounded neighbour of what the agent sent;
+- values nested deeper than ``MAX_DEPTH``.
+
+A double that holds an integer exactly becomes that integer (Struct sends 5 as 5.0), so
+``type: integer`` and the canonical log see what the agent wrote. Argument names must be
+plain identifiers (they appear in reason messages).
 """
 
 from __future__ import annotations
@@ -18,11 +22,19 @@ from typing import Any
 
 from pdp.errors import BadRequest
 
-__all__ = ["MAX_DEPTH", "check_arg_names", "engine_value"]
+__all__ = ["MAX_DEPTH", "check_arg_names", "engine_text", "engine_value"]
 
 MAX_DEPTH = 32
 EXACT = 2**53
-_ARG_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_ARG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def engine_text(value: str) -> str:
+    """``value`` if it is Unicode text the engine reads unchanged; else ``BadRequest``."""
+    if _SURROGATE.search(value):
+        raise BadRequest("a string holding a lone surrogate is not Unicode text")
+    return value
 
 
 def _number(value: float | int) -> int | float:
@@ -34,8 +46,6 @@ def _number(value: float | int) -> int | float:
             if abs(value) >= EXACT:
                 raise BadRequest("an integer beyond 2^53 is refused, never rounded")
             return int(value)
-        if float(f"{value:.6f}") != value:
-            raise BadRequest("a number the policy engine cannot hold exactly is refused")
         return value
     if abs(value) >= EXACT:
         raise BadRequest("an integer beyond 2^53 is refused, never rounded")
@@ -46,18 +56,20 @@ def engine_value(value: Any, depth: int = 0) -> Any:
     """A copy of ``value`` the engine reads exactly; ``BadRequest`` if impossible."""
     if depth > MAX_DEPTH:
         raise BadRequest(f"arguments nested deeper than {MAX_DEPTH}")
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    if isinstance(value, bool) or value is None:
         return value
+    if isinstance(value, str):
+        return engine_text(value)
     if isinstance(value, int | float):
         return _number(value)
     if isinstance(value, list):
         return [engine_value(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        return {str(k): engine_value(v, depth + 1) for k, v in value.items()}
+        return {engine_text(str(k)): engine_value(v, depth + 1) for k, v in value.items()}
     raise BadRequest(f"unsupported value type {type(value).__name__}")
 
 
 def check_arg_names(args: dict[str, Any]) -> None:
     for name in args:
-        if not _ARG_NAME.match(name):
+        if not _ARG_NAME.fullmatch(name):
             raise BadRequest("argument names must be identifiers")

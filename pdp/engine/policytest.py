@@ -1,7 +1,8 @@
-"""Run a bundle's Rego unit tests (rules named ``test_*``); regopy has no runner of its own.
+"""Run a bundle's Rego unit tests (rules named ``test_*``) with the production engine.
 
-Every ``test_`` rule of every module is built as an entrypoint and must evaluate to
-``true``; undefined, false or an error fails it.
+Every ``test_`` rule of every module is evaluated as a document and must be ``true``;
+undefined, false or an error fails it. The tests run in the same engine, with the same
+strict builtin errors, as the decisions they vouch for.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from regopy import Interpreter, LogLevel, RegoError
+from opa_bindings import OpaError
 
 from pdp.bundle import PolicyBundle
-from pdp.engine.errors import summarize_rego_error
+from pdp.engine.decision import EngineError
+from pdp.engine.rego import compile_modules
 
 __all__ = ["TestOutcome", "run_policy_tests"]
 
@@ -29,16 +31,16 @@ class TestOutcome:
     detail: str = ""
 
 
-def _discover(bundle: PolicyBundle) -> list[tuple[str, str]]:
-    """(entrypoint, display name) of every test rule, in file order."""
-    found: list[tuple[str, str]] = []
+def _discover(bundle: PolicyBundle) -> list[str]:
+    """``package.rule`` of every test rule, in file order."""
+    found: list[str] = []
     for source in bundle.rego_modules().values():
         package = _PACKAGE.search(source)
         if package is None:
             continue
-        for name in dict.fromkeys(_TEST_RULE.findall(source)):
-            entrypoint = "/".join([*package.group(1).split("."), name])
-            found.append((entrypoint, f"{package.group(1)}.{name}"))
+        found.extend(
+            f"{package.group(1)}.{name}" for name in dict.fromkeys(_TEST_RULE.findall(source))
+        )
     return found
 
 
@@ -52,28 +54,21 @@ def run_policy_tests(bundle: PolicyBundle) -> list[TestOutcome]:
     tests = _discover(bundle)
     if not tests:
         return []
-    interpreter = Interpreter()
-    interpreter.log_level = LogLevel.NONE
-    interpreter.strict_built_in_errors = True  # as in production (pdp/engine/rego.py)
     try:
-        interpreter.add_data_json(json.dumps(_data(bundle), ensure_ascii=False))
-        for name, source in sorted(bundle.rego_modules().items()):
-            interpreter.add_module(name, source)
-        built = interpreter.build(None, [entrypoint for entrypoint, _ in tests])
-    except RegoError as exc:
-        return [
-            TestOutcome("(compile)", False, summarize_rego_error(str(exc), bundle.rego_modules()))
-        ]
+        engine = compile_modules(bundle.rego_modules(), _data(bundle))
+    except EngineError as exc:
+        return [TestOutcome("(compile)", False, str(exc))]
     outcomes = []
-    for entrypoint, name in tests:
-        try:
-            output = interpreter.query_bundle_entrypoint(built, entrypoint)
-            text = str(output)
-        except (RegoError, ValueError) as exc:
-            outcomes.append(TestOutcome(name, False, f"error: {exc}"))
-            continue
-        passed = output.ok() and text not in ("undefined", "<error>")
-        if passed:
-            passed = json.loads(text)["expressions"][0] is True
-        outcomes.append(TestOutcome(name, passed, "" if passed else f"result: {text[:200]}"))
+    try:
+        for name in tests:
+            try:
+                result = engine.eval_document(name)
+            except OpaError as exc:
+                outcomes.append(TestOutcome(name, False, f"{exc.code}: {exc.message[:200]}"))
+                continue
+            passed = result is True
+            detail = "" if passed else f"result: {json.dumps(result)[:200]}"
+            outcomes.append(TestOutcome(name, passed, detail))
+    finally:
+        engine.close()
     return outcomes

@@ -1,56 +1,82 @@
-"""rego-cpp (regopy) evaluation: compile once per (policy, manifest), evaluate many.
+"""Rego evaluation with OPA's own Go engine: compile once per (policy, manifest), evaluate many.
 
-Traps of regopy 1.5.2 this module exists to contain:
+The engine is ``github.com/open-policy-agent/opa/v1/rego`` itself, loaded in-process as a
+Go shared library (``opa-golib-python-bindings``), so the PDP decides exactly as OPA
+does: the reference operators write Rego for. It replaced rego-cpp (regopy 1.5.2), which
+read backslash literals as two characters, cut strings at NUL, refused regex flags,
+matched regexes byte by byte and leaked ~23 KB per evaluation (README, "The Rego engine").
 
-- An ``Interpreter`` holds one input at a time; shared by threads it decides with
-  another request's input. Each thread gets its own interpreter over the shared,
-  compiled bundle.
-- Entrypoints must be spelled ``abc/authz/decision``; the dotted form builds and then
-  silently evaluates to undefined.
-- ``Output.expressions()``/``binding()`` abort the process on an undefined result, so
-  results are read from the output's text only.
-- Parse errors are printed to stdout unless the log level is NONE.
-- ``with input as {...}`` in a test module aborts ``build()``: test files never enter
-  the production build.
-- Builtin errors are undefined by default, which ``not`` turns into true: strict mode.
+What this module contains:
+
+- One ``OpaEngine`` serializes its evaluations behind a lock, so each worker thread gets
+  its own engine over the same modules and data (compiled on its first use).
+- Builtin errors stop the evaluation (the bridge evaluates with OPA's strict builtin
+  errors): an error must never become an undefined that ``not`` turns into an allow.
+- Input crosses into Go as JSON text. The bridge refuses what Go would change (a lone
+  surrogate would become U+FFFD); callers refuse it earlier with a reason
+  (``pdp.engine.inputs``), and anything that still fails here is an ``EngineError``: deny.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from regopy import Interpreter, LogLevel, RegoError
+from opa_bindings import OpaEngine, OpaError
 
 from pdp.engine.decision import Decision, EngineError, parse_decision
-from pdp.engine.errors import summarize_rego_error
 
-__all__ = ["ENTRYPOINT", "PreparedPolicy", "production_modules"]
+__all__ = ["ENTRYPOINT", "PreparedPolicy", "compile_modules", "production_modules"]
 
-ENTRYPOINT = "abc/authz/decision"
-_CACHE_LIMIT = 4096
+# The decision document, as OPA's REST API names it (data.abc.authz.decision).
+ENTRYPOINT = "abc.authz.decision"
+# Decisions kept per prepared policy (least recently used go first).
+CACHE_LIMIT = 4096
 
 
 def production_modules(modules: Mapping[str, str]) -> dict[str, str]:
     return {name: source for name, source in modules.items() if not name.endswith("_test.rego")}
 
 
-def _interpreter() -> Interpreter:
-    interpreter = Interpreter()
-    interpreter.log_level = LogLevel.NONE
-    # A builtin error (a bad regex, say) is otherwise undefined, and `not regex.match(...)`
-    # would then hold: an error must stop the decision, never let it through.
-    interpreter.strict_built_in_errors = True
-    return interpreter
+def compile_modules(modules: Mapping[str, str], data: Mapping[str, Any]) -> OpaEngine:
+    """An engine holding ``modules`` and ``data``; ``EngineError`` naming the file and line
+    of the first problem when they do not compile."""
+    engine = OpaEngine()
+    # Rego's own print() would go to stderr, outside the decision log: dropped.
+    engine.print_handler = _drop_print
+    try:
+        for name, source in sorted(modules.items()):
+            engine.add_policy(name, source)
+        engine.add_data(dict(data))
+        # Compilation is lazy in the bridge: one query forces it, so a broken bundle is
+        # refused here and not at the first decision.
+        engine.eval_query("true")
+    except OpaError as exc:
+        engine.close()
+        raise EngineError(f"policy does not compile: {_first_line(exc.message)}") from exc
+    return engine
+
+
+def _drop_print(message: str, location: str) -> None:
+    del message, location
+
+
+def _first_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    # "2 errors occurred:" heads OPA's list; the first error itself is what helps.
+    if len(lines) > 1 and lines[0].endswith("occurred:"):
+        return lines[1][:300]
+    return lines[0][:300] if lines else "unknown error"
 
 
 class PreparedPolicy:
     """One policy bundle compiled with one manifest's data; thread-safe ``evaluate``.
 
-    Decisions are pure functions of (policy digest, manifest digest, input), so they are
-    cached by input; the cache is bounded and cleared when full.
+    Decisions are pure functions of (policy digest, manifest digest, input), so the last
+    ``CACHE_LIMIT`` are kept by input: a bounded window, whatever the traffic.
     """
 
     def __init__(
@@ -62,51 +88,39 @@ class PreparedPolicy:
     ) -> None:
         self.policy_digest = policy_digest
         self.manifest_digest = manifest_digest
-        builder = _interpreter()
-        try:
-            builder.add_data_json(json.dumps(data, ensure_ascii=False))
-            for name, source in sorted(production_modules(modules).items()):
-                builder.add_module(name, source)
-            self._bundle = builder.build(None, [ENTRYPOINT])
-        except RegoError as exc:
-            summary = summarize_rego_error(str(exc), modules)
-            raise EngineError(f"policy does not compile: {summary}") from exc
-        if not self._bundle.ok():
-            raise EngineError("policy does not compile")
+        self._modules = production_modules(modules)
+        self._data = dict(data)
+        # Compiled now, so a broken bundle is refused at registration; this engine then
+        # serves the thread that made it.
         self._local = threading.local()
-        self._cache: dict[str, Decision] = {}
+        self._local.engine = compile_modules(self._modules, self._data)
+        self._cache: OrderedDict[str, Decision] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
-    def _thread_interpreter(self) -> Interpreter:
-        interpreter: Interpreter | None = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            interpreter = _interpreter()
-            self._local.interpreter = interpreter
-        return interpreter
+    def _thread_engine(self) -> OpaEngine:
+        engine: OpaEngine | None = getattr(self._local, "engine", None)
+        if engine is None:
+            engine = compile_modules(self._modules, self._data)
+            self._local.engine = engine
+        return engine
 
     def evaluate(self, policy_input: dict[str, Any]) -> Decision:
         """Decide; ``EngineError`` when the policy yields no valid decision."""
         key = json.dumps(policy_input, sort_keys=True, separators=(",", ":"))
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+        with self._cache_lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+                return cached
         decision = parse_decision(self.evaluate_raw(policy_input))
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[key] = decision
+        with self._cache_lock:
+            self._cache[key] = decision
+            if len(self._cache) > CACHE_LIMIT:
+                self._cache.popitem(last=False)
         return decision
 
     def evaluate_raw(self, policy_input: dict[str, Any]) -> Any:
-        interpreter = self._thread_interpreter()
         try:
-            interpreter.set_input(policy_input)
-            output = interpreter.query_bundle_entrypoint(self._bundle, ENTRYPOINT)
-            text = str(output)
-            ok = output.ok()
-        except (RegoError, ValueError) as exc:  # ValueError: output that is not JSON
-            raise EngineError(f"evaluation failed: {exc}") from exc
-        if not ok or text in ("undefined", "<error>"):
-            raise EngineError(f"policy result is {text}")
-        try:
-            return json.loads(text)["expressions"][0]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise EngineError("policy output is not a result") from exc
+            return self._thread_engine().eval_document(ENTRYPOINT, policy_input)
+        except OpaError as exc:  # undefined included: no decision is a denial
+            raise EngineError(f"evaluation failed: {_first_line(exc.message)}") from exc

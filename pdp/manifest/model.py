@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from pdp.manifest.patterns import check_pattern
+
 __all__ = [
     "API_VERSION",
     "ArgConstraint",
@@ -96,12 +98,7 @@ class ArgConstraint(_Strict):
     @field_validator("pattern")
     @classmethod
     def _pattern_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"pattern does not compile: {exc}") from exc
-        return value
+        return None if value is None else check_pattern(value)
 
     @model_validator(mode="after")
     def _fits_type(self) -> ArgConstraint:

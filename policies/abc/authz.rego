@@ -2,12 +2,11 @@
 #
 # Entrypoint: data.abc.authz.decision = {"allow", "reasons", "obligations"}.
 # data.abc.manifest is the verified manifest. data.abc.index is the same manifest keyed
-# by target, sharded by the first two hex digits of sha256(target), because rego-cpp
-# scans an object to find a key: a flat table would cost more with every capability.
-#   data.abc.index.targets[a][b][target] = {kind, steps: {step: true}, and per kind:
+# by target, so a rule looks a capability up instead of scanning a list:
+#   data.abc.index.targets[target] = {kind, steps: {step: true}, and per kind:
 #       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)}
 #   data.abc.index.steps[id] = {after: [ids]}
-#   data.abc.index.prefixes[a][b]["kind:prefix"] = [up to 3 names], sharded the same way
+#   data.abc.index.prefixes["kind:prefix"] = [up to 3 names]
 # input = {"action": {kind, target, args, max_tokens, method, path, probe},
 #          "run": {"step", "completed_steps"}}
 # Budgets and the validity window are enforced by the PDP outside the policy.
@@ -42,24 +41,24 @@ allow if {
 	count(denials) == 0
 }
 
-reasons := [r | some r in denials] if {
+# The first reason is the one the sidecar reports, counts and logs, so the order is the
+# policy's, never a set's. Precedence, most fundamental first:
+#   1  the target is not in the manifest (model, tool or http host; a step not in the assembly)
+#   2  the Assembly: the capability is not used by the current step, or the step cannot be
+#      entered now
+#   3  the HTTP path is not clean
+#   4  what the call carries: tool arguments, HTTP method and path prefix
+# Reasons of the same rank follow OPA's total ordering of values (by code first): the
+# same input always gives the same order.
+reasons := [r | some ranked in sort(denials); r := ranked[1]] if {
 	count(denials) > 0
 } else := [] if {
 	allow
 } else := [{"code": "bad_request", "message": "no rule granted this action"}]
 
-shard_of(key) := [substring(h, 0, 1), substring(h, 1, 1)] if {
-	h := crypto.sha256(key)
-}
-
-target_shard := shard_of(action.target)
-
 # The manifest's entry for the action's target, if it declares one of the same kind.
-# object.get with a key path, not data.abc.index.targets[a][b][t]: in rego-cpp 1.5.2
-# that reference ignores `with data.abc.index.targets as ...`, which the Rego tests use.
 capability := entry if {
-	entry := object.get(data.abc.index.targets, [target_shard[0], target_shard[1], action.target], null)
-	entry != null
+	entry := data.abc.index.targets[action.target]
 	entry.kind == action.kind
 }
 
@@ -73,11 +72,11 @@ granted if {
 	in_current_step
 }
 
-denials contains {
+denials contains [1, {
 	"code": "model_not_allowed",
 	"message": sprintf("%s is not in the manifest", [action.target]),
 	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
-} if {
+}] if {
 	action.kind == "model"
 	not capability
 }
@@ -106,20 +105,20 @@ granted if {
 	count(arg_violations) == 0
 }
 
-denials contains {
+denials contains [1, {
 	"code": "tool_not_allowed",
 	"message": sprintf("%s is not in the manifest", [action.target]),
 	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
-} if {
+}] if {
 	action.kind == "tool"
 	not capability
 }
 
-denials contains {
+denials contains [4, {
 	"code": "tool_args_invalid",
 	"message": violation.message,
 	"evidence": {"capability": action.target, "argument": violation.argument, "constraint": violation.constraint},
-} if {
+}] if {
 	action.kind == "tool"
 	capability
 	some violation in arg_violations
@@ -216,11 +215,12 @@ path_segments := split(action.path, "/")
 
 # Refused in paths: dot segments (also "..;x", which some servers read as ".."), and any
 # escape an upstream might decode into one: encoded dots, slashes, backslashes, percents,
-# and overlong UTF-8 lead bytes (%c0%ae is "." to a lenient decoder).
+# and overlong or invalid UTF-8 (%c0%ae, %e0%80%ae and %f0%80%80%ae are "." to a lenient
+# decoder; f5-ff never start UTF-8).
 clean_path if {
 	startswith(action.path, "/")
 	not dot_segment
-	not regex.match(`%(2e|2f|5c|25|c0|c1)`, lower(action.path))
+	not regex.match(`%(2e|2f|5c|25|c0|c1|f[5-9a-f])|%e0%[89][0-9a-f]|%f0%8[0-9a-f]`, lower(action.path))
 	not contains(action.path, "\\")
 }
 
@@ -242,29 +242,29 @@ http_rule_matches(rule) if {
 	startswith(action.path, rule.path_prefix)
 }
 
-denials contains {
+denials contains [1, {
 	"code": "http_not_allowed",
 	"message": sprintf("%s is not in the manifest", [action.target]),
 	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
-} if {
+}] if {
 	action.kind == "http"
 	not capability
 }
 
-denials contains {
+denials contains [3, {
 	"code": "http_not_allowed",
 	"message": "path is not clean (dot segments, encoded dots, slashes or percents, backslashes)",
 	"evidence": {"target": action.target, "check": "clean_path"},
-} if {
+}] if {
 	action.kind == "http"
 	not clean_path
 }
 
-denials contains {
+denials contains [4, {
 	"code": "http_not_allowed",
 	"message": sprintf("no rule for %s allows this method and path", [action.target]),
 	"evidence": {"capability": action.target, "method": action.method, "rules": capability.rules},
-} if {
+}] if {
 	action.kind == "http"
 	capability
 	clean_path
@@ -278,11 +278,11 @@ any_http_rule_matches if {
 
 # ---- the Assembly: step order ---------------------------------------------------------
 
-denials contains {
+denials contains [2, {
 	"code": "step_out_of_order",
 	"message": sprintf("step %s does not use %s", [input.run.step, action.target]),
 	"evidence": {"capability": action.target, "step": input.run.step, "allowed_in": sorted_keys(capability.steps)},
-} if {
+}] if {
 	action.kind in {"model", "tool", "http"}
 	capability
 	not in_current_step
@@ -290,11 +290,7 @@ denials contains {
 
 step_id := trim_prefix(action.target, "step:")
 
-# object.get for the same rego-cpp reason as `capability` above.
-step_entry := entry if {
-	entry := object.get(data.abc.index.steps, step_id, null)
-	entry != null
-}
+step_entry := data.abc.index.steps[step_id]
 
 done_steps := {s | some s in input.run.completed_steps} | {input.run.step}
 
@@ -319,31 +315,31 @@ granted if {
 	step_id in run_endings
 }
 
-denials contains {
+denials contains [1, {
 	"code": "step_out_of_order",
 	"message": sprintf("step %s is not in the assembly", [step_id]),
 	"evidence": {"step": step_id, "matched": null, "closest": closest_targets},
-} if {
+}] if {
 	action.kind == "step"
 	not step_entry
 	not step_id in run_endings
 }
 
-denials contains {
+denials contains [2, {
 	"code": "step_out_of_order",
 	"message": sprintf("step %s was already entered", [step_id]),
 	"evidence": {"step": step_id, "current": input.run.step, "completed": input.run.completed_steps},
-} if {
+}] if {
 	action.kind == "step"
 	step_entry
 	step_id in done_steps
 }
 
-denials contains {
+denials contains [2, {
 	"code": "step_out_of_order",
 	"message": sprintf("step %s needs step %s first", [step_id, before]),
 	"evidence": {"step": step_id, "after": step_entry.after, "completed": input.run.completed_steps, "current": input.run.step},
-} if {
+}] if {
 	action.kind == "step"
 	some before in step_entry.after
 	not before in done_steps
@@ -362,16 +358,12 @@ closest_targets := hits[0] if {
 	hits := [hit |
 		some i in numbers.range(0, top - 3)
 		key := concat("", [action.kind, ":", substring(rest, 0, top - i)])
-		s := shard_of(key)
-		hit := object.get(data.abc.index.prefixes, [s[0], s[1], key], null)
-		hit != null
+		hit := data.abc.index.prefixes[key]
 	]
 	count(hits) > 0
 } else := []
 
-# rego-cpp 1.5.2: sort() of a set is never equal to the same array written out (sort of
-# an array is); collecting the sorted values again gives a plain array.
-sorted_keys(obj) := [k | some k in sort(object.keys(obj))]
+sorted_keys(obj) := sort(object.keys(obj))
 
 bare(target) := substring(target, indexof(target, ":") + 1, -1)
 

@@ -1,6 +1,4 @@
 # Rego unit tests for abc.authz, run by `abcctl policy test policies/`.
-# rego-cpp 1.5.2 cannot replace the whole input (`with input as`) in a rule that
-# depends on other rules, so each test replaces input.action and input.run separately.
 package abc.authz_test
 
 import rego.v1
@@ -19,16 +17,6 @@ capabilities := {
 	"http:billing.internal": {"kind": "http", "rules": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}], "steps": {"research": true}}
 }
 
-# The same sharding as pdp/engine/index.py, built from the flat table above.
-sharded(flat) := {a: by_second(flat, a) | some key, _ in flat; a := authz.shard_of(key)[0]}
-
-by_second(flat, a) := {b: {k: v | some k, v in flat; authz.shard_of(k) == [a, b]} |
-	some key, _ in flat
-	s := authz.shard_of(key)
-	s[0] == a
-	b := s[1]
-}
-
 steps := {"research": {"after": []}, "answer": {"after": ["research"]}, "publish": {"after": ["answer"]}}
 
 research := {"step": "research", "completed_steps": []}
@@ -43,18 +31,9 @@ prefixes := {
 	"step:answ": ["step:answer"],
 }
 
-# rego-cpp 1.5.2 quirks: `with data.abc.index as <rule>` leaves the index undefined, so
-# the fixture is bound to local variables first; and the sharded lookup only sees
-# replaced data when each table is replaced on its own path.
 decide(act, run) := d if {
-	targets := sharded(capabilities)
-	step_table := steps
-	prefix_table := sharded(prefixes)
-	d := authz.decision with data.abc.index.targets as targets
-		with data.abc.index.steps as step_table
-		with data.abc.index.prefixes as prefix_table
-		with input.action as act
-		with input.run as run
+	index := {"targets": capabilities, "steps": steps, "prefixes": prefixes}
+	d := authz.decision with data.abc.index as index with input as {"action": act, "run": run}
 }
 
 codes(d) := {r.code | some r in d.reasons}
@@ -120,6 +99,26 @@ test_enum if {
 test_pattern if {
 	decide(search({"query": "ab", "id": "KB-42"}), research).allow
 	not decide(search({"query": "ab", "id": "KB-42; rm -rf"}), research).allow
+	# A NUL is a character like any other: nothing after it escapes the pattern.
+	not decide(search({"query": "ab", "id": "KB-1\u0000../../etc/passwd"}), research).allow
+}
+
+test_lengths_count_characters_not_bytes if {
+	decide(search({"query": "éé"}), research).allow
+	decide(search({"query": "１２３４５６７８９０"}), research).allow
+	not decide(search({"query": "１２３４５６７８９０x"}), research).allow
+	not decide(search({"query": "ab\u0000cdefghij"}), research).allow
+}
+
+# The first reason is the one reported: by the policy's precedence, not by a set's order.
+test_reasons_follow_the_documented_precedence if {
+	late := {"step": "answer", "completed_steps": ["research"]}
+	d := decide(search({"query": "a", "colour": "red"}), late)
+	[r.code | some r in d.reasons] == ["step_out_of_order", "tool_args_invalid", "tool_args_invalid"]
+	h := decide({"kind": "http", "target": "http:evil.example", "method": "GET", "path": "/../x"}, research)
+	h.reasons[0].message == "http:evil.example is not in the manifest"
+	p := decide(invoice("POST", "/v1/invoices/../x"), research)
+	[r.evidence.check | some r in p.reasons] == ["clean_path"]
 }
 
 test_model_allowed_with_token_cap_obligation if {
@@ -159,6 +158,9 @@ test_http_path_escapes_refused if {
 	not decide(invoice("GET", "/v1/invoices/%252e%252e/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/..;/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/x%5cadmin"), research).allow
+	not decide(invoice("GET", `/v1/invoices/..\..\admin`), research).allow
+	not decide(invoice("GET", "/v1/invoices/%e0%80%ae%e0%80%ae/admin"), research).allow
+	not decide(invoice("GET", "/v1/invoices/%F0%80%80%AE%f0%80%80%ae/admin"), research).allow
 	not decide(invoice("GET", "/v1/invoices/%c0%ae%c0%ae/admin"), research).allow
 	decide(invoice("GET", "/v1/invoices/a..b/c.d"), research).allow
 }

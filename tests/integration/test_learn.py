@@ -407,7 +407,7 @@ def test_a_what_if_with_another_policy_reports_flips_by_reason_and_capability(
     weaker = source.replace("count(value) > c.maxLength", "count(value) > c.maxLength + 1000")
     assert weaker != source
     stricter = weaker + (
-        '\ndenials contains {"code": "http_not_allowed", "message": "no HTTP today"} if {\n'
+        '\ndenials contains [4, {"code": "http_not_allowed", "message": "no HTTP today"}] if {\n'
         '\taction.kind == "http"\n}\n'
     )
     rego.write_text(stricter)
