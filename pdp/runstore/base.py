@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-__all__ = ["BUDGETS", "Books", "RunState", "RunStore", "Usage"]
+__all__ = ["ANSWER_WINDOW", "BUDGETS", "Books", "RunState", "RunStore", "Usage"]
 
 BUDGETS = ("tokens", "usd_micros", "tool_calls", "requests")
+# Answers kept per run, by request id, for idempotent retries: the most recent ones. A
+# request id retried after this many later answers of its run is decided anew, so memory
+# stays bounded however long a run lives.
+ANSWER_WINDOW = 10_000
 
 
 @dataclass

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pdp.errors import ManifestUnknown
-from pdp.runstore.base import BUDGETS, Books, RunState, Usage
+from pdp.runstore.base import ANSWER_WINDOW, BUDGETS, Books, RunState, Usage
 
 __all__ = ["MemoryRunStore"]
 
@@ -38,7 +39,7 @@ class _Run:
     # (expiry, reservation id), a min-heap: settled ones are skipped when they surface, so
     # a sweep costs what expired, not what is held.
     expiries: list[tuple[datetime, str]] = field(default_factory=list)
-    answers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    answers: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     in_flight: set[str] = field(default_factory=set)
 
 
@@ -169,6 +170,8 @@ class MemoryRunStore:
             run = self._run(run_id)
             run.in_flight.discard(request_id)
             run.answers[request_id] = stored
+            if len(run.answers) > ANSWER_WINDOW:
+                run.answers.popitem(last=False)
             self._answered.notify_all()
 
     def unclaim(self, run_id: str, request_id: str) -> None:

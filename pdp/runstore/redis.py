@@ -11,7 +11,8 @@ Keys (``P`` is the prefix, ``{R}`` the run id as a hash tag):
 ``P{R}:run`` hash of step, completed (JSON list), outcome, l1..l4 limits, s1..s4 spent,
 r1..r4 reserved (budgets in ``BUDGETS`` order); ``P{R}:rsv`` reservation id -> costs;
 ``P{R}:exp`` sorted set of reservation ids by expiry (ms); ``P{R}:answers`` request id
--> stored answer, or ``~deadline`` while in flight; ``Prsvrun`` reservation id -> run
+-> stored answer, or ``~deadline`` while in flight, and ``P{R}:order`` the answered ids
+oldest first (the last ``ANSWER_WINDOW`` are kept); ``Prsvrun`` reservation id -> run
 id; ``Penvelopes`` run id -> envelope; ``Plineages`` lineage -> highest version;
 ``Phighwater`` lineage -> "version digest". Scripts touch keys of several runs, so the
 target is one Redis primary, not Redis Cluster.
@@ -29,7 +30,7 @@ import redis
 from redis.commands.core import Script
 
 from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
-from pdp.runstore.base import Books, RunState, Usage
+from pdp.runstore.base import ANSWER_WINDOW, Books, RunState, Usage
 
 __all__ = ["RedisRunStore"]
 
@@ -155,6 +156,18 @@ if cur and string.sub(cur, 1, 1) == '~' then redis.call('HDEL', KEYS[1], ARGV[1]
 return 1
 """
 
+# Keep the answer, and only the newest ARGV[3] answers of the run.
+_ANSWER = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do
+  local oldest = redis.call('LPOP', KEYS[2])
+  local cur = redis.call('HGET', KEYS[1], oldest)
+  if cur and string.sub(cur, 1, 1) ~= '~' then redis.call('HDEL', KEYS[1], oldest) end
+end
+return 1
+"""
+
 _ADMIT = """
 local mark = redis.call('HGET', KEYS[1], ARGV[1])
 if mark then
@@ -195,7 +208,7 @@ class RedisRunStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._prefix = prefix
-        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _UNCLAIM, _ADMIT)
+        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _UNCLAIM, _ANSWER, _ADMIT)
         (
             self._open,
             self._move,
@@ -204,6 +217,7 @@ class RedisRunStore:
             self._expire,
             self._claim,
             self._unclaim,
+            self._answer,
             self._admit,
         ) = (self._redis.register_script(source) for source in scripts)
 
@@ -300,8 +314,9 @@ class RedisRunStore:
             time.sleep(0.005)  # another replica is deciding this request id right now
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
-        key = self._key(run_id, "answers")
-        _guarded(lambda: self._redis.hset(key, request_id, json.dumps(stored)))
+        keys = [self._key(run_id, "answers"), self._key(run_id, "order")]
+        args: list[str | int] = [request_id, json.dumps(stored), ANSWER_WINDOW]
+        _guarded(lambda: self._answer(keys=keys, args=args))
 
     def unclaim(self, run_id: str, request_id: str) -> None:
         keys = [self._key(run_id, "answers")]

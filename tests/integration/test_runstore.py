@@ -229,3 +229,19 @@ def test_a_charge_that_overflows_writes_nothing(redis_server: RedisProcess) -> N
     assert books.reserved == Usage(tokens=10, tool_calls=1, requests=1)  # rsv_b still held
     assert books.spent == Usage(tokens=2**62, tool_calls=1, requests=1)
     assert store.settle("rsv_b", 1, 0) == run_id  # and can still be settled
+
+
+def test_answers_are_kept_for_a_bounded_window_of_request_ids(
+    store: RunStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The window is what bounds memory: patched small so the test writes tens, not 10,000.
+    monkeypatch.setattr("pdp.runstore.memory.ANSWER_WINDOW", 5)
+    monkeypatch.setattr("pdp.runstore.redis.ANSWER_WINDOW", 5)
+    run_id = opened(store)
+    for i in range(8):
+        assert store.claim(run_id, f"r{i}") is None
+        store.answer(run_id, f"r{i}", {"n": i})
+    assert [store.claim(run_id, f"r{i}") for i in range(3, 8)] == [{"n": i} for i in range(3, 8)]
+    # The oldest fell out of the window: a retry of one is decided anew.
+    assert store.claim(run_id, "r0") is None
+    store.unclaim(run_id, "r0")
