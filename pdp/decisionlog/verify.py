@@ -55,7 +55,7 @@ class LogReport:
 
 def _record(line: bytes, number: int) -> dict[str, Any]:
     try:
-        record = parse_canonical(line)
+        record = parse_canonical(line, allow_floats=True)
     except AbcError as exc:
         raise LogInvalid(number, None, f"not a canonical JSON record: {exc}") from exc
     if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, read_verified_log, verify_log
 from pdp.decisionlog.record import record_hash
-from pdp.errors import ConfigError
+from pdp.errors import BadRequest, ConfigError
 from pdp.manifest.canonical import canonical_bytes
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -248,3 +248,32 @@ def test_inserted_record_is_named(tmp_path: Path) -> None:
     with pytest.raises(LogInvalid) as caught:
         verify_log(path, KEY.public_key())
     assert caught.value.line == 4
+
+
+def test_a_fractional_argument_is_logged_verified_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    record = decision(1)
+    record["input"]["action"]["args"] = {"score": 0.5, "tiny": 1e-7}  # type: ignore[index]
+    log = DecisionLog(path, KEY)
+    log.append("decision", record)
+    log.close()
+    log = DecisionLog(path, KEY)  # the head is read back after a restart
+    log.append("decision", decision(2))
+    log.close()
+    verified = read_verified_log(path, KEY.public_key())
+    assert verified.records[0]["input"]["action"]["args"] == {"score": 0.5, "tiny": 1e-7}
+
+
+def test_a_record_without_a_canonical_spelling_is_refused_and_the_chain_unchanged(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    log.append("decision", decision(1))
+    record = decision(2)
+    record["input"]["action"]["args"] = {"q": "\ud800"}  # type: ignore[index]
+    with pytest.raises(BadRequest):
+        log.append("decision", record)
+    assert log.append("decision", decision(3)) == 1  # nothing was taken by the refused one
+    log.close()
+    assert verify_log(path, KEY.public_key()).records == 3

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from pdp.errors import BadRequest
-from pdp.manifest.canonical import canonical_bytes, digest, parse_canonical, parse_strict_json
+from pdp.manifest.canonical import (
+    canonical_bytes,
+    canonical_record_bytes,
+    digest,
+    parse_canonical,
+    parse_strict_json,
+)
 
 
 def test_canonical_sorts_keys_and_drops_whitespace() -> None:
@@ -41,3 +47,43 @@ def test_parse_canonical_accepts_only_the_canonical_spelling() -> None:
     for spelling in [b'{"b":1,"a":1}', b'{"a": 1}', b'{"a":"\\u0061"}', b'{"a":1e0}']:
         with pytest.raises(BadRequest):
             parse_canonical(spelling)
+
+
+@pytest.mark.parametrize(
+    ("number", "spelling"),
+    [(0.5, b"0.5"), (-2.25, b"-2.25"), (1e-7, b"1e-7"), (1e21, b"1e+21"), (5e-324, b"5e-324")],
+    ids=["half", "negative", "tiny", "huge", "subnormal"],
+)
+def test_a_log_record_holds_any_finite_number_as_rfc_8785_spells_it(
+    number: float, spelling: bytes
+) -> None:
+    encoded = canonical_record_bytes({"x": number})
+    assert encoded == b'{"x":' + spelling + b"}"
+    assert parse_canonical(encoded, allow_floats=True) == {"x": number}
+    with pytest.raises(BadRequest):  # a signed document still refuses it
+        canonical_bytes({"x": number})
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"x": float("nan")},
+        {"x": float("inf")},
+        {"x": 2**53},
+        {"x": "\ud800"},
+        {"\udfff": 1},
+        {"x": b"bytes"},
+    ],
+    ids=["nan", "infinity", "big-int", "lone-surrogate", "lone-surrogate-key", "not-json"],
+)
+def test_a_log_record_refuses_what_no_reader_would_read_back(document: object) -> None:
+    with pytest.raises(BadRequest):
+        canonical_record_bytes(document)
+    with pytest.raises(BadRequest):
+        canonical_bytes(document)
+
+
+def test_a_record_float_must_be_spelled_canonically() -> None:
+    for spelling in [b'{"x":0.50}', b'{"x":1e21}', b'{"x":1E-7}', b'{"x":-0.0}']:
+        with pytest.raises(BadRequest):
+            parse_canonical(spelling, allow_floats=True)
