@@ -276,6 +276,11 @@ class DecisionService:
         except AbcError as exc:
             commit = _Commit(Decision.deny(exc.reason, str(exc)))
             shadow = False  # shadow lifts the policy's and the ledger's verdicts, no other
+        except Exception:
+            # A bug, not the caller's input: still refused and logged, never a bare RPC error.
+            log.exception("decision %s failed", decision_id)
+            commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "the PDP failed to decide"))
+            shadow = False
         decision = commit.decision
         record: dict[str, Any] = {
             "decision_id": decision_id,

@@ -36,9 +36,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog.record import GENESIS, RECORD_VERSION, record_hash, sign_checkpoint
+from pdp.decisionlog.record import GENESIS, RECORD_VERSION, sign_checkpoint
 from pdp.errors import ConfigError
-from pdp.manifest.canonical import canonical_record_bytes, digest, parse_strict_json
+from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
 __all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
 
@@ -93,8 +93,8 @@ def read_head(path: Path) -> LogHead:
     lines = complete.splitlines()
     if not lines:
         return LogHead(0, GENESIS)
-    last = parse_strict_json(lines[-1], allow_floats=True)
-    return LogHead(int(last["seq"]) + 1, record_hash(last))
+    last = parse_record(lines[-1])
+    return LogHead(int(last["seq"]) + 1, digest(lines[-1]))  # a record's hash is its line's
 
 
 class DecisionLog:
@@ -136,7 +136,8 @@ class DecisionLog:
         self._writing = False
         # Its own event, not the log's condition: every commit notifies that condition,
         # and a timer woken by each one would compete for the GIL on the decision path.
-        self._stop_timer = threading.Event()
+        # Set on close and when the log becomes unwritable (to start retrying).
+        self._wake_timer = threading.Event()
         self._timer = threading.Thread(
             target=self._idle_checkpoints, name="decision-log-checkpoints", daemon=True
         )
@@ -268,6 +269,8 @@ class DecisionLog:
         self._writable = writable
         if writable:
             log.warning("decision log writable again")
+        else:
+            self._wake_timer.set()
         for watcher in self._watchers:
             watcher(writable)
 
@@ -329,11 +332,13 @@ class DecisionLog:
                     wait = left if left > 0 else self._seconds
                 else:
                     wait = self._retry
-            if self._stop_timer.wait(timeout=wait):
-                return
+            woken = self._wake_timer.wait(timeout=wait)
+            self._wake_timer.clear()
             with self._lock:
                 if self._closed:
                     return
+                if woken:
+                    continue  # the log just failed: first retry after retry_seconds
                 due = self._since_checkpoint and self._due_checkpoint()
                 if not (due or not self._writable):
                     continue
@@ -357,7 +362,7 @@ class DecisionLog:
             log.error("decision log closed without its final checkpoint: %s", exc)
         with self._lock:
             self._closed = True
-        self._stop_timer.set()
+        self._wake_timer.set()
         self._timer.join(timeout=10)
         self._file.close()
 

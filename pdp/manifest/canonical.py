@@ -22,6 +22,7 @@ __all__ = [
     "canonical_record_bytes",
     "digest",
     "parse_canonical",
+    "parse_record",
     "parse_strict_json",
 ]
 
@@ -136,8 +137,33 @@ def parse_strict_json(data: bytes, *, allow_floats: bool = False) -> Any:
             parse_constant=_no_constant,
             parse_float=float if allow_floats else _no_float,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: bad UTF-8, bad JSON, or an integer past Python's digit limit.
         raise BadRequest(f"not JSON: {exc}") from exc
+
+
+def _record_int(text: str) -> int | float:
+    # In a canonical record, digits past 2^53 can only be a float RFC 8785 spelled without
+    # an exponent (below 1e21): read back the float it was, exactly.
+    number = int(text)
+    return number if -_SAFE_INTEGER < number < _SAFE_INTEGER else float(text)
+
+
+def parse_record(data: bytes) -> Any:
+    """Parse one decision-log record, which must already be canonical (floats allowed),
+    or raise ``BadRequest``."""
+    try:
+        document = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_int=_record_int,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"not JSON: {exc}") from exc
+    if canonical_record_bytes(document) != data:
+        raise BadRequest("record is not RFC 8785 canonical JSON")
+    return document
 
 
 def parse_canonical(data: bytes, *, allow_floats: bool = False) -> Any:

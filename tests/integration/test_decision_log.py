@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
@@ -129,4 +132,103 @@ def test_an_action_the_log_cannot_spell_is_refused_logged_and_holds_nothing(
     assert _decide(pdp, pdp_pb2.DecideRequest(run_id=run_id, request_id="r2", action=fine)).allow
     assert pdp.stop() == 0
     verified = audit_verify(tmp_path / "state")
+    assert verified.returncode == 0, verified.stderr
+
+
+# ---- a full disk ---------------------------------------------------------------------------
+# The PDP's file size limit (RLIMIT_FSIZE, set from outside with prlimit) stands in for a full
+# disk: Python ignores SIGXFSZ, so a write past the limit is cut short, then fails with EFBIG,
+# as on a full tmpfs. It needs no privileges: the same test runs as root and as a user.
+
+
+def _fill_disk(pdp: PdpProcess, log_path: Path, room: int) -> None:
+    limit = log_path.stat().st_size + room
+    resource.prlimit(pdp.process.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+
+def _free_disk(pdp: PdpProcess) -> None:
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    resource.prlimit(pdp.process.pid, resource.RLIMIT_FSIZE, unlimited)
+
+
+def _health(pdp: PdpProcess) -> int:
+    with pdp.channel() as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+
+def _search(run_id: str, request_id: str) -> pdp_pb2.DecideRequest:
+    tool = pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=b'{"query":"q"}')
+    return pdp_pb2.DecideRequest(run_id=run_id, request_id=request_id, action=tool)
+
+
+def _until_refused(pdp: PdpProcess, run_id: str) -> tuple[list[str], pdp_pb2.DecideResponse]:
+    """Decide until the log is full: the allowed decision ids, and the first refusal."""
+    allowed: list[str] = []
+    for i in range(40):
+        answer = _decide(pdp, _search(run_id, f"fill-{i}"))
+        if not answer.allow:
+            return allowed, answer
+        allowed.append(answer.decision_id)
+    raise AssertionError("the log never filled up")
+
+
+def _whole_records(log_path: Path) -> list[dict[str, Any]]:
+    data = log_path.read_bytes()
+    assert data.endswith(b"\n")  # no torn tail
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def _wait_health(pdp: PdpProcess, status: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(pdp) != status:
+        assert time.monotonic() < deadline, f"health never became {status}"
+        time.sleep(0.1)
+
+
+def test_a_full_disk_refuses_loses_no_answer_and_recovers_by_itself(
+    pdp: PdpProcess, signer: Signer, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    log_path = state / "decisions.log"
+    run_id = _run(pdp, signer)
+    _fill_disk(pdp, log_path, room=2500)
+    allowed, refused = _until_refused(pdp, run_id)
+    assert allowed and refused.reasons[0].code == "pdp_unavailable"
+    assert refused.decision_id.startswith("dec_") and not refused.reservation_id
+    # Every answer given is a whole record on disk, and nothing refused is held.
+    assert set(allowed) <= {r.get("decision_id") for r in _whole_records(log_path)}
+    assert _remaining_tool_calls(pdp, run_id) == 100 - len(allowed)
+    assert _health(pdp) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not _decide(pdp, _search(run_id, "while-full")).allow
+    _free_disk(pdp)  # space returns: no call needed, health comes back by itself
+    _wait_health(pdp, health_pb2.HealthCheckResponse.SERVING)
+    again = _decide(pdp, _search(run_id, "after"))
+    assert again.allow
+    assert pdp.stop() == 0 and "Traceback" not in pdp.output()
+    verified = audit_verify(state)
+    assert verified.returncode == 0, verified.stderr
+    restarted = start_pdp(signer, state)  # the ledger rebuilt from the log agrees
+    try:
+        assert _remaining_tool_calls(restarted, run_id) == 100 - len(allowed) - 1
+    finally:
+        restarted.stop()
+
+
+def test_sigterm_on_a_full_disk_exits_cleanly_and_the_log_restarts(
+    pdp: PdpProcess, signer: Signer, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    run_id = _run(pdp, signer)
+    _fill_disk(pdp, state / "decisions.log", room=1500)
+    allowed, _ = _until_refused(pdp, run_id)
+    assert pdp.stop() == 0  # its final checkpoint cannot be written: said, not a crash
+    assert "Traceback" not in pdp.output()
+    restarted = start_pdp(signer, state)
+    try:
+        assert _remaining_tool_calls(restarted, run_id) == 100 - len(allowed)
+        assert _decide(restarted, _search(run_id, "after")).allow
+    finally:
+        assert restarted.stop() == 0
+    verified = audit_verify(state)
     assert verified.returncode == 0, verified.stderr

@@ -10,6 +10,7 @@ from pdp.manifest.canonical import (
     canonical_record_bytes,
     digest,
     parse_canonical,
+    parse_record,
     parse_strict_json,
 )
 
@@ -87,3 +88,16 @@ def test_a_record_float_must_be_spelled_canonically() -> None:
     for spelling in [b'{"x":0.50}', b'{"x":1e21}', b'{"x":1E-7}', b'{"x":-0.0}']:
         with pytest.raises(BadRequest):
             parse_canonical(spelling, allow_floats=True)
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_bad_request_not_a_crash() -> None:
+    with pytest.raises(BadRequest):
+        parse_strict_json(b'{"x":' + b"1" * 5000 + b"}", allow_floats=True)
+
+
+def test_a_record_reads_back_a_float_spelled_as_digits_past_2_53() -> None:
+    encoded = canonical_record_bytes({"x": 1e16})
+    assert encoded == b'{"x":10000000000000000}'
+    assert parse_record(encoded) == {"x": 1e16}
+    with pytest.raises(BadRequest):  # digits no float spells are not canonical
+        parse_record(b'{"x":9007199254740993}')
