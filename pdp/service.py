@@ -29,6 +29,7 @@ from pdp.errors import (
     StoreUnavailable,
 )
 from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
+from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
 from pdp.runs import Run, RunRegistry, cost_of
 from pdp.runstore import MemoryRunStore, RunState, RunStore, Usage
@@ -105,6 +106,31 @@ def _outcome(stored: dict[str, Any]) -> DecisionOutcome:
     return DecisionOutcome(
         decision, stored["decision_id"], stored["reservation_id"], stored.get("enforced", True)
     )
+
+
+def _printable(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold (lone surrogates) spelled as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unloggable(record: dict[str, Any], refusal: Decision) -> dict[str, Any]:
+    """The refusal of a decision whose record has no canonical spelling, in a form that
+    always has one: ids escaped, the action cut to its kind and target (both validated),
+    and no reservation (it was released)."""
+    acted = (record.get("input") or {}).get("action") or {}
+    return {
+        "decision_id": record["decision_id"],
+        "request_id": _printable(record["request_id"]),
+        "run_id": _printable(record["run_id"]),
+        "manifest_digest": record["manifest_digest"],
+        "policy_digest": record["policy_digest"],
+        "input": {"action": {k: acted[k] for k in ("kind", "target") if k in acted}}
+        if acted
+        else {},
+        "result": refusal.as_dict(),
+        "reservation_id": "",
+        "unloggable": True,
+    }
 
 
 @dataclass(frozen=True)
@@ -218,6 +244,11 @@ class DecisionService:
             action: Action = build_action()
             acted = action.policy_input()  # built once: logged, compared, judged, kept
             policy_input = {"action": acted}  # logged even if refused early
+            # Before anything is claimed, reserved or moved: what cannot be logged exactly
+            # is refused here, not found unloggable after the run's state changed.
+            canonical_record_bytes(
+                {"run_id": run_id, "request_id": request_id, "input": policy_input}
+            )
             if not action.probe:
                 prior = self._store.claim(run_id, request_id)
                 if prior is not None:
@@ -245,6 +276,11 @@ class DecisionService:
         except AbcError as exc:
             commit = _Commit(Decision.deny(exc.reason, str(exc)))
             shadow = False  # shadow lifts the policy's and the ledger's verdicts, no other
+        except Exception:
+            # A bug, not the caller's input: still refused and logged, never a bare RPC error.
+            log.exception("decision %s failed", decision_id)
+            commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "the PDP failed to decide"))
+            shadow = False
         decision = commit.decision
         record: dict[str, Any] = {
             "decision_id": decision_id,
@@ -269,18 +305,14 @@ class DecisionService:
             record["over_budget"] = True
         if reused:
             record["reused_request_id"] = True
-        try:
-            # Durable before the answer leaves: an unlogged decision is never given.
-            self._log.append("decision", record)
-        except (OSError, RuntimeError) as exc:
-            log.error("decision log unwritable, refusing: %s", exc)
-            if commit.reservation_id:
-                self._store.release(commit.reservation_id)
-            commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
-            decision, shadow = commit.decision, False
+        logged = self._log_decision(record, commit)
+        if logged is not commit:
+            commit, shadow = logged, False
+            decision = commit.decision
         outcome = DecisionOutcome(decision, decision_id, commit.reservation_id, not shadow)
-        if claimed and outcome.reason is ReasonCode.PDP_UNAVAILABLE:
-            self._store.unclaim(run_id, request_id)  # a passing outage: a retry decides anew
+        if claimed and (outcome.reason is ReasonCode.PDP_UNAVAILABLE or logged is not commit):
+            # A passing outage, or a record refused for its spelling: a retry decides anew.
+            self._store.unclaim(run_id, request_id)
         elif claimed:
             kept = _stored(
                 acted,
@@ -293,6 +325,41 @@ class DecisionService:
         self._metrics.count_decision(decision.allow, outcome.reason, not shadow)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
+
+    def _log_decision(self, record: dict[str, Any], commit: _Commit) -> _Commit:
+        """Make ``record`` durable before its answer leaves; ``commit`` if it was.
+
+        Otherwise what ``commit`` reserved is released, and the answer is a refusal: for a
+        record that has no canonical spelling (a number or string no JSON reader would read
+        back as sent), ``bad_request``, itself logged with the action cut to its kind and
+        target; for a log that cannot write, ``pdp_unavailable`` (the log's health reports
+        it). An unlogged decision is never given.
+        """
+        try:
+            self._log.append("decision", record)
+            return commit
+        except AbcError as exc:
+            # The detail, not the record: the record is what could not be written safely.
+            log.warning("decision %s cannot be logged, refused: %s", record["decision_id"], exc)
+            self._release(commit)
+            refusal = _Commit(
+                Decision.deny(ReasonCode.BAD_REQUEST, "the action cannot be logged exactly")
+            )
+            try:
+                self._log.append("decision", _unloggable(record, refusal.decision))
+                return refusal
+            except (AbcError, OSError, RuntimeError) as again:
+                log.error("decision log refused a refusal, answering unavailable: %s", again)
+        except (OSError, RuntimeError) as exc:
+            log.error("decision log unwritable, refusing: %s", exc)
+            self._release(commit)
+        return _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
+
+    def _release(self, commit: _Commit) -> None:
+        # A step change carries no agent text and is checked loggable before it is made;
+        # only a reservation can be left to undo.
+        if commit.reservation_id:
+            self._store.release(commit.reservation_id)
 
     def _expire(self, run: Run, now: datetime) -> None:
         """Settle the run's reservations that were never reported, at their worst case."""
@@ -410,6 +477,7 @@ class DecisionService:
                 and record.get("request_id")
                 and not record.get("reused_request_id")  # the first answer stays the answer
                 and [r["code"] for r in record["result"]["reasons"][:1]] != ["pdp_unavailable"]
+                and not record.get("unloggable")  # never kept live either: a retry decides
             )
             if answered:
                 kept = _stored(

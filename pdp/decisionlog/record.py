@@ -2,8 +2,10 @@
 
 A record is a JSON object with a version field ``v``. Its hash is ``sha256:`` of its
 RFC 8785 bytes (what is written, minus the newline), so any edit changes it and breaks
-the next record's ``prev``. Checkpoints are records too, signed with the PDP's key over
-their own canonical bytes without ``sig``.
+the next record's ``prev``. A record holds numbers as the agent sent them, fractions
+included (RFC 8785 spells every finite double one way); only signed manifests forbid floats.
+Checkpoints are records too, signed with the PDP's key over their own canonical bytes
+without ``sig``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from pdp.manifest.canonical import canonical_bytes, digest
+from pdp.manifest.canonical import canonical_record_bytes, digest
 from pdp.manifest.keys import keyid, raw_public_key, verify_signature
 
 __all__ = [
@@ -31,11 +33,11 @@ KINDS = ("decision", "registration", "step", "settlement", "checkpoint")
 
 
 def record_hash(record: dict[str, Any]) -> str:
-    return digest(canonical_bytes(record))
+    return digest(canonical_record_bytes(record))
 
 
 def _unsigned(record: dict[str, Any]) -> bytes:
-    return canonical_bytes({k: v for k, v in record.items() if k != "sig"})
+    return canonical_record_bytes({k: v for k, v in record.items() if k != "sig"})
 
 
 def sign_checkpoint(record: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.decisionlog.record import GENESIS, KINDS, RECORD_VERSION, record_hash, verify_checkpoint
 from pdp.errors import AbcError, SignatureInvalid
-from pdp.manifest.canonical import parse_canonical
+from pdp.manifest.canonical import parse_record
 
 __all__ = ["LogInvalid", "LogReport", "VerifiedLog", "read_verified_log", "verify_log"]
 
@@ -55,7 +55,7 @@ class LogReport:
 
 def _record(line: bytes, number: int) -> dict[str, Any]:
     try:
-        record = parse_canonical(line)
+        record = parse_record(line)
     except AbcError as exc:
         raise LogInvalid(number, None, f"not a canonical JSON record: {exc}") from exc
     if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:

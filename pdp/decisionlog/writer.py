@@ -1,9 +1,18 @@
 """The append-only decision log, durable before an answer leaves the PDP.
 
-``append`` returns only after the record is written and fsynced. Concurrent appends are
-group-committed: the first caller to find no write under way writes whatever is waiting,
-fsyncs once, and wakes every caller in the batch. Every ``checkpoint_every`` records or
-``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the chain head.
+``append`` returns only after the whole record is written and fsynced. Concurrent appends
+are group-committed: the first caller to find no write under way writes whatever is
+waiting, fsyncs once, and wakes every caller in the batch. Every ``checkpoint_every``
+records or ``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the
+chain head.
+
+A write that fails (a full disk, a file size limit, an I/O error) fails its whole batch:
+the file is cut back to the last durable record and the chain head rolled back to it, so
+no torn or unacknowledged record stays in the file and the next record chains onto the
+last one that is really there. Nothing is sticky: the next append tries again, and while
+the log cannot write, the idle timer retries a checkpoint every ``retry_seconds`` so that
+the PDP recovers by itself once space returns. ``on_writable`` hears each change
+(health goes ``NOT_SERVING`` while the log cannot write).
 
 Secrets never reach the disk: configured argument paths (e.g. ``action.args.password``)
 and authorization headers are replaced by ``"***"`` before a record is hashed, and each
@@ -12,7 +21,10 @@ record lists the paths it masked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
+import logging
 import os
 import threading
 import time
@@ -24,13 +36,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog.record import GENESIS, RECORD_VERSION, record_hash, sign_checkpoint
+from pdp.decisionlog.record import GENESIS, RECORD_VERSION, sign_checkpoint
 from pdp.errors import ConfigError
-from pdp.manifest.canonical import canonical_bytes, digest, parse_strict_json
+from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
 __all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
 
 MASK = "***"
+log = logging.getLogger("abc.pdp")
 
 
 @dataclass(frozen=True)
@@ -80,8 +93,8 @@ def read_head(path: Path) -> LogHead:
     lines = complete.splitlines()
     if not lines:
         return LogHead(0, GENESIS)
-    last = parse_strict_json(lines[-1])
-    return LogHead(int(last["seq"]) + 1, record_hash(last))
+    last = parse_record(lines[-1])
+    return LogHead(int(last["seq"]) + 1, digest(lines[-1]))  # a record's hash is its line's
 
 
 class DecisionLog:
@@ -92,6 +105,7 @@ class DecisionLog:
         *,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
+        retry_seconds: float = 1.0,
         masks: Sequence[MaskRule] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -100,26 +114,54 @@ class DecisionLog:
         self._seq, self._prev = head.seq, head.hash
         self._key = key
         self._every, self._seconds = checkpoint_every, checkpoint_seconds
+        self._retry = retry_seconds
         self._masks = tuple(masks)
         self._clock = clock
         self._file = path.open("ab", buffering=0)
+        self._fd = self._file.fileno()
         self._lock = threading.Condition()
         self._pending: list[bytes] = []
         self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
+        # The last durable state, where a failed batch rolls back to.
+        self._durable = _Durable(os.fstat(self._fd).st_size, head.seq, head.hash, 0)
+        self._torn = False  # a failed write's tail may still be in the file: cut it first
+        # Bumped by every failed batch: a waiter whose epoch passed lost its record, even
+        # if later records reuse its seq.
+        self._epoch = 0
+        self._failures: dict[int, OSError] = {}
+        self._writable = True
+        self._watchers: list[Callable[[bool], None]] = []
         self._closed = False
         self._writing = False
-        self._failure: OSError | None = None
         # Its own event, not the log's condition: every commit notifies that condition,
         # and a timer woken by each one would compete for the GIL on the decision path.
-        self._stop_timer = threading.Event()
+        # Set on close and when the log becomes unwritable (to start retrying).
+        self._wake_timer = threading.Event()
         self._timer = threading.Thread(
             target=self._idle_checkpoints, name="decision-log-checkpoints", daemon=True
         )
         self._timer.start()
 
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until the next one that succeeds."""
+        return self._writable
+
+    def watch(self, on_writable: Callable[[bool], None]) -> None:
+        """Call ``on_writable(now_writable)`` at each change, under the log's lock (so
+        changes arrive in order); it must not call back into the log."""
+        with self._lock:
+            self._watchers.append(on_writable)
+            on_writable(self._writable)
+
     def append(self, kind: str, fields: dict[str, Any]) -> int:
-        """Append one record and return its seq once it is on disk (fsynced)."""
+        """Append one record and return its seq once it is on disk (fsynced).
+
+        ``BadRequest`` if the record has no canonical spelling (nothing is written and the
+        chain is unchanged); ``OSError`` if it could not be made durable (nothing of it
+        stays in the file); ``RuntimeError`` once the log is closed.
+        """
         record = dict(fields)
         masked: list[str] = []
         if self._masks and isinstance(record.get("input"), dict):
@@ -136,41 +178,101 @@ class DecisionLog:
         return seq
 
     def _commit_through(self, target: int) -> None:
-        """Return once every seq below ``target`` is on disk. Holds ``self._lock``.
+        """Return once every seq below ``target`` is on disk, or raise the ``OSError`` that
+        lost it. Holds ``self._lock``.
 
         Group commit, leader and followers: whoever finds no write under way writes and
         fsyncs everything pending (its own record and any that queued meanwhile); the
         others wait for that fsync. One fsync per batch, and no thread hand-off for a
         caller that is alone.
         """
-        while self._written < target:
-            if self._failure is not None:
-                raise self._failure
+        epoch = self._epoch
+        while self._written < target or self._epoch != epoch:
+            if self._epoch != epoch:
+                raise self._failures.get(epoch) or OSError(errno.EIO, "decision log write failed")
             if self._writing:
                 self._lock.wait()
                 continue
             self._writing = True
             batch, self._pending = self._pending, []
-            upto = self._seq
+            after = _Durable(0, self._seq, self._prev, self._since_checkpoint)
+            start, torn = self._durable.size, self._torn
             self._lock.release()
             try:
-                self._file.write(b"".join(batch))
-                # fdatasync: the data and the size that reaches it, not the mtime.
-                os.fdatasync(self._file.fileno())
-            except OSError as exc:  # a log that cannot be written stops every decision
+                size = self._write(b"".join(batch), start, torn)
+            except OSError as exc:
                 failure: OSError | None = exc
             else:
                 failure = None
             finally:
                 self._lock.acquire()
                 self._writing = False
-            if failure is not None:
-                self._failure = failure
+            if failure is None:
+                self._durable = _Durable(size, after.seq, after.prev, after.since_checkpoint)
+                self._written, self._torn = after.seq, False
+                self._set_writable(True)
             else:
-                self._written = upto
+                self._fail(failure)
             self._lock.notify_all()
-        if self._failure is not None and self._written < target:
-            raise self._failure
+
+    def _write(self, data: bytes, start: int, torn: bool) -> int:
+        """Write ``data`` after the ``start`` durable bytes and fsync; the new durable size.
+
+        On any error the file is cut back to ``start`` (best effort: if that fails too,
+        the next batch cuts first) and the error raised: a record is durable whole or not
+        at all, never a torn line that a restart would cut after it was answered.
+        """
+        try:
+            if torn:
+                self._cut(start)
+            view = memoryview(data)
+            while view:
+                # os.write may write less than asked (a nearly full disk, a file size limit):
+                # only bytes it reports written count, and zero is as good as an error.
+                written = os.write(self._fd, view)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, "the decision log accepted no more bytes")
+                view = view[written:]
+            # fdatasync: the data and the size that reaches it, not the mtime.
+            os.fdatasync(self._fd)
+        except OSError:
+            try:
+                self._cut(start)
+            except OSError as cut_failure:
+                log.error("decision log: cannot cut a failed write back: %s", cut_failure)
+            raise
+        return start + len(data)
+
+    def _cut(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fdatasync(self._fd)
+        self._torn = False
+
+    def _fail(self, failure: OSError) -> None:
+        """A batch was lost: its records and any queued behind them (chained onto them)
+        fail; the chain and checkpoint count go back to the last durable record."""
+        log.error("decision log unwritable: %s", failure)
+        self._failures[self._epoch] = failure
+        self._failures.pop(self._epoch - 64, None)  # only waiters of recent epochs remain
+        self._epoch += 1
+        self._pending = []
+        durable = self._durable
+        self._seq, self._prev = durable.seq, durable.prev
+        self._since_checkpoint = durable.since_checkpoint
+        self._written = durable.seq
+        self._torn = True
+        self._set_writable(False)
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable == self._writable:
+            return
+        self._writable = writable
+        if writable:
+            log.warning("decision log writable again")
+        else:
+            self._wake_timer.set()
+        for watcher in self._watchers:
+            watcher(writable)
 
     def _enqueue(self, kind: str, record: dict[str, Any], masked: list[str]) -> int:
         seq = self._seq
@@ -183,7 +285,9 @@ class DecisionLog:
             "prev": self._prev,
             **({"masked": masked} if masked else {}),
         }
-        encoded = canonical_bytes(full)  # once: the line written is the line hashed
+        # Once: the line written is the line hashed. A record that cannot be spelled
+        # raises here, before the chain moves.
+        encoded = canonical_record_bytes(full)
         self._pending.append(encoded + b"\n")
         self._seq, self._prev = seq + 1, digest(encoded)
         self._since_checkpoint += 1
@@ -206,38 +310,69 @@ class DecisionLog:
             },
             self._key,
         )
-        encoded = canonical_bytes(checkpoint)
+        encoded = canonical_record_bytes(checkpoint)
         self._pending.append(encoded + b"\n")
         self._seq, self._prev = self._seq + 1, digest(encoded)
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
 
     def checkpoint(self) -> None:
-        """Append a signed checkpoint now and wait until it is on disk."""
+        """Append a signed checkpoint now and wait until it is on disk (or raise OSError)."""
         with self._lock:
             self._enqueue_checkpoint()
             self._commit_through(self._seq)
 
     def _idle_checkpoints(self) -> None:
-        """Sign an idle log's tail within ``checkpoint_seconds``."""
+        """Sign an idle log's tail within ``checkpoint_seconds``; while the log cannot
+        write, try a checkpoint every ``retry_seconds``, so that it recovers (and health
+        with it) without waiting for a decision that health keeps away."""
         while True:
             with self._lock:
-                left = self._checkpoint_at + self._seconds - time.monotonic()
-            if self._stop_timer.wait(timeout=left if left > 0 else self._seconds):
-                return
+                if self._writable:
+                    left = self._checkpoint_at + self._seconds - time.monotonic()
+                    wait = left if left > 0 else self._seconds
+                else:
+                    wait = self._retry
+            woken = self._wake_timer.wait(timeout=wait)
+            self._wake_timer.clear()
             with self._lock:
                 if self._closed:
                     return
-                if self._since_checkpoint and self._due_checkpoint():
-                    self._enqueue_checkpoint()
+                if woken:
+                    continue  # the log just failed: first retry after retry_seconds
+                due = self._since_checkpoint and self._due_checkpoint()
+                if not (due or not self._writable):
+                    continue
+                self._enqueue_checkpoint()
+                # A failure is logged by _fail and tried again after retry_seconds.
+                with contextlib.suppress(OSError):
                     self._commit_through(self._seq)
 
     def close(self) -> None:
-        """Checkpoint, flush and close (what a clean shutdown does)."""
+        """Checkpoint, flush and close (what a clean shutdown does).
+
+        If the final checkpoint cannot be written the log is closed all the same, its
+        tail unsigned (``audit verify --allow-tail`` reads it): a full disk must not turn
+        a clean stop into a crash.
+        """
         if self._closed:
             return
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except OSError as exc:
+            log.error("decision log closed without its final checkpoint: %s", exc)
         with self._lock:
             self._closed = True
-        self._stop_timer.set()
+        self._wake_timer.set()
         self._timer.join(timeout=10)
         self._file.close()
+
+
+@dataclass(frozen=True)
+class _Durable:
+    """Where the log stands on disk: its size, next seq, head hash, records since the
+    last checkpoint."""
+
+    size: int
+    seq: int
+    prev: str
+    since_checkpoint: int

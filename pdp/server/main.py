@@ -1,7 +1,9 @@
 """``abc-pdp``: load trust, policies and state, then serve gRPC (and REST) until SIGTERM.
 
 Health is honest: ``SERVING`` only once the policy bundle has compiled and the state
-store is open; on SIGTERM or SIGINT it turns ``NOT_SERVING`` for good, then drains.
+store is open, and ``NOT_SERVING`` while the decision log cannot write (it comes back by
+itself when the log can); on SIGTERM or SIGINT it turns ``NOT_SERVING`` for good, then
+drains.
 The REST door's ``/health`` follows the same state.
 """
 
@@ -13,7 +15,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from datetime import timedelta
 from types import FrameType
@@ -151,6 +153,29 @@ def _health_server(config: PdpConfig, servicer: health.HealthServicer) -> grpc.S
     return probes
 
 
+def _health_follows_log(
+    health_servicer: health.HealthServicer, serving: threading.Event, stop: threading.Event
+) -> Callable[[bool], None]:
+    """What the decision log calls when it stops or starts being writable."""
+
+    def on_writable(writable: bool) -> None:
+        if stop.is_set():
+            return  # shutting down: NOT_SERVING for good
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if writable
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME, EXT_AUTHZ_SERVICE):
+            health_servicer.set(name, status)
+        if writable:
+            serving.set()
+        else:
+            serving.clear()
+
+    return on_writable
+
+
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
     credentials = _server_credentials(config)  # first: a wrong file stops start-up at once
     for warning in transport_warnings(config):
@@ -237,9 +262,9 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     server.start()
     if probes is not None:
         probes.start()
-    for name in ("", SERVICE_NAME, EXT_AUTHZ_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    serving.set()
+    # SERVING now, and from here on whenever the decision log can write (it cannot decide
+    # without it: a full disk turns health NOT_SERVING until space returns).
+    decision_log.watch(_health_follows_log(health_servicer, serving, stop))
     log.info(
         "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s",
         config.listen,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, read_verified_log, verify_log
 from pdp.decisionlog.record import record_hash
-from pdp.errors import ConfigError
+from pdp.errors import BadRequest, ConfigError
 from pdp.manifest.canonical import canonical_bytes
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -248,3 +250,115 @@ def test_inserted_record_is_named(tmp_path: Path) -> None:
     with pytest.raises(LogInvalid) as caught:
         verify_log(path, KEY.public_key())
     assert caught.value.line == 4
+
+
+def test_a_fractional_argument_is_logged_verified_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    record = decision(1)
+    record["input"]["action"]["args"] = {"score": 0.5, "tiny": 1e-7}  # type: ignore[index]
+    log = DecisionLog(path, KEY)
+    log.append("decision", record)
+    log.close()
+    log = DecisionLog(path, KEY)  # the head is read back after a restart
+    log.append("decision", decision(2))
+    log.close()
+    verified = read_verified_log(path, KEY.public_key())
+    assert verified.records[0]["input"]["action"]["args"] == {"score": 0.5, "tiny": 1e-7}
+
+
+def test_a_record_without_a_canonical_spelling_is_refused_and_the_chain_unchanged(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    log.append("decision", decision(1))
+    record = decision(2)
+    record["input"]["action"]["args"] = {"q": "\ud800"}  # type: ignore[index]
+    with pytest.raises(BadRequest):
+        log.append("decision", record)
+    assert log.append("decision", decision(3)) == 1  # nothing was taken by the refused one
+    log.close()
+    assert verify_log(path, KEY.public_key()).records == 3
+
+
+class Disk:
+    """``os.write`` on the log's file as a nearly full disk: at most ``chunk`` bytes a call
+    (a short write), and an error once ``room`` is used up. Other files write as usual."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int, room: int, chunk: int) -> None:
+        self.fd, self.room, self.chunk = fd, room, chunk
+        self._write = os.write
+        monkeypatch.setattr(os, "write", self.write)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd != self.fd:
+            return self._write(fd, data)
+        size = min(len(data), self.room, self.chunk)
+        if size == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= size
+        return self._write(fd, bytes(data[:size]))
+
+
+def _log_fd(log: DecisionLog) -> int:
+    return log._fd  # the seam the fake disk needs
+
+
+def test_short_writes_are_finished_before_a_record_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    Disk(monkeypatch, _log_fd(log), room=10**6, chunk=7)
+    for i in range(3):
+        log.append("decision", decision(i))
+    log.close()
+    assert verify_log(path, KEY.public_key()).records == 4
+
+
+def test_a_full_disk_fails_the_record_whole_and_recovers_when_space_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, retry_seconds=60)
+    changes: list[bool] = []
+    log.watch(changes.append)
+    log.append("decision", decision(0))
+    durable = path.read_bytes()
+    disk = Disk(monkeypatch, _log_fd(log), room=40, chunk=1000)  # part of the next record fits
+    with pytest.raises(OSError):
+        log.append("decision", decision(1))
+    assert path.read_bytes() == durable  # the torn part is cut back
+    assert not log.writable and changes == [True, False]
+    with pytest.raises(OSError):  # refused again, still nothing torn
+        log.append("decision", decision(2))
+    assert path.read_bytes() == durable
+    disk.room = 10**6  # space returns: the next append goes through, chained on record 0
+    assert log.append("decision", decision(3)) == 1
+    assert log.writable and changes == [True, False, True]
+    log.close()
+    verified = read_verified_log(path, KEY.public_key())
+    assert [r.get("decision_id") for r in verified.records] == ["dec_0", "dec_3", None]
+
+
+def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, retry_seconds=0.05)
+    log.append("decision", decision(0))
+    disk = Disk(monkeypatch, _log_fd(log), room=0, chunk=1000)
+    with pytest.raises(OSError):
+        log.append("decision", decision(1))
+    log.close()  # the final checkpoint fails: said in the log, not raised
+    assert verify_log(path, KEY.public_key(), allow_tail=True).records == 1
+    log = DecisionLog(path, KEY, retry_seconds=0.05)
+    with pytest.raises(OSError):
+        log.append("decision", decision(2))
+    disk.fd, disk.room = _log_fd(log), 10**6  # no append: the retry timer finds the space
+    deadline = time.monotonic() + 5
+    while not log.writable and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert log.writable
+    log.close()
+    assert verify_log(path, KEY.public_key()).records == 3  # dec_0, the retry's checkpoint, close
