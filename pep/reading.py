@@ -60,18 +60,28 @@ class _Inflater:
         self._raw_fallback = coding == "deflate"  # servers send "deflate" with or without zlib
         wbits = zlib.MAX_WBITS | 16 if coding != "deflate" else zlib.MAX_WBITS
         self._inflater = zlib.decompressobj(wbits)
-        self._started = False
+        self._fed = False
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        first, self._started = not self._started, True
+        if not data:
+            return
+        self._fed = True
+        # Like httpx: "deflate" that is not zlib-wrapped is retried raw, on the first bytes
+        # only, and only while nothing has come out (what went out cannot be taken back).
+        retry_raw, self._raw_fallback = self._raw_fallback, False
+        produced = False
         try:
-            yield from self._drain(data)
+            for piece in self._drain(data):
+                produced = True
+                yield piece
         except zlib.error as exc:
-            if not (first and self._raw_fallback):
+            if not retry_raw or produced:
                 raise Unreadable(f"the content coding cannot be undone: {exc}") from exc
-            self._raw_fallback = False
             self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            yield from self._drain(data)
+            try:
+                yield from self._drain(data)
+            except zlib.error as again:
+                raise Unreadable(f"the content coding cannot be undone: {again}") from again
 
     def _drain(self, data: bytes) -> Iterator[bytes]:
         piece = self._inflater.decompress(data, _PIECE)
@@ -82,6 +92,8 @@ class _Inflater:
             raise Unreadable("bytes after the end of the compressed body")
 
     def finish(self) -> bytes:
+        if not self._fed:
+            return b""  # an empty body (a 202) carries no coded bytes at all
         if not self._inflater.eof:
             raise Unreadable("the compressed body is truncated")
         return self._inflater.flush()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -31,7 +32,7 @@ from pep.pdp_client import Verdict
 from pep.reading import BodyDecoder, Unreadable, media_type
 from pep.sse import SseEvent, SseParser, render_event
 
-__all__ = ["McpAdapter"]
+__all__ = ["AnswerFilter", "McpAdapter"]
 
 log = logging.getLogger("abc.pep")
 
@@ -53,7 +54,7 @@ def jsonrpc_error(request_id: Any, verdict: Verdict) -> dict[str, Any]:
     }
 
 
-class _AnswerFilter:
+class AnswerFilter:
     """Reads one MCP answer as the client will, and relays only what it read.
 
     Every answer goes through here: to any POST (``tools/list``, an allowed ``tools/call``,
@@ -91,13 +92,11 @@ class _AnswerFilter:
         headers: CIMultiDict[str],
     ) -> web.Response:
         try:
-            text = await _read_text(upstream, decoder)
-            if not text:  # 202 to a notification, an empty error: no message to read
-                return web.Response(status=upstream.status, headers=headers)
-            # Whatever the declared type: a client that finds JSON here may read it.
-            answer = await self._judge(text, probe)
+            answer = await self.whole(upstream.content.iter_any(), decoder, probe)
         except (ValueError, RecursionError, _Unavailable) as exc:
             return self._refused(upstream.status, headers, exc)
+        if not answer:  # 202 to a notification, an empty error: no message to read
+            return web.Response(status=upstream.status, headers=headers)
         headers["Content-Type"] = "application/json"
         return web.Response(status=upstream.status, headers=headers, body=answer.encode())
 
@@ -112,15 +111,10 @@ class _AnswerFilter:
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         response = web.StreamResponse(status=upstream.status, headers=headers)
         await response.prepare(request)
-        parser = SseParser()
         try:
             try:
-                async for chunk in upstream.content.iter_any():
-                    for text in decoder.feed(chunk):
-                        for event in parser.feed(text):
-                            await response.write(await self._event(event, probe))
-                for event in [*parser.feed(decoder.finish()), *parser.finish()]:
-                    await response.write(await self._event(event, probe))
+                async for event in self.events(upstream.content.iter_any(), decoder, probe):
+                    await response.write(event)
             except (ValueError, RecursionError, _Unavailable) as exc:
                 await self._end_refused(response, exc)
             await response.write_eof()
@@ -129,6 +123,25 @@ class _AnswerFilter:
             # an upstream failure and not an error; leaving closes the upstream too.
             pass
         return response
+
+    async def events(
+        self, chunks: AsyncIterable[bytes], decoder: BodyDecoder, probe: Probe
+    ) -> AsyncIterator[bytes]:
+        """Each event of an SSE stream as it may be relayed, in order; raises ``ValueError``
+        (``MappingError``), ``RecursionError`` or ``_Unavailable`` where it must be refused."""
+        parser = SseParser()
+        async for chunk in chunks:
+            for text in decoder.feed(chunk):
+                for event in parser.feed(text):
+                    yield await self._event(event, probe)
+        for event in [*parser.feed(decoder.finish()), *parser.finish()]:
+            yield await self._event(event, probe)
+
+    async def whole(self, chunks: AsyncIterable[bytes], decoder: BodyDecoder, probe: Probe) -> str:
+        """A whole (non-SSE) answer as it may be relayed ("" for none); raises like ``events``."""
+        text = await _read_text(chunks, decoder)
+        # Whatever the declared type: a client that finds JSON here may read it.
+        return await self._judge(text, probe) if text else ""
 
     async def _event(self, event: SseEvent, probe: Probe) -> bytes:
         if event.data:  # no data, or empty data (a priming event): no message to read
@@ -185,11 +198,11 @@ class _AnswerFilter:
             await response.write(error.encode())
 
 
-async def _read_text(upstream: ClientResponse, decoder: BodyDecoder) -> str:
+async def _read_text(chunks: AsyncIterable[bytes], decoder: BodyDecoder) -> str:
     """The whole body decoded; ``MappingError`` over the size limit (raw or decoded)."""
     raw = decoded = 0
     parts: list[str] = []
-    async for chunk in upstream.content.iter_any():
+    async for chunk in chunks:
         raw += len(chunk)
         for text in decoder.feed(chunk):
             decoded += len(text)
@@ -216,7 +229,7 @@ def _plain_id(value: Any) -> bool:
 def _passed(server: str, body: bytes, request_id: Any, *, answer_id: Any) -> Call:
     """Forwarded undecided; its answer is still read and filtered like every other."""
     return Call(
-        action=None, body=body, jsonrpc_id=request_id, respond=_AnswerFilter(server, answer_id)
+        action=None, body=body, jsonrpc_id=request_id, respond=AnswerFilter(server, answer_id)
     )
 
 
@@ -231,7 +244,7 @@ class McpAdapter:
             # decide, but the answer is read like any other (a server may replay a list there).
             if body:
                 raise MappingError(f"an MCP {request.method} carries no body")
-            return Call(action=None, body=body, respond=_AnswerFilter(server, None))
+            return Call(action=None, body=body, respond=AnswerFilter(server, None))
         if request.method != "POST":
             raise MappingError(f"MCP over HTTP has no {request.method}")
         message = parse_json_object(body)  # a batch (JSON array) is refused here
@@ -261,14 +274,14 @@ class McpAdapter:
                 action=action,
                 body=body,
                 jsonrpc_id=request_id,
-                respond=_AnswerFilter(server, request_id),
+                respond=AnswerFilter(server, request_id),
             )
         if method == "tools/list":
             return Call(
                 action=None,
                 body=body,
                 jsonrpc_id=request_id,
-                respond=_AnswerFilter(server, request_id),
+                respond=AnswerFilter(server, request_id),
                 lists_tools=True,
             )
         raise _Refused(request_id, f"MCP method {method!r} is not governed")
