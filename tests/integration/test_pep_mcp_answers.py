@@ -354,6 +354,7 @@ def test_a_deeply_nested_list_is_refused_in_mcp_not_crashed(pep: PepProcess, att
     reply = list_raw(pep, attack)
     assert reply.status_code == 200 and '"reason":"bad_request"' in reply.text
     assert "Traceback" not in pep.output()
+    assert "refused an mcp answer: bad_request" in pep.output()  # refusals are logged
 
 
 def test_a_resumed_stream_is_filtered_like_the_answer_it_resumes(pep: PepProcess) -> None:
