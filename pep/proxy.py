@@ -171,7 +171,7 @@ class Handler:
             sidecar.metrics.count_shadow(route, verdict.reason)
             if call.apply_obligations is not None:
                 body = call.apply_obligations(verdict.obligations)
-        sidecar.metrics.count(route, "allow" if verdict or call.respond else "pass")
+        sidecar.metrics.count(route, "allow" if verdict or call.lists_tools else "pass")
         return await self._forward(request, sidecar, call, body, upstream_url, run_id, verdict)
 
     async def _forward(

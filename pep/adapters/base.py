@@ -2,7 +2,7 @@
 
 ``pep/proxy.py`` runs the loop once for all of them: request in → action → decision →
 forward or refuse. An adapter never talks to the PDP or the upstream itself, except the
-MCP ``tools/list`` filter, which gets a probe function from the loop.
+MCP answer filter (tool lists), which gets a probe function from the loop.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ class Call:
     reads_usage: bool = False
     # Rewrites the body to honour the decision's obligations (e.g. a max_tokens cap).
     apply_obligations: Callable[[dict[str, Any]], bytes] | None = None
-    # Replaces the plain relay when the response itself must be judged (MCP tools/list).
+    # Replaces the plain relay when the response itself must be read (every MCP answer).
     respond: Responder | None = None
     jsonrpc_id: Any = None
+    # An MCP tools/list: its answer is filtered by decisions, so it counts as allowed.
+    lists_tools: bool = False
 
 
 class Adapter(Protocol):
