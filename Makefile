@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench format clean
+.PHONY: install test lint demo bench soak format clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o python_files="bench_*.py"
+
+# abc-pdp's RSS over a million distinct decisions (fails above 1.2x its warm-up RSS).
+soak: $(STAMP)
+	ABC_DECISIONS=1000000 $(BIN)/python -m pytest tests/bench/bench_engine.py -s -p no:cacheprovider \
+		-o python_files="bench_*.py"
 
 format: $(STAMP)
 	$(BIN)/ruff format pdp pep tests deploy

@@ -186,7 +186,7 @@ _TEXT = [
     "x" * 200,
     "x" * 201,
 ]
-_NUMBERS: list[Any] = [0, 1, 2, 3, 5, 19, 20, 21, -1]
+_NUMBERS: list[Any] = [0, 1, 2, 3, 5, 19, 20, 21, -1, 0.5, 1.0000001, 0.999, 1.5, 5.5, -0.25, 1e-9]
 _ARGS = {
     "tool:kb/search": ["query", "top_k", "lang", "score"],
     "tool:kb/fetch_article": ["article_id"],
@@ -207,7 +207,7 @@ _GOOD: dict[str, list[Any]] = {
     "query": ["refund", "ab", "éé", "１２３４５"],
     "top_k": [1, 5, 20],
     "lang": ["en", "fr", "é"],
-    "score": [0, 1],
+    "score": [0, 0.5, 1],
     "article_id": ["KB-1", "KB-42", "KB-12345678"],
     "path": ["ab", "１２３", "é"],
     "name": ["OKé", "ok!", "Ok."],
