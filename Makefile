@@ -34,7 +34,7 @@ bench: $(STAMP)
 
 # abc-pdp's RSS over a million distinct decisions (fails above 1.2x its warm-up RSS).
 soak: $(STAMP)
-	ABC_DECISIONS=1000000 $(BIN)/python -m pytest tests/bench/bench_engine.py -s -p no:cacheprovider \
+	ABC_DECISIONS=1000000 ABC_THREADS=16 $(BIN)/python -m pytest tests/bench/bench_engine.py -s -p no:cacheprovider \
 		-o python_files="bench_*.py"
 
 format: $(STAMP)

@@ -4,9 +4,9 @@
    uncached, one thread: evaluations per second, p50/p99 and CPU per evaluation, RSS growth
    per 1,000 evaluations, and how many decisions regopy makes otherwise than OPA.
 2. A real abc-pdp decides ``ABC_DECISIONS`` distinct tool calls (default 100,000; ``make
-   soak`` asks for 1,000,000) from 4 client threads; its RSS is read from /proc at each
-   checkpoint, the slope per 1,000 decisions taken after a 10,000-decision warm-up (which
-   fills the idempotency window and the decision cache).
+   soak`` asks for 1,000,000) from ``ABC_THREADS`` client threads (4; make soak: 16); its
+   RSS is read from /proc at each checkpoint, the slope per 1,000 decisions taken after a
+   10,000-decision warm-up (which fills the idempotency window and the decision cache).
 
 Writes bench-results/engine.json (or soak.json for make soak).
 """
@@ -40,7 +40,7 @@ from tests.reference import DEMO_BUDGETS, WIDE_INTENT, cases
 ENGINE_CASES = 3000
 DECISIONS = int(os.environ.get("ABC_DECISIONS", "100000"))
 WARM_UP = 10_000
-THREADS = 4
+THREADS = int(os.environ.get("ABC_THREADS", "4"))
 
 
 def rss_mb(pid: int | str = "self") -> float:

@@ -252,7 +252,7 @@ def test_steps_and_budget(pdp: PdpProcess, signer: Signer) -> None:
 
 
 def test_concurrent_mixed_decisions_never_leak(pdp: PdpProcess, signer: Signer) -> None:
-    """A shared regopy interpreter decides with another thread's input; ours must not."""
+    """Threads deciding at once each see their own input (an engine shared by threads would not)."""
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/concurrency")
     text = text.replace("tool_calls: 100", "tool_calls: 100000").replace(
         "requests: 500", "requests: 100000"
