@@ -18,6 +18,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	scripts/system-tools.sh
 	$(BIN)/abcctl policy test policies
 	$(BIN)/python -m pytest tests --ignore=tests/bench
 

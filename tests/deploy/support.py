@@ -34,7 +34,7 @@ def tool(name: str) -> str:
     """A binary the deploy checks need: the venv's first, else PATH. Missing is a failure."""
     venv = BIN / name
     found = str(venv) if venv.exists() else shutil.which(name)
-    assert found, f"{name} is not installed (.ci/run installs it; see README 'Deploy')"
+    assert found, f"{name} is not installed (make test installs it: scripts/system-tools.sh)"
     return found
 
 

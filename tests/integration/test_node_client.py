@@ -1,7 +1,7 @@
 """examples/node: a Node client (@grpc/grpc-js, the .proto loaded at run time) against a real PDP.
 
 The packages come from examples/node/package-lock.json through ``npm ci``; ``node`` and
-``npm`` are on the machine image (.ci/run installs Debian's when they are missing).
+``npm`` are on the machine image (make test installs Debian's when they are missing).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ EXAMPLE = ROOT / "examples" / "node"
 @pytest.fixture(scope="module")
 def node_example() -> Path:
     for tool in ("node", "npm"):
-        assert shutil.which(tool), f"{tool} is missing: .ci/run installs it (nodejs, npm)"
+        assert shutil.which(tool), f"{tool} is missing: see scripts/system-tools.sh"
     # Exactly the locked versions; no install scripts (none is needed to load a .proto).
     done = subprocess.run(
         ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
