@@ -6,6 +6,7 @@ import pytest
 
 from pdp.api import ReasonCode
 from pdp.api.actions import (
+    CAP_GROWTH,
     MappingError,
     cap_to_write,
     model_request,
@@ -23,7 +24,7 @@ def test_model_request_reserves_the_body_size_with_the_cap() -> None:
         "model:openai/gpt-4o-mini",
         100,
     )
-    assert action.input_bytes == len(body) and document["max_tokens"] == 100
+    assert action.input_bytes == len(body) + CAP_GROWTH and document["max_tokens"] == 100
     claude, _ = model_request("anthropic", "messages", b'{"model": "c", "max_tokens": 9}')
     assert claude.target == "model:anthropic/c" and claude.max_tokens == 9
 
