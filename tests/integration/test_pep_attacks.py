@@ -8,6 +8,7 @@ forwarded exactly as decided.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import httpx2 as httpx
 import openai
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -672,3 +675,88 @@ def test_malformed_obligations_fail_closed(
     finally:
         own.stop()
         server.stop(0)
+
+
+# ---- fuzz: forwarded exactly as decided, or refused in the agent's protocol; counted -------
+
+_PIECES = st.sampled_from(
+    [
+        "/",
+        "a",
+        "1",
+        ".",
+        "..",
+        ";",
+        "%3b",
+        "%2e",
+        "%2F",
+        "%5c",
+        "%25",
+        "%c0%ae",
+        "%e0%80%ae",
+        "%ef%bc%8e",
+        "%c3%a9",
+        "%20",
+        "%00",
+        "%zz",
+        "~",
+        "@",
+        "invoices",
+    ]
+)
+_HEADERS = st.sampled_from(
+    [
+        {},
+        {"X_HTTP_Method": "DELETE"},
+        {"x-original-url": "/admin"},
+        {"X-Custom": "1"},
+        {"X_Custom": "1"},
+        {"Content_Length": "0"},
+        {"x_abc_step": "answer"},
+    ]
+)
+
+
+def _requests_seen(text: str) -> float:
+    total = 0.0
+    for decision in ("allow", "deny"):
+        with contextlib.suppress(AssertionError):  # not exported until first counted
+            total += sample(text, "abc_pep_requests_total", decision=decision, route="http")
+    return total
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    pieces=st.lists(_PIECES, max_size=6),
+    headers=_HEADERS,
+    query=st.sampled_from(["", "a=%2F", "_method=PUT"]),
+)
+def test_fuzz_http_requests_are_forwarded_exactly_or_refused(
+    pep: PepProcess,
+    raw: tuple[RawUpstream, str],
+    pieces: list[str],
+    headers: dict[str, str],
+    query: str,
+) -> None:
+    upstream, _ = raw
+    path = "/v1/invoices/" + "".join(pieces)
+    before_seen, before_counted = len(upstream.seen), _requests_seen(pep.metrics())
+    target = f"{BILLING}{path}" + (f"?{query}" if query else "")
+    with httpx.Client(timeout=10) as client:
+        request = client.build_request("GET", f"{pep.url}/x", headers=headers)
+        request.url = request.url.copy_with(raw_path=target.encode())
+        reply = client.send(request)
+    assert _requests_seen(pep.metrics()) == before_counted + 1  # every request is counted
+    if reply.status_code == 200:
+        assert len(upstream.seen) == before_seen + 1
+        assert (upstream.seen[-1].raw_path, upstream.seen[-1].raw_query) == (path, query)
+        assert reply.headers["x-abc-decision-id"].startswith("dec_")
+    else:
+        assert reply.status_code in (400, 403), reply.text
+        assert reply.headers["content-type"].startswith("application/problem+json")
+        assert reply.json()["decision_id"] == reply.headers["x-abc-decision-id"]
+        assert len(upstream.seen) == before_seen
