@@ -145,13 +145,15 @@ _MEANINGFUL_HEADERS = frozenset(
         "upgrade",
     }
 )
-# Query keys that some frameworks read as the method (Laravel, Express method-override).
-_OVERRIDE_QUERY_KEYS = frozenset({"_method", *OVERRIDE_HEADERS})
 
 
 def _header_key(name: str) -> str:
     """A header name as CGI-style servers read it: case-folded, ``_`` the same as ``-``."""
     return name.strip().lower().replace("_", "-")
+
+
+# Query keys that some frameworks read as the method (Laravel, Express method-override).
+_OVERRIDE_QUERY_KEYS = frozenset(_header_key(k) for k in ("_method", *OVERRIDE_HEADERS))
 
 
 def _header_problem(headers: Iterable[tuple[str, str]]) -> str | None:
@@ -175,7 +177,7 @@ def _query_problem(raw_query: str) -> str | None:
     for pair in re.split(r"[&;]", raw_query):
         raw_key = pair.split("=", 1)[0].replace("+", " ")
         key = unquote_to_bytes(raw_key).decode("utf-8", "replace")
-        if _header_key(key) in {_header_key(k) for k in _OVERRIDE_QUERY_KEYS}:
+        if _header_key(key) in _OVERRIDE_QUERY_KEYS:
             return "method override query parameters are refused"
     return None
 
