@@ -7,10 +7,10 @@ well-formed values reach the engine, and reason messages can name targets safely
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdp.api.actions import MAX_TOKENS, TARGETS, MappingError, check_http_path, exact_value_problem
 from pdp.engine.inputs import check_arg_names, engine_value
 from pdp.errors import BadRequest
 from pdp.manifest.canonical import parse_strict_json
@@ -19,17 +19,7 @@ __all__ = ["KINDS", "MAX_ARGS_BYTES", "Action", "validate_action"]
 
 KINDS = ("model", "tool", "http", "step")
 MAX_ARGS_BYTES = 64 * 1024
-_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-_TARGETS = {
-    "model": re.compile(rf"^model:{_NAME}/[A-Za-z0-9][A-Za-z0-9._:/-]{{0,127}}$"),
-    "tool": re.compile(rf"^tool:{_NAME}/{_NAME}$"),
-    "http": re.compile(r"^http:[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?$"),
-    # "@..." names end the run (step ids never start with "@"); the policy knows which.
-    "step": re.compile(rf"^step:(@[a-z]{{1,32}}|{_NAME})$"),
-}
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-_PATH = re.compile(r"^/[\x21-\x7e]{0,2047}$")
-MAX_TOKENS = 10**9
 
 
 @dataclass(frozen=True)
@@ -74,12 +64,12 @@ def validate_action(
     if probe:
         if kind not in ("model", "tool"):
             raise BadRequest("only model and tool targets can be probed")
-        if not _TARGETS[kind].match(target):
+        if not TARGETS[kind].fullmatch(target):
             raise BadRequest(f"malformed {kind} target")
         return Action(kind, target, probe=True)
     if kind not in KINDS:
         raise BadRequest("action kind must be one of model, tool, http, step")
-    if not _TARGETS[kind].match(target):
+    if not TARGETS[kind].fullmatch(target):
         raise BadRequest(f"malformed {kind} target")
     if not 0 <= max_tokens <= MAX_TOKENS or not 0 <= input_bytes <= MAX_TOKENS:
         raise BadRequest("max_tokens or input_bytes out of range")
@@ -93,12 +83,17 @@ def validate_action(
     if kind != "tool" and args:
         raise BadRequest("only tool actions carry arguments")
     check_arg_names(args)
+    problem = exact_value_problem(args)
+    if problem is not None:
+        raise BadRequest(problem)
     safe_args = engine_value(args)
     if kind == "http":
         if method not in _METHODS:
             raise BadRequest("unsupported HTTP method")
-        if not _PATH.match(path):
-            raise BadRequest("HTTP path must start with / and hold printable ASCII only")
+        try:
+            check_http_path(path)
+        except MappingError as exc:
+            raise BadRequest(str(exc)) from exc
     elif method or path:
         raise BadRequest("only http actions carry a method and path")
     return Action(kind, target, safe_args, max_tokens, method, path, input_bytes=input_bytes)

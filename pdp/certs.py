@@ -33,7 +33,7 @@ PEP_NAME = "abc-pep"
 # Certificates start a little in the past so that a peer whose clock is slightly behind
 # does not refuse a certificate made a second ago.
 _BACKDATE = timedelta(minutes=5)
-_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 _Key = ec.EllipticCurvePrivateKey
 
@@ -45,7 +45,7 @@ def _host_name(host: str) -> x509.GeneralName:
     except ValueError:
         pass
     labels = host.rstrip(".").split(".")
-    if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+    if len(host) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise ConfigError(f"--pdp-host {host!r} is neither an IP address nor a DNS name")
     return x509.DNSName(host.rstrip(".").lower())
 

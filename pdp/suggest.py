@@ -69,8 +69,8 @@ __all__ = [
     "suggest",
 ]
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PLAIN = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9._/:@-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PLAIN = re.compile(r"[A-Za-z0-9/][A-Za-z0-9._/:@-]*")
 _METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _UNKNOWN_CODES = {
     "tool": "tool_not_allowed",
@@ -152,7 +152,7 @@ def infer_args(
     constraints: dict[str, ArgConstraint] = {}
     notes: list[str] = []
     for name in names:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise Unsure(f"argument name {name!r} cannot be declared in a manifest")
         seen = [(args[name], name in masked) for args, masked in calls if name in args]
         values = [value for value, hidden in seen if not hidden]
@@ -195,7 +195,7 @@ def _clean_path(path: str) -> bool:
         path.startswith("/")
         and "%" not in path
         and "\\" not in path
-        and not any(re.match(r"^\.\.?(;.*)?$", segment) for segment in segments)
+        and not any(re.fullmatch(r"\.\.?(;.*)?", segment, re.DOTALL) for segment in segments)
     )
 
 
@@ -723,7 +723,7 @@ def _scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     text = str(value)
-    if _PLAIN.match(text) and yaml.safe_load(text) == text:
+    if _PLAIN.fullmatch(text) and yaml.safe_load(text) == text:
         return text
     return json.dumps(text, ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 

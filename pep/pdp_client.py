@@ -15,6 +15,7 @@ import grpc
 from google.protobuf import json_format
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
+from pdp.api.actions import MAX_TOKENS
 from pep.usage_reporter import UsageReporter
 
 __all__ = ["PdpClient", "PdpTls", "Verdict"]
@@ -40,7 +41,27 @@ class Verdict:
         return Verdict(False, reason, message, "pep_" + uuid.uuid4().hex)
 
 
-def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
+def _obligations(response: pdp_pb2.DecideResponse, action: pdp_pb2.Action) -> dict[str, Any]:
+    """The obligations, each one checked before the sidecar applies it: one it cannot check
+    or apply (``max_tokens`` of "10" or -5, an unknown key, a model call allowed uncapped)
+    makes the whole answer malformed, which fails closed."""
+    obligations: dict[str, Any] = json_format.MessageToDict(response.obligations)
+    if obligations.keys() - {"max_tokens"}:
+        raise ValueError("an obligation the sidecar cannot apply")
+    if "max_tokens" in obligations:
+        cap = obligations["max_tokens"]  # a Struct number arrives as a double
+        if action.kind != "model" or isinstance(cap, bool) or not isinstance(cap, int | float):
+            raise ValueError("max_tokens obliges a model call to a number")
+        if not float(cap).is_integer() or not 1 <= cap <= MAX_TOKENS:
+            raise ValueError(f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
+        obligations["max_tokens"] = int(cap)
+    elif action.kind == "model" and (response.would_allow if response.shadow else response.allow):
+        # Only a shadow run forwards a call the policy refused, and that one has no cap.
+        raise ValueError("a model call allowed without a token cap")
+    return obligations
+
+
+def _verdict(response: pdp_pb2.DecideResponse, action: pdp_pb2.Action) -> Verdict:
     """Trust an answer only if it is well formed; otherwise fail closed."""
     if not response.decision_id:
         raise ValueError("answer without a decision id")
@@ -55,7 +76,7 @@ def _verdict(response: pdp_pb2.DecideResponse) -> Verdict:
         reason=ReasonCode(first.code) if first else None,  # ValueError for an unknown code
         message=first.message if first else "",
         decision_id=response.decision_id,
-        obligations=json_format.MessageToDict(response.obligations),
+        obligations=_obligations(response, action),
         reservation_id=response.reservation_id,
         shadow=response.shadow,
     )
@@ -94,7 +115,7 @@ class PdpClient:
         request = pdp_pb2.DecideRequest(run_id=run_id, request_id=request_id, action=action)
         try:
             response = await self._stub.Decide(request, timeout=self._deadline)
-            return _verdict(response)
+            return _verdict(response, action)
         except grpc.aio.AioRpcError as exc:
             log.warning("PDP did not decide: %s", exc.code().name)
         except (ValueError, TypeError) as exc:

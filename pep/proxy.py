@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from yarl import URL
 
 from pdp.api import ReasonCode, pdp_pb2
 from pdp.api.actions import unsafe_request
@@ -73,10 +74,12 @@ def _unsafe_request(request: web.Request, route: str) -> str | None:
         request.rel_url.raw_path,
         request.headers.items(),
         model_route=route in ("openai", "anthropic"),
+        raw_query=request.rel_url.raw_query_string,
     )
 
 
 def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:
+    """The upstream URL, its path and query the raw ones the agent sent (what was decided)."""
     query = request.rel_url.raw_query_string
     suffix = f"?{query}" if query else ""
     match adapter.route:
@@ -171,6 +174,14 @@ class Handler:
             sidecar.metrics.count_shadow(route, verdict.reason)
             if call.apply_obligations is not None:
                 body = call.apply_obligations(verdict.obligations)
+            if call.action.input_bytes and len(body) > call.action.input_bytes:
+                # The reservation bounds what is forwarded; a body past it is never sent.
+                if verdict.reservation_id:
+                    sidecar.pdp.report_usage(verdict.reservation_id, 0)
+                return refuse(
+                    Verdict.refuse(ReasonCode.BAD_REQUEST, "the body outgrew its reservation"),
+                    call,
+                )
         sidecar.metrics.count(route, "allow" if verdict or call.lists_tools else "pass")
         return await self._forward(request, sidecar, call, body, upstream_url, run_id, verdict)
 
@@ -199,7 +210,13 @@ class Handler:
         status = 0
         try:
             async with sidecar.session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False
+                request.method,
+                # encoded: sent byte for byte; a re-quoted URL turns ..%3b into ..; after
+                # the decision was made on the first.
+                URL(url, encoded=True),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
             ) as upstream:
                 status = upstream.status
                 if call.respond is not None:

@@ -33,13 +33,13 @@ from pdp.manifest.model import (
 
 __all__ = ["Intent", "IntentError", "load_intent", "parse_intent"]
 
-_DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_DURATION = re.compile(r"([1-9][0-9]*)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 MAX_LIFETIME = timedelta(days=30)
 
 
 def _duration(text: str) -> timedelta:
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f"duration {text!r} is not a number followed by s, m, h or d")
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})

@@ -46,12 +46,12 @@ __all__ = [
 API_VERSION = "abc/v1"
 MANIFEST_KIND = "RunManifest"
 
-_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 
 
 def parse_timestamp(text: str) -> datetime:
     """Parse ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, whole seconds: one spelling per instant)."""
-    if not _TIMESTAMP.match(text):
+    if not _TIMESTAMP.fullmatch(text):
         raise ValueError(f"timestamp {text!r} is not YYYY-MM-DDTHH:MM:SSZ")
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 

@@ -100,10 +100,12 @@ def _body(http: Any, headers: dict[str, str]) -> bytes:
 
 def map_request(http: Any, headers: list[tuple[str, str]], routes: ModelRoutes) -> _Mapped:
     """One HTTP request as Envoy describes it → the action the PEP would decide for it."""
-    path = http.path.split("?", 1)[0]  # the path as sent, query string excluded
+    path, _, query = http.path.partition("?")  # the path as sent, query string apart
     named = {name.lower(): value for name, value in headers}
     model = routes.provider(path)
-    unsafe = unsafe_request(http.method, path, headers, model_route=model is not None)
+    unsafe = unsafe_request(
+        http.method, path, headers, model_route=model is not None, raw_query=query
+    )
     if unsafe is not None:
         raise MappingError(unsafe)
     if model is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import model_request
+from pdp.api.actions import model_request, token_fields
 from pep.adapters.base import Call, model_call
 from pep.pdp_client import Verdict
 
@@ -18,8 +18,9 @@ class AnthropicAdapter:
     reads_body = True
 
     def call(self, request: web.Request, body: bytes) -> Call:
-        action, document = model_request("anthropic", request.match_info["tail"], body)
-        return model_call(body, document, action, "max_tokens")
+        endpoint = request.match_info["tail"]
+        action, document = model_request("anthropic", endpoint, body)
+        return model_call(body, document, action, token_fields("anthropic", endpoint))
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
         code = verdict.reason.value if verdict.reason else "bad_request"

@@ -15,8 +15,9 @@ from typing import Any, Protocol
 from aiohttp import ClientResponse, web
 
 from pdp.api import pdp_pb2
-from pdp.api.actions import MappingError, cap_to_write, parse_json_object, refusal_status
+from pdp.api.actions import MappingError, parse_json_object, refusal_status
 from pep.pdp_client import Verdict
+from pep.splice import write_fields
 
 __all__ = [
     "Adapter",
@@ -67,30 +68,38 @@ def dump_json(value: Any) -> bytes:
 
 
 def model_call(
-    body: bytes, document: dict[str, Any], action: pdp_pb2.Action, token_field: str | None
+    body: bytes, document: dict[str, Any], action: pdp_pb2.Action, fields: tuple[str, ...]
 ) -> Call:
-    """A model request: streamed or not, usage read, its token cap written where it lowers."""
+    """A model request: streamed or not, usage read, its token cap written where it lowers.
+
+    ``fields`` are every body field that bounds the completion.
+    """
     return Call(
         action=action,
         body=body,
         streaming=document.get("stream") is True,
         reads_usage=True,
-        apply_obligations=token_capper(body, document, token_field, action.max_tokens),
+        apply_obligations=token_capper(body, document, fields),
     )
 
 
 def token_capper(
-    raw: bytes, document: dict[str, Any], field: str | None, requested: int
+    raw: bytes, document: dict[str, Any], fields: tuple[str, ...]
 ) -> Callable[[dict[str, Any]], bytes]:
-    """Write the decision's ``max_tokens`` cap into ``field`` when it lowers the request.
-
-    When the request already asks for no more than the cap, the agent's bytes go as sent.
-    """
+    """Write the decision's ``max_tokens`` cap into every token field that asks for more, or
+    for no cap (0, null); into the first field if the request sets none. The rest of the body
+    goes byte for byte as sent; a request within the cap goes exactly as sent."""
 
     def apply(obligations: dict[str, Any]) -> bytes:
-        cap = cap_to_write(requested, obligations)
-        if field is None or cap is None:
-            return raw
-        return dump_json({**document, field: cap})
+        cap = obligations.get("max_tokens")
+        if not isinstance(cap, int) or not fields:
+            return raw  # no cap: a shadow run forwarding what enforcing would refuse
+        present = [name for name in fields if name in document]
+        writes = {
+            name: cap for name in present if document[name] in (None, 0) or document[name] > cap
+        }
+        if not present:
+            writes = {fields[0]: cap}
+        return write_fields(raw, writes) if writes else raw
 
     return apply

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import model_request, token_field
+from pdp.api.actions import model_request, token_fields
 from pep.adapters.base import Call, model_call
 from pep.pdp_client import Verdict
 
@@ -20,7 +20,7 @@ class OpenAIAdapter:
     def call(self, request: web.Request, body: bytes) -> Call:
         endpoint = request.match_info["tail"]
         action, document = model_request("openai", endpoint, body)
-        return model_call(body, document, action, token_field(endpoint, document))
+        return model_call(body, document, action, token_fields("openai", endpoint))
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
         code = verdict.reason.value if verdict.reason else "bad_request"

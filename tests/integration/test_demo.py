@@ -20,6 +20,8 @@ def test_demo_runs_end_to_end() -> None:
     out = done.stdout
     assert "REFUSED  model_not_allowed" in out and "REFUSED  tool_not_allowed" in out
     assert "SHOWN    fetch_article, search" in out
-    assert 'abc_pep_denials_total{reason="http_not_allowed",route="http"} 2.0' in out
+    assert 'abc_pep_denials_total{reason="http_not_allowed",route="http"} 1.0' in out
+    # ..%2f..%2f: an escape an upstream decodes to another path, refused before the PDP.
+    assert 'abc_pep_denials_total{reason="bad_request",route="http"} 1.0' in out
     assert "tools that reached the MCP server: search\n" in out
     assert out.rstrip().endswith("demo: done (PDP, PEP and upstreams stopped)")

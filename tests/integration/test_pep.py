@@ -270,16 +270,21 @@ def test_http_allowed_refused_and_headers(pep: PepProcess) -> None:
     base = f"{pep.url}/http/billing.internal"
     ok = httpx.get(f"{base}/v1/invoices/42")
     assert ok.status_code == 200 and ok.json()["invoice"] == "42"
-    for method, path in (
-        ("GET", "/admin/secrets"),
-        ("POST", "/v1/invoices"),
-        ("GET", "/v1/invoices/..%2f..%2fadmin/secrets"),
-        ("GET", "/v1/invoices/%2e%2e/x"),
+    for method, path, status, reason in (
+        ("GET", "/admin/secrets", 403, "http_not_allowed"),
+        ("POST", "/v1/invoices", 403, "http_not_allowed"),
+        ("GET", "/v1/invoices/../admin/secrets", 403, "http_not_allowed"),
+        # Escapes an upstream would decode to another path: refused before the PDP.
+        ("GET", "/v1/invoices/..%2f..%2fadmin/secrets", 400, "bad_request"),
+        ("GET", "/v1/invoices/%2e%2e/x", 400, "bad_request"),
     ):
-        refused = httpx.request(method, f"{base}{path}")
-        assert refused.status_code == 403, (method, path)
+        with httpx.Client() as client:
+            request = client.build_request(method, f"{base}/x")
+            request.url = request.url.copy_with(raw_path=f"/http/billing.internal{path}".encode())
+            refused = client.send(request)
+        assert refused.status_code == status, (method, path)
         assert refused.headers["content-type"].startswith("application/problem+json")
-        assert refused.json()["reason"] == "http_not_allowed"
+        assert refused.json()["reason"] == reason
         assert refused.headers["x-abc-decision-id"] == refused.json()["decision_id"]
 
 

@@ -8,7 +8,7 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from envoy.service.auth.v3 import attribute_context_pb2
 
-from pdp.api.actions import MappingError
+from pdp.api.actions import CAP_GROWTH, MappingError
 from pdp.server.ext_authz import ModelRoutes, map_request
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.http import HttpAdapter
@@ -37,7 +37,7 @@ def test_model_requests_map_alike(route: str, tail: str, body: dict[str, object]
     pep = adapter.call(request, raw).action
     door = map_request(envoy("POST", path, "api", raw), [], ModelRoutes()).action
     assert pep is not None and door == pep
-    assert door.input_bytes == len(raw)
+    assert door.input_bytes == len(raw) + CAP_GROWTH
 
 
 def test_http_requests_map_alike() -> None:

@@ -6,8 +6,10 @@ import pytest
 
 from pdp.api import ReasonCode
 from pdp.api.actions import (
+    CAP_GROWTH,
     MappingError,
     cap_to_write,
+    check_http_path,
     model_request,
     parse_json_object,
     refusal_status,
@@ -23,7 +25,7 @@ def test_model_request_reserves_the_body_size_with_the_cap() -> None:
         "model:openai/gpt-4o-mini",
         100,
     )
-    assert action.input_bytes == len(body) and document["max_tokens"] == 100
+    assert action.input_bytes == len(body) + CAP_GROWTH and document["max_tokens"] == 100
     claude, _ = model_request("anthropic", "messages", b'{"model": "c", "max_tokens": 9}')
     assert claude.target == "model:anthropic/c" and claude.max_tokens == 9
 
@@ -78,3 +80,59 @@ def test_refusal_status() -> None:
     assert refusal_status(ReasonCode.MANIFEST_UNKNOWN) == 400
     assert refusal_status(ReasonCode.BAD_REQUEST) == 400
     assert refusal_status(ReasonCode.PDP_UNAVAILABLE) == 503
+
+
+@pytest.mark.parametrize(
+    ("path", "forwarded"),
+    [
+        ("/v1/invoices/caf%C3%A9", True),
+        ("/v1/invoices/a%3Bb;v=1", True),
+        ("/v1/invoices/a%20b", True),
+        ("/v1/invoices/../admin", True),  # written out: the policy sees it and refuses it
+        ("/v1/invoices/..%3b/admin", False),
+        ("/v1/invoices/%e0%80%ae", False),
+        ("/v1/invoices/%f0%80%80%ae", False),
+        ("/v1/invoices/%c0%ae", False),
+        ("/v1/invoices/%ed%a0%80", False),
+        ("/v1/invoices/%2e", False),
+        ("/v1/invoices/%41", False),
+        ("/v1/invoices/%25", False),
+        ("/v1/invoices/%g0", False),
+        ("/v1/invoices/%0a", False),
+        ("/v1/invoices/%ef%bc%8e%ef%bc%8e", False),
+        ("/v1/invoices/%ef%bc%8f", False),
+        ("/v1/invoices/é", False),
+        ("v1/invoices", False),
+    ],
+    ids=lambda value: str(value),
+)
+def test_check_http_path(path: str, forwarded: bool) -> None:
+    if forwarded:
+        assert check_http_path(path) == path
+    else:
+        with pytest.raises(MappingError):
+            check_http_path(path)
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "refused"),
+    [
+        ([("X_HTTP_Method_Override", "DELETE")], "", True),
+        ([("x_original_url", "/admin")], "", True),
+        ([("X-Forwarded-Prefix", "/admin")], "", True),
+        ([("Transfer_Encoding", "chunked")], "", True),
+        ([("x_abc_step", "answer")], "", True),
+        ([("X-Api-Key", "a"), ("X_Api_Key", "b")], "", True),
+        ([("X_Custom", "1")], "", False),
+        ([("X-Api-Key", "a"), ("x-api-key", "b")], "", False),
+        ([], "_method=PUT", True),
+        ([], "a=1;%5Fmethod=PUT", True),
+        ([], "x-http-method-override=PUT", True),
+        ([], "method=PUT&a=%2F", False),
+    ],
+)
+def test_requests_read_otherwise_by_some_servers(
+    headers: list[tuple[str, str]], query: str, refused: bool
+) -> None:
+    problem = unsafe_request("GET", "/x", headers, model_route=False, raw_query=query)
+    assert (problem is not None) == refused
