@@ -39,8 +39,12 @@ class _Run:
     # (expiry, reservation id), a min-heap: settled ones are skipped when they surface, so
     # a sweep costs what expired, not what is held.
     expiries: list[tuple[datetime, str]] = field(default_factory=list)
+    held: int = 0  # reservations of this run not yet settled, released or expired
     answers: OrderedDict[str, dict[str, Any]] = field(default_factory=OrderedDict)
     in_flight: set[str] = field(default_factory=set)
+
+
+_COMPACT_SLACK = 1024
 
 
 class MemoryRunStore:
@@ -108,6 +112,7 @@ class MemoryRunStore:
         self, run_id: str, run: _Run, reservation_id: str, cost: Usage, expires: datetime
     ) -> None:
         run.reserved.add(cost)
+        run.held += 1
         heapq.heappush(run.expiries, (expires, reservation_id))
         self._reservations[reservation_id] = _Reservation(run_id, cost, expires)
 
@@ -117,6 +122,13 @@ class MemoryRunStore:
             return None
         run = self._runs[held.run_id]
         run.reserved.add(held.cost, -1)
+        run.held -= 1
+        if len(run.expiries) > 2 * run.held + _COMPACT_SLACK:
+            # Settled entries wait in the heap until their expiry surfaces: compacted once
+            # they dominate, so the heap holds about what is held, not every reservation
+            # made within the TTL (amortized: each entry is dropped once).
+            run.expiries = [e for e in run.expiries if e[1] in self._reservations]
+            heapq.heapify(run.expiries)
         return run, held
 
     def release(self, reservation_id: str) -> None:

@@ -7,6 +7,7 @@
    soak`` asks for 1,000,000) from ``ABC_THREADS`` client threads (4; make soak: 16); its
    RSS is read from /proc at each checkpoint, the slope per 1,000 decisions taken after a
    10,000-decision warm-up (which fills the idempotency window and the decision cache).
+   Each reservation is settled, in batches, as the sidecar settles them.
 
 Writes bench-results/engine.json (or soak.json for make soak).
 """
@@ -40,6 +41,7 @@ from tests.reference import DEMO_BUDGETS, WIDE_INTENT, cases
 ENGINE_CASES = 3000
 DECISIONS = int(os.environ.get("ABC_DECISIONS", "100000"))
 WARM_UP = 10_000
+SETTLE_BATCH = 32
 THREADS = int(os.environ.get("ABC_THREADS", "4"))
 
 
@@ -138,6 +140,9 @@ def _pdp_memory(tmp_path: Path) -> dict[str, Any]:
         started = time.perf_counter()
 
         def worker(until: int) -> None:
+            # As a sidecar does: every reservation is settled once the call is done, in
+            # batches (an unreported one would be held until --reservation-ttl).
+            settled: list[pdp_pb2.ReportUsageRequest] = []
             while (i := next(counter)) < until:
                 action = pdp_pb2.Action(
                     kind="tool",
@@ -149,6 +154,12 @@ def _pdp_memory(tmp_path: Path) -> dict[str, Any]:
                     timeout=30,
                 )
                 assert answer.allow, answer.reasons
+                settled.append(pdp_pb2.ReportUsageRequest(reservation_id=answer.reservation_id))
+                if len(settled) == SETTLE_BATCH:
+                    stub.ReportUsageBatch(pdp_pb2.ReportUsageBatchRequest(reports=settled))
+                    settled = []
+            if settled:
+                stub.ReportUsageBatch(pdp_pb2.ReportUsageBatchRequest(reports=settled))
 
         done = 0
         for mark in marks:

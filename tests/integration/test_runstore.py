@@ -245,3 +245,15 @@ def test_answers_are_kept_for_a_bounded_window_of_request_ids(
     # The oldest fell out of the window: a retry of one is decided anew.
     assert store.claim(run_id, "r0") is None
     store.unclaim(run_id, "r0")
+
+
+def test_settled_reservations_do_not_pile_up_in_the_expiry_heap() -> None:
+    store = MemoryRunStore()
+    run_id = opened(store, limits=Usage(tokens=10**9, usd_micros=10**9, tool_calls=10**9,
+                                        requests=10**9))  # fmt: skip
+    for i in range(10_000):
+        assert store.reserve(run_id, f"rsv{i}", Usage(tool_calls=1, requests=1), LATER)
+        assert store.settle(f"rsv{i}", 0, 0) == run_id
+    # Every reservation was settled long before it could expire: the heap must not keep
+    # 10,000 dead entries until then.
+    assert len(store._runs[run_id].expiries) <= 2048
