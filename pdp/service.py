@@ -28,7 +28,14 @@ from pdp.errors import (
     RunClosed,
     StoreUnavailable,
 )
-from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
+from pdp.manifest import (
+    HighWater,
+    TrustStore,
+    VerificationPolicy,
+    VerifiedManifest,
+    admit_rollback_mark,
+    verify_envelope,
+)
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
 from pdp.runs import Run, RunRegistry, cost_of
@@ -166,19 +173,15 @@ class DecisionService:
         self._store: RunStore = store if store is not None else MemoryRunStore()
         self._runs = RunRegistry(self._store)
         self._modules = bundle.rego_modules()
+        self._verification = VerificationPolicy.registration(bundle.digest)
         metrics.watch_budgets(self._runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
-        """Verify (signature, scope, window, pinned policy, rollback mark), compile; or raise."""
+        """Verify (signature, scope, window, pinned policy), admit the rollback mark,
+        compile; or raise."""
         try:
-            verified = verify_envelope(
-                raw_envelope,
-                self._trust,
-                now,
-                self._high_water,
-                expected_policy=self.bundle.digest,
-                pending_ok=True,
-            )
+            verified = verify_envelope(raw_envelope, self._trust, now, self._verification)
+            admit_rollback_mark(verified, self._high_water)
         except AbcError as exc:
             self._metrics.manifests_rejected.labels(exc.reason.value).inc()
             log.warning("manifest refused: %s: %s", exc.reason.value, exc)
@@ -492,13 +495,11 @@ class DecisionService:
     def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
         """Verify a registered envelope again and compile its run; None if it fails now.
 
-        No rollback check: the run was admitted when registered, and a newer version of
-        its lineage shows in its status (revoked) instead.
+        Registration's rules without its rollback mark: the run was admitted when
+        registered, and a newer version of its lineage shows in its status (revoked) instead.
         """
         try:
-            verified = verify_envelope(
-                raw, self._trust, trust_now, expected_policy=self.bundle.digest, pending_ok=True
-            )
+            verified = verify_envelope(raw, self._trust, trust_now, self._verification)
         except AbcError as exc:
             log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
             return None

@@ -23,7 +23,7 @@ from pdp.bundle import load_bundle
 from pdp.decisionlog import LogInvalid
 from pdp.errors import AbcError, ConfigError
 from pdp.history import History, load_history, parse_since
-from pdp.manifest import load_trust_store, verify_envelope
+from pdp.manifest import VerificationPolicy, load_trust_store, verify_envelope
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.keys import load_public_key
@@ -60,7 +60,9 @@ def _candidate_manifest(path: Path, trust: Path | None) -> tuple[Manifest, str, 
     """
     raw = _envelope(path)
     if trust is not None:
-        verified = verify_envelope(raw, load_trust_store(trust), datetime.now(UTC), pending_ok=True)
+        verified = verify_envelope(
+            raw, load_trust_store(trust), datetime.now(UTC), VerificationPolicy.CANDIDATE
+        )
         return verified.manifest, verified.digest, verified.signer
     payload = parse_envelope(raw).unverified_payload
     try:
