@@ -11,6 +11,7 @@
     ├── ShadowNotAllowed     shadow manifest from a key not granted it -> shadow_not_allowed
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
+    ├── LogUnavailable       the decision log cannot make a record durable -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
     ConfigError              the operator's mistake: stops start-up, never a denial
 
@@ -26,6 +27,7 @@ __all__ = [
     "AbcError",
     "BadRequest",
     "ConfigError",
+    "LogUnavailable",
     "ManifestExpired",
     "ManifestRollback",
     "ManifestUnknown",
@@ -75,6 +77,14 @@ class RunClosed(AbcError):
 class StoreUnavailable(AbcError):
     """Not the caller's fault, but an answer all the same: without the run's state the PDP
     cannot decide, so it refuses (fail closed)."""
+
+    reason = ReasonCode.PDP_UNAVAILABLE
+
+
+class LogUnavailable(AbcError):
+    """The decision log could not make a record durable (a full disk, an I/O error, a
+    closed log). No decision is given unlogged, so the PDP refuses (fail closed). Not a
+    ``StoreUnavailable``: what was written to the run store is not the log's to undo."""
 
     reason = ReasonCode.PDP_UNAVAILABLE
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.bundle import load_bundle
+from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid
 from pdp.errors import AbcError, ConfigError
 from pdp.history import History, load_history, parse_since
@@ -61,7 +62,7 @@ def _candidate_manifest(path: Path, trust: Path | None) -> tuple[Manifest, str, 
     raw = _envelope(path)
     if trust is not None:
         verified = verify_envelope(
-            raw, load_trust_store(trust), datetime.now(UTC), VerificationPolicy.CANDIDATE
+            raw, load_trust_store(trust), utc_now(), VerificationPolicy.CANDIDATE
         )
         return verified.manifest, verified.digest, verified.signer
     payload = parse_envelope(raw).unverified_payload

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from pdp.bundle import load_bundle
@@ -21,6 +21,7 @@ from pdp.cli.learn import (
     add_what_if_flags,
     what_if_command,
 )
+from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
@@ -56,7 +57,8 @@ STATE_DB = "abc.db"
 
 
 def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    # Whole seconds: manifests and trust entries spell their times without fractions.
+    return utc_now().replace(microsecond=0)
 
 
 def _timestamp_arg(text: str) -> datetime:

@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -40,6 +40,7 @@ from pdp.api.actions import (
     token_field,
     unsafe_request,
 )
+from pdp.clock import utc_now
 from pdp.errors import BadRequest, ReasonCode
 from pdp.server.servicer import MAX_ID_LENGTH, action_from_proto
 from pdp.service import DecisionOutcome, DecisionService
@@ -125,10 +126,6 @@ def _header(key: str, value: str) -> Any:
     )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class ExtAuthzServicer:
     """``Authorization/Check`` over ``DecisionService.decide`` (the gRPC ``Decide``'s path)."""
 
@@ -136,7 +133,7 @@ class ExtAuthzServicer:
         self,
         service: DecisionService,
         routes: ModelRoutes,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._service = service
         self._routes = routes

@@ -27,13 +27,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from pdp.action import Action
 from pdp.api.actions import MappingError, parse_json_object
+from pdp.clock import utc_now
 from pdp.errors import BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest
 from pdp.server.servicer import MAX_ID_LENGTH, action_from_json
@@ -72,10 +73,6 @@ def _error(
 
 def _bad_input(message: str, status: int = 400) -> web.Response:
     return _error(status, "invalid_parameter", message, ReasonCode.BAD_REQUEST)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class _Door:
@@ -286,7 +283,7 @@ class RestServer:
         *,
         workers: int,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.address = address
         self._ssl = ssl_context

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -16,6 +16,7 @@ from google.protobuf import json_format, struct_pb2
 
 from pdp.action import MAX_ARGS_BYTES, Action, validate_action
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.clock import utc_now
 from pdp.errors import AbcError, BadRequest, ReasonCode, StoreUnavailable
 from pdp.service import DecisionService
 
@@ -26,6 +27,8 @@ _REGISTRATION_STATUS = {
     ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.MANIFEST_ROLLBACK: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.POLICY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    # The decision log could not record the registration: try again, as for any outage.
+    ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
@@ -85,12 +88,8 @@ def action_from_json(value: Any) -> Action:
     return action_from_proto(message)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, service: DecisionService, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, service: DecisionService, clock: Callable[[], datetime] = utc_now) -> None:
         self._service = service
         self._clock = clock
 
