@@ -18,7 +18,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdp.api import ReasonCode, pdp_pb2
-from pdp.api.actions import unsafe_request
+from pdp.api.actions import STEP_HEADER, step_action, step_request_id, unsafe_request
+from pdp.api.cost import worst_case_tokens
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
 from pep.adapters.http import HttpAdapter, upstream_path
@@ -149,13 +150,11 @@ class Handler:
             refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
             return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
 
-        step = request.headers.get("x-abc-step")
+        step = request.headers.get(STEP_HEADER)
         if step:
             # Entering a step is an action of its own, decided (and logged) before the call.
             moved = await sidecar.pdp.decide(
-                run_id,
-                f"{_request_id(request)}:step",
-                pdp_pb2.Action(kind="step", target=f"step:{step}"),
+                run_id, step_request_id(_request_id(request)), step_action(step)
             )
             if not moved.allow:
                 return refuse(moved, call)
@@ -231,8 +230,8 @@ def _settle(
     """Report real usage; unknown usage settles at the reserved worst case, a failed call at 0."""
     tokens = reader.tokens() if reader else None
     if tokens is None:
-        input_bound = call.action.input_bytes if call.action is not None else 0
-        worst = int(verdict.obligations.get("max_tokens", 0)) + input_bound
+        action = call.action or pdp_pb2.Action()
+        worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
         tokens = 0 if not 200 <= status < 300 else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 

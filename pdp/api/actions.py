@@ -18,6 +18,7 @@ from pdp.api.reasons import ReasonCode
 __all__ = [
     "MODEL_PATHS",
     "OVERRIDE_HEADERS",
+    "STEP_HEADER",
     "MappingError",
     "anthropic_action",
     "cap_to_write",
@@ -28,6 +29,8 @@ __all__ = [
     "openai_action",
     "parse_json_object",
     "refusal_status",
+    "step_action",
+    "step_request_id",
     "token_field",
     "unsafe_request",
 ]
@@ -249,3 +252,19 @@ def mcp_list_probe(server: str, tool_name: str) -> pdp_pb2.Action:
 def http_action(host: str, method: str, path: str) -> pdp_pb2.Action:
     """``path`` is the request path as sent, query string excluded."""
     return pdp_pb2.Action(kind="http", target=f"http:{host}", method=method.upper(), path=path)
+
+
+# The header an agent (or an Envoy in front of it) names the step it enters with. Entering
+# is an action of its own, decided and logged before the call that carries the header.
+STEP_HEADER = "x-abc-step"
+
+
+def step_action(step: str) -> pdp_pb2.Action:
+    """The action of entering ``step`` (``@completed`` / ``@failed`` end the run)."""
+    return pdp_pb2.Action(kind="step", target=f"step:{step}")
+
+
+def step_request_id(request_id: str) -> str:
+    """The step change's own request id, derived from the call's, so the two read as one
+    request in the log and never take each other's idempotent answer."""
+    return f"{request_id}:step"

@@ -32,12 +32,12 @@ from typing import Any
 
 from aiohttp import web
 
-from pdp.action import Action
+from pdp.action import Action, action_from_json
 from pdp.api.actions import MappingError, parse_json_object
 from pdp.clock import utc_now
 from pdp.errors import BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest
-from pdp.server.servicer import MAX_ID_LENGTH, action_from_json
+from pdp.server.servicer import MAX_ID_LENGTH
 from pdp.service import DecisionOutcome, DecisionService
 
 __all__ = ["MAX_BODY_BYTES", "RestServer", "build_app"]

@@ -6,11 +6,14 @@ import pytest
 
 from pdp.api import ReasonCode
 from pdp.api.actions import (
+    STEP_HEADER,
     MappingError,
     cap_to_write,
     model_request,
     parse_json_object,
     refusal_status,
+    step_action,
+    step_request_id,
     unsafe_request,
 )
 
@@ -78,3 +81,10 @@ def test_refusal_status() -> None:
     assert refusal_status(ReasonCode.MANIFEST_UNKNOWN) == 400
     assert refusal_status(ReasonCode.BAD_REQUEST) == 400
     assert refusal_status(ReasonCode.PDP_UNAVAILABLE) == 503
+
+
+def test_the_step_header_is_an_action_of_its_own() -> None:
+    assert STEP_HEADER == "x-abc-step"
+    action = step_action("answer")
+    assert (action.kind, action.target) == ("step", "step:answer")
+    assert step_request_id("req-1") == "req-1:step" != step_request_id("req-2")
