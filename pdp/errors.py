@@ -21,6 +21,7 @@ Outward, the reason code is the whole answer; the message is detail for the log.
 
 from __future__ import annotations
 
+from pdp.api.config import ConfigError
 from pdp.api.reasons import ReasonCode
 
 __all__ = [
@@ -91,10 +92,3 @@ class LogUnavailable(AbcError):
 
 class PolicyMismatch(AbcError):
     reason = ReasonCode.POLICY_MISMATCH
-
-
-class ConfigError(Exception):
-    """A misconfiguration (bad trust store, missing key file, invalid flag).
-
-    Not an ``AbcError``: it stops start-up loudly instead of becoming a denial.
-    """

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdp.api import ReasonCode, pdp_pb2
 from pdp.api.actions import STEP_HEADER, step_action, step_request_id, unsafe_request
+from pdp.api.bodies import read_body
 from pdp.api.cost import worst_case_tokens
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
@@ -53,18 +54,6 @@ def _request_id(request: web.Request) -> str:
     allow again, so an agent naming its own could repeat one paid call as often as it liked.
     (A retry by the agent is then a new, charged decision: fail closed on budget.)"""
     return "pep_" + uuid.uuid4().hex
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None if it is over ``limit`` (read no further than that)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def _unsafe_request(request: web.Request, route: str) -> str | None:
@@ -137,7 +126,7 @@ class Handler:
             )
         body = b""
         if adapter.reads_body:
-            read = await _read_body(request, sidecar.config.max_body_bytes)
+            read = await read_body(request, sidecar.config.max_body_bytes)
             if read is None:
                 return refuse(
                     Verdict.refuse(ReasonCode.BAD_REQUEST, "request body over the size limit"),

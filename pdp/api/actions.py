@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pdp.api.abc.pdp.v1 import pdp_pb2
-from pdp.api.reasons import ReasonCode
 
 __all__ = [
     "MODEL_PATHS",
@@ -28,7 +27,6 @@ __all__ = [
     "model_request",
     "openai_action",
     "parse_json_object",
-    "refusal_status",
     "step_action",
     "step_request_id",
     "token_field",
@@ -106,16 +104,6 @@ def unsafe_request(
         if "%" in raw_path:
             return "percent-encoded model endpoint paths are refused"
     return None
-
-
-def refusal_status(reason: ReasonCode | None) -> int:
-    """HTTP status of a refusal: 403 for policy, 400 for a request that cannot be judged,
-    503 when no decision could be had."""
-    if reason is ReasonCode.PDP_UNAVAILABLE:
-        return 503
-    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
-        return 400
-    return 403
 
 
 # Tools the agent runs itself (their calls come back to it, and through the sidecar);

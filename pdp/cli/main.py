@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pdp.api.config import read_envelope_file
 from pdp.bundle import load_bundle
 from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
 from pdp.cli.learn import (
@@ -148,11 +149,6 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _envelope_bytes(path: Path) -> bytes:
-    # A trailing newline is how files end, not part of the envelope.
-    return _read(path, "envelope").rstrip(b"\n")
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     trust = load_trust_store(args.trust)
     high_water = SqliteHighWater(args.state / STATE_DB) if args.state else None
@@ -160,7 +156,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         # No bundle at hand: the pin is not checked; with --state, the mark is admitted too.
         verified = verify_envelope(
-            _envelope_bytes(args.envelope), trust, now, VerificationPolicy.OFFLINE
+            read_envelope_file(args.envelope), trust, now, VerificationPolicy.OFFLINE
         )
         if high_water is not None:
             admit_rollback_mark(verified, high_water)
@@ -199,7 +195,7 @@ def _summary(manifest: Manifest, manifest_digest: str) -> dict[str, object]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    envelope = parse_envelope(_envelope_bytes(args.envelope))
+    envelope = parse_envelope(read_envelope_file(args.envelope))
     try:
         manifest = Manifest.model_validate_json(envelope.unverified_payload)
     except ValueError as exc:

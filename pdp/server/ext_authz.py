@@ -37,12 +37,12 @@ from pdp.api.actions import (
     cap_to_write,
     http_action,
     model_request,
-    refusal_status,
     step_action,
     step_request_id,
     token_field,
     unsafe_request,
 )
+from pdp.api.reasons import refusal_status
 from pdp.clock import utc_now
 from pdp.errors import BadRequest, ReasonCode
 from pdp.server.servicer import MAX_ID_LENGTH

@@ -34,6 +34,8 @@ from aiohttp import web
 
 from pdp.action import Action, action_from_json
 from pdp.api.actions import MappingError, parse_json_object
+from pdp.api.bodies import read_body
+from pdp.api.reasons import refusal_status
 from pdp.clock import utc_now
 from pdp.errors import BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest
@@ -175,7 +177,7 @@ class _Door:
         encodings = request.headers.getall("Content-Encoding", [])
         if any(value.strip().lower() != "identity" for value in encodings):
             return _bad_input("compressed request bodies are refused")
-        body = await _read_body(request)
+        body = await read_body(request, MAX_BODY_BYTES)
         if body is None:
             return _bad_input(f"request body over {MAX_BODY_BYTES} bytes", 413)
         try:
@@ -212,7 +214,7 @@ class _Door:
 
 def _answer(outcome: DecisionOutcome, *, allow_only: bool) -> web.Response:
     decision = outcome.decision
-    if outcome.reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
+    if refusal_status(outcome.reason) == 400:
         # The caller's mistake, not a policy's answer: an error, as the PEP answers it.
         return _error(
             400,
@@ -238,18 +240,6 @@ def _answer(outcome: DecisionOutcome, *, allow_only: bool) -> web.Response:
             "decision_id": outcome.decision_id,
         }
     )
-
-
-async def _read_body(request: web.Request) -> bytes | None:
-    """The whole body, or None past ``MAX_BODY_BYTES`` (read no further than that)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    return bytes(body)
 
 
 async def _not_found(request: web.Request) -> web.Response:

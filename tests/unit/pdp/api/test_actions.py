@@ -11,11 +11,11 @@ from pdp.api.actions import (
     cap_to_write,
     model_request,
     parse_json_object,
-    refusal_status,
     step_action,
     step_request_id,
     unsafe_request,
 )
+from pdp.api.reasons import refusal_status
 
 
 def test_model_request_reserves_the_body_size_with_the_cap() -> None:
