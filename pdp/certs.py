@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from pdp.clock import utc_now
 from pdp.errors import ConfigError
 
 __all__ = ["CERT_FILES", "DEFAULT_DAYS", "DEFAULT_PDP_HOSTS", "PEP_NAME", "write_dev_certs"]
@@ -159,7 +160,7 @@ def write_dev_certs(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create {out}: {exc.strerror}") from exc
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = utc_now().replace(microsecond=0)
     ca_key, pdp_key, pep_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
     ca = _ca(ca_key, now, days)
     pdp = _leaf(ca, ca_key, pdp_key, "abc-pdp", names, ExtendedKeyUsageOID.SERVER_AUTH, now, days)

@@ -11,6 +11,7 @@
     ├── ShadowNotAllowed     shadow manifest from a key not granted it -> shadow_not_allowed
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
+    ├── LogUnavailable       the decision log cannot make a record durable -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
     ConfigError              the operator's mistake: stops start-up, never a denial
 
@@ -20,12 +21,14 @@ Outward, the reason code is the whole answer; the message is detail for the log.
 
 from __future__ import annotations
 
+from pdp.api.config import ConfigError
 from pdp.api.reasons import ReasonCode
 
 __all__ = [
     "AbcError",
     "BadRequest",
     "ConfigError",
+    "LogUnavailable",
     "ManifestExpired",
     "ManifestRollback",
     "ManifestUnknown",
@@ -79,12 +82,13 @@ class StoreUnavailable(AbcError):
     reason = ReasonCode.PDP_UNAVAILABLE
 
 
+class LogUnavailable(AbcError):
+    """The decision log could not make a record durable (a full disk, an I/O error, a
+    closed log). No decision is given unlogged, so the PDP refuses (fail closed). Not a
+    ``StoreUnavailable``: what was written to the run store is not the log's to undo."""
+
+    reason = ReasonCode.PDP_UNAVAILABLE
+
+
 class PolicyMismatch(AbcError):
     reason = ReasonCode.POLICY_MISMATCH
-
-
-class ConfigError(Exception):
-    """A misconfiguration (bad trust store, missing key file, invalid flag).
-
-    Not an ``AbcError``: it stops start-up loudly instead of becoming a denial.
-    """

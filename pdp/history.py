@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
+from pdp.clock import parse_log_time
 from pdp.decisionlog import LogReport, read_verified_log
 from pdp.errors import AbcError, ConfigError
 from pdp.manifest.canonical import digest
@@ -73,7 +74,7 @@ class History:
 
 
 def record_time(record: dict[str, Any]) -> datetime:
-    return datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return parse_log_time(record["time"])
 
 
 def parse_since(text: str) -> datetime:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pdp.clock import parse_log_time
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.errors import ConfigError
 from pdp.service import DecisionService
@@ -38,10 +38,7 @@ def restore_from_log(service: DecisionService, path: Path, key: Ed25519PublicKey
             record = json.loads(line)
             if record["kind"] == "checkpoint":
                 continue
-            accepted_at = datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-                tzinfo=UTC
-            )
-            service.restore(record, accepted_at)
+            service.restore(record, parse_log_time(record["time"]))
             count += 1
     log.info("restored state from %d decision-log records", count)
     return count

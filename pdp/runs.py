@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pdp.action import Action
+from pdp.api.cost import worst_case_tokens
 from pdp.engine import Decision, PreparedPolicy
 from pdp.errors import StoreUnavailable
 from pdp.manifest import VerifiedManifest, mark_lineage
@@ -62,10 +63,9 @@ class Run:
 def cost_of(action: Action, decision: Decision) -> Usage:
     """The worst case an allowed action may spend, reserved before it is forwarded."""
     if action.kind == "model":
-        # The completion cap plus an upper bound on the prompt: settled with real usage.
-        # (A refused call forwarded by a shadow run has no cap: the one it asked for.)
-        completion = int(decision.obligations.get("max_tokens", action.max_tokens or 0))
-        return Usage(tokens=completion + action.input_bytes, requests=1)
+        # Settled with real usage; the PEP settles unread usage with the same formula.
+        tokens = worst_case_tokens(decision.obligations, action.max_tokens, action.input_bytes)
+        return Usage(tokens=tokens, requests=1)
     if action.kind == "tool":
         return Usage(tool_calls=1, requests=1)
     if action.kind == "http":

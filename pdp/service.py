@@ -12,23 +12,31 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
+from pdp.clock import log_time, parse_log_time
 from pdp.decisionlog import DecisionLog
 from pdp.engine import Decision, EngineError, PreparedPolicy, Reason, policy_data
 from pdp.errors import (
     AbcError,
     BadRequest,
+    LogUnavailable,
     ManifestExpired,
     ManifestUnknown,
     ReasonCode,
     RunClosed,
-    StoreUnavailable,
 )
-from pdp.manifest import HighWater, TrustStore, VerifiedManifest, verify_envelope
+from pdp.manifest import (
+    HighWater,
+    TrustStore,
+    VerificationPolicy,
+    VerifiedManifest,
+    admit_rollback_mark,
+    verify_envelope,
+)
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
 from pdp.runs import Run, RunRegistry, cost_of
@@ -71,10 +79,6 @@ class _Commit:
     cost: Usage | None = None
     step: tuple[str, str] | None = None
     over_budget: bool = False  # a shadow run spent past a budget
-
-
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _stored(
@@ -166,19 +170,15 @@ class DecisionService:
         self._store: RunStore = store if store is not None else MemoryRunStore()
         self._runs = RunRegistry(self._store)
         self._modules = bundle.rego_modules()
+        self._verification = VerificationPolicy.registration(bundle.digest)
         metrics.watch_budgets(self._runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
-        """Verify (signature, scope, window, pinned policy, rollback mark), compile; or raise."""
+        """Verify (signature, scope, window, pinned policy), admit the rollback mark,
+        compile; or raise."""
         try:
-            verified = verify_envelope(
-                raw_envelope,
-                self._trust,
-                now,
-                self._high_water,
-                expected_policy=self.bundle.digest,
-                pending_ok=True,
-            )
+            verified = verify_envelope(raw_envelope, self._trust, now, self._verification)
+            admit_rollback_mark(verified, self._high_water)
         except AbcError as exc:
             self._metrics.manifests_rejected.labels(exc.reason.value).inc()
             log.warning("manifest refused: %s: %s", exc.reason.value, exc)
@@ -296,7 +296,7 @@ class DecisionService:
             record["policy_result"] = policy_result  # what `abcctl replay` re-decides
         if commit.cost is not None:
             record["cost"] = commit.cost.as_dict()
-            record["expires"] = _timestamp(now + self._reservation_ttl)
+            record["expires"] = log_time(now + self._reservation_ttl)
         if commit.step is not None:
             record["step"] = {"from": commit.step[0], "to": commit.step[1]}
         if shadow:
@@ -338,7 +338,7 @@ class DecisionService:
         try:
             self._log.append("decision", record)
             return commit
-        except AbcError as exc:
+        except BadRequest as exc:
             # The detail, not the record: the record is what could not be written safely.
             log.warning("decision %s cannot be logged, refused: %s", record["decision_id"], exc)
             self._release(commit)
@@ -348,9 +348,9 @@ class DecisionService:
             try:
                 self._log.append("decision", _unloggable(record, refusal.decision))
                 return refusal
-            except (AbcError, OSError, RuntimeError) as again:
+            except (BadRequest, LogUnavailable) as again:
                 log.error("decision log refused a refusal, answering unavailable: %s", again)
-        except (OSError, RuntimeError) as exc:
+        except LogUnavailable as exc:
             log.error("decision log unwritable, refusing: %s", exc)
             self._release(commit)
         return _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable"))
@@ -375,9 +375,9 @@ class DecisionService:
                         "expired": True,
                     },
                 )
-            except (OSError, RuntimeError) as exc:
-                log.error("decision log unwritable, refusing: %s", exc)
-                raise StoreUnavailable("decision log unavailable") from exc
+            except LogUnavailable:
+                log.error("decision log unwritable, refusing the run's decisions")
+                raise
 
     def _evaluate(self, run: Run, policy_input: dict[str, object]) -> Decision:
         try:
@@ -455,18 +455,19 @@ class DecisionService:
             return
         store = self._store
         run_id = record.get("run_id")  # a refused registration names no run
-        if not isinstance(store, MemoryRunStore) or not run_id or self._runs.find(run_id) is None:
+        if store.shared or not run_id or self._runs.find(run_id) is None:
             return
         if kind == "settlement":
             store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
         elif kind == "decision":
             if record.get("cost"):
-                expires = datetime.strptime(record["expires"], "%Y-%m-%dT%H:%M:%S.%fZ")
-                store.hold(
+                # Held as made (forced: it was within budget, or a shadow run's, then).
+                store.reserve(
                     run_id,
                     record["reservation_id"],
                     Usage(**record["cost"]),
-                    expires.replace(tzinfo=UTC),
+                    parse_log_time(record["expires"]),
+                    force=True,
                 )
             if record.get("step"):
                 self._move(run_id, record["step"]["from"], record["step"]["to"])
@@ -492,13 +493,11 @@ class DecisionService:
     def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
         """Verify a registered envelope again and compile its run; None if it fails now.
 
-        No rollback check: the run was admitted when registered, and a newer version of
-        its lineage shows in its status (revoked) instead.
+        Registration's rules without its rollback mark: the run was admitted when
+        registered, and a newer version of its lineage shows in its status (revoked) instead.
         """
         try:
-            verified = verify_envelope(
-                raw, self._trust, trust_now, expected_policy=self.bundle.digest, pending_ok=True
-            )
+            verified = verify_envelope(raw, self._trust, trust_now, self._verification)
         except AbcError as exc:
             log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
             return None

@@ -12,13 +12,10 @@ from typing import Any
 import yaml
 from yarl import URL
 
+from pdp.api.config import ConfigError
 from pdp.api.tls import is_loopback
 
 __all__ = ["ConfigError", "PepConfig", "build_parser", "parse_config", "transport_warnings"]
-
-
-class ConfigError(Exception):
-    """A misconfiguration: ``abc-pep`` stops with one line naming it."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from pdp.api.config import read_envelope_file
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.metrics import PepMetrics
@@ -43,10 +44,7 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
 async def _register(pdp: PdpClient, config: PepConfig) -> str:
     """Register the manifest, waiting (bounded) for a PDP that is still starting."""
     assert config.manifest is not None
-    try:
-        envelope = config.manifest.read_bytes().rstrip(b"\n")
-    except OSError as exc:
-        raise ConfigError(f"cannot read manifest {config.manifest}: {exc.strerror}") from exc
+    envelope = read_envelope_file(config.manifest)
     for attempt in range(REGISTER_ATTEMPTS):
         try:
             return await pdp.register(envelope)

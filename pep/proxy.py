@@ -19,7 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from pdp.api import ReasonCode, pdp_pb2
-from pdp.api.actions import unsafe_request
+from pdp.api.actions import STEP_HEADER, step_action, step_request_id, unsafe_request
+from pdp.api.bodies import read_body
+from pdp.api.cost import worst_case_tokens
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
 from pep.adapters.http import HttpAdapter, upstream_path
@@ -53,18 +55,6 @@ def _request_id(request: web.Request) -> str:
     allow again, so an agent naming its own could repeat one paid call as often as it liked.
     (A retry by the agent is then a new, charged decision: fail closed on budget.)"""
     return "pep_" + uuid.uuid4().hex
-
-
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None if it is over ``limit`` (read no further than that)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def _unsafe_request(request: web.Request, route: str) -> str | None:
@@ -139,7 +129,7 @@ class Handler:
             )
         body = b""
         if adapter.reads_body:
-            read = await _read_body(request, sidecar.config.max_body_bytes)
+            read = await read_body(request, sidecar.config.max_body_bytes)
             if read is None:
                 return refuse(
                     Verdict.refuse(ReasonCode.BAD_REQUEST, "request body over the size limit"),
@@ -152,13 +142,11 @@ class Handler:
             refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
             return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
 
-        step = request.headers.get("x-abc-step")
+        step = request.headers.get(STEP_HEADER)
         if step:
             # Entering a step is an action of its own, decided (and logged) before the call.
             moved = await sidecar.pdp.decide(
-                run_id,
-                f"{_request_id(request)}:step",
-                pdp_pb2.Action(kind="step", target=f"step:{step}"),
+                run_id, step_request_id(_request_id(request)), step_action(step)
             )
             if not moved.allow:
                 return refuse(moved, call)
@@ -248,8 +236,8 @@ def _settle(
     """Report real usage; unknown usage settles at the reserved worst case, a failed call at 0."""
     tokens = reader.tokens() if reader else None
     if tokens is None:
-        input_bound = call.action.input_bytes if call.action is not None else 0
-        worst = int(verdict.obligations.get("max_tokens", 0)) + input_bound
+        action = call.action or pdp_pb2.Action()
+        worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
         tokens = 0 if not 200 <= status < 300 else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 

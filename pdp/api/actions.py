@@ -16,13 +16,13 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from pdp.api.abc.pdp.v1 import pdp_pb2
-from pdp.api.reasons import ReasonCode
 
 __all__ = [
     "CAP_GROWTH",
     "MAX_TOKENS",
     "MODEL_PATHS",
     "OVERRIDE_HEADERS",
+    "STEP_HEADER",
     "TARGETS",
     "MappingError",
     "anthropic_action",
@@ -35,7 +35,8 @@ __all__ = [
     "model_request",
     "openai_action",
     "parse_json_object",
-    "refusal_status",
+    "step_action",
+    "step_request_id",
     "token_field",
     "token_fields",
     "unsafe_request",
@@ -256,16 +257,6 @@ def check_http_path(path: str) -> str:
     return path
 
 
-def refusal_status(reason: ReasonCode | None) -> int:
-    """HTTP status of a refusal: 403 for policy, 400 for a request that cannot be judged,
-    503 when no decision could be had."""
-    if reason is ReasonCode.PDP_UNAVAILABLE:
-        return 503
-    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
-        return 400
-    return 403
-
-
 # Tools the agent runs itself (their calls come back to it, and through the sidecar);
 # anything else runs at the provider (web search, remote MCP servers, code) unjudged.
 _CLIENT_TOOL_TYPES = frozenset({"function", "custom"})
@@ -457,3 +448,19 @@ def http_action(host: str, method: str, path: str) -> pdp_pb2.Action:
         method=method.upper(),
         path=check_http_path(path),
     )
+
+
+# The header an agent (or an Envoy in front of it) names the step it enters with. Entering
+# is an action of its own, decided and logged before the call that carries the header.
+STEP_HEADER = "x-abc-step"
+
+
+def step_action(step: str) -> pdp_pb2.Action:
+    """The action of entering ``step`` (``@completed`` / ``@failed`` end the run)."""
+    return pdp_pb2.Action(kind="step", target=f"step:{step}")
+
+
+def step_request_id(request_id: str) -> str:
+    """The step change's own request id, derived from the call's, so the two read as one
+    request in the log and never take each other's idempotent answer."""
+    return f"{request_id}:step"

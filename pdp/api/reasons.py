@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ReasonCode"]
+__all__ = ["ReasonCode", "refusal_status"]
 
 
 class ReasonCode(StrEnum):
@@ -35,3 +35,13 @@ class ReasonCode(StrEnum):
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"
+
+
+def refusal_status(reason: ReasonCode | None) -> int:
+    """HTTP status of a refusal: 403 for policy, 400 for a request that cannot be judged,
+    503 when no decision could be had."""
+    if reason is ReasonCode.PDP_UNAVAILABLE:
+        return 503
+    if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
+        return 400
+    return 403

@@ -13,17 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pdp.api.config import read_envelope_file
 from pdp.bundle import load_bundle
+from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid
 from pdp.errors import AbcError, ConfigError
 from pdp.history import History, load_history, parse_since
-from pdp.manifest import load_trust_store, verify_envelope
+from pdp.manifest import VerificationPolicy, load_trust_store, verify_envelope
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.keys import load_public_key
@@ -32,13 +34,6 @@ from pdp.suggest import suggest
 from pdp.whatif import Candidate, format_report, what_if
 
 __all__ = ["add_log_flags", "add_suggest_parser", "add_what_if_flags", "what_if_command"]
-
-
-def _envelope(path: Path) -> bytes:
-    try:
-        return path.read_bytes().rstrip(b"\n")  # a file's last newline is not the envelope's
-    except OSError as exc:
-        raise ConfigError(f"cannot read envelope {path}: {exc.strerror}") from exc
 
 
 def _history(args: argparse.Namespace, key: Ed25519PublicKey) -> History | None:
@@ -58,9 +53,11 @@ def _candidate_manifest(path: Path, trust: Path | None) -> tuple[Manifest, str, 
     and stderr says it was not verified: a what-if applies nothing, and the candidate is
     often one the operator has just frozen.
     """
-    raw = _envelope(path)
+    raw = read_envelope_file(path)
     if trust is not None:
-        verified = verify_envelope(raw, load_trust_store(trust), datetime.now(UTC), pending_ok=True)
+        verified = verify_envelope(
+            raw, load_trust_store(trust), utc_now(), VerificationPolicy.CANDIDATE
+        )
         return verified.manifest, verified.digest, verified.signer
     payload = parse_envelope(raw).unverified_payload
     try:
@@ -101,7 +98,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
     # Only the payload's digest is read from the envelope: it must name a run of the
     # verified log, whose registration record (verified by the PDP when it accepted it,
     # chained and signed since) is where the manifest is read from.
-    envelope = parse_envelope(_envelope(args.manifest))
+    envelope = parse_envelope(read_envelope_file(args.manifest))
     history = _history(args, key)
     if history is None:
         return 1

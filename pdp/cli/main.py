@@ -10,9 +10,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+from pdp.api.config import read_envelope_file
 from pdp.bundle import load_bundle
 from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
 from pdp.cli.learn import (
@@ -21,6 +22,7 @@ from pdp.cli.learn import (
     add_what_if_flags,
     what_if_command,
 )
+from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
@@ -29,6 +31,8 @@ from pdp.manifest import (
     SqliteHighWater,
     TrustEntry,
     TrustStore,
+    VerificationPolicy,
+    admit_rollback_mark,
     freeze,
     load_intent,
     load_trust_store,
@@ -54,7 +58,8 @@ STATE_DB = "abc.db"
 
 
 def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    # Whole seconds: manifests and trust entries spell their times without fractions.
+    return utc_now().replace(microsecond=0)
 
 
 def _timestamp_arg(text: str) -> datetime:
@@ -144,17 +149,17 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _envelope_bytes(path: Path) -> bytes:
-    # A trailing newline is how files end, not part of the envelope.
-    return _read(path, "envelope").rstrip(b"\n")
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     trust = load_trust_store(args.trust)
     high_water = SqliteHighWater(args.state / STATE_DB) if args.state else None
     now = args.at or _now()
     try:
-        verified = verify_envelope(_envelope_bytes(args.envelope), trust, now, high_water)
+        # No bundle at hand: the pin is not checked; with --state, the mark is admitted too.
+        verified = verify_envelope(
+            read_envelope_file(args.envelope), trust, now, VerificationPolicy.OFFLINE
+        )
+        if high_water is not None:
+            admit_rollback_mark(verified, high_water)
     except AbcError as exc:
         print(f"{exc.reason}: {exc} ({args.envelope})", file=sys.stderr)
         return 1
@@ -190,7 +195,7 @@ def _summary(manifest: Manifest, manifest_digest: str) -> dict[str, object]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    envelope = parse_envelope(_envelope_bytes(args.envelope))
+    envelope = parse_envelope(read_envelope_file(args.envelope))
     try:
         manifest = Manifest.model_validate_json(envelope.unverified_payload)
     except ValueError as exc:

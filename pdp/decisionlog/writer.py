@@ -30,14 +30,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pdp.clock import log_time, utc_now
 from pdp.decisionlog.record import GENESIS, RECORD_VERSION, sign_checkpoint
-from pdp.errors import ConfigError
+from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
 __all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
@@ -107,7 +108,7 @@ class DecisionLog:
         checkpoint_seconds: float = 60.0,
         retry_seconds: float = 1.0,
         masks: Sequence[MaskRule] = (),
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         head = read_head(path)
@@ -159,8 +160,8 @@ class DecisionLog:
         """Append one record and return its seq once it is on disk (fsynced).
 
         ``BadRequest`` if the record has no canonical spelling (nothing is written and the
-        chain is unchanged); ``OSError`` if it could not be made durable (nothing of it
-        stays in the file); ``RuntimeError`` once the log is closed.
+        chain is unchanged); ``LogUnavailable`` if it could not be made durable (nothing of
+        it stays in the file; the ``OSError`` is its cause) or once the log is closed.
         """
         record = dict(fields)
         masked: list[str] = []
@@ -170,12 +171,18 @@ class DecisionLog:
             masked = _mask(record["input"], self._masks)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the decision log is closed")
+                raise LogUnavailable("the decision log is closed")
             seq = self._enqueue(kind, record, masked)
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
-            self._commit_through(seq + 1)
+            self._commit_or_unavailable(seq + 1)
         return seq
+
+    def _commit_or_unavailable(self, target: int) -> None:
+        try:
+            self._commit_through(target)
+        except OSError as exc:
+            raise LogUnavailable(f"the decision log cannot write: {exc}") from exc
 
     def _commit_through(self, target: int) -> None:
         """Return once every seq below ``target`` is on disk, or raise the ``OSError`` that
@@ -281,7 +288,7 @@ class DecisionLog:
             "v": RECORD_VERSION,
             "seq": seq,
             "kind": kind,
-            "time": self._clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "time": log_time(self._clock()),
             "prev": self._prev,
             **({"masked": masked} if masked else {}),
         }
@@ -304,7 +311,7 @@ class DecisionLog:
                 "v": RECORD_VERSION,
                 "seq": self._seq,
                 "kind": "checkpoint",
-                "time": self._clock().strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "time": log_time(self._clock()),
                 "prev": self._prev,
                 "head": self._prev,
             },

@@ -5,7 +5,13 @@ from pdp.manifest.highwater import HighWater, SqliteHighWater
 from pdp.manifest.intent import Intent, IntentError, load_intent, parse_intent
 from pdp.manifest.model import Manifest
 from pdp.manifest.trust import TrustEntry, TrustStore, load_trust_store, save_trust_store
-from pdp.manifest.verify import VerifiedManifest, mark_lineage, verify_envelope
+from pdp.manifest.verify import (
+    VerificationPolicy,
+    VerifiedManifest,
+    admit_rollback_mark,
+    mark_lineage,
+    verify_envelope,
+)
 
 __all__ = [
     "HighWater",
@@ -15,7 +21,9 @@ __all__ = [
     "SqliteHighWater",
     "TrustEntry",
     "TrustStore",
+    "VerificationPolicy",
     "VerifiedManifest",
+    "admit_rollback_mark",
     "freeze",
     "load_intent",
     "load_trust_store",

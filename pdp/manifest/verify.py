@@ -1,13 +1,19 @@
 """Envelope verification, as ordered steps (DESIGN.md, "Envelope").
 
 Nothing from the payload is read before its signature verifies, and the manifest
-returned is parsed from exactly the bytes that were signed.
+returned is parsed from exactly the bytes that were signed. Verifying writes nothing:
+the rollback mark (step 9) is the caller's next, separately named step,
+``admit_rollback_mark``, taken only where a manifest is admitted (registration).
+
+Which optional rules run is named by a ``VerificationPolicy``, never by optional
+arguments that silently drop a step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from pydantic import ValidationError
 
@@ -25,7 +31,13 @@ from pdp.manifest.keys import verify_signature
 from pdp.manifest.model import Manifest
 from pdp.manifest.trust import TrustEntry, TrustStore
 
-__all__ = ["VerifiedManifest", "mark_lineage", "verify_envelope"]
+__all__ = [
+    "VerificationPolicy",
+    "VerifiedManifest",
+    "admit_rollback_mark",
+    "mark_lineage",
+    "verify_envelope",
+]
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,44 @@ class VerifiedManifest:
     digest: str  # sha256 of payload: the manifest digest
     manifest: Manifest
     signer: str  # key id of the trust-store entry whose signature verified
+
+
+@dataclass(frozen=True)
+class VerificationPolicy:
+    """Which rules ``verify_envelope`` checks beyond the common ones (steps 1-7).
+
+    Every policy runs steps 1 to 7; they differ in whether a manifest before its window
+    passes (step 7, as pending) and whether it must pin a given policy bundle (step 8).
+    None of them writes the rollback mark (step 9): registration admits it afterwards with
+    ``admit_rollback_mark``.
+
+    - ``registration(bundle)``: what the PDP admits, and re-verifies on reload or when
+      another replica registered the run: pending passes, the bundle must be pinned.
+    - ``OFFLINE``: ``abcctl verify``, which has no policy bundle at hand: the window is
+      strict (a manifest not yet valid is refused) and no bundle is pinned.
+    - ``CANDIDATE``: a what-if candidate, often frozen moments ago: pending passes and no
+      bundle is pinned, since nothing is applied.
+    """
+
+    name: str
+    pending_ok: bool  # (7) a manifest before its window passes: it waits as pending
+    expected_policy: str | None = None  # (8) the bundle digest it must pin; None: not checked
+
+    OFFLINE: ClassVar[VerificationPolicy]
+    CANDIDATE: ClassVar[VerificationPolicy]
+
+    @classmethod
+    def registration(cls, bundle_digest: str) -> VerificationPolicy:
+        return cls("registration", pending_ok=True, expected_policy=bundle_digest)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The numbered steps of ``verify_envelope`` this policy runs."""
+        return (1, 2, 3, 4, 5, 6, 7) + ((8,) if self.expected_policy is not None else ())
+
+
+VerificationPolicy.OFFLINE = VerificationPolicy("offline", pending_ok=False)
+VerificationPolicy.CANDIDATE = VerificationPolicy("candidate", pending_ok=True)
 
 
 def mark_lineage(manifest: Manifest) -> str:
@@ -50,10 +100,7 @@ def verify_envelope(
     raw_envelope: bytes,
     trust: TrustStore,
     now: datetime,
-    high_water: HighWater | None = None,
-    *,
-    expected_policy: str | None = None,
-    pending_ok: bool = False,
+    policy: VerificationPolicy,
 ) -> VerifiedManifest:
     """Verify a DSSE envelope and return the manifest parsed from the signed bytes.
 
@@ -72,15 +119,15 @@ def verify_envelope(
     5. The parsed document is a valid RunManifest.                      -> BadRequest
     6. The verifying key's scope covers the manifest's tenant, and its modes cover
        the manifest's enforcement mode.            -> SignatureInvalid, ShadowNotAllowed
-    7. ``now`` is inside the manifest's validity window (or before it, when
-       ``pending_ok``: a run registered ahead of its start waits as pending). -> ManifestExpired
-    8. The manifest pins ``expected_policy``, the bundle that will judge it; skipped
-       when ``expected_policy`` is None.                                -> PolicyMismatch
-    9. The version is above the lineage's high-water mark (or is the same manifest
-       again), and the mark is raised; skipped when ``high_water`` is None. Last, so
-       a manifest refused for any other reason never moves the mark.   -> ManifestRollback
+    7. ``now`` is inside the manifest's validity window (or before it, when the
+       policy's ``pending_ok``: a run registered ahead of its start waits as pending).
+                                                                        -> ManifestExpired
+    8. The manifest pins the policy's ``expected_policy``, the bundle that will judge
+       it; only for a policy that names one (``VerificationPolicy.registration``).
+                                                                        -> PolicyMismatch
+    9. Left to the caller, after every other step passed: ``admit_rollback_mark``.
 
-    ``now`` is the one decision time: no step reads the clock.
+    ``now`` is the one decision time: no step reads the clock. Nothing is written.
     """
     # (1)
     envelope = parse_envelope(raw_envelope)
@@ -133,20 +180,28 @@ def verify_envelope(
         )
 
     # (7)
-    if now >= manifest.expires_at or (now < manifest.not_before and not pending_ok):
+    if now >= manifest.expires_at or (now < manifest.not_before and not policy.pending_ok):
         raise ManifestExpired(
             f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at}"
         )
 
     # (8)
-    if expected_policy is not None and manifest.policy.bundle_digest != expected_policy:
+    expected = policy.expected_policy
+    if expected is not None and manifest.policy.bundle_digest != expected:
         raise PolicyMismatch(
-            f"manifest pins policy {manifest.policy.bundle_digest}, the PDP runs {expected_policy}"
+            f"manifest pins policy {manifest.policy.bundle_digest}, the PDP runs {expected}"
         )
 
-    manifest_digest = digest(payload)
-    # (9)
-    if high_water is not None:
-        high_water.admit(mark_lineage(manifest), manifest.metadata.version, manifest_digest)
+    return VerifiedManifest(payload, digest(payload), manifest, signer.keyid)
 
-    return VerifiedManifest(payload, manifest_digest, manifest, signer.keyid)
+
+def admit_rollback_mark(verified: VerifiedManifest, high_water: HighWater) -> None:
+    """Step 9, the one that writes: admit ``verified`` above its lineage's high-water mark.
+
+    The version must be above the highest already admitted for the lineage (or be the
+    same manifest again), and the mark is raised to it. Taken only after
+    ``verify_envelope`` passed, so a manifest refused for any other reason never moves
+    the mark.                                                           -> ManifestRollback
+    """
+    manifest = verified.manifest
+    high_water.admit(mark_lineage(manifest), manifest.metadata.version, verified.digest)

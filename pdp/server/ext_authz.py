@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -29,19 +29,23 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from pdp.action import Action
+from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2
 from pdp.api.actions import (
+    STEP_HEADER,
     MappingError,
     cap_to_write,
     http_action,
     model_request,
-    refusal_status,
+    step_action,
+    step_request_id,
     token_field,
     unsafe_request,
 )
+from pdp.api.reasons import refusal_status
+from pdp.clock import utc_now
 from pdp.errors import BadRequest, ReasonCode
-from pdp.server.servicer import MAX_ID_LENGTH, action_from_proto
+from pdp.server.servicer import MAX_ID_LENGTH
 from pdp.service import DecisionOutcome, DecisionService
 
 __all__ = ["SERVICE_NAME", "ExtAuthzServicer", "ModelRoutes"]
@@ -127,10 +131,6 @@ def _header(key: str, value: str) -> Any:
     )
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class ExtAuthzServicer:
     """``Authorization/Check`` over ``DecisionService.decide`` (the gRPC ``Decide``'s path)."""
 
@@ -138,7 +138,7 @@ class ExtAuthzServicer:
         self,
         service: DecisionService,
         routes: ModelRoutes,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._service = service
         self._routes = routes
@@ -175,13 +175,13 @@ class ExtAuthzServicer:
                 raise BadRequest(failure)  # decided and logged as a refusal, like any other
             return action_from_proto(mapped.action)
 
-        step = named.get("x-abc-step")
+        step = named.get(STEP_HEADER)
         if step and mapped is not None:
             # Entering a step is an action of its own, decided before the call (as the PEP does).
             moved = self._service.decide(
                 run_id,
-                f"{request_id}:step",
-                lambda: action_from_proto(pdp_pb2.Action(kind="step", target=f"step:{step}")),
+                step_request_id(request_id),
+                lambda: action_from_proto(step_action(step)),
                 now,
             )
             if not moved.forward:

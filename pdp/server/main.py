@@ -9,6 +9,7 @@ The REST door's ``/health`` follows the same state.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import ssl
@@ -32,9 +33,9 @@ from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.decisionlog import DecisionLog, MaskRule
-from pdp.engine import EngineError, PreparedPolicy
+from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, StoreUnavailable
-from pdp.manifest import HighWater, SqliteHighWater, load_trust_store
+from pdp.manifest import HighWater, Manifest, SqliteHighWater, load_trust_store
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
@@ -48,20 +49,43 @@ from pdp.server.rest import RestServer
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
 
-__all__ = ["main", "main_exit", "serve"]
+__all__ = ["check_bundle_compiles", "main", "main_exit", "serve"]
 
 log = logging.getLogger("abc.pdp")
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 STATE_DB = "abc.db"
 
 
-def _check_bundle_compiles(bundle: PolicyBundle) -> None:
-    """Compile the bundle once with an empty manifest so a broken policy stops start-up."""
-    empty: dict[str, object] = {
-        "abc": {"manifest": {}, "index": {"models": {}, "tools": {}, "http": {}, "steps": {}}}
-    }
+# The smallest manifest the schema accepts: one model, one step. Compiled with its
+# ``policy_data``, the exact data shape every registered manifest gives the policy.
+_STARTUP_MANIFEST = {
+    "apiVersion": "abc/v1",
+    "kind": "RunManifest",
+    "metadata": {
+        "lineage": "startup/check",
+        "version": 1,
+        "tenant": "startup",
+        "agent": "check",
+        "issued_at": "2000-01-01T00:00:00Z",
+        "not_before": "2000-01-01T00:00:00Z",
+        "expires_at": "2000-01-01T00:00:01Z",
+    },
+    "policy": {"bundle_digest": "sha256:" + "0" * 64},
+    "capabilities": {
+        "models": [{"provider": "startup", "model": "check", "max_tokens_per_call": 1}]
+    },
+    "budgets": {"tokens": 0, "usd_micros": 0, "tool_calls": 0, "requests": 0},
+    "assembly": {"steps": [{"id": "check", "uses": ["model:startup/check"]}]},
+}
+
+
+def check_bundle_compiles(bundle: PolicyBundle) -> None:
+    """Compile the bundle with a real (minimal) manifest's data, so a policy that cannot
+    compile beside a manifest stops start-up (``ConfigError``) instead of refusing every
+    registration later."""
+    data = policy_data(Manifest.model_validate_json(json.dumps(_STARTUP_MANIFEST)))
     try:
-        PreparedPolicy(bundle.rego_modules(), empty, bundle.digest, "startup")
+        PreparedPolicy(bundle.rego_modules(), data, bundle.digest, "startup")
     except EngineError as exc:
         raise ConfigError(f"policy bundle {bundle.digest}: {exc}") from exc
 
@@ -181,7 +205,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     for warning in transport_warnings(config):
         log.warning("%s", warning)
     bundle = load_bundle(config.policies)
-    _check_bundle_compiles(bundle)
+    check_bundle_compiles(bundle)
     store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
     trust = load_trust_store(config.trust)
     store, high_water = _run_store(config)

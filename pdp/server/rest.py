@@ -27,16 +27,19 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from pdp.action import Action
+from pdp.action import Action, action_from_json
 from pdp.api.actions import MappingError, parse_json_object
+from pdp.api.bodies import read_body
+from pdp.api.reasons import refusal_status
+from pdp.clock import utc_now
 from pdp.errors import BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest
-from pdp.server.servicer import MAX_ID_LENGTH, action_from_json
+from pdp.server.servicer import MAX_ID_LENGTH
 from pdp.service import DecisionOutcome, DecisionService
 
 __all__ = ["MAX_BODY_BYTES", "RestServer", "build_app"]
@@ -72,10 +75,6 @@ def _error(
 
 def _bad_input(message: str, status: int = 400) -> web.Response:
     return _error(status, "invalid_parameter", message, ReasonCode.BAD_REQUEST)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class _Door:
@@ -178,7 +177,7 @@ class _Door:
         encodings = request.headers.getall("Content-Encoding", [])
         if any(value.strip().lower() != "identity" for value in encodings):
             return _bad_input("compressed request bodies are refused")
-        body = await _read_body(request)
+        body = await read_body(request, MAX_BODY_BYTES)
         if body is None:
             return _bad_input(f"request body over {MAX_BODY_BYTES} bytes", 413)
         try:
@@ -215,7 +214,7 @@ class _Door:
 
 def _answer(outcome: DecisionOutcome, *, allow_only: bool) -> web.Response:
     decision = outcome.decision
-    if outcome.reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
+    if refusal_status(outcome.reason) == 400:
         # The caller's mistake, not a policy's answer: an error, as the PEP answers it.
         return _error(
             400,
@@ -241,18 +240,6 @@ def _answer(outcome: DecisionOutcome, *, allow_only: bool) -> web.Response:
             "decision_id": outcome.decision_id,
         }
     )
-
-
-async def _read_body(request: web.Request) -> bytes | None:
-    """The whole body, or None past ``MAX_BODY_BYTES`` (read no further than that)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        return None
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    return bytes(body)
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -286,7 +273,7 @@ class RestServer:
         *,
         workers: int,
         ssl_context: ssl.SSLContext | None = None,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.address = address
         self._ssl = ssl_context

@@ -6,91 +6,34 @@ refusals are gRPC errors whose message is the reason code alone; details go to t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
-from pdp.action import MAX_ARGS_BYTES, Action, validate_action
+from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.clock import utc_now
 from pdp.errors import AbcError, BadRequest, ReasonCode, StoreUnavailable
 from pdp.service import DecisionService
 
-__all__ = ["DecisionServicer", "action_from_json", "action_from_proto"]
+__all__ = ["DecisionServicer"]
 
 _REGISTRATION_STATUS = {
     ReasonCode.SIGNATURE_INVALID: grpc.StatusCode.PERMISSION_DENIED,
     ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.MANIFEST_ROLLBACK: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.POLICY_MISMATCH: grpc.StatusCode.FAILED_PRECONDITION,
+    # The decision log could not record the registration: try again, as for any outage.
+    ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
 
 
-def action_from_proto(message: pdp_pb2.Action) -> Action:
-    args: dict[str, Any] | None = None
-    if not message.args_json and message.HasField("args"):
-        if message.args.ByteSize() > MAX_ARGS_BYTES:
-            raise BadRequest(f"arguments over {MAX_ARGS_BYTES} bytes")
-        args = json_format.MessageToDict(message.args)
-    return validate_action(
-        message.kind,
-        message.target,
-        args=args,
-        args_json=message.args_json,
-        max_tokens=message.max_tokens,
-        method=message.method,
-        path=message.path,
-        probe=message.probe,
-        input_bytes=message.input_bytes,
-    )
-
-
-# The Action message's fields, as the REST door takes them (proto field names).
-_JSON_FIELDS = frozenset(
-    {"kind", "target", "args", "max_tokens", "method", "path", "probe", "input_bytes"}
-)
-
-
-def action_from_json(value: Any) -> Action:
-    """An ``Action`` from its JSON form (the REST door), through the same checks as gRPC's.
-
-    The fields are the message's, by their proto names, typed by protobuf's JSON mapping;
-    ``args`` is a plain JSON object carried as ``args_json``, so its integers stay exact
-    instead of becoming a ``Struct``'s doubles.
-    """
-    if not isinstance(value, dict):
-        raise BadRequest("input.action must be an object")
-    if value.keys() - _JSON_FIELDS:
-        # The caller's key names are not quoted back: they would reach the log verbatim.
-        raise BadRequest(f"input.action takes only {', '.join(sorted(_JSON_FIELDS))}")
-    message = pdp_pb2.Action()
-    try:
-        json_format.ParseDict({k: v for k, v in value.items() if k != "args"}, message)
-    except json_format.ParseError as exc:
-        # Not the parser's text: it quotes the caller's values, which end up in the log.
-        raise BadRequest("input.action: a field has the wrong type") from exc
-    args = value.get("args")
-    if args is not None:
-        if not isinstance(args, dict):
-            raise BadRequest("arguments must be a JSON object")
-        try:
-            message.args_json = json.dumps(args, ensure_ascii=False, allow_nan=False).encode()
-        except ValueError as exc:  # NaN and friends cannot reach here from strict JSON
-            raise BadRequest("arguments hold a number JSON cannot carry") from exc
-    return action_from_proto(message)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
-    def __init__(self, service: DecisionService, clock: Callable[[], datetime] = _now) -> None:
+    def __init__(self, service: DecisionService, clock: Callable[[], datetime] = utc_now) -> None:
         self._service = service
         self._clock = clock
 

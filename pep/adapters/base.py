@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from aiohttp import ClientResponse, web
 
 from pdp.api import pdp_pb2
-from pdp.api.actions import MappingError, parse_json_object, refusal_status
+from pdp.api.actions import MappingError, parse_json_object
+from pdp.api.reasons import refusal_status
 from pep.pdp_client import Verdict
 from pep.splice import write_fields
 

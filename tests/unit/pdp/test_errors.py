@@ -29,15 +29,49 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
     }
 
 
-def test_every_error_type_maps_to_a_reason_code() -> None:
-    subclasses = [
-        value
-        for value in vars(errors).values()
-        if isinstance(value, type) and issubclass(value, AbcError)
-    ]
-    assert len(subclasses) >= 5
-    for error_type in subclasses:
-        assert isinstance(error_type.reason, ReasonCode), error_type
+# Every error type and its reason code. A new type must be added here, with its code.
+EXPECTED = {
+    "BadRequest": ReasonCode.BAD_REQUEST,
+    "SignatureInvalid": ReasonCode.SIGNATURE_INVALID,
+    "ManifestExpired": ReasonCode.MANIFEST_EXPIRED,
+    "ManifestRollback": ReasonCode.MANIFEST_ROLLBACK,
+    "ManifestUnknown": ReasonCode.MANIFEST_UNKNOWN,
+    "ShadowNotAllowed": ReasonCode.SHADOW_NOT_ALLOWED,
+    "RunClosed": ReasonCode.RUN_CLOSED,
+    "StoreUnavailable": ReasonCode.PDP_UNAVAILABLE,
+    "LogUnavailable": ReasonCode.PDP_UNAVAILABLE,
+    "PolicyMismatch": ReasonCode.POLICY_MISMATCH,
+}
+
+
+def _error_types() -> dict[str, type[AbcError]]:
+    return {
+        name: value
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, AbcError) and value is not AbcError
+    }
+
+
+def test_every_error_type_maps_to_its_own_reason_code() -> None:
+    types = _error_types()
+    assert set(types) == set(EXPECTED)
+    for name, error_type in types.items():
+        # Its own: a subclass that forgets to name one must not pass on AbcError's default.
+        assert "reason" in vars(error_type), name
+        assert error_type.reason is EXPECTED[name], name
+
+
+def test_every_reason_the_pdp_raises_has_an_error_type_or_a_policy() -> None:
+    # The policy's own codes come from Rego; every other code is raised as a type.
+    policy_codes = {
+        ReasonCode.MODEL_NOT_ALLOWED,
+        ReasonCode.TOOL_NOT_ALLOWED,
+        ReasonCode.TOOL_ARGS_INVALID,
+        ReasonCode.HTTP_NOT_ALLOWED,
+        ReasonCode.STEP_OUT_OF_ORDER,
+        ReasonCode.BUDGET_EXHAUSTED,
+    }
+    assert set(EXPECTED.values()) | policy_codes == set(ReasonCode)
 
 
 def test_config_error_is_not_a_denial() -> None:

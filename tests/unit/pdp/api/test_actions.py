@@ -7,14 +7,17 @@ import pytest
 from pdp.api import ReasonCode
 from pdp.api.actions import (
     CAP_GROWTH,
+    STEP_HEADER,
     MappingError,
     cap_to_write,
     check_http_path,
     model_request,
     parse_json_object,
-    refusal_status,
+    step_action,
+    step_request_id,
     unsafe_request,
 )
+from pdp.api.reasons import refusal_status
 
 
 def test_model_request_reserves_the_body_size_with_the_cap() -> None:
@@ -136,3 +139,10 @@ def test_requests_read_otherwise_by_some_servers(
 ) -> None:
     problem = unsafe_request("GET", "/x", headers, model_route=False, raw_query=query)
     assert (problem is not None) == refused
+
+
+def test_the_step_header_is_an_action_of_its_own() -> None:
+    assert STEP_HEADER == "x-abc-step"
+    action = step_action("answer")
+    assert (action.kind, action.target) == ("step", "step:answer")
+    assert step_request_id("req-1") == "req-1:step" != step_request_id("req-2")

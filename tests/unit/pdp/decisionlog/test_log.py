@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, read_verified_log, verify_log
 from pdp.decisionlog.record import record_hash
-from pdp.errors import BadRequest, ConfigError
+from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_bytes
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -326,11 +326,11 @@ def test_a_full_disk_fails_the_record_whole_and_recovers_when_space_returns(
     log.append("decision", decision(0))
     durable = path.read_bytes()
     disk = Disk(monkeypatch, _log_fd(log), room=40, chunk=1000)  # part of the next record fits
-    with pytest.raises(OSError):
+    with pytest.raises(LogUnavailable):
         log.append("decision", decision(1))
     assert path.read_bytes() == durable  # the torn part is cut back
     assert not log.writable and changes == [True, False]
-    with pytest.raises(OSError):  # refused again, still nothing torn
+    with pytest.raises(LogUnavailable):  # refused again, still nothing torn
         log.append("decision", decision(2))
     assert path.read_bytes() == durable
     disk.room = 10**6  # space returns: the next append goes through, chained on record 0
@@ -348,12 +348,12 @@ def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
     log = DecisionLog(path, KEY, retry_seconds=0.05)
     log.append("decision", decision(0))
     disk = Disk(monkeypatch, _log_fd(log), room=0, chunk=1000)
-    with pytest.raises(OSError):
+    with pytest.raises(LogUnavailable):
         log.append("decision", decision(1))
     log.close()  # the final checkpoint fails: said in the log, not raised
     assert verify_log(path, KEY.public_key(), allow_tail=True).records == 1
     log = DecisionLog(path, KEY, retry_seconds=0.05)
-    with pytest.raises(OSError):
+    with pytest.raises(LogUnavailable):
         log.append("decision", decision(2))
     disk.fd, disk.room = _log_fd(log), 10**6  # no append: the retry timer finds the space
     deadline = time.monotonic() + 5

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdp.decisionlog import DecisionLog, read_verified_log
-from pdp.errors import BadRequest
+from pdp.errors import BadRequest, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, parse_record
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -80,7 +80,7 @@ def test_every_append_is_on_disk_whole_or_refused_without_a_trace(
             record = {"decision_id": f"dec_{number}", "input": {"action": {"args": args}}}
             try:
                 log.append("decision", record)
-            except (BadRequest, OSError):
+            except (BadRequest, LogUnavailable):
                 continue
             kept.append(args)
         disk.room = 10**6

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pdp.errors import AbcError
 from pdp.manifest.canonical import canonical_bytes
-from pdp.manifest.verify import verify_envelope
+from pdp.manifest.verify import VerificationPolicy, verify_envelope
 from tests.factories import NOW, envelope_from_payload, manifest_document, trust_entry, trust_store
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -23,7 +23,10 @@ settings.load_profile("abc")
 
 
 def test_the_untouched_envelope_verifies() -> None:
-    assert verify_envelope(ENVELOPE, STORE, NOW).manifest.metadata.version == 7
+    assert (
+        verify_envelope(ENVELOPE, STORE, NOW, VerificationPolicy.OFFLINE).manifest.metadata.version
+        == 7
+    )
 
 
 @settings(max_examples=400)
@@ -33,7 +36,7 @@ def test_any_single_byte_change_is_refused(position: int, value: int) -> None:
         value = (value + 1) % 256
     tampered = ENVELOPE[:position] + bytes([value]) + ENVELOPE[position + 1 :]
     try:
-        verify_envelope(tampered, STORE, NOW)
+        verify_envelope(tampered, STORE, NOW, VerificationPolicy.OFFLINE)
     except AbcError:
         return
     raise AssertionError(f"byte {position} changed to {value} still verified")
@@ -76,7 +79,9 @@ def test_any_reencoding_of_the_payload_is_refused(
         return  # the one canonical spelling: nothing to refuse
     # Signed by the trusted key, so only the canonical-form rule stands in the way.
     try:
-        verify_envelope(envelope_from_payload(reencoded, KEY), STORE, NOW)
+        verify_envelope(
+            envelope_from_payload(reencoded, KEY), STORE, NOW, VerificationPolicy.OFFLINE
+        )
     except AbcError:
         return
     raise AssertionError("a re-encoded payload verified")
@@ -85,7 +90,7 @@ def test_any_reencoding_of_the_payload_is_refused(
 @given(st.binary(min_size=1, max_size=64))
 def test_random_payload_bytes_are_refused_even_when_signed(payload: bytes) -> None:
     try:
-        verify_envelope(envelope_from_payload(payload, KEY), STORE, NOW)
+        verify_envelope(envelope_from_payload(payload, KEY), STORE, NOW, VerificationPolicy.OFFLINE)
     except AbcError:
         return
     raise AssertionError(f"payload {base64.b64encode(payload)!r} verified")

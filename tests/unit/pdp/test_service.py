@@ -1,0 +1,138 @@
+"""DecisionService in-process: its fail-closed branches, each with real collaborators (the
+shipped policy bundle, a decision log on disk, the memory run store); only a policy that
+fails to decide is written here for the case."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
+
+from pdp.action import Action, validate_action
+from pdp.bundle import load_bundle
+from pdp.decisionlog import DecisionLog, read_verified_log
+from pdp.errors import ManifestRollback, ReasonCode, SignatureInvalid
+from pdp.manifest import SqliteHighWater
+from pdp.metrics import PdpMetrics
+from pdp.runstore import MemoryRunStore, Usage
+from pdp.service import DecisionService
+from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
+
+POLICIES = Path(__file__).resolve().parents[3] / "policies"
+KEY = Ed25519PrivateKey.generate()
+LOG_KEY = Ed25519PrivateKey.generate()
+
+
+class _Pdp:
+    def __init__(self, tmp_path: Path, policies: Path = POLICIES) -> None:
+        self.bundle = load_bundle(policies)
+        self.log_path = tmp_path / "decisions.log"
+        self.log = DecisionLog(self.log_path, LOG_KEY)
+        self.store = MemoryRunStore()
+        self.marks = SqliteHighWater(tmp_path / "abc.db")
+        self.service = DecisionService(
+            self.bundle,
+            trust_store(trust_entry(KEY)),
+            self.marks,
+            PdpMetrics(CollectorRegistry()),
+            self.log,
+            store=self.store,
+        )
+
+    def register(self, version: int = 7, key: Ed25519PrivateKey = KEY) -> str:
+        document = manifest_document(version=version)
+        document["policy"]["bundle_digest"] = self.bundle.digest
+        return self.service.register_manifest(signed_envelope(key, document), NOW).run_id
+
+    def records(self) -> list[dict[str, object]]:
+        self.log.close()
+        return [r for r in read_verified_log(self.log_path, LOG_KEY.public_key()).records]
+
+
+@pytest.fixture
+def pdp(tmp_path: Path) -> _Pdp:
+    return _Pdp(tmp_path)
+
+
+def _model(max_tokens: int = 100) -> Callable[[], Action]:
+    return lambda: validate_action("model", "model:openai/gpt-4o-mini", max_tokens=max_tokens)
+
+
+def test_an_allowed_call_reserves_its_worst_case(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+    outcome = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert outcome.decision.allow and outcome.reservation_id
+    assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)
+
+
+def test_an_unwritable_log_refuses_as_unavailable_and_reserves_nothing(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+    pdp.log.close()  # a closed log takes no record: LogUnavailable
+    outcome = pdp.service.decide(run_id, "req-1", _model(), NOW)
+    assert not outcome.forward
+    assert outcome.reason is ReasonCode.PDP_UNAVAILABLE
+    books = pdp.store.books(run_id)
+    assert books.reserved == Usage() and books.spent == Usage()
+    # Not kept as the answer: the request id decides anew once the log writes again.
+    assert pdp.store.claim(run_id, "req-1") is None
+
+
+def test_a_policy_that_fails_to_decide_refuses_as_unavailable(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    # A builtin error on every input: OPA's strict errors stop the evaluation.
+    (policies / "authz.rego").write_text(
+        "package abc.authz\n\n"
+        'decision := {"allow": true, "reasons": [], "obligations": {}} if {\n'
+        "\tto_number(input.action.target) > 0\n"
+        "}\n"
+    )
+    pdp = _Pdp(tmp_path, policies)
+    run_id = pdp.register()
+    outcome = pdp.service.decide(run_id, "req-1", _model(), NOW)
+    assert not outcome.forward
+    assert outcome.reason is ReasonCode.PDP_UNAVAILABLE
+    assert pdp.store.books(run_id).reserved == Usage()
+    (record,) = [r for r in pdp.records() if r["kind"] == "decision"]
+    assert record["result"]["reasons"][0]["code"] == "pdp_unavailable"  # type: ignore[index]
+
+
+def test_a_bug_while_deciding_refuses_as_unavailable(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+
+    def broken() -> Action:
+        raise RuntimeError("a bug, not the caller's input")
+
+    outcome = pdp.service.decide(run_id, "req-1", broken, NOW)
+    assert not outcome.forward and outcome.reason is ReasonCode.PDP_UNAVAILABLE
+
+
+def test_a_request_id_reused_for_another_action_is_refused_and_the_first_answer_kept(
+    pdp: _Pdp,
+) -> None:
+    run_id = pdp.register()
+    first = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert first.decision.allow
+    reused = pdp.service.decide(run_id, "req-1", _model(200), NOW)
+    assert not reused.forward and reused.reason is ReasonCode.BAD_REQUEST
+    assert reused.decision_id != first.decision_id
+    again = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert (again.decision_id, again.reservation_id) == (first.decision_id, first.reservation_id)
+    assert again.decision.allow
+    # One charge only: the refusal reserved nothing, the retry nothing more.
+    assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)
+    decisions = [r for r in pdp.records() if r["kind"] == "decision"]
+    assert [bool(r.get("reused_request_id")) for r in decisions] == [False, True]
+
+
+def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None:
+    with pytest.raises(SignatureInvalid):
+        pdp.register(version=99, key=Ed25519PrivateKey.generate())
+    assert pdp.marks.mark("acme/support-bot") is None
+    pdp.register(version=7)
+    assert pdp.marks.mark("acme/support-bot") == 7
+    with pytest.raises(ManifestRollback):
+        pdp.register(version=6)
