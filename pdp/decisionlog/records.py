@@ -1,8 +1,8 @@
 """Typed decision-log records: each kind's fields, built by the PDP, read back by every reader.
 
 A record is what one line of the log says, minus its place in the chain. The writer
-(``DecisionLog.append``) takes a record object and adds the chain fields ``v``, ``seq``
-and ``prev``; every reader (audit verify, start-up restore, history, replay, what-if,
+(``DecisionLog.append``) takes a record object and adds the chain fields ``seq`` and
+``prev``; every reader (audit verify, start-up restore, history, replay, what-if,
 suggest, explain) turns a line back into a record with ``parse_record``, which refuses
 a malformed one with ``RecordInvalid``. On disk nothing changed from the untyped records
 of version 1: ``line_fields(parse_record(raw), seq, prev) == raw`` for every record the
@@ -61,10 +61,10 @@ __all__ = [
     "parse_record",
 ]
 
-RECORD_VERSION = 1
+RECORD_VERSION: Literal[1] = 1
 KINDS = ("registration", "decision", "settlement", "checkpoint")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_CHAIN = ("v", "seq", "prev")  # the writer's fields: where a record sits, not what it says
+_CHAIN = ("seq", "prev")  # the writer's fields: where a record sits, not what it says
 _BUDGETS = frozenset({"tokens", "usd_micros", "tool_calls", "requests"})
 
 
@@ -102,10 +102,12 @@ Instant = Annotated[datetime, BeforeValidator(_instant)]
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    v: Literal[1] = RECORD_VERSION  # the record format's version, on every line
     time: Instant
 
     def fields(self) -> dict[str, Any]:
-        """The record as written, without the chain fields (``line_fields`` adds them)."""
+        """The record as written, without ``v`` and the chain fields (``line_fields`` adds
+        them)."""
         raise NotImplementedError
 
 
@@ -306,7 +308,7 @@ Record = WritableRecord | CheckpointRecord
 
 def line_fields(record: Record, seq: int, prev: str) -> dict[str, Any]:
     """The whole line of ``record`` at position ``seq`` after the record hashed ``prev``."""
-    return {**record.fields(), "v": RECORD_VERSION, "seq": seq, "prev": prev}
+    return {**record.fields(), "v": record.v, "seq": seq, "prev": prev}
 
 
 def _registration(body: dict[str, Any]) -> RegistrationRecord | RegistrationRefusedRecord:
