@@ -17,8 +17,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pdp.decisionlog import DecisionRecord, SettlementRecord, format_time
 from pdp.engine import policy_data
-from pdp.history import load_history, record_time
+from pdp.history import load_history
 from pdp.manifest.model import Manifest
 from pdp.runstore import MemoryRunStore, Usage
 
@@ -73,33 +74,32 @@ def explain(log: Path, decision_id: str, key: Ed25519PublicKey) -> Explanation:
             manifest.metadata.version,
         )
     for record in history.records:
-        known = record.get("run_id") in history.runs
-        if record["kind"] == "settlement" and known:
-            books.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
-        elif record["kind"] != "decision":
+        if isinstance(record, SettlementRecord):
+            if record.run_id in history.runs:
+                books.settle(record.reservation_id, record.tokens, record.usd_micros)
+        elif not isinstance(record, DecisionRecord):
             continue
-        elif record["decision_id"] == decision_id:
-            info = history.runs.get(record["run_id"])
+        elif record.decision_id == decision_id:
+            info = history.runs.get(record.run_id)
             return _explanation(record, info.manifest if info else None, books)
-        elif record.get("cost") and known:
+        elif record.cost and record.run_id in history.runs:
             books.hold(
-                record["run_id"],
-                record["reservation_id"],
-                Usage(**record["cost"]),
-                record_time(record),  # never expired here: expiries are settlement records
+                record.run_id,
+                record.reservation_id,
+                Usage(**record.cost),
+                record.time,  # never expired here: expiries are settlement records
             )
     raise NotInLog(f"no decision {decision_id} in {log}")
 
 
 def _explanation(
-    record: dict[str, Any], manifest: Manifest | None, books: MemoryRunStore
+    record: DecisionRecord, manifest: Manifest | None, books: MemoryRunStore
 ) -> Explanation:
-    policy_input = record.get("input") or {}
-    action = policy_input.get("action", {})
-    run = policy_input.get("run", {})
+    action = record.input.get("action", {})
+    run = record.input.get("run", {})
     budget: dict[str, dict[str, int]] = {}
     if manifest is not None:
-        held = books.books(record["run_id"])
+        held = books.books(record.run_id)
         budget = {
             "limits": held.limits.as_dict(),
             "spent": held.spent.as_dict(),
@@ -107,15 +107,15 @@ def _explanation(
             "remaining": held.remaining().as_dict(),
         }
     return Explanation(
-        decision_id=record["decision_id"],
-        time=record["time"],
-        run_id=record["run_id"],
-        enforced=record.get("enforced", True),
+        decision_id=record.decision_id,
+        time=format_time(record.time),
+        run_id=record.run_id,
+        enforced=record.enforced,
         action=action,
         run=run,
-        result=record["result"],
-        policy_digest=record["policy_digest"],
-        manifest_digest=record["manifest_digest"],
+        result=record.result,
+        policy_digest=record.policy_digest,
+        manifest_digest=record.manifest_digest,
         consulted=_consulted(manifest, action, str(run.get("step", ""))),
         budget=budget,
     )

@@ -5,7 +5,8 @@ only, so both start the same way: the log is verified (the same checks as ``abcc
 audit verify``) and every record is parsed from the very bytes that verified. A run's
 manifest comes from its registration record, whose envelope the PDP verified when it
 accepted it; the log's hash chain and signed checkpoints vouch that the record is the
-PDP's, and the envelope's payload must hash to the digest the record names.
+PDP's, and the envelope's payload must hash to the digest the record names. Records are
+the typed records of ``pdp.decisionlog`` (``parse_record``), never read by string key.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
-from pdp.clock import parse_log_time
-from pdp.decisionlog import LogReport, read_verified_log
+from pdp.decisionlog import (
+    CheckpointRecord,
+    DecisionRecord,
+    LogReport,
+    RegistrationRecord,
+    WritableRecord,
+    read_verified_log,
+)
 from pdp.errors import AbcError, ConfigError
 from pdp.manifest.canonical import digest
 from pdp.manifest.envelope import parse_envelope
@@ -35,7 +42,6 @@ __all__ = [
     "load_history",
     "parse_since",
     "policy_answer",
-    "record_time",
 ]
 
 CALL_KINDS = ("model", "tool", "http")
@@ -60,21 +66,17 @@ class RunInfo:
 class History:
     path: Path
     report: LogReport
-    records: list[dict[str, Any]]  # every record but checkpoints, in log order
+    records: list[WritableRecord]  # every record but checkpoints, in log order
     runs: dict[str, RunInfo]  # accepted registrations, by run id
 
-    def decisions(self) -> Iterator[dict[str, Any]]:
+    def decisions(self) -> Iterator[DecisionRecord]:
         """Decision records that reached the policy (they carry its own answer)."""
         for record in self.records:
-            if record["kind"] == "decision" and isinstance(record.get("policy_result"), dict):
+            if isinstance(record, DecisionRecord) and record.policy_result is not None:
                 yield record
 
     def lineage_runs(self, lineage: str) -> dict[str, RunInfo]:
         return {run_id: run for run_id, run in self.runs.items() if run.lineage == lineage}
-
-
-def record_time(record: dict[str, Any]) -> datetime:
-    return parse_log_time(record["time"])
 
 
 def parse_since(text: str) -> datetime:
@@ -89,25 +91,27 @@ def parse_since(text: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-def is_call(record: dict[str, Any]) -> bool:
+def is_call(record: DecisionRecord) -> bool:
     """A model, tool or HTTP call the agent made; a tools/list probe is not one."""
-    action = (record.get("input") or {}).get("action") or {}
+    action = record.action
     return action.get("kind") in CALL_KINDS and not action.get("probe")
 
 
-def policy_answer(record: dict[str, Any]) -> dict[str, Any]:
-    """The policy's own answer (before the ledger), as logged."""
-    answer: dict[str, Any] = record["policy_result"]
-    return answer
+def policy_answer(record: DecisionRecord) -> dict[str, Any]:
+    """The policy's own answer (before the ledger), as logged; ``ValueError`` for a
+    decision refused before the policy was asked (``History.decisions`` has none)."""
+    if record.policy_result is None:
+        raise ValueError(f"decision {record.decision_id} never reached the policy")
+    return record.policy_result
 
 
-def _registered_manifest(record: dict[str, Any]) -> Manifest | None:
+def _registered_manifest(record: RegistrationRecord) -> Manifest | None:
     """The manifest of an accepted registration, if its envelope is the one the record names."""
     try:
-        payload = parse_envelope(base64.b64decode(record["envelope"], validate=True))
-    except (AbcError, ValueError, KeyError, TypeError):
+        payload = parse_envelope(base64.b64decode(record.envelope, validate=True))
+    except (AbcError, ValueError):
         return None
-    if digest(payload.unverified_payload) != record.get("manifest_digest"):
+    if digest(payload.unverified_payload) != record.manifest_digest:
         return None
     try:
         return Manifest.model_validate_json(payload.unverified_payload)
@@ -127,12 +131,12 @@ def load_history(
         verified = read_verified_log(path, key, allow_tail=allow_tail, expect_seq=expect_seq)
     except OSError as exc:
         raise ConfigError(f"cannot read log {path}: {exc.strerror}") from exc
-    records = [r for r in verified.records if r["kind"] != "checkpoint"]
+    records = [r for r in verified.records if not isinstance(r, CheckpointRecord)]
     runs: dict[str, RunInfo] = {}
     for record in records:
-        if record["kind"] != "registration" or not record["result"].get("accepted"):
+        if not isinstance(record, RegistrationRecord):
             continue
         manifest = _registered_manifest(record)
         if manifest is not None:
-            runs[record["run_id"]] = RunInfo(record["run_id"], record["manifest_digest"], manifest)
+            runs[record.run_id] = RunInfo(record.run_id, record.manifest_digest, manifest)
     return History(path, verified.report, records, runs)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pdp.bundle import load_stored_bundle
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError
-from pdp.history import load_history
+from pdp.history import load_history, policy_answer
 
 __all__ = ["Divergence", "ReplayReport", "replay_log"]
 
@@ -58,8 +58,8 @@ def replay_log(
     report = ReplayReport()
     for record in history.decisions():
         report.decisions += 1
-        logged = _normalized(record["policy_result"])
-        pair = (record["policy_digest"], record["manifest_digest"])
+        logged = _normalized(policy_answer(record))
+        pair = (record.policy_digest, record.manifest_digest)
         try:
             if pair not in policies:
                 bundle = load_stored_bundle(bundles, pair[0])
@@ -67,18 +67,18 @@ def replay_log(
                 policies[pair] = PreparedPolicy(
                     bundle.rego_modules(), policy_data(manifest), pair[0], pair[1]
                 )
-            decision = policies[pair].evaluate(record["input"])
+            decision = policies[pair].evaluate(record.input)
         except (ConfigError, EngineError, KeyError) as exc:
             reason = (
                 f"manifest {pair[1]} was never registered"
                 if isinstance(exc, KeyError)
                 else str(exc)
             )
-            report.divergences.append(Divergence(record["decision_id"], logged, reason))
+            report.divergences.append(Divergence(record.decision_id, logged, reason))
             continue
         replayed = decision.as_dict()
         if replayed == logged:
             report.identical += 1
         else:
-            report.divergences.append(Divergence(record["decision_id"], logged, replayed))
+            report.divergences.append(Divergence(record.decision_id, logged, replayed))
     return report

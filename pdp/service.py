@@ -17,8 +17,15 @@ from typing import Any
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
-from pdp.clock import log_time, parse_log_time
-from pdp.decisionlog import DecisionLog
+from pdp.decisionlog import (
+    DecisionLog,
+    DecisionRecord,
+    Record,
+    RegistrationRecord,
+    RegistrationRefusedRecord,
+    SettlementRecord,
+    StepChange,
+)
 from pdp.engine import Decision, EngineError, PreparedPolicy, Reason, policy_data
 from pdp.errors import (
     AbcError,
@@ -117,24 +124,23 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _unloggable(record: dict[str, Any], refusal: Decision) -> dict[str, Any]:
+def _unloggable(record: DecisionRecord, refusal: Decision) -> DecisionRecord:
     """The refusal of a decision whose record has no canonical spelling, in a form that
     always has one: ids escaped, the action cut to its kind and target (both validated),
     and no reservation (it was released)."""
-    acted = (record.get("input") or {}).get("action") or {}
-    return {
-        "decision_id": record["decision_id"],
-        "request_id": _printable(record["request_id"]),
-        "run_id": _printable(record["run_id"]),
-        "manifest_digest": record["manifest_digest"],
-        "policy_digest": record["policy_digest"],
-        "input": {"action": {k: acted[k] for k in ("kind", "target") if k in acted}}
-        if acted
-        else {},
-        "result": refusal.as_dict(),
-        "reservation_id": "",
-        "unloggable": True,
-    }
+    acted = record.action
+    return DecisionRecord(
+        time=record.time,
+        decision_id=record.decision_id,
+        request_id=_printable(record.request_id),
+        run_id=_printable(record.run_id),
+        manifest_digest=record.manifest_digest,
+        policy_digest=record.policy_digest,
+        input={"action": {k: acted[k] for k in ("kind", "target") if k in acted}} if acted else {},
+        result=refusal.as_dict(),
+        reservation_id="",
+        unloggable=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -183,28 +189,25 @@ class DecisionService:
             self._metrics.manifests_rejected.labels(exc.reason.value).inc()
             log.warning("manifest refused: %s: %s", exc.reason.value, exc)
             self._log.append(
-                "registration",
-                {
-                    "result": {"accepted": False, "reason": exc.reason.value, "detail": str(exc)},
-                    "policy_digest": self.bundle.digest,
-                },
+                RegistrationRefusedRecord(
+                    time=now, policy_digest=self.bundle.digest, reason=exc.reason, detail=str(exc)
+                )
             )
             raise
         run = self._runs.register(verified, self._prepare(verified))
         self._store.put_envelope(run.run_id, raw_envelope)
         self._log.append(
-            "registration",
-            {
-                "result": {"accepted": True},
-                "run_id": run.run_id,
-                "manifest_digest": verified.digest,
-                "policy_digest": self.bundle.digest,
-                "lineage": verified.manifest.metadata.lineage,
-                "version": verified.manifest.metadata.version,
-                "signer": verified.signer,
+            RegistrationRecord(
+                time=now,
+                run_id=run.run_id,
+                manifest_digest=verified.digest,
+                policy_digest=self.bundle.digest,
+                lineage=verified.manifest.metadata.lineage,
+                version=verified.manifest.metadata.version,
+                signer=verified.signer,
                 # The envelope itself, so a restarted PDP can verify and rebuild the run.
-                "envelope": base64.b64encode(raw_envelope).decode("ascii"),
-            },
+                envelope=base64.b64encode(raw_envelope).decode("ascii"),
+            )
         )
         self._metrics.manifests_registered.inc()
         log.info("manifest %s registered as %s", verified.digest, run.run_id)
@@ -282,29 +285,24 @@ class DecisionService:
             commit = _Commit(Decision.deny(ReasonCode.PDP_UNAVAILABLE, "the PDP failed to decide"))
             shadow = False
         decision = commit.decision
-        record: dict[str, Any] = {
-            "decision_id": decision_id,
-            "request_id": request_id,
-            "run_id": run_id,
-            "manifest_digest": run.verified.digest if run else "",
-            "policy_digest": self.bundle.digest,
-            "input": policy_input,
-            "result": decision.as_dict(),
-            "reservation_id": commit.reservation_id,
-        }
-        if policy_result is not None:
-            record["policy_result"] = policy_result  # what `abcctl replay` re-decides
-        if commit.cost is not None:
-            record["cost"] = commit.cost.as_dict()
-            record["expires"] = log_time(now + self._reservation_ttl)
-        if commit.step is not None:
-            record["step"] = {"from": commit.step[0], "to": commit.step[1]}
-        if shadow:
-            record["enforced"] = False
-        if commit.over_budget:
-            record["over_budget"] = True
-        if reused:
-            record["reused_request_id"] = True
+        record = DecisionRecord(
+            time=now,
+            decision_id=decision_id,
+            request_id=request_id,
+            run_id=run_id,
+            manifest_digest=run.verified.digest if run else "",
+            policy_digest=self.bundle.digest,
+            input=policy_input,
+            result=decision.as_dict(),
+            reservation_id=commit.reservation_id,
+            policy_result=policy_result,  # what `abcctl replay` re-decides
+            cost=commit.cost.as_dict() if commit.cost is not None else None,
+            expires=now + self._reservation_ttl if commit.cost is not None else None,
+            step=StepChange(from_=commit.step[0], to=commit.step[1]) if commit.step else None,
+            enforced=not shadow,
+            over_budget=commit.over_budget,
+            reused_request_id=reused,
+        )
         logged = self._log_decision(record, commit)
         if logged is not commit:
             commit, shadow = logged, False
@@ -326,7 +324,7 @@ class DecisionService:
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _log_decision(self, record: dict[str, Any], commit: _Commit) -> _Commit:
+    def _log_decision(self, record: DecisionRecord, commit: _Commit) -> _Commit:
         """Make ``record`` durable before its answer leaves; ``commit`` if it was.
 
         Otherwise what ``commit`` reserved is released, and the answer is a refusal: for a
@@ -336,17 +334,17 @@ class DecisionService:
         it). An unlogged decision is never given.
         """
         try:
-            self._log.append("decision", record)
+            self._log.append(record)
             return commit
         except BadRequest as exc:
             # The detail, not the record: the record is what could not be written safely.
-            log.warning("decision %s cannot be logged, refused: %s", record["decision_id"], exc)
+            log.warning("decision %s cannot be logged, refused: %s", record.decision_id, exc)
             self._release(commit)
             refusal = _Commit(
                 Decision.deny(ReasonCode.BAD_REQUEST, "the action cannot be logged exactly")
             )
             try:
-                self._log.append("decision", _unloggable(record, refusal.decision))
+                self._log.append(_unloggable(record, refusal.decision))
                 return refusal
             except (BadRequest, LogUnavailable) as again:
                 log.error("decision log refused a refusal, answering unavailable: %s", again)
@@ -366,14 +364,14 @@ class DecisionService:
         for reservation_id, cost in self._store.expire(run.run_id, now):
             try:
                 self._log.append(
-                    "settlement",
-                    {
-                        "run_id": run.run_id,
-                        "reservation_id": reservation_id,
-                        "tokens": cost.tokens,
-                        "usd_micros": cost.usd_micros,
-                        "expired": True,
-                    },
+                    SettlementRecord(
+                        time=now,
+                        run_id=run.run_id,
+                        reservation_id=reservation_id,
+                        tokens=cost.tokens,
+                        usd_micros=cost.usd_micros,
+                        expired=True,
+                    )
                 )
             except LogUnavailable:
                 log.error("decision log unwritable, refusing the run's decisions")
@@ -422,7 +420,9 @@ class DecisionService:
         verdict = refusal if decision.allow else decision
         return _Commit(verdict, reservation_id, cost, over_budget=True)
 
-    def report_usage(self, reservation_id: str, tokens: int, usd_micros: int) -> bool:
+    def report_usage(
+        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
+    ) -> bool:
         """Settle; False for an unknown or settled reservation or an impossible amount.
         ``StoreUnavailable`` when the run store cannot be reached (the caller retries)."""
         if not (0 <= tokens <= MAX_REPORTED and 0 <= usd_micros <= MAX_REPORTED):
@@ -431,17 +431,17 @@ class DecisionService:
         if run_id is None:
             return False
         self._log.append(
-            "settlement",
-            {
-                "run_id": run_id,
-                "reservation_id": reservation_id,
-                "tokens": tokens,
-                "usd_micros": usd_micros,
-            },
+            SettlementRecord(
+                time=now,
+                run_id=run_id,
+                reservation_id=reservation_id,
+                tokens=tokens,
+                usd_micros=usd_micros,
+            )
         )
         return True
 
-    def restore(self, record: dict[str, Any], trust_now: datetime) -> None:
+    def restore(self, record: Record, trust_now: datetime) -> None:
         """Apply one decision-log record to the state (start-up recovery).
 
         A registration is verified again, from the envelope it carries, as of ``trust_now``
@@ -449,46 +449,43 @@ class DecisionService:
         store (Redis) is its own record of steps, budgets and answers: only the runs are
         rebuilt, so nothing is applied twice.
         """
-        kind = record["kind"]
-        if kind == "registration" and record["result"].get("accepted"):
-            self._load(str(record["run_id"]), base64.b64decode(record["envelope"]), trust_now)
+        if isinstance(record, RegistrationRecord):
+            self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
             return
+        if not isinstance(record, (DecisionRecord, SettlementRecord)):
+            return  # a refused registration names no run; a checkpoint changes nothing
         store = self._store
-        run_id = record.get("run_id")  # a refused registration names no run
+        run_id = record.run_id
         if store.shared or not run_id or self._runs.find(run_id) is None:
             return
-        if kind == "settlement":
-            store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
-        elif kind == "decision":
-            if record.get("cost"):
-                # Held as made (forced: it was within budget, or a shadow run's, then).
-                store.reserve(
-                    run_id,
-                    record["reservation_id"],
-                    Usage(**record["cost"]),
-                    parse_log_time(record["expires"]),
-                    force=True,
-                )
-            if record.get("step"):
-                self._move(run_id, record["step"]["from"], record["step"]["to"])
-            acted: dict[str, Any] = (record["input"] or {}).get("action") or {}
-            answered = (
-                acted
-                and not acted.get("probe")
-                and record.get("request_id")
-                and not record.get("reused_request_id")  # the first answer stays the answer
-                and [r["code"] for r in record["result"]["reasons"][:1]] != ["pdp_unavailable"]
-                and not record.get("unloggable")  # never kept live either: a retry decides
+        if isinstance(record, SettlementRecord):
+            store.settle(record.reservation_id, record.tokens, record.usd_micros)
+            return
+        if record.cost is not None and record.expires is not None:
+            # Held as made (forced: it was within budget, or a shadow run's, then).
+            store.reserve(
+                run_id, record.reservation_id, Usage(**record.cost), record.expires, force=True
             )
-            if answered:
-                kept = _stored(
-                    acted,
-                    record["decision_id"],
-                    record["reservation_id"],
-                    record.get("enforced", True),
-                    record["result"],
-                )
-                store.answer(run_id, record["request_id"], kept)
+        if record.step is not None:
+            self._move(run_id, record.step.from_, record.step.to)
+        acted = record.action
+        answered = (
+            acted
+            and not acted.get("probe")
+            and record.request_id
+            and not record.reused_request_id  # the first answer stays the answer
+            and [r["code"] for r in record.result["reasons"][:1]] != ["pdp_unavailable"]
+            and not record.unloggable  # never kept live either: a retry decides
+        )
+        if answered:
+            kept = _stored(
+                acted,
+                record.decision_id,
+                record.reservation_id,
+                record.enforced,
+                record.result,
+            )
+            store.answer(run_id, record.request_id, kept)
 
     def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
         """Verify a registered envelope again and compile its run; None if it fails now.

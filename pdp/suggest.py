@@ -45,8 +45,15 @@ from typing import Any
 
 import yaml
 
+from pdp.decisionlog import (
+    DecisionRecord,
+    Record,
+    RegistrationRecord,
+    SettlementRecord,
+    WritableRecord,
+)
 from pdp.errors import ConfigError
-from pdp.history import History, RunInfo, is_call, policy_answer, record_time
+from pdp.history import History, RunInfo, is_call, policy_answer
 from pdp.manifest.intent import Intent, IntentError, parse_intent
 from pdp.manifest.model import (
     ArgConstraint,
@@ -214,7 +221,7 @@ class _Group:
     reason: str  # the refusal's reason codes
     learn: str  # _DECLARE, _STEP, or "" for a refusal that is never learned
     messages: list[str] = field(default_factory=list)  # distinct, in order seen
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[DecisionRecord] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -222,10 +229,10 @@ class _Group:
 
     @property
     def runs(self) -> int:
-        return len({r["run_id"] for r in self.records})
+        return len({r.run_id for r in self.records})
 
     def examples(self, limit: int) -> list[str]:
-        return [r["decision_id"] for r in self.records[:limit]]
+        return [r.decision_id for r in self.records[:limit]]
 
 
 @dataclass
@@ -247,22 +254,29 @@ class Suggestion:
     summary: list[str]  # one line per change, for the terminal
 
 
-def _action(record: dict[str, Any]) -> dict[str, Any]:
-    action: dict[str, Any] = record["input"]["action"]
+def _action(record: DecisionRecord) -> dict[str, Any]:
+    action: dict[str, Any] = record.input["action"]
     return action
 
 
-def _step_of(record: dict[str, Any]) -> str:
-    return str((record["input"].get("run") or {}).get("step", ""))
+def _step_of(record: DecisionRecord) -> str:
+    return str((record.input.get("run") or {}).get("step", ""))
 
 
 def _codes(answer: dict[str, Any]) -> list[str]:
     return sorted({str(r["code"]) for r in answer.get("reasons") or []})
 
 
-def _masked_args(record: dict[str, Any]) -> frozenset[str]:
+def _masked_args(record: DecisionRecord) -> frozenset[str]:
     prefix = "action.args."
-    return frozenset(p[len(prefix) :] for p in record.get("masked") or [] if p.startswith(prefix))
+    return frozenset(p[len(prefix) :] for p in record.masked if p.startswith(prefix))
+
+
+def _run_of(record: Record) -> str | None:
+    """The run a record is about; a refused registration and a checkpoint name none."""
+    if isinstance(record, (RegistrationRecord, DecisionRecord, SettlementRecord)):
+        return record.run_id
+    return None
 
 
 # ---- the suggestion --------------------------------------------------------------------
@@ -317,12 +331,12 @@ def suggest(
     base = base_run.manifest
     runs = history.lineage_runs(base.metadata.lineage)
 
-    def current(record: dict[str, Any]) -> bool:
-        return record.get("run_id") in runs and (since is None or record_time(record) >= since)
+    def current(record: Record) -> bool:
+        return _run_of(record) in runs and (since is None or record.time >= since)
 
     records = [r for r in history.records if current(r)]
     decisions = [
-        r for r in records if r["kind"] == "decision" and isinstance(r.get("policy_result"), dict)
+        r for r in records if isinstance(r, DecisionRecord) and r.policy_result is not None
     ]
     calls = [r for r in decisions if is_call(r)]
     if not calls:
@@ -331,7 +345,7 @@ def suggest(
             f"no calls of lineage {base.metadata.lineage} in {history.path}{window}:"
             " nothing to learn from"
         )
-    active_runs = sorted({r["run_id"] for r in calls})
+    active_runs = sorted({r.run_id for r in calls})
     plan = _Plan(
         base,
         list(base.capabilities.models),
@@ -384,7 +398,7 @@ def suggest(
 
 
 def _learn_refusals(
-    plan: _Plan, calls: list[dict[str, Any]], min_count: int, examples: int
+    plan: _Plan, calls: list[DecisionRecord], min_count: int, examples: int
 ) -> set[tuple[str, str]]:
     """Add what recurred; note what did not or may not be learned. Returns the accepted
     (target, step) pairs: calls there will be allowed by the next version."""
@@ -450,7 +464,7 @@ def _learn_refusals(
     return accepted
 
 
-def _note_step_refusals(plan: _Plan, decisions: list[dict[str, Any]], examples: int) -> None:
+def _note_step_refusals(plan: _Plan, decisions: list[DecisionRecord], examples: int) -> None:
     """Refused step changes are listed, never learned: the order of steps is the plan."""
     refused: dict[tuple[str, str], list[str]] = {}
     for record in decisions:
@@ -458,7 +472,7 @@ def _note_step_refusals(plan: _Plan, decisions: list[dict[str, Any]], examples: 
         if _action(record).get("kind") == "step" and not answer.get("allow"):
             message = str(answer["reasons"][0].get("message", ""))
             refused.setdefault((str(_action(record)["target"]), message), []).append(
-                record["decision_id"]
+                record.decision_id
             )
     for (target, message), ids in sorted(refused.items()):
         plan.notes.append(
@@ -470,7 +484,7 @@ def _note_step_refusals(plan: _Plan, decisions: list[dict[str, Any]], examples: 
 def _declare(
     plan: _Plan,
     target: str,
-    every_call: list[dict[str, Any]],
+    every_call: list[DecisionRecord],
     recurring: list[_Group],
     examples: int,
 ) -> str:
@@ -528,7 +542,7 @@ def _declare(
     return described
 
 
-def _remove_unused(plan: _Plan, calls: list[dict[str, Any]], entered: set[str], runs: int) -> None:
+def _remove_unused(plan: _Plan, calls: list[DecisionRecord], entered: set[str], runs: int) -> None:
     used = {str(_action(r)["target"]) for r in calls}
     unused = [t for t in plan.base.capabilities.target_list() if t not in used]
     for target in unused:
@@ -555,20 +569,20 @@ def _remove_unused(plan: _Plan, calls: list[dict[str, Any]], entered: set[str], 
         plan.summary.append(f"  - {target}: never called in {runs} run(s)")
 
 
-def _entered_steps(decisions: list[dict[str, Any]], runs: dict[str, RunInfo]) -> set[str]:
+def _entered_steps(decisions: list[DecisionRecord], runs: dict[str, RunInfo]) -> set[str]:
     entered = {run.manifest.assembly.steps[0].id for run in runs.values()}
     entered.update(_step_of(r) for r in decisions)
-    entered.update(str(r["step"]["to"]) for r in decisions if r.get("step"))
+    entered.update(r.step.to for r in decisions if r.step is not None)
     return entered
 
 
-def _observed_order(decisions: list[dict[str, Any]], runs: dict[str, RunInfo]) -> list[str]:
+def _observed_order(decisions: list[DecisionRecord], runs: dict[str, RunInfo]) -> list[str]:
     paths: dict[str, list[str]] = {
         run_id: [run.manifest.assembly.steps[0].id] for run_id, run in runs.items()
     }
     for record in decisions:
-        if record.get("step") and record["run_id"] in paths:
-            paths[record["run_id"]].append(str(record["step"]["to"]))
+        if record.step is not None and record.run_id in paths:
+            paths[record.run_id].append(record.step.to)
     counted = Counter(" -> ".join(path) for path in paths.values())
     return [f"{path} ({n} run{'s' if n > 1 else ''})" for path, n in counted.most_common()]
 
@@ -595,8 +609,8 @@ def _steps(plan: _Plan, entered: set[str]) -> list[Step]:
 
 def _budgets(
     plan: _Plan,
-    records: list[dict[str, Any]],
-    calls: list[dict[str, Any]],
+    records: list[WritableRecord],
+    calls: list[DecisionRecord],
     accepted: set[tuple[str, str]],
     runs: list[str],
     headroom: Fraction,
@@ -607,29 +621,29 @@ def _budgets(
     for run_id in runs:
         store.open(run_id, "-", Usage(*[_UNLIMITED] * len(BUDGETS)), "", 0)
     for record in records:
-        run = use.get(record.get("run_id", ""))
+        run = use.get(_run_of(record) or "")
         if run is None:
             continue
-        if record["kind"] == "settlement":
-            store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
-        elif record["kind"] == "decision" and record.get("cost") and record.get("reservation_id"):
-            books = store.books(record["run_id"])
-            held = books.spent.tokens + books.reserved.tokens + int(record["cost"]["tokens"])
+        if isinstance(record, SettlementRecord):
+            store.settle(record.reservation_id, record.tokens, record.usd_micros)
+        elif isinstance(record, DecisionRecord) and record.cost and record.reservation_id:
+            books = store.books(record.run_id)
+            held = books.spent.tokens + books.reserved.tokens + int(record.cost["tokens"])
             run.tokens = max(run.tokens, held)
-            store.hold(record["run_id"], record["reservation_id"], Usage(**record["cost"]), _END)
+            store.hold(record.run_id, record.reservation_id, Usage(**record.cost), _END)
     for run_id, run in use.items():
         books = store.books(run_id)
         run.tokens = max(run.tokens, books.spent.tokens + books.reserved.tokens)
         run.usd_micros = books.spent.usd_micros
     # Calls: those the next version allows (allowed then, or learned now), made or not.
     for record in calls:
-        run = use[record["run_id"]]
+        run = use[record.run_id]
         answer = policy_answer(record)
         target = str(_action(record)["target"])
         if answer.get("allow") or (target, _step_of(record)) in accepted:
             run.requests += 1
             run.tool_calls += _action(record)["kind"] == "tool"
-        final = record.get("result") or {}
+        final = record.result
         if answer.get("allow") and _codes(final) == ["budget_exhausted"]:
             run.budget_refusals += 1
     proposed: dict[str, int] = {}

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pdp.bundle import PolicyBundle, load_stored_bundle
+from pdp.decisionlog import DecisionRecord, SettlementRecord
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, ReasonCode
 from pdp.history import History, RunInfo, is_call, policy_answer
@@ -171,13 +172,13 @@ class _Judges:
         self.candidate = candidate
         self._prepared: dict[tuple[str, str], PreparedPolicy] = {}
 
-    def for_record(self, record: dict[str, Any], run: RunInfo) -> PreparedPolicy:
+    def for_record(self, record: DecisionRecord, run: RunInfo) -> PreparedPolicy:
         candidate = self.candidate
         if candidate.bundle is not None:
             bundle = candidate.bundle
         else:
             assert candidate.stored_bundles is not None  # checked by what_if
-            bundle = load_stored_bundle(candidate.stored_bundles, record["policy_digest"])
+            bundle = load_stored_bundle(candidate.stored_bundles, record.policy_digest)
         if candidate.manifest is not None:
             manifest, manifest_digest = candidate.manifest, candidate.manifest_digest
         else:
@@ -247,47 +248,47 @@ def what_if(history: History, candidate: Candidate, examples: int = 3) -> WhatIf
     groups: dict[tuple[str, str, str, bool], Change] = {}
     seen_runs: dict[str, None] = {}  # in the order the log first shows them
     for record in history.decisions():
-        run = in_scope.get(record["run_id"])
+        run = in_scope.get(record.run_id)
         if run is None:
-            if record["run_id"] in history.runs:
+            if record.run_id in history.runs:
                 report.other_lineages += 1
             else:
-                report.undecidable.append((record["decision_id"], "its run was never registered"))
+                report.undecidable.append((record.decision_id, "its run was never registered"))
             continue
         try:
             policy = judges.for_record(record, run)
         except ConfigError as exc:
             if candidate.bundle is not None:
                 raise  # the candidate itself is unusable: nothing can be said
-            report.undecidable.append((record["decision_id"], str(exc)))
+            report.undecidable.append((record.decision_id, str(exc)))
             continue
         seen_runs.setdefault(run.run_id)
         report.decisions += 1
-        if record.get("masked"):
+        if record.masked:
             report.masked += 1
         logged = _normalized(policy_answer(record))
-        answer = _decide(policy, record["input"])
-        answers[record["decision_id"]] = answer
+        answer = _decide(policy, record.input)
+        answers[record.decision_id] = answer
         if answer["allow"] == logged["allow"]:
             if answer == logged:
                 pass
             else:
                 report.other_changes += 1
                 if len(report.other_examples) < examples:
-                    report.other_examples.append(record["decision_id"])
+                    report.other_examples.append(record.decision_id)
             if answer["allow"]:
                 report.unchanged_allow += 1
             else:
                 report.unchanged_deny += 1
             continue
-        action = record["input"].get("action") or {}
+        action = record.action
         direction = ALLOW_TO_DENY if logged["allow"] else DENY_TO_ALLOW
         code = _first_code(answer if logged["allow"] else logged)
         key = (direction, code, str(action.get("target", "")), bool(action.get("probe")))
         change = groups.setdefault(key, Change(*key))
         change.count += 1
         if len(change.examples) < examples:
-            change.examples.append(record["decision_id"])
+            change.examples.append(record.decision_id)
     report.runs = len(seen_runs)
     report.changes = sorted(
         groups.values(), key=lambda c: (c.direction, -c.count, c.reason, c.target, c.probe)
@@ -299,14 +300,14 @@ def what_if(history: History, candidate: Candidate, examples: int = 3) -> WhatIf
     return report
 
 
-def _reservation(record: dict[str, Any], answer: dict[str, Any]) -> Usage:
+def _reservation(record: DecisionRecord, answer: dict[str, Any]) -> Usage:
     """The recorded worst case, with a model's completion cap as the candidate sets it.
 
     A model call reserves its cap plus a bound on its prompt; the log holds the total and
     the old cap, so the prompt bound is the difference.
     """
-    cost = Usage(**record["cost"])
-    if record["input"]["action"].get("kind") == "model":
+    cost = Usage(**(record.cost or {}))
+    if record.action.get("kind") == "model":
         old_cap = int(policy_answer(record).get("obligations", {}).get("max_tokens", 0))
         new_cap = int(answer.get("obligations", {}).get("max_tokens", 0))
         cost.tokens = max(cost.tokens - old_cap + new_cap, 0)
@@ -330,30 +331,32 @@ def _ledger(
         store.open(run_id, run.manifest.assembly.steps[0].id, Usage(**limits.as_dict()), "", 0)
         results[run_id] = RunBudget(run_id, limits.as_dict(), {})
     for record in history.records:
-        result = results.get(record.get("run_id", ""))
+        if not isinstance(record, (DecisionRecord, SettlementRecord)):
+            continue
+        result = results.get(record.run_id)
         if result is None:
             continue
-        if record["kind"] == "settlement":
+        if isinstance(record, SettlementRecord):
             # A reservation the candidate refused was never held: its settlement is unknown.
-            store.settle(record["reservation_id"], record["tokens"], record["usd_micros"])
+            store.settle(record.reservation_id, record.tokens, record.usd_micros)
             continue
-        answer = answers.get(record.get("decision_id", ""))
-        if record["kind"] != "decision" or answer is None or not answer["allow"]:
+        answer = answers.get(record.decision_id)
+        if answer is None or not answer["allow"]:
             continue
-        if not record.get("cost"):
+        if not record.cost:
             if is_call(record):
                 result.not_charged += 1  # not made then (refused): no usage was ever observed
             continue
         cost = _reservation(record, answer)
         left = store.books(result.run_id).remaining()
-        if not store.reserve(result.run_id, record["reservation_id"], cost, _FAR_FUTURE):
+        if not store.reserve(result.run_id, record.reservation_id, cost, _FAR_FUTURE):
             short = [name for name in BUDGETS if getattr(cost, name) > getattr(left, name)]
             result.refused += 1
             for name in short or ["usd_micros"]:  # a spent money budget refuses everything
                 if name not in result.refused_budgets:
                     result.refused_budgets.append(name)
             if len(result.refused_examples) < examples:
-                result.refused_examples.append(record["decision_id"])
+                result.refused_examples.append(record.decision_id)
     for run_id, result in results.items():
         books = store.books(run_id)
         used = Usage(**books.spent.as_dict())

@@ -1,15 +1,48 @@
-"""The tamper-evident decision log: hash-chained JSON lines, signed checkpoints, verifier."""
+"""The tamper-evident decision log: typed records, hash-chained JSON lines, signed
+checkpoints, verifier."""
 
-from pdp.decisionlog.verify import LogInvalid, LogReport, VerifiedLog, read_verified_log, verify_log
+from pdp.decisionlog.records import (
+    CheckpointRecord,
+    DecisionRecord,
+    Record,
+    RecordInvalid,
+    RegistrationRecord,
+    RegistrationRefusedRecord,
+    SettlementRecord,
+    StepChange,
+    WritableRecord,
+    format_time,
+    parse_record,
+)
+from pdp.decisionlog.verify import (
+    Logged,
+    LogInvalid,
+    LogReport,
+    VerifiedLog,
+    read_verified_log,
+    verify_log,
+)
 from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, read_head
 
 __all__ = [
+    "CheckpointRecord",
     "DecisionLog",
+    "DecisionRecord",
     "LogHead",
     "LogInvalid",
     "LogReport",
+    "Logged",
     "MaskRule",
+    "Record",
+    "RecordInvalid",
+    "RegistrationRecord",
+    "RegistrationRefusedRecord",
+    "SettlementRecord",
+    "StepChange",
     "VerifiedLog",
+    "WritableRecord",
+    "format_time",
+    "parse_record",
     "read_head",
     "read_verified_log",
     "verify_log",

@@ -2,8 +2,9 @@
 
 Steps, for each line in order:
 
-1. The line is complete and is the canonical JSON of a record (``v``, ``seq``, ``kind``,
-   ``time``, ``prev``): an edit that re-spells JSON, or a torn last line, stops here.
+1. The line is complete and is the canonical JSON of a well-formed record
+   (``records.parse_record``: version, ``seq``, ``prev``, a known kind with its fields):
+   an edit that re-spells JSON or breaks a record's shape, or a torn last line, stops here.
 2. ``seq`` is 0 for the first record and one more than the previous: a deleted,
    inserted or reordered record stops here.
 3. ``prev`` is the hash of the previous record (``GENESIS`` for the first): any edited
@@ -29,11 +30,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pdp.decisionlog.record import GENESIS, KINDS, RECORD_VERSION, record_hash, verify_checkpoint
+from pdp.decisionlog.record import GENESIS, record_hash, verify_checkpoint
+from pdp.decisionlog.records import CheckpointRecord, Record, RecordInvalid, parse_record
 from pdp.errors import AbcError, SignatureInvalid
-from pdp.manifest.canonical import parse_record
+from pdp.manifest.canonical import parse_record as parse_line
 
-__all__ = ["LogInvalid", "LogReport", "VerifiedLog", "read_verified_log", "verify_log"]
+__all__ = ["LogInvalid", "LogReport", "Logged", "VerifiedLog", "read_verified_log", "verify_log"]
 
 
 class LogInvalid(Exception):
@@ -53,16 +55,16 @@ class LogReport:
     unsigned_tail: int  # records after the last checkpoint
 
 
-def _record(line: bytes, number: int) -> dict[str, Any]:
+def _line(line: bytes, number: int) -> tuple[dict[str, Any], Record]:
+    """The line as read (what its hash and signature cover) and the record it holds."""
     try:
-        record = parse_record(line)
+        raw = parse_line(line)
     except AbcError as exc:
         raise LogInvalid(number, None, f"not a canonical JSON record: {exc}") from exc
-    if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
-        raise LogInvalid(number, None, "not a version-1 record")
-    if record.get("kind") not in KINDS or not isinstance(record.get("seq"), int):
-        raise LogInvalid(number, None, "record without a known kind or an integer seq")
-    return record
+    try:
+        return raw, parse_record(raw)
+    except RecordInvalid as exc:
+        raise LogInvalid(number, exc.seq, exc.problem) from exc
 
 
 def verify_log(
@@ -76,9 +78,21 @@ def verify_log(
 
 
 @dataclass(frozen=True)
+class Logged:
+    """A record and its place in the log."""
+
+    seq: int
+    record: Record
+
+
+@dataclass(frozen=True)
 class VerifiedLog:
     report: LogReport
-    records: list[dict[str, Any]]  # every record, checkpoints included, in log order
+    logged: list[Logged]  # every record, checkpoints included, in log order
+
+    @property
+    def records(self) -> list[Record]:
+        return [entry.record for entry in self.logged]
 
 
 def read_verified_log(
@@ -93,35 +107,35 @@ def read_verified_log(
     Reading the file once for both keeps a writer (or an attacker) from changing it
     between the check and the reading: what is analysed is what was proven intact.
     """
-    report, records = _verify(path.read_bytes(), key, allow_tail, expect_seq)
-    return VerifiedLog(report, records)
+    report, logged = _verify(path.read_bytes(), key, allow_tail, expect_seq)
+    return VerifiedLog(report, logged)
 
 
 def _verify(
     data: bytes, key: Ed25519PublicKey, allow_tail: bool, expect_seq: int | None
-) -> tuple[LogReport, list[dict[str, Any]]]:
+) -> tuple[LogReport, list[Logged]]:
     lines = data.split(b"\n")
     if lines[-1]:
         # (1) a last line without its newline was torn: written, never acknowledged whole.
         raise LogInvalid(len(lines), None, "the log ends inside a record (truncated)")
     lines = lines[:-1]
     prev, checkpoints, since_checkpoint = GENESIS, 0, 0
-    records: list[dict[str, Any]] = []
+    logged: list[Logged] = []
     for number, line in enumerate(lines, start=1):
-        record = _record(line, number)  # (1)
-        records.append(record)
-        seq = record["seq"]
+        raw, record = _line(line, number)  # (1)
+        seq = raw["seq"]
+        logged.append(Logged(seq, record))
         if seq != number - 1:  # (2)
             raise LogInvalid(
                 number, seq, f"expected seq {number - 1}: a record is missing or out of order"
             )
-        if record.get("prev") != prev:  # (3)
+        if raw["prev"] != prev:  # (3)
             raise LogInvalid(number, seq, "prev is not the hash of the record before (edited)")
-        if record["kind"] == "checkpoint":  # (4)
-            if record.get("head") != prev:
+        if isinstance(record, CheckpointRecord):  # (4)
+            if record.head != prev:
                 raise LogInvalid(number, seq, "checkpoint does not sign the chain head")
             try:
-                verify_checkpoint(record, key)
+                verify_checkpoint(raw, key)
             except (SignatureInvalid, ValueError) as exc:
                 raise LogInvalid(
                     number, seq, "checkpoint signature does not verify (forged)"
@@ -129,7 +143,7 @@ def _verify(
             checkpoints, since_checkpoint = checkpoints + 1, 0
         else:
             since_checkpoint += 1
-        prev = record_hash(record)
+        prev = record_hash(raw)
     if since_checkpoint and not allow_tail:  # (5)
         raise LogInvalid(
             len(lines),
@@ -139,4 +153,4 @@ def _verify(
         )
     if expect_seq is not None and len(lines) <= expect_seq:  # (6)
         raise LogInvalid(len(lines), None, f"the log ends before seq {expect_seq} (truncated)")
-    return LogReport(len(lines), checkpoints, prev, since_checkpoint), records
+    return LogReport(len(lines), checkpoints, prev, since_checkpoint), logged

@@ -14,9 +14,15 @@ the log cannot write, the idle timer retries a checkpoint every ``retry_seconds`
 the PDP recovers by itself once space returns. ``on_writable`` hears each change
 (health goes ``NOT_SERVING`` while the log cannot write).
 
-Secrets never reach the disk: configured argument paths (e.g. ``action.args.password``)
-and authorization headers are replaced by ``"***"`` before a record is hashed, and each
-record lists the paths it masked.
+Secrets never reach the disk: the configured paths of a decision's policy input
+(``--log-mask``, e.g. ``action.args.password``) are replaced by ``"***"`` before the
+record is hashed, and the record lists the paths it masked (``masked``). Nothing else is
+masked, and nothing else needs to be: a policy input holds the action (kind, target,
+tool arguments, max_tokens, HTTP method and path) and the run's step, never a request's
+headers, so an agent's authorization header never reaches the PDP, let alone its log.
+Records are typed (``records.py``); the writer adds their place in the chain (``v``,
+``seq``, ``prev``) and takes their ``time`` as given (the decision's own ``now``), reading
+its clock only for the checkpoints it signs.
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.clock import log_time, utc_now
-from pdp.decisionlog.record import GENESIS, RECORD_VERSION, sign_checkpoint
+from pdp.clock import utc_now
+from pdp.decisionlog.record import GENESIS, sign_checkpoint
+from pdp.decisionlog.records import DecisionRecord, Record, WritableRecord, line_fields
 from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
@@ -49,7 +56,8 @@ log = logging.getLogger("abc.pdp")
 
 @dataclass(frozen=True)
 class MaskRule:
-    """A dotted path inside a record's ``input`` whose value is replaced before writing."""
+    """A dotted path inside a decision record's ``input`` whose value is replaced before
+    writing."""
 
     path: tuple[str, ...]
 
@@ -156,23 +164,19 @@ class DecisionLog:
             self._watchers.append(on_writable)
             on_writable(self._writable)
 
-    def append(self, kind: str, fields: dict[str, Any]) -> int:
+    def append(self, record: WritableRecord) -> int:
         """Append one record and return its seq once it is on disk (fsynced).
 
         ``BadRequest`` if the record has no canonical spelling (nothing is written and the
         chain is unchanged); ``LogUnavailable`` if it could not be made durable (nothing of
         it stays in the file; the ``OSError`` is its cause) or once the log is closed.
         """
-        record = dict(fields)
-        masked: list[str] = []
-        if self._masks and isinstance(record.get("input"), dict):
-            # Masking edits a copy: the caller's input is left as it was.
-            record["input"] = copy.deepcopy(record["input"])
-            masked = _mask(record["input"], self._masks)
+        if self._masks and isinstance(record, DecisionRecord):
+            record = self._masked(record)
         with self._lock:
             if self._closed:
                 raise LogUnavailable("the decision log is closed")
-            seq = self._enqueue(kind, record, masked)
+            seq = self._enqueue(record)
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
             self._commit_or_unavailable(seq + 1)
@@ -183,6 +187,14 @@ class DecisionLog:
             self._commit_through(target)
         except OSError as exc:
             raise LogUnavailable(f"the decision log cannot write: {exc}") from exc
+
+    def _masked(self, record: DecisionRecord) -> DecisionRecord:
+        # Masking edits a copy: the caller's input is left as it was.
+        policy_input = copy.deepcopy(record.input)
+        masked = _mask(policy_input, self._masks)
+        if not masked:
+            return record
+        return record.model_copy(update={"input": policy_input, "masked": tuple(masked)})
 
     def _commit_through(self, target: int) -> None:
         """Return once every seq below ``target`` is on disk, or raise the ``OSError`` that
@@ -281,20 +293,11 @@ class DecisionLog:
         for watcher in self._watchers:
             watcher(writable)
 
-    def _enqueue(self, kind: str, record: dict[str, Any], masked: list[str]) -> int:
+    def _enqueue(self, record: Record) -> int:
         seq = self._seq
-        full = {
-            **record,
-            "v": RECORD_VERSION,
-            "seq": seq,
-            "kind": kind,
-            "time": log_time(self._clock()),
-            "prev": self._prev,
-            **({"masked": masked} if masked else {}),
-        }
         # Once: the line written is the line hashed. A record that cannot be spelled
         # raises here, before the chain moves.
-        encoded = canonical_record_bytes(full)
+        encoded = canonical_record_bytes(line_fields(record, seq, self._prev))
         self._pending.append(encoded + b"\n")
         self._seq, self._prev = seq + 1, digest(encoded)
         self._since_checkpoint += 1
@@ -306,20 +309,8 @@ class DecisionLog:
         )
 
     def _enqueue_checkpoint(self) -> None:
-        checkpoint = sign_checkpoint(
-            {
-                "v": RECORD_VERSION,
-                "seq": self._seq,
-                "kind": "checkpoint",
-                "time": log_time(self._clock()),
-                "prev": self._prev,
-                "head": self._prev,
-            },
-            self._key,
-        )
-        encoded = canonical_record_bytes(checkpoint)
-        self._pending.append(encoded + b"\n")
-        self._seq, self._prev = self._seq + 1, digest(encoded)
+        checkpoint = sign_checkpoint(self._seq, self._prev, self._clock(), self._key)
+        self._enqueue(checkpoint)
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
 
     def checkpoint(self) -> None:

@@ -195,7 +195,7 @@ class ExtAuthzServicer:
         ):
             if outcome.reservation_id:
                 # Nothing is forwarded: give the reserved worst case back at once.
-                self._service.report_usage(outcome.reservation_id, 0, 0)
+                self._service.report_usage(outcome.reservation_id, 0, 0, now)
             cap = outcome.decision.obligations.get("max_tokens")
             return _denied(
                 ReasonCode.BAD_REQUEST,

@@ -86,7 +86,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def _settle(self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext) -> bool:
         try:
             return self._service.report_usage(
-                report.reservation_id, report.tokens, report.usd_micros
+                report.reservation_id, report.tokens, report.usd_micros, self._clock()
             )
         except StoreUnavailable:
             # Not "unknown": the sidecar keeps the report and tries again.

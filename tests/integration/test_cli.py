@@ -233,13 +233,21 @@ def test_user_mistakes_are_one_line(setup: Setup, args: tuple[object, ...], mess
 def test_audit_verify(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from pdp.decisionlog import DecisionLog
+    from pdp.decisionlog import DecisionLog, SettlementRecord
 
     abcctl("keygen", "--out", tmp_path, "--name", "pdp")
     key = serialization.load_pem_private_key((tmp_path / "pdp.key").read_bytes(), password=None)
     log = DecisionLog(tmp_path / "d.log", key, checkpoint_every=3)  # type: ignore[arg-type]
     for i in range(5):
-        log.append("decision", {"decision_id": f"dec_{i}", "result": {"allow": True}})
+        log.append(
+            SettlementRecord(
+                time=datetime.now(UTC),
+                run_id="run_1",
+                reservation_id=f"rsv_{i}",
+                tokens=i,
+                usd_micros=0,
+            )
+        )
     log.close()
     ok = abcctl("audit", "verify", tmp_path / "d.log", "--pub", tmp_path / "pdp.pub")
     assert ok.code == 0 and ok.out.startswith("intact: 7 records, 2 signed checkpoints")

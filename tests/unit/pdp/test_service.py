@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from pdp.action import Action, validate_action
 from pdp.bundle import load_bundle
-from pdp.decisionlog import DecisionLog, read_verified_log
+from pdp.decisionlog import DecisionLog, DecisionRecord, read_verified_log
 from pdp.errors import ManifestRollback, ReasonCode, SignatureInvalid
 from pdp.manifest import SqliteHighWater
 from pdp.metrics import PdpMetrics
@@ -47,9 +47,10 @@ class _Pdp:
         document["policy"]["bundle_digest"] = self.bundle.digest
         return self.service.register_manifest(signed_envelope(key, document), NOW).run_id
 
-    def records(self) -> list[dict[str, object]]:
+    def decisions(self) -> list[DecisionRecord]:
         self.log.close()
-        return [r for r in read_verified_log(self.log_path, LOG_KEY.public_key()).records]
+        records = read_verified_log(self.log_path, LOG_KEY.public_key()).records
+        return [r for r in records if isinstance(r, DecisionRecord)]
 
 
 @pytest.fixture
@@ -96,8 +97,8 @@ def test_a_policy_that_fails_to_decide_refuses_as_unavailable(tmp_path: Path) ->
     assert not outcome.forward
     assert outcome.reason is ReasonCode.PDP_UNAVAILABLE
     assert pdp.store.books(run_id).reserved == Usage()
-    (record,) = [r for r in pdp.records() if r["kind"] == "decision"]
-    assert record["result"]["reasons"][0]["code"] == "pdp_unavailable"  # type: ignore[index]
+    (record,) = pdp.decisions()
+    assert record.result["reasons"][0]["code"] == "pdp_unavailable"
 
 
 def test_a_bug_while_deciding_refuses_as_unavailable(pdp: _Pdp) -> None:
@@ -124,8 +125,7 @@ def test_a_request_id_reused_for_another_action_is_refused_and_the_first_answer_
     assert again.decision.allow
     # One charge only: the refusal reserved nothing, the retry nothing more.
     assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)
-    decisions = [r for r in pdp.records() if r["kind"] == "decision"]
-    assert [bool(r.get("reused_request_id")) for r in decisions] == [False, True]
+    assert [r.reused_request_id for r in pdp.decisions()] == [False, True]
 
 
 def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None:

@@ -8,33 +8,54 @@ import json
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog import DecisionLog, LogInvalid, MaskRule, read_verified_log, verify_log
+from pdp.decisionlog import (
+    DecisionLog,
+    DecisionRecord,
+    LogInvalid,
+    MaskRule,
+    read_verified_log,
+    verify_log,
+)
 from pdp.decisionlog.record import record_hash
 from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_bytes
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+NOW = datetime(2026, 11, 22, 10, 5, tzinfo=UTC)
 
 
-def decision(i: int) -> dict[str, object]:
-    return {
-        "decision_id": f"dec_{i}",
-        "run_id": "run_1",
-        "input": {"action": {"kind": "tool", "target": "tool:kb/search", "args": {"q": str(i)}}},
-        "result": {"allow": i % 2 == 0, "reasons": []},
-    }
+def decision(i: int, args: dict[str, Any] | None = None) -> DecisionRecord:
+    return DecisionRecord(
+        time=NOW,
+        decision_id=f"dec_{i}",
+        request_id=f"req_{i}",
+        run_id="run_1",
+        manifest_digest="sha256:" + "1" * 64,
+        policy_digest="sha256:" + "2" * 64,
+        input={
+            "action": {
+                "kind": "tool",
+                "target": "tool:kb/search",
+                "args": {"q": str(i)} if args is None else args,
+            }
+        },
+        result={"allow": i % 2 == 0, "reasons": [], "obligations": {}},
+        reservation_id="",
+    )
 
 
 def written_log(tmp_path: Path, records: int = 10, every: int = 4) -> Path:
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY, checkpoint_every=every)
     for i in range(records):
-        log.append("decision", decision(i))
+        log.append(decision(i))
     log.close()
     return path
 
@@ -49,8 +70,8 @@ def test_the_records_read_are_the_records_verified(tmp_path: Path) -> None:
     path = written_log(tmp_path)
     verified = read_verified_log(path, KEY.public_key())
     assert verified.report == verify_log(path, KEY.public_key())
-    assert [r["seq"] for r in verified.records] == list(range(13))
-    assert [r["decision_id"] for r in verified.records if r["kind"] == "decision"] == [
+    assert [entry.seq for entry in verified.logged] == list(range(13))
+    assert [r.decision_id for r in verified.records if isinstance(r, DecisionRecord)] == [
         f"dec_{i}" for i in range(10)
     ]
     lines = path.read_bytes().splitlines(keepends=True)
@@ -68,7 +89,7 @@ def test_concurrent_appends_are_all_durable_and_chained(tmp_path: Path) -> None:
 
     def worker(n: int) -> None:
         for i in range(50):
-            seq = log.append("decision", decision(n * 100 + i))
+            seq = log.append(decision(n * 100 + i))
             with lock:
                 seqs.append(seq)
 
@@ -86,7 +107,7 @@ def test_concurrent_appends_are_all_durable_and_chained(tmp_path: Path) -> None:
 def test_a_restarted_log_continues_the_chain(tmp_path: Path) -> None:
     path = written_log(tmp_path, records=3)
     log = DecisionLog(path, KEY)
-    assert log.append("decision", decision(99)) == 4  # after 3 records and the closing checkpoint
+    assert log.append(decision(99)) == 4  # after 3 records and the closing checkpoint
     log.close()
     assert verify_log(path, KEY.public_key()).records == 6
 
@@ -96,7 +117,7 @@ def test_an_idle_tail_is_checkpointed_within_the_interval(tmp_path: Path) -> Non
     log = DecisionLog(path, KEY, checkpoint_seconds=0.2)
     try:
         for i in range(3):  # appends before the interval ends do not put the timer off
-            log.append("decision", decision(i))
+            log.append(decision(i))
             time.sleep(0.05)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -117,7 +138,7 @@ def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None
     with path.open("ab") as handle:
         handle.write(b'{"half a reco')
     log = DecisionLog(path, KEY)
-    log.append("decision", decision(7))
+    log.append(decision(7))
     log.close()
     verify_log(path, KEY.public_key())
 
@@ -125,16 +146,25 @@ def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None
 def test_secrets_are_masked_before_hashing(tmp_path: Path) -> None:
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY, masks=[MaskRule.parse("action.args.password")])
-    record = decision(1)
-    record["input"]["action"]["args"]["password"] = "hunter2"  # type: ignore[index]
-    log.append("decision", record)
+    record = decision(1, {"q": "1", "password": "hunter2"})
+    log.append(record)
     log.close()
     text = path.read_text()
     assert "hunter2" not in text
     first = json.loads(text.splitlines()[0])
     assert first["input"]["action"]["args"]["password"] == "***"
     assert first["masked"] == ["action.args.password"]
-    assert record["input"]["action"]["args"]["password"] == "hunter2"  # type: ignore[index]  # caller's copy
+    assert record.action["args"]["password"] == "hunter2"  # the caller's copy
+    (read,) = [r for r in read_verified_log(path, KEY.public_key()).records if r.kind == "decision"]
+    assert isinstance(read, DecisionRecord) and read.masked == ("action.args.password",)
+
+
+def test_a_record_without_a_masked_path_lists_none(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, masks=[MaskRule.parse("action.args.password")])
+    log.append(decision(1))
+    log.close()
+    assert "masked" not in json.loads(path.read_text().splitlines()[0])
 
 
 @pytest.mark.parametrize("path", ["", "args.x", "action..x", "input.action"])
@@ -254,16 +284,17 @@ def test_inserted_record_is_named(tmp_path: Path) -> None:
 
 def test_a_fractional_argument_is_logged_verified_and_read_back(tmp_path: Path) -> None:
     path = tmp_path / "decisions.log"
-    record = decision(1)
-    record["input"]["action"]["args"] = {"score": 0.5, "tiny": 1e-7}  # type: ignore[index]
+    record = decision(1, {"score": 0.5, "tiny": 1e-7})
     log = DecisionLog(path, KEY)
-    log.append("decision", record)
+    log.append(record)
     log.close()
     log = DecisionLog(path, KEY)  # the head is read back after a restart
-    log.append("decision", decision(2))
+    log.append(decision(2))
     log.close()
     verified = read_verified_log(path, KEY.public_key())
-    assert verified.records[0]["input"]["action"]["args"] == {"score": 0.5, "tiny": 1e-7}
+    first = verified.records[0]
+    assert isinstance(first, DecisionRecord)
+    assert first.action["args"] == {"score": 0.5, "tiny": 1e-7}
 
 
 def test_a_record_without_a_canonical_spelling_is_refused_and_the_chain_unchanged(
@@ -271,12 +302,11 @@ def test_a_record_without_a_canonical_spelling_is_refused_and_the_chain_unchange
 ) -> None:
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY)
-    log.append("decision", decision(1))
-    record = decision(2)
-    record["input"]["action"]["args"] = {"q": "\ud800"}  # type: ignore[index]
+    log.append(decision(1))
+    record = decision(2, {"q": "\ud800"})
     with pytest.raises(BadRequest):
-        log.append("decision", record)
-    assert log.append("decision", decision(3)) == 1  # nothing was taken by the refused one
+        log.append(record)
+    assert log.append(decision(3)) == 1  # nothing was taken by the refused one
     log.close()
     assert verify_log(path, KEY.public_key()).records == 3
 
@@ -311,7 +341,7 @@ def test_short_writes_are_finished_before_a_record_counts(
     log = DecisionLog(path, KEY)
     Disk(monkeypatch, _log_fd(log), room=10**6, chunk=7)
     for i in range(3):
-        log.append("decision", decision(i))
+        log.append(decision(i))
     log.close()
     assert verify_log(path, KEY.public_key()).records == 4
 
@@ -323,22 +353,26 @@ def test_a_full_disk_fails_the_record_whole_and_recovers_when_space_returns(
     log = DecisionLog(path, KEY, retry_seconds=60)
     changes: list[bool] = []
     log.watch(changes.append)
-    log.append("decision", decision(0))
+    log.append(decision(0))
     durable = path.read_bytes()
     disk = Disk(monkeypatch, _log_fd(log), room=40, chunk=1000)  # part of the next record fits
     with pytest.raises(LogUnavailable):
-        log.append("decision", decision(1))
+        log.append(decision(1))
     assert path.read_bytes() == durable  # the torn part is cut back
     assert not log.writable and changes == [True, False]
     with pytest.raises(LogUnavailable):  # refused again, still nothing torn
-        log.append("decision", decision(2))
+        log.append(decision(2))
     assert path.read_bytes() == durable
     disk.room = 10**6  # space returns: the next append goes through, chained on record 0
-    assert log.append("decision", decision(3)) == 1
+    assert log.append(decision(3)) == 1
     assert log.writable and changes == [True, False, True]
     log.close()
     verified = read_verified_log(path, KEY.public_key())
-    assert [r.get("decision_id") for r in verified.records] == ["dec_0", "dec_3", None]
+    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
+        "dec_0",
+        "dec_3",
+        "checkpoint",
+    ]
 
 
 def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
@@ -346,15 +380,15 @@ def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
 ) -> None:
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY, retry_seconds=0.05)
-    log.append("decision", decision(0))
+    log.append(decision(0))
     disk = Disk(monkeypatch, _log_fd(log), room=0, chunk=1000)
     with pytest.raises(LogUnavailable):
-        log.append("decision", decision(1))
+        log.append(decision(1))
     log.close()  # the final checkpoint fails: said in the log, not raised
     assert verify_log(path, KEY.public_key(), allow_tail=True).records == 1
     log = DecisionLog(path, KEY, retry_seconds=0.05)
     with pytest.raises(LogUnavailable):
-        log.append("decision", decision(2))
+        log.append(decision(2))
     disk.fd, disk.room = _log_fd(log), 10**6  # no append: the retry timer finds the space
     deadline = time.monotonic() + 5
     while not log.writable and time.monotonic() < deadline:

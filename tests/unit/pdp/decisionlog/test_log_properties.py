@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdp.decisionlog import DecisionLog, read_verified_log
+from pdp.decisionlog import DecisionLog, DecisionRecord, read_verified_log
 from pdp.errors import BadRequest, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, parse_record
 
@@ -77,13 +78,27 @@ def test_every_append_is_on_disk_whole_or_refused_without_a_trace(
         kept: list[Any] = []
         for number, (args, room) in enumerate(appends):
             disk.room = room  # the disk fills up anywhere, or not at all
-            record = {"decision_id": f"dec_{number}", "input": {"action": {"args": args}}}
+            record = DecisionRecord(
+                time=datetime(2026, 11, 22, 10, 5, tzinfo=UTC),
+                decision_id=f"dec_{number}",
+                request_id=f"req_{number}",
+                run_id="run_1",
+                manifest_digest="",
+                policy_digest="",
+                input={"action": {"args": args}},
+                result={"allow": False, "reasons": [], "obligations": {}},
+                reservation_id="",
+            )
             try:
-                log.append("decision", record)
+                log.append(record)
             except (BadRequest, LogUnavailable):
                 continue
             kept.append(args)
         disk.room = 10**6
         log.close()
-        logged = [r for r in read_verified_log(path, KEY.public_key()).records if "input" in r]
-        assert [r["input"]["action"]["args"] for r in logged] == kept
+        logged = [
+            r
+            for r in read_verified_log(path, KEY.public_key()).records
+            if isinstance(r, DecisionRecord)
+        ]
+        assert [r.action["args"] for r in logged] == kept
