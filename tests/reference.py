@@ -7,8 +7,9 @@ the same cases through regopy to count where it differs.
 
 Actions are drawn from a seeded generator: every constraint type, non-ASCII and control
 characters (NUL included), backslashes, path tricks, step orders, probes. Values the
-engine cannot hold exactly (a lone surrogate, an integer at or beyond 2^53, a path that is
-not printable ASCII) are marked ``unrepresentable``: the PDP must refuse those before
+engine cannot hold exactly (a lone surrogate, an integer at or beyond 2^53) and HTTP paths
+the mapping refuses (``check_http_path``: not printable ASCII, or escapes an upstream could
+decode to another path) are marked ``unrepresentable``: the PDP must refuse those before
 evaluation, as ``bad_request``.
 """
 
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opa_bindings import OpaEngine
+
+from pdp.api.actions import MappingError, check_http_path
 
 __all__ = ["DEMO_BUDGETS", "WIDE_INTENT", "Case", "Reference", "cases", "with_version"]
 
@@ -306,9 +309,22 @@ def _http(rng: random.Random) -> Case:
         return Case("http", rng.choice(_HOSTS[:3]), method=rng.choice(["GET", "POST"]), path=path)
     path = rng.choice(_PREFIXES) + "/".join(rng.choice(_SEGMENTS) for _ in range(rng.randint(1, 3)))
     if rng.random() < 0.04:
-        path += rng.choice(["é", " ", "\x00", "\t"])  # not printable ASCII: refused early
-        return Case("http", rng.choice(_HOSTS), method="GET", path=path, unrepresentable=True)
-    return Case("http", rng.choice(_HOSTS), method=rng.choice(_METHODS), path=path)
+        path += rng.choice(["é", " ", "\x00", "\t"])  # not printable ASCII
+    return Case(
+        "http",
+        rng.choice(_HOSTS),
+        method=rng.choice(_METHODS),
+        path=path,
+        unrepresentable=not _mappable(path),
+    )
+
+
+def _mappable(path: str) -> bool:
+    try:
+        check_http_path(path)
+    except MappingError:
+        return False
+    return True
 
 
 def _case(rng: random.Random) -> Case:
