@@ -53,6 +53,9 @@ __all__ = ["DecisionOutcome", "DecisionService", "RunView"]
 
 log = logging.getLogger("abc.pdp")
 
+# The sidecar's routes, the doors its own refusals come through.
+SIDECAR_ROUTES = frozenset({"openai", "anthropic", "mcp", "http"})
+
 # The most one report may settle: exact in JSON (2^53) and far below what would overflow a
 # Redis counter however often it is reported.
 MAX_REPORTED = 2**40
@@ -440,6 +443,36 @@ class DecisionService:
             )
         )
         return True
+
+    def record_refusal(
+        self, run_id: str, request_id: str, route: str, reason: ReasonCode, message: str,
+        now: datetime,
+    ) -> str:  # fmt: skip
+        """Log a refusal the sidecar made itself (a request it could not map to an action)
+        and return its decision id. ``BadRequest`` for a field outside its bounds;
+        ``LogUnavailable`` when the log cannot write (the sidecar keeps its own id)."""
+        unavailable = reason is ReasonCode.PDP_UNAVAILABLE  # that one is the PDP's to say
+        if route not in SIDECAR_ROUTES or len(message) > 200 or unavailable:
+            raise BadRequest("a sidecar refusal names a route, a reason and a short message")
+        run = self._runs.find(run_id) if run_id else None
+        decision_id = "dec_" + uuid.uuid4().hex
+        decision = Decision.deny(reason, message)
+        self._log.append(
+            DecisionRecord(
+                time=now,
+                decision_id=decision_id,
+                request_id=request_id,
+                run_id=run_id,
+                manifest_digest=run.verified.digest if run else "",
+                policy_digest=self.bundle.digest,
+                # No action: the sidecar could not make one. The route says which door.
+                input={"refused_by_sidecar": {"route": route}},
+                result=decision.as_dict(),
+                reservation_id="",
+            )
+        )
+        self._metrics.count_decision(False, reason, True)
+        return decision_id
 
     def restore(self, record: Record, trust_now: datetime) -> None:
         """Apply one decision-log record to the state (start-up recovery).

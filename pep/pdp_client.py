@@ -6,6 +6,7 @@ and a locally made decision id, so every refusal can still be traced.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -123,6 +124,31 @@ class PdpClient:
         return Verdict.refuse(
             ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
         )
+
+    async def record_refusal(
+        self, run_id: str, request_id: str, route: str, verdict: Verdict
+    ) -> Verdict:
+        """Log a refusal the sidecar made itself in the PDP's decision log; the same refusal
+        under the logged decision id, or unchanged (its local ``pep_`` id) if the PDP could
+        not log it. Refused either way: logging never turns a refusal into anything else."""
+        assert verdict.reason is not None and not verdict.allow
+        request = pdp_pb2.RecordRefusalRequest(
+            run_id=run_id,
+            request_id=request_id,
+            route=route,
+            reason=verdict.reason.value,
+            message=verdict.message[:200],
+        )
+        try:
+            response = await self._stub.RecordRefusal(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            log.warning("refusal %s not in the decision log: %s", verdict.decision_id, code)
+            return verdict
+        if not response.decision_id.startswith("dec_"):
+            log.error("PDP answered garbage to a refusal record")
+            return verdict
+        return dataclasses.replace(verdict, decision_id=response.decision_id)
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
         """Queue a settlement; it reaches the PDP in the next batch."""

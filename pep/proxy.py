@@ -94,9 +94,18 @@ class Handler:
         sidecar = request.app[SIDECAR]
         adapter, route = self.adapter, self.adapter.route
 
-        def refuse(
+        async def refuse(
             verdict: Verdict, call: Call | None = None, status: int | None = None
         ) -> web.Response:
+            if verdict.decision_id.startswith("pep_") and verdict.reason is not (
+                ReasonCode.PDP_UNAVAILABLE
+            ):
+                # The sidecar's own refusal: logged in the PDP's decision log too, so no
+                # attempt goes unseen there (the local id stays if the PDP cannot log it).
+                named = request.headers.get("x-abc-run", "")
+                verdict = await sidecar.pdp.record_refusal(
+                    sidecar.run_id or named[:128], _request_id(request), route, verdict
+                )
             sidecar.metrics.count(route, "deny", verdict.reason)
             # Route and method only: paths and bodies may carry the agent's secrets.
             log.info(
@@ -107,31 +116,31 @@ class Handler:
         try:
             upstream_url = _upstream_url(request, adapter, sidecar.config.upstreams)
         except MappingError as exc:
-            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)))
+            return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)))
         if upstream_url is None:
-            return refuse(
+            return await refuse(
                 Verdict.refuse(ReasonCode.BAD_REQUEST, "no upstream is configured for this route"),
                 status=404,
             )
         unsafe = _unsafe_request(request, route)
         if unsafe is not None:
-            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, unsafe))
+            return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, unsafe))
         named = request.headers.get("x-abc-run")
         if sidecar.run_id and named and named != sidecar.run_id:
             # A bound sidecar decides under its own run only: a header cannot switch runs.
-            return refuse(
+            return await refuse(
                 Verdict.refuse(ReasonCode.BAD_REQUEST, "this sidecar is bound to another run")
             )
         run_id = sidecar.run_id or named
         if not run_id:
-            return refuse(
+            return await refuse(
                 Verdict.refuse(ReasonCode.MANIFEST_UNKNOWN, "no run is bound (x-abc-run or --run)")
             )
         body = b""
         if adapter.reads_body:
             read = await read_body(request, sidecar.config.max_body_bytes)
             if read is None:
-                return refuse(
+                return await refuse(
                     Verdict.refuse(ReasonCode.BAD_REQUEST, "request body over the size limit"),
                     status=413,
                 )
@@ -140,7 +149,7 @@ class Handler:
             call = adapter.call(request, body)
         except MappingError as exc:
             refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
-            return refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
+            return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
 
         step = request.headers.get(STEP_HEADER)
         if step:
@@ -149,7 +158,7 @@ class Handler:
                 run_id, step_request_id(_request_id(request)), step_action(step)
             )
             if not moved.allow:
-                return refuse(moved, call)
+                return await refuse(moved, call)
             sidecar.metrics.count_shadow(route, moved.reason)
 
         verdict: Verdict | None = None
@@ -158,7 +167,7 @@ class Handler:
             verdict = await sidecar.pdp.decide(run_id, _request_id(request), call.action)
             sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
             if not verdict.allow:
-                return refuse(verdict, call)
+                return await refuse(verdict, call)
             sidecar.metrics.count_shadow(route, verdict.reason)
             if call.apply_obligations is not None:
                 body = call.apply_obligations(verdict.obligations)
@@ -166,7 +175,7 @@ class Handler:
                 # The reservation bounds what is forwarded; a body past it is never sent.
                 if verdict.reservation_id:
                     sidecar.pdp.report_usage(verdict.reservation_id, 0)
-                return refuse(
+                return await refuse(
                     Verdict.refuse(ReasonCode.BAD_REQUEST, "the body outgrew its reservation"),
                     call,
                 )

@@ -101,6 +101,31 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             settled=[self._settle(r, context) for r in request.reports]
         )
 
+    def RecordRefusal(  # noqa: N802
+        self, request: pdp_pb2.RecordRefusalRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.RecordRefusalResponse:
+        try:
+            if len(request.request_id) > MAX_ID_LENGTH or len(request.run_id) > MAX_ID_LENGTH:
+                raise BadRequest("request_id and run_id are at most 128 characters")
+            try:
+                reason = ReasonCode(request.reason)
+            except ValueError as exc:
+                raise BadRequest("reason is not in the closed set") from exc
+            decision_id = self._service.record_refusal(
+                request.run_id,
+                request.request_id,
+                request.route,
+                reason,
+                request.message,
+                self._clock(),
+            )
+        except AbcError as exc:
+            status = grpc.StatusCode.INVALID_ARGUMENT
+            if exc.reason is ReasonCode.PDP_UNAVAILABLE:
+                status = grpc.StatusCode.UNAVAILABLE
+            context.abort(status, exc.reason.value)
+        return pdp_pb2.RecordRefusalResponse(decision_id=decision_id)
+
     def GetRun(  # noqa: N802
         self, request: pdp_pb2.GetRunRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.GetRunResponse:

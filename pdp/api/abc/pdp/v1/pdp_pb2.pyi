@@ -138,3 +138,23 @@ class GetRunResponse(_message.Message):
     completed_steps: _containers.RepeatedScalarFieldContainer[str]
     manifest_digest: str
     def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+
+class RecordRefusalRequest(_message.Message):
+    __slots__ = ("run_id", "request_id", "route", "reason", "message")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    request_id: str
+    route: str
+    reason: str
+    message: str
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., route: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class RecordRefusalResponse(_message.Message):
+    __slots__ = ("decision_id",)
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    def __init__(self, decision_id: _Optional[str] = ...) -> None: ...

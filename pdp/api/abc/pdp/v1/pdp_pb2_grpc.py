@@ -59,6 +59,11 @@ class DecisionServiceStub:
                 request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunResponse.FromString,
                 _registered_method=True)
+        self.RecordRefusal = channel.unary_unary(
+                '/abc.pdp.v1.DecisionService/RecordRefusal',
+                request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalRequest.SerializeToString,
+                response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionServiceServicer:
@@ -99,6 +104,15 @@ class DecisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordRefusal(self, request, context):
+        """Log a refusal the sidecar made itself, for a request it could not map to an action
+        (malformed, ungoverned, unsafe to forward): the decision log sees every attempt, not
+        only the ones the PDP decided. Answers the decision id the refusal carries.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.GetRun,
                     request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunRequest.FromString,
                     response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunResponse.SerializeToString,
+            ),
+            'RecordRefusal': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordRefusal,
+                    request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalRequest.FromString,
+                    response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class DecisionService:
             '/abc.pdp.v1.DecisionService/GetRun',
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunRequest.SerializeToString,
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.GetRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordRefusal(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abc.pdp.v1.DecisionService/RecordRefusal',
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalRequest.SerializeToString,
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RecordRefusalResponse.FromString,
             options,
             channel_credentials,
             insecure,
