@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.clock import utc_now
-from pdp.errors import AbcError, BadRequest, ReasonCode, StoreUnavailable
+from pdp.errors import AbcError, BadRequest, LogUnavailable, ReasonCode, StoreUnavailable
 from pdp.service import DecisionService
 
 __all__ = ["DecisionServicer"]
@@ -88,7 +88,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             return self._service.report_usage(
                 report.reservation_id, report.tokens, report.usd_micros, self._clock()
             )
-        except StoreUnavailable:
+        except (StoreUnavailable, LogUnavailable):
             # Not "unknown": the sidecar keeps the report and tries again.
             context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mcp.client.session import ClientSession
@@ -201,6 +202,16 @@ def test_a_full_disk_refuses_loses_no_answer_and_recovers_by_itself(
     assert _remaining_tool_calls(pdp, run_id) == 100 - len(allowed)
     assert _health(pdp) == health_pb2.HealthCheckResponse.NOT_SERVING
     assert not _decide(pdp, _search(run_id, "while-full")).allow
+    # A settlement the log cannot record is "try again" (UNAVAILABLE), not a failed call.
+    _fill_disk(pdp, log_path, room=0)  # not even a short settlement record fits now
+    held = next(
+        r["reservation_id"] for r in _whole_records(log_path) if r.get("decision_id") == allowed[-1]
+    )
+    with pdp.channel() as channel, pytest.raises(grpc.RpcError) as unrecorded:
+        pdp_pb2_grpc.DecisionServiceStub(channel).ReportUsage(
+            pdp_pb2.ReportUsageRequest(reservation_id=held), timeout=10
+        )
+    assert unrecorded.value.code() is grpc.StatusCode.UNAVAILABLE
     _free_disk(pdp)  # space returns: no call needed, health comes back by itself
     _wait_health(pdp, health_pb2.HealthCheckResponse.SERVING)
     again = _decide(pdp, _search(run_id, "after"))
