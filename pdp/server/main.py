@@ -52,6 +52,7 @@ from pdp.service import DecisionService
 __all__ = ["check_bundle_compiles", "main", "main_exit", "serve"]
 
 log = logging.getLogger("abc.pdp")
+_SIGNAL_POLL_SECONDS = 0.2
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 STATE_DB = "abc.db"
 
@@ -299,7 +300,11 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     )
     if ready is not None:
         ready.set()
-    stop.wait()
+    # Polled, not one blocking wait: the kernel may hand SIGTERM to any thread (the Go
+    # runtime of the Rego engine has its own), and Python runs its handler only when the
+    # main thread next runs Python code. One blocking wait once noticed it 14 s late.
+    while not stop.wait(_SIGNAL_POLL_SECONDS):
+        pass
     log.info("abc-pdp stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
     deadline = time.monotonic() + config.grace_seconds
     serving.clear()
