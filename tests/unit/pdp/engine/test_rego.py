@@ -63,7 +63,7 @@ def test_capability_outside_the_step_is_refused() -> None:
 
 
 def test_threads_never_see_each_others_input() -> None:
-    """Each thread evaluates in its own engine: no decision is made on another's input."""
+    """Threads take engines from the pool one at a time: none decides on another's input."""
     policy = prepared()
     wrong: list[int] = []
 
