@@ -16,7 +16,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from pdp.api import pdp_pb2
-from pdp.api.actions import MAX_TOKENS, TARGETS, MappingError, check_http_path, exact_value_problem
+from pdp.api.mapping import MAX_TOKENS, TARGETS
+from pdp.api.requests import check_http_path, exact_value_problem
 from pdp.engine.inputs import check_arg_names, engine_value
 from pdp.errors import BadRequest
 from pdp.manifest.canonical import parse_strict_json
@@ -103,10 +104,7 @@ def validate_action(
     if kind == "http":
         if method not in _METHODS:
             raise BadRequest("unsupported HTTP method")
-        try:
-            check_http_path(path)
-        except MappingError as exc:
-            raise BadRequest(str(exc)) from exc
+        check_http_path(path)  # MappingError: an AbcError with reason bad_request
     elif method or path:
         raise BadRequest("only http actions carry a method and path")
     return Action(kind, target, safe_args, max_tokens, method, path, input_bytes=input_bytes)

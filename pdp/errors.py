@@ -4,6 +4,7 @@
 
     AbcError                 hostile or invalid input: becomes a denial with a reason code
     ├── BadRequest           malformed request or document        -> bad_request
+    │   └── MappingError     a protocol request not judgeable as sent
     ├── SignatureInvalid     envelope, signature or key scope      -> signature_invalid
     ├── ManifestExpired      outside the manifest's validity window -> manifest_expired
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
@@ -22,7 +23,7 @@ Outward, the reason code is the whole answer; the message is detail for the log.
 from __future__ import annotations
 
 from pdp.api.config import ConfigError
-from pdp.api.reasons import ReasonCode
+from pdp.api.reasons import AbcError, BadRequest, MappingError, ReasonCode
 
 __all__ = [
     "AbcError",
@@ -32,6 +33,7 @@ __all__ = [
     "ManifestExpired",
     "ManifestRollback",
     "ManifestUnknown",
+    "MappingError",
     "PolicyMismatch",
     "ReasonCode",
     "RunClosed",
@@ -39,16 +41,6 @@ __all__ = [
     "SignatureInvalid",
     "StoreUnavailable",
 ]
-
-
-class AbcError(Exception):
-    """Base of every error that answers hostile or invalid input with a reason code."""
-
-    reason: ReasonCode = ReasonCode.BAD_REQUEST
-
-
-class BadRequest(AbcError):
-    reason = ReasonCode.BAD_REQUEST
 
 
 class SignatureInvalid(AbcError):

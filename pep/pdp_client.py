@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import json_format
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
-from pdp.api.actions import MAX_TOKENS
+from pdp.api.mapping import MAX_TOKENS
 from pep.usage_reporter import UsageReporter
 
 __all__ = ["PdpClient", "PdpTls", "Verdict"]

@@ -19,9 +19,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from yarl import URL
 
 from pdp.api import ReasonCode, pdp_pb2
-from pdp.api.actions import STEP_HEADER, step_action, step_request_id, unsafe_request
 from pdp.api.bodies import read_body
 from pdp.api.cost import worst_case_tokens
+from pdp.api.mapping import STEP_HEADER, step_action, step_request_id
+from pdp.api.requests import unsafe_request
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
 from pep.adapters.http import HttpAdapter, upstream_path
@@ -116,7 +117,7 @@ class Handler:
         try:
             upstream_url = _upstream_url(request, adapter, sidecar.config.upstreams)
         except MappingError as exc:
-            return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)))
+            return await refuse(Verdict.refuse(exc.reason, str(exc)))
         if upstream_url is None:
             return await refuse(
                 Verdict.refuse(ReasonCode.BAD_REQUEST, "no upstream is configured for this route"),
@@ -149,7 +150,7 @@ class Handler:
             call = adapter.call(request, body)
         except MappingError as exc:
             refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
-            return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, str(exc)), refused)
+            return await refuse(Verdict.refuse(exc.reason, str(exc)), refused)
 
         step = request.headers.get(STEP_HEADER)
         if step:

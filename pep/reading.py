@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
 
-from pdp.api.actions import MappingError
+from pdp.api.reasons import MappingError
 
 __all__ = ["BodyDecoder", "Unreadable", "media_type"]
 

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 
-from pdp.api.actions import CAP_GROWTH, MAX_TOKENS
+from pdp.api.mapping import CAP_GROWTH, MAX_TOKENS
 
 __all__ = ["top_level_spans", "write_fields"]
 

@@ -22,7 +22,8 @@ from typing import Any
 
 from opa_bindings import OpaEngine
 
-from pdp.api.actions import MappingError, check_http_path
+from pdp.api.reasons import MappingError
+from pdp.api.requests import check_http_path
 
 __all__ = ["DEMO_BUDGETS", "WIDE_INTENT", "Case", "Reference", "cases", "with_version"]
 

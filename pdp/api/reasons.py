@@ -1,4 +1,5 @@
-"""The closed set of reason codes: part of the public contract, like the .proto.
+"""The closed set of reason codes (part of the public contract, like the .proto), the error
+that carries one, and the HTTP status of a refusal for each.
 
 Both the PDP (which emits them) and the PEP (which counts them as metric labels)
 import this module; a code outside it is never trusted as a label.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["ReasonCode", "refusal_status"]
+__all__ = ["AbcError", "BadRequest", "MappingError", "ReasonCode", "refusal_status"]
 
 
 class ReasonCode(StrEnum):
@@ -45,3 +46,22 @@ def refusal_status(reason: ReasonCode | None) -> int:
     if reason in (ReasonCode.BAD_REQUEST, ReasonCode.MANIFEST_UNKNOWN):
         return 400
     return 403
+
+
+class AbcError(Exception):
+    """Base of every error that answers hostile or invalid input with a reason code.
+
+    Callers read ``reason`` and never match message text; the message is detail for the log.
+    """
+
+    reason: ReasonCode = ReasonCode.BAD_REQUEST
+
+
+class BadRequest(AbcError):
+    reason = ReasonCode.BAD_REQUEST
+
+
+class MappingError(BadRequest, ValueError):
+    """A protocol request that cannot be mapped to an action as sent: refused."""
+
+    reason = ReasonCode.BAD_REQUEST

@@ -3,7 +3,7 @@
 An Envoy (or Istio) sidecar asks the PDP directly. The run comes from ``x-abc-run``, the
 request id from ``x-request-id`` (Envoy sets one on every request). Requests under a
 provider's path prefix are model calls mapped from the forwarded body, with the PEP's own
-mapping (``pdp.api.actions``); every other request is an ``http`` action (host, method,
+mapping (``pdp.api.mapping``); every other request is an ``http`` action (host, method,
 path). Fail closed: no run, an unknown run, a request that cannot be mapped, a model
 request whose body was not forwarded whole: each is a logged refusal, never OK.
 
@@ -31,18 +31,17 @@ from google.rpc import code_pb2, status_pb2
 
 from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2
-from pdp.api.actions import (
+from pdp.api.mapping import (
     STEP_HEADER,
-    MappingError,
     cap_to_write,
     http_action,
     model_request,
     step_action,
     step_request_id,
     token_field,
-    unsafe_request,
 )
-from pdp.api.reasons import refusal_status
+from pdp.api.reasons import MappingError, refusal_status
+from pdp.api.requests import unsafe_request
 from pdp.clock import utc_now
 from pdp.errors import BadRequest, ReasonCode
 from pdp.server.servicer import MAX_ID_LENGTH

@@ -33,9 +33,9 @@ from typing import Any
 from aiohttp import web
 
 from pdp.action import Action, action_from_json
-from pdp.api.actions import MappingError, parse_json_object
 from pdp.api.bodies import read_body
-from pdp.api.reasons import refusal_status
+from pdp.api.reasons import MappingError, refusal_status
+from pdp.api.requests import parse_json_object
 from pdp.clock import utc_now
 from pdp.errors import BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest

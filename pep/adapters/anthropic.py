@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import model_request, token_fields
+from pdp.api.mapping import model_request, token_fields
 from pep.adapters.base import Call, model_call
 from pep.pdp_client import Verdict
 

@@ -15,8 +15,8 @@ from typing import Any, Protocol
 from aiohttp import ClientResponse, web
 
 from pdp.api import pdp_pb2
-from pdp.api.actions import MappingError, parse_json_object
-from pdp.api.reasons import refusal_status
+from pdp.api.reasons import MappingError, refusal_status
+from pdp.api.requests import parse_json_object
 from pep.pdp_client import Verdict
 from pep.splice import write_fields
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdp.api.actions import MappingError, http_action
+from pdp.api.mapping import http_action
+from pdp.api.reasons import MappingError
 from pep.adapters.base import Call
 from pep.pdp_client import Verdict
 

@@ -25,7 +25,8 @@ from aiohttp import ClientResponse, web
 from multidict import CIMultiDict
 
 from pdp.api import ReasonCode
-from pdp.api.actions import MappingError, mcp_list_probe, mcp_tool_action
+from pdp.api.mapping import mcp_list_probe, mcp_tool_action
+from pdp.api.reasons import MappingError
 from pep.adapters.base import Call, Probe, dump_json, parse_json_object
 from pep.forward import response_headers
 from pep.pdp_client import Verdict

@@ -32,6 +32,7 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
 # Every error type and its reason code. A new type must be added here, with its code.
 EXPECTED = {
     "BadRequest": ReasonCode.BAD_REQUEST,
+    "MappingError": ReasonCode.BAD_REQUEST,
     "SignatureInvalid": ReasonCode.SIGNATURE_INVALID,
     "ManifestExpired": ReasonCode.MANIFEST_EXPIRED,
     "ManifestRollback": ReasonCode.MANIFEST_ROLLBACK,

@@ -8,7 +8,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from envoy.service.auth.v3 import attribute_context_pb2
 
-from pdp.api.actions import CAP_GROWTH, MappingError
+from pdp.api.mapping import CAP_GROWTH
+from pdp.api.reasons import MappingError
 from pdp.server.ext_authz import ModelRoutes, map_request
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.http import HttpAdapter

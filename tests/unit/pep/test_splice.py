@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp.api.actions import CAP_GROWTH, MAX_TOKENS
+from pdp.api.mapping import CAP_GROWTH, MAX_TOKENS
 from pep.splice import top_level_spans, write_fields
 
 

@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 
 from pdp.api import ReasonCode
-from pdp.api.actions import (
+from pdp.api.mapping import (
     CAP_GROWTH,
     STEP_HEADER,
-    MappingError,
     cap_to_write,
-    check_http_path,
     model_request,
-    parse_json_object,
     step_action,
     step_request_id,
-    unsafe_request,
 )
-from pdp.api.reasons import refusal_status
+from pdp.api.reasons import MappingError, refusal_status
+from pdp.api.requests import check_http_path, parse_json_object, unsafe_request
 
 
 def test_model_request_reserves_the_body_size_with_the_cap() -> None:

@@ -11,15 +11,9 @@ from urllib.parse import unquote_to_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdp.api.actions import (
-    MAX_TOKENS,
-    TARGETS,
-    MappingError,
-    check_http_path,
-    mcp_tool_action,
-    model_request,
-    unsafe_request,
-)
+from pdp.api.mapping import MAX_TOKENS, TARGETS, mcp_tool_action, model_request
+from pdp.api.reasons import MappingError
+from pdp.api.requests import check_http_path, unsafe_request
 
 _SCALARS = (
     st.none()

@@ -1,4 +1,4 @@
-"""The one mapping from a protocol request to an ``Action`` (OpenAI, Anthropic, MCP, HTTP).
+"""The one mapping from a protocol request to an action (OpenAI, Anthropic, MCP, HTTP, steps).
 
 The PEP's adapters use it, and so does the PDP's Envoy ext_authz door, so the two can
 never disagree on what a request asks for. It knows the protocols, not the policy:
@@ -10,36 +10,30 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 from pdp.api.abc.pdp.v1 import pdp_pb2
+from pdp.api.reasons import MappingError
+from pdp.api.requests import check_http_path, exact_value_problem, parse_json_object
 
 __all__ = [
     "CAP_GROWTH",
     "MAX_TOKENS",
     "MODEL_PATHS",
-    "OVERRIDE_HEADERS",
     "STEP_HEADER",
     "TARGETS",
-    "MappingError",
     "anthropic_action",
     "cap_to_write",
-    "check_http_path",
-    "exact_value_problem",
     "http_action",
     "mcp_list_probe",
     "mcp_tool_action",
     "model_request",
     "openai_action",
-    "parse_json_object",
     "step_action",
     "step_request_id",
     "token_field",
     "token_fields",
-    "unsafe_request",
 ]
 
 # OpenAI endpoints that consume a model, and every body field that bounds the completion:
@@ -70,191 +64,10 @@ TARGETS = {
 }
 
 
-class MappingError(ValueError):
-    """The request cannot be mapped to an action: refuse it as ``bad_request``."""
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
-        # Parsers disagree on which duplicate wins; the decider and the upstream must not.
-        raise MappingError("duplicate keys in the request body")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> Any:
-    raise MappingError(f"{name} is not JSON")
-
-
 def _target(kind: str, target: str) -> str:
     if not TARGETS[kind].fullmatch(target):
         raise MappingError(f"malformed {kind} target")
     return target
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """The request body as a JSON object; ``MappingError`` for anything else.
-
-    UTF-8 only: ``json.loads`` would sniff UTF-16 or UTF-32 from bytes, which the
-    upstream need not do, and a byte-order mark is refused likewise.
-    """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MappingError("the request body is not UTF-8") from exc
-    try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:
-        if isinstance(exc, MappingError):
-            raise
-        raise MappingError("the request body is not JSON") from exc
-    if not isinstance(value, dict):
-        raise MappingError("the request body is not a JSON object")
-    return value
-
-
-# Headers that make some servers do another method or path than the one decided.
-OVERRIDE_HEADERS = frozenset(
-    {
-        "x-http-method-override",
-        "x-http-method",
-        "x-method-override",
-        "x-original-url",
-        "x-original-uri",
-        "x-rewrite-url",
-        "x-original-method",
-        "x-forwarded-method",
-        "x-forwarded-uri",
-        "x-forwarded-path",
-        "x-forwarded-prefix",
-    }
-)
-# Headers whose meaning the sidecar relies on (framing, hop-by-hop, its own): spelled with
-# an underscore, a CGI-style server reads them as these, after the sidecar judged them not.
-_MEANINGFUL_HEADERS = frozenset(
-    {
-        "connection",
-        "content-encoding",
-        "content-length",
-        "content-type",
-        "host",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
-
-def _header_key(name: str) -> str:
-    """A header name as CGI-style servers read it: case-folded, ``_`` the same as ``-``."""
-    return name.strip().lower().replace("_", "-")
-
-
-# Query keys that some frameworks read as the method (Laravel, Express method-override).
-_OVERRIDE_QUERY_KEYS = frozenset(_header_key(k) for k in ("_method", *OVERRIDE_HEADERS))
-
-
-def _header_problem(headers: Iterable[tuple[str, str]]) -> str | None:
-    spellings: dict[str, str] = {}
-    for name, value in headers:
-        key = _header_key(name)
-        if key in OVERRIDE_HEADERS:
-            return "method or URL override headers are refused"
-        # Every Content-Encoding header counts: a second one must not hide behind the first.
-        if key == "content-encoding" and value.strip().lower() != "identity":
-            return "compressed request bodies are refused"
-        if "_" in name and (key in _MEANINGFUL_HEADERS or key.startswith("x-abc-")):
-            return "a framing or sidecar header spelled with an underscore is refused"
-        if spellings.setdefault(key, name.lower()) != name.lower():
-            # X-Api-Key and X_Api_Key: which one an upstream reads is its choice, not ours.
-            return "one header sent under two spellings is refused"
-    return None
-
-
-def _query_problem(raw_query: str) -> str | None:
-    for pair in re.split(r"[&;]", raw_query):
-        raw_key = pair.split("=", 1)[0].replace("+", " ")
-        key = unquote_to_bytes(raw_key).decode("utf-8", "replace")
-        if _header_key(key) in _OVERRIDE_QUERY_KEYS:
-            return "method override query parameters are refused"
-    return None
-
-
-def unsafe_request(
-    method: str,
-    raw_path: str,
-    headers: Iterable[tuple[str, str]],
-    *,
-    model_route: bool,
-    raw_query: str = "",
-) -> str | None:
-    """Why a request cannot be judged faithfully (then it is refused), or None.
-
-    ``headers`` are (name, value) pairs as received; ``raw_path`` and ``raw_query`` are the
-    path and query string as sent.
-    """
-    problem = _header_problem(headers) or _query_problem(raw_query)
-    if problem is not None:
-        return problem
-    if model_route:
-        if method != "POST":
-            return f"{method} on a model endpoint is not governed"
-        if "%" in raw_path:
-            return "percent-encoded model endpoint paths are refused"
-    return None
-
-
-_PRINTABLE_PATH = re.compile(r"/[\x21-\x7e]{0,2047}")
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-# Characters that never need an escape (RFC 3986 unreserved), and the ones the policy reads
-# a path by: escaped, a decoding upstream sees one the policy was not shown.
-_NEVER_ESCAPED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/\\%")
-_DOT_SEGMENTS = frozenset({".", ".."})
-
-
-def check_http_path(path: str) -> str:
-    """``path`` (the raw path as sent, which is forwarded byte for byte) if no upstream can
-    read it as another path than the policy is shown; ``MappingError`` otherwise.
-
-    Dot segments and backslashes written out are left to the policy, which sees them as they
-    are. What it cannot see is what escapes decode to, so:
-
-    1. printable ASCII only, starting with ``/`` (what the PDP takes);
-    2. every ``%`` starts an escape of two hex digits;
-    3. no escape of a character that never needs one (unreserved, ``/``, ``\\``, ``%``);
-    4. the escaped bytes are valid, shortest-form UTF-8 (``%c0%ae``, ``%e0%80%ae`` and
-       ``%f0%80%80%ae`` are an overlong ``.``), with no control or format characters;
-    5. a segment with escapes is no dot segment (``..%3b`` is ``..;``), and holds no slash,
-       backslash or percent sign, once decoded and once NFKC-normalised (``%ef%bc%8e`` is a
-       full-width dot, ``.`` to a server that normalises).
-    """
-    # 1.
-    if not _PRINTABLE_PATH.fullmatch(path):
-        raise MappingError("HTTP path must start with / and hold printable ASCII only")
-    # 2.
-    if "%" in _ESCAPE.sub("", path):
-        raise MappingError("a percent sign in the path starts no escape")
-    # 3.
-    if any(chr(int(m.group(1), 16)) in _NEVER_ESCAPED for m in _ESCAPE.finditer(path)):
-        raise MappingError("the path escapes a character that needs no escape")
-    for segment in path.split("/"):
-        if "%" not in segment:
-            continue
-        # 4.
-        try:
-            decoded = unquote_to_bytes(segment).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MappingError("the path's escapes are not shortest-form UTF-8") from exc
-        if any(unicodedata.category(c) in ("Cc", "Cf") for c in decoded):
-            raise MappingError("the path escapes a control character")
-        # 5.
-        for form in (decoded, unicodedata.normalize("NFKC", decoded)):
-            if form.split(";", 1)[0] in _DOT_SEGMENTS or any(c in form for c in "/\\%"):
-                raise MappingError("an escaped path segment decodes to another path")
-    return path
 
 
 # Tools the agent runs itself (their calls come back to it, and through the sidecar);
@@ -388,29 +201,6 @@ def cap_to_write(requested: int, obligations: Mapping[str, Any]) -> int | None:
     if isinstance(cap, bool) or not isinstance(cap, int | float) or 0 < requested <= cap:
         return None
     return int(cap)
-
-
-def exact_value_problem(value: Any) -> str | None:
-    """Why a JSON value cannot be judged and logged exactly as sent, or None.
-
-    The engine and the decision log take Unicode text: a lone surrogate could be neither
-    judged nor logged as sent (numbers, fractions included, are both).
-    Iterative, so that nesting as deep as a JSON parser allows cannot overflow the stack.
-    """
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        texts = [item] if isinstance(item, str) else list(item) if isinstance(item, dict) else []
-        for text in texts:
-            try:
-                text.encode("utf-8")
-            except (UnicodeEncodeError, AttributeError):
-                return "strings must be valid Unicode (no lone surrogates)"
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
 
 
 def mcp_tool_action(server: str, params: Any) -> pdp_pb2.Action:
