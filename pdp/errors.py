@@ -4,7 +4,8 @@
 
     AbcError                 hostile or invalid input: becomes a denial with a reason code
     ├── BadRequest           malformed request or document        -> bad_request
-    │   └── MappingError     a protocol request not judgeable as sent
+    │   ├── MappingError     a protocol request not judgeable as sent
+    │   └── RequestIdReused  a request id already answered for another action
     ├── SignatureInvalid     envelope, signature or key scope      -> signature_invalid
     ├── ManifestExpired      outside the manifest's validity window -> manifest_expired
     ├── ManifestRollback     version not above the lineage's mark  -> manifest_rollback
@@ -36,11 +37,18 @@ __all__ = [
     "MappingError",
     "PolicyMismatch",
     "ReasonCode",
+    "RequestIdReused",
     "RunClosed",
     "ShadowNotAllowed",
     "SignatureInvalid",
     "StoreUnavailable",
 ]
+
+
+class RequestIdReused(BadRequest):
+    """Logged as a refusal; the first answer given to the request id stays its answer."""
+
+    reason = ReasonCode.BAD_REQUEST
 
 
 class SignatureInvalid(AbcError):

@@ -17,11 +17,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pdp.decisionlog import DecisionRecord, SettlementRecord, format_time
+from pdp.clock import log_time
+from pdp.decisionlog import DecisionRecord, SettlementRecord
 from pdp.engine import policy_data
 from pdp.history import load_history
+from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest.model import Manifest
-from pdp.runstore import MemoryRunStore, Usage
 
 __all__ = ["Explanation", "NotInLog", "explain", "render"]
 
@@ -108,7 +109,7 @@ def _explanation(
         }
     return Explanation(
         decision_id=record.decision_id,
-        time=format_time(record.time),
+        time=log_time(record.time),
         run_id=record.run_id,
         enforced=record.enforced,
         action=action,

@@ -54,6 +54,7 @@ from pdp.decisionlog import (
 )
 from pdp.errors import ConfigError
 from pdp.history import History, RunInfo, is_call, policy_answer
+from pdp.ledger import BUDGETS, MemoryRunStore, Usage
 from pdp.manifest.intent import Intent, IntentError, parse_intent
 from pdp.manifest.model import (
     ArgConstraint,
@@ -64,7 +65,6 @@ from pdp.manifest.model import (
     Step,
     ToolCapability,
 )
-from pdp.runstore import BUDGETS, MemoryRunStore, Usage
 
 __all__ = [
     "Suggestion",

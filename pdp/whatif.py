@@ -38,8 +38,8 @@ from pdp.decisionlog import DecisionRecord, SettlementRecord
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, ReasonCode
 from pdp.history import History, RunInfo, is_call, policy_answer
+from pdp.ledger import BUDGETS, MemoryRunStore, Usage
 from pdp.manifest.model import Manifest
-from pdp.runstore import BUDGETS, MemoryRunStore, Usage
 
 __all__ = ["Candidate", "Change", "RunBudget", "WhatIfReport", "format_report", "what_if"]
 

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import grpc
 from aiohttp import web
@@ -32,7 +33,9 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     try:
         root = load_certificates(config.pdp_ca, "--pdp-ca")
         chain, key = (
-            load_key_pair(config.pdp_cert, config.pdp_key, "--pdp-cert", "--pdp-key")
+            load_key_pair(
+                config.pdp_cert, config.pdp_key, "--pdp-cert", "--pdp-key", datetime.now(UTC)
+            )
             if config.pdp_cert is not None and config.pdp_key is not None
             else (None, None)
         )

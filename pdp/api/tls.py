@@ -8,7 +8,7 @@ wrong file stops start-up with one line naming it. Messages never quote key mate
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -39,9 +39,10 @@ def load_certificates(path: Path, flag: str) -> bytes:
 
 
 def load_key_pair(
-    cert_path: Path, key_path: Path, cert_flag: str, key_flag: str
+    cert_path: Path, key_path: Path, cert_flag: str, key_flag: str, now: datetime
 ) -> tuple[bytes, bytes]:
-    """(certificate chain PEM, private key PEM), checked to belong together and be in date."""
+    """(certificate chain PEM, private key PEM), checked to belong together and be in date
+    at ``now`` (the caller's clock read)."""
     chain = load_certificates(cert_path, cert_flag)
     key_pem = _read(key_path, key_flag)
     try:
@@ -53,7 +54,7 @@ def load_key_pair(
     der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
         raise TlsFileError(f"{key_flag} {key_path} is not the key of {cert_flag} {cert_path}")
-    if leaf.not_valid_after_utc <= datetime.now(UTC):
+    if leaf.not_valid_after_utc <= now:
         # Every handshake would fail anyway; say so once, at start-up, by name.
         raise TlsFileError(
             f"{cert_flag} {cert_path} expired at {leaf.not_valid_after_utc.isoformat()}"

@@ -11,7 +11,6 @@ from pdp.decisionlog.records import (
     SettlementRecord,
     StepChange,
     WritableRecord,
-    format_time,
     parse_record,
 )
 from pdp.decisionlog.verify import (
@@ -41,7 +40,6 @@ __all__ = [
     "StepChange",
     "VerifiedLog",
     "WritableRecord",
-    "format_time",
     "parse_record",
     "read_head",
     "read_verified_log",

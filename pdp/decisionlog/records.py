@@ -43,6 +43,7 @@ from pydantic import (
 )
 
 from pdp.api.reasons import ReasonCode
+from pdp.clock import LOG_TIME_FORMAT, log_time, parse_log_time
 
 __all__ = [
     "KINDS",
@@ -56,14 +57,12 @@ __all__ = [
     "SettlementRecord",
     "StepChange",
     "WritableRecord",
-    "format_time",
     "line_fields",
     "parse_record",
 ]
 
 RECORD_VERSION: Literal[1] = 1
 KINDS = ("registration", "decision", "settlement", "checkpoint")
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _CHAIN = ("seq", "prev")  # the writer's fields: where a record sits, not what it says
 _BUDGETS = frozenset({"tokens", "usd_micros", "tool_calls", "requests"})
 
@@ -76,11 +75,6 @@ class RecordInvalid(ValueError):
         self.problem, self.seq = problem, seq
 
 
-def format_time(moment: datetime) -> str:
-    """A record's spelling of an instant: UTC, microseconds, ``Z``."""
-    return moment.astimezone(UTC).strftime(_TIME_FORMAT)
-
-
 def _instant(value: Any) -> datetime:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -89,10 +83,10 @@ def _instant(value: Any) -> datetime:
         return value.astimezone(UTC)
     if not isinstance(value, str):
         raise ValueError("a record's time is a string")
-    moment = datetime.strptime(value, _TIME_FORMAT).replace(tzinfo=UTC)
-    if format_time(moment) != value:
+    moment = parse_log_time(value)
+    if log_time(moment) != value:
         # Only the one spelling the writer uses: re-writing the record gives the same bytes.
-        raise ValueError(f"time {value!r} is not spelled {_TIME_FORMAT}")
+        raise ValueError(f"time {value!r} is not spelled {LOG_TIME_FORMAT}")
     return moment
 
 
@@ -126,7 +120,7 @@ class RegistrationRecord(_Record):
     def fields(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "time": format_time(self.time),
+            "time": log_time(self.time),
             "result": {"accepted": True},
             "run_id": self.run_id,
             "manifest_digest": self.manifest_digest,
@@ -149,7 +143,7 @@ class RegistrationRefusedRecord(_Record):
     def fields(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "time": format_time(self.time),
+            "time": log_time(self.time),
             "result": {"accepted": False, "reason": self.reason.value, "detail": self.detail},
             "policy_digest": self.policy_digest,
         }
@@ -230,7 +224,7 @@ class DecisionRecord(_Record):
         # Optional fields are written only when they say something, as they always were.
         fields: dict[str, Any] = {
             "kind": self.kind,
-            "time": format_time(self.time),
+            "time": log_time(self.time),
             "decision_id": self.decision_id,
             "request_id": self.request_id,
             "run_id": self.run_id,
@@ -244,7 +238,7 @@ class DecisionRecord(_Record):
             fields["policy_result"] = self.policy_result
         if self.cost is not None and self.expires is not None:
             fields["cost"] = self.cost
-            fields["expires"] = format_time(self.expires)
+            fields["expires"] = log_time(self.expires)
         if self.step is not None:
             fields["step"] = {"from": self.step.from_, "to": self.step.to}
         if not self.enforced:
@@ -273,7 +267,7 @@ class SettlementRecord(_Record):
     def fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
             "kind": self.kind,
-            "time": format_time(self.time),
+            "time": log_time(self.time),
             "run_id": self.run_id,
             "reservation_id": self.reservation_id,
             "tokens": self.tokens,
@@ -295,7 +289,7 @@ class CheckpointRecord(_Record):
     def fields(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "time": format_time(self.time),
+            "time": log_time(self.time),
             "head": self.head,
             "keyid": self.keyid,
             "sig": self.sig,

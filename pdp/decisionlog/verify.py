@@ -30,7 +30,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pdp.decisionlog.record import GENESIS, record_hash, verify_checkpoint
+from pdp.decisionlog.chain import GENESIS, record_hash, verify_checkpoint
 from pdp.decisionlog.records import CheckpointRecord, Record, RecordInvalid, parse_record
 from pdp.errors import AbcError, SignatureInvalid
 from pdp.manifest.canonical import parse_record as parse_line

@@ -43,7 +43,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.clock import utc_now
-from pdp.decisionlog.record import GENESIS, sign_checkpoint
+from pdp.decisionlog.chain import GENESIS, sign_checkpoint
 from pdp.decisionlog.records import DecisionRecord, Record, WritableRecord, line_fields
 from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record

@@ -29,7 +29,6 @@ from envoy.service.auth.v3 import external_auth_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2
 from pdp.api.mapping import (
     STEP_HEADER,
@@ -43,8 +42,8 @@ from pdp.api.mapping import (
 from pdp.api.reasons import MappingError, refusal_status
 from pdp.api.requests import unsafe_request
 from pdp.clock import utc_now
-from pdp.errors import BadRequest, ReasonCode
-from pdp.server.servicer import MAX_ID_LENGTH
+from pdp.errors import ReasonCode
+from pdp.server.servicer import MAX_ID_LENGTH, decide_wire
 from pdp.service import DecisionOutcome, DecisionService
 
 __all__ = ["SERVICE_NAME", "ExtAuthzServicer", "ModelRoutes"]
@@ -164,31 +163,21 @@ class ExtAuthzServicer:
             request_id = "authz_" + uuid.uuid4().hex
         now = self._clock()
         try:
-            mapped: _Mapped | None = map_request(http, headers, self._routes)
-            failure = ""
+            mapped = map_request(http, headers, self._routes)
         except MappingError as exc:
-            mapped, failure = None, str(exc)
-
-        def build() -> Action:
-            if mapped is None:
-                raise BadRequest(failure)  # decided and logged as a refusal, like any other
-            return action_from_proto(mapped.action)
-
+            # Decided and logged as a refusal, like any other.
+            return _refused(self._service.refuse(run_id, request_id, exc, now))
         step = named.get(STEP_HEADER)
-        if step and mapped is not None:
+        if step:
             # Entering a step is an action of its own, decided before the call (as the PEP does).
-            moved = self._service.decide(
-                run_id,
-                step_request_id(request_id),
-                lambda: action_from_proto(step_action(step)),
-                now,
+            moved = decide_wire(
+                self._service, run_id, step_request_id(request_id), step_action(step), now
             )
             if not moved.forward:
                 return _refused(moved)
-        outcome = self._service.decide(run_id, request_id, build, now)
+        outcome = decide_wire(self._service, run_id, request_id, mapped.action, now)
         if not outcome.forward:
             return _refused(outcome)
-        assert mapped is not None  # an allow was built from a mapped request
         if mapped.token_field is not None and (
             cap_to_write(mapped.action.max_tokens, outcome.decision.obligations) is not None
         ):

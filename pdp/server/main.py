@@ -32,16 +32,17 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
+from pdp.clock import utc_now
 from pdp.decisionlog import DecisionLog, MaskRule
+from pdp.decisionlog.recovery import restore_from_log
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, StoreUnavailable
+from pdp.ledger import MemoryRunStore, RunStore
+from pdp.ledger.redis import RedisRunStore
 from pdp.manifest import HighWater, Manifest, SqliteHighWater, load_trust_store
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
-from pdp.recovery import restore_from_log
-from pdp.runstore import MemoryRunStore, RunStore
-from pdp.runstore.redis import RedisRunStore
 from pdp.server.config import PdpConfig, parse_config, transport_warnings
 from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
 from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
@@ -127,7 +128,9 @@ def _server_credentials(config: PdpConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
     try:
-        chain, key = load_key_pair(config.tls_cert, config.tls_key, "--tls-cert", "--tls-key")
+        chain, key = load_key_pair(
+            config.tls_cert, config.tls_key, "--tls-cert", "--tls-key", utc_now()
+        )
         client_ca = (
             load_certificates(config.tls_client_ca, "--tls-client-ca")
             if config.tls_client_ca

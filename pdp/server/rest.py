@@ -32,12 +32,12 @@ from typing import Any
 
 from aiohttp import web
 
-from pdp.action import Action, action_from_json
+from pdp.action import action_from_json
 from pdp.api.bodies import read_body
 from pdp.api.reasons import MappingError, refusal_status
 from pdp.api.requests import parse_json_object
 from pdp.clock import utc_now
-from pdp.errors import BadRequest, ConfigError, ReasonCode
+from pdp.errors import AbcError, BadRequest, ConfigError, ReasonCode
 from pdp.manifest.canonical import digest
 from pdp.server.servicer import MAX_ID_LENGTH
 from pdp.service import DecisionOutcome, DecisionService
@@ -161,6 +161,21 @@ class _Door:
             ReasonCode.BAD_REQUEST,
         )
 
+    def _decide(
+        self, run_id: str, request_id: str, given: dict[str, Any], now: datetime
+    ) -> DecisionOutcome:
+        try:
+            if given.keys() - _INPUT_FIELDS:
+                raise BadRequest("input takes only run_id, request_id and action")
+            if not 0 < len(request_id) <= MAX_ID_LENGTH:
+                raise BadRequest("request_id must be 1 to 128 characters")
+            if "action" not in given:
+                raise BadRequest("input.action is required")
+            action = action_from_json(given["action"])
+        except AbcError as exc:
+            return self.service.refuse(run_id, request_id, exc, now)
+        return self.service.decide(run_id, request_id, action, now)
+
     async def data(self, request: web.Request) -> web.Response:
         if request.method in ("PUT", "PATCH", "DELETE"):
             return await self.refuse_write(request)
@@ -196,18 +211,9 @@ class _Door:
             # No idempotency key given: a fresh one, so a retry is a second decision.
             request_id = "rest_" + uuid.uuid4().hex
 
-        def build() -> Action:
-            if given.keys() - _INPUT_FIELDS:
-                raise BadRequest("input takes only run_id, request_id and action")
-            if not 0 < len(request_id) <= MAX_ID_LENGTH:
-                raise BadRequest("request_id must be 1 to 128 characters")
-            if "action" not in given:
-                raise BadRequest("input.action is required")
-            return action_from_json(given["action"])
-
         now = self.clock()
         outcome = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.service.decide, run_id, request_id, build, now
+            self.executor, self._decide, run_id, request_id, given, now
         )
         return _answer(outcome, allow_only=path == ALLOW)
 

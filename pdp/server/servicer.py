@@ -12,13 +12,13 @@ from datetime import datetime
 import grpc
 from google.protobuf import struct_pb2
 
-from pdp.action import Action, action_from_proto
+from pdp.action import action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.clock import utc_now
 from pdp.errors import AbcError, BadRequest, LogUnavailable, ReasonCode, StoreUnavailable
-from pdp.service import DecisionService
+from pdp.service import DecisionOutcome, DecisionService
 
-__all__ = ["DecisionServicer"]
+__all__ = ["DecisionServicer", "decide_wire"]
 
 _REGISTRATION_STATUS = {
     ReasonCode.SIGNATURE_INVALID: grpc.StatusCode.PERMISSION_DENIED,
@@ -30,6 +30,22 @@ _REGISTRATION_STATUS = {
 }
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
+
+
+def decide_wire(
+    service: DecisionService,
+    run_id: str,
+    request_id: str,
+    message: pdp_pb2.Action,
+    now: datetime,
+) -> DecisionOutcome:
+    """Decide an action as it came over the wire: validated first, and what is not valid
+    refused (and logged) as a decision of its run."""
+    try:
+        action = action_from_proto(message)
+    except AbcError as exc:
+        return service.refuse(run_id, request_id, exc, now)
+    return service.decide(run_id, request_id, action, now)
 
 
 class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
@@ -55,12 +71,14 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def Decide(  # noqa: N802
         self, request: pdp_pb2.DecideRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.DecideResponse:
-        def build() -> Action:
-            if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
-                raise BadRequest("request_id is required (at most 128 characters)")
-            return action_from_proto(request.action)
-
-        outcome = self._service.decide(request.run_id, request.request_id, build, self._clock())
+        now = self._clock()
+        if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
+            error = BadRequest("request_id is required (at most 128 characters)")
+            outcome = self._service.refuse(request.run_id, request.request_id, error, now)
+        else:
+            outcome = decide_wire(
+                self._service, request.run_id, request.request_id, request.action, now
+            )
         obligations = struct_pb2.Struct()
         obligations.update(outcome.decision.obligations)
         return pdp_pb2.DecideResponse(

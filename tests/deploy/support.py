@@ -20,8 +20,8 @@ import promql_parser
 import yaml
 from prometheus_client import CollectorRegistry
 
+from pdp.ledger import BUDGETS
 from pdp.metrics import PdpMetrics
-from pdp.runs import BUDGETS
 from pep.metrics import PepMetrics
 from tests.harness import BIN, ROOT
 

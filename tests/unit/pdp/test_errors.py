@@ -33,6 +33,7 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
 EXPECTED = {
     "BadRequest": ReasonCode.BAD_REQUEST,
     "MappingError": ReasonCode.BAD_REQUEST,
+    "RequestIdReused": ReasonCode.BAD_REQUEST,
     "SignatureInvalid": ReasonCode.SIGNATURE_INVALID,
     "ManifestExpired": ReasonCode.MANIFEST_EXPIRED,
     "ManifestRollback": ReasonCode.MANIFEST_ROLLBACK,

@@ -4,8 +4,8 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from pdp.action import Action, validate_action
 from pdp.bundle import load_bundle
 from pdp.decisionlog import DecisionLog, DecisionRecord, read_verified_log
-from pdp.errors import ManifestRollback, ReasonCode, SignatureInvalid
+from pdp.errors import BadRequest, ManifestRollback, ReasonCode, SignatureInvalid
+from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest import SqliteHighWater
 from pdp.metrics import PdpMetrics
-from pdp.runstore import MemoryRunStore, Usage
 from pdp.service import DecisionService
 from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
 
@@ -27,24 +27,29 @@ LOG_KEY = Ed25519PrivateKey.generate()
 
 
 class _Pdp:
-    def __init__(self, tmp_path: Path, policies: Path = POLICIES) -> None:
+    def __init__(
+        self, tmp_path: Path, policies: Path = POLICIES, store: MemoryRunStore | None = None
+    ) -> None:
         self.bundle = load_bundle(policies)
         self.log_path = tmp_path / "decisions.log"
         self.log = DecisionLog(self.log_path, LOG_KEY)
-        self.store = MemoryRunStore()
+        self.store = store or MemoryRunStore()
         self.marks = SqliteHighWater(tmp_path / "abc.db")
         self.service = DecisionService(
             self.bundle,
-            trust_store(trust_entry(KEY)),
+            trust_store(trust_entry(KEY, modes=("enforce", "shadow"))),
             self.marks,
             PdpMetrics(CollectorRegistry()),
             self.log,
             store=self.store,
         )
 
-    def register(self, version: int = 7, key: Ed25519PrivateKey = KEY) -> str:
+    def register(
+        self, version: int = 7, key: Ed25519PrivateKey = KEY, mode: str = "enforce"
+    ) -> str:
         document = manifest_document(version=version)
         document["policy"]["bundle_digest"] = self.bundle.digest
+        document["enforcement"] = mode
         return self.service.register_manifest(signed_envelope(key, document), NOW).run_id
 
     def decisions(self) -> list[DecisionRecord]:
@@ -58,8 +63,8 @@ def pdp(tmp_path: Path) -> _Pdp:
     return _Pdp(tmp_path)
 
 
-def _model(max_tokens: int = 100) -> Callable[[], Action]:
-    return lambda: validate_action("model", "model:openai/gpt-4o-mini", max_tokens=max_tokens)
+def _model(max_tokens: int = 100) -> Action:
+    return validate_action("model", "model:openai/gpt-4o-mini", max_tokens=max_tokens)
 
 
 def test_an_allowed_call_reserves_its_worst_case(pdp: _Pdp) -> None:
@@ -101,13 +106,47 @@ def test_a_policy_that_fails_to_decide_refuses_as_unavailable(tmp_path: Path) ->
     assert record.result["reasons"][0]["code"] == "pdp_unavailable"
 
 
-def test_a_bug_while_deciding_refuses_as_unavailable(pdp: _Pdp) -> None:
-    run_id = pdp.register()
-
-    def broken() -> Action:
+class _BrokenStore(MemoryRunStore):
+    def reserve(self, *args: Any, **kwargs: Any) -> bool:
         raise RuntimeError("a bug, not the caller's input")
 
-    outcome = pdp.service.decide(run_id, "req-1", broken, NOW)
+
+def test_a_bug_while_deciding_refuses_as_unavailable_and_is_decided_anew(tmp_path: Path) -> None:
+    pdp = _Pdp(tmp_path, store=_BrokenStore())
+    run_id = pdp.register()
+    outcome = pdp.service.decide(run_id, "req-1", _model(), NOW)
+    assert not outcome.forward and outcome.reason is ReasonCode.PDP_UNAVAILABLE
+    (record,) = pdp.decisions()  # refused, and logged as such
+    assert record.result["reasons"][0]["code"] == "pdp_unavailable"
+    assert pdp.store.claim(run_id, "req-1") is None  # not kept: a retry decides anew
+
+
+def test_an_action_a_door_could_not_validate_is_refused_and_logged(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+    outcome = pdp.service.refuse(run_id, "req-1", BadRequest("malformed model target"), NOW)
+    assert not outcome.forward and outcome.reason is ReasonCode.BAD_REQUEST
+    # For a run that does not exist, that is the answer, as for any decision.
+    unknown = pdp.service.refuse("run_nope", "req-2", BadRequest("malformed"), NOW)
+    assert unknown.reason is ReasonCode.MANIFEST_UNKNOWN
+    record, refused_unknown = pdp.decisions()
+    assert record.decision_id == outcome.decision_id and record.manifest_digest
+    assert record.result["reasons"][0]["message"] == "malformed model target"
+    assert refused_unknown.run_id == "run_nope" and not refused_unknown.manifest_digest
+
+
+def test_a_policy_that_fails_to_decide_refuses_a_shadow_run_too(tmp_path: Path) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "authz.rego").write_text(
+        "package abc.authz\n\n"
+        'decision := {"allow": false, "reasons": [], "obligations": {}} if {\n'
+        "\tto_number(input.action.target) > 0\n"
+        "}\n"
+    )
+    pdp = _Pdp(tmp_path, policies)
+    run_id = pdp.register(mode="shadow")
+    outcome = pdp.service.decide(run_id, "req-1", _model(), NOW)
+    # Shadow lifts the policy's verdict; a policy with no verdict is not lifted.
     assert not outcome.forward and outcome.reason is ReasonCode.PDP_UNAVAILABLE
 
 

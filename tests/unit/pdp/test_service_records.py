@@ -70,7 +70,7 @@ def test_each_record_carries_its_requests_own_time(pdp: Pdp) -> None:
     outcome = pdp.service.decide(
         run.run_id,
         "req_1",
-        lambda: validate_action("tool", "tool:kb/search", args={"query": "q"}),
+        validate_action("tool", "tool:kb/search", args={"query": "q"}),
         decided_at,
     )
     assert outcome.decision.allow and outcome.reservation_id
@@ -103,14 +103,14 @@ def test_an_expired_reservation_is_settled_at_the_time_of_the_decision_that_foun
     first = pdp.service.decide(
         run.run_id,
         "req_1",
-        lambda: validate_action("model", "model:openai/gpt-4o-mini", max_tokens=100),
+        validate_action("model", "model:openai/gpt-4o-mini", max_tokens=100),
         NOW,
     )
     later = NOW + timedelta(hours=1)  # past the reservation's ten minutes
     pdp.service.decide(
         run.run_id,
         "req_2",
-        lambda: validate_action("tool", "tool:kb/search", args={"query": "q"}),
+        validate_action("tool", "tool:kb/search", args={"query": "q"}),
         later,
     )
     pdp.log.close()

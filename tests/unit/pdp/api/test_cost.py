@@ -7,7 +7,7 @@ import pytest
 from pdp.action import validate_action
 from pdp.api.cost import worst_case_tokens
 from pdp.engine import Decision
-from pdp.runs import cost_of
+from pdp.ledger import cost_of
 
 
 @pytest.mark.parametrize(

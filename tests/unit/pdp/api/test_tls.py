@@ -14,6 +14,8 @@ from cryptography.x509.oid import NameOID
 from pdp.api.tls import TlsFileError, is_loopback, load_certificates, load_key_pair
 from pdp.certs import write_dev_certs
 
+NOW = datetime.now(UTC)
+
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -23,21 +25,21 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_matching_pair_loads(certs: Path) -> None:
-    chain, key = load_key_pair(certs / "pdp.pem", certs / "pdp.key", "--tls-cert", "--tls-key")
+    chain, key = load_key_pair(certs / "pdp.pem", certs / "pdp.key", "--tls-cert", "--tls-key", NOW)
     assert chain == (certs / "pdp.pem").read_bytes() and key == (certs / "pdp.key").read_bytes()
     assert load_certificates(certs / "ca.pem", "--pdp-ca") == (certs / "ca.pem").read_bytes()
 
 
 def test_a_key_of_another_certificate_is_refused(certs: Path) -> None:
     with pytest.raises(TlsFileError, match=r"pep\.key is not the key of --tls-cert .*pdp\.pem"):
-        load_key_pair(certs / "pdp.pem", certs / "pep.key", "--tls-cert", "--tls-key")
+        load_key_pair(certs / "pdp.pem", certs / "pep.key", "--tls-cert", "--tls-key", NOW)
 
 
 def test_files_swapped_or_missing_are_named(certs: Path, tmp_path: Path) -> None:
     with pytest.raises(TlsFileError, match=r"--tls-cert .*pdp\.key: not a PEM certificate"):
-        load_key_pair(certs / "pdp.key", certs / "pdp.pem", "--tls-cert", "--tls-key")
+        load_key_pair(certs / "pdp.key", certs / "pdp.pem", "--tls-cert", "--tls-key", NOW)
     with pytest.raises(TlsFileError, match=r"--tls-key .*: not an unencrypted PEM private key"):
-        load_key_pair(certs / "pdp.pem", certs / "pdp.pem", "--tls-cert", "--tls-key")
+        load_key_pair(certs / "pdp.pem", certs / "pdp.pem", "--tls-cert", "--tls-key", NOW)
     with pytest.raises(TlsFileError, match=r"cannot read --pdp-ca .*absent\.pem"):
         load_certificates(tmp_path / "absent.pem", "--pdp-ca")
 
@@ -51,7 +53,7 @@ def test_an_encrypted_key_is_refused_without_quoting_it(certs: Path, tmp_path: P
     )
     (tmp_path / "pep.key").write_bytes(encrypted)
     with pytest.raises(TlsFileError) as caught:
-        load_key_pair(certs / "pep.pem", tmp_path / "pep.key", "--pdp-cert", "--pdp-key")
+        load_key_pair(certs / "pep.pem", tmp_path / "pep.key", "--pdp-cert", "--pdp-key", NOW)
     assert "unencrypted" in str(caught.value) and "BEGIN" not in str(caught.value)
 
 
@@ -78,7 +80,7 @@ def test_an_expired_certificate_is_refused(tmp_path: Path) -> None:
         )
     )
     with pytest.raises(TlsFileError, match="expired at"):
-        load_key_pair(tmp_path / "old.pem", tmp_path / "old.key", "--tls-cert", "--tls-key")
+        load_key_pair(tmp_path / "old.pem", tmp_path / "old.key", "--tls-cert", "--tls-key", NOW)
 
 
 @pytest.mark.parametrize(

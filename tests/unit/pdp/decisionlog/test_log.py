@@ -23,7 +23,7 @@ from pdp.decisionlog import (
     read_verified_log,
     verify_log,
 )
-from pdp.decisionlog.record import record_hash
+from pdp.decisionlog.chain import record_hash
 from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_bytes
 

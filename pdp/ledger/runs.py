@@ -1,6 +1,6 @@
 """Runs: one per manifest. Each process keeps the verified manifest and its compiled
 policy; the run's mutable state (step, outcome, budgets, answers) lives in a run store
-(``pdp/runstore``), in this process or shared by several replicas.
+(``store.py``: in this process, or in Redis shared by several replicas).
 
 Status, in order: an ended run stays ended (completed, failed, revoked); a run whose
 lineage has a newer registered version is revoked; before its window it is pending,
@@ -14,14 +14,12 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 
-from pdp.action import Action
-from pdp.api.cost import worst_case_tokens
-from pdp.engine import Decision, PreparedPolicy
-from pdp.errors import StoreUnavailable
+from pdp.engine import PreparedPolicy
+from pdp.errors import ManifestExpired, RunClosed, StoreUnavailable
+from pdp.ledger.store import BUDGETS, RunState, RunStore, Usage
 from pdp.manifest import VerifiedManifest, mark_lineage
-from pdp.runstore import BUDGETS, RunState, RunStore, Usage
 
-__all__ = ["Run", "RunRegistry", "cost_of", "run_id_for"]
+__all__ = ["Run", "RunRegistry", "run_id_for"]
 
 
 def run_id_for(manifest_digest: str) -> str:
@@ -59,18 +57,19 @@ class Run:
             return "pending"
         return "running" if now < manifest.expires_at else "expired"
 
-
-def cost_of(action: Action, decision: Decision) -> Usage:
-    """The worst case an allowed action may spend, reserved before it is forwarded."""
-    if action.kind == "model":
-        # Settled with real usage; the PEP settles unread usage with the same formula.
-        tokens = worst_case_tokens(decision.obligations, action.max_tokens, action.input_bytes)
-        return Usage(tokens=tokens, requests=1)
-    if action.kind == "tool":
-        return Usage(tool_calls=1, requests=1)
-    if action.kind == "http":
-        return Usage(requests=1)
-    return Usage()
+    def check_running(self, state: RunState, now: datetime) -> None:
+        """Raise the reason a run that is not running decides nothing."""
+        status = self.status(state, now)
+        if status == "running":
+            return
+        metadata = self.verified.manifest.metadata
+        if status == "pending":
+            raise ManifestExpired(f"the run is pending until {metadata.not_before}")
+        if status == "expired":
+            raise ManifestExpired(f"the run expired at {metadata.expires_at}")
+        if status == "revoked":
+            raise RunClosed(f"the run is revoked: version {state.latest_version} superseded it")
+        raise RunClosed(f"the run is {status}")
 
 
 class RunRegistry:

@@ -10,21 +10,28 @@ the very bytes that verified.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pdp.decisionlog import CheckpointRecord, LogInvalid, read_verified_log
+from pdp.decisionlog.records import CheckpointRecord, Record
+from pdp.decisionlog.verify import LogInvalid, read_verified_log
 from pdp.errors import ConfigError
-from pdp.service import DecisionService
 
-__all__ = ["restore_from_log"]
+__all__ = ["Restorable", "restore_from_log"]
 
 log = logging.getLogger("abc.pdp")
 
 
-def restore_from_log(service: DecisionService, path: Path, key: Ed25519PublicKey) -> int:
-    """Replay ``path`` into ``service``; the number of records applied."""
+class Restorable(Protocol):
+    def restore(self, record: Record, trust_now: datetime) -> None:
+        """Apply one verified record; a registration is verified again as of ``trust_now``."""
+
+
+def restore_from_log(target: Restorable, path: Path, key: Ed25519PublicKey) -> int:
+    """Replay ``path`` into ``target``; the number of records applied."""
     if not path.exists() or path.stat().st_size == 0:
         return 0
     try:
@@ -36,7 +43,7 @@ def restore_from_log(service: DecisionService, path: Path, key: Ed25519PublicKey
         if isinstance(record, CheckpointRecord):
             continue
         # A registration is verified again as of when it was accepted: its record's time.
-        service.restore(record, record.time)
+        target.restore(record, record.time)
         count += 1
     log.info("restored state from %d decision-log records", count)
     return count

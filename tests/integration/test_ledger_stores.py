@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
-from pdp.runstore import MemoryRunStore, RunStore, Usage
-from pdp.runstore.redis import RedisRunStore
+from pdp.ledger import MemoryRunStore, RunStore, Usage
+from pdp.ledger.redis import RedisRunStore
 from tests.harness import RedisProcess, free_port
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -235,8 +235,8 @@ def test_answers_are_kept_for_a_bounded_window_of_request_ids(
     store: RunStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The window is what bounds memory: patched small so the test writes tens, not 10,000.
-    monkeypatch.setattr("pdp.runstore.memory.ANSWER_WINDOW", 5)
-    monkeypatch.setattr("pdp.runstore.redis.ANSWER_WINDOW", 5)
+    monkeypatch.setattr("pdp.ledger.memory.ANSWER_WINDOW", 5)
+    monkeypatch.setattr("pdp.ledger.redis.ANSWER_WINDOW", 5)
     run_id = opened(store)
     for i in range(8):
         assert store.claim(run_id, f"r{i}") is None

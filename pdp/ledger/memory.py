@@ -1,7 +1,7 @@
 """The embedded run store: state in this process, made durable by the decision log.
 
 Every change is recorded in the decision log before it is answered, and the log is
-replayed into a fresh store at start-up (``pdp/recovery.py``): one durable write per
+replayed into a fresh store at start-up (``pdp/decisionlog/recovery.py``): one durable write per
 decision, not a second database beside the log.
 """
 
@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from pdp.errors import ManifestUnknown
-from pdp.runstore.base import ANSWER_WINDOW, BUDGETS, Books, RunState, Usage
+from pdp.ledger.store import ANSWER_WINDOW, BUDGETS, Books, RunState, Usage
 
 __all__ = ["MemoryRunStore"]
 

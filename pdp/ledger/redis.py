@@ -30,7 +30,7 @@ import redis
 from redis.commands.core import Script
 
 from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
-from pdp.runstore.base import ANSWER_WINDOW, Books, RunState, Usage
+from pdp.ledger.store import ANSWER_WINDOW, Books, RunState, Usage
 
 __all__ = ["RedisRunStore"]
 

@@ -1,0 +1,32 @@
+"""The ledger: runs, their state and budgets, and what each decision changes in them.
+
+``runs.py`` (a verified manifest and its compiled policy, and its status), ``cost.py`` (the
+worst case an action may spend), ``answers.py`` (the answer kept per request id),
+``ledger.py`` (reserve, move, settle, expire; and the same replayed from the log) over a run
+store: ``store.py`` (the interface), ``memory.py`` (this process) or ``redis.py`` (replicas).
+"""
+
+from pdp.ledger.answers import DecisionOutcome
+from pdp.ledger.cost import cost_of
+from pdp.ledger.ledger import MAX_REPORTED, Applied, Ledger
+from pdp.ledger.memory import MemoryRunStore
+from pdp.ledger.runs import Run, RunRegistry, run_id_for
+from pdp.ledger.store import ANSWER_WINDOW, BUDGETS, Books, RunState, RunStore, Usage
+
+__all__ = [
+    "ANSWER_WINDOW",
+    "BUDGETS",
+    "MAX_REPORTED",
+    "Applied",
+    "Books",
+    "DecisionOutcome",
+    "Ledger",
+    "MemoryRunStore",
+    "Run",
+    "RunRegistry",
+    "RunState",
+    "RunStore",
+    "Usage",
+    "cost_of",
+    "run_id_for",
+]

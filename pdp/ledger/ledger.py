@@ -1,0 +1,205 @@
+"""What decisions change in a run's state, and the same changes replayed from the log.
+
+The ledger reserves an allowed action's worst-case cost, moves a run's step, settles
+reservations with real usage (or at their worst case once they expire), and keeps each
+request id's answer. Every change that the log must show (settlements, expiries) is written
+to it here; decisions themselves are written by the service, after the ledger applied them.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pdp.action import Action
+from pdp.decisionlog import DecisionLog, DecisionRecord, SettlementRecord
+from pdp.engine import Decision
+from pdp.errors import ReasonCode, RequestIdReused
+from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
+from pdp.ledger.cost import cost_of
+from pdp.ledger.runs import Run, RunRegistry
+from pdp.ledger.store import Books, RunState, RunStore, Usage
+
+__all__ = ["MAX_REPORTED", "Applied", "Ledger"]
+
+log = logging.getLogger("abc.pdp")
+
+# The most one report may settle: exact in JSON (2^53) and far below what would overflow a
+# Redis counter however often it is reported.
+MAX_REPORTED = 2**40
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A decision as the ledger applied it: the verdict (which the budget may have turned
+    into a refusal), and the reservation or step change it made."""
+
+    decision: Decision
+    reservation_id: str = ""
+    cost: Usage | None = None
+    step: tuple[str, str] | None = None  # (from, to)
+    over_budget: bool = False  # a shadow run spent past a budget
+
+
+class Ledger:
+    """Run state and budgets over one run store; settlements and expiries go to ``log``."""
+
+    def __init__(
+        self, store: RunStore, decision_log: DecisionLog, reservation_ttl: timedelta
+    ) -> None:
+        self.store = store
+        self.runs = RunRegistry(store)
+        self._log = decision_log
+        self.reservation_ttl = reservation_ttl
+
+    def claim(self, run_id: str, request_id: str, action: dict[str, Any]) -> DecisionOutcome | None:
+        """The answer already given to ``request_id``, or None once it is claimed for this
+        decision. ``RequestIdReused`` if it was given for another action."""
+        prior = self.store.claim(run_id, request_id)
+        if prior is None:
+            return None
+        if prior.get("action") != action:
+            raise RequestIdReused("request id already used for another action")
+        return outcome_of(prior)
+
+    def keep(
+        self, run_id: str, request_id: str, action: dict[str, Any], outcome: DecisionOutcome
+    ) -> None:
+        kept = kept_answer(
+            action,
+            outcome.decision_id,
+            outcome.reservation_id,
+            outcome.enforced,
+            outcome.decision.as_dict(),
+        )
+        self.store.answer(run_id, request_id, kept)
+
+    def unclaim(self, run_id: str, request_id: str) -> None:
+        self.store.unclaim(run_id, request_id)
+
+    def state(self, run: Run) -> RunState:
+        return self.store.state(run.run_id, run.lineage)
+
+    def books(self, run_id: str) -> Books:
+        return self.store.books(run_id)
+
+    def apply(
+        self, run: Run, action: Action, decision: Decision, seen_step: str, now: datetime
+    ) -> Applied:
+        """Apply what goes ahead: reserve its worst-case cost, or move the run's step.
+
+        For a shadow run this also applies what the policy refused (the call is forwarded
+        all the same): the verdict stays, budgets are charged past their limits and the
+        over-spend recorded, a step in the Assembly is entered out of order.
+        """
+        if action.kind == "step":
+            target = action.target.removeprefix("step:")
+            if not run.has_step(target):
+                return Applied(decision)  # shadow: nothing to enter
+            if not self.move(run.run_id, seen_step, target):
+                changed = Decision.deny(
+                    ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"
+                )
+                return Applied(changed)
+            return Applied(decision, step=(seen_step, target))
+        cost = cost_of(action, decision)
+        reservation_id = "rsv_" + uuid.uuid4().hex
+        expires = now + self.reservation_ttl
+        if self.store.reserve(run.run_id, reservation_id, cost, expires, force=run.shadow):
+            return Applied(decision, reservation_id, cost)
+        refusal = Decision.deny(
+            ReasonCode.BUDGET_EXHAUSTED,
+            "the run's remaining budget cannot hold this action",
+            {"cost": cost.as_dict(), "remaining": self.books(run.run_id).remaining().as_dict()},
+        )
+        if not run.shadow:
+            return Applied(refusal)
+        verdict = refusal if decision.allow else decision
+        return Applied(verdict, reservation_id, cost, over_budget=True)
+
+    def release(self, applied: Applied) -> None:
+        """Undo what ``applied`` reserved: its decision was never given.
+
+        A step change carries no agent text and is checked loggable before it is made;
+        only a reservation can be left to undo.
+        """
+        if applied.reservation_id:
+            self.store.release(applied.reservation_id)
+
+    def move(self, run_id: str, seen_step: str, target: str) -> bool:
+        """Enter step ``target``, or end the run for an "@completed" / "@failed" target."""
+        if target.startswith("@"):
+            return self.store.move(run_id, seen_step, seen_step, target[1:])
+        return self.store.move(run_id, seen_step, target)
+
+    def expire(self, run: Run, now: datetime) -> None:
+        """Settle the run's reservations that were never reported, at their worst case.
+        ``LogUnavailable`` when the log cannot record it: the run then decides nothing."""
+        for reservation_id, cost in self.store.expire(run.run_id, now):
+            self._log.append(
+                SettlementRecord(
+                    time=now,
+                    run_id=run.run_id,
+                    reservation_id=reservation_id,
+                    tokens=cost.tokens,
+                    usd_micros=cost.usd_micros,
+                    expired=True,
+                )
+            )
+
+    def settle(self, reservation_id: str, tokens: int, usd_micros: int, now: datetime) -> bool:
+        """Settle with real usage; False for an unknown or settled reservation or an
+        impossible amount. ``StoreUnavailable`` when the run store cannot be reached (the
+        caller retries), ``LogUnavailable`` when the log cannot record it."""
+        if not (0 <= tokens <= MAX_REPORTED and 0 <= usd_micros <= MAX_REPORTED):
+            return False
+        run_id = self.store.settle(reservation_id, tokens, usd_micros)
+        if run_id is None:
+            return False
+        self._log.append(
+            SettlementRecord(
+                time=now,
+                run_id=run_id,
+                reservation_id=reservation_id,
+                tokens=tokens,
+                usd_micros=usd_micros,
+            )
+        )
+        return True
+
+    def restore(self, record: DecisionRecord | SettlementRecord) -> None:
+        """Apply one logged change again (start-up recovery from this process's log).
+
+        A shared store (Redis) is its own record of steps, budgets and answers: nothing is
+        applied to it, so nothing is applied twice.
+        """
+        run_id = record.run_id
+        if self.store.shared or not run_id or self.runs.find(run_id) is None:
+            return
+        if isinstance(record, SettlementRecord):
+            self.store.settle(record.reservation_id, record.tokens, record.usd_micros)
+            return
+        if record.cost is not None and record.expires is not None:
+            # Held as made (forced: it was within budget, or a shadow run's, then).
+            self.store.reserve(
+                run_id, record.reservation_id, Usage(**record.cost), record.expires, force=True
+            )
+        if record.step is not None:
+            self.move(run_id, record.step.from_, record.step.to)
+        acted = record.action
+        answered = (
+            acted
+            and not acted.get("probe")
+            and record.request_id
+            and not record.reused_request_id  # the first answer stays the answer
+            and [r["code"] for r in record.result["reasons"][:1]] != ["pdp_unavailable"]
+            and not record.unloggable  # never kept live either: a retry decides
+        )
+        if answered:
+            kept = kept_answer(
+                acted, record.decision_id, record.reservation_id, record.enforced, record.result
+            )
+            self.store.answer(run_id, record.request_id, kept)
