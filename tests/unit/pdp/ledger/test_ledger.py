@@ -1,0 +1,115 @@
+"""The Ledger on its own: what a decision changes (reservations, steps, kept answers) and the
+same changes replayed from the log, over the real memory store and a real decision log."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from pdp.action import validate_action
+from pdp.bundle import load_bundle
+from pdp.decisionlog import DecisionLog, SettlementRecord, read_verified_log
+from pdp.engine import Decision, PreparedPolicy, policy_data
+from pdp.errors import ReasonCode, RequestIdReused
+from pdp.ledger import DecisionOutcome, Ledger, MemoryRunStore, Run, Usage
+from pdp.manifest import VerificationPolicy, verify_envelope
+from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
+
+POLICIES = Path(__file__).resolve().parents[4] / "policies"
+KEY = Ed25519PrivateKey.generate()
+LOG_KEY = Ed25519PrivateKey.generate()
+ALLOW = Decision(True, (), {"max_tokens": 100})
+MODEL = validate_action("model", "model:openai/gpt-4o-mini", max_tokens=100)
+
+
+def _ledger(tmp_path: Path, **budgets: int) -> tuple[Ledger, Run, DecisionLog]:
+    bundle = load_bundle(POLICIES)
+    document = manifest_document()
+    document["policy"]["bundle_digest"] = bundle.digest
+    document["budgets"].update(budgets)
+    trust = trust_store(trust_entry(KEY, modes=("enforce", "shadow")))
+    verified = verify_envelope(
+        signed_envelope(KEY, document), trust, NOW, VerificationPolicy.registration(bundle.digest)
+    )
+    policy = PreparedPolicy(
+        bundle.rego_modules(), policy_data(verified.manifest), bundle.digest, verified.digest
+    )
+    log = DecisionLog(tmp_path / "decisions.log", LOG_KEY)
+    ledger = Ledger(MemoryRunStore(), log, timedelta(minutes=10))
+    return ledger, ledger.runs.register(verified, policy), log
+
+
+def test_an_allowed_model_call_reserves_its_worst_case(tmp_path: Path) -> None:
+    ledger, run, _ = _ledger(tmp_path)
+    applied = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    assert applied.decision is ALLOW and applied.reservation_id
+    assert applied.cost == Usage(tokens=100, requests=1)
+    assert ledger.books(run.run_id).reserved == Usage(tokens=100, requests=1)
+    ledger.release(applied)
+    assert ledger.books(run.run_id).reserved == Usage()
+
+
+def test_a_call_past_the_budget_is_refused_with_what_remains(tmp_path: Path) -> None:
+    ledger, run, _ = _ledger(tmp_path, tokens=50)
+    applied = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    assert not applied.decision.allow and not applied.reservation_id
+    (reason,) = applied.decision.reasons
+    assert reason.code is ReasonCode.BUDGET_EXHAUSTED
+    assert reason.evidence["remaining"]["tokens"] == 50
+    assert ledger.books(run.run_id).reserved == Usage()
+
+
+def test_a_step_is_entered_only_from_the_step_that_was_seen(tmp_path: Path) -> None:
+    ledger, run, _ = _ledger(tmp_path)
+    enter = validate_action("step", "step:answer")
+    allow = Decision(True, (), {})
+    assert ledger.apply(run, enter, allow, "research", NOW).step == ("research", "answer")
+    assert ledger.state(run).step == "answer"
+    # Another decision moved the run meanwhile: this one saw "research", which is gone.
+    raced = ledger.apply(run, enter, allow, "research", NOW)
+    assert raced.step is None and raced.decision.reasons[0].code is ReasonCode.STEP_OUT_OF_ORDER
+
+
+def test_a_claimed_request_id_answers_its_kept_answer_and_refuses_another_action(
+    tmp_path: Path,
+) -> None:
+    ledger, run, _ = _ledger(tmp_path)
+    acted: dict[str, Any] = MODEL.policy_input()
+    assert ledger.claim(run.run_id, "req-1", acted) is None
+    outcome = DecisionOutcome(ALLOW, "dec_1", "rsv_1")
+    ledger.keep(run.run_id, "req-1", acted, outcome)
+    assert ledger.claim(run.run_id, "req-1", acted) == outcome
+    other = validate_action("model", "model:openai/gpt-4o-mini", max_tokens=5).policy_input()
+    with pytest.raises(RequestIdReused):
+        ledger.claim(run.run_id, "req-1", other)
+
+
+def test_settling_writes_a_settlement_and_refuses_impossible_amounts(tmp_path: Path) -> None:
+    ledger, run, log = _ledger(tmp_path)
+    applied = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    assert not ledger.settle(applied.reservation_id, -1, 0, NOW)
+    assert not ledger.settle(applied.reservation_id, 2**41, 0, NOW)
+    assert ledger.settle(applied.reservation_id, 40, 7, NOW)
+    assert not ledger.settle(applied.reservation_id, 40, 7, NOW)  # settled once only
+    assert ledger.books(run.run_id).spent == Usage(tokens=40, usd_micros=7, requests=1)
+    log.close()
+    records = read_verified_log(tmp_path / "decisions.log", LOG_KEY.public_key()).records
+    (settlement,) = [r for r in records if isinstance(r, SettlementRecord)]
+    assert (settlement.tokens, settlement.usd_micros, settlement.expired) == (40, 7, False)
+
+
+def test_an_unreported_reservation_expires_at_its_worst_case(tmp_path: Path) -> None:
+    ledger, run, log = _ledger(tmp_path)
+    applied = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    ledger.expire(run, NOW + timedelta(minutes=5))
+    assert ledger.books(run.run_id).reserved == Usage(tokens=100, requests=1)
+    ledger.expire(run, NOW + timedelta(minutes=11))
+    assert ledger.books(run.run_id).spent == Usage(tokens=100, requests=1)
+    log.close()
+    records = read_verified_log(tmp_path / "decisions.log", LOG_KEY.public_key()).records
+    (expired,) = [r for r in records if isinstance(r, SettlementRecord)]
+    assert expired.expired and expired.reservation_id == applied.reservation_id
