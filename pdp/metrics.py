@@ -43,6 +43,11 @@ class PdpMetrics:
         self.manifests_registered = Counter(
             "abc_pdp_manifests_registered", "Manifest registrations accepted.", registry=registry
         )
+        self.runs_started = Counter(
+            "abc_pdp_runs_started",
+            "Runs started under a registered grant for a run key (StartRun).",
+            registry=registry,
+        )
         self.budget_remaining = Gauge(
             "abc_pdp_budget_remaining_ratio",
             "Lowest remaining fraction of each budget across runs.",

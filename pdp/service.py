@@ -28,6 +28,7 @@ from pdp.decisionlog import (
     Record,
     RegistrationRecord,
     RegistrationRefusedRecord,
+    RunStartRecord,
     SettlementRecord,
     StepChange,
 )
@@ -36,11 +37,22 @@ from pdp.errors import (
     AbcError,
     BadRequest,
     LogUnavailable,
+    ManifestExpired,
     ManifestUnknown,
     ReasonCode,
     RequestIdReused,
+    RunClosed,
 )
-from pdp.ledger import Applied, DecisionOutcome, Ledger, MemoryRunStore, Run, RunStore
+from pdp.ledger import (
+    Applied,
+    DecisionOutcome,
+    Ledger,
+    MemoryRunStore,
+    Run,
+    RunStore,
+    check_run_key,
+    run_id_for,
+)
 from pdp.manifest import (
     HighWater,
     TrustStore,
@@ -69,6 +81,8 @@ class RunView:
     status: str
     spent: dict[str, int] = field(default_factory=dict)
     remaining: dict[str, int] = field(default_factory=dict)
+    reserved: dict[str, int] = field(default_factory=dict)
+    run_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -200,16 +214,52 @@ class DecisionService:
         return self._ledger.runs.register(verified, self._prepare(verified))
 
     def _run(self, run_id: str, now: datetime) -> Run:
-        """The run, compiled here; one registered on another replica is loaded from the
-        shared store's copy of its envelope, verified by this replica's own trust store."""
+        """The run, compiled here. One registered on another replica is loaded from the
+        shared store's copy of its envelope, verified by this replica's own trust store;
+        one started there, from its grant's."""
         run = self._ledger.runs.find(run_id)
         if run is None:
             raw = self._ledger.store.envelope(run_id)
+            started = self._ledger.store.grant_of(run_id) if raw is None else None
             if raw is not None:
                 run = self._load(run_id, raw, now)
+            elif started is not None:
+                grant_run_id, run_key = started
+                run, _ = self._ledger.runs.start(self._run(grant_run_id, now), run_key)
         if run is None or run.run_id != run_id:
             raise ManifestUnknown("no run with this id")
         return run
+
+    def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
+        """The run of ``run_key`` under a registered grant, started if it is new (and the
+        start logged before it is made); whether this call started it. The grant must be
+        in its window and not superseded; its default run's ending ends no other run."""
+        grant = self._run(run_id_for(manifest_digest), now)
+        check_run_key(run_key)
+        metadata = grant.verified.manifest.metadata
+        if not grant.verified.manifest.not_before <= now < grant.verified.manifest.expires_at:
+            raise ManifestExpired(
+                f"the manifest is valid from {metadata.not_before} to {metadata.expires_at}"
+            )
+        latest = self._ledger.state(grant).latest_version
+        if latest > metadata.version:
+            raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
+        run_id = run_id_for(manifest_digest, run_key)
+        if self._ledger.runs.find(run_id) is None:
+            # Logged first: a start the log never saw could not be rebuilt after a restart.
+            self._log.append(
+                RunStartRecord(
+                    time=now,
+                    run_id=run_id,
+                    manifest_digest=grant.verified.digest,
+                    grant_run_id=grant.run_id,
+                    run_key=run_key,
+                )
+            )
+        run, started = self._ledger.runs.start(grant, run_key)
+        if started:
+            self._metrics.runs_started.inc()
+        return run, started
 
     # Deciding: claim the request id, judge, apply, record.
 
@@ -398,6 +448,8 @@ class DecisionService:
             status=run.status(state, now),
             spent=books.spent.as_dict(),
             remaining=books.remaining().as_dict(),
+            reserved=books.reserved.as_dict(),
+            run_key=run.run_key,
         )
 
     def restore(self, record: Record, trust_now: datetime) -> None:
@@ -408,6 +460,10 @@ class DecisionService:
         """
         if isinstance(record, RegistrationRecord):
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
+        elif isinstance(record, RunStartRecord):
+            grant = self._ledger.runs.find(record.grant_run_id)
+            if grant is not None:  # a grant not loaded again (now untrusted) starts nothing
+                self._ledger.runs.start(grant, record.run_key)
         elif isinstance(record, DecisionRecord | SettlementRecord):
             self._ledger.restore(record)
         # a refused registration names no run; a checkpoint changes nothing

@@ -19,6 +19,7 @@ from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.metrics import PepMetrics
 from pep.pdp_client import PdpClient, PdpTls
 from pep.proxy import Sidecar, build_app, metrics_app
+from pep.runs import RunKeys
 
 __all__ = ["main", "main_exit", "serve"]
 
@@ -44,8 +45,9 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     return PdpTls(root, chain, key, config.pdp_server_name)
 
 
-async def _register(pdp: PdpClient, config: PepConfig) -> str:
-    """Register the manifest, waiting (bounded) for a PDP that is still starting."""
+async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str]:
+    """Register the manifest, waiting (bounded) for a PDP that is still starting: its
+    digest (the grant runs are started under) and its default run id."""
     assert config.manifest is not None
     envelope = read_envelope_file(config.manifest)
     for attempt in range(REGISTER_ATTEMPTS):
@@ -74,9 +76,10 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         log.warning("%s", warning)
     runners: list[web.AppRunner] = []
     try:
-        run_id = await _register(pdp, config) if config.manifest else config.run
+        grant, run_id = await _register(pdp, config) if config.manifest else (None, config.run)
         metrics = PepMetrics(CollectorRegistry())
-        sidecar = Sidecar(config, pdp, metrics, run_id)
+        runs = RunKeys(pdp, grant) if grant else None
+        sidecar = Sidecar(config, pdp, metrics, run_id, runs)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
         runners.append(proxy)
         await proxy.setup()

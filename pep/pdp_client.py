@@ -83,6 +83,19 @@ def _verdict(response: pdp_pb2.DecideResponse, action: pdp_pb2.Action) -> Verdic
     )
 
 
+def _refusal_reason(exc: grpc.aio.AioRpcError) -> ReasonCode:
+    """The reason code a PDP refusal carries (trailing metadata ``abc-reason``); any other
+    failure, or a code outside the closed set, is ``pdp_unavailable``."""
+    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        for key, value in exc.trailing_metadata() or ():
+            if key == "abc-reason" and isinstance(value, str):
+                try:
+                    return ReasonCode(value)
+                except ValueError:
+                    break
+    return ReasonCode.PDP_UNAVAILABLE
+
+
 @dataclass(frozen=True)
 class PdpTls:
     """PEM bytes for a TLS channel to the PDP; the client pair is optional, the CA is not."""
@@ -154,10 +167,27 @@ class PdpClient:
         """Queue a settlement; it reaches the PDP in the next batch."""
         self._usage.report(reservation_id, tokens, usd_micros)
 
-    async def register(self, envelope: bytes, timeout: float = 10.0) -> str:
+    async def register(self, envelope: bytes, timeout: float = 10.0) -> tuple[str, str]:
+        """(manifest digest, its default run id)."""
         response = await self._stub.RegisterManifest(
             pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=timeout
         )
+        return str(response.manifest_digest), str(response.run_id)
+
+    async def start_run(self, manifest_digest: str, run_key: str) -> str | Verdict:
+        """The run id of ``run_key`` under the grant, or the refusal to answer with: the
+        PDP's reason when it refused (a malformed key, an expired grant), else
+        ``pdp_unavailable``."""
+        request = pdp_pb2.StartRunRequest(manifest_digest=manifest_digest, run_key=run_key)
+        try:
+            response = await self._stub.StartRun(request, timeout=self._deadline)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("PDP did not start a run: %s", exc.code().name)
+            reason = _refusal_reason(exc)
+            return Verdict.refuse(reason, f"the run of this run key was not started: {reason}")
+        if not response.run_id.startswith("run_"):
+            log.error("PDP answered garbage to StartRun")
+            return Verdict.refuse(ReasonCode.PDP_UNAVAILABLE, "the run was not started")
         return str(response.run_id)
 
     async def close(self) -> None:

@@ -21,7 +21,7 @@ from yarl import URL
 from pdp.api import ReasonCode, pdp_pb2
 from pdp.api.bodies import read_body
 from pdp.api.cost import worst_case_tokens
-from pdp.api.mapping import STEP_HEADER, step_action, step_request_id
+from pdp.api.mapping import RUN_KEY_HEADER, STEP_HEADER, step_action, step_request_id
 from pdp.api.requests import unsafe_request
 from pep.adapters.anthropic import AnthropicAdapter
 from pep.adapters.base import Adapter, Call, MappingError, Probe, refusal_status
@@ -32,6 +32,7 @@ from pep.config import PepConfig
 from pep.forward import relay, request_headers
 from pep.metrics import PepMetrics
 from pep.pdp_client import PdpClient, Verdict
+from pep.runs import RunKeys
 from pep.usage import UsageReader
 
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
@@ -44,7 +45,8 @@ class Sidecar:
     config: PepConfig
     pdp: PdpClient
     metrics: PepMetrics
-    run_id: str | None
+    run_id: str | None  # the default run: the grant's (--manifest), or --run
+    runs: RunKeys | None = None  # run keys of the grant (--manifest only)
     session: aiohttp.ClientSession | None = None
 
 
@@ -126,17 +128,10 @@ class Handler:
         unsafe = _unsafe_request(request, route)
         if unsafe is not None:
             return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, unsafe))
-        named = request.headers.get("x-abc-run")
-        if sidecar.run_id and named and named != sidecar.run_id:
-            # A bound sidecar decides under its own run only: a header cannot switch runs.
-            return await refuse(
-                Verdict.refuse(ReasonCode.BAD_REQUEST, "this sidecar is bound to another run")
-            )
-        run_id = sidecar.run_id or named
-        if not run_id:
-            return await refuse(
-                Verdict.refuse(ReasonCode.MANIFEST_UNKNOWN, "no run is bound (x-abc-run or --run)")
-            )
+        chosen = await _run_id(request, sidecar)
+        if isinstance(chosen, Verdict):
+            return await refuse(chosen)
+        run_id = chosen
         body = b""
         if adapter.reads_body:
             read = await read_body(request, sidecar.config.max_body_bytes)
@@ -250,6 +245,29 @@ def _settle(
         worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
         tokens = 0 if not 200 <= status < 300 else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
+
+
+async def _run_id(request: web.Request, sidecar: Sidecar) -> str | Verdict:
+    """The run a request is decided under: its run key's (a run of the sidecar's grant),
+    else the default run, else the run it names; or the refusal to answer with."""
+    named = request.headers.get("x-abc-run")
+    run_key = request.headers.get(RUN_KEY_HEADER)
+    if run_key is not None:
+        if sidecar.runs is None:
+            problem = f"{RUN_KEY_HEADER} needs a sidecar started with --manifest"
+            return Verdict.refuse(ReasonCode.BAD_REQUEST, problem)
+        if named:
+            problem = f"x-abc-run and {RUN_KEY_HEADER} name a run two ways"
+            return Verdict.refuse(ReasonCode.BAD_REQUEST, problem)
+        return await sidecar.runs.run_id(run_key)
+    if sidecar.run_id and named and named != sidecar.run_id:
+        # A bound sidecar decides under its own runs only: a header cannot switch grants.
+        return Verdict.refuse(ReasonCode.BAD_REQUEST, "this sidecar is bound to another run")
+    run_id = sidecar.run_id or named
+    if not run_id:
+        problem = "no run is bound (x-abc-run, or --run / --manifest)"
+        return Verdict.refuse(ReasonCode.MANIFEST_UNKNOWN, problem)
+    return run_id
 
 
 def _prober(sidecar: Sidecar, run_id: str) -> Probe:

@@ -21,6 +21,7 @@ __all__ = [
     "CAP_GROWTH",
     "MAX_TOKENS",
     "MODEL_PATHS",
+    "RUN_KEY_HEADER",
     "STEP_HEADER",
     "TARGETS",
     "anthropic_action",
@@ -239,6 +240,10 @@ def http_action(host: str, method: str, path: str) -> pdp_pb2.Action:
         path=check_http_path(path),
     )
 
+
+# The header an agent names its task with: each task id is a run of the sidecar's grant,
+# with its own step, budgets and answers (started on first sight).
+RUN_KEY_HEADER = "x-abc-run-key"
 
 # The header an agent (or an Envoy in front of it) names the step it enters with. Entering
 # is an action of its own, decided and logged before the call that carries the header.

@@ -12,6 +12,7 @@ Kinds (``KINDS``):
 
 - ``registration``: a manifest accepted (``RegistrationRecord``, with the envelope, so a
   restart can verify it again) or refused (``RegistrationRefusedRecord``, with why);
+- ``run_start``: a run started under a registered grant for a run key (``RunStartRecord``);
 - ``decision``: one decided action (``DecisionRecord``); a step change is a decision on
   a ``step`` action and carries ``step`` (from, to), it has no kind of its own;
 - ``settlement``: a reservation settled with reported usage, or expired at its worst case;
@@ -54,6 +55,7 @@ __all__ = [
     "RecordInvalid",
     "RegistrationRecord",
     "RegistrationRefusedRecord",
+    "RunStartRecord",
     "SettlementRecord",
     "StepChange",
     "WritableRecord",
@@ -62,7 +64,7 @@ __all__ = [
 ]
 
 RECORD_VERSION: Literal[1] = 1
-KINDS = ("registration", "decision", "settlement", "checkpoint")
+KINDS = ("registration", "run_start", "decision", "settlement", "checkpoint")
 _CHAIN = ("seq", "prev")  # the writer's fields: where a record sits, not what it says
 _BUDGETS = frozenset({"tokens", "usd_micros", "tool_calls", "requests"})
 
@@ -146,6 +148,26 @@ class RegistrationRefusedRecord(_Record):
             "time": log_time(self.time),
             "result": {"accepted": False, "reason": self.reason.value, "detail": self.detail},
             "policy_digest": self.policy_digest,
+        }
+
+
+class RunStartRecord(_Record):
+    """Run ``run_id`` started for ``run_key`` under the grant registered as ``grant_run_id``."""
+
+    kind: Literal["run_start"] = "run_start"
+    run_id: StrictStr
+    manifest_digest: StrictStr
+    grant_run_id: StrictStr
+    run_key: StrictStr
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "time": log_time(self.time),
+            "run_id": self.run_id,
+            "manifest_digest": self.manifest_digest,
+            "grant_run_id": self.grant_run_id,
+            "run_key": self.run_key,
         }
 
 
@@ -296,7 +318,13 @@ class CheckpointRecord(_Record):
         }
 
 
-WritableRecord = RegistrationRecord | RegistrationRefusedRecord | DecisionRecord | SettlementRecord
+WritableRecord = (
+    RegistrationRecord
+    | RegistrationRefusedRecord
+    | RunStartRecord
+    | DecisionRecord
+    | SettlementRecord
+)
 Record = WritableRecord | CheckpointRecord
 
 
@@ -318,7 +346,8 @@ def _registration(body: dict[str, Any]) -> RegistrationRecord | RegistrationRefu
     raise ValueError("a registration's result is {accepted: true} or a refusal")
 
 
-_MODELS: dict[str, type[DecisionRecord | SettlementRecord | CheckpointRecord]] = {
+_MODELS: dict[str, type[RunStartRecord | DecisionRecord | SettlementRecord | CheckpointRecord]] = {
+    "run_start": RunStartRecord,
     "decision": DecisionRecord,
     "settlement": SettlementRecord,
     "checkpoint": CheckpointRecord,

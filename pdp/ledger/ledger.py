@@ -97,8 +97,8 @@ class Ledger:
         """
         if action.kind == "step":
             target = action.target.removeprefix("step:")
-            if not run.has_step(target):
-                return Applied(decision)  # shadow: nothing to enter
+            if target == seen_step or not run.has_step(target):
+                return Applied(decision)  # already there, or (shadow) nothing to enter
             if not self.move(run.run_id, seen_step, target):
                 changed = Decision.deny(
                     ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"

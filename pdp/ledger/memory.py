@@ -63,10 +63,21 @@ class MemoryRunStore:
             raise ManifestUnknown("no run with this id")
         return run
 
-    def open(self, run_id: str, first_step: str, limits: Usage, lineage: str, version: int) -> None:
+    def open(
+        self,
+        run_id: str,
+        first_step: str,
+        limits: Usage,
+        lineage: str,
+        version: int,
+        grant: tuple[str, str] = ("", ""),
+    ) -> bool:
         with self._lock:
-            self._runs.setdefault(run_id, _Run(step=first_step, lineage=lineage, limits=limits))
             self._latest[lineage] = max(self._latest.get(lineage, 0), version)
+            if run_id in self._runs:
+                return False
+            self._runs[run_id] = _Run(step=first_step, lineage=lineage, limits=limits)
+            return True
 
     def state(self, run_id: str, lineage: str) -> RunState:
         with self._lock:
@@ -195,6 +206,10 @@ class MemoryRunStore:
         """Nothing to do: only this process uses this store, and it registered the run."""
 
     def envelope(self, run_id: str) -> bytes | None:
+        return None
+
+    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+        """Nothing to find: this process started every run it holds."""
         return None
 
     def close(self) -> None:

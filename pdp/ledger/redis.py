@@ -37,14 +37,17 @@ __all__ = ["RedisRunStore"]
 T = TypeVar("T")
 
 _OPEN = """
+local created = 0
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', '[]', 'outcome', '',
     'l1', ARGV[2], 'l2', ARGV[3], 'l3', ARGV[4], 'l4', ARGV[5],
-    's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0)
+    's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0,
+    'grant', ARGV[8], 'key', ARGV[9])
+  created = 1
 end
 local latest = tonumber(redis.call('HGET', KEYS[2], ARGV[6]) or '0')
 if tonumber(ARGV[7]) > latest then redis.call('HSET', KEYS[2], ARGV[6], ARGV[7]) end
-return 1
+return created
 """
 
 _MOVE = """
@@ -234,9 +237,24 @@ class RedisRunStore:
             raise ManifestUnknown("no run with this id")
         return result
 
-    def open(self, run_id: str, first_step: str, limits: Usage, lineage: str, version: int) -> None:
+    def open(
+        self,
+        run_id: str,
+        first_step: str,
+        limits: Usage,
+        lineage: str,
+        version: int,
+        grant: tuple[str, str] = ("", ""),
+    ) -> bool:
         keys = [self._key(run_id, "run"), self._prefix + "lineages"]
-        self._call(self._open, run_id, keys, [first_step, *limits.as_list(), lineage, version])
+        args = [first_step, *limits.as_list(), lineage, version, *grant]
+        return bool(self._call(self._open, run_id, keys, args))
+
+    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+        key = self._key(run_id, "run")
+        values = _guarded(lambda: self._redis.hmget(key, ["grant", "key"]))
+        grant_run, run_key = (v.decode() if isinstance(v, bytes) else "" for v in values)
+        return (grant_run, run_key) if grant_run and run_key else None
 
     def state(self, run_id: str, lineage: str) -> RunState:
         pipe = self._redis.pipeline(transaction=True)

@@ -1,6 +1,9 @@
-"""Runs: one per manifest. Each process keeps the verified manifest and its compiled
-policy; the run's mutable state (step, outcome, budgets, answers) lives in a run store
-(``store.py``: in this process, or in Redis shared by several replicas).
+"""Runs: executions of a grant (a registered manifest). Registering a manifest binds its
+default run (run key ""); ``StartRun`` starts one more per run key (the agent's task id),
+each with its own step, budgets and answers. Each process keeps the verified manifest and
+its compiled policy once per grant; a run's mutable state (step, outcome, budgets,
+answers) lives in a run store (``store.py``: in this process, or in Redis shared by
+several replicas).
 
 Status, in order: an ended run stays ended (completed, failed, revoked); a run whose
 lineage has a newer registered version is revoked; before its window it is pending,
@@ -9,22 +12,39 @@ after it expired; otherwise running.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime
 
 from pdp.engine import PreparedPolicy
-from pdp.errors import ManifestExpired, RunClosed, StoreUnavailable
+from pdp.errors import BadRequest, ManifestExpired, RunClosed, StoreUnavailable
 from pdp.ledger.store import BUDGETS, RunState, RunStore, Usage
 from pdp.manifest import VerifiedManifest, mark_lineage
 
-__all__ = ["Run", "RunRegistry", "run_id_for"]
+__all__ = ["Run", "RunRegistry", "check_run_key", "run_id_for"]
+
+# A task id as agents make them (UUIDs, "thread_abc", "job:42"): safe in headers and logs.
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
-def run_id_for(manifest_digest: str) -> str:
-    """One manifest, one run: registering the same manifest again never resets its budget."""
-    return "run_" + manifest_digest.removeprefix("sha256:")[:32]
+def check_run_key(run_key: str) -> str:
+    if not _RUN_KEY.fullmatch(run_key):
+        raise BadRequest(
+            "a run key is 1 to 128 of A-Z a-z 0-9 . _ : @ - and starts with a letter or digit"
+        )
+    return run_key
+
+
+def run_id_for(manifest_digest: str, run_key: str = "") -> str:
+    """The run of ``run_key`` under a grant, the same on every replica. The default run
+    (key "") keeps the id it had when one manifest was one run, so old logs still apply."""
+    if not run_key:
+        return "run_" + manifest_digest.removeprefix("sha256:")[:32]
+    named = hashlib.sha256(f"{manifest_digest}\n{run_key}".encode()).hexdigest()
+    return "run_" + named[:32]
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class Run:
     run_id: str
     verified: VerifiedManifest
     policy: PreparedPolicy
+    run_key: str = ""  # "" for the grant's default run
 
     @property
     def lineage(self) -> str:
@@ -81,22 +102,33 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
 
     def register(self, verified: VerifiedManifest, policy: PreparedPolicy) -> Run:
-        run_id = run_id_for(verified.digest)
+        """The grant's default run (registering the same manifest again changes nothing)."""
+        run, _ = self._open(Run(run_id_for(verified.digest), verified, policy))
+        return run
+
+    def start(self, grant: Run, run_key: str) -> tuple[Run, bool]:
+        """The run of ``run_key`` (checked by the caller) under ``grant`` (a registered
+        default run), and whether this call created its state, which opens in the store
+        only once, from any replica."""
+        run_id = run_id_for(grant.verified.digest, run_key)
+        return self._open(Run(run_id, grant.verified, grant.policy, run_key), grant.run_id)
+
+    def _open(self, run: Run, grant_run_id: str = "") -> tuple[Run, bool]:
         with self._lock:
-            existing = self._runs.get(run_id)
+            existing = self._runs.get(run.run_id)
             if existing is not None:
-                return existing
-            manifest = verified.manifest
-            run = Run(run_id, verified, policy)
-            self.store.open(
-                run_id,
+                return existing, False
+            manifest = run.verified.manifest
+            created = self.store.open(
+                run.run_id,
                 manifest.assembly.steps[0].id,
                 Usage(**manifest.budgets.model_dump()),
                 run.lineage,
                 manifest.metadata.version,
+                (grant_run_id, run.run_key),
             )
-            self._runs[run_id] = run
-            return run
+            self._runs[run.run_id] = run
+            return run, created
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)

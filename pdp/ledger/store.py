@@ -76,8 +76,18 @@ class RunStore(Protocol):
     #: must not be rebuilt from this process's decision log at start-up.
     shared: bool
 
-    def open(self, run_id: str, first_step: str, limits: Usage, lineage: str, version: int) -> None:
-        """Create the run if it does not exist yet (registering again changes nothing)."""
+    def open(
+        self,
+        run_id: str,
+        first_step: str,
+        limits: Usage,
+        lineage: str,
+        version: int,
+        grant: tuple[str, str] = ("", ""),
+    ) -> bool:
+        """Create the run if it does not exist yet (opening again changes nothing); True
+        if this call created it. ``grant`` is (the grant's default run id, run key) for a
+        run started under a grant, so another replica can find its grant."""
 
     def state(self, run_id: str, lineage: str) -> RunState: ...
 
@@ -117,5 +127,8 @@ class RunStore(Protocol):
         """Keep a registered run's envelope, so another replica can verify and load it."""
 
     def envelope(self, run_id: str) -> bytes | None: ...
+
+    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+        """(grant's default run id, run key) of a run started under a grant, if shared."""
 
     def close(self) -> None: ...

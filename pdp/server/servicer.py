@@ -28,6 +28,12 @@ _REGISTRATION_STATUS = {
     # The decision log could not record the registration: try again, as for any outage.
     ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
+_START_STATUS = {
+    ReasonCode.MANIFEST_UNKNOWN: grpc.StatusCode.NOT_FOUND,
+    ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.RUN_CLOSED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+}
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
 
@@ -160,4 +166,20 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             manifest_digest=view.manifest_digest,
             spent=pdp_pb2.Budget(**view.spent),
             remaining=pdp_pb2.Budget(**view.remaining),
+            reserved=pdp_pb2.Budget(**view.reserved),
+            run_key=view.run_key,
         )
+
+    def StartRun(  # noqa: N802
+        self, request: pdp_pb2.StartRunRequest, context: grpc.ServicerContext
+    ) -> pdp_pb2.StartRunResponse:
+        try:
+            run, started = self._service.start_run(
+                request.manifest_digest, request.run_key, self._clock()
+            )
+        except AbcError as exc:
+            context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            context.abort(
+                _START_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), exc.reason.value
+            )
+        return pdp_pb2.StartRunResponse(run_id=run.run_id, started=started)

@@ -178,6 +178,13 @@ test_step_change_skipping_ahead_refused if {
 	codes(decide({"kind": "step", "target": "step:publish"}, research)) == {"step_out_of_order"}
 }
 
+test_entering_the_current_step_again_is_a_no_op if {
+	d := decide({"kind": "step", "target": "step:research"}, research)
+	d.allow
+	d.reasons == []
+	decide({"kind": "step", "target": "step:answer"}, {"step": "answer", "completed_steps": ["research"]}).allow
+}
+
 test_step_change_backwards_refused if {
 	d := decide({"kind": "step", "target": "step:research"}, {"step": "answer", "completed_steps": ["research"]})
 	codes(d) == {"step_out_of_order"}

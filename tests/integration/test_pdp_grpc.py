@@ -214,9 +214,14 @@ def test_steps_and_budget(pdp: PdpProcess, signer: Signer) -> None:
     assert service.Decide(
         pdp_pb2.DecideRequest(run_id=run_id, request_id="st1", action=step), timeout=5
     ).allow
+    # Naming the step the run is in again changes nothing; going back is refused.
+    assert service.Decide(
+        pdp_pb2.DecideRequest(run_id=run_id, request_id="st2", action=step), timeout=5
+    ).allow
+    back = pdp_pb2.Action(kind="step", target="step:research")
     assert codes(
         service.Decide(
-            pdp_pb2.DecideRequest(run_id=run_id, request_id="st2", action=step), timeout=5
+            pdp_pb2.DecideRequest(run_id=run_id, request_id="st3", action=back), timeout=5
         )
     ) == ["step_out_of_order"]
     assert service.Decide(

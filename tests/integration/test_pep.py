@@ -646,7 +646,7 @@ def test_paths_are_not_logged(pep: PepProcess) -> None:
     assert "sk-live-SECRET123" not in pep.output()
 
 
-def test_x_abc_step_moves_the_run_before_the_call(
+def test_x_abc_step_moves_the_run_before_the_call_and_repeats_as_a_no_op(
     pdp: PdpProcess, fakes: FakeUpstreams, signer: Signer, tmp_path: Path
 ) -> None:
     """In the demo intent, claude is used in step 'answer' only, which comes after 'research'."""
@@ -663,7 +663,9 @@ def test_x_abc_step_moves_the_run_before_the_call(
         with pytest.raises(anthropic.PermissionDeniedError) as skipped:
             claude(own).messages.create(**ask, extra_headers={"x-abc-step": "nowhere"})  # type: ignore[arg-type]
         assert skipped.value.body["abc"]["reason"] == "step_out_of_order"  # type: ignore[index]
-        assert claude(own).messages.create(**ask, extra_headers={"x-abc-step": "answer"})  # type: ignore[arg-type]
+        # The header on every call of the phase: the first enters the step, the rest are no-ops.
+        for _ in range(3):
+            assert claude(own).messages.create(**ask, extra_headers={"x-abc-step": "answer"})  # type: ignore[arg-type]
         with pytest.raises(openai.PermissionDeniedError) as back:
             oai(own).chat.completions.create(
                 model=MODEL,

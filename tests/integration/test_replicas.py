@@ -64,7 +64,7 @@ def test_the_step_moves_for_every_replica(replicas: list[PdpProcess], signer: Si
     assert stub(a).Decide(step(run_id, "answer"), timeout=5).allow
     late = stub(b).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
     assert codes(late) == ["step_out_of_order"]  # B knows the run left "research"
-    assert codes(stub(b).Decide(step(run_id, "answer"), timeout=5)) == ["step_out_of_order"]
+    assert codes(stub(b).Decide(step(run_id, "research"), timeout=5)) == ["step_out_of_order"]
     assert stub(b).Decide(step(run_id, "@completed"), timeout=5).allow
     assert run_of(a, run_id).status == "completed"
 

@@ -4,6 +4,7 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,17 @@ from prometheus_client import CollectorRegistry
 
 from pdp.action import Action, validate_action
 from pdp.bundle import load_bundle
-from pdp.decisionlog import DecisionLog, DecisionRecord, read_verified_log
-from pdp.errors import BadRequest, ManifestRollback, ReasonCode, SignatureInvalid
+from pdp.decisionlog import DecisionLog, DecisionRecord, RunStartRecord, read_verified_log
+from pdp.decisionlog.recovery import restore_from_log
+from pdp.errors import (
+    BadRequest,
+    ManifestExpired,
+    ManifestRollback,
+    ManifestUnknown,
+    ReasonCode,
+    RunClosed,
+    SignatureInvalid,
+)
 from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest import SqliteHighWater
 from pdp.metrics import PdpMetrics
@@ -175,3 +185,74 @@ def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None
     assert pdp.marks.mark("acme/support-bot") == 7
     with pytest.raises(ManifestRollback):
         pdp.register(version=6)
+
+
+def _digest(pdp: _Pdp, run_id: str) -> str:
+    return pdp.service.get_run(run_id, NOW).manifest_digest
+
+
+def test_runs_of_one_grant_each_have_their_own_budget_and_step(pdp: _Pdp) -> None:
+    digest = _digest(pdp, pdp.register())
+    first, started = pdp.service.start_run(digest, "conversation-1", NOW)
+    again, started_again = pdp.service.start_run(digest, "conversation-1", NOW)
+    second, _ = pdp.service.start_run(digest, "conversation-2", NOW)
+    assert started and not started_again and again.run_id == first.run_id
+    assert len({first.run_id, second.run_id}) == 2
+    assert pdp.service.decide(first.run_id, "req-1", _model(100), NOW).decision.allow
+    step = validate_action("step", "step:answer")
+    assert pdp.service.decide(first.run_id, "req-2", step, NOW).decision.allow
+    one, two = (pdp.service.get_run(r.run_id, NOW) for r in (first, second))
+    assert one.reserved["tokens"] == 100 and two.reserved["tokens"] == 0
+    assert (one.step, two.step) == ("answer", "research")
+    assert (one.run_key, two.run_key) == ("conversation-1", "conversation-2")
+    # The same request id in another run is another request.
+    assert pdp.service.decide(second.run_id, "req-1", _model(5), NOW).decision.allow
+
+
+def test_ending_the_default_run_ends_no_other_run_of_its_grant(pdp: _Pdp) -> None:
+    default = pdp.register()
+    run, _ = pdp.service.start_run(_digest(pdp, default), "job-7", NOW)
+    end = validate_action("step", "step:@completed")
+    assert pdp.service.decide(default, "end", end, NOW).decision.allow
+    assert pdp.service.get_run(default, NOW).status == "completed"
+    assert pdp.service.get_run(run.run_id, NOW).status == "running"
+    assert pdp.service.start_run(_digest(pdp, default), "job-8", NOW)[1]
+
+
+@pytest.mark.parametrize("key", ["", "-leading-dash", "has space", "x" * 129, "naïve", "a\nb"])
+def test_a_malformed_run_key_is_refused(pdp: _Pdp, key: str) -> None:
+    digest = _digest(pdp, pdp.register())
+    with pytest.raises(BadRequest):
+        pdp.service.start_run(digest, key, NOW)
+
+
+def test_a_run_is_started_only_under_a_registered_grant_in_its_window(pdp: _Pdp) -> None:
+    with pytest.raises(ManifestUnknown):
+        pdp.service.start_run("sha256:" + "0" * 64, "job-1", NOW)
+    digest = _digest(pdp, pdp.register())
+    with pytest.raises(ManifestExpired):
+        pdp.service.start_run(digest, "job-1", NOW + timedelta(days=1))
+    pdp.register(version=8)  # a newer version of the lineage revokes the older grant
+    with pytest.raises(RunClosed):
+        pdp.service.start_run(digest, "job-1", NOW)
+
+
+def test_started_runs_and_their_state_come_back_from_the_log(tmp_path: Path) -> None:
+    pdp = _Pdp(tmp_path)
+    digest = _digest(pdp, pdp.register())
+    run, _ = pdp.service.start_run(digest, "conversation-1", NOW)
+    assert pdp.service.decide(run.run_id, "req-1", _model(100), NOW).decision.allow
+    before = pdp.service.get_run(run.run_id, NOW)
+    pdp.log.close()
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    assert restarted.service.get_run(run.run_id, NOW) == before
+    again, started = restarted.service.start_run(digest, "conversation-1", NOW)
+    assert again.run_id == run.run_id and not started
+    records = read_verified_log(pdp.log_path, LOG_KEY.public_key()).records
+    (start,) = [r for r in records if isinstance(r, RunStartRecord)]
+    assert (start.run_id, start.run_key, start.manifest_digest) == (
+        run.run_id,
+        "conversation-1",
+        digest,
+    )

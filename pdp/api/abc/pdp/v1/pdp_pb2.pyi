@@ -105,6 +105,22 @@ class ReportUsageBatchResponse(_message.Message):
     settled: _containers.RepeatedScalarFieldContainer[bool]
     def __init__(self, settled: _Optional[_Iterable[bool]] = ...) -> None: ...
 
+class StartRunRequest(_message.Message):
+    __slots__ = ("manifest_digest", "run_key")
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RUN_KEY_FIELD_NUMBER: _ClassVar[int]
+    manifest_digest: str
+    run_key: str
+    def __init__(self, manifest_digest: _Optional[str] = ..., run_key: _Optional[str] = ...) -> None: ...
+
+class StartRunResponse(_message.Message):
+    __slots__ = ("run_id", "started")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    started: bool
+    def __init__(self, run_id: _Optional[str] = ..., started: _Optional[bool] = ...) -> None: ...
+
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -124,20 +140,24 @@ class Budget(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ..., tool_calls: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("step", "spent", "remaining", "status", "completed_steps", "manifest_digest")
+    __slots__ = ("step", "spent", "remaining", "status", "completed_steps", "manifest_digest", "reserved", "run_key")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_STEPS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    RUN_KEY_FIELD_NUMBER: _ClassVar[int]
     step: str
     spent: Budget
     remaining: Budget
     status: str
     completed_steps: _containers.RepeatedScalarFieldContainer[str]
     manifest_digest: str
-    def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+    reserved: Budget
+    run_key: str
+    def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ..., reserved: _Optional[_Union[Budget, _Mapping]] = ..., run_key: _Optional[str] = ...) -> None: ...
 
 class RecordRefusalRequest(_message.Message):
     __slots__ = ("run_id", "request_id", "route", "reason", "message")

@@ -39,6 +39,11 @@ class DecisionServiceStub:
                 request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestRequest.SerializeToString,
                 response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestResponse.FromString,
                 _registered_method=True)
+        self.StartRun = channel.unary_unary(
+                '/abc.pdp.v1.DecisionService/StartRun',
+                request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunRequest.SerializeToString,
+                response_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunResponse.FromString,
+                _registered_method=True)
         self.Decide = channel.unary_unary(
                 '/abc.pdp.v1.DecisionService/Decide',
                 request_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.DecideRequest.SerializeToString,
@@ -70,8 +75,16 @@ class DecisionServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def RegisterManifest(self, request, context):
-        """Verify a signed manifest envelope (DSSE) and bind a run to it. The same manifest
-        registered again returns the same run: one manifest, one run, one budget.
+        """Verify a signed manifest envelope (DSSE): the grant. It also binds the grant's default
+        run (run key ""): the same manifest registered again returns the same run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRun(self, request, context):
+        """Start one run of a registered grant for the caller's task id (run_key), with its own
+        step, budgets and answers. Idempotent on (manifest, run_key), from any replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +133,11 @@ def add_DecisionServiceServicer_to_server(servicer, server):
                     servicer.RegisterManifest,
                     request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestRequest.FromString,
                     response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestResponse.SerializeToString,
+            ),
+            'StartRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRun,
+                    request_deserializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunRequest.FromString,
+                    response_serializer=pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunResponse.SerializeToString,
             ),
             'Decide': grpc.unary_unary_rpc_method_handler(
                     servicer.Decide,
@@ -174,6 +192,33 @@ class DecisionService:
             '/abc.pdp.v1.DecisionService/RegisterManifest',
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestRequest.SerializeToString,
             pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.RegisterManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abc.pdp.v1.DecisionService/StartRun',
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunRequest.SerializeToString,
+            pdp_dot_api_dot_abc_dot_pdp_dot_v1_dot_pdp__pb2.StartRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,148 @@
+"""Many runs of one signed manifest: each run key (the agent's task id) is its own run, with
+its own budget and step, through real sidecars in front of a real PDP, and across PDP
+replicas sharing one redis-server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx
+import pytest
+
+from pdp.api import pdp_pb2
+from pdp.ledger import run_id_for
+from tests.fakes.serve import FakeUpstreams
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    PdpProcess,
+    PepProcess,
+    RedisProcess,
+    Signer,
+    start_pdp,
+    start_pep,
+)
+from tests.integration.test_pdp_grpc import codes, stub, tool_call
+
+INVOICE = "/http/billing.internal/v1/invoices/inv-1"
+
+
+def _intent(lineage: str) -> str:
+    """The demo intent with room for two HTTP calls per run."""
+    text = INTENT.read_text().replace("lineage: acme/support-bot", f"lineage: acme/{lineage}")
+    return text.replace("requests: 500", "requests: 2")
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeUpstreams]:
+    with FakeUpstreams() as upstreams:
+        yield upstreams
+
+
+@pytest.fixture(scope="module")
+def grant(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("grant") / "envelope.json"
+    path.write_bytes(signer.freeze(_intent("many-runs"), "many-runs"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sidecars(
+    pdp: PdpProcess, fakes: FakeUpstreams, grant: Path
+) -> Iterator[tuple[PepProcess, PepProcess]]:
+    upstreams = {"http:billing.internal": fakes.http_url}
+    peps = [start_pep(pdp.address, upstreams, grant.parent, "--manifest", str(grant)) for _ in "ab"]
+    yield peps[0], peps[1]
+    for pep in peps:
+        pep.stop()
+
+
+def _get(pep: PepProcess, run_key: str | None) -> httpx.Response:
+    headers = {"x-abc-run-key": run_key} if run_key is not None else {}
+    return httpx.get(pep.url + INVOICE, headers=headers, timeout=10)
+
+
+def _digest(pdp: PdpProcess, grant: Path) -> str:
+    response = stub(pdp).RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=grant.read_bytes()), timeout=10
+    )
+    return str(response.manifest_digest)
+
+
+def test_each_run_key_spends_its_own_budget(
+    sidecars: tuple[PepProcess, PepProcess], pdp: PdpProcess, grant: Path
+) -> None:
+    one, _ = sidecars
+    assert [_get(one, "conversation-1").status_code for _ in range(3)] == [200, 200, 403]
+    refused = _get(one, "conversation-1")
+    assert refused.headers["x-abc-reason"] == "budget_exhausted"
+    assert [_get(one, "conversation-2").status_code for _ in range(2)] == [200, 200]
+    digest = _digest(pdp, grant)
+    for key in ("conversation-1", "conversation-2"):
+        run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id_for(digest, key)), timeout=5)
+        assert run.run_key == key
+        assert run.remaining.requests == 0 and run.reserved.requests + run.spent.requests == 2
+
+
+def test_the_same_run_key_through_two_sidecars_is_one_run(
+    sidecars: tuple[PepProcess, PepProcess],
+) -> None:
+    one, two = sidecars
+    assert _get(one, "ticket-9").status_code == 200
+    assert _get(two, "ticket-9").status_code == 200
+    assert _get(two, "ticket-9").headers["x-abc-reason"] == "budget_exhausted"
+    assert _get(one, "ticket-9").headers["x-abc-reason"] == "budget_exhausted"
+
+
+def test_without_a_run_key_the_grants_default_run_is_used(
+    sidecars: tuple[PepProcess, PepProcess],
+) -> None:
+    one, two = sidecars
+    statuses = [_get(pep, None).status_code for pep in (one, two, one)]
+    assert statuses == [200, 200, 403]  # one default run, shared by both sidecars
+
+
+@pytest.mark.parametrize("key", ["", "-x", "two words", "x" * 129])
+def test_a_malformed_run_key_is_refused_as_a_bad_request(
+    sidecars: tuple[PepProcess, PepProcess], key: str
+) -> None:
+    reply = _get(sidecars[0], key)
+    assert reply.status_code == 400 and reply.headers["x-abc-reason"] == "bad_request"
+
+
+def test_a_run_started_on_one_replica_is_decided_by_another(
+    signer: Signer, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    replicas = [
+        start_pdp(signer, tmp_path / f"state-{name}", POLICIES, "--store", redis_server.url)
+        for name in "ab"
+    ]
+    try:
+        a, b = replicas
+        envelope = signer.freeze(_intent("replicated-runs"), "replicated-runs")
+        digest = str(
+            stub(a)
+            .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=10)
+            .manifest_digest
+        )
+        start = pdp_pb2.StartRunRequest(manifest_digest=digest, run_key="job-1")
+        started = stub(a).StartRun(start, timeout=5)
+        assert started.started and started.run_id == run_id_for(digest, "job-1")
+        again = stub(b).StartRun(start, timeout=5)  # the same run, already started on A
+        assert again.run_id == started.run_id and not again.started
+        call = tool_call(started.run_id, "search", {"query": "q"})
+        assert stub(b).Decide(call, timeout=5).allow
+        assert stub(a).Decide(tool_call(started.run_id, "search", {"query": "q"}), timeout=5).allow
+        third = stub(b).Decide(tool_call(started.run_id, "search", {"query": "q"}), timeout=5)
+        assert codes(third) == ["budget_exhausted"]  # two requests per run, across replicas
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub(b).StartRun(
+                pdp_pb2.StartRunRequest(manifest_digest="sha256:" + "0" * 64, run_key="job-1"),
+                timeout=5,
+            )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for replica in replicas:
+            replica.stop()
