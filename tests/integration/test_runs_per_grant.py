@@ -5,6 +5,7 @@ replicas sharing one redis-server."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -146,3 +147,75 @@ def test_a_run_started_on_one_replica_is_decided_by_another(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+RUNS = 500
+CLIENTS = 16
+
+
+def _spend_concurrently(peps: list[PepProcess], prefix: str) -> None:
+    """Every run key tries one call more than its budget, through 16 concurrent clients,
+    its calls spread over ``peps``: each key gets exactly its two calls, and the third is
+    refused for its budget.
+
+    A call the PDP decided after the sidecar's deadline (a loaded machine) was refused
+    ``pdp_unavailable`` although its reservation was made: it holds budget until it
+    expires, so that key may get fewer calls, never more. The client retries such a call
+    as an SDK would."""
+    calls = [(f"{prefix}-{n}", attempt) for n in range(RUNS) for attempt in range(3)]
+
+    def call(item: tuple[str, int]) -> tuple[str, str, bool]:
+        key, attempt = item
+        pep = peps[(hash(key) + attempt) % len(peps)]
+        late = False
+        for _ in range(5):
+            reply = _get(pep, key)
+            outcome = "allow" if reply.status_code == 200 else reply.headers["x-abc-reason"]
+            if outcome != "pdp_unavailable":
+                break
+            late = True
+        return key, outcome, late
+
+    outcomes: dict[str, list[str]] = {}
+    late_keys: set[str] = set()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        for key, outcome, late in pool.map(call, calls):
+            outcomes.setdefault(key, []).append(outcome)
+            if late:
+                late_keys.add(key)
+    assert len(outcomes) == RUNS
+    for key, got in outcomes.items():
+        assert got.count("allow") <= 2, key  # never past a run's budget
+        assert set(got) <= {"allow", "budget_exhausted", "pdp_unavailable"}, key
+        if key not in late_keys:
+            assert sorted(got) == ["allow", "allow", "budget_exhausted"], key
+    assert len(late_keys) < RUNS // 10, "most keys must have been decided in time"
+
+
+def test_500_runs_from_16_clients_each_spend_exactly_their_own_budget(
+    sidecars: tuple[PepProcess, PepProcess],
+) -> None:
+    _spend_concurrently(list(sidecars), "load")
+
+
+def test_500_runs_over_three_replicas_sharing_redis_each_spend_exactly_their_own_budget(
+    signer: Signer,
+    redis_server: RedisProcess,
+    fakes: FakeUpstreams,
+    grant: Path,
+    tmp_path: Path,
+) -> None:
+    replicas = [
+        start_pdp(signer, tmp_path / f"state-{name}", POLICIES, "--store", redis_server.url)
+        for name in "abc"
+    ]
+    upstreams = {"http:billing.internal": fakes.http_url}
+    peps = [
+        start_pep(replica.address, upstreams, tmp_path, "--manifest", str(grant))
+        for replica in replicas
+    ]
+    try:
+        _spend_concurrently(peps, "replicated")
+    finally:
+        for process in (*peps, *replicas):
+            process.stop()
