@@ -115,6 +115,8 @@ def test_every_native_library_the_image_ships_resolves_in_it(built: Built) -> No
     # The image's own ldd, in its own root: a library the base lacks (libatomic.so.1 was
     # one) shows as "not found" here before anything imports it.
     for rootfs in (built.runtime, built.demo):
+        # The stand-in base must not hide what the official one lacks.
+        assert not list(rootfs.path.glob("usr/lib/*/libatomic.so*"))
         done = rootfs.run(["sh", "-c", "find /opt/abc -name '*.so*' -type f -exec ldd {} +"])
         assert "libopabridge.so" in done.stdout, done.stdout + done.stderr
         assert "not found" not in done.stdout + done.stderr, done.stdout + done.stderr

@@ -185,6 +185,8 @@ class Podman:
             f"--build-arg=PIP_INDEX_URL={index_url}",
             "--file",
             DOCKERFILE,
+            # Docker reads Dockerfile.dockerignore by itself; podman 4.3 only when told.
+            f"--ignorefile={DOCKERFILE}.dockerignore",
             "--target",
             target,
             "--tag",
