@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench soak format clean
+.PHONY: install test lint demo bench soak image-test format clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: $(STAMP)
 soak: $(STAMP)
 	ABC_DECISIONS=1000000 ABC_THREADS=16 $(BIN)/python -m pytest tests/bench/bench_engine.py -s -p no:cacheprovider \
 		-o python_files="bench_*.py"
+
+# deploy/Dockerfile built with podman and run as users run it (tests/image; minutes, needs root).
+image-test: $(STAMP)
+	scripts/image-tools.sh
+	$(BIN)/python -m pytest tests/image -s -p no:cacheprovider -o python_files="check_*.py"
 
 format: $(STAMP)
 	$(BIN)/ruff format pdp pep tests deploy
