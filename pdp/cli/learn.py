@@ -24,14 +24,14 @@ from pdp.bundle import load_bundle
 from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid
 from pdp.errors import AbcError, ConfigError
-from pdp.history import History, load_history, parse_since
+from pdp.learn.history import History, load_history, parse_since
+from pdp.learn.suggest import suggest
+from pdp.learn.whatif import Candidate, format_report, what_if
 from pdp.manifest import VerificationPolicy, load_trust_store, verify_envelope
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.keys import load_public_key
 from pdp.manifest.model import Manifest
-from pdp.suggest import suggest
-from pdp.whatif import Candidate, format_report, what_if
 
 __all__ = ["add_log_flags", "add_suggest_parser", "add_what_if_flags", "what_if_command"]
 
@@ -109,6 +109,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         min_count=args.min_count,
         headroom=args.headroom,
         examples=args.examples,
+        enforce=args.enforce,
     )
     diff_path = args.output.with_name(args.output.name + ".diff")
     for path, text in ((args.output, suggestion.text), (diff_path, suggestion.diff)):
@@ -193,5 +194,11 @@ def add_suggest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="budgets = per-run p95 x this (default 1.5)",
     )
     parser.add_argument("--examples", type=int, default=3, help="decision ids per proposal")
+    parser.add_argument(
+        "--enforce",
+        action="store_true",
+        help="write `enforcement: enforce` (a shadow run's next version refuses what it does"
+        " not allow); without it the mode stays as it was",
+    )
     add_log_flags(parser)
     parser.set_defaults(func=cmd_suggest)

@@ -26,7 +26,8 @@ from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
-from pdp.explain import NotInLog, explain, render
+from pdp.learn.explain import NotInLog, explain, render
+from pdp.learn.replay import replay_log
 from pdp.manifest import (
     SqliteHighWater,
     TrustEntry,
@@ -50,7 +51,6 @@ from pdp.manifest.keys import (
     write_keypair,
 )
 from pdp.manifest.model import Manifest, parse_timestamp
-from pdp.replay import replay_log
 
 __all__ = ["main", "main_exit"]
 

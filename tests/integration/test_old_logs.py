@@ -24,7 +24,8 @@ from pdp.decisionlog import (
     verify_log,
 )
 from pdp.decisionlog.records import line_fields
-from pdp.explain import explain
+from pdp.learn.explain import explain
+from pdp.learn.replay import replay_log
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.manifest.canonical import parse_record as parse_line
 from pdp.manifest.highwater import SqliteHighWater
@@ -32,7 +33,6 @@ from pdp.manifest.keys import load_public_key
 from pdp.manifest.trust import load_trust_store
 from pdp.metrics import PdpMetrics
 from pdp.recovery import restore_from_log
-from pdp.replay import replay_log
 from pdp.service import DecisionService
 from tests.harness import abcctl
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.decisionlog import DecisionRecord, SettlementRecord, format_time
 from pdp.engine import policy_data
-from pdp.history import load_history
+from pdp.learn.history import load_history
 from pdp.manifest.model import Manifest
 from pdp.runstore import MemoryRunStore, Usage
 
