@@ -2,11 +2,14 @@
 
 Only calls the next version allows count (allowed then, or learned now), made or not.
 
-- **tokens**: what the ledger must let the run reserve, taking its calls one at a time in
-  log order: the most of (tokens already used + the next call's reservation). A call's
-  use is its settlement's, wherever that landed in the log; a call never settled counts
-  at its worst case (what it reserved). So the same calls with the same usage give the
-  same answer whether their settlements came at once or late.
+- **tokens**: what the ledger must let the run reserve, its calls in log order: the most
+  of (tokens used before the previous call + the previous call's reservation, still held
+  + this call's reservation). The sidecar settles after the response and in batches, so
+  the call before may not be settled yet when the next is reserved; one call of lag is
+  assumed, whatever the log shows (a what-if replays the log's own timing). A call's use
+  is its settlement's, wherever that landed in the log; a call never settled counts at
+  its worst case (what it reserved). So the same calls with the same usage give the same
+  answer whether their settlements came at once or late.
 - **usd_micros**: settled, as reported (a call never settled: what it reserved).
 - **tool_calls**, **requests**: the calls the next version allows.
 
@@ -36,6 +39,7 @@ class _RunUse:
     tool_calls: int = 0
     requests: int = 0
     used_tokens: int = 0  # settled (or worst case) so far, in log order
+    held: int = 0  # the previous call's reservation, less what it used (its settlement lag)
     settled: int = 0  # charged calls whose usage was reported
     unsettled: int = 0  # charged calls counted at their worst case
     refused_for_budget: int = 0  # enforced: the ledger refused the call
@@ -77,16 +81,18 @@ def _use(
             run.refused_for_budget += 1
         if not record.cost:
             continue  # not made (refused), or nothing reserved: no usage observed
-        run.tokens = max(run.tokens, run.used_tokens + record.cost["tokens"])
+        worst = record.cost["tokens"]
+        run.tokens = max(run.tokens, run.used_tokens + run.held + worst)
         settlement = settled.get((record.run_id, record.reservation_id))
         if settlement is None:
             run.unsettled += 1
-            run.used_tokens += record.cost["tokens"]
-            run.usd_micros += record.cost["usd_micros"]
+            used, usd = worst, record.cost["usd_micros"]
         else:
             run.settled += 1
-            run.used_tokens += settlement.tokens
-            run.usd_micros += settlement.usd_micros
+            used, usd = settlement.tokens, settlement.usd_micros
+        run.used_tokens += used
+        run.usd_micros += usd
+        run.held = max(worst - used, 0)
     return use
 
 
@@ -106,7 +112,7 @@ def size_budgets(
     how = {
         "tokens": f"settled usage of {_plural(settled, 'call')}"
         + (f" ({unsettled} never settled: at their worst case)" if unsettled else "")
-        + " plus the next call's reservation, one call at a time",
+        + ", plus the next call's reservation and the one before it (not settled yet)",
         "usd_micros": f"settled usage of {_plural(settled, 'call')}"
         + (f" ({unsettled} never settled: what they reserved)" if unsettled else ""),
         "tool_calls": "tool calls the next version allows",
