@@ -31,6 +31,12 @@ def _instant(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def cmd_audit_list(args: argparse.Namespace) -> int:
     key = load_public_key(args.pub)
     try:
@@ -95,7 +101,7 @@ def add_audit_list_parser(audit: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument("--run", help="a run id, or the start of one")
     parser.add_argument("--since", type=_instant, help="at or after this ISO 8601 time")
     parser.add_argument("--until", type=_instant, help="before this ISO 8601 time")
-    parser.add_argument("--last", type=int, help="only the last N that match")
+    parser.add_argument("--last", type=_count, help="only the last N that match")
     parser.set_defaults(func=cmd_audit_list)
 
 

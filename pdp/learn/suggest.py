@@ -4,9 +4,9 @@ Learning happens outside execution: this reads history and writes a file for a p
 to review. It never freezes, signs or registers anything; ``abcctl freeze`` on the
 result is the human's step, and a what-if ``abcctl replay`` shows first what it changes.
 
-This module reads what the log says; ``infer`` holds the rules for values observed,
-``budgets`` the budgets, ``write`` how the intent is written. From the runs of one lineage
-(shadow and enforce alike; tools/list probes are not calls):
+This module reads what the log says; ``infer`` holds the rules for values observed, ``steps``
+the steps, ``budgets`` the budgets, ``write`` how the intent is written. From the runs of one
+lineage (shadow and enforce alike; tools/list probes are not calls):
 
 - **Removed**: each capability of the current manifest that no call targeted.
 - **Added**, each marked ``PROPOSED`` with its counts and example decision ids: a

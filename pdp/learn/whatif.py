@@ -153,7 +153,7 @@ def _what_changed(logged: dict[str, Any], answer: dict[str, Any]) -> str:
         for k in {*(logged["obligations"] or {}), *(answer["obligations"] or {})}
         if (logged["obligations"] or {}).get(k) != (answer["obligations"] or {}).get(k)
     )
-    return f"obligations ({', '.join(changed)})"
+    return f"obligations ({', '.join(changed)})" if changed else "obligations"
 
 
 class _Judges:

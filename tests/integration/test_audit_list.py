@@ -107,6 +107,8 @@ def test_audit_list_filters_by_decision_reason_run_and_time(logged: Logged) -> N
         check=False,
     )  # fmt: skip
     assert naive.returncode == 2 and "no time zone" in naive.stderr
+    none = logged.cli("audit", "list", logged.state / "decisions.log", "--last", "0", check=False)
+    assert none.returncode == 2 and "at least 1" in none.stderr
 
 
 def test_explain_last_last_denied_and_a_unique_prefix(logged: Logged) -> None:
