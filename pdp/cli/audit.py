@@ -12,23 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 
+from pdp.cli.learn import instant_arg
 from pdp.decisionlog import LogInvalid
 from pdp.learn.audit import LAST, LAST_DENIED, DecisionFilter, list_decisions
 from pdp.learn.explain import AmbiguousId, NotInLog, explain, render
-from pdp.learn.history import load_history, parse_since
+from pdp.learn.history import load_history
 from pdp.manifest.keys import load_public_key
 
 __all__ = ["add_audit_list_parser", "add_explain_parser"]
-
-
-def _instant(text: str) -> datetime:
-    try:
-        return parse_since(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _count(text: str) -> int:
@@ -99,8 +92,8 @@ def add_audit_list_parser(audit: argparse._SubParsersAction[argparse.ArgumentPar
     )
     parser.add_argument("--reason", help="a reason code, e.g. tool_not_allowed")
     parser.add_argument("--run", help="a run id, or the start of one")
-    parser.add_argument("--since", type=_instant, help="at or after this ISO 8601 time")
-    parser.add_argument("--until", type=_instant, help="before this ISO 8601 time")
+    parser.add_argument("--since", type=instant_arg, help="at or after this ISO 8601 time")
+    parser.add_argument("--until", type=instant_arg, help="before this ISO 8601 time")
     parser.add_argument("--last", type=_count, help="only the last N that match")
     parser.set_defaults(func=cmd_audit_list)
 

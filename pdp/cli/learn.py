@@ -33,7 +33,13 @@ from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.keys import load_public_key
 from pdp.manifest.model import Manifest
 
-__all__ = ["add_log_flags", "add_suggest_parser", "add_what_if_flags", "what_if_command"]
+__all__ = [
+    "add_log_flags",
+    "add_suggest_parser",
+    "add_what_if_flags",
+    "instant_arg",
+    "what_if_command",
+]
 
 
 def _history(args: argparse.Namespace, key: Ed25519PublicKey) -> History | None:
@@ -133,7 +139,8 @@ def _headroom(text: str) -> Fraction:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 1.5") from exc
 
 
-def _since(text: str) -> datetime:
+def instant_arg(text: str) -> datetime:
+    """An ISO 8601 instant with its time zone, for a flag (``--since``, ``--until``)."""
     try:
         return parse_since(text)
     except ValueError as exc:
@@ -180,7 +187,7 @@ def add_suggest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument(
         "-o", "--output", type=Path, required=True, help="the next intent (and OUTPUT.diff)"
     )
-    parser.add_argument("--since", type=_since, help="only records from this ISO 8601 time on")
+    parser.add_argument("--since", type=instant_arg, help="only records from this ISO 8601 time on")
     parser.add_argument(
         "--min-count",
         type=int,

@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import Any
 
 from pdp.decisionlog import DecisionRecord, SettlementRecord, WritableRecord
-from pdp.learn.infer import nearest_rank_p95, round_up
+from pdp.learn.infer import nearest_rank_p95, plural, round_up
 from pdp.learn.write import Draft
 from pdp.manifest.model import Budgets
 from pdp.runstore import BUDGETS
@@ -48,10 +48,6 @@ class _RunUse:
 
 def _ratio(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else str(float(value))
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _use(
@@ -110,10 +106,10 @@ def size_budgets(
     settled = sum(u.settled for u in use.values())
     unsettled = sum(u.unsettled for u in use.values())
     how = {
-        "tokens": f"settled usage of {_plural(settled, 'call')}"
+        "tokens": f"settled usage of {plural(settled, 'call')}"
         + (f" ({unsettled} never settled: at their worst case)" if unsettled else "")
         + ", plus the next call's reservation and the one before it (not settled yet)",
-        "usd_micros": f"settled usage of {_plural(settled, 'call')}"
+        "usd_micros": f"settled usage of {plural(settled, 'call')}"
         + (f" ({unsettled} never settled: what they reserved)" if unsettled else ""),
         "tool_calls": "tool calls the next version allows",
         "requests": "calls the next version allows",
@@ -125,11 +121,11 @@ def size_budgets(
         p95, most = nearest_rank_p95(values), max(values)
         if most == 0:
             proposed[name] = current[name]
-            plan.budget_notes[name] = f"no {name} observed in {_plural(len(values), 'run')}: kept"
+            plan.budget_notes[name] = f"no {name} observed in {plural(len(values), 'run')}: kept"
             continue
         proposed[name] = round_up(Fraction(p95) * headroom)
         plan.budget_notes[name] = (
-            f"{_plural(len(values), 'run')}: max {most}, p95 {p95} ({how[name]});"
+            f"{plural(len(values), 'run')}: max {most}, p95 {p95} ({how[name]});"
             f" proposed p95 x {_ratio(headroom)}, rounded up"
         )
         if most > proposed[name]:
@@ -140,12 +136,12 @@ def size_budgets(
     for run_id, run in use.items():
         if run.refused_for_budget:
             plan.notes.append(
-                f"run {run_id}: {_plural(run.refused_for_budget, 'call')} refused for budget"
+                f"run {run_id}: {plural(run.refused_for_budget, 'call')} refused for budget"
                 " (budget_exhausted) and never made: its use is a lower bound"
             )
         if run.shadow_over:
             plan.notes.append(
-                f"run {run_id}: {_plural(run.shadow_over, 'call')} went past a budget in shadow"
+                f"run {run_id}: {plural(run.shadow_over, 'call')} went past a budget in shadow"
                 " (forwarded, not refused): counted in its use"
             )
     return Budgets(**proposed)

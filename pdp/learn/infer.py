@@ -26,6 +26,7 @@ __all__ = [
     "common_directory",
     "infer_args",
     "nearest_rank_p95",
+    "plural",
     "round_up",
     "split_target",
 ]
@@ -106,13 +107,14 @@ def _json_type(value: Any) -> str:
     raise Unsure(f"unsupported value type {type(value).__name__}")
 
 
-def _plural(count: int, word: str) -> str:
+def plural(count: int, word: str) -> str:
+    """``1 value``, ``3 values``."""
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def _string_bounds(name: str, values: list[str]) -> tuple[dict[str, Any], str]:
     distinct = sorted(set(values))
-    seen = f"{_plural(len(values), 'value')} seen, {len(distinct)} distinct"
+    seen = f"{plural(len(values), 'value')} seen, {len(distinct)} distinct"
     if len(distinct) <= ENUM_MAX and len(values) > len(distinct):
         return {"enum": tuple(distinct)}, f"{name}: one of {len(distinct)} ({seen})"
     lengths = [len(value) for value in values]
@@ -159,9 +161,9 @@ def infer_args(
         elif kind in ("integer", "number"):
             low, high = math.floor(min(values)), math.ceil(max(values))
             bounds = {"minimum": low, "maximum": high}
-            line = f"{name}: {low}..{high} ({_plural(len(values), 'value')} seen)"
+            line = f"{name}: {low}..{high} ({plural(len(values), 'value')} seen)"
         else:
-            line = f"{name}: {kind}, no bounds ({_plural(len(values), 'value')} seen)"
+            line = f"{name}: {kind}, no bounds ({plural(len(values), 'value')} seen)"
         evidence.append(line)
         constraints[name] = ArgConstraint(type=kind, required=required, **bounds)  # type: ignore[arg-type]
     return constraints, evidence
