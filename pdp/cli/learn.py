@@ -24,16 +24,22 @@ from pdp.bundle import load_bundle
 from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid
 from pdp.errors import AbcError, ConfigError
-from pdp.history import History, load_history, parse_since
+from pdp.learn.history import History, load_history, parse_since
+from pdp.learn.suggest import suggest
+from pdp.learn.whatif import Candidate, format_report, what_if
 from pdp.manifest import VerificationPolicy, load_trust_store, verify_envelope
 from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.keys import load_public_key
 from pdp.manifest.model import Manifest
-from pdp.suggest import suggest
-from pdp.whatif import Candidate, format_report, what_if
 
-__all__ = ["add_log_flags", "add_suggest_parser", "add_what_if_flags", "what_if_command"]
+__all__ = [
+    "add_log_flags",
+    "add_suggest_parser",
+    "add_what_if_flags",
+    "instant_arg",
+    "what_if_command",
+]
 
 
 def _history(args: argparse.Namespace, key: Ed25519PublicKey) -> History | None:
@@ -109,6 +115,7 @@ def cmd_suggest(args: argparse.Namespace) -> int:
         min_count=args.min_count,
         headroom=args.headroom,
         examples=args.examples,
+        enforce=args.enforce,
     )
     diff_path = args.output.with_name(args.output.name + ".diff")
     for path, text in ((args.output, suggestion.text), (diff_path, suggestion.diff)):
@@ -132,7 +139,8 @@ def _headroom(text: str) -> Fraction:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number such as 1.5") from exc
 
 
-def _since(text: str) -> datetime:
+def instant_arg(text: str) -> datetime:
+    """An ISO 8601 instant with its time zone, for a flag (``--since``, ``--until``)."""
     try:
         return parse_since(text)
     except ValueError as exc:
@@ -179,7 +187,7 @@ def add_suggest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     parser.add_argument(
         "-o", "--output", type=Path, required=True, help="the next intent (and OUTPUT.diff)"
     )
-    parser.add_argument("--since", type=_since, help="only records from this ISO 8601 time on")
+    parser.add_argument("--since", type=instant_arg, help="only records from this ISO 8601 time on")
     parser.add_argument(
         "--min-count",
         type=int,
@@ -193,5 +201,11 @@ def add_suggest_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="budgets = per-run p95 x this (default 1.5)",
     )
     parser.add_argument("--examples", type=int, default=3, help="decision ids per proposal")
+    parser.add_argument(
+        "--enforce",
+        action="store_true",
+        help="write `enforcement: enforce` (a shadow run's next version refuses what it does"
+        " not allow); without it the mode stays as it was",
+    )
     add_log_flags(parser)
     parser.set_defaults(func=cmd_suggest)

@@ -16,6 +16,7 @@ from pathlib import Path
 from pdp.api.config import read_envelope_file
 from pdp.bundle import load_bundle
 from pdp.certs import DEFAULT_DAYS, DEFAULT_PDP_HOSTS, write_dev_certs
+from pdp.cli.audit import add_audit_list_parser, add_explain_parser
 from pdp.cli.learn import (
     add_log_flags,
     add_suggest_parser,
@@ -26,7 +27,7 @@ from pdp.clock import utc_now
 from pdp.decisionlog import LogInvalid, verify_log
 from pdp.engine.policytest import run_policy_tests
 from pdp.errors import AbcError, ConfigError
-from pdp.explain import NotInLog, explain, render
+from pdp.learn.replay import replay_log
 from pdp.manifest import (
     SqliteHighWater,
     TrustEntry,
@@ -50,7 +51,6 @@ from pdp.manifest.keys import (
     write_keypair,
 )
 from pdp.manifest.model import Manifest, parse_timestamp
-from pdp.replay import replay_log
 
 __all__ = ["main", "main_exit"]
 
@@ -300,23 +300,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if report.divergences else 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    key = load_public_key(args.pub)
-    try:
-        explanation = explain(args.log, args.decision_id, key)
-    except LogInvalid as exc:
-        print(f"tampered: {exc} ({args.log}); nothing explained", file=sys.stderr)
-        return 1
-    except NotInLog as exc:
-        print(f"abcctl: error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(explanation.as_dict(), sort_keys=True, indent=2))
-    else:
-        print(render(explanation))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="abcctl", description="ABC governance sidecar control")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -408,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--expect-seq", type=int, help="the log must reach this seq (an anchor kept elsewhere)"
     )
     audit_verify.set_defaults(func=cmd_audit_verify)
+    add_audit_list_parser(audit)
 
     replay = commands.add_parser(
         "replay",
@@ -424,12 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_what_if_flags(replay)
     replay.set_defaults(func=cmd_replay)
 
-    why = commands.add_parser("explain", help="why one logged decision came out as it did")
-    why.add_argument("decision_id")
-    why.add_argument("--log", type=Path, required=True, help="the decision log holding it")
-    why.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
-    why.add_argument("--json", action="store_true", help="one JSON document, for machines")
-    why.set_defaults(func=cmd_explain)
+    add_explain_parser(commands)
 
     add_suggest_parser(commands)
     return parser

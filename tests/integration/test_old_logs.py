@@ -25,14 +25,14 @@ from pdp.decisionlog import (
 )
 from pdp.decisionlog.records import line_fields
 from pdp.decisionlog.recovery import restore_from_log
-from pdp.explain import explain
+from pdp.learn.explain import explain
+from pdp.learn.replay import replay_log
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.manifest.canonical import parse_record as parse_line
 from pdp.manifest.highwater import SqliteHighWater
 from pdp.manifest.keys import load_public_key
 from pdp.manifest.trust import load_trust_store
 from pdp.metrics import PdpMetrics
-from pdp.replay import replay_log
 from pdp.service import DecisionService
 from tests.harness import abcctl
 

@@ -5,7 +5,8 @@ before it: the action and the run's step (the policy input), each reason with th
 evidence the policy itself wrote, the manifest entries the policy consulted (the
 capability for the target, the step it was in), the policy and manifest digests, and
 the run's budgets at that moment (the log's reservations and settlements, folded). The
-log must verify first; nothing is re-decided (that is ``abcctl replay``).
+log must verify first; nothing is re-decided (that is ``abcctl replay``). The decision is
+named as ``audit.find_decision`` reads it: an id, a unique prefix, ``last``, ``last-denied``.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pdp.clock import log_time
 from pdp.decisionlog import DecisionRecord, SettlementRecord
 from pdp.engine import policy_data
-from pdp.history import load_history
+from pdp.learn.audit import AmbiguousId, NotInLog, find_decision
+from pdp.learn.history import load_history
 from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest.model import Manifest
 
-__all__ = ["Explanation", "NotInLog", "explain", "render"]
-
-
-class NotInLog(LookupError):
-    """The log (verified) has no decision with that id."""
+__all__ = ["AmbiguousId", "Explanation", "NotInLog", "explain", "render"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +59,11 @@ def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> 
     return {"capability": {target: entry}, "current_step": step}
 
 
-def explain(log: Path, decision_id: str, key: Ed25519PublicKey) -> Explanation:
-    """LogInvalid for a log that does not verify (a running PDP's unsigned tail is read)."""
+def explain(log: Path, selector: str, key: Ed25519PublicKey) -> Explanation:
+    """LogInvalid for a log that does not verify (a running PDP's unsigned tail is read);
+    NotInLog or AmbiguousId when ``selector`` names no decision, or several."""
     history = load_history(log, key, allow_tail=True)
+    decision_id = find_decision(history.records, selector)
     books = MemoryRunStore()
     for run in history.runs.values():
         manifest = run.manifest

@@ -7,9 +7,16 @@ from fractions import Fraction
 
 import pytest
 
-from pdp.history import parse_since
+from pdp.learn.history import parse_since
+from pdp.learn.infer import (
+    ENUM_MAX,
+    Unsure,
+    common_directory,
+    infer_args,
+    nearest_rank_p95,
+    round_up,
+)
 from pdp.manifest.model import ArgConstraint
-from pdp.suggest import Unsure, common_directory, infer_args, nearest_rank_p95, round_up
 
 NONE: frozenset[str] = frozenset()
 
@@ -28,7 +35,28 @@ def test_arguments_are_inferred_no_wider_than_observed() -> None:
         "exact": ArgConstraint(type="boolean"),
         "tags": ArgConstraint(type="array"),
     }
-    assert notes == []
+    assert notes == [  # what each bound rests on
+        "q: at most 10 characters (3 values seen, 3 distinct)",
+        "k: 1..10 (3 values seen)",
+        "exact: boolean, no bounds (2 values seen)",
+        "tags: array, no bounds (1 value seen)",
+    ]
+
+
+def test_a_string_whose_values_recur_among_a_few_is_an_enum() -> None:
+    args, notes = infer_args(
+        [({"format": "csv"}, NONE), ({"format": "pdf"}, NONE), ({"format": "csv"}, NONE)]
+    )
+    assert args["format"] == ArgConstraint(type="string", required=True, enum=("csv", "pdf"))
+    assert notes == ["format: one of 2 (3 values seen, 2 distinct)"]
+    # Every value different (page ids): not "one of a few", only its length is bounded.
+    args, _ = infer_args([({"page": p}, NONE) for p in ("p-1", "p-22", "p-333")])
+    assert args["page"] == ArgConstraint(type="string", required=True, minLength=1, maxLength=5)
+    # Recurring, but more distinct values than ENUM_MAX: lengths again.
+    values = ["a", "bb", "c", "dd", "e", "a"]
+    assert len(set(values)) > ENUM_MAX
+    args, _ = infer_args([({"x": v}, NONE) for v in values])
+    assert args["x"] == ArgConstraint(type="string", required=True, minLength=1, maxLength=2)
 
 
 def test_an_empty_string_drops_min_length_and_fractions_make_a_number() -> None:
@@ -53,7 +81,10 @@ def test_masked_arguments_are_strings_without_bounds_and_say_so() -> None:
     )
     assert args["password"] == ArgConstraint(type="string")
     assert args["user"] == ArgConstraint(type="string", required=True, minLength=1, maxLength=2)
-    assert notes == ["argument password is masked in the log: type string assumed, no bounds"]
+    assert notes == [
+        "password: masked in the log, type string assumed, no bounds",
+        "user: at most 2 characters (2 values seen, 2 distinct)",
+    ]
 
 
 @pytest.mark.parametrize(

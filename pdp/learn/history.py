@@ -26,6 +26,7 @@ from pdp.decisionlog import (
     DecisionRecord,
     LogReport,
     RegistrationRecord,
+    RunStartRecord,
     WritableRecord,
     read_verified_log,
 )
@@ -134,9 +135,12 @@ def load_history(
     records = [r for r in verified.records if not isinstance(r, CheckpointRecord)]
     runs: dict[str, RunInfo] = {}
     for record in records:
-        if not isinstance(record, RegistrationRecord):
-            continue
-        manifest = _registered_manifest(record)
-        if manifest is not None:
-            runs[record.run_id] = RunInfo(record.run_id, record.manifest_digest, manifest)
+        if isinstance(record, RegistrationRecord):
+            manifest = _registered_manifest(record)
+            if manifest is not None:
+                runs[record.run_id] = RunInfo(record.run_id, record.manifest_digest, manifest)
+        elif isinstance(record, RunStartRecord) and record.grant_run_id in runs:
+            # A run of a registered grant (its run key): judged by the grant's manifest.
+            grant = runs[record.grant_run_id]
+            runs[record.run_id] = RunInfo(record.run_id, grant.manifest_digest, grant.manifest)
     return History(path, verified.report, records, runs)

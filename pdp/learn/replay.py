@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pdp.bundle import load_stored_bundle
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError
-from pdp.history import load_history, policy_answer
+from pdp.learn.history import load_history, policy_answer
 
 __all__ = ["Divergence", "ReplayReport", "replay_log"]
 

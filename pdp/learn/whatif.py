@@ -29,23 +29,22 @@ runs say nothing about this agent's next manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pdp.bundle import PolicyBundle, load_stored_bundle
-from pdp.decisionlog import DecisionRecord, SettlementRecord
+from pdp.decisionlog import DecisionRecord
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, ReasonCode
-from pdp.history import History, RunInfo, is_call, policy_answer
-from pdp.ledger import BUDGETS, MemoryRunStore, Usage
+from pdp.learn.history import History, RunInfo, policy_answer
+from pdp.learn.whatif_budgets import RunBudget, ledger
+from pdp.ledger import BUDGETS
 from pdp.manifest.model import Manifest
 
 __all__ = ["Candidate", "Change", "RunBudget", "WhatIfReport", "format_report", "what_if"]
 
 ALLOW_TO_DENY = "allow_to_deny"
 DENY_TO_ALLOW = "deny_to_allow"
-_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)  # expiries come from the log's settlements
 
 
 @dataclass(frozen=True)
@@ -86,47 +85,18 @@ class Change:
 
 
 @dataclass
-class RunBudget:
-    run_id: str
-    limits: dict[str, int]
-    used: dict[str, int]  # settled plus still held at the end, under the candidate's ledger
-    refused: int = 0
-    refused_budgets: list[str] = field(default_factory=list)
-    refused_examples: list[str] = field(default_factory=list)
-    not_charged: int = 0  # allowed by the candidate, but never made: usage unknown
-
-    @property
-    def over(self) -> list[str]:
-        return [name for name in BUDGETS if self.used[name] > self.limits[name]]
-
-    @property
-    def fits(self) -> bool:
-        return not self.refused and not self.over
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "limits": self.limits,
-            "used": self.used,
-            "over": self.over,
-            "refused": self.refused,
-            "refused_budgets": self.refused_budgets,
-            "refused_examples": self.refused_examples,
-            "not_charged": self.not_charged,
-            "fits": self.fits,
-        }
-
-
-@dataclass
 class WhatIfReport:
     policy: str  # what judged: a digest, or "each run's own"
     manifest: str
-    decisions: int = 0
+    decisions: int = 0  # calls + probes + step changes
+    calls: int = 0  # model, tool and HTTP calls (what `abcctl suggest` counts)
+    probes: int = 0  # tools/list probes: a tool's name judged, nothing called
+    steps: int = 0  # step changes
     runs: int = 0
     unchanged_allow: int = 0
     unchanged_deny: int = 0
-    other_changes: int = 0  # same allow/deny, other reasons or obligations
-    other_examples: list[str] = field(default_factory=list)
+    # same allow/deny, something else changed: what changed -> (count, example ids)
+    other_changes: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     other_lineages: int = 0  # decisions left out: not the candidate manifest's lineage
     undecidable: list[tuple[str, str]] = field(default_factory=list)  # (decision id, why)
@@ -142,11 +112,17 @@ class WhatIfReport:
             "policy": self.policy,
             "manifest": self.manifest,
             "decisions": self.decisions,
+            "calls": self.calls,
+            "probes": self.probes,
+            "steps": self.steps,
             "runs": self.runs,
             "allow_to_deny": sum(c.count for c in self.flipped(ALLOW_TO_DENY)),
             "deny_to_allow": sum(c.count for c in self.flipped(DENY_TO_ALLOW)),
             "unchanged": {"allow": self.unchanged_allow, "deny": self.unchanged_deny},
-            "other_changes": {"count": self.other_changes, "examples": self.other_examples},
+            "other_changes": [
+                {"what": what, "count": count, "examples": ids}
+                for what, (count, ids) in self.other_changes.items()
+            ],
             "changes": [c.as_dict() for c in self.changes],
             "other_lineages": self.other_lineages,
             "undecidable": [{"decision_id": d, "why": w} for d, w in self.undecidable],
@@ -163,6 +139,21 @@ def _first_code(answer: dict[str, Any]) -> str:
 
 def _normalized(answer: dict[str, Any]) -> dict[str, Any]:
     return {k: answer.get(k) for k in ("allow", "reasons", "obligations")}
+
+
+def _what_changed(logged: dict[str, Any], answer: dict[str, Any]) -> str:
+    """Of two answers with the same allow, what differs, named for a person."""
+    if [r["code"] for r in logged["reasons"] or []] != [r["code"] for r in answer["reasons"] or []]:
+        return "reason codes"
+    if logged["reasons"] != answer["reasons"]:
+        # e.g. a refusal's `closest` evidence now naming a capability the candidate adds
+        return "reason messages or evidence"
+    changed = sorted(
+        k
+        for k in {*(logged["obligations"] or {}), *(answer["obligations"] or {})}
+        if (logged["obligations"] or {}).get(k) != (answer["obligations"] or {}).get(k)
+    )
+    return f"obligations ({', '.join(changed)})" if changed else "obligations"
 
 
 class _Judges:
@@ -264,18 +255,25 @@ def what_if(history: History, candidate: Candidate, examples: int = 3) -> WhatIf
             continue
         seen_runs.setdefault(run.run_id)
         report.decisions += 1
+        if record.action.get("probe"):
+            report.probes += 1
+        elif record.action.get("kind") == "step":
+            report.steps += 1
+        else:
+            report.calls += 1
         if record.masked:
             report.masked += 1
         logged = _normalized(policy_answer(record))
         answer = _decide(policy, record.input)
         answers[record.decision_id] = answer
         if answer["allow"] == logged["allow"]:
-            if answer == logged:
-                pass
-            else:
-                report.other_changes += 1
-                if len(report.other_examples) < examples:
-                    report.other_examples.append(record.decision_id)
+            if _normalized(answer) != logged:
+                what = _what_changed(logged, _normalized(answer))
+                count, ids = report.other_changes.get(what, (0, []))
+                report.other_changes[what] = (
+                    count + 1,
+                    ids + [record.decision_id][: examples - len(ids)],
+                )
             if answer["allow"]:
                 report.unchanged_allow += 1
             else:
@@ -294,82 +292,18 @@ def what_if(history: History, candidate: Candidate, examples: int = 3) -> WhatIf
         groups.values(), key=lambda c: (c.direction, -c.count, c.reason, c.target, c.probe)
     )
     if candidate.manifest is not None:
-        report.budgets = _ledger(
-            history, {r: in_scope[r] for r in seen_runs}, candidate, answers, examples
+        report.budgets = ledger(
+            history, {r: in_scope[r] for r in seen_runs}, candidate.manifest, answers, examples
         )
     return report
-
-
-def _reservation(record: DecisionRecord, answer: dict[str, Any]) -> Usage:
-    """The recorded worst case, with a model's completion cap as the candidate sets it.
-
-    A model call reserves its cap plus a bound on its prompt; the log holds the total and
-    the old cap, so the prompt bound is the difference.
-    """
-    cost = Usage(**(record.cost or {}))
-    if record.action.get("kind") == "model":
-        old_cap = int(policy_answer(record).get("obligations", {}).get("max_tokens", 0))
-        new_cap = int(answer.get("obligations", {}).get("max_tokens", 0))
-        cost.tokens = max(cost.tokens - old_cap + new_cap, 0)
-    return cost
-
-
-def _ledger(
-    history: History,
-    runs: dict[str, RunInfo],
-    candidate: Candidate,
-    answers: dict[str, dict[str, Any]],
-    examples: int,
-) -> list[RunBudget]:
-    """Each run's recorded reservations and settlements through a ledger with the
-    candidate's limits, in log order (the PDP's own run store, not a model of it)."""
-    assert candidate.manifest is not None
-    limits = Usage(**candidate.manifest.budgets.model_dump())
-    store = MemoryRunStore()
-    results: dict[str, RunBudget] = {}
-    for run_id, run in runs.items():
-        store.open(run_id, run.manifest.assembly.steps[0].id, Usage(**limits.as_dict()), "", 0)
-        results[run_id] = RunBudget(run_id, limits.as_dict(), {})
-    for record in history.records:
-        if not isinstance(record, (DecisionRecord, SettlementRecord)):
-            continue
-        result = results.get(record.run_id)
-        if result is None:
-            continue
-        if isinstance(record, SettlementRecord):
-            # A reservation the candidate refused was never held: its settlement is unknown.
-            store.settle(record.reservation_id, record.tokens, record.usd_micros)
-            continue
-        answer = answers.get(record.decision_id)
-        if answer is None or not answer["allow"]:
-            continue
-        if not record.cost:
-            if is_call(record):
-                result.not_charged += 1  # not made then (refused): no usage was ever observed
-            continue
-        cost = _reservation(record, answer)
-        left = store.books(result.run_id).remaining()
-        if not store.reserve(result.run_id, record.reservation_id, cost, _FAR_FUTURE):
-            short = [name for name in BUDGETS if getattr(cost, name) > getattr(left, name)]
-            result.refused += 1
-            for name in short or ["usd_micros"]:  # a spent money budget refuses everything
-                if name not in result.refused_budgets:
-                    result.refused_budgets.append(name)
-            if len(result.refused_examples) < examples:
-                result.refused_examples.append(record.decision_id)
-    for run_id, result in results.items():
-        books = store.books(run_id)
-        used = Usage(**books.spent.as_dict())
-        used.add(books.reserved)
-        result.used = used.as_dict()
-    return list(results.values())
 
 
 def format_report(report: WhatIfReport) -> str:
     """The report as text for a person; ``WhatIfReport.as_dict`` is for machines."""
     lines = [
         f"what-if: policy {report.policy}; manifest {report.manifest}",
-        f"{report.decisions} decisions of {report.runs} run(s) re-decided:"
+        f"{report.decisions} decisions of {report.runs} run(s) re-decided ({report.calls} calls,"
+        f" {report.probes} tools/list probes, {report.steps} step changes):"
         f" {sum(c.count for c in report.flipped(ALLOW_TO_DENY))} allow -> deny,"
         f" {sum(c.count for c in report.flipped(DENY_TO_ALLOW))} deny -> allow,"
         f" {report.unchanged_allow + report.unchanged_deny} unchanged"
@@ -389,11 +323,8 @@ def format_report(report: WhatIfReport) -> str:
             lines.append(
                 f"    {c.reason:<18} {target:<{width}} {c.count:>4}  {', '.join(c.examples)}"
             )
-    if report.other_changes:
-        lines.append(
-            f"  same allow/deny, other reasons or obligations: {report.other_changes},"
-            f" e.g. {', '.join(report.other_examples)}"
-        )
+    for what, (count, ids) in report.other_changes.items():
+        lines.append(f"  same allow/deny, other {what}: {count}, e.g. {', '.join(ids)}")
     if report.other_lineages:
         lines.append(f"  {report.other_lineages} decisions of other lineages left out")
     if report.masked:
