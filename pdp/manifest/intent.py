@@ -61,21 +61,42 @@ class IntentError(ConfigError):
 
 
 class Intent(_Strict):
-    apiVersion: Literal["abc/v1"] = "abc/v1"  # noqa: N815 - wire name
-    kind: Literal["RunIntent"] = "RunIntent"
-    tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-    agent: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-    lineage: Lineage | None = None
-    version: Annotated[int, Field(ge=1)]
-    goal: Annotated[str, StringConstraints(max_length=1000)] = ""
-    enforcement: Literal["enforce", "shadow"] = "enforce"
-    lifetime: Annotated[str, Field(pattern=_DURATION.pattern)] = "8h"
-    not_before: Timestamp | None = None
-    models: tuple[ModelCapability, ...] = ()
-    tools: tuple[ToolCapability, ...] = ()
-    http: tuple[HttpCapability, ...] = ()
-    budgets: Budgets
-    steps: tuple[Step, ...] = Field(min_length=1)
+    apiVersion: Literal["abc/v1"] = Field("abc/v1", description="the format's version")  # noqa: N815
+    kind: Literal["RunIntent"] = Field("RunIntent", description="always RunIntent")
+    tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = Field(
+        description="the owner; the signing key must be trusted for it (`abcctl trust add`)"
+    )
+    agent: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = Field(
+        description="the agent this run is for"
+    )
+    lineage: Lineage | None = Field(
+        None,
+        description="the series of versions this one belongs to, starting with `TENANT/`;"
+        " default `TENANT/AGENT`",
+    )
+    version: Annotated[int, Field(ge=1)] = Field(
+        description="must rise with each manifest of a lineage (older ones are refused)"
+    )
+    goal: Annotated[str, StringConstraints(max_length=1000)] = Field(
+        "", description="what the run is for, in words (signed, shown by `abcctl inspect`)"
+    )
+    enforcement: Literal["enforce", "shadow"] = Field(
+        "enforce",
+        description="`shadow` decides and logs but refuses nothing (the key needs `--mode shadow`)",
+    )
+    lifetime: Annotated[str, Field(pattern=_DURATION.pattern)] = Field(
+        "8h", description="validity after `not_before`: a number and s, m, h or d; at most 30d"
+    )
+    not_before: Timestamp | None = Field(
+        None, description="start of validity, `YYYY-MM-DDTHH:MM:SSZ`; default: when frozen"
+    )
+    models: tuple[ModelCapability, ...] = Field((), description="the model calls granted")
+    tools: tuple[ToolCapability, ...] = Field((), description="the MCP tool calls granted")
+    http: tuple[HttpCapability, ...] = Field((), description="the plain HTTP calls granted")
+    budgets: Budgets = Field(description="limits for the whole run")
+    steps: tuple[Step, ...] = Field(
+        min_length=1, description="the Assembly: ordered steps, each naming what it uses"
+    )
 
     @field_validator("lifetime")
     @classmethod
