@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -274,9 +275,11 @@ class RestServer:
         workers: int,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], datetime] = utc_now,
+        sock: socket.socket | None = None,
     ) -> None:
         self.address = address
         self._ssl = ssl_context
+        self._sock = sock  # bound already by abc-pdp, before it made any state
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdp-rest")
         self._door = _Door(service, serving, self._executor, clock)
         self._loop = asyncio.new_event_loop()
@@ -299,7 +302,12 @@ class RestServer:
         # Drained by stop() first; what is still running after that is cut short.
         self._runner = web.AppRunner(build_app(self._door), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=self._ssl).start()
+        site: web.BaseSite = (
+            web.SockSite(self._runner, self._sock, ssl_context=self._ssl)
+            if self._sock is not None
+            else web.TCPSite(self._runner, host, port, ssl_context=self._ssl)
+        )
+        await site.start()
 
     def stop(self, deadline: float) -> None:
         """Answer what is in flight until ``deadline`` (``time.monotonic``), then close."""
