@@ -16,6 +16,7 @@ from pdp.api.config import read_envelope_file
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.metrics import PepMetrics
+from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
 from pep.proxy import Sidecar, build_app, metrics_app
 
@@ -41,13 +42,14 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     return PdpTls(root, chain, key, config.pdp_server_name)
 
 
-async def _register(pdp: PdpClient, config: PepConfig) -> str:
+async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, GrantedModels]:
     """Register the manifest, waiting (bounded) for a PDP that is still starting."""
     assert config.manifest is not None
     envelope = read_envelope_file(config.manifest)
     for attempt in range(REGISTER_ATTEMPTS):
         try:
-            return await pdp.register(envelope)
+            run_id = await pdp.register(envelope)
+            return run_id, granted_models(envelope)  # accepted: its payload is the verified one
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise ConfigError(f"the PDP refused {config.manifest}: {exc.details()}") from exc
@@ -71,9 +73,9 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         log.warning("%s", warning)
     runners: list[web.AppRunner] = []
     try:
-        run_id = await _register(pdp, config) if config.manifest else config.run
+        run_id, models = await _register(pdp, config) if config.manifest else (config.run, None)
         metrics = PepMetrics(CollectorRegistry())
-        sidecar = Sidecar(config, pdp, metrics, run_id)
+        sidecar = Sidecar(config, pdp, metrics, run_id, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
         runners.append(proxy)
         await proxy.setup()
