@@ -173,10 +173,12 @@ def verify_envelope(
     if manifest.metadata.tenant not in signer.tenants:
         raise SignatureInvalid(
             f"key {signer.keyid} is not trusted for tenant {manifest.metadata.tenant!r}"
+            f" (abcctl trust add --tenant {manifest.metadata.tenant})"
         )
     if manifest.enforcement not in signer.modes:
         raise ShadowNotAllowed(
             f"key {signer.keyid} may not sign {manifest.enforcement!r} manifests"
+            f" (its trust entry needs --mode {manifest.enforcement})"
         )
 
     # (7)

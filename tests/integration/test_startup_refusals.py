@@ -73,3 +73,25 @@ def test_revoked_key_said_so(tmp_path: Path) -> None:
     done = abcctl("verify", envelope, "--trust", signer.trust, check=False)
     assert done.returncode == 1
     assert f"the envelope's key {_key_id(signer)} is revoked" in done.stderr
+
+
+def test_rollback_and_tenant_refusals_say_what_to_do(signer: Signer, tmp_path: Path) -> None:
+    text = INTENT.read_text()
+    newer = tmp_path / "v2.json"
+    newer.write_bytes(signer.freeze(text.replace("version: 1", "version: 2"), "v2"))
+    older = tmp_path / "v1.json"
+    older.write_bytes(signer.freeze(text, "v1"))
+    state = tmp_path / "state"
+    assert abcctl("verify", newer, "--trust", signer.trust, "--state", state).returncode == 0
+    done = abcctl("verify", older, "--trust", signer.trust, "--state", state, check=False)
+    assert done.stderr.startswith("manifest_rollback: ")
+    assert "raise version in the intent, freeze again" in done.stderr
+    other_tenant = tmp_path / "globex.json"
+    other_tenant.write_bytes(
+        signer.freeze(
+            text.replace("tenant: acme", "tenant: globex").replace("acme/", "globex/"), "g"
+        )
+    )
+    done = abcctl("verify", other_tenant, "--trust", signer.trust, check=False)
+    assert done.stderr.startswith("signature_invalid: ")
+    assert "not trusted for tenant 'globex' (abcctl trust add --tenant globex)" in done.stderr
