@@ -237,14 +237,14 @@ def _start(
         (SERVICE_NAME, EXT_AUTHZ_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     rest = None
-    if config.http and listeners.rest_socket is not None:
+    if config.http and listeners.rest_socket is not None:  # both or neither (listen)
         rest = RestServer(
             service,
             config.http,
             serving,
+            sock=listeners.rest_socket,
             workers=config.workers,
             ssl_context=_rest_ssl_context(config),
-            sock=listeners.rest_socket,
         )
         rest.start()
     server.start()
@@ -268,6 +268,8 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         listeners.close()
         raise
     server, probes, health_servicer = listeners.server, listeners.probes, listeners.health
+    # SERVING now, and from here on whenever the decision log can write (it cannot decide
+    # without it: a full disk turns health NOT_SERVING until space returns).
     decision_log.watch(_health_follows_log(health_servicer, serving, stop))
     log.info(
         "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s",
