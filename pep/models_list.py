@@ -10,12 +10,12 @@ with ``--manifest`` knows them; any other sidecar refuses the request as before.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from aiohttp import web
 
 from pdp.manifest.envelope import parse_envelope
-from pdp.manifest.model import Manifest, parse_timestamp
+from pdp.manifest.model import Manifest, format_timestamp, parse_timestamp
 
 __all__ = ["GrantedModels", "granted_models", "models_list"]
 
@@ -48,7 +48,7 @@ def _openai(names: tuple[str, ...], issued: datetime) -> dict[str, object]:
 
 
 def _anthropic(names: tuple[str, ...], issued: datetime) -> dict[str, object]:
-    created = issued.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = format_timestamp(issued)
     return {
         "data": [
             {"type": "model", "id": name, "display_name": name, "created_at": created}
@@ -75,10 +75,11 @@ def models_list(
     render = _openai if route == "openai" else _anthropic
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if granted is None or request.method != "GET" or request.query_string:
+        # Any query (Anthropic's limit, after_id) gets the whole list: it is one short page.
+        if granted is None or request.method != "GET":
             return await otherwise(request)
         names, issued = granted[route]
         count(route, "pass")
-        return web.json_response(render(names, issued), headers={"x-abc-reason": "manifest"})
+        return web.json_response(render(names, issued))
 
     return handle

@@ -26,7 +26,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from pdp.errors import ConfigError
-from pdp.manifest._yaml import load_yaml
+from pdp.manifest._yaml import YamlDocument, load_yaml
 from pdp.manifest.model import (
     Assembly,
     Budgets,
@@ -168,7 +168,7 @@ def _message(error: ErrorDetails) -> str:
     return f"unknown key {loc[-1]!r}{hint if known else ''}"
 
 
-def _all_errors(document: Any, exc: ValidationError) -> str:
+def _all_errors(document: YamlDocument, exc: ValidationError) -> str:
     """One line per error, unknown keys first: a typo explains the "Field required" after it."""
     errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
     return "\n".join(
