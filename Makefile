@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 demo: $(STAMP)
-	$(BIN)/python deploy/demo/run.py
+	$(BIN)/python deploy/demo/run.py $(if $(KEEP),--keep $(KEEP))
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o python_files="bench_*.py"

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from pdp.errors import ReasonCode
 
 __all__ = ["NO_REASON", "PdpMetrics"]
+
+# No `_created` series: one per counter and histogram child doubled each scrape, and
+# nothing (dashboard, alerts) reads it. Process-wide, and set before any scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 NO_REASON = "none"
 MODES = ("enforce", "shadow")

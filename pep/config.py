@@ -79,6 +79,10 @@ def _upstream(entry: str) -> tuple[str, str]:
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"--upstream {name}: {url!r} is not an http(s) URL")
+    if name in ("openai", "anthropic"):
+        # The SDKs' base URL form (https://api.openai.com/v1) is accepted: the sidecar
+        # forwards the agent's /v1/... path itself, and /v1/v1/... would be a paid 404.
+        return name, url.rstrip("/").removesuffix("/v1")
     return name, url.rstrip("/") if not name.startswith("mcp:") else url
 
 

@@ -17,6 +17,7 @@ from pdp.api.config import read_envelope_file
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.metrics import PepMetrics
+from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
 from pep.proxy import Sidecar, build_app, metrics_app
 from pep.runs import RunKeys
@@ -45,14 +46,15 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     return PdpTls(root, chain, key, config.pdp_server_name)
 
 
-async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str]:
+async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str, GrantedModels]:
     """Register the manifest, waiting (bounded) for a PDP that is still starting: its
-    digest (the grant runs are started under) and its default run id."""
+    digest (the grant runs are started under), its default run id and the models it grants."""
     assert config.manifest is not None
     envelope = read_envelope_file(config.manifest)
     for attempt in range(REGISTER_ATTEMPTS):
         try:
-            return await pdp.register(envelope)
+            grant, run_id = await pdp.register(envelope)
+            return grant, run_id, granted_models(envelope)  # accepted: the verified payload
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise ConfigError(f"the PDP refused {config.manifest}: {exc.details()}") from exc
@@ -76,10 +78,14 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         log.warning("%s", warning)
     runners: list[web.AppRunner] = []
     try:
-        grant, run_id = await _register(pdp, config) if config.manifest else (None, config.run)
+        run_id: str | None = config.run
+        runs: RunKeys | None = None
+        models: GrantedModels | None = None
+        if config.manifest:
+            grant, run_id, models = await _register(pdp, config)
+            runs = RunKeys(pdp, grant)
         metrics = PepMetrics(CollectorRegistry())
-        runs = RunKeys(pdp, grant) if grant else None
-        sidecar = Sidecar(config, pdp, metrics, run_id, runs)
+        sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
         runners.append(proxy)
         await proxy.setup()

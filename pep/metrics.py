@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 
 from pdp.api import ReasonCode
 
 __all__ = ["DECISIONS", "ROUTES", "PepMetrics"]
+
+# No `_created` series: one per counter and histogram child doubled each scrape, and
+# nothing (dashboard, alerts) reads it. Process-wide, and set before any scrape.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ROUTES = ("openai", "anthropic", "mcp", "http", "unknown")
 # "pass": forwarded without a decision (MCP initialize, notifications, session traffic).

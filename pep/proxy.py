@@ -31,6 +31,7 @@ from pep.adapters.openai import OpenAIAdapter
 from pep.config import PepConfig
 from pep.forward import relay, request_headers
 from pep.metrics import PepMetrics
+from pep.models_list import GrantedModels, models_list
 from pep.pdp_client import PdpClient, Verdict
 from pep.runs import RunKeys
 from pep.usage import UsageReader
@@ -48,6 +49,7 @@ class Sidecar:
     run_id: str | None  # the default run: the grant's (--manifest), or --run
     runs: RunKeys | None = None  # run keys of the grant (--manifest only)
     session: aiohttp.ClientSession | None = None
+    models: GrantedModels | None = None  # the bound manifest's, for GET .../v1/models
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
@@ -87,6 +89,13 @@ def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, s
             return None if base is None else f"{base}{upstream_path(request)}{suffix}"
 
 
+def _name(request: web.Request, route: str) -> str:
+    """The ``--upstream`` name a request's route needs: openai, mcp:kb, http:billing..."""
+    if route == "mcp":
+        return f"mcp:{request.match_info['server']}"
+    return f"http:{request.match_info['name']}" if route == "http" else route
+
+
 class Handler:
     """The loop, written once; each route binds it to its adapter."""
 
@@ -122,7 +131,10 @@ class Handler:
             return await refuse(Verdict.refuse(exc.reason, str(exc)))
         if upstream_url is None:
             return await refuse(
-                Verdict.refuse(ReasonCode.BAD_REQUEST, "no upstream is configured for this route"),
+                Verdict.refuse(
+                    ReasonCode.BAD_REQUEST,
+                    f"this sidecar has no --upstream {_name(request, route)}=URL",
+                ),
                 status=404,
             )
         unsafe = _unsafe_request(request, route)
@@ -307,8 +319,12 @@ def build_app(sidecar: Sidecar) -> web.Application:
         await sidecar.session.close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_route("*", "/openai/v1/{tail:.*}", Handler(OpenAIAdapter()))
-    app.router.add_route("*", "/anthropic/v1/{tail:.*}", Handler(AnthropicAdapter()))
+    openai_route, anthropic_route = Handler(OpenAIAdapter()), Handler(AnthropicAdapter())
+    for route, handler in (("openai", openai_route), ("anthropic", anthropic_route)):
+        listing = models_list(route, sidecar.models, handler, sidecar.metrics.count)
+        app.router.add_route("*", f"/{route}/v1/models", listing)
+    app.router.add_route("*", "/openai/v1/{tail:.*}", openai_route)
+    app.router.add_route("*", "/anthropic/v1/{tail:.*}", anthropic_route)
     app.router.add_route("*", "/mcp/{server}", Handler(McpAdapter()))
     app.router.add_route("*", "/http/{name}/{tail:.*}", Handler(HttpAdapter()))
     app.router.add_route("*", "/http/{name}", Handler(HttpAdapter()))

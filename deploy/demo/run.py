@@ -1,18 +1,24 @@
 """The demo: the whole story on the embedded defaults, in a temporary directory, under a minute.
 
 keys → trust → freeze the demo intent → PDP, PEP and local fake upstreams up → allowed and
-refused model, tool and HTTP calls with the official SDKs → denial counters → clean stop.
-Run with ``make demo``.
+refused model, tool and HTTP calls with the official SDKs → denial counters → clean stop →
+the decision log verified and the refused model call explained.
+Run with ``make demo``; ``make demo KEEP=DIR`` (``run.py --keep DIR``) keeps the keys, the
+envelope and the PDP's state in DIR, to try ``abcctl audit verify``, ``replay`` and
+``explain`` on what the demo just did.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -58,7 +64,8 @@ def refused(reason: str, decision_id: str) -> str:
     return f"REFUSED  {reason:<18} {decision_id}"
 
 
-def model_calls(pep: PepProcess) -> None:
+def model_calls(pep: PepProcess) -> str:
+    """The calls; returns the decision id of the refused gpt-5 call, explained at the end."""
     client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key="sk-demo", max_retries=0)
     reply = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
@@ -79,8 +86,10 @@ def model_calls(pep: PepProcess) -> None:
     show("openai gpt-4o-mini, streamed", f"ALLOWED  {text[:40]!r}")
     try:
         client.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+        sys.exit("demo: gpt-5 was not refused")
     except openai.PermissionDeniedError as exc:
-        show("openai gpt-5 (not in the manifest)", refused(str(exc.code), exc.body["decision_id"]))  # type: ignore[index]
+        refused_id: str = exc.body["decision_id"]  # type: ignore[index]
+        show("openai gpt-5 (not in the manifest)", refused(str(exc.code), refused_id))
     claude = anthropic.Anthropic(base_url=f"{pep.url}/anthropic", api_key="ak-demo", max_retries=0)
     try:
         claude.messages.create(
@@ -92,6 +101,7 @@ def model_calls(pep: PepProcess) -> None:
             "anthropic claude-haiku-4-5 (only in step 'answer')",
             refused(abc["reason"], abc["decision_id"]),
         )
+    return refused_id
 
 
 async def tool_calls(pep: PepProcess) -> None:
@@ -133,9 +143,25 @@ def counters(text: str, prefix: str) -> None:
             print(f"  {line}")
 
 
+@contextlib.contextmanager
+def workplace(keep: Path | None) -> Iterator[Path]:
+    """A temporary directory, or ``keep`` (new or empty), left in place afterwards."""
+    if keep is None:
+        with tempfile.TemporaryDirectory(prefix="abc-demo-") as tmp:
+            yield Path(tmp)
+        return
+    if keep.exists() and any(keep.iterdir()):
+        # A second run over old state would be refused as a rollback (same lineage, v1).
+        sys.exit(f"demo: {keep} is not empty; give a new directory to KEEP=")
+    keep.mkdir(parents=True, exist_ok=True)
+    yield keep.resolve()
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="abc-demo-") as tmp:
-        work = Path(tmp)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, help="keep keys, envelope and PDP state here")
+    keep = parser.parse_args().keep
+    with workplace(keep) as work:
         print("== 1. A signing key, trusted for tenant acme; the demo intent frozen and verified")
         abcctl("keygen", "--out", work / "keys", "--name", "signer")
         abcctl(
@@ -184,7 +210,7 @@ def main() -> None:
                 pep = start_pep(
                     pdp.address,
                     {
-                        "openai": fakes.openai_url.removesuffix("/v1"),
+                        "openai": fakes.openai_url,  # the SDK's base URL form, /v1 included
                         "anthropic": fakes.anthropic_url,
                         "mcp:kb": fakes.mcp_sse_url,
                         "http:billing.internal": fakes.http_url,
@@ -195,7 +221,7 @@ def main() -> None:
                 )
                 print(f"  PDP {pdp.address}, PEP {pep.url}, metrics {pep.metrics_url}")
                 print("\n== 3. The agent's calls, through the sidecar")
-                model_calls(pep)
+                refused_id = model_calls(pep)
                 asyncio.run(tool_calls(pep))
                 http_calls(pep)
                 print("\n== 4. What the sidecar counted (abc_pep_denials_total, non-zero)")
@@ -209,6 +235,17 @@ def main() -> None:
                 for process in (pep, pdp):
                     if process is not None:
                         process.stop()
+        state = work / "state"
+        log = ["--pub", state / "pdp-log.pub"]
+        print("\n== 5. The PDP's decision log: verified, and the refused gpt-5 call explained")
+        abcctl("audit", "verify", state / "decisions.log", *log)
+        abcctl("explain", refused_id, "--log", state / "decisions.log", *log)
+        if keep is None:
+            print("\n  (make demo KEEP=DIR keeps the keys, the envelope and this state)")
+        else:
+            print(f"\n  kept in {work}: keys/, trust.yaml, envelope.json, state/; try")
+            print(f"  .venv/bin/abcctl replay {state}/decisions.log --bundles {state}/bundles \\")
+            print(f"      --pub {state}/pdp-log.pub")
         print("\ndemo: done (PDP, PEP and upstreams stopped)")
 
 

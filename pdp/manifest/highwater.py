@@ -56,7 +56,7 @@ class SqliteHighWater:
                 if version < mark or (version == mark and manifest_digest != mark_digest):
                     raise ManifestRollback(
                         f"lineage {lineage!r} version {version} is not above"
-                        f" accepted version {mark}"
+                        f" accepted version {mark}: raise version in the intent, freeze again"
                     )
             db.execute(
                 "INSERT INTO lineage_high_water (lineage, version, manifest_digest)"

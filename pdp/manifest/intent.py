@@ -2,20 +2,31 @@
 
 Errors point at the line and column of the offending value, e.g.
 ``intent.yaml:14:20: tools[0].args.query.maxLength: Input should be a valid integer``.
+Every error is reported, one per line, unknown keys first with the closest known one.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import types
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from pdp.errors import ConfigError
-from pdp.manifest._yaml import load_yaml
+from pdp.manifest._yaml import YamlDocument, load_yaml
 from pdp.manifest.model import (
     Assembly,
     Budgets,
@@ -50,21 +61,42 @@ class IntentError(ConfigError):
 
 
 class Intent(_Strict):
-    apiVersion: Literal["abc/v1"] = "abc/v1"  # noqa: N815 - wire name
-    kind: Literal["RunIntent"] = "RunIntent"
-    tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-    agent: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
-    lineage: Lineage | None = None
-    version: Annotated[int, Field(ge=1)]
-    goal: Annotated[str, StringConstraints(max_length=1000)] = ""
-    enforcement: Literal["enforce", "shadow"] = "enforce"
-    lifetime: Annotated[str, Field(pattern=_DURATION.pattern)] = "8h"
-    not_before: Timestamp | None = None
-    models: tuple[ModelCapability, ...] = ()
-    tools: tuple[ToolCapability, ...] = ()
-    http: tuple[HttpCapability, ...] = ()
-    budgets: Budgets
-    steps: tuple[Step, ...] = Field(min_length=1)
+    apiVersion: Literal["abc/v1"] = Field("abc/v1", description="the format's version")  # noqa: N815
+    kind: Literal["RunIntent"] = Field("RunIntent", description="always RunIntent")
+    tenant: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = Field(
+        description="the owner; the signing key must be trusted for it (`abcctl trust add`)"
+    )
+    agent: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")] = Field(
+        description="the agent this run is for"
+    )
+    lineage: Lineage | None = Field(
+        None,
+        description="the series of versions this one belongs to, starting with `TENANT/`;"
+        " default `TENANT/AGENT`",
+    )
+    version: Annotated[int, Field(ge=1)] = Field(
+        description="must rise with each manifest of a lineage (older ones are refused)"
+    )
+    goal: Annotated[str, StringConstraints(max_length=1000)] = Field(
+        "", description="what the run is for, in words (signed, shown by `abcctl inspect`)"
+    )
+    enforcement: Literal["enforce", "shadow"] = Field(
+        "enforce",
+        description="`shadow` decides and logs but refuses nothing (the key needs `--mode shadow`)",
+    )
+    lifetime: Annotated[str, Field(pattern=_DURATION.pattern)] = Field(
+        "8h", description="validity after `not_before`: a number and s, m, h or d; at most 30d"
+    )
+    not_before: Timestamp | None = Field(
+        None, description="start of validity, `YYYY-MM-DDTHH:MM:SSZ`; default: when frozen"
+    )
+    models: tuple[ModelCapability, ...] = Field((), description="the model calls granted")
+    tools: tuple[ToolCapability, ...] = Field((), description="the MCP tool calls granted")
+    http: tuple[HttpCapability, ...] = Field((), description="the plain HTTP calls granted")
+    budgets: Budgets = Field(description="limits for the whole run")
+    steps: tuple[Step, ...] = Field(
+        min_length=1, description="the Assembly: ordered steps, each naming what it uses"
+    )
 
     @field_validator("lifetime")
     @classmethod
@@ -102,6 +134,49 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return text or "(top level)"
 
 
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class whose fields sit at ``loc`` in an intent, or None (a dict of args)."""
+    annotation: Any = Intent
+    for part in loc:
+        while get_origin(annotation) in (Annotated, Union, types.UnionType):
+            # Annotated[X, ...] -> X; X | None -> X (intent unions are optionals only)
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        origin, params = get_origin(annotation), get_args(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif origin is tuple and isinstance(part, int):
+            annotation = params[0]
+        elif origin is dict:
+            annotation = params[1]
+        else:
+            return None
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation if is_model else None
+
+
+def _message(error: ErrorDetails) -> str:
+    if error["type"] != "extra_forbidden":
+        return str(error["msg"])
+    loc = tuple(error["loc"])
+    model = _model_at(loc[:-1])
+    known = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+    return f"unknown key {loc[-1]!r}{hint if known else ''}"
+
+
+def _all_errors(document: YamlDocument, exc: ValidationError) -> str:
+    """One line per error, unknown keys first: a typo explains the "Field required" after it."""
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    return "\n".join(
+        f"{document.where(tuple(e['loc']))}: {_dotted(tuple(e['loc']))}: {_message(e)}"
+        for e in errors
+    )
+
+
 def parse_intent(text: str, source: str = "<intent>") -> Intent:
     """Parse and validate intent YAML; raise ``IntentError`` naming ``source:line:column``."""
     try:
@@ -122,10 +197,7 @@ def parse_intent(text: str, source: str = "<intent>") -> Intent:
         loc = ("steps", *exc.loc)
         raise IntentError(f"{document.where(loc)}: {_dotted(loc)}: {exc}") from exc
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = tuple(first["loc"])
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise IntentError(f"{document.where(loc)}: {_dotted(loc)}: {first['msg']}{more}") from exc
+        raise IntentError(_all_errors(document, exc)) from exc
     except (TypeError, ValueError) as exc:
         raise IntentError(f"{source}: {exc}") from exc
 

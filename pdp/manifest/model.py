@@ -86,14 +86,20 @@ HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 class ArgConstraint(_Strict):
     """Constraints on one tool argument (a JSON-Schema-like subset, integers only)."""
 
-    type: ArgType
-    required: bool = False
-    enum: tuple[str | int | bool, ...] | None = None
-    minLength: Count | None = None  # noqa: N815 - JSON Schema spelling, kept on the wire
-    maxLength: Count | None = None  # noqa: N815
-    pattern: str | None = None
-    minimum: int | None = None
-    maximum: int | None = None
+    type: ArgType = Field(description="the JSON type the argument must have")
+    required: bool = Field(False, description="the call is refused when the argument is missing")
+    enum: tuple[str | int | bool, ...] | None = Field(None, description="the only values allowed")
+    minLength: Count | None = Field(  # noqa: N815 - JSON Schema spelling, kept on the wire
+        None, description="shortest string, in characters (type string)"
+    )
+    maxLength: Count | None = Field(  # noqa: N815
+        None, description="longest string, in characters (type string)"
+    )
+    pattern: str | None = Field(
+        None, description="a regular expression the whole string must match (type string)"
+    )
+    minimum: int | None = Field(None, description="smallest value (type integer or number)")
+    maximum: int | None = Field(None, description="largest value (type integer or number)")
 
     @field_validator("pattern")
     @classmethod
@@ -122,9 +128,11 @@ class ArgConstraint(_Strict):
 
 
 class ModelCapability(_Strict):
-    provider: Name
-    model: ModelName
-    max_tokens_per_call: Annotated[int, Field(gt=0)]
+    provider: Name = Field(description="the sidecar route: `openai` or `anthropic`")
+    model: ModelName = Field(description="the model name exactly as the agent sends it")
+    max_tokens_per_call: Annotated[int, Field(gt=0)] = Field(
+        description="cap on every call's output-token field; the sidecar lowers larger requests"
+    )
 
     @property
     def target(self) -> str:
@@ -132,9 +140,14 @@ class ModelCapability(_Strict):
 
 
 class ToolCapability(_Strict):
-    server: Name
-    name: Name
-    args: dict[Name, ArgConstraint] = Field(default_factory=dict)
+    server: Name = Field(
+        description="the MCP server, as named in `abc-pep --upstream mcp:NAME=URL`"
+    )
+    name: Name = Field(description="the tool's name on that server")
+    args: dict[Name, ArgConstraint] = Field(
+        default_factory=dict,
+        description="argument name to its constraints; an argument not listed is refused",
+    )
 
     @property
     def target(self) -> str:
@@ -142,9 +155,11 @@ class ToolCapability(_Strict):
 
 
 class HttpCapability(_Strict):
-    host: Host
-    methods: tuple[HttpMethod, ...] = Field(min_length=1)
-    path_prefix: Annotated[str, StringConstraints(pattern=r"^/[^\s?#]*$")] = "/"
+    host: Host = Field(description="the upstream, as named in `abc-pep --upstream http:HOST=URL`")
+    methods: tuple[HttpMethod, ...] = Field(min_length=1, description="the methods allowed")
+    path_prefix: Annotated[str, StringConstraints(pattern=r"^/[^\s?#]*$")] = Field(
+        "/", description="every request's path must start with this (no `.`/`..` segments)"
+    )
 
     @field_validator("path_prefix")
     @classmethod
@@ -184,16 +199,22 @@ class Capabilities(_Strict):
 
 
 class Budgets(_Strict):
-    tokens: Count
-    usd_micros: Count
-    tool_calls: Count
-    requests: Count
+    tokens: Count = Field(description="model tokens, prompt and output, over the whole run")
+    usd_micros: Count = Field(description="spend in millionths of a US dollar")
+    tool_calls: Count = Field(description="MCP tool calls")
+    requests: Count = Field(description="decided requests of every kind")
 
 
 class Step(_Strict):
-    id: Name
-    uses: tuple[str, ...] = Field(min_length=1)
-    after: tuple[Name, ...] = ()
+    id: Name = Field(description="the step's name, sent by the agent as `x-abc-step`")
+    uses: tuple[str, ...] = Field(
+        min_length=1,
+        description="capability targets usable in this step: `model:PROVIDER/MODEL`,"
+        " `tool:SERVER/NAME`, `http:HOST`",
+    )
+    after: tuple[Name, ...] = Field(
+        (), description="steps that must come before this one (earlier in the list)"
+    )
 
 
 class Assembly(_Strict):

@@ -28,7 +28,7 @@ from pdp.manifest.canonical import digest, parse_canonical
 from pdp.manifest.envelope import PAYLOAD_TYPE, pae, parse_envelope
 from pdp.manifest.highwater import HighWater
 from pdp.manifest.keys import verify_signature
-from pdp.manifest.model import Manifest
+from pdp.manifest.model import Manifest, format_timestamp
 from pdp.manifest.trust import TrustEntry, TrustStore
 
 __all__ = [
@@ -150,7 +150,7 @@ def verify_envelope(
         signer = candidate
         break
     if signer is None:
-        raise SignatureInvalid("no usable trusted key verifies the signature")
+        raise SignatureInvalid(_why_no_signer(trust, signature.claimed_keyid, now))
     if signature.claimed_keyid and signature.claimed_keyid != signer.keyid:
         raise SignatureInvalid("the envelope's keyid does not name the key that verified")
     payload = envelope.unverified_payload  # verified from here on
@@ -173,26 +173,53 @@ def verify_envelope(
     if manifest.metadata.tenant not in signer.tenants:
         raise SignatureInvalid(
             f"key {signer.keyid} is not trusted for tenant {manifest.metadata.tenant!r}"
+            f" (abcctl trust add --tenant {manifest.metadata.tenant})"
         )
     if manifest.enforcement not in signer.modes:
         raise ShadowNotAllowed(
             f"key {signer.keyid} may not sign {manifest.enforcement!r} manifests"
+            f" (its trust entry needs --mode {manifest.enforcement})"
         )
 
     # (7)
     if now >= manifest.expires_at or (now < manifest.not_before and not policy.pending_ok):
         raise ManifestExpired(
-            f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at}"
+            f"manifest valid from {manifest.metadata.not_before} to {manifest.metadata.expires_at},"
+            f" not at {format_timestamp(now)}: freeze the intent again (abcctl freeze)"
         )
 
     # (8)
     expected = policy.expected_policy
     if expected is not None and manifest.policy.bundle_digest != expected:
         raise PolicyMismatch(
-            f"manifest pins policy {manifest.policy.bundle_digest}, the PDP runs {expected}"
+            f"manifest pins policy {manifest.policy.bundle_digest}, the PDP runs {expected}:"
+            " freeze again with the PDP's policies (abcctl freeze --policies DIR),"
+            " or start the PDP with the bundle the manifest pins"
         )
 
     return VerifiedManifest(payload, digest(payload), manifest, signer.keyid)
+
+
+def _why_no_signer(trust: TrustStore, claimed: str, now: datetime) -> str:
+    """What to tell the operator when no trusted key verifies: which key, and what to do."""
+    why = "no usable trusted key verifies the signature"
+    if not claimed:
+        return f"{why} (the envelope names no key id)"
+    entry = next((e for e in trust.entries if e.keyid == claimed), None)
+    if entry is None:
+        return (
+            f"{why}: the envelope's key {claimed} is not in the trust store;"
+            " trust it with `abcctl trust add --pub KEY.pub --tenant TENANT`"
+        )
+    if entry.revoked:
+        return f"{why}: the envelope's key {claimed} is revoked in the trust store"
+    if not entry.usable_at(now):
+        return (
+            f"{why}: the envelope's key {claimed} is trusted from"
+            f" {format_timestamp(entry.not_before)} to {format_timestamp(entry.not_after)},"
+            f" not at {format_timestamp(now)}"
+        )
+    return f"{why}: the signature does not verify under key {claimed} (changed after signing?)"
 
 
 def admit_rollback_mark(verified: VerifiedManifest, high_water: HighWater) -> None:

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent import futures
 from datetime import timedelta
 from types import FrameType
 from urllib.parse import urlsplit
@@ -27,7 +26,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
@@ -39,13 +37,13 @@ from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, StoreUnavailable
 from pdp.ledger import MemoryRunStore, RunStore
 from pdp.ledger.redis import RedisRunStore
-from pdp.manifest import HighWater, Manifest, SqliteHighWater, load_trust_store
-from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
+from pdp.manifest import HighWater, Manifest, SqliteHighWater, TrustStore, load_trust_store
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
 from pdp.server.config import PdpConfig, parse_config, transport_warnings
 from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
 from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
+from pdp.server.listeners import Listeners, listen
 from pdp.server.rest import RestServer
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
@@ -169,18 +167,6 @@ def _transport(config: PdpConfig) -> str:
     return "TLS, client certificates required" if config.tls_client_ca else "TLS"
 
 
-def _health_server(config: PdpConfig, servicer: health.HealthServicer) -> grpc.Server | None:
-    """Health alone, in plaintext, on its own port: Kubernetes' gRPC probes cannot present a
-    client certificate, and this port answers nothing but SERVING or NOT_SERVING."""
-    if config.health is None:
-        return None
-    probes = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, probes)
-    if probes.add_insecure_port(config.health) == 0:
-        raise ConfigError(f"cannot listen on {config.health}")
-    return probes
-
-
 def _health_follows_log(
     health_servicer: health.HealthServicer, serving: threading.Event, stop: threading.Event
 ) -> Callable[[bool], None]:
@@ -204,17 +190,17 @@ def _health_follows_log(
     return on_writable
 
 
-def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
-    credentials = _server_credentials(config)  # first: a wrong file stops start-up at once
-    for warning in transport_warnings(config):
-        log.warning("%s", warning)
-    bundle = load_bundle(config.policies)
-    check_bundle_compiles(bundle)
+def _start(
+    config: PdpConfig,
+    bundle: PolicyBundle,
+    trust: TrustStore,
+    listeners: Listeners,
+    serving: threading.Event,
+) -> tuple[DecisionService, DecisionLog, RestServer | None]:
+    """Make the state (bundles, log key, log, run store), rebuild it, then start serving."""
     store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
-    trust = load_trust_store(config.trust)
     store, high_water = _run_store(config)
-    registry = CollectorRegistry()
-    metrics = PdpMetrics(registry)
+    metrics = PdpMetrics(listeners.registry)
     log_key = _log_key(config)
     try:
         decision_log = DecisionLog(
@@ -238,14 +224,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         store=store,
     )
     restore_from_log(service, config.decision_log, log_key.public_key())
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp"),
-        options=[
-            ("grpc.max_receive_message_length", MAX_ENVELOPE_BYTES + 4096),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    server = listeners.server
     pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         DecisionServicer(service), server
     )
@@ -256,40 +235,42 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         ),
         server,
     )
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(listeners.health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, EXT_AUTHZ_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = (
-        server.add_secure_port(config.listen, credentials)
-        if credentials is not None
-        else server.add_insecure_port(config.listen)
-    )
-    if bound == 0:
-        raise ConfigError(f"cannot listen on {config.listen}")
-    probes = _health_server(config, health_servicer)
-    metrics_server = None
-    if config.metrics:
-        host, _, port = config.metrics.rpartition(":")
-        try:
-            metrics_server, _thread = start_http_server(int(port), addr=host, registry=registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
-    serving = threading.Event()  # the REST door's view of the gRPC health status
     rest = None
-    if config.http:
+    if config.http and listeners.rest_socket is not None:  # both or neither (listen)
         rest = RestServer(
             service,
             config.http,
             serving,
+            sock=listeners.rest_socket,
             workers=config.workers,
             ssl_context=_rest_ssl_context(config),
         )
         rest.start()
     server.start()
-    if probes is not None:
-        probes.start()
+    if listeners.probes is not None:
+        listeners.probes.start()
+    return service, decision_log, rest
+
+
+def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
+    credentials = _server_credentials(config)  # first: a wrong file stops start-up at once
+    for warning in transport_warnings(config):
+        log.warning("%s", warning)
+    bundle = load_bundle(config.policies)
+    check_bundle_compiles(bundle)
+    trust = load_trust_store(config.trust)
+    listeners = listen(config, credentials)
+    serving = threading.Event()  # the REST door's view of the gRPC health status
+    try:
+        service, decision_log, rest = _start(config, bundle, trust, listeners, serving)
+    except BaseException:
+        listeners.close()
+        raise
+    server, probes, health_servicer = listeners.server, listeners.probes, listeners.health
     # SERVING now, and from here on whenever the decision log can write (it cannot decide
     # without it: a full disk turns health NOT_SERVING until space returns).
     decision_log.watch(_health_follows_log(health_servicer, serving, stop))
@@ -319,8 +300,8 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         rest.stop(deadline)  # REST requests in flight finish within the same grace
     decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole
     service.close()
-    if metrics_server is not None:
-        metrics_server.shutdown()
+    if listeners.metrics_server is not None:
+        listeners.metrics_server.shutdown()
     log.info("abc-pdp stopped")
 
 

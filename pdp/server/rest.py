@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -268,8 +269,9 @@ def build_app(door: _Door) -> web.Application:
 
 
 class RestServer:
-    """The REST door on its own thread and event loop; ``start`` raises ``ConfigError``
-    when the address cannot be bound, ``stop`` drains in-flight requests first."""
+    """The REST door on its own thread and event loop, serving ``sock`` (bound by abc-pdp
+    before it made any state; ``address`` names it in messages); ``start`` raises
+    ``ConfigError`` when it cannot serve, ``stop`` drains in-flight requests first."""
 
     def __init__(
         self,
@@ -277,12 +279,14 @@ class RestServer:
         address: str,
         serving: threading.Event,
         *,
+        sock: socket.socket,
         workers: int,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.address = address
         self._ssl = ssl_context
+        self._sock = sock
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdp-rest")
         self._door = _Door(service, serving, self._executor, clock)
         self._loop = asyncio.new_event_loop()
@@ -291,21 +295,18 @@ class RestServer:
 
     def start(self) -> None:
         self._thread.start()
-        host, _, port = self.address.rpartition(":")
-        started = asyncio.run_coroutine_threadsafe(
-            self._start(host.strip("[]"), int(port)), self._loop
-        )
+        started = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         try:
             started.result(timeout=30)
         except OSError as exc:
             self._shutdown()
             raise ConfigError(f"cannot serve REST on {self.address}: {exc.strerror}") from exc
 
-    async def _start(self, host: str, port: int) -> None:
+    async def _start(self) -> None:
         # Drained by stop() first; what is still running after that is cut short.
         self._runner = web.AppRunner(build_app(self._door), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=self._ssl).start()
+        await web.SockSite(self._runner, self._sock, ssl_context=self._ssl).start()
 
     def stop(self, deadline: float) -> None:
         """Answer what is in flight until ``deadline`` (``time.monotonic``), then close."""

@@ -66,9 +66,11 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             run = self._service.register_manifest(request.envelope, self._clock())
         except AbcError as exc:
             context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            # The reason code first (callers match it, or the abc-reason trailer), then the
+            # explanation: key ids, digests, windows and what to do, never a secret.
             context.abort(
                 _REGISTRATION_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT),
-                exc.reason.value,
+                f"{exc.reason.value}: {exc}",
             )
         return pdp_pb2.RegisterManifestResponse(
             manifest_digest=run.verified.digest, run_id=run.run_id

@@ -76,7 +76,7 @@ def test_keygen_freeze_verify_inspect(setup: Setup) -> None:
     inspected = abcctl("inspect", setup.envelope, "--json")
     summary = json.loads(inspected.out)
     assert summary["verified"] is False
-    assert "tool:kb/search" in summary["tools"]
+    assert "tool:kb/search" in [tool["target"] for tool in summary["tools"]]
     assert summary["policy_bundle_digest"] == abcctl("policy", "digest", POLICIES).out.strip()
     human = abcctl("inspect", setup.envelope)
     assert human.out.startswith("UNVERIFIED")

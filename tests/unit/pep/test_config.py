@@ -105,3 +105,19 @@ def test_upstreams_from_flags_and_environment() -> None:
 def test_mistakes_are_config_errors(argv: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(argv, environ={})
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [
+        ("openai=https://api.openai.com/v1", ("openai", "https://api.openai.com")),
+        ("openai=http://gw:8/openai/v1/", ("openai", "http://gw:8/openai")),
+        ("openai=https://api.openai.com", ("openai", "https://api.openai.com")),
+        ("anthropic=https://api.anthropic.com/v1", ("anthropic", "https://api.anthropic.com")),
+        ("http:billing=http://b:1/v1", ("http:billing", "http://b:1/v1")),
+    ],
+)
+def test_model_upstreams_take_the_sdk_base_url_form(given: str, kept: tuple[str, str]) -> None:
+    # The agent's path already starts with /v1/: a base URL ending in /v1 (what the OpenAI SDK
+    # documents) would forward to /v1/v1/chat/completions, an allowed and charged 404.
+    assert parse_config(["--upstream", given]).upstreams == dict([kept])

@@ -106,3 +106,38 @@ def test_no_steps_means_nothing_to_do() -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(IntentError, match="cannot read"):
         load_intent(tmp_path / "missing.yaml")
+
+
+def test_every_error_reported_typos_named_with_the_closest_key() -> None:
+    text = (
+        TEXT.replace("max_tokens_per_call: 2048", "max_token_per_call: 2048")
+        .replace("maxLength: 200", "maxLenght: 200")
+        .replace("tool_calls: 100", "tool_calls: many")
+    )
+    with pytest.raises(IntentError) as caught:
+        parse_intent(text, "intent.yaml")
+    lines = str(caught.value).splitlines()
+    assert "more)" not in str(caught.value)
+    # The unknown keys come first (they explain the "Field required" that follows), each at
+    # its own line and with the field it most likely meant.
+    line = _line_of(text, "max_token_per_call")
+    assert lines[0].startswith(f"intent.yaml:{line}:"), lines
+    assert lines[0].endswith(
+        "models[0].max_token_per_call: unknown key 'max_token_per_call'"
+        " (did you mean max_tokens_per_call?)"
+    )
+    assert (
+        "tools[0].args.query.maxLenght: unknown key 'maxLenght' (did you mean maxLength?)"
+        in (lines[1])
+    )
+    rest = "\n".join(lines[2:])
+    assert "models[0].max_tokens_per_call: Field required" in rest
+    assert f"intent.yaml:{_line_of(text, 'tool_calls: many')}:" in rest
+    assert "budgets.tool_calls" in rest
+    assert len(lines) == 4
+
+
+def test_unknown_top_level_key_without_a_close_match_lists_the_known_ones() -> None:
+    with pytest.raises(IntentError) as caught:
+        parse_intent(TEXT + "zzz: 1\n", "intent.yaml")
+    assert "zzz: unknown key 'zzz' (known: apiVersion, kind, tenant," in str(caught.value)

@@ -1,0 +1,116 @@
+"""``abc-pdp``'s ports, all bound before any state is made.
+
+A start that fails because a port is taken must leave nothing behind: no state
+directory, no new decision-log key. So every address (gRPC, health probes, metrics,
+REST) is bound first, and the state comes after (``pdp.server.main``).
+"""
+
+from __future__ import annotations
+
+import socket
+from concurrent import futures
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from pdp.errors import ConfigError
+from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
+from pdp.server.config import PdpConfig
+
+__all__ = ["Listeners", "listen"]
+
+
+def _add_port(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> None:
+    # Tried with a plain socket first: gRPC's core would print its own multi-line error to
+    # stderr before raising, and the promise is one line.
+    _bind_tcp(address, "gRPC").close()
+    try:
+        bound = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError:  # grpc >= 1.60 raises "Failed to bind" instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {address}")
+
+
+def _bind_tcp(address: str, what: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    try:
+        family, kind, proto, _name, where = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(where)
+            sock.listen()
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    except OSError as exc:  # gaierror too: a host that does not resolve
+        raise ConfigError(f"cannot serve {what} on {address}: {exc.strerror}") from exc
+
+
+@dataclass
+class Listeners:
+    """Every port, bound before any state is written: a taken port leaves nothing behind."""
+
+    server: grpc.Server
+    probes: grpc.Server | None
+    health: health.HealthServicer
+    registry: CollectorRegistry
+    metrics_server: WSGIServer | None
+    rest_socket: socket.socket | None
+
+    def close(self) -> None:
+        self.server.stop(0)
+        if self.probes is not None:
+            self.probes.stop(0)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        if self.rest_socket is not None:
+            self.rest_socket.close()
+
+
+def listen(config: PdpConfig, credentials: grpc.ServerCredentials | None) -> Listeners:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_ENVELOPE_BYTES + 4096),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    listeners = Listeners(server, None, health.HealthServicer(), CollectorRegistry(), None, None)
+    try:
+        _add_port(server, config.listen, credentials)
+        if config.health is not None:
+            # Health alone, in plaintext, on its own port: Kubernetes' gRPC probes cannot
+            # present a client certificate, and this port answers only SERVING/NOT_SERVING.
+            listeners.probes = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(listeners.health, listeners.probes)
+            _add_port(listeners.probes, config.health, None)
+        if config.metrics:
+            host, _, port = config.metrics.rpartition(":")
+            try:
+                listeners.metrics_server, _thread = start_http_server(
+                    int(port), addr=host, registry=listeners.registry
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
+        if config.http:
+            listeners.rest_socket = _bind_tcp(config.http, "REST")
+    except ConfigError:
+        listeners.close()
+        raise
+    return listeners
