@@ -149,7 +149,7 @@ class Handler:
         try:
             call = adapter.call(request, body)
         except MappingError as exc:
-            refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
+            refused = Call(action=None, body=b"", mcp=getattr(exc, "mcp", None))
             return await refuse(Verdict.refuse(exc.reason, str(exc)), refused)
 
         step = request.headers.get(STEP_HEADER)
