@@ -132,7 +132,7 @@ def check_headers(
     named = body_params.get(name_key) if name_key and isinstance(body_params, dict) else None
     if NAME_HEADER in seen:
         if named is None or decode_header_value(seen[NAME_HEADER]) != named:
-            raise HeaderMismatch(f"Mcp-Name does not match the request body's {name_key or 'target'}")
+            raise HeaderMismatch(f"Mcp-Name does not match the body's {name_key or 'target'}")
     elif revision is not None and named is not None:
         raise HeaderMismatch("Mcp-Name is missing")
     if mirrored or method == "tools/call":
