@@ -323,7 +323,9 @@ class DecisionService:
                 decision.as_dict(),
             )
             self._store.answer(run_id, request_id, kept)
-        self._metrics.count_decision(decision.allow, outcome.reason, not shadow)
+        self._metrics.count_decision(
+            decision.allow, outcome.reason, not shadow, probe=bool(acted.get("probe"))
+        )
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 

@@ -254,7 +254,11 @@ def _settle(
 
 def _prober(sidecar: Sidecar, run_id: str) -> Probe:
     async def probe(action: pdp_pb2.Action) -> Verdict:
-        return await sidecar.pdp.decide(run_id, "probe_" + uuid.uuid4().hex, action)
+        started = time.perf_counter()
+        verdict = await sidecar.pdp.decide(run_id, "probe_" + uuid.uuid4().hex, action)
+        sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
+        sidecar.metrics.probes.labels("allow" if verdict.allow else "deny").inc()
+        return verdict
 
     return probe
 

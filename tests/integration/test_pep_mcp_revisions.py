@@ -272,3 +272,35 @@ def test_an_input_required_retry_is_decided_again_as_the_tool_call_it_is(
     assert refused["resultType"] == "complete"
     assert len(server.calls()) == calls
     assert json.dumps(refused).count(refused["_meta"]["abc/decision_id"]) == 2
+
+
+def test_list_probes_are_counted_as_probes_not_as_denied_calls(
+    pep: PepProcess, pdp: PdpProcess
+) -> None:
+    """kb lists four tools and the manifest grants two: one list and one refused call are
+    four probes (two shown, two hidden) and one denial, at the sidecar and at the PDP."""
+    denied = {"decision": "deny", "reason": "tool_not_allowed", "mode": "enforce"}
+    pep_denied = {"route": "mcp", "reason": "tool_not_allowed"}
+    series = [
+        (pdp.metrics, "abc_pdp_decisions_total", denied),
+        (pdp.metrics, "abc_pdp_probes_total", {"decision": "deny"}),
+        (pdp.metrics, "abc_pdp_probes_total", {"decision": "allow"}),
+        (pep.metrics, "abc_pep_denials_total", pep_denied),
+        (pep.metrics, "abc_pep_probes_total", {"decision": "deny"}),
+        (pep.metrics, "abc_pep_probes_total", {"decision": "allow"}),
+        (pep.metrics, "abc_pep_decision_seconds_count", {}),
+    ]
+
+    def read() -> list[float]:
+        return [sample(scrape(), name, **labels) for scrape, name, labels in series]
+
+    async def work() -> None:
+        async with Client(f"{pep.url}/mcp/kb", mode="auto") as client:
+            await client.list_tools()
+            assert (await client.call_tool("admin_reset", {"confirm": True})).is_error
+
+    before = read()
+    asyncio.run(work())
+    growth = [after - was for after, was in zip(read(), before, strict=True)]
+    # The PEP's decision histogram holds every wait for the PDP: four probes, one call.
+    assert growth == [1, 2, 2, 1, 2, 2, 5]
