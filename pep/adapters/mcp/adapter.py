@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -86,6 +87,11 @@ class McpAdapter:
             return self._passed(server, body, None)
         if request.method != "POST":
             raise MappingError(f"MCP over HTTP has no {request.method}")
+        return self.message(server, body, request.headers.items())
+
+    def message(self, server: str, body: bytes, headers: Iterable[tuple[str, str]] | None) -> Call:
+        """One JSON-RPC message from the client; ``headers`` None: a transport without
+        headers (stdio), where there is nothing to agree with the body."""
         message = parse_json_object(body)  # a batch (JSON array) is refused here
         method, request_id = message.get("method"), message.get("id")
         if "method" not in message:
@@ -111,7 +117,8 @@ class McpAdapter:
         try:
             revision = request_revision(message)
             rpc = McpRequest(rpc.id, method, modern=revision is not None)
-            check_headers(request.headers.items(), message, revision, self.schemas, server)
+            if headers is not None:
+                check_headers(headers, message, revision, self.schemas, server)
         except UnsupportedVersion as exc:
             data = {"supported": list(MODERN_VERSIONS), "requested": _requested(message)}
             raise _Refused(

@@ -126,14 +126,14 @@ class AnswerFilter:
         """A whole (non-SSE) answer as it may be relayed ("" for none); raises like ``events``."""
         text = await _read_text(chunks, decoder)
         # Whatever the declared type: a client that finds JSON here may read it.
-        return await self._judge(text, probe) if text else ""
+        return await self.judge(text, probe) if text else ""
 
     async def _event(self, event: SseEvent, probe: Probe) -> bytes:
         if event.data:  # no data, or empty data (a priming event): no message to read
-            event = replace(event, data=await self._judge(event.data, probe))
+            event = replace(event, data=await self.judge(event.data, probe))
         return render_event(event).encode()
 
-    async def _judge(self, text: str, probe: Probe) -> str:
+    async def judge(self, text: str, probe: Probe) -> str:
         """The message as it may be relayed: its own text, or its tool list filtered."""
         try:
             message = parse_json_object(text.encode())  # a batch (JSON array) is refused
