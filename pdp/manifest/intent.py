@@ -24,6 +24,8 @@ from pdp.manifest.model import (
     Lineage,
     ModelCapability,
     PlanError,
+    PromptCapability,
+    ResourceCapability,
     Step,
     Timestamp,
     ToolCapability,
@@ -63,6 +65,8 @@ class Intent(_Strict):
     models: tuple[ModelCapability, ...] = ()
     tools: tuple[ToolCapability, ...] = ()
     http: tuple[HttpCapability, ...] = ()
+    resources: tuple[ResourceCapability, ...] = ()
+    prompts: tuple[PromptCapability, ...] = ()
     budgets: Budgets
     steps: tuple[Step, ...] = Field(min_length=1)
 
@@ -88,7 +92,13 @@ class Intent(_Strict):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(models=self.models, tools=self.tools, http=self.http)
+        return Capabilities(
+            models=self.models,
+            tools=self.tools,
+            http=self.http,
+            resources=self.resources,
+            prompts=self.prompts,
+        )
 
     @property
     def assembly(self) -> Assembly:

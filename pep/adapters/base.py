@@ -52,7 +52,8 @@ class Call:
     # Replaces the plain relay when the response itself must be read (every MCP answer).
     respond: Responder | None = None
     mcp: McpRequest | None = None  # an MCP request: what its refusal must answer
-    # An MCP tools/list: its answer is filtered by decisions, so it counts as allowed.
+    # An MCP list (tools, resources, prompts): its answer is filtered by decisions, so it
+    # counts as allowed.
     lists_tools: bool = False
 
 

@@ -19,6 +19,7 @@ import httpx2 as httpx
 import pytest
 from aiohttp import web
 from mcp import Client
+from mcp.shared.exceptions import MCPError
 
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
 from tests.harness import PdpProcess, PepProcess, Signer, free_port, sample, start_pep
@@ -41,7 +42,16 @@ def intent() -> str:
         "  - server: kbx\n    name: fetch_article\n    args:\n"
         "      article_id: {type: string, required: true}\n  - server: kb\n    name: fetch_article",
     )
-    return text.replace("tool:kb/search,", "tool:kb/search, tool:kbx/fetch_article,")
+    text = text.replace("tool:kb/search,", "tool:kb/search, tool:kbx/fetch_article,")
+    grants = (
+        "resources:\n  - server: kb\n    uri_prefix: file:///docs/\n"
+        "prompts:\n  - server: kb\n    name: summarize\n\nbudgets:"
+    )
+    text = text.replace("\nbudgets:", "\n" + grants, 1)
+    return text.replace(
+        "tool:kbx/fetch_article,",
+        "tool:kbx/fetch_article, resource:kb/file:///docs/, prompt:kb/summarize,",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +314,49 @@ def test_list_probes_are_counted_as_probes_not_as_denied_calls(
     growth = [after - was for after, was in zip(read(), before, strict=True)]
     # The PEP's decision histogram holds every wait for the PDP: four probes, one call.
     assert growth == [1, 2, 2, 1, 2, 2, 5]
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+def test_resources_and_prompts_are_capabilities_like_tools(
+    pep: PepProcess, fakes: FakeUpstreams, mode: str
+) -> None:
+    """The manifest grants file:///docs/ and the prompt summarize: lists show only those,
+    reads and gets of anything else are refused and never reach the server."""
+    seen_before = len(fakes.recorder.find("mcp-sse"))
+
+    async def work() -> dict[str, Any]:
+        async with Client(f"{pep.url}/mcp/kb", mode=mode) as client:
+            resources = [str(r.uri) for r in (await client.list_resources()).resources]
+            prompts = [p.name for p in (await client.list_prompts()).prompts]
+            read = await client.read_resource("file:///docs/refunds.md")
+            got = await client.get_prompt("summarize", {"text": "hi"})
+            refusals = {}
+            for name, attempt in (
+                ("resource", client.read_resource("file:///secret/keys.txt")),
+                ("prompt", client.get_prompt("jailbreak")),
+            ):
+                try:
+                    await attempt
+                    refusals[name] = "not refused"
+                except MCPError as exc:
+                    refusals[name] = (exc.error.code, (exc.error.data or {}).get("reason"))
+            return {
+                "resources": resources,
+                "prompts": prompts,
+                "read": read,
+                "got": got,
+                "refusals": refusals,
+            }
+
+    outcome = asyncio.run(work())
+    assert outcome["resources"] == ["file:///docs/refunds.md"]
+    assert outcome["prompts"] == ["summarize"]
+    assert outcome["read"].contents[0].text == "Refunds within 30 days."
+    assert "Summarize for a customer: hi" in str(outcome["got"].messages[0].content)
+    assert outcome["refusals"] == {
+        "resource": (-32003, "resource_not_allowed"),
+        "prompt": (-32003, "prompt_not_allowed"),
+    }
+    reached = fakes.recorder.find("mcp-sse")[seen_before:]
+    bodies = b"".join(r.raw_body for r in reached)
+    assert b"keys.txt" not in bodies and b"jailbreak" not in bodies

@@ -3,7 +3,9 @@
 - ``tools/call``: decided on the tool name and its arguments as sent, in either revision;
   a 2026-07-28 retry carrying ``inputResponses`` / ``requestState`` (after an
   ``InputRequiredResult``) is the same tool call sent again, so it is decided again.
-- Tool lists (``tools/list``, any other answer holding one): filtered (``answers``).
+  ``resources/read`` is decided on the URI, ``prompts/get`` on the prompt name.
+- Tool, resource and prompt lists (and any other answer holding one): filtered
+  (``answers``).
 - ``initialize``, ``server/discover``, ``ping``, notifications, GET/DELETE and the client's
   answers to server requests are forwarded undecided (their answers still filtered); any
   other method is refused (default deny).
@@ -13,12 +15,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
-from pdp.api.mapping import mcp_tool_action
+from pdp.api import pdp_pb2
+from pdp.api.mapping import mcp_prompt_action, mcp_resource_action, mcp_tool_action
 from pdp.api.reasons import MappingError
 from pep.adapters.base import Call, parse_json_object
 from pep.adapters.mcp.answers import AnswerFilter
@@ -45,6 +48,14 @@ __all__ = ["McpAdapter"]
 
 # Forwarded undecided: the handshake, discovery and liveness carry no capability.
 PASS_THROUGH = frozenset({"initialize", "server/discover", "ping"})
+# Decided: each names one capability (a tool and its arguments, a resource URI, a prompt).
+DECIDED: dict[str, Callable[[str, Any], pdp_pb2.Action]] = {
+    "tools/call": mcp_tool_action,
+    "resources/read": mcp_resource_action,
+    "prompts/get": mcp_prompt_action,
+}
+# Forwarded, their answers filtered entry by entry (every page: each is an answer).
+LISTS = frozenset({"tools/list", "resources/list", "prompts/list"})
 
 
 def _plain_id(value: Any) -> bool:
@@ -130,14 +141,15 @@ class McpAdapter:
             return self._passed(server, body, None)
         if method in PASS_THROUGH:
             return self._passed(server, body, rpc)
-        if method == "tools/call":
+        decided = DECIDED.get(method)
+        if decided is not None:
             try:
-                action = mcp_tool_action(server, message.get("params"))
+                action = decided(server, message.get("params"))
             except MappingError as exc:
                 refused = McpRequest(rpc.id, method, rpc.modern, code=INVALID_PARAMS)
                 raise _Refused(refused, str(exc)) from exc
             return Call(action=action, body=body, mcp=rpc, respond=self._filter(server, rpc.id))
-        if method == "tools/list":
+        if method in LISTS:
             return Call(
                 action=None,
                 body=body,

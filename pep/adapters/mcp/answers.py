@@ -21,7 +21,7 @@ from aiohttp import ClientResponse, web
 from multidict import CIMultiDict
 
 from pdp.api import ReasonCode
-from pdp.api.mapping import mcp_list_probe
+from pdp.api.mapping import MCP_LISTS, mcp_list_probe
 from pdp.api.reasons import MappingError
 from pep.adapters.base import Probe, dump_json, parse_json_object
 from pep.adapters.mcp.envelope import ParamHeaders
@@ -134,32 +134,39 @@ class AnswerFilter:
         return render_event(event).encode()
 
     async def judge(self, text: str, probe: Probe) -> str:
-        """The message as it may be relayed: its own text, or its tool list filtered."""
+        """The message as it may be relayed: its own text, or its lists filtered."""
         try:
             message = parse_json_object(text.encode())  # a batch (JSON array) is refused
         except MappingError as exc:
             raise MappingError(f"an MCP message that cannot be read: {exc}") from exc
         result = message.get("result")
-        if not isinstance(result, dict) or "tools" not in result:
-            return text  # parsed, holds no tool list: its own text, so nothing is reread
-        # Any answer that lists tools is filtered, whatever id or stream carries it.
-        tools = result.get("tools")
-        if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        if not isinstance(result, dict) or not any(key in result for key in MCP_LISTS):
+            return text  # parsed, holds no list: its own text, so nothing is reread
+        # Any answer that lists tools, resources or prompts is filtered, whatever id or
+        # stream carries it.
+        filtered = dict(result)
+        for key, (kind, field) in MCP_LISTS.items():
+            if key in result:
+                filtered[key] = await self._allowed(result[key], kind, field, probe)
+        self.schemas.learn(self.server, filtered.get("tools", []))  # what headers mirror
+        try:
+            return dump_json({**message, "result": filtered}).decode()
+        except (ValueError, RecursionError) as exc:
+            raise MappingError("the filtered list cannot be written") from exc
+
+    async def _allowed(self, entries: Any, kind: str, field: str, probe: Probe) -> list[Any]:
+        """The entries of one list the same policy allows (each probed by its name or URI)."""
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get(field), str) for e in entries
         ):
-            raise MappingError("a result holds no well-formed tool list")
+            raise MappingError(f"a result holds no well-formed {kind} list")
         verdicts = await asyncio.gather(
-            *(probe(mcp_list_probe(self.server, tool["name"])) for tool in tools)
+            *(probe(mcp_list_probe(self.server, entry[field], kind)) for entry in entries)
         )
         for verdict in verdicts:
             if verdict.reason is ReasonCode.PDP_UNAVAILABLE:
                 raise _Unavailable(verdict)
-        allowed = [tool for tool, verdict in zip(tools, verdicts, strict=True) if verdict.allow]
-        self.schemas.learn(self.server, allowed)  # what the client will mirror into headers
-        try:
-            return dump_json({**message, "result": {**result, "tools": allowed}}).decode()
-        except (ValueError, RecursionError) as exc:
-            raise MappingError("the filtered tool list cannot be written") from exc
+        return [entry for entry, verdict in zip(entries, verdicts, strict=True) if verdict.allow]
 
     def _refusal(self, exc: Exception) -> dict[str, Any]:
         verdict = (
