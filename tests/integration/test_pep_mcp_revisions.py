@@ -204,7 +204,9 @@ def post(pep: PepProcess, message: dict[str, Any], headers: dict[str, str]) -> d
 
 def list_tools(pep: PepProcess) -> list[str]:
     message = modern("tools/list", {})
-    return [tool["name"] for tool in post(pep, message, headers_for(message))["result"]["tools"]]
+    result = post(pep, message, headers_for(message))["result"]
+    assert result["ttlMs"] == 0 and result["resultType"] == "complete"  # relayed as sent
+    return [tool["name"] for tool in result["tools"]]
 
 
 FETCH = {"name": "fetch_article", "arguments": {"article_id": "KB-7"}}

@@ -27,7 +27,6 @@ from typing import Any
 from pdp.api.reasons import MappingError
 
 __all__ = [
-    "HANDSHAKE_VERSIONS",
     "MODERN_VERSIONS",
     "NAMED_PARAM",
     "HeaderMismatch",
@@ -37,7 +36,6 @@ __all__ = [
     "request_revision",
 ]
 
-HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 MODERN_VERSIONS = ("2026-07-28",)
 VERSION_META = "io.modelcontextprotocol/protocolVersion"
 VERSION_HEADER = "mcp-protocol-version"
