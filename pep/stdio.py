@@ -108,9 +108,9 @@ class StdioBridge:
 
     async def from_server(self, line: bytes) -> None:
         """One message from the server: relayed with its tool lists filtered, or refused."""
-        text = line.decode("utf-8", errors="strict") if line else ""
         answer = AnswerFilter(self.server, None, self.adapter.schemas)
         try:
+            text = line.decode("utf-8")  # not UTF-8: a ValueError, refused like any unreadable
             await self.to_host((await answer.judge(text, self.probe)).encode())
         except (ValueError, RecursionError, _Unavailable) as exc:
             reason = exc.verdict if isinstance(exc, _Unavailable) else None

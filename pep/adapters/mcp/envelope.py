@@ -133,7 +133,7 @@ def check_headers(
             raise HeaderMismatch(f"Mcp-Name does not match the body's {name_key or 'target'}")
     elif revision is not None and named is not None:
         raise HeaderMismatch("Mcp-Name is missing")
-    if mirrored or method == "tools/call":
+    if mirrored:  # only a tools/call may carry them, each declared by its tool
         arguments = body_params.get("arguments") if isinstance(body_params, dict) else None
         tool = named if method == "tools/call" and isinstance(named, str) else None
         params.check(server, tool, arguments if isinstance(arguments, dict) else {}, mirrored)
@@ -191,12 +191,10 @@ class ParamHeaders:
     def check(
         self, server: str, tool: str | None, arguments: Mapping[str, Any], headers: dict[str, str]
     ) -> None:
+        # Called with headers only: without them no proxy can be steered by them (a header
+        # the tool declares but the call omits, the server itself refuses).
         with self._lock:
             declared = self._known.get(server, {}).get(tool or "", ())
-        if not headers:
-            # Without headers no proxy can be steered by them; a missing one the server
-            # itself refuses.
-            return
         if tool is None or declared is None or not declared:
             raise HeaderMismatch("Mcp-Param headers on a request whose tool declares none")
         by_token = {d.token: d for d in declared}
