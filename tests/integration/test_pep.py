@@ -580,7 +580,8 @@ def _mcp_post(pep: PepProcess, message: Any, method: str = "POST") -> httpx.Resp
             {
                 "jsonrpc": "2.0",
                 "id": 2,
-                "method": "resources/read",
+                # resources/read is governed now (a capability); a subscription is not.
+                "method": "resources/subscribe",
                 "params": {"uri": "file:///etc"},
             },
             "POST",
