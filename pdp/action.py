@@ -31,7 +31,9 @@ __all__ = [
     "validate_action",
 ]
 
-KINDS = ("model", "tool", "http", "step")
+KINDS = ("model", "tool", "http", "step", "resource", "prompt")
+# Kinds a list may show, and so may be probed (judged by target alone).
+PROBED_KINDS = ("model", "tool", "resource", "prompt")
 MAX_ARGS_BYTES = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -76,13 +78,13 @@ def validate_action(
 ) -> Action:
     """Build an ``Action`` or raise ``BadRequest``; ``args_json``, when set, wins over ``args``."""
     if probe:
-        if kind not in ("model", "tool"):
-            raise BadRequest("only model and tool targets can be probed")
+        if kind not in PROBED_KINDS:
+            raise BadRequest("only model, tool, resource and prompt targets can be probed")
         if not TARGETS[kind].fullmatch(target):
             raise BadRequest(f"malformed {kind} target")
         return Action(kind, target, probe=True)
     if kind not in KINDS:
-        raise BadRequest("action kind must be one of model, tool, http, step")
+        raise BadRequest("action kind must be one of " + ", ".join(KINDS))
     if not TARGETS[kind].fullmatch(target):
         raise BadRequest(f"malformed {kind} target")
     if not 0 <= max_tokens <= MAX_TOKENS or not 0 <= input_bytes <= MAX_TOKENS:

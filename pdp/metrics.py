@@ -32,6 +32,14 @@ class PdpMetrics:
             ["decision", "reason", "mode"],
             registry=registry,
         )
+        # A probe (may this tool be listed?) is no call: counted apart, so a tools/list
+        # that hides four tools is not four denials of calls.
+        self.probes = Counter(
+            "abc_pdp_probes",
+            "Tool-list probes decided (may a tool be shown?), by outcome.",
+            ["decision"],
+            registry=registry,
+        )
         self.decide_seconds = Histogram(
             "abc_pdp_decide_seconds",
             "Time to decide one action, inside the PDP.",
@@ -66,10 +74,16 @@ class PdpMetrics:
             for code in ReasonCode
             for mode in MODES
         }
+        self._probed = {ok: self.probes.labels("allow" if ok else "deny") for ok in (True, False)}
         for code in ReasonCode:
             self.manifests_rejected.labels(code.value)
 
-    def count_decision(self, allow: bool, reason: ReasonCode | None, enforced: bool = True) -> None:
+    def count_decision(
+        self, allow: bool, reason: ReasonCode | None, enforced: bool = True, probe: bool = False
+    ) -> None:
+        if probe:
+            self._probed[allow].inc()
+            return
         mode = "enforce" if enforced else "shadow"
         if allow or reason is None:
             self._allowed[mode].inc()

@@ -297,7 +297,7 @@ class DecisionService:
             # A bug, not the caller's input: still refused and logged, never a bare RPC error.
             log.exception("a decision for run %s failed", run_id)
             judged = _refused(None, {"action": acted})
-        outcome, durable = self._record(run_id, request_id, run, judged, now)
+        outcome, durable = self._record(run_id, request_id, run, judged, now, action.probe)
         if claimed and durable and outcome.reason is not ReasonCode.PDP_UNAVAILABLE:
             self._ledger.keep(run_id, request_id, acted, outcome)
         elif claimed:
@@ -338,7 +338,13 @@ class DecisionService:
         return outcome
 
     def _record(
-        self, run_id: str, request_id: str, run: Run | None, judged: _Judged, now: datetime
+        self,
+        run_id: str,
+        request_id: str,
+        run: Run | None,
+        judged: _Judged,
+        now: datetime,
+        probe: bool = False,
     ) -> tuple[DecisionOutcome, bool]:
         """Make the decision durable, then answer it; the answer, and whether it is the
         decision as judged (False: the log could not take it, and it was refused instead)."""
@@ -368,7 +374,9 @@ class DecisionService:
             )
         else:
             outcome = DecisionOutcome(refusal, record.decision_id)
-        self._metrics.count_decision(outcome.decision.allow, outcome.reason, outcome.enforced)
+        self._metrics.count_decision(
+            outcome.decision.allow, outcome.reason, outcome.enforced, probe=probe
+        )
         return outcome, refusal is None
 
     def _log_decision(self, record: DecisionRecord, applied: Applied) -> Decision | None:

@@ -1,9 +1,15 @@
-"""``abc-pep``: bind to a run (or register a manifest), then proxy until SIGTERM."""
+"""``abc-pep``: bind to a run (or register a manifest), then proxy until SIGTERM.
+
+``abc-pep mcp-stdio --server NAME [flags] -- COMMAND ARGS...``: the same, between an agent
+host and the stdio MCP server it starts (``pep.stdio``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -21,6 +27,7 @@ from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
 from pep.proxy import Sidecar, build_app, metrics_app
 from pep.runs import RunKeys
+from pep.stdio import serve_stdio
 
 __all__ = ["main", "main_exit", "serve"]
 
@@ -119,9 +126,61 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+async def serve_mcp_stdio(
+    config: PepConfig, server: str, command: Sequence[str], stop: asyncio.Event
+) -> int:
+    """Register (or bind), then run ``command`` as the stdio MCP server ``server``."""
+    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds, _pdp_tls(config))
+    for warning in transport_warnings(config):
+        log.warning("%s", warning)
+    exporter: web.AppRunner | None = None
     try:
-        config = parse_config(argv)
+        run_id = config.run
+        if config.manifest:
+            _, run_id, _ = await _register(pdp, config)
+        if not run_id:
+            # No header can name a run on stdio: without one every message would be refused.
+            raise ConfigError("mcp-stdio needs --manifest or --run")
+        metrics = PepMetrics(CollectorRegistry())
+        if config.metrics:
+            exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+            await exporter.setup()
+            await _site(exporter, config.metrics)
+        return await serve_stdio(server, command, pdp, run_id, metrics, stop)
+    finally:
+        if exporter is not None:
+            await exporter.cleanup()
+        await pdp.close()
+
+
+def _stdio_args(argv: Sequence[str]) -> tuple[PepConfig, str, list[str]]:
+    """``--server NAME [flags] -- COMMAND ARGS...``; metrics off unless asked for (many
+    wrappers run side by side, one per server a host starts)."""
+    if "--" not in argv:
+        raise ConfigError("mcp-stdio needs -- COMMAND ARGS... (the MCP server to run)")
+    split = list(argv).index("--")
+    head, command = list(argv[:split]), list(argv[split + 1 :])
+    if not command:
+        raise ConfigError("mcp-stdio needs a COMMAND after --")
+    parser = argparse.ArgumentParser(prog="abc-pep mcp-stdio", add_help=False)
+    parser.add_argument("--server", required=True)
+    try:
+        known, rest = parser.parse_known_args(head)
+    except SystemExit as exc:
+        raise ConfigError("mcp-stdio needs --server NAME (its tools are tool:NAME/...)") from exc
+    if not any(a.startswith("--metrics") for a in rest) and "ABC_PEP_METRICS" not in os.environ:
+        rest += ["--metrics", "off"]
+    return parse_config(rest), str(known.server), command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    stdio = bool(args) and args[0] == "mcp-stdio"
+    try:
+        if stdio:
+            config, server, command = _stdio_args(args[1:])
+        else:
+            config = parse_config(args)
     except ConfigError as exc:
         print(f"abc-pep: error: {exc}", file=sys.stderr)
         return 1
@@ -130,19 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _install_uvloop()
 
-    async def run() -> None:
+    async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if stdio:
+            return await serve_mcp_stdio(config, server, command, stop)
         await serve(config, stop)
+        return 0
 
     try:
-        asyncio.run(run())
+        return asyncio.run(run())
     except ConfigError as exc:
         print(f"abc-pep: error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def main_exit() -> None:

@@ -39,6 +39,14 @@ class PepMetrics:
             ["route", "reason"],
             registry=registry,
         )
+        # What a tool list's filter asked the PDP: one probe per listed tool, counted apart
+        # from requests, so a list that hides tools refuses no request.
+        self.probes = Counter(
+            "abc_pep_probes",
+            "Tool-list probes (may a listed tool be shown?), by outcome.",
+            ["decision"],
+            registry=registry,
+        )
         self.decision_seconds = Histogram(
             "abc_pep_decision_seconds",
             "Time waiting for the PDP's decision.",
@@ -52,6 +60,8 @@ class PepMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        for allowed in ("allow", "deny"):
+            self.probes.labels(allowed)
         for route in ROUTES:
             for decision in DECISIONS:
                 self.requests.labels(route, decision)

@@ -156,7 +156,7 @@ class Handler:
         try:
             call = adapter.call(request, body)
         except MappingError as exc:
-            refused = Call(action=None, body=b"", jsonrpc_id=getattr(exc, "jsonrpc_id", None))
+            refused = Call(action=None, body=b"", mcp=getattr(exc, "mcp", None))
             return await refuse(Verdict.refuse(exc.reason, str(exc)), refused)
 
         step = request.headers.get(STEP_HEADER)
@@ -284,7 +284,11 @@ async def _run_id(request: web.Request, sidecar: Sidecar) -> str | Verdict:
 
 def _prober(sidecar: Sidecar, run_id: str) -> Probe:
     async def probe(action: pdp_pb2.Action) -> Verdict:
-        return await sidecar.pdp.decide(run_id, "probe_" + uuid.uuid4().hex, action)
+        started = time.perf_counter()
+        verdict = await sidecar.pdp.decide(run_id, "probe_" + uuid.uuid4().hex, action)
+        sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
+        sidecar.metrics.probes.labels("allow" if verdict.allow else "deny").inc()
+        return verdict
 
     return probe
 

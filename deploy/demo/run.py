@@ -31,7 +31,6 @@ import httpx2  # noqa: E402
 import openai  # noqa: E402
 from mcp.client.session import ClientSession  # noqa: E402
 from mcp.client.streamable_http import streamable_http_client  # noqa: E402
-from mcp.shared.exceptions import MCPError  # noqa: E402
 
 from tests.fakes.serve import FakeUpstreams  # noqa: E402
 from tests.harness import PdpProcess, PepProcess, Signer, start_pdp, start_pep  # noqa: E402
@@ -115,14 +114,13 @@ async def tool_calls(pep: PepProcess) -> None:
         await session.call_tool("search", {"query": "refund policy", "top_k": 3})
         show("mcp kb search(query='refund policy')", "ALLOWED")
         for name, args in (("delete_everything", {}), ("search", {"query": "x" * 500})):
-            try:
-                await session.call_tool(name, args)
-            except MCPError as exc:
-                data: dict[str, Any] = exc.error.data or {}
-                show(
-                    f"mcp kb {name}({', '.join(f'{k}=...' for k in args)})",
-                    refused(data["reason"], data["decision_id"]),
-                )
+            # A refused call is the tool's error result (the model reads why and goes on).
+            result = await session.call_tool(name, args)
+            data: dict[str, Any] = result.meta or {}
+            show(
+                f"mcp kb {name}({', '.join(f'{k}=...' for k in args)})",
+                refused(data["abc/reason"], data["abc/decision_id"]),
+            )
 
 
 def http_calls(pep: PepProcess) -> None:

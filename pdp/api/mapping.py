@@ -28,6 +28,8 @@ __all__ = [
     "cap_to_write",
     "http_action",
     "mcp_list_probe",
+    "mcp_prompt_action",
+    "mcp_resource_action",
     "mcp_tool_action",
     "model_request",
     "openai_action",
@@ -62,6 +64,9 @@ TARGETS = {
     "http": re.compile(r"http:[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?"),
     # "@..." names end the run (step ids never start with "@"); the policy knows which.
     "step": re.compile(rf"step:(@[a-z]{{1,32}}|{_NAME})"),
+    # A resource by its URI as sent (printable ASCII, as the spec's URIs are); a prompt by name.
+    "resource": re.compile(rf"resource:{_NAME}/[\x21-\x7e]{{1,2048}}"),
+    "prompt": re.compile(rf"prompt:{_NAME}/{_NAME}"),
 }
 
 
@@ -225,9 +230,36 @@ def mcp_tool_action(server: str, params: Any) -> pdp_pb2.Action:
     return pdp_pb2.Action(kind="tool", target=target, args_json=args_json)
 
 
-def mcp_list_probe(server: str, tool_name: str) -> pdp_pb2.Action:
-    """May ``tool_name`` appear in a ``tools/list`` answer? Judged like a call, minus arguments."""
-    return pdp_pb2.Action(kind="tool", target=f"tool:{server}/{tool_name}", probe=True)
+def mcp_resource_action(server: str, params: Any) -> pdp_pb2.Action:
+    """A ``resources/read`` request's params: the resource URI, as sent."""
+    if not isinstance(params, dict) or not isinstance(params.get("uri"), str):
+        raise MappingError("resources/read needs params.uri")
+    return pdp_pb2.Action(
+        kind="resource", target=_target("resource", f"resource:{server}/{params['uri']}")
+    )
+
+
+def mcp_prompt_action(server: str, params: Any) -> pdp_pb2.Action:
+    """A ``prompts/get`` request's params: the prompt name (its arguments are not judged)."""
+    if not isinstance(params, dict) or not isinstance(params.get("name"), str):
+        raise MappingError("prompts/get needs params.name")
+    return pdp_pb2.Action(
+        kind="prompt", target=_target("prompt", f"prompt:{server}/{params['name']}")
+    )
+
+
+# What each MCP list holds, and the field that names each entry: the kind it is judged as.
+MCP_LISTS = {
+    "tools": ("tool", "name"),
+    "resources": ("resource", "uri"),
+    "prompts": ("prompt", "name"),
+}
+
+
+def mcp_list_probe(server: str, name: str, kind: str = "tool") -> pdp_pb2.Action:
+    """May the entry ``name`` (a tool or prompt name, a resource URI) appear in a list
+    answer? Judged like a call of that kind, minus arguments."""
+    return pdp_pb2.Action(kind=kind, target=f"{kind}:{server}/{name}", probe=True)
 
 
 def http_action(host: str, method: str, path: str) -> pdp_pb2.Action:

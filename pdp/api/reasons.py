@@ -17,6 +17,9 @@ class ReasonCode(StrEnum):
     TOOL_NOT_ALLOWED = "tool_not_allowed"
     TOOL_ARGS_INVALID = "tool_args_invalid"
     HTTP_NOT_ALLOWED = "http_not_allowed"
+    # MCP resources (by URI prefix) and prompts (by name) are capabilities like tools.
+    RESOURCE_NOT_ALLOWED = "resource_not_allowed"
+    PROMPT_NOT_ALLOWED = "prompt_not_allowed"
     STEP_OUT_OF_ORDER = "step_out_of_order"
     BUDGET_EXHAUSTED = "budget_exhausted"
     MANIFEST_EXPIRED = "manifest_expired"

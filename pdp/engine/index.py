@@ -29,6 +29,14 @@ def _capabilities(manifest: Manifest) -> dict[str, dict[str, Any]]:
     for rule in manifest.capabilities.http:
         entry = entries.setdefault(rule.target, {"kind": "http", "rules": []})
         entry["rules"].append({"methods": list(rule.methods), "path_prefix": rule.path_prefix})
+    for resource in manifest.capabilities.resources:
+        entries[resource.target] = {
+            "kind": "resource",
+            "server": resource.server,
+            "uri_prefix": resource.uri_prefix,
+        }
+    for prompt in manifest.capabilities.prompts:
+        entries[prompt.target] = {"kind": "prompt"}
     for entry in entries.values():
         entry["steps"] = {}
     for step in manifest.assembly.steps:
@@ -61,8 +69,13 @@ def policy_data(manifest: Manifest) -> dict[str, Any]:
     capabilities = _capabilities(manifest)
     steps = {s.id: {"after": list(s.after)} for s in manifest.assembly.steps}
     names = [*capabilities, *(f"step:{step}" for step in steps)]
+    resources: dict[str, list[str]] = {}
+    for resource in manifest.capabilities.resources:
+        resources.setdefault(resource.server, []).append(resource.target)
     index = {
         "targets": capabilities,
+        # server -> its resource capabilities: a URI is granted by prefix, not looked up.
+        "resources": resources,
         "steps": steps,
         "prefixes": _prefixes(names),
     }

@@ -19,6 +19,6 @@ def cost_of(action: Action, decision: Decision) -> Usage:
         return Usage(tokens=tokens, requests=1)
     if action.kind == "tool":
         return Usage(tool_calls=1, requests=1)
-    if action.kind == "http":
+    if action.kind in ("http", "resource", "prompt"):
         return Usage(requests=1)
     return Usage()

@@ -35,6 +35,8 @@ from pdp.manifest.model import (
     Lineage,
     ModelCapability,
     PlanError,
+    PromptCapability,
+    ResourceCapability,
     Step,
     Timestamp,
     ToolCapability,
@@ -93,6 +95,12 @@ class Intent(_Strict):
     models: tuple[ModelCapability, ...] = Field((), description="the model calls granted")
     tools: tuple[ToolCapability, ...] = Field((), description="the MCP tool calls granted")
     http: tuple[HttpCapability, ...] = Field((), description="the plain HTTP calls granted")
+    resources: tuple[ResourceCapability, ...] = Field(
+        (), description="the MCP resources granted (`resources/read`), by URI prefix"
+    )
+    prompts: tuple[PromptCapability, ...] = Field(
+        (), description="the MCP prompts granted (`prompts/get`), by name"
+    )
     budgets: Budgets = Field(description="limits for the whole run")
     steps: tuple[Step, ...] = Field(
         min_length=1, description="the Assembly: ordered steps, each naming what it uses"
@@ -120,7 +128,13 @@ class Intent(_Strict):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(models=self.models, tools=self.tools, http=self.http)
+        return Capabilities(
+            models=self.models,
+            tools=self.tools,
+            http=self.http,
+            resources=self.resources,
+            prompts=self.prompts,
+        )
 
     @property
     def assembly(self) -> Assembly:

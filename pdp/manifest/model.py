@@ -36,6 +36,8 @@ __all__ = [
     "ModelCapability",
     "PlanError",
     "PolicyPin",
+    "PromptCapability",
+    "ResourceCapability",
     "Step",
     "ToolCapability",
     "check_assembly",
@@ -154,6 +156,30 @@ class ToolCapability(_Strict):
         return f"tool:{self.server}/{self.name}"
 
 
+class ResourceCapability(_Strict):
+    """MCP ``resources/read`` of any URI that starts with ``uri_prefix`` (listed likewise)."""
+
+    server: Name = Field(description="the MCP server, as named in `--upstream mcp:SERVER=URL`")
+    uri_prefix: Annotated[str, StringConstraints(pattern=r"^[\x21-\x7e]{1,2048}$")] = Field(
+        description="every URI read must start with this (printable ASCII, no spaces)"
+    )
+
+    @property
+    def target(self) -> str:
+        return f"resource:{self.server}/{self.uri_prefix}"
+
+
+class PromptCapability(_Strict):
+    """MCP ``prompts/get`` of the prompt ``name`` (listed likewise); its arguments unjudged."""
+
+    server: Name = Field(description="the MCP server, as named in `--upstream mcp:SERVER=URL`")
+    name: Name = Field(description="the prompt's name")
+
+    @property
+    def target(self) -> str:
+        return f"prompt:{self.server}/{self.name}"
+
+
 class HttpCapability(_Strict):
     host: Host = Field(description="the upstream, as named in `abc-pep --upstream http:HOST=URL`")
     methods: tuple[HttpMethod, ...] = Field(min_length=1, description="the methods allowed")
@@ -177,6 +203,8 @@ class Capabilities(_Strict):
     models: tuple[ModelCapability, ...] = ()
     tools: tuple[ToolCapability, ...] = ()
     http: tuple[HttpCapability, ...] = ()
+    resources: tuple[ResourceCapability, ...] = ()
+    prompts: tuple[PromptCapability, ...] = ()
 
     @model_validator(mode="after")
     def _unique_targets(self) -> Capabilities:
@@ -192,6 +220,8 @@ class Capabilities(_Strict):
             *(m.target for m in self.models),
             *(t.target for t in self.tools),
             *(h.target for h in self.http),
+            *(r.target for r in self.resources),
+            *(p.target for p in self.prompts),
         ]
 
     def targets(self) -> set[str]:
@@ -310,5 +340,12 @@ class Manifest(_Strict):
         return parse_timestamp(self.metadata.expires_at)
 
     def document(self) -> dict[str, Any]:
-        """The JSON document, without defaults left implicit: what gets canonicalized and signed."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The JSON document, without defaults left implicit: what gets canonicalized and signed.
+
+        No resources or prompts granted: the keys are left out, so a manifest that grants
+        none reads (and signs) exactly as before they existed."""
+        document = self.model_dump(mode="json", exclude_none=True)
+        for key in ("resources", "prompts"):
+            if not document["capabilities"][key]:
+                del document["capabilities"][key]
+        return document

@@ -20,6 +20,8 @@ from pdp.manifest.model import (
     Budgets,
     HttpCapability,
     ModelCapability,
+    PromptCapability,
+    ResourceCapability,
     Step,
     ToolCapability,
 )
@@ -33,6 +35,8 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("tools[]", ToolCapability),
     ("tools[].args.NAME", ArgConstraint),
     ("http[]", HttpCapability),
+    ("resources[]", ResourceCapability),
+    ("prompts[]", PromptCapability),
     ("budgets", Budgets),
     ("steps[]", Step),
 )

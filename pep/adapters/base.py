@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import ClientResponse, web
 
@@ -19,6 +19,9 @@ from pdp.api.reasons import MappingError, refusal_status
 from pdp.api.requests import parse_json_object
 from pep.pdp_client import Verdict
 from pep.splice import write_fields
+
+if TYPE_CHECKING:
+    from pep.adapters.mcp.refusals import McpRequest
 
 __all__ = [
     "Adapter",
@@ -48,8 +51,9 @@ class Call:
     apply_obligations: Callable[[dict[str, Any]], bytes] | None = None
     # Replaces the plain relay when the response itself must be read (every MCP answer).
     respond: Responder | None = None
-    jsonrpc_id: Any = None
-    # An MCP tools/list: its answer is filtered by decisions, so it counts as allowed.
+    mcp: McpRequest | None = None  # an MCP request: what its refusal must answer
+    # An MCP list (tools, resources, prompts): its answer is filtered by decisions, so it
+    # counts as allowed.
     lists_tools: bool = False
 
 

@@ -4,7 +4,9 @@
 # data.abc.manifest is the verified manifest. data.abc.index is the same manifest keyed
 # by target, so a rule looks a capability up instead of scanning a list:
 #   data.abc.index.targets[target] = {kind, steps: {step: true}, and per kind:
-#       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)}
+#       max_tokens_per_call (model) | args (tool) | rules: [{methods, path_prefix}] (http)
+#       | server, uri_prefix (resource) | nothing more (prompt)}
+#   data.abc.index.resources[server] = [resource targets]: a URI is granted by prefix
 #   data.abc.index.steps[id] = {after: [ids]}
 #   data.abc.index.prefixes["kind:prefix"] = [up to 3 names]
 # input = {"action": {kind, target, args, max_tokens, method, path, probe},
@@ -26,12 +28,12 @@ action := input.action
 
 default decision := {
 	"allow": false,
-	"reasons": [{"code": "bad_request", "message": "action kind is not model, tool, http or step"}],
+	"reasons": [{"code": "bad_request", "message": "action kind is not model, tool, http, step, resource or prompt"}],
 	"obligations": {},
 }
 
 decision := {"allow": allow, "reasons": reasons, "obligations": obligations} if {
-	action.kind in {"model", "tool", "http", "step"}
+	action.kind in {"model", "tool", "http", "step", "resource", "prompt"}
 }
 
 default allow := false
@@ -283,9 +285,68 @@ denials contains [2, {
 	"message": sprintf("step %s does not use %s", [input.run.step, action.target]),
 	"evidence": {"capability": action.target, "step": input.run.step, "allowed_in": sorted_keys(capability.steps)},
 }] if {
-	action.kind in {"model", "tool", "http"}
+	action.kind in {"model", "tool", "http", "prompt"}
 	capability
 	not in_current_step
+}
+
+# ---- MCP resources and prompts --------------------------------------------------------
+
+# A prompt is granted by name, like a tool without arguments.
+granted if {
+	action.kind == "prompt"
+	capability
+	in_current_step
+}
+
+denials contains [1, {
+	"code": "prompt_not_allowed",
+	"message": sprintf("%s is not in the manifest", [action.target]),
+	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
+}] if {
+	action.kind == "prompt"
+	not capability
+}
+
+# A resource is granted by URI prefix: "resource:SERVER/URI" matches every resource
+# capability of SERVER whose uri_prefix starts the URI.
+resource_server := substring(bare(action.target), 0, indexof(bare(action.target), "/"))
+
+resource_uri := substring(bare(action.target), count(resource_server) + 1, -1)
+
+resource_grants contains target if {
+	action.kind == "resource"
+	some target in data.abc.index.resources[resource_server]
+	startswith(resource_uri, data.abc.index.targets[target].uri_prefix)
+}
+
+granted if {
+	some target in resource_grants
+	data.abc.index.targets[target].steps[input.run.step]
+}
+
+denials contains [1, {
+	"code": "resource_not_allowed",
+	"message": sprintf("%s is not in the manifest", [action.target]),
+	"evidence": {"target": action.target, "matched": null, "closest": closest_targets},
+}] if {
+	action.kind == "resource"
+	count(resource_grants) == 0
+}
+
+denials contains [2, {
+	"code": "step_out_of_order",
+	"message": sprintf("step %s does not use %s", [input.run.step, action.target]),
+	"evidence": {"capability": sort(resource_grants), "step": input.run.step},
+}] if {
+	action.kind == "resource"
+	count(resource_grants) > 0
+	not resource_in_current_step
+}
+
+resource_in_current_step if {
+	some target in resource_grants
+	data.abc.index.targets[target].steps[input.run.step]
 }
 
 step_id := trim_prefix(action.target, "step:")

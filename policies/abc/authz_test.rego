@@ -14,8 +14,13 @@ capabilities := {
 		"id": {"type": "string", "pattern": "^KB-[0-9]+$"}
 	}},
 	"tool:kb/ping": {"kind": "tool", "args": {}, "steps": {"research": true}},
-	"http:billing.internal": {"kind": "http", "rules": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}], "steps": {"research": true}}
+	"http:billing.internal": {"kind": "http", "rules": [{"methods": ["GET"], "path_prefix": "/v1/invoices/"}], "steps": {"research": true}},
+	"resource:kb/file:///docs/": {"kind": "resource", "server": "kb", "uri_prefix": "file:///docs/", "steps": {"research": true}},
+	"resource:kb/kb://faq/": {"kind": "resource", "server": "kb", "uri_prefix": "kb://faq/", "steps": {"answer": true}},
+	"prompt:kb/summarize": {"kind": "prompt", "steps": {"answer": true}}
 }
+
+resources := {"kb": ["resource:kb/file:///docs/", "resource:kb/kb://faq/"]}
 
 steps := {"research": {"after": []}, "answer": {"after": ["research"]}, "publish": {"after": ["answer"]}}
 
@@ -32,7 +37,7 @@ prefixes := {
 }
 
 decide(act, run) := d if {
-	index := {"targets": capabilities, "steps": steps, "prefixes": prefixes}
+	index := {"targets": capabilities, "steps": steps, "prefixes": prefixes, "resources": resources}
 	d := authz.decision with data.abc.index as index with input as {"action": act, "run": run}
 }
 
@@ -258,4 +263,40 @@ test_step_evidence_names_where_the_capability_is_allowed if {
 test_step_evidence_names_the_missing_predecessor if {
 	d := decide({"kind": "step", "target": "step:publish"}, research)
 	evidence_of(d, "step_out_of_order") == [{"step": "publish", "after": ["answer"], "completed": [], "current": "research"}]
+}
+
+# ---- MCP resources and prompts ----
+
+answering := {"step": "answer", "completed_steps": ["research"]}
+
+resource(uri) := {"kind": "resource", "target": concat("", ["resource:kb/", uri])}
+
+test_resource_granted_by_uri_prefix if {
+	decide(resource("file:///docs/refunds.md"), research).allow
+	decide(resource("kb://faq/billing"), answering).allow
+}
+
+test_resource_outside_every_prefix_refused if {
+	codes(decide(resource("file:///etc/passwd"), research)) == {"resource_not_allowed"}
+	# Another server's resource, though its URI fits kb's prefix.
+	codes(decide({"kind": "resource", "target": "resource:other/file:///docs/a"}, research)) == {"resource_not_allowed"}
+}
+
+test_resource_in_another_step_refused if {
+	codes(decide(resource("kb://faq/billing"), research)) == {"step_out_of_order"}
+}
+
+test_resource_probe_judged_like_a_read if {
+	decide(object.union(resource("file:///docs/a"), {"probe": true}), research).allow
+	not decide(object.union(resource("file:///secret"), {"probe": true}), research).allow
+}
+
+test_prompt_granted_by_name_in_its_step if {
+	decide({"kind": "prompt", "target": "prompt:kb/summarize"}, answering).allow
+	codes(decide({"kind": "prompt", "target": "prompt:kb/summarize"}, research)) == {"step_out_of_order"}
+	codes(decide({"kind": "prompt", "target": "prompt:kb/jailbreak"}, answering)) == {"prompt_not_allowed"}
+}
+
+test_a_tool_is_not_granted_as_a_prompt if {
+	codes(decide({"kind": "prompt", "target": "prompt:kb/search"}, research)) == {"prompt_not_allowed"}
 }

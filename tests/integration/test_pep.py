@@ -14,7 +14,6 @@ import openai
 import pytest
 from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
@@ -175,11 +174,13 @@ def test_mcp_list_is_filtered_and_calls_are_decided(pep: PepProcess, server: str
         result = await session.call_tool("search", {"query": "refunds"})
         refusals = {}
         for name, args in (("delete_everything", {}), ("search", {"query": "x" * 201})):
-            try:
-                await session.call_tool(name, args)
-                refusals[name] = "not refused"
-            except MCPError as exc:
-                refusals[name] = (exc.error.data or {}).get("reason")
+            # A refused call is the tool's error result, which the model can read and
+            # recover from; the reason and decision id ride in its _meta and its text.
+            refused = await session.call_tool(name, args)
+            meta = refused.meta or {}
+            assert refused.is_error and meta["abc/decision_id"].startswith("dec_")
+            assert meta["abc/decision_id"] in refused.content[0].text  # type: ignore[union-attr]
+            refusals[name] = meta["abc/reason"]
         return {"listed": listed, "result": result, "refusals": refusals}
 
     outcome = asyncio.run(_mcp(url, work))
@@ -196,8 +197,7 @@ def test_mcp_refused_call_never_reaches_the_server(pep: PepProcess, fakes: FakeU
     before = fakes.recorder.tool_calls("mcp-sse").count("admin_reset")
 
     async def work(session: ClientSession) -> None:
-        with pytest.raises(MCPError):
-            await session.call_tool("admin_reset", {"confirm": True})
+        assert (await session.call_tool("admin_reset", {"confirm": True})).is_error
 
     asyncio.run(_mcp(f"{pep.url}/mcp/kb", work))
     assert fakes.recorder.tool_calls("mcp-sse").count("admin_reset") == before
@@ -580,7 +580,8 @@ def _mcp_post(pep: PepProcess, message: Any, method: str = "POST") -> httpx.Resp
             {
                 "jsonrpc": "2.0",
                 "id": 2,
-                "method": "resources/read",
+                # resources/read is governed now (a capability); a subscription is not.
+                "method": "resources/subscribe",
                 "params": {"uri": "file:///etc"},
             },
             "POST",

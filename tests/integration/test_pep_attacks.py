@@ -528,9 +528,11 @@ def _call(pep: PepProcess, name: str, args: dict[str, Any]) -> dict[str, Any]:
             await session.initialize()
             try:
                 result = await session.call_tool(name, args)
-                return {"ok": not result.is_error}
-            except MCPError as exc:
+            except MCPError as exc:  # a call that cannot be judged: a protocol error
                 return {"reason": (exc.error.data or {}).get("reason")}
+            if result.is_error and result.meta:  # a call judged and refused: a tool result
+                return {"reason": result.meta["abc/reason"]}
+            return {"ok": not result.is_error}
 
     return asyncio.run(work())
 

@@ -26,6 +26,9 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
         "policy_mismatch",
         "run_closed",
         "shadow_not_allowed",
+        # MCP resources and prompts are capabilities (issue 17).
+        "resource_not_allowed",
+        "prompt_not_allowed",
     }
 
 
@@ -70,6 +73,8 @@ def test_every_reason_the_pdp_raises_has_an_error_type_or_a_policy() -> None:
         ReasonCode.TOOL_NOT_ALLOWED,
         ReasonCode.TOOL_ARGS_INVALID,
         ReasonCode.HTTP_NOT_ALLOWED,
+        ReasonCode.RESOURCE_NOT_ALLOWED,
+        ReasonCode.PROMPT_NOT_ALLOWED,
         ReasonCode.STEP_OUT_OF_ORDER,
         ReasonCode.BUDGET_EXHAUSTED,
     }

@@ -141,3 +141,42 @@ def test_unknown_top_level_key_without_a_close_match_lists_the_known_ones() -> N
     with pytest.raises(IntentError) as caught:
         parse_intent(TEXT + "zzz: 1\n", "intent.yaml")
     assert "zzz: unknown key 'zzz' (known: apiVersion, kind, tenant," in str(caught.value)
+
+
+GRANTS = """
+resources:
+  - server: kb
+    uri_prefix: file:///docs/
+prompts:
+  - server: kb
+    name: summarize
+
+budgets:"""
+
+
+def test_resources_and_prompts_are_capabilities_a_step_may_use() -> None:
+    from datetime import UTC, datetime
+
+    from pdp.manifest.freeze import freeze
+
+    text = TEXT.replace("\nbudgets:", GRANTS, 1).replace(
+        "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
+        "uses: [model:openai/gpt-4o-mini, resource:kb/file:///docs/, prompt:kb/summarize,"
+        " tool:kb/search,",
+    )
+    manifest = freeze(parse_intent(text), "sha256:" + "0" * 64, datetime(2026, 1, 1, tzinfo=UTC))
+    granted = manifest.document()["capabilities"]
+    assert granted["resources"] == [{"server": "kb", "uri_prefix": "file:///docs/"}]
+    assert granted["prompts"] == [{"server": "kb", "name": "summarize"}]
+    # A manifest that grants none reads, and so signs, exactly as before they existed.
+    plain = freeze(parse_intent(TEXT), "sha256:" + "0" * 64, datetime(2026, 1, 1, tzinfo=UTC))
+    assert {"resources", "prompts"}.isdisjoint(plain.document()["capabilities"])
+
+
+def test_a_step_cannot_use_a_resource_the_manifest_does_not_grant() -> None:
+    text = TEXT.replace(
+        "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
+        "uses: [model:openai/gpt-4o-mini, resource:kb/file:///, tool:kb/search,",
+    )
+    with pytest.raises(IntentError, match="not a declared capability"):
+        parse_intent(text)

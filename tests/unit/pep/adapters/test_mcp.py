@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from pdp.api import ReasonCode, pdp_pb2
-from pep.adapters.mcp import AnswerFilter, _Unavailable
+from pep.adapters.mcp.answers import AnswerFilter, _Unavailable
 from pep.pdp_client import Verdict
 from pep.reading import BodyDecoder
 

@@ -1,16 +1,12 @@
-"""MCP over streamable HTTP (JSON-RPC): ``tools/call`` decided, tool lists filtered.
+"""Every MCP answer read as the client will read it; tool lists in it filtered by decisions.
 
-- ``tools/call``: decided on the tool name and its arguments as sent.
-- Tool lists: every answer, to any POST and on every GET stream (resumed or not), is
-  read as the client will read it (content coding, charset, BOM; one JSON body or an
-  SSE stream), and every message in it that holds a tool list (a result with ``tools``,
-  whatever its id) is filtered: each listed tool is probed with the same policy (the
-  target judged without arguments) and only allowed tools are shown. Anything the
-  sidecar cannot read that way is refused, never passed through: an unfiltered list
-  must not leak on one undecodable line, coding or stream.
-- ``initialize``, ``ping``, notifications, GET/DELETE and the client's answers to server
-  requests are forwarded undecided; any other method is refused (default deny).
-- Session headers (``mcp-session-id``) pass through untouched both ways.
+Every answer, to any POST and on every GET stream (resumed or not), is read as the client
+will read it (content coding, charset, BOM; one JSON body or an SSE stream), and every
+message in it that holds a tool list (a result with ``tools``, whatever its id or method:
+``tools/list`` pages, a ``server/discover`` that lists tools) is filtered: each listed tool
+is probed with the same policy (the target judged without arguments) and only allowed tools
+are shown. Anything the sidecar cannot read that way is refused, never passed through: an
+unfiltered list must not leak on one undecodable line, coding or stream.
 """
 
 from __future__ import annotations
@@ -25,34 +21,21 @@ from aiohttp import ClientResponse, web
 from multidict import CIMultiDict
 
 from pdp.api import ReasonCode
-from pdp.api.mapping import mcp_list_probe, mcp_tool_action
+from pdp.api.mapping import MCP_LISTS, mcp_list_probe
 from pdp.api.reasons import MappingError
-from pep.adapters.base import Call, Probe, dump_json, parse_json_object
+from pep.adapters.base import Probe, dump_json, parse_json_object
+from pep.adapters.mcp.envelope import ParamHeaders
+from pep.adapters.mcp.refusals import INTERNAL_ERROR, McpRequest, refusal_message
 from pep.forward import response_headers
 from pep.pdp_client import Verdict
 from pep.reading import BodyDecoder, Unreadable, media_type
 from pep.sse import SseEvent, SseParser, render_event
 
-__all__ = ["AnswerFilter", "McpAdapter"]
+__all__ = ["MAX_ANSWER_BYTES", "AnswerFilter"]
 
 log = logging.getLogger("abc.pep")
 
-PASS_THROUGH = frozenset({"initialize", "ping"})
-REFUSED = -32001  # JSON-RPC server-defined error: refused by policy
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # one JSON answer (an SSE stream: per event)
-
-
-def jsonrpc_error(request_id: Any, verdict: Verdict) -> dict[str, Any]:
-    code = verdict.reason.value if verdict.reason else "bad_request"
-    return {
-        "jsonrpc": "2.0",
-        "id": request_id,
-        "error": {
-            "code": REFUSED,
-            "message": f"{code}: {verdict.message} (decision {verdict.decision_id})",
-            "data": {"reason": code, "decision_id": verdict.decision_id},
-        },
-    }
 
 
 class AnswerFilter:
@@ -68,8 +51,9 @@ class AnswerFilter:
     (with a JSON-RPC error under the request's id when there is one), never raw.
     """
 
-    def __init__(self, server: str, request_id: Any) -> None:
+    def __init__(self, server: str, request_id: Any, schemas: ParamHeaders | None = None) -> None:
         self.server, self.request_id = server, request_id
+        self.schemas = schemas or ParamHeaders()
 
     async def __call__(
         self, request: web.Request, upstream: ClientResponse, probe: Probe
@@ -142,39 +126,47 @@ class AnswerFilter:
         """A whole (non-SSE) answer as it may be relayed ("" for none); raises like ``events``."""
         text = await _read_text(chunks, decoder)
         # Whatever the declared type: a client that finds JSON here may read it.
-        return await self._judge(text, probe) if text else ""
+        return await self.judge(text, probe) if text else ""
 
     async def _event(self, event: SseEvent, probe: Probe) -> bytes:
         if event.data:  # no data, or empty data (a priming event): no message to read
-            event = replace(event, data=await self._judge(event.data, probe))
+            event = replace(event, data=await self.judge(event.data, probe))
         return render_event(event).encode()
 
-    async def _judge(self, text: str, probe: Probe) -> str:
-        """The message as it may be relayed: its own text, or its tool list filtered."""
+    async def judge(self, text: str, probe: Probe) -> str:
+        """The message as it may be relayed: its own text, or its lists filtered."""
         try:
             message = parse_json_object(text.encode())  # a batch (JSON array) is refused
         except MappingError as exc:
             raise MappingError(f"an MCP message that cannot be read: {exc}") from exc
         result = message.get("result")
-        if not isinstance(result, dict) or "tools" not in result:
-            return text  # parsed, holds no tool list: its own text, so nothing is reread
-        # Any answer that lists tools is filtered, whatever id or stream carries it.
-        tools = result.get("tools")
-        if not isinstance(tools, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools
+        if not isinstance(result, dict) or not any(key in result for key in MCP_LISTS):
+            return text  # parsed, holds no list: its own text, so nothing is reread
+        # Any answer that lists tools, resources or prompts is filtered, whatever id or
+        # stream carries it.
+        filtered = dict(result)
+        for key, (kind, field) in MCP_LISTS.items():
+            if key in result:
+                filtered[key] = await self._allowed(result[key], kind, field, probe)
+        self.schemas.learn(self.server, filtered.get("tools", []))  # what headers mirror
+        try:
+            return dump_json({**message, "result": filtered}).decode()
+        except (ValueError, RecursionError) as exc:
+            raise MappingError("the filtered list cannot be written") from exc
+
+    async def _allowed(self, entries: Any, kind: str, field: str, probe: Probe) -> list[Any]:
+        """The entries of one list the same policy allows (each probed by its name or URI)."""
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get(field), str) for e in entries
         ):
-            raise MappingError("a result holds no well-formed tool list")
+            raise MappingError(f"a result holds no well-formed {kind} list")
         verdicts = await asyncio.gather(
-            *(probe(mcp_list_probe(self.server, tool["name"])) for tool in tools)
+            *(probe(mcp_list_probe(self.server, entry[field], kind)) for entry in entries)
         )
         for verdict in verdicts:
             if verdict.reason is ReasonCode.PDP_UNAVAILABLE:
                 raise _Unavailable(verdict)
-        allowed = [tool for tool, verdict in zip(tools, verdicts, strict=True) if verdict.allow]
-        try:
-            return dump_json({**message, "result": {**result, "tools": allowed}}).decode()
-        except (ValueError, RecursionError) as exc:
-            raise MappingError("the filtered tool list cannot be written") from exc
+        return [entry for entry, verdict in zip(entries, verdicts, strict=True) if verdict.allow]
 
     def _refusal(self, exc: Exception) -> dict[str, Any]:
         verdict = (
@@ -183,7 +175,8 @@ class AnswerFilter:
             else Verdict.refuse(ReasonCode.BAD_REQUEST, f"the answer could not be read: {exc}")
         )
         log.info("refused an mcp answer: %s (%s)", verdict.reason, verdict.decision_id)
-        return jsonrpc_error(self.request_id, verdict)
+        # The upstream's answer, not the client's request, is what failed.
+        return refusal_message(verdict, McpRequest(self.request_id, code=INTERNAL_ERROR))
 
     def _refused(self, status: int, headers: CIMultiDict[str], exc: Exception) -> web.Response:
         refusal = self._refusal(exc)
@@ -218,92 +211,3 @@ class _Unavailable(Exception):
     def __init__(self, verdict: Verdict) -> None:
         super().__init__(verdict.message)
         self.verdict = verdict
-
-
-def _plain_id(value: Any) -> bool:
-    """Ids that survive every JSON parser unchanged, so an answer cannot dodge the filter."""
-    if isinstance(value, str):
-        return True
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53
-
-
-def _passed(server: str, body: bytes, request_id: Any, *, answer_id: Any) -> Call:
-    """Forwarded undecided; its answer is still read and filtered like every other."""
-    return Call(
-        action=None, body=body, jsonrpc_id=request_id, respond=AnswerFilter(server, answer_id)
-    )
-
-
-class McpAdapter:
-    route = "mcp"
-    reads_body = True
-
-    def call(self, request: web.Request, body: bytes) -> Call:
-        server = request.match_info["server"]
-        if request.method in ("GET", "DELETE"):
-            # The server's event stream (new or resumed), and ending a session: no message to
-            # decide, but the answer is read like any other (a server may replay a list there).
-            if body:
-                raise MappingError(f"an MCP {request.method} carries no body")
-            return Call(action=None, body=body, respond=AnswerFilter(server, None))
-        if request.method != "POST":
-            raise MappingError(f"MCP over HTTP has no {request.method}")
-        message = parse_json_object(body)  # a batch (JSON array) is refused here
-        method, request_id = message.get("method"), message.get("id")
-        if "method" not in message:
-            # Only the client's answer to a server request passes without a method.
-            if "id" not in message or ("result" in message) == ("error" in message):
-                raise _Refused(request_id, "a message without a method must be a response")
-            # Its id is the server's: nothing the client waits on, so no id for a refusal.
-            return _passed(server, body, request_id, answer_id=None)
-        if not isinstance(method, str):
-            raise _Refused(request_id, "method must be a string")
-        if method.startswith("notifications/"):
-            if "id" in message:
-                raise _Refused(request_id, "a notification carries no id")
-            return _passed(server, body, None, answer_id=None)
-        if not _plain_id(request_id):
-            raise _Refused(None, "a request id must be a string or an integer below 2^53")
-        if method in PASS_THROUGH:
-            return _passed(server, body, request_id, answer_id=request_id)
-        if method == "tools/call":
-            try:
-                action = mcp_tool_action(server, message.get("params"))
-            except MappingError as exc:
-                raise _Refused(request_id, str(exc)) from exc
-            return Call(
-                action=action,
-                body=body,
-                jsonrpc_id=request_id,
-                respond=AnswerFilter(server, request_id),
-            )
-        if method == "tools/list":
-            return Call(
-                action=None,
-                body=body,
-                jsonrpc_id=request_id,
-                respond=AnswerFilter(server, request_id),
-                lists_tools=True,
-            )
-        raise _Refused(request_id, f"MCP method {method!r} is not governed")
-
-    def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:
-        request_id = call.jsonrpc_id if call is not None else None
-        return web.json_response(
-            jsonrpc_error(request_id, verdict),
-            # Refusing a request is a JSON-RPC error in a 200 answer, so MCP clients raise
-            # their normal error; only a body that is no JSON-RPC request keeps its 4xx.
-            status=200 if request_id is not None else status,
-            headers={
-                "x-abc-decision-id": verdict.decision_id,
-                "x-abc-reason": verdict.reason.value if verdict.reason else "bad_request",
-            },
-        )
-
-
-class _Refused(MappingError):
-    """A JSON-RPC request the sidecar cannot map; refused under the request's own id."""
-
-    def __init__(self, request_id: Any, message: str) -> None:
-        super().__init__(message)
-        self.jsonrpc_id = request_id

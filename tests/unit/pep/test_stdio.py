@@ -1,0 +1,61 @@
+"""pep/stdio.py's server-to-host direction: what a stdio server writes is read like an HTTP
+answer, its lists filtered, and a line that cannot be read never reaches the host."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, cast
+
+from prometheus_client import CollectorRegistry
+
+from pdp.api import pdp_pb2
+from pep.metrics import PepMetrics
+from pep.pdp_client import PdpClient, Verdict
+from pep.stdio import StdioBridge
+
+GRANTED = {"tool:kb/search"}
+
+
+class _Pdp:
+    """Decides probes as the demo manifest would: only kb/search is granted."""
+
+    async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
+        return Verdict(action.target in GRANTED, None, "", "dec_" + request_id[-8:])
+
+
+class _Host:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+def relay(line: bytes) -> list[Any]:
+    host = _Host()
+    bridge = StdioBridge(
+        "kb", cast(PdpClient, _Pdp()), "run_1", PepMetrics(CollectorRegistry()), cast(Any, host)
+    )
+    asyncio.run(bridge.from_server(line))
+    return [json.loads(sent) for sent in host.lines]
+
+
+def test_a_tool_list_reaches_the_host_filtered() -> None:
+    tools = [{"name": n, "inputSchema": {}} for n in ("search", "delete_everything")]
+    line = json.dumps({"jsonrpc": "2.0", "id": 3, "result": {"tools": tools}}).encode()
+    [sent] = relay(line)
+    assert [t["name"] for t in sent["result"]["tools"]] == ["search"]
+
+
+def test_an_unreadable_line_is_an_error_under_its_id_never_relayed() -> None:
+    # Not UTF-8 (a byte-level reader would still find the list in it).
+    line = b'{"jsonrpc":"2.0","id":4,"result":{"tools":[{"name":"delete_everything"}]}}\xff'
+    assert relay(line) == []  # no id can be read from bytes that are not UTF-8 JSON
+    broken = b'{"jsonrpc":"2.0","id":5,"result":{"tools":[{"nome":"delete_everything"}]}}'
+    [sent] = relay(broken)
+    assert sent["id"] == 5 and sent["error"]["code"] == -32603
+    assert "delete_everything" not in json.dumps(sent)
