@@ -1,8 +1,9 @@
 """The one decision path behind every front door (gRPC, the OPA REST door, Envoy ext_authz).
 
-``DecisionService`` registers manifests, decides validated actions, settles usage and shows
-runs. It is thin: runs, budgets and answers are the ledger's (``pdp/ledger``), records are
-the decision log's (``pdp/decisionlog``), verdicts are the engine's (``pdp/engine``).
+``DecisionService`` registers manifests, starts runs, decides validated actions, settles
+usage and shows runs. It is thin: grants and run starts are ``pdp/grants.py``'s; runs,
+budgets and answers the ledger's (``pdp/ledger``); records the decision log's
+(``pdp/decisionlog``); verdicts the engine's (``pdp/engine``).
 
 Each call takes ``now`` from its caller (one clock read per request, also the time its
 record carries). Every failure becomes a refusal with its reason code, mapped once: an
@@ -12,7 +13,6 @@ a bug (logged as such). A decision is never answered before its record is durabl
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 import uuid
@@ -27,22 +27,19 @@ from pdp.decisionlog import (
     DecisionRecord,
     Record,
     RegistrationRecord,
-    RegistrationRefusedRecord,
     RunStartRecord,
     SettlementRecord,
     StepChange,
 )
-from pdp.engine import Decision, EngineError, PreparedPolicy, policy_data
+from pdp.engine import Decision, EngineError
 from pdp.errors import (
     AbcError,
     BadRequest,
     LogUnavailable,
-    ManifestExpired,
-    ManifestUnknown,
     ReasonCode,
     RequestIdReused,
-    RunClosed,
 )
+from pdp.grants import Grants
 from pdp.ledger import (
     Applied,
     DecisionOutcome,
@@ -50,16 +47,10 @@ from pdp.ledger import (
     MemoryRunStore,
     Run,
     RunStore,
-    check_run_key,
-    run_id_for,
 )
 from pdp.manifest import (
     HighWater,
     TrustStore,
-    VerificationPolicy,
-    VerifiedManifest,
-    admit_rollback_mark,
-    verify_envelope,
 )
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
@@ -150,116 +141,17 @@ class DecisionService:
         self._ledger = Ledger(
             store if store is not None else MemoryRunStore(), log, reservation_ttl
         )
-        self._modules = bundle.rego_modules()
-        self._verification = VerificationPolicy.registration(bundle.digest)
+        self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
         metrics.watch_budgets(self._ledger.runs.lowest_remaining_ratio)
-
-    # Registration
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
-        compile; or raise."""
-        try:
-            verified = verify_envelope(raw_envelope, self._trust, now, self._verification)
-            admit_rollback_mark(verified, self._high_water)
-        except AbcError as exc:
-            self._metrics.manifests_rejected.labels(exc.reason.value).inc()
-            log.warning("manifest refused: %s: %s", exc.reason.value, exc)
-            self._log.append(
-                RegistrationRefusedRecord(
-                    time=now, policy_digest=self.bundle.digest, reason=exc.reason, detail=str(exc)
-                )
-            )
-            raise
-        run = self._ledger.runs.register(verified, self._prepare(verified))
-        self._ledger.store.put_envelope(run.run_id, raw_envelope)
-        self._log.append(
-            RegistrationRecord(
-                time=now,
-                run_id=run.run_id,
-                manifest_digest=verified.digest,
-                policy_digest=self.bundle.digest,
-                lineage=verified.manifest.metadata.lineage,
-                version=verified.manifest.metadata.version,
-                signer=verified.signer,
-                # The envelope itself, so a restarted PDP can verify and rebuild the run.
-                envelope=base64.b64encode(raw_envelope).decode("ascii"),
-            )
-        )
-        self._metrics.manifests_registered.inc()
-        log.info("manifest %s registered as %s", verified.digest, run.run_id)
-        return run
-
-    def _prepare(self, verified: VerifiedManifest) -> PreparedPolicy:
-        try:
-            return PreparedPolicy(
-                self._modules, policy_data(verified.manifest), self.bundle.digest, verified.digest
-            )
-        except EngineError as exc:
-            # The bundle compiled at start-up; failing now is the PDP's fault, not the caller's.
-            log.error("policy does not compile with manifest %s: %s", verified.digest, exc)
-            raise
-
-    def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
-        """Verify a registered envelope again and compile its run; None if it fails now.
-
-        Registration's rules without its rollback mark: the run was admitted when
-        registered, and a newer version of its lineage shows in its status (revoked) instead.
-        """
-        try:
-            verified = verify_envelope(raw, self._trust, trust_now, self._verification)
-        except AbcError as exc:
-            log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
-            return None
-        return self._ledger.runs.register(verified, self._prepare(verified))
-
-    def _run(self, run_id: str, now: datetime) -> Run:
-        """The run, compiled here. One registered on another replica is loaded from the
-        shared store's copy of its envelope, verified by this replica's own trust store;
-        one started there, from its grant's."""
-        run = self._ledger.runs.find(run_id)
-        if run is None:
-            raw = self._ledger.store.envelope(run_id)
-            started = self._ledger.store.grant_of(run_id) if raw is None else None
-            if raw is not None:
-                run = self._load(run_id, raw, now)
-            elif started is not None:
-                grant_run_id, run_key = started
-                run, _ = self._ledger.runs.start(self._run(grant_run_id, now), run_key)
-        if run is None or run.run_id != run_id:
-            raise ManifestUnknown("no run with this id")
-        return run
+        compile; or raise. Binds the grant's default run."""
+        return self._grants.register(raw_envelope, now)
 
     def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
-        """The run of ``run_key`` under a registered grant, started if it is new (and the
-        start logged before it is made); whether this call started it. The grant must be
-        in its window and not superseded; its default run's ending ends no other run."""
-        grant = self._run(run_id_for(manifest_digest), now)
-        check_run_key(run_key)
-        metadata = grant.verified.manifest.metadata
-        if not grant.verified.manifest.not_before <= now < grant.verified.manifest.expires_at:
-            raise ManifestExpired(
-                f"the manifest is valid from {metadata.not_before} to {metadata.expires_at}"
-            )
-        latest = self._ledger.state(grant).latest_version
-        if latest > metadata.version:
-            raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
-        run_id = run_id_for(manifest_digest, run_key)
-        if self._ledger.runs.find(run_id) is None:
-            # Logged first: a start the log never saw could not be rebuilt after a restart.
-            self._log.append(
-                RunStartRecord(
-                    time=now,
-                    run_id=run_id,
-                    manifest_digest=grant.verified.digest,
-                    grant_run_id=grant.run_id,
-                    run_key=run_key,
-                )
-            )
-        run, started = self._ledger.runs.start(grant, run_key)
-        if started:
-            self._metrics.runs_started.inc()
-        return run, started
+        """The run of ``run_key`` under a registered grant, and whether this call started it."""
+        return self._grants.start(manifest_digest, run_key, now)
 
     # Deciding: claim the request id, judge, apply, record.
 
@@ -276,7 +168,7 @@ class DecisionService:
         run: Run | None = None
         claimed = False
         try:
-            run = self._run(run_id, now)
+            run = self._grants.run(run_id, now)
             # Before anything is claimed, reserved or moved: what cannot be logged exactly
             # is refused here, not found unloggable after the run's state changed.
             canonical_record_bytes(
@@ -331,7 +223,7 @@ class DecisionService:
         of its run (an unknown run is refused as such)."""
         run: Run | None = None
         try:
-            run = self._run(run_id, now)
+            run = self._grants.run(run_id, now)
         except AbcError as exc:
             error = exc
         outcome, _ = self._record(run_id, request_id, run, _refused(error, {}), now)
@@ -445,7 +337,7 @@ class DecisionService:
         return self._ledger.settle(reservation_id, tokens, usd_micros, now)
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
-        run = self._run(run_id, now)
+        run = self._grants.run(run_id, now)
         state = self._ledger.state(run)
         books = self._ledger.books(run_id)
         return RunView(
@@ -466,12 +358,8 @@ class DecisionService:
         A registration is verified again, from the envelope it carries, as of ``trust_now``
         (when it was accepted); runs pinned to another policy bundle are left out.
         """
-        if isinstance(record, RegistrationRecord):
-            self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
-        elif isinstance(record, RunStartRecord):
-            grant = self._ledger.runs.find(record.grant_run_id)
-            if grant is not None:  # a grant not loaded again (now untrusted) starts nothing
-                self._ledger.runs.start(grant, record.run_key)
+        if isinstance(record, RegistrationRecord | RunStartRecord):
+            self._grants.restore(record, trust_now)
         elif isinstance(record, DecisionRecord | SettlementRecord):
             self._ledger.restore(record)
         # a refused registration names no run; a checkpoint changes nothing

@@ -1,0 +1,172 @@
+"""Grants: signed manifests registered (verified, admitted past their rollback mark,
+compiled), and the runs started under them; found again on another replica from the shared
+store, and rebuilt from the decision log at start-up.
+
+Every registration, refused or accepted, and every run start is logged before it is
+answered; a run start before it is made.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from datetime import datetime
+
+from pdp.bundle import PolicyBundle
+from pdp.decisionlog import (
+    DecisionLog,
+    RegistrationRecord,
+    RegistrationRefusedRecord,
+    RunStartRecord,
+)
+from pdp.engine import EngineError, PreparedPolicy, policy_data
+from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed
+from pdp.ledger import Ledger, Run, check_run_key, run_id_for
+from pdp.manifest import (
+    HighWater,
+    TrustStore,
+    VerificationPolicy,
+    VerifiedManifest,
+    admit_rollback_mark,
+    verify_envelope,
+)
+from pdp.metrics import PdpMetrics
+
+__all__ = ["Grants"]
+
+log = logging.getLogger("abc.pdp")
+
+
+class Grants:
+    def __init__(
+        self,
+        bundle: PolicyBundle,
+        trust: TrustStore,
+        high_water: HighWater,
+        metrics: PdpMetrics,
+        decision_log: DecisionLog,
+        ledger: Ledger,
+    ) -> None:
+        self._bundle = bundle
+        self._trust = trust
+        self._high_water = high_water
+        self._metrics = metrics
+        self._log = decision_log
+        self._ledger = ledger
+        self._modules = bundle.rego_modules()
+        self._verification = VerificationPolicy.registration(bundle.digest)
+
+    def register(self, raw_envelope: bytes, now: datetime) -> Run:
+        """Verify (signature, scope, window, pinned policy), admit the rollback mark,
+        compile; or raise."""
+        try:
+            verified = verify_envelope(raw_envelope, self._trust, now, self._verification)
+            admit_rollback_mark(verified, self._high_water)
+        except AbcError as exc:
+            self._metrics.manifests_rejected.labels(exc.reason.value).inc()
+            log.warning("manifest refused: %s: %s", exc.reason.value, exc)
+            self._log.append(
+                RegistrationRefusedRecord(
+                    time=now, policy_digest=self._bundle.digest, reason=exc.reason, detail=str(exc)
+                )
+            )
+            raise
+        run = self._ledger.runs.register(verified, self._prepare(verified))
+        self._ledger.store.put_envelope(run.run_id, raw_envelope)
+        self._log.append(
+            RegistrationRecord(
+                time=now,
+                run_id=run.run_id,
+                manifest_digest=verified.digest,
+                policy_digest=self._bundle.digest,
+                lineage=verified.manifest.metadata.lineage,
+                version=verified.manifest.metadata.version,
+                signer=verified.signer,
+                # The envelope itself, so a restarted PDP can verify and rebuild the run.
+                envelope=base64.b64encode(raw_envelope).decode("ascii"),
+            )
+        )
+        self._metrics.manifests_registered.inc()
+        log.info("manifest %s registered as %s", verified.digest, run.run_id)
+        return run
+
+    def _prepare(self, verified: VerifiedManifest) -> PreparedPolicy:
+        try:
+            return PreparedPolicy(
+                self._modules, policy_data(verified.manifest), self._bundle.digest, verified.digest
+            )
+        except EngineError as exc:
+            # The bundle compiled at start-up; failing now is the PDP's fault, not the caller's.
+            log.error("policy does not compile with manifest %s: %s", verified.digest, exc)
+            raise
+
+    def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
+        """Verify a registered envelope again and compile its run; None if it fails now.
+
+        Registration's rules without its rollback mark: the run was admitted when
+        registered, and a newer version of its lineage shows in its status (revoked) instead.
+        """
+        try:
+            verified = verify_envelope(raw, self._trust, trust_now, self._verification)
+        except AbcError as exc:
+            log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
+            return None
+        return self._ledger.runs.register(verified, self._prepare(verified))
+
+    def run(self, run_id: str, now: datetime) -> Run:
+        """The run, compiled here. One registered on another replica is loaded from the
+        shared store's copy of its envelope, verified by this replica's own trust store;
+        one started there, from its grant's."""
+        run = self._ledger.runs.find(run_id)
+        if run is None:
+            raw = self._ledger.store.envelope(run_id)
+            started = self._ledger.store.grant_of(run_id) if raw is None else None
+            if raw is not None:
+                run = self._load(run_id, raw, now)
+            elif started is not None:
+                grant_run_id, run_key = started
+                run, _ = self._ledger.runs.start(self.run(grant_run_id, now), run_key)
+        if run is None or run.run_id != run_id:
+            raise ManifestUnknown("no run with this id")
+        return run
+
+    def start(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
+        """The run of ``run_key`` under a registered grant, started if it is new (and the
+        start logged before it is made); whether this call started it. The grant must be
+        in its window and not superseded; its default run's ending ends no other run."""
+        grant = self.run(run_id_for(manifest_digest), now)
+        check_run_key(run_key)
+        metadata = grant.verified.manifest.metadata
+        if not grant.verified.manifest.not_before <= now < grant.verified.manifest.expires_at:
+            raise ManifestExpired(
+                f"the manifest is valid from {metadata.not_before} to {metadata.expires_at}"
+            )
+        latest = self._ledger.state(grant).latest_version
+        if latest > metadata.version:
+            raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
+        run_id = run_id_for(manifest_digest, run_key)
+        if self._ledger.runs.find(run_id) is None:
+            # Logged first: a start the log never saw could not be rebuilt after a restart.
+            self._log.append(
+                RunStartRecord(
+                    time=now,
+                    run_id=run_id,
+                    manifest_digest=grant.verified.digest,
+                    grant_run_id=grant.run_id,
+                    run_key=run_key,
+                )
+            )
+        run, started = self._ledger.runs.start(grant, run_key)
+        if started:
+            self._metrics.runs_started.inc()
+        return run, started
+
+    def restore(self, record: RegistrationRecord | RunStartRecord, trust_now: datetime) -> None:
+        """Rebuild a registration (verified again as of ``trust_now``, when it was accepted)
+        or a run start from the log; one that no longer verifies starts nothing."""
+        if isinstance(record, RegistrationRecord):
+            self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
+            return
+        grant = self._ledger.runs.find(record.grant_run_id)
+        if grant is not None:
+            self._ledger.runs.start(grant, record.run_key)
