@@ -359,7 +359,11 @@ def _declare(
 
 def _remove_unused(plan: Draft, calls: list[DecisionRecord], entered: set[str], runs: int) -> None:
     used = {str(r.action["target"]) for r in calls}
-    unused = [t for t in plan.base.capabilities.target_list() if t not in used]
+    granted = plan.base.capabilities
+    # Not resources and prompts: suggest carries them over as granted.
+    learned = [*(c.target for c in granted.models), *(c.target for c in granted.tools)]
+    learned += [c.target for c in granted.http]
+    unused = [target for target in learned if target not in used]
     for target in unused:
         emptied = [s for s, uses in plan.uses.items() if uses == [target] and s in entered]
         if emptied:

@@ -25,6 +25,8 @@ from pdp.manifest.model import (
     HttpCapability,
     Manifest,
     ModelCapability,
+    PromptCapability,
+    ResourceCapability,
     Step,
     ToolCapability,
 )
@@ -86,6 +88,9 @@ def next_intent(
         models=tuple(plan.models),
         tools=tuple(plan.tools),
         http=tuple(plan.http),
+        # Carried over as granted: suggest does not learn MCP resources and prompts yet.
+        resources=base.capabilities.resources,
+        prompts=base.capabilities.prompts,
         budgets=budgets,
         steps=tuple(steps),
     )
@@ -105,6 +110,8 @@ def as_intent(base: Manifest) -> Intent:
         models=base.capabilities.models,
         tools=base.capabilities.tools,
         http=base.capabilities.http,
+        resources=base.capabilities.resources,
+        prompts=base.capabilities.prompts,
         budgets=base.budgets,
         steps=base.assembly.steps,
     )
@@ -155,6 +162,13 @@ def _capability_lines(capability: Any) -> list[str]:
                 f"    {_scalar(name)}: {_constraint(c)}" for name, c in capability.args.items()
             )
         return lines
+    if isinstance(capability, ResourceCapability):
+        return [
+            f"- server: {_scalar(capability.server)}",
+            f"  uri_prefix: {_scalar(capability.uri_prefix)}",
+        ]
+    if isinstance(capability, PromptCapability):
+        return [f"- server: {_scalar(capability.server)}", f"  name: {_scalar(capability.name)}"]
     assert isinstance(capability, HttpCapability)
     return [
         f"- host: {_scalar(capability.host)}",
@@ -184,9 +198,13 @@ def render_intent(intent: Intent, plan: Draft | None, header: list[str]) -> str:
         ("models", intent.models, ModelCapability),
         ("tools", intent.tools, ToolCapability),
         ("http", intent.http, HttpCapability),
+        ("resources", intent.resources, ResourceCapability),
+        ("prompts", intent.prompts, PromptCapability),
     ]
     for name, capabilities, kind in sections:
         removed = [c for c in (plan.removed.values() if plan else []) if isinstance(c, kind)]
+        if name in ("resources", "prompts") and not capabilities and not removed:
+            continue  # MCP resources and prompts, written only where an intent has them
         out.append("")
         out.append(f"{name}:" if capabilities else f"{name}: []")
         for capability in capabilities:
