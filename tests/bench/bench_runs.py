@@ -1,0 +1,113 @@
+"""Many runs of one grant: StartRun against Decide, and Decide with 10,000 live runs against
+Decide with one, on one real abc-pdp (memory store), with its RSS as runs accumulate.
+
+Baselines are taken in the same run: the server's bare health Check, and Decide on a
+grant with a single started run. Writes bench-results/runs.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pdp.api import pdp_pb2, pdp_pb2_grpc
+from tests.bench.bench_engine import rss_mb
+from tests.bench.bench_pdp import intent
+from tests.bench.conftest import percentile, summary_ms, write_results
+from tests.harness import Signer, start_pdp
+
+LIVE_RUNS, SAMPLES, WARMUP = 10_000, 2_000, 300
+
+
+def _timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+@pytest.mark.timeout(900)
+def test_bench_runs(tmp_path: Path) -> None:
+    signer = Signer(tmp_path)
+    pdp = start_pdp(signer, tmp_path / "state")
+    channel = pdp.channel()
+    stub = pdp_pb2_grpc.DecisionServiceStub(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    envelope = signer.freeze(intent(5), "runs")
+    digest = stub.RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=30
+    ).manifest_digest
+    ids = itertools.count()
+
+    def start(key: str) -> str:
+        request = pdp_pb2.StartRunRequest(manifest_digest=digest, run_key=key)
+        return str(stub.StartRun(request, timeout=10).run_id)
+
+    def decide(run_id: str) -> None:
+        request = pdp_pb2.DecideRequest(
+            run_id=run_id,
+            request_id=f"b{next(ids)}",
+            action=pdp_pb2.Action(
+                kind="tool", target="tool:bench/t4", args_json=json.dumps({"query": "q"}).encode()
+            ),
+        )
+        assert stub.Decide(request, timeout=10).allow
+
+    check = health_pb2.HealthCheckRequest()
+    solo = start("solo")
+    for _ in range(WARMUP):
+        health.Check(check, timeout=5)
+        decide(solo)
+    check_one = [_timed(lambda: health.Check(check, timeout=5)) for _ in range(SAMPLES)]
+    decide_one = [_timed(lambda: decide(solo)) for _ in range(SAMPLES)]
+    rss = {"1": rss_mb(pdp.process.pid)}
+
+    started: list[str] = []
+    start_samples: list[float] = []
+    for n in range(LIVE_RUNS - 1):
+        began = time.perf_counter()
+        started.append(start(f"task-{n}"))
+        start_samples.append(time.perf_counter() - began)
+        if len(started) + 1 in (1_000, LIVE_RUNS):
+            rss[str(len(started) + 1)] = rss_mb(pdp.process.pid)
+    live = [solo, *started]
+    check_many = [_timed(lambda: health.Check(check, timeout=5)) for _ in range(SAMPLES)]
+    decide_many = [_timed(lambda: decide(random.choice(live))) for _ in range(SAMPLES)]
+    channel.close()
+    assert pdp.stop() == 0
+
+    def p50(samples: list[float]) -> float:
+        return percentile(samples, 0.5)
+
+    # Each Decide against the Check taken beside it, so drift between the phases cancels.
+    decide_ratio = (p50(decide_many) / p50(check_many)) / (p50(decide_one) / p50(check_one))
+    results = {
+        "latency": {
+            "check_one_run": summary_ms(check_one),
+            "decide_one_run": summary_ms(decide_one),
+            "start_run": summary_ms(start_samples),
+            "check_10000_runs": summary_ms(check_many),
+            "decide_10000_runs": summary_ms(decide_many),
+        },
+        "ratio_p50_decide_10000_vs_1_run": round(decide_ratio, 3),
+        "ratio_p50_start_run_vs_decide": round(p50(start_samples) / p50(decide_one), 3),
+        "rss_mb_by_live_runs": {k: round(v, 1) for k, v in rss.items()},
+        "ratio_rss_10000_vs_1000_runs": round(rss[str(LIVE_RUNS)] / rss["1000"], 3),
+    }
+    path = write_results("runs", results)
+    print(f"\nRuns benchmark ({path})")
+    for name, stats in results["latency"].items():  # type: ignore[union-attr]
+        print(f"  {name:<22} p50 {stats['p50_ms']:7.3f} ms  p99 {stats['p99_ms']:7.3f} ms")
+    for name in (
+        "ratio_p50_decide_10000_vs_1_run",
+        "ratio_p50_start_run_vs_decide",
+        "rss_mb_by_live_runs",
+        "ratio_rss_10000_vs_1000_runs",
+    ):
+        print(f"  {name}: {results[name]}")
