@@ -135,6 +135,9 @@ class Grants:
         start logged before it is made); whether this call started it. The grant must be
         in its window and not superseded; its default run's ending ends no other run."""
         grant = self.run(run_id_for(manifest_digest), now)
+        if grant.verified.digest != manifest_digest:
+            # Another digest sharing the default run id's prefix names no registered grant.
+            raise ManifestUnknown("no registered manifest with this digest")
         check_run_key(run_key)
         metadata = grant.verified.manifest.metadata
         if not grant.verified.manifest.not_before <= now < grant.verified.manifest.expires_at:

@@ -230,6 +230,8 @@ def test_a_run_is_started_only_under_a_registered_grant_in_its_window(pdp: _Pdp)
     with pytest.raises(ManifestUnknown):
         pdp.service.start_run("sha256:" + "0" * 64, "job-1", NOW)
     digest = _digest(pdp, pdp.register())
+    with pytest.raises(ManifestUnknown):  # the default run's id prefix, another digest
+        pdp.service.start_run(digest[:-4] + "0000", "job-1", NOW)
     with pytest.raises(ManifestExpired):
         pdp.service.start_run(digest, "job-1", NOW + timedelta(days=1))
     pdp.register(version=8)  # a newer version of the lineage revokes the older grant
