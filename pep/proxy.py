@@ -263,8 +263,11 @@ async def _run_id(request: web.Request, sidecar: Sidecar) -> str | Verdict:
     """The run a request is decided under: its run key's (a run of the sidecar's grant),
     else the default run, else the run it names; or the refusal to answer with."""
     named = request.headers.get("x-abc-run")
-    run_key = request.headers.get(RUN_KEY_HEADER)
-    if run_key is not None:
+    run_keys = request.headers.getall(RUN_KEY_HEADER, [])
+    if len(run_keys) > 1:
+        return Verdict.refuse(ReasonCode.BAD_REQUEST, f"{RUN_KEY_HEADER} sent more than once")
+    if run_keys:
+        run_key = run_keys[0]
         if sidecar.runs is None:
             problem = f"{RUN_KEY_HEADER} needs a sidecar started with --manifest"
             return Verdict.refuse(ReasonCode.BAD_REQUEST, problem)

@@ -113,6 +113,12 @@ def test_a_malformed_run_key_is_refused_as_a_bad_request(
     assert reply.status_code == 400 and reply.headers["x-abc-reason"] == "bad_request"
 
 
+def test_a_run_key_sent_twice_is_refused(sidecars: tuple[PepProcess, PepProcess]) -> None:
+    headers = [("x-abc-run-key", "a-1"), ("x-abc-run-key", "b-2")]
+    reply = httpx.get(sidecars[0].url + INVOICE, headers=headers, timeout=10)
+    assert reply.status_code == 400 and reply.headers["x-abc-reason"] == "bad_request"
+
+
 def test_a_run_started_on_one_replica_is_decided_by_another(
     signer: Signer, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
