@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench soak image-test format clean
+.PHONY: install system-tools test lint demo bench soak image-test format clean
 
 install: $(STAMP)
 
@@ -17,8 +17,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# The system tools the tests start for real: redis-server, prometheus and promtool, node and
+# npm, curl. Installed from Debian's packages when missing (as root or with password-less
+# sudo); otherwise the script prints the exact apt-get line to run and fails.
+system-tools:
 	scripts/system-tools.sh
+
+test: $(STAMP) system-tools
 	$(BIN)/abcctl policy test policies
 	$(BIN)/python -m pytest tests --ignore=tests/bench
 
