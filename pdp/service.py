@@ -179,7 +179,7 @@ class DecisionService:
                 if prior is not None:
                     return prior
                 claimed = True
-            judged = self._judge(run, action, now)
+            judged = self._judge(run, action, acted, now)
         except AbcError as exc:
             judged = _refused(exc, {"action": acted})
         except EngineError as exc:
@@ -198,7 +198,7 @@ class DecisionService:
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    def _judge(self, run: Run, action: Action, now: datetime) -> _Judged:
+    def _judge(self, run: Run, action: Action, acted: dict[str, Any], now: datetime) -> _Judged:
         """The policy's verdict on the run as it stands, applied by the ledger if it goes
         ahead. Shadow mode lifts the policy's and the ledger's verdicts only: an unknown or
         closed run, a malformed action, a policy that cannot decide or an unwritable log
@@ -207,7 +207,7 @@ class DecisionService:
         state = self._ledger.state(run)
         run.check_running(state, now)
         policy_input: dict[str, object] = {
-            "action": action.policy_input(),
+            "action": acted,
             "run": {"step": state.step, "completed_steps": list(state.completed_steps)},
         }
         decision = run.policy.evaluate(policy_input)

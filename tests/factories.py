@@ -123,3 +123,23 @@ def envelope_from_payload(
 
 def signed_envelope(key: Ed25519PrivateKey, document: dict[str, Any] | None = None) -> bytes:
     return envelope_from_payload(canonical_bytes(document or manifest_document()), key)
+
+
+_MCP_GRANTS = """
+resources:
+  - server: kb
+    uri_prefix: file:///docs/
+prompts:
+  - server: kb
+    name: summarize
+
+budgets:"""
+
+
+def with_resources_and_prompts(intent_text: str) -> str:
+    """The demo intent granting an MCP resource prefix and a prompt, used in its first step."""
+    return intent_text.replace("\nbudgets:", _MCP_GRANTS, 1).replace(
+        "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
+        "uses: [model:openai/gpt-4o-mini, resource:kb/file:///docs/, prompt:kb/summarize,"
+        " tool:kb/search,",
+    )

@@ -220,20 +220,28 @@ def start_pdp(
     return pdp
 
 
-def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
+def serving_within(channel: grpc.Channel, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the gRPC health service on ``channel`` says SERVING before ``timeout``,
+    while ``process`` runs (False as soon as it exits)."""
     deadline = time.monotonic() + timeout
+    stub = health_pb2_grpc.HealthStub(channel)
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass  # not listening yet: the deadline decides
+        time.sleep(0.05)
+    return False
+
+
+def wait_serving(pdp: PdpProcess, timeout: float = 30) -> None:
     with pdp.channel() as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if pdp.process.poll() is not None:
-                raise EarlyExit(f"abc-pdp exited early:\n{pdp.output()}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+        if serving_within(channel, pdp.process, timeout):
+            return
+    if pdp.process.poll() is not None:
+        raise EarlyExit(f"abc-pdp exited early:\n{pdp.output()}")
     pdp.stop(signal.SIGKILL)
     raise RuntimeError(f"abc-pdp did not become SERVING:\n{pdp.output()}")
 

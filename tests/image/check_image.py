@@ -29,10 +29,9 @@ import httpx2 as httpx
 import openai
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.deploy.support import DEPLOY
-from tests.harness import free_port
+from tests.harness import free_port, serving_within
 from tests.image.support import (
     BASE_CONFIG,
     ImageTestError,
@@ -182,18 +181,10 @@ def healthcheck(service: str, ports: Ports) -> list[str]:
 
 
 def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, f"abc-pdp exited {process.returncode}"
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+        if serving_within(channel, process, timeout):
+            return
+    assert process.poll() is None, f"abc-pdp exited {process.returncode}"
     raise ImageTestError(f"abc-pdp not SERVING on {address} after {timeout:.0f} s")
 
 

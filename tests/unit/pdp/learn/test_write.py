@@ -8,29 +8,13 @@ from pathlib import Path
 from pdp.learn.write import as_intent, check_round_trip, render_intent
 from pdp.manifest.freeze import freeze
 from pdp.manifest.intent import parse_intent
+from tests.factories import with_resources_and_prompts
 
 INTENT = Path(__file__).resolve().parents[4] / "deploy" / "demo" / "intent.yaml"
-GRANTS = """
-resources:
-  - server: kb
-    uri_prefix: file:///docs/
-prompts:
-  - server: kb
-    name: summarize
-
-budgets:"""
 
 
 def test_resources_and_prompts_are_written_back_as_granted() -> None:
-    text = (
-        INTENT.read_text()
-        .replace("\nbudgets:", GRANTS, 1)
-        .replace(
-            "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
-            "uses: [model:openai/gpt-4o-mini, resource:kb/file:///docs/, prompt:kb/summarize,"
-            " tool:kb/search,",
-        )
-    )
+    text = with_resources_and_prompts(INTENT.read_text())
     manifest = freeze(parse_intent(text), "sha256:" + "0" * 64, datetime(2026, 1, 1, tzinfo=UTC))
     intent = as_intent(manifest)
     written = render_intent(intent, None, [])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pdp.manifest.intent import IntentError, load_intent, parse_intent
+from tests.factories import with_resources_and_prompts
 
 DEMO = Path(__file__).resolve().parents[4] / "deploy" / "demo" / "intent.yaml"
 TEXT = DEMO.read_text()
@@ -143,27 +144,12 @@ def test_unknown_top_level_key_without_a_close_match_lists_the_known_ones() -> N
     assert "zzz: unknown key 'zzz' (known: apiVersion, kind, tenant," in str(caught.value)
 
 
-GRANTS = """
-resources:
-  - server: kb
-    uri_prefix: file:///docs/
-prompts:
-  - server: kb
-    name: summarize
-
-budgets:"""
-
-
 def test_resources_and_prompts_are_capabilities_a_step_may_use() -> None:
     from datetime import UTC, datetime
 
     from pdp.manifest.freeze import freeze
 
-    text = TEXT.replace("\nbudgets:", GRANTS, 1).replace(
-        "uses: [model:openai/gpt-4o-mini, tool:kb/search,",
-        "uses: [model:openai/gpt-4o-mini, resource:kb/file:///docs/, prompt:kb/summarize,"
-        " tool:kb/search,",
-    )
+    text = with_resources_and_prompts(TEXT)
     manifest = freeze(parse_intent(text), "sha256:" + "0" * 64, datetime(2026, 1, 1, tzinfo=UTC))
     granted = manifest.document()["capabilities"]
     assert granted["resources"] == [{"server": "kb", "uri_prefix": "file:///docs/"}]
