@@ -13,16 +13,5 @@ command -v redis-server >/dev/null || packages+=(redis-server)
 command -v curl >/dev/null || packages+=(curl)
 [ ${#packages[@]} -eq 0 ] && exit 0
 
-if [ "$(id -u)" = 0 ]; then
-  sudo=()
-elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-  sudo=(sudo)
-else
-  echo "system-tools: missing ${packages[*]}; install them first:" >&2
-  echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends ${packages[*]}" >&2
-  exit 1
-fi
-echo "system-tools: installing ${packages[*]} from Debian's packages" >&2
-"${sudo[@]}" apt-get update -q
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-  apt-get install -y -q --no-install-recommends "${packages[@]}"
+. "${BASH_SOURCE[0]%/*}/apt.sh"
+apt_install system-tools strict "${packages[@]}"
