@@ -38,6 +38,7 @@ from pdp.errors import (
     LogUnavailable,
     ReasonCode,
     RequestIdReused,
+    RunNotBound,
 )
 from pdp.grants import Grants
 from pdp.ledger import (
@@ -120,6 +121,15 @@ def _unloggable(record: DecisionRecord, refusal: Decision) -> DecisionRecord:
     )
 
 
+def _check_bound(run: Run, bound: str) -> None:
+    """A caller bound to a manifest may use that grant's runs only ("" checks nothing)."""
+    if bound and run.verified.digest != bound:
+        raise RunNotBound(
+            f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
+            f" caller's {bound}"
+        )
+
+
 class DecisionService:
     """Registers manifests and decides actions; servers adapt their protocol to this."""
 
@@ -149,19 +159,23 @@ class DecisionService:
         compile; or raise. Binds the grant's default run."""
         return self._grants.register(raw_envelope, now)
 
-    def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
-        """The run of ``run_key`` under a registered grant, and whether this call started it."""
-        return self._grants.start(manifest_digest, run_key, now)
+    def start_run(
+        self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
+    ) -> tuple[Run, bool]:
+        """The run of ``run_key`` under a registered grant (narrowed by ``narrower``, JSON,
+        if given), and whether this call started it."""
+        return self._grants.start(manifest_digest, run_key, now, narrower)
 
     # Deciding: claim the request id, judge, apply, record.
 
     def decide(
-        self, run_id: str, request_id: str, action: Action, now: datetime
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str = ""
     ) -> DecisionOutcome:
         """Decide one validated action.
 
         A request id seen before for this run gets the answer it got then: the same
-        decision id and reservation, never a second charge.
+        decision id and reservation, never a second charge. ``bound``, the manifest digest
+        the caller is bound to (its sidecar's), refuses a run of another grant.
         """
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
@@ -169,6 +183,7 @@ class DecisionService:
         claimed = False
         try:
             run = self._grants.run(run_id, now)
+            _check_bound(run, bound)
             # Before anything is claimed, reserved or moved: what cannot be logged exactly
             # is refused here, not found unloggable after the run's state changed.
             canonical_record_bytes(
@@ -331,9 +346,15 @@ class DecisionService:
     # Usage, runs, recovery
 
     def report_usage(
-        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
+        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime, bound: str = ""
     ) -> bool:
-        """Settle; False for an unknown or settled reservation or an impossible amount."""
+        """Settle; False for an unknown or settled reservation or an impossible amount.
+        ``RunNotBound`` for a reservation of a run of another grant than ``bound``'s."""
+        if bound:
+            run_id = self._ledger.store.reservation_run(reservation_id)
+            if run_id is None:
+                return False
+            _check_bound(self._grants.run(run_id, now), bound)
         return self._ledger.settle(reservation_id, tokens, usd_micros, now)
 
     def get_run(self, run_id: str, now: datetime) -> RunView:

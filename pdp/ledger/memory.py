@@ -70,7 +70,7 @@ class MemoryRunStore:
         limits: Usage,
         lineage: str,
         version: int,
-        grant: tuple[str, str] = ("", ""),
+        grant: tuple[str, str, str] = ("", "", ""),
     ) -> bool:
         with self._lock:
             self._latest[lineage] = max(self._latest.get(lineage, 0), version)
@@ -202,13 +202,18 @@ class MemoryRunStore:
             self._run(run_id).in_flight.discard(request_id)
             self._answered.notify_all()
 
+    def reservation_run(self, reservation_id: str) -> str | None:
+        with self._lock:
+            held = self._reservations.get(reservation_id)
+            return held.run_id if held is not None else None
+
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         """Nothing to do: only this process uses this store, and it registered the run."""
 
     def envelope(self, run_id: str) -> bytes | None:
         return None
 
-    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+    def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
         """Nothing to find: this process started every run it holds."""
         return None
 
