@@ -131,10 +131,11 @@ def narrow(grant: Manifest, raw: bytes) -> Narrowed | None:
     narrower = parse_narrower(raw)
     check_narrower(grant, narrower)
     document = grant.document()
-    given = narrower.model_dump(mode="json", exclude_none=True)
-    document["metadata"].update(given["metadata"])
-    document["capabilities"].update(given["capabilities"])
-    document["budgets"].update(given["budgets"])
+    # What the narrower says, and nothing it left out: its canonical form, as logged.
+    dumped = narrower.model_dump(mode="json", exclude_none=True)
+    given = {name: value for name, value in dumped.items() if value != {}}
+    for name in ("metadata", "capabilities", "budgets"):
+        document[name].update(given.get(name, {}))
     for name in ("enforcement", "assembly"):
         if name in given:
             document[name] = given[name]
