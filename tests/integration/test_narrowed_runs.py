@@ -210,6 +210,23 @@ def test_the_same_key_and_narrower_is_the_same_run_another_narrower_is_refused(
     assert "another narrower" in _refusal(served[-1], digest, "job-7", None)
 
 
+def test_abcctl_run_start_starts_a_narrowed_run_or_says_which_field_widens(
+    served: list[PdpProcess], grant: Path, digest: str
+) -> None:
+    pdp = ["--pdp", served[-1].address]
+    narrower = grant.parent / "narrower.json"
+    started = abcctl("run", "start", grant, "cli-1", "--narrower", narrower, *pdp)
+    assert started.stdout == f"{run_id_for(digest, 'cli-1')} started\n"
+    wider = grant.parent / "wider.json"
+    wider.write_text(json.dumps({"budgets": {"requests": 501}}))
+    refused = abcctl("run", "start", grant, "cli-2", "--narrower", wider, *pdp, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "abcctl: error: the PDP refused: not_narrower: budgets.requests: 501 is more than"
+        " the grant's 500\n"
+    )
+
+
 def test_explain_and_replay_judge_the_narrowed_run_by_its_narrowed_grant(
     served: list[PdpProcess], digest: str, state: Path
 ) -> None:
