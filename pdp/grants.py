@@ -42,8 +42,8 @@ __all__ = ["Grants"]
 
 log = logging.getLogger("abc.pdp")
 
-# Policies compiled with narrowed grants kept, the most recently used: runs narrowed the
-# same way (one narrower per agent deployment, typically) share one.
+# Effective grants and their compiled policies kept, the most recently used: runs narrowed
+# the same way (one narrower per agent deployment, typically) share one.
 NARROWED_POLICIES = 256
 
 
@@ -65,7 +65,9 @@ class Grants:
         self._ledger = ledger
         self._modules = bundle.rego_modules()
         self._verification = VerificationPolicy.registration(bundle.digest)
-        self._narrowed_policies: OrderedDict[str, PreparedPolicy] = OrderedDict()
+        self._narrowed_cache: OrderedDict[
+            tuple[str, bytes], tuple[Narrowed | None, PreparedPolicy | None]
+        ] = OrderedDict()
         self._lock = threading.Lock()
 
     def register(self, raw_envelope: bytes, now: datetime) -> Run:
@@ -151,21 +153,24 @@ class Grants:
         self, grant: Run, narrower: bytes
     ) -> tuple[Narrowed | None, PreparedPolicy | None]:
         """The effective grant of ``narrower`` (None: the grant's own) and the policy
-        compiled with it, once per effective grant."""
-        narrowed = narrow(grant.verified.manifest, narrower) if narrower else None
-        if narrowed is None:
+        compiled with it; both kept per (grant, narrower), so the runs of one narrower
+        cost one check and one compilation."""
+        if not narrower:
             return None, None
+        key = (grant.verified.digest, narrower)
         with self._lock:
-            policy = self._narrowed_policies.get(narrowed.digest)
-            if policy is not None:
-                self._narrowed_policies.move_to_end(narrowed.digest)
-                return narrowed, policy
-        policy = self._prepare(grant.verified, narrowed.manifest)  # compiled unlocked
+            known = self._narrowed_cache.get(key)
+            if known is not None:
+                self._narrowed_cache.move_to_end(key)
+                return known
+        narrowed = narrow(grant.verified.manifest, narrower)
+        # Compiled unlocked: two first starts at once compile twice, never wrongly.
+        found = (narrowed, self._prepare(grant.verified, narrowed.manifest) if narrowed else None)
         with self._lock:
-            self._narrowed_policies[narrowed.digest] = policy
-            if len(self._narrowed_policies) > NARROWED_POLICIES:
-                self._narrowed_policies.popitem(last=False)
-        return narrowed, policy
+            self._narrowed_cache[key] = found
+            if len(self._narrowed_cache) > NARROWED_POLICIES:
+                self._narrowed_cache.popitem(last=False)
+        return found
 
     def start(
         self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""

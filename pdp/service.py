@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,6 +37,7 @@ from pdp.errors import (
     AbcError,
     BadRequest,
     LogUnavailable,
+    ManifestUnknown,
     ReasonCode,
     RequestIdReused,
     RunNotBound,
@@ -350,12 +352,29 @@ class DecisionService:
     ) -> bool:
         """Settle; False for an unknown or settled reservation or an impossible amount.
         ``RunNotBound`` for a reservation of a run of another grant than ``bound``'s."""
-        if bound:
-            run_id = self._ledger.store.reservation_run(reservation_id)
-            if run_id is None:
-                return False
-            _check_bound(self._grants.run(run_id, now), bound)
+        if self.unbound([reservation_id], bound, now):
+            raise RunNotBound(
+                f"reservation {reservation_id} holds budget of a run of another manifest than"
+                f" the caller's {bound}"
+            )
         return self._ledger.settle(reservation_id, tokens, usd_micros, now)
+
+    def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
+        """Those of ``reservation_ids`` holding budget of a run of another grant than the
+        manifest ``bound`` ("" checks nothing); one store lookup for them all."""
+        if not bound:
+            return set()
+        found = self._ledger.store.reservation_runs(reservation_ids)
+        refused: set[str] = set()
+        for reservation_id, run_id in zip(reservation_ids, found, strict=True):
+            try:
+                if run_id is not None:
+                    _check_bound(self._grants.run(run_id, now), bound)
+            except RunNotBound:
+                refused.add(reservation_id)
+            except ManifestUnknown:
+                pass  # settling it finds nothing either
+        return refused
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._grants.run(run_id, now)

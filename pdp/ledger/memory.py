@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -202,10 +203,10 @@ class MemoryRunStore:
             self._run(run_id).in_flight.discard(request_id)
             self._answered.notify_all()
 
-    def reservation_run(self, reservation_id: str) -> str | None:
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
         with self._lock:
-            held = self._reservations.get(reservation_id)
-            return held.run_id if held is not None else None
+            held = [self._reservations.get(rid) for rid in reservation_ids]
+        return [h.run_id if h is not None else None for h in held]
 
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         """Nothing to do: only this process uses this store, and it registered the run."""

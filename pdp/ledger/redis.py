@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -296,9 +296,12 @@ class RedisRunStore:
     def release(self, reservation_id: str) -> None:
         self._take_off(reservation_id, 0, 0, "release")
 
-    def reservation_run(self, reservation_id: str) -> str | None:
-        run_id = _guarded(lambda: self._redis.hget(self._prefix + "rsvrun", reservation_id))
-        return run_id.decode() if isinstance(run_id, bytes) else None
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
+        if not reservation_ids:
+            return []
+        key = self._prefix + "rsvrun"
+        found = _guarded(lambda: self._redis.hmget(key, list(reservation_ids)))
+        return [v.decode() if isinstance(v, bytes) else None for v in found]
 
     def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
         run_id = self._take_off(reservation_id, tokens, usd_micros, "settle")

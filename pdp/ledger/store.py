@@ -8,6 +8,7 @@ in each PDP process; only this state is shared when several replicas use one sto
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -110,8 +111,8 @@ class RunStore(Protocol):
     def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
         """Replace a reservation by the real usage; its run id, or None if unknown."""
 
-    def reservation_run(self, reservation_id: str) -> str | None:
-        """The run an open reservation holds budget of, or None if unknown or settled."""
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
+        """The run each open reservation holds budget of (None: unknown or settled)."""
 
     def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
         """Settle the run's reservations past their expiry at their worst case."""

@@ -112,18 +112,16 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def ReportUsage(  # noqa: N802
         self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.ReportUsageResponse:
-        if not self._settle(request, context):
+        if not self._settle(request, context, request.manifest_digest):
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown or already settled reservation")
         return pdp_pb2.ReportUsageResponse()
 
-    def _settle(self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext) -> bool:
+    def _settle(
+        self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext, bound: str
+    ) -> bool:
         try:
             return self._service.report_usage(
-                report.reservation_id,
-                report.tokens,
-                report.usd_micros,
-                self._clock(),
-                report.manifest_digest,
+                report.reservation_id, report.tokens, report.usd_micros, self._clock(), bound
             )
         except (StoreUnavailable, LogUnavailable):
             # Not "unknown": the sidecar keeps the report and tries again.
@@ -138,8 +136,20 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     ) -> pdp_pb2.ReportUsageBatchResponse:
         if len(request.reports) > MAX_BATCH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
+        # Checked for the batch at once (a sidecar states one manifest): a report of
+        # another grant's reservation is not settled; the others are, each checked already.
+        refused: set[str] = set()
+        try:
+            for bound in {r.manifest_digest for r in request.reports if r.manifest_digest}:
+                ids = [r.reservation_id for r in request.reports if r.manifest_digest == bound]
+                refused |= self._service.unbound(ids, bound, self._clock())
+        except (StoreUnavailable, LogUnavailable):
+            context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
         return pdp_pb2.ReportUsageBatchResponse(
-            settled=[self._settle(r, context) for r in request.reports]
+            settled=[
+                r.reservation_id not in refused and self._settle(r, context, "")
+                for r in request.reports
+            ]
         )
 
     def RecordRefusal(  # noqa: N802

@@ -365,6 +365,8 @@ def test_a_run_is_usable_only_by_callers_of_its_own_manifest(
         error: Any = unsettled.value
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error.details().startswith("run_not_bound: ")
+        batch = pdp_pb2.ReportUsageBatchRequest(reports=[report])
+        assert list(stub(pdp).ReportUsageBatch(batch, timeout=5).settled) == [False]
         report.manifest_digest = digests[0]
         stub(pdp).ReportUsage(report, timeout=5)  # A's own sidecar settles it
         run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=a_run), timeout=5)
