@@ -23,7 +23,7 @@ from pdp.decisionlog import (
     RunStartRecord,
 )
 from pdp.engine import EngineError, PreparedPolicy, policy_data
-from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed, RunKeyConflict
+from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed
 from pdp.ledger import Ledger, Run, check_run_key, run_id_for
 from pdp.manifest import (
     HighWater,
@@ -197,7 +197,8 @@ class Grants:
         run_id = run_id_for(manifest_digest, run_key)
         if self._ledger.runs.find(run_id) is None:
             if self._ledger.store.shared:
-                self._check_shared(run_id, run_key, narrowed)
+                # Refused before it is logged: another replica started it otherwise.
+                self._ledger.runs.check_shared(run_id, run_key, narrowed)
             # Logged first: a start the log never saw could not be rebuilt after a restart.
             self._log.append(
                 RunStartRecord(
@@ -214,13 +215,6 @@ class Grants:
         if started:
             self._metrics.runs_started.inc()
         return run, started
-
-    def _check_shared(self, run_id: str, run_key: str, narrowed: Narrowed | None) -> None:
-        """Before logging a start: a run another replica started under another narrower is
-        refused here, not logged as if it were this one."""
-        found = self._ledger.store.grant_of(run_id)
-        if found is not None and found[2] != (narrowed.narrower.decode() if narrowed else ""):
-            raise RunKeyConflict(f"run key {run_key!r} was started with another narrower")
 
     def restore(self, record: RegistrationRecord | RunStartRecord, trust_now: datetime) -> None:
         """Rebuild a registration (verified again as of ``trust_now``, when it was accepted)

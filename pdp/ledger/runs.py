@@ -111,9 +111,9 @@ class Run:
 _CONFLICT = "run key {key!r} was started with another narrower: one run key is one run"
 
 
-def _narrower(run: Run) -> str:
-    """The run's narrower as canonical JSON ("" for none): what a second start must repeat."""
-    return run.narrowed.narrower.decode() if run.narrowed else ""
+def _narrower(narrowed: Narrowed | None) -> str:
+    """A run's narrower as canonical JSON ("" for none): what a second start must repeat."""
+    return narrowed.narrower.decode() if narrowed else ""
 
 
 class RunRegistry:
@@ -148,11 +148,11 @@ class RunRegistry:
         with self._lock:
             existing = self._runs.get(run.run_id)
             if existing is not None:
-                if _narrower(existing) != _narrower(run):
+                if _narrower(existing.narrowed) != _narrower(run.narrowed):
                     raise RunKeyConflict(_CONFLICT.format(key=run.run_key))
                 return existing, False
             manifest = run.manifest
-            narrower = _narrower(run)
+            narrower = _narrower(run.narrowed)
             created = self.store.open(
                 run.run_id,
                 manifest.assembly.steps[0].id,
@@ -163,11 +163,15 @@ class RunRegistry:
             )
             if not created and self.store.shared:
                 # Opened before, maybe by another replica: with this narrower, or refused.
-                found = self.store.grant_of(run.run_id)
-                if found is not None and found[2] != narrower:
-                    raise RunKeyConflict(_CONFLICT.format(key=run.run_key))
+                self.check_shared(run.run_id, run.run_key, run.narrowed)
             self._runs[run.run_id] = run
             return run, created
+
+    def check_shared(self, run_id: str, run_key: str, narrowed: Narrowed | None) -> None:
+        """``RunKeyConflict`` if the shared store holds the run under another narrower."""
+        found = self.store.grant_of(run_id)
+        if found is not None and found[2] != _narrower(narrowed):
+            raise RunKeyConflict(_CONFLICT.format(key=run_key))
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
