@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from pdp.errors import BadRequest, NotNarrower
 from pdp.manifest.canonical import canonical_bytes, digest, parse_strict_json
@@ -68,6 +68,13 @@ class _Strict(BaseModel):
 class NarrowerMetadata(_Strict):
     not_before: Timestamp | None = None
     expires_at: Timestamp | None = None
+
+    @field_validator("not_before", "expires_at")
+    @classmethod
+    def _an_instant(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_timestamp(value)  # the pattern alone lets 2026-13-45 through
+        return value
 
 
 class NarrowerCapabilities(_Strict):
@@ -207,6 +214,11 @@ def _check_capabilities(
             if arg not in granted_tool.args:
                 raise NotNarrower(f"{where}.args.{arg}: the grant does not allow this argument")
             _check_arg(f"{where}.args.{arg}", granted_tool.args[arg], constraint)
+        for arg, constraint in granted_tool.args.items():
+            # Left out, it would be unlisted but not required: a call without it, which the
+            # grant refuses, would pass.
+            if constraint.required and arg not in tool.args:
+                raise NotNarrower(f"{where}.args.{arg}: the grant requires this argument")
         covers[tool.target] = {tool.target}
     for i, http in enumerate(effective.http):
         where = f"capabilities.http[{i}]"
@@ -283,7 +295,9 @@ def _check_steps(grant: Manifest, assembly: Assembly, covers: dict[str, set[str]
             raise NotNarrower(f"{where}: step {step.id!r} is out of the grant's order")
         last = position
         for use in step.uses:
-            if not covers.get(use, set()) & set(granted_step.uses):
+            if use not in covers:
+                raise NotNarrower(f"{where}.uses: {use} is not a capability of the narrowed grant")
+            if not covers[use] & set(granted_step.uses):
                 raise NotNarrower(
                     f"{where}.uses: {use} is not used by the grant's step {step.id!r}"
                 )

@@ -148,6 +148,7 @@ def test_a_longer_lifetime_is_refused_either_end() -> None:
         ({"query": {"type": "string", "maxLength": 200}}, "args.query.required"),
         ({"query": {"type": "string", "required": True, "maxLength": 201}}, "query.maxLength"),
         ({"query": {"type": "string", "required": True}}, "args.query.maxLength: no bound"),
+        ({"query": None}, "args.query: the grant requires this argument"),
         ({"query": {"type": "integer", "required": True}}, "args.query.type"),
         ({"mode": {"type": "string", "enum": ["fast", "slow"]}}, "args.mode.enum: ['slow']"),
         ({"mode": {"type": "string"}}, "args.mode.enum: any value"),
@@ -221,6 +222,7 @@ def test_shadow_is_wider_than_enforce() -> None:
         b"[]",
         b'{"policy": {"bundle_digest": "x"}}',  # what cannot be narrowed is not a field
         b'{"metadata": {"lineage": "acme/other"}}',
+        b'{"metadata": {"expires_at": "2026-13-45T10:00:00Z"}}',
         b'{"budgets": {"tokens": 1.5}}',
         b'{"budgets": {"tokens": 1, "tokens": 2}}',
         b"{" + b" " * MAX_NARROWER_BYTES + b"}",
