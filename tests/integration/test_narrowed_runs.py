@@ -271,6 +271,15 @@ def test_explain_and_replay_judge_the_narrowed_run_by_its_narrowed_grant(
         "--allow-tail",
     )
     assert replayed.stdout.strip().endswith("identical, 0 divergent"), replayed.stdout
+    # What-if with the same policy as candidate: each run keeps its own (narrowed) grant,
+    # so nothing flips; judged by the grant, the inv-1 refusal would become an allow.
+    what_if = abcctl(
+        "replay", state / "decisions.log", "--pub", state / "pdp-log.pub", "--allow-tail",
+        "--policies", POLICIES, "--json",
+    )  # fmt: skip
+    report = json.loads(what_if.stdout)
+    assert report["deny_to_allow"] == 0 and report["allow_to_deny"] == 0, report
+    assert report["unchanged"]["deny"] >= 1
 
 
 def test_a_restart_restores_narrowed_runs(
