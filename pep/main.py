@@ -180,7 +180,14 @@ def _stdio_args(argv: Sequence[str]) -> tuple[PepConfig, str, list[str]]:
         raise ConfigError("mcp-stdio needs --server NAME (its tools are tool:NAME/...)") from exc
     if not any(a.startswith("--metrics") for a in rest) and "ABC_PEP_METRICS" not in os.environ:
         rest += ["--metrics", "off"]
-    return parse_config(rest), str(known.server), command
+    config = parse_config(rest)
+    if config.narrower is not None:
+        # No run key reaches a stdio server: its one run would be the grant as signed.
+        raise ConfigError(
+            "mcp-stdio takes no --narrower: start the narrowed run with `abcctl run start"
+            " --narrower` and give its id with --run"
+        )
+    return config, str(known.server), command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
