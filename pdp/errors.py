@@ -12,6 +12,9 @@
     ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
     ├── ShadowNotAllowed     shadow manifest from a key not granted it -> shadow_not_allowed
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
+    ├── NotNarrower          a run's narrower widens its grant     -> not_narrower
+    ├── RunKeyConflict       a run key started with another narrower -> not_narrower
+    ├── RunNotBound          a run of another manifest than the caller's -> run_not_bound
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
     ├── LogUnavailable       the decision log cannot make a record durable -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
@@ -35,10 +38,13 @@ __all__ = [
     "ManifestRollback",
     "ManifestUnknown",
     "MappingError",
+    "NotNarrower",
     "PolicyMismatch",
     "ReasonCode",
     "RequestIdReused",
     "RunClosed",
+    "RunKeyConflict",
+    "RunNotBound",
     "ShadowNotAllowed",
     "SignatureInvalid",
     "StoreUnavailable",
@@ -73,6 +79,24 @@ class ShadowNotAllowed(AbcError):
 
 class RunClosed(AbcError):
     reason = ReasonCode.RUN_CLOSED
+
+
+class NotNarrower(AbcError):
+    """A narrower that would widen its grant, or leaves no valid manifest."""
+
+    reason = ReasonCode.NOT_NARROWER
+
+
+class RunKeyConflict(AbcError):
+    """A run key already started with another narrower: one key is one run, one grant."""
+
+    reason = ReasonCode.NOT_NARROWER
+
+
+class RunNotBound(AbcError):
+    """A run id named by a caller bound to another manifest than the run's grant."""
+
+    reason = ReasonCode.RUN_NOT_BOUND
 
 
 class StoreUnavailable(AbcError):

@@ -9,7 +9,10 @@ answered; a run start before it is made.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+import threading
+from collections import OrderedDict
 from datetime import datetime
 
 from pdp.bundle import PolicyBundle
@@ -30,11 +33,18 @@ from pdp.manifest import (
     admit_rollback_mark,
     verify_envelope,
 )
+from pdp.manifest.canonical import canonical_bytes
+from pdp.manifest.model import Manifest
+from pdp.manifest.narrow import Narrowed, narrow
 from pdp.metrics import PdpMetrics
 
 __all__ = ["Grants"]
 
 log = logging.getLogger("abc.pdp")
+
+# Effective grants and their compiled policies kept, the most recently used: runs narrowed
+# the same way (one narrower per agent deployment, typically) share one.
+NARROWED_POLICIES = 256
 
 
 class Grants:
@@ -55,6 +65,10 @@ class Grants:
         self._ledger = ledger
         self._modules = bundle.rego_modules()
         self._verification = VerificationPolicy.registration(bundle.digest)
+        self._narrowed_cache: OrderedDict[
+            tuple[str, bytes], tuple[Narrowed | None, PreparedPolicy | None]
+        ] = OrderedDict()
+        self._lock = threading.Lock()
 
     def register(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
@@ -90,11 +104,13 @@ class Grants:
         log.info("manifest %s registered as %s", verified.digest, run.run_id)
         return run
 
-    def _prepare(self, verified: VerifiedManifest) -> PreparedPolicy:
+    def _prepare(
+        self, verified: VerifiedManifest, manifest: Manifest | None = None
+    ) -> PreparedPolicy:
+        """The policy compiled with the grant, or with a narrowed run's effective grant."""
+        data = policy_data(manifest or verified.manifest)
         try:
-            return PreparedPolicy(
-                self._modules, policy_data(verified.manifest), self._bundle.digest, verified.digest
-            )
+            return PreparedPolicy(self._modules, data, self._bundle.digest, verified.digest)
         except EngineError as exc:
             # The bundle compiled at start-up; failing now is the PDP's fault, not the caller's.
             log.error("policy does not compile with manifest %s: %s", verified.digest, exc)
@@ -124,16 +140,46 @@ class Grants:
             if raw is not None:
                 run = self._load(run_id, raw, now)
             elif started is not None:
-                grant_run_id, run_key = started
-                run, _ = self._ledger.runs.start(self.run(grant_run_id, now), run_key)
+                grant_run_id, run_key, narrower = started
+                grant = self.run(grant_run_id, now)
+                # Narrowed again from the signed grant: the store cannot widen a run.
+                narrowed, policy = self._narrowed(grant, narrower.encode())
+                run, _ = self._ledger.runs.start(grant, run_key, narrowed, policy)
         if run is None or run.run_id != run_id:
             raise ManifestUnknown("no run with this id")
         return run
 
-    def start(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
+    def _narrowed(
+        self, grant: Run, narrower: bytes
+    ) -> tuple[Narrowed | None, PreparedPolicy | None]:
+        """The effective grant of ``narrower`` (None: the grant's own) and the policy
+        compiled with it; both kept per (grant, narrower), so the runs of one narrower
+        cost one check and one compilation."""
+        if not narrower:
+            return None, None
+        key = (grant.verified.digest, narrower)
+        with self._lock:
+            known = self._narrowed_cache.get(key)
+            if known is not None:
+                self._narrowed_cache.move_to_end(key)
+                return known
+        narrowed = narrow(grant.verified.manifest, narrower)
+        # Compiled unlocked: two first starts at once compile twice, never wrongly.
+        found = (narrowed, self._prepare(grant.verified, narrowed.manifest) if narrowed else None)
+        with self._lock:
+            self._narrowed_cache[key] = found
+            if len(self._narrowed_cache) > NARROWED_POLICIES:
+                self._narrowed_cache.popitem(last=False)
+        return found
+
+    def start(
+        self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
+    ) -> tuple[Run, bool]:
         """The run of ``run_key`` under a registered grant, started if it is new (and the
         start logged before it is made); whether this call started it. The grant must be
-        in its window and not superseded; its default run's ending ends no other run."""
+        in its window and not superseded; its default run's ending ends no other run.
+        With ``narrower`` (JSON) the run is judged by the grant narrowed by it
+        (``pdp.manifest.narrow``); a key already started otherwise is ``RunKeyConflict``."""
         grant = self.run(run_id_for(manifest_digest), now)
         if grant.verified.digest != manifest_digest:
             # Another digest sharing the default run id's prefix names no registered grant.
@@ -147,8 +193,12 @@ class Grants:
         latest = self._ledger.state(grant).latest_version
         if latest > metadata.version:
             raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
+        narrowed, policy = self._narrowed(grant, narrower)
         run_id = run_id_for(manifest_digest, run_key)
         if self._ledger.runs.find(run_id) is None:
+            if self._ledger.store.shared:
+                # Refused before it is logged: another replica started it otherwise.
+                self._ledger.runs.check_shared(run_id, run_key, narrowed)
             # Logged first: a start the log never saw could not be rebuilt after a restart.
             self._log.append(
                 RunStartRecord(
@@ -157,9 +207,11 @@ class Grants:
                     manifest_digest=grant.verified.digest,
                     grant_run_id=grant.run_id,
                     run_key=run_key,
+                    narrower=json.loads(narrowed.narrower) if narrowed else None,
+                    effective_digest=narrowed.digest if narrowed else "",
                 )
             )
-        run, started = self._ledger.runs.start(grant, run_key)
+        run, started = self._ledger.runs.start(grant, run_key, narrowed, policy)
         if started:
             self._metrics.runs_started.inc()
         return run, started
@@ -171,5 +223,15 @@ class Grants:
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
             return
         grant = self._ledger.runs.find(record.grant_run_id)
-        if grant is not None:
-            self._ledger.runs.start(grant, record.run_key)
+        if grant is None:
+            return
+        narrower = canonical_bytes(record.narrower) if record.narrower is not None else b""
+        try:
+            narrowed, policy = self._narrowed(grant, narrower)
+        except AbcError as exc:
+            log.warning("run %s not restored: %s: %s", record.run_id, exc.reason.value, exc)
+            return
+        if (narrowed.digest if narrowed else "") != record.effective_digest:
+            log.warning("run %s not restored: its narrower is not its logged grant", record.run_id)
+            return
+        self._ledger.runs.start(grant, record.run_key, narrowed, policy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,8 +37,10 @@ from pdp.errors import (
     AbcError,
     BadRequest,
     LogUnavailable,
+    ManifestUnknown,
     ReasonCode,
     RequestIdReused,
+    RunNotBound,
 )
 from pdp.grants import Grants
 from pdp.ledger import (
@@ -120,6 +123,15 @@ def _unloggable(record: DecisionRecord, refusal: Decision) -> DecisionRecord:
     )
 
 
+def _check_bound(run: Run, bound: str) -> None:
+    """A caller bound to a manifest may use that grant's runs only ("" checks nothing)."""
+    if bound and run.verified.digest != bound:
+        raise RunNotBound(
+            f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
+            f" caller's {bound}"
+        )
+
+
 class DecisionService:
     """Registers manifests and decides actions; servers adapt their protocol to this."""
 
@@ -149,19 +161,23 @@ class DecisionService:
         compile; or raise. Binds the grant's default run."""
         return self._grants.register(raw_envelope, now)
 
-    def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
-        """The run of ``run_key`` under a registered grant, and whether this call started it."""
-        return self._grants.start(manifest_digest, run_key, now)
+    def start_run(
+        self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
+    ) -> tuple[Run, bool]:
+        """The run of ``run_key`` under a registered grant (narrowed by ``narrower``, JSON,
+        if given), and whether this call started it."""
+        return self._grants.start(manifest_digest, run_key, now, narrower)
 
     # Deciding: claim the request id, judge, apply, record.
 
     def decide(
-        self, run_id: str, request_id: str, action: Action, now: datetime
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str = ""
     ) -> DecisionOutcome:
         """Decide one validated action.
 
         A request id seen before for this run gets the answer it got then: the same
-        decision id and reservation, never a second charge.
+        decision id and reservation, never a second charge. ``bound``, the manifest digest
+        the caller is bound to (its sidecar's), refuses a run of another grant.
         """
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
@@ -169,6 +185,7 @@ class DecisionService:
         claimed = False
         try:
             run = self._grants.run(run_id, now)
+            _check_bound(run, bound)
             # Before anything is claimed, reserved or moved: what cannot be logged exactly
             # is refused here, not found unloggable after the run's state changed.
             canonical_record_bytes(
@@ -331,10 +348,33 @@ class DecisionService:
     # Usage, runs, recovery
 
     def report_usage(
-        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
+        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime, bound: str = ""
     ) -> bool:
-        """Settle; False for an unknown or settled reservation or an impossible amount."""
+        """Settle; False for an unknown or settled reservation or an impossible amount.
+        ``RunNotBound`` for a reservation of a run of another grant than ``bound``'s."""
+        if self.unbound([reservation_id], bound, now):
+            raise RunNotBound(
+                f"reservation {reservation_id} holds budget of a run of another manifest than"
+                f" the caller's {bound}"
+            )
         return self._ledger.settle(reservation_id, tokens, usd_micros, now)
+
+    def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
+        """Those of ``reservation_ids`` holding budget of a run of another grant than the
+        manifest ``bound`` ("" checks nothing); one store lookup for them all."""
+        if not bound:
+            return set()
+        found = self._ledger.store.reservation_runs(reservation_ids)
+        refused: set[str] = set()
+        for reservation_id, run_id in zip(reservation_ids, found, strict=True):
+            try:
+                if run_id is not None:
+                    _check_bound(self._grants.run(run_id, now), bound)
+            except RunNotBound:
+                refused.add(reservation_id)
+            except ManifestUnknown:
+                pass  # settling it finds nothing either
+        return refused
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._grants.run(run_id, now)

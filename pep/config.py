@@ -33,6 +33,7 @@ class PepConfig:
     pdp_cert: Path | None = None
     pdp_key: Path | None = None
     pdp_server_name: str | None = None
+    narrower: Path | None = None  # every run key's run is started narrowed by it
 
 
 _UPSTREAM_KINDS = ("openai", "anthropic", "mcp:", "http:")
@@ -41,6 +42,12 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("pdp", "ABC_PEP_PDP", "127.0.0.1:9191", "PDP gRPC address HOST:PORT"),
     ("run", "ABC_PEP_RUN", None, "default run id (requests may name one in x-abc-run)"),
     ("manifest", "ABC_PEP_MANIFEST", None, "envelope to register at start-up instead of --run"),
+    (
+        "narrower",
+        "ABC_PEP_NARROWER",
+        None,
+        "narrower JSON every run key's run is started with (--manifest only)",
+    ),
     (
         "metrics",
         "ABC_PEP_METRICS",
@@ -151,6 +158,8 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     upstreams = dict(_upstream(entry.strip()) for entry in entries)
     if values.get("run") and values.get("manifest"):
         raise ConfigError("give --run or --manifest, not both")
+    if values.get("narrower") and not values.get("manifest"):
+        raise ConfigError("--narrower narrows the runs of --manifest: give both")
     try:
         deadline_ms, max_body = int(values["pdp_deadline_ms"]), int(values["max_body_bytes"])
     except ValueError as exc:
@@ -164,6 +173,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         pdp=_address(str(values["pdp"]), "--pdp"),
         run=values.get("run"),
         manifest=Path(values["manifest"]) if values.get("manifest") else None,
+        narrower=_path(values.get("narrower")),
         metrics=None if metrics == "off" else _address(metrics, "--metrics"),
         upstreams=upstreams,
         pdp_deadline_seconds=deadline_ms / 1000,

@@ -71,6 +71,16 @@ async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str, Grante
     raise ConfigError(f"the PDP at {config.pdp} did not answer; {config.manifest} not registered")
 
 
+def _narrower(config: PepConfig) -> bytes:
+    """The --narrower document, read once (the PDP judges it at each run's start)."""
+    if config.narrower is None:
+        return b""
+    try:
+        return config.narrower.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --narrower {config.narrower}: {exc.strerror}") from exc
+
+
 async def _site(runner: web.AppRunner, address: str) -> None:
     host, _, port = address.rpartition(":")
     try:
@@ -90,7 +100,7 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         models: GrantedModels | None = None
         if config.manifest:
             grant, run_id, models = await _register(pdp, config)
-            runs = RunKeys(pdp, grant)
+            runs = RunKeys(pdp, grant, _narrower(config))
         metrics = PepMetrics(CollectorRegistry())
         sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
@@ -170,7 +180,14 @@ def _stdio_args(argv: Sequence[str]) -> tuple[PepConfig, str, list[str]]:
         raise ConfigError("mcp-stdio needs --server NAME (its tools are tool:NAME/...)") from exc
     if not any(a.startswith("--metrics") for a in rest) and "ABC_PEP_METRICS" not in os.environ:
         rest += ["--metrics", "off"]
-    return parse_config(rest), str(known.server), command
+    config = parse_config(rest)
+    if config.narrower is not None:
+        # No run key reaches a stdio server: its one run would be the grant as signed.
+        raise ConfigError(
+            "mcp-stdio takes no --narrower: start the narrowed run with `abcctl run start"
+            " --narrower` and give its id with --run"
+        )
+    return config, str(known.server), command
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,9 +124,14 @@ class PdpClient:
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
         self._usage = UsageReporter(self._stub, deadline_seconds)
+        # The manifest this sidecar registered, stated on every call: the PDP refuses a run
+        # of another grant (run_not_bound). "" until registered (a --run sidecar).
+        self._bound = ""
 
     async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
-        request = pdp_pb2.DecideRequest(run_id=run_id, request_id=request_id, action=action)
+        request = pdp_pb2.DecideRequest(
+            run_id=run_id, request_id=request_id, action=action, manifest_digest=self._bound
+        )
         try:
             response = await self._stub.Decide(request, timeout=self._deadline)
             return _verdict(response, action)
@@ -165,20 +170,25 @@ class PdpClient:
 
     def report_usage(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
         """Queue a settlement; it reaches the PDP in the next batch."""
-        self._usage.report(reservation_id, tokens, usd_micros)
+        self._usage.report(reservation_id, tokens, usd_micros, self._bound)
 
     async def register(self, envelope: bytes, timeout: float = 10.0) -> tuple[str, str]:
         """(manifest digest, its default run id)."""
         response = await self._stub.RegisterManifest(
             pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=timeout
         )
-        return str(response.manifest_digest), str(response.run_id)
+        self._bound = str(response.manifest_digest)
+        return self._bound, str(response.run_id)
 
-    async def start_run(self, manifest_digest: str, run_key: str) -> str | Verdict:
-        """The run id of ``run_key`` under the grant, or the refusal to answer with: the
-        PDP's reason when it refused (a malformed key, an expired grant), else
-        ``pdp_unavailable``."""
-        request = pdp_pb2.StartRunRequest(manifest_digest=manifest_digest, run_key=run_key)
+    async def start_run(
+        self, manifest_digest: str, run_key: str, narrower: bytes = b""
+    ) -> str | Verdict:
+        """The run id of ``run_key`` under the grant (narrowed by ``narrower``, JSON, if
+        given), or the refusal to answer with: the PDP's reason when it refused (a malformed
+        key, an expired grant, a narrower that widens it), else ``pdp_unavailable``."""
+        request = pdp_pb2.StartRunRequest(
+            manifest_digest=manifest_digest, run_key=run_key, narrower=narrower
+        )
         try:
             response = await self._stub.StartRun(request, timeout=self._deadline)
         except grpc.aio.AioRpcError as exc:

@@ -275,6 +275,10 @@ async def _run_id(request: web.Request, sidecar: Sidecar) -> str | Verdict:
             problem = f"x-abc-run and {RUN_KEY_HEADER} name a run two ways"
             return Verdict.refuse(ReasonCode.BAD_REQUEST, problem)
         return await sidecar.runs.run_id(run_key)
+    if sidecar.runs is not None and sidecar.runs.narrower:
+        # The default run is the grant as signed: a narrowing sidecar never uses it.
+        problem = f"this sidecar starts narrowed runs only: send {RUN_KEY_HEADER}"
+        return Verdict.refuse(ReasonCode.BAD_REQUEST, problem)
     if sidecar.run_id and named and named != sidecar.run_id:
         # A bound sidecar decides under its own runs only: a header cannot switch grants.
         return Verdict.refuse(ReasonCode.BAD_REQUEST, "this sidecar is bound to another run")

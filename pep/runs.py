@@ -18,9 +18,12 @@ REMEMBERED = 10_000
 
 
 class RunKeys:
-    def __init__(self, pdp: PdpClient, grant: str, remembered: int = REMEMBERED) -> None:
+    def __init__(
+        self, pdp: PdpClient, grant: str, narrower: bytes = b"", remembered: int = REMEMBERED
+    ) -> None:
         self._pdp = pdp
         self._grant = grant  # the manifest digest this sidecar registered
+        self.narrower = narrower  # every run this sidecar starts is narrowed by it (--narrower)
         self._remembered = remembered
         self._runs: OrderedDict[str, str] = OrderedDict()
 
@@ -30,7 +33,7 @@ class RunKeys:
         if run_id is not None:
             self._runs.move_to_end(run_key)
             return run_id
-        started = await self._pdp.start_run(self._grant, run_key)
+        started = await self._pdp.start_run(self._grant, run_key, self.narrower)
         if isinstance(started, str):
             self._runs[run_key] = started
             if len(self._runs) > self._remembered:

@@ -32,10 +32,15 @@ class UsageReporter:
         self._queue: asyncio.Queue[pdp_pb2.ReportUsageRequest] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
-    def report(self, reservation_id: str, tokens: int, usd_micros: int = 0) -> None:
+    def report(
+        self, reservation_id: str, tokens: int, usd_micros: int = 0, bound: str = ""
+    ) -> None:
         self._queue.put_nowait(
             pdp_pb2.ReportUsageRequest(
-                reservation_id=reservation_id, tokens=max(tokens, 0), usd_micros=max(usd_micros, 0)
+                reservation_id=reservation_id,
+                tokens=max(tokens, 0),
+                usd_micros=max(usd_micros, 0),
+                manifest_digest=bound,
             )
         )
         if self._task is None or self._task.done():

@@ -36,6 +36,12 @@ class ReasonCode(StrEnum):
     # A shadow manifest (decisions logged, never enforced) signed by a key whose trust
     # entry does not grant shadow mode: validly signed, yet not this signer's to make.
     SHADOW_NOT_ALLOWED = "shadow_not_allowed"
+    # A run's narrower that would widen its grant (or leaves no valid manifest): refused at
+    # StartRun, naming the field; narrowing needs no signature because it only takes away.
+    NOT_NARROWER = "not_narrower"
+    # A run named by a caller bound to another manifest: a run id is usable only by a
+    # sidecar of its own grant.
+    RUN_NOT_BOUND = "run_not_bound"
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"

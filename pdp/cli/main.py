@@ -1,7 +1,7 @@
 """``abcctl`` entry point: flags in, plain arguments down, one-line errors out.
 
 Each command lives in the module of its concern (``keys``, ``certs``, ``manifests``,
-``init``, ``policy``, ``decisions``, ``learn``); this module only assembles the parser.
+``init``, ``policy``, ``decisions``, ``runs``, ``learn``); this module only assembles the parser.
 
 Exit codes: 0 success, 1 a check failed or a user mistake (one line on stderr,
 never a traceback), 2 bad usage.
@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from pdp.cli import certs, decisions, init, keys, manifests, policy
+from pdp.cli import certs, decisions, init, keys, manifests, policy, runs
 from pdp.cli.learn import add_suggest_parser
 from pdp.errors import AbcError, ConfigError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     manifests.register(commands)
     policy.register(commands)
     decisions.register(commands)
+    runs.register(commands)
     add_suggest_parser(commands)
     return parser
 

@@ -152,16 +152,26 @@ class RegistrationRefusedRecord(_Record):
 
 
 class RunStartRecord(_Record):
-    """Run ``run_id`` started for ``run_key`` under the grant registered as ``grant_run_id``."""
+    """Run ``run_id`` started for ``run_key`` under the grant registered as ``grant_run_id``;
+    a narrowed run also carries its narrower and the digest of its effective grant (the
+    grant narrowed by it, canonical JSON), which every reader rebuilds and checks."""
 
     kind: Literal["run_start"] = "run_start"
     run_id: StrictStr
     manifest_digest: StrictStr
     grant_run_id: StrictStr
     run_key: StrictStr
+    narrower: dict[str, Any] | None = None
+    effective_digest: StrictStr = ""
+
+    @model_validator(mode="after")
+    def _narrowed_whole(self) -> RunStartRecord:
+        if (self.narrower is None) != (not self.effective_digest):
+            raise ValueError("a narrowed run start carries its narrower and effective digest")
+        return self
 
     def fields(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "kind": self.kind,
             "time": log_time(self.time),
             "run_id": self.run_id,
@@ -169,6 +179,11 @@ class RunStartRecord(_Record):
             "grant_run_id": self.grant_run_id,
             "run_key": self.run_key,
         }
+        if self.narrower is not None:
+            # Only on a narrowed run: every other start is written as before.
+            fields["narrower"] = self.narrower
+            fields["effective_digest"] = self.effective_digest
+        return fields
 
 
 class StepChange(BaseModel):

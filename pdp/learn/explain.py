@@ -22,7 +22,7 @@ from pdp.clock import log_time
 from pdp.decisionlog import DecisionRecord, SettlementRecord
 from pdp.engine import policy_data
 from pdp.learn.audit import AmbiguousId, NotInLog, find_decision
-from pdp.learn.history import load_history
+from pdp.learn.history import RunInfo, load_history
 from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest.model import Manifest
 
@@ -42,6 +42,9 @@ class Explanation:
     manifest_digest: str
     consulted: dict[str, Any]  # the manifest entries the policy looked at
     budget: dict[str, dict[str, int]]  # limits, spent, reserved, remaining, before it
+    # A narrowed run's narrower and the digest of the effective grant it was judged by.
+    narrower: dict[str, Any] | None = None
+    effective_digest: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,8 +84,7 @@ def explain(log: Path, selector: str, key: Ed25519PublicKey) -> Explanation:
         elif not isinstance(record, DecisionRecord):
             continue
         elif record.decision_id == decision_id:
-            info = history.runs.get(record.run_id)
-            return _explanation(record, info.manifest if info else None, books)
+            return _explanation(record, history.runs.get(record.run_id), books)
         elif record.cost and record.run_id in history.runs:
             books.hold(
                 record.run_id,
@@ -94,8 +96,9 @@ def explain(log: Path, selector: str, key: Ed25519PublicKey) -> Explanation:
 
 
 def _explanation(
-    record: DecisionRecord, manifest: Manifest | None, books: MemoryRunStore
+    record: DecisionRecord, info: RunInfo | None, books: MemoryRunStore
 ) -> Explanation:
+    manifest = info.manifest if info else None
     action = record.input.get("action", {})
     run = record.input.get("run", {})
     budget: dict[str, dict[str, int]] = {}
@@ -119,6 +122,8 @@ def _explanation(
         manifest_digest=record.manifest_digest,
         consulted=_consulted(manifest, action, str(run.get("step", ""))),
         budget=budget,
+        narrower=info.narrower if info else None,
+        effective_digest=info.effective_digest if info else "",
     )
 
 
@@ -135,6 +140,8 @@ def render(explanation: Explanation) -> str:
         f"policy   {e.policy_digest}",
         f"manifest {e.manifest_digest}",
     ]
+    if e.narrower is not None:
+        lines.append(f"narrowed {e.effective_digest} by {json.dumps(e.narrower, sort_keys=True)}")
     for name, entry in e.consulted.items():
         if name != "current_step":
             for key, value in entry.items():

@@ -31,9 +31,10 @@ from pdp.decisionlog import (
     read_verified_log,
 )
 from pdp.errors import AbcError, ConfigError
-from pdp.manifest.canonical import digest
+from pdp.manifest.canonical import canonical_bytes, digest
 from pdp.manifest.envelope import parse_envelope
 from pdp.manifest.model import Manifest
+from pdp.manifest.narrow import narrow
 
 __all__ = [
     "CALL_KINDS",
@@ -51,8 +52,15 @@ CALL_KINDS = ("model", "tool", "http")
 @dataclass(frozen=True)
 class RunInfo:
     run_id: str
-    manifest_digest: str
-    manifest: Manifest
+    manifest_digest: str  # the signed grant's
+    manifest: Manifest  # what the run was judged by: the grant, or its narrowed grant
+    narrower: dict[str, Any] | None = None  # a narrowed run's narrower, as logged
+    effective_digest: str = ""  # a narrowed run's effective grant, checked when read
+
+    @property
+    def judged_digest(self) -> str:
+        """The digest of what the run was judged by (its effective grant's if narrowed)."""
+        return self.effective_digest or self.manifest_digest
 
     @property
     def lineage(self) -> str:
@@ -120,6 +128,21 @@ def _registered_manifest(record: RegistrationRecord) -> Manifest | None:
         return None
 
 
+def _started_run(record: RunStartRecord, grant: RunInfo) -> RunInfo | None:
+    """The run a start record began: its grant's own, or narrowed exactly as logged."""
+    if record.narrower is None:
+        return RunInfo(record.run_id, grant.manifest_digest, grant.manifest)
+    try:
+        narrowed = narrow(grant.manifest, canonical_bytes(record.narrower))
+    except AbcError:
+        return None
+    if narrowed is None or narrowed.digest != record.effective_digest:
+        return None
+    return RunInfo(
+        record.run_id, grant.manifest_digest, narrowed.manifest, record.narrower, narrowed.digest
+    )
+
+
 def load_history(
     path: Path,
     key: Ed25519PublicKey,
@@ -140,7 +163,9 @@ def load_history(
             if manifest is not None:
                 runs[record.run_id] = RunInfo(record.run_id, record.manifest_digest, manifest)
         elif isinstance(record, RunStartRecord) and record.grant_run_id in runs:
-            # A run of a registered grant (its run key): judged by the grant's manifest.
-            grant = runs[record.grant_run_id]
-            runs[record.run_id] = RunInfo(record.run_id, grant.manifest_digest, grant.manifest)
+            # A run of a registered grant (its run key): judged by the grant's manifest, or
+            # by the grant narrowed as logged (rebuilt, and its digest checked).
+            run = _started_run(record, runs[record.grant_run_id])
+            if run is not None:
+                runs[record.run_id] = run
     return History(path, verified.report, records, runs)

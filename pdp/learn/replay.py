@@ -53,19 +53,21 @@ def replay_log(
     # LogInvalid: a log that `audit verify` refuses is never replayed, and what is replayed
     # is read from the very bytes that verified.
     history = load_history(log, key, allow_tail=allow_tail, expect_seq=expect_seq)
-    manifests = {run.manifest_digest: run.manifest for run in history.runs.values()}
     policies: dict[tuple[str, str], PreparedPolicy] = {}
     report = ReplayReport()
     for record in history.decisions():
         report.decisions += 1
         logged = _normalized(policy_answer(record))
-        pair = (record.policy_digest, record.manifest_digest)
+        run = history.runs.get(record.run_id)
+        # Each run by what it was judged by: a narrowed run by its own effective grant.
+        pair = (record.policy_digest, run.judged_digest if run else record.manifest_digest)
         try:
+            if run is None:
+                raise KeyError(record.run_id)
             if pair not in policies:
                 bundle = load_stored_bundle(bundles, pair[0])
-                manifest = manifests[pair[1]]
                 policies[pair] = PreparedPolicy(
-                    bundle.rego_modules(), policy_data(manifest), pair[0], pair[1]
+                    bundle.rego_modules(), policy_data(run.manifest), pair[0], pair[1]
                 )
             decision = policies[pair].evaluate(record.input)
         except (ConfigError, EngineError, KeyError) as exc:

@@ -173,7 +173,7 @@ class _Judges:
         if candidate.manifest is not None:
             manifest, manifest_digest = candidate.manifest, candidate.manifest_digest
         else:
-            manifest, manifest_digest = run.manifest, run.manifest_digest
+            manifest, manifest_digest = run.manifest, run.judged_digest
         key = (bundle.digest, manifest_digest)
         if key not in self._prepared:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -70,7 +71,7 @@ class MemoryRunStore:
         limits: Usage,
         lineage: str,
         version: int,
-        grant: tuple[str, str] = ("", ""),
+        grant: tuple[str, str, str] = ("", "", ""),
     ) -> bool:
         with self._lock:
             self._latest[lineage] = max(self._latest.get(lineage, 0), version)
@@ -202,13 +203,18 @@ class MemoryRunStore:
             self._run(run_id).in_flight.discard(request_id)
             self._answered.notify_all()
 
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
+        with self._lock:
+            held = [self._reservations.get(rid) for rid in reservation_ids]
+        return [h.run_id if h is not None else None for h in held]
+
     def put_envelope(self, run_id: str, envelope: bytes) -> None:
         """Nothing to do: only this process uses this store, and it registered the run."""
 
     def envelope(self, run_id: str) -> bytes | None:
         return None
 
-    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+    def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
         """Nothing to find: this process started every run it holds."""
         return None
 

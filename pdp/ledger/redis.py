@@ -9,7 +9,9 @@ with its own trust store before compiling it.
 
 Keys (``P`` is the prefix, ``{R}`` the run id as a hash tag):
 ``P{R}:run`` hash of step, completed (JSON list), outcome, l1..l4 limits, s1..s4 spent,
-r1..r4 reserved (budgets in ``BUDGETS`` order); ``P{R}:rsv`` reservation id -> costs;
+r1..r4 reserved (budgets in ``BUDGETS`` order), and for a started run its grant, key and
+narrower (canonical JSON, "" for none; re-checked against the signed grant on loading, so
+Redis cannot widen a run); ``P{R}:rsv`` reservation id -> costs;
 ``P{R}:exp`` sorted set of reservation ids by expiry (ms); ``P{R}:answers`` request id
 -> stored answer, or ``~deadline`` while in flight, and ``P{R}:order`` the answered ids
 oldest first (the last ``ANSWER_WINDOW`` are kept); ``Prsvrun`` reservation id -> run
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -42,7 +44,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', '[]', 'outcome', '',
     'l1', ARGV[2], 'l2', ARGV[3], 'l3', ARGV[4], 'l4', ARGV[5],
     's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0,
-    'grant', ARGV[8], 'key', ARGV[9])
+    'grant', ARGV[8], 'key', ARGV[9], 'narrower', ARGV[10])
   created = 1
 end
 local latest = tonumber(redis.call('HGET', KEYS[2], ARGV[6]) or '0')
@@ -244,17 +246,17 @@ class RedisRunStore:
         limits: Usage,
         lineage: str,
         version: int,
-        grant: tuple[str, str] = ("", ""),
+        grant: tuple[str, str, str] = ("", "", ""),
     ) -> bool:
         keys = [self._key(run_id, "run"), self._prefix + "lineages"]
         args = [first_step, *limits.as_list(), lineage, version, *grant]
         return bool(self._call(self._open, run_id, keys, args))
 
-    def grant_of(self, run_id: str) -> tuple[str, str] | None:
+    def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
         key = self._key(run_id, "run")
-        values = _guarded(lambda: self._redis.hmget(key, ["grant", "key"]))
-        grant_run, run_key = (v.decode() if isinstance(v, bytes) else "" for v in values)
-        return (grant_run, run_key) if grant_run and run_key else None
+        values = _guarded(lambda: self._redis.hmget(key, ["grant", "key", "narrower"]))
+        grant_run, run_key, narrower = (v.decode() if isinstance(v, bytes) else "" for v in values)
+        return (grant_run, run_key, narrower) if grant_run and run_key else None
 
     def state(self, run_id: str, lineage: str) -> RunState:
         pipe = self._redis.pipeline(transaction=True)
@@ -293,6 +295,13 @@ class RedisRunStore:
 
     def release(self, reservation_id: str) -> None:
         self._take_off(reservation_id, 0, 0, "release")
+
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
+        if not reservation_ids:
+            return []
+        key = self._prefix + "rsvrun"
+        found = _guarded(lambda: self._redis.hmget(key, list(reservation_ids)))
+        return [v.decode() if isinstance(v, bytes) else None for v in found]
 
     def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
         run_id = self._take_off(reservation_id, tokens, usd_micros, "settle")

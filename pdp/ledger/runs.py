@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pdp.engine import PreparedPolicy
-from pdp.errors import BadRequest, ManifestExpired, RunClosed, StoreUnavailable
+from pdp.errors import BadRequest, ManifestExpired, RunClosed, RunKeyConflict, StoreUnavailable
 from pdp.ledger.store import BUDGETS, RunState, RunStore, Usage
 from pdp.manifest import VerifiedManifest, mark_lineage
+from pdp.manifest.model import Manifest
+from pdp.manifest.narrow import Narrowed
 
 __all__ = ["Run", "RunRegistry", "check_run_key", "run_id_for"]
 
@@ -53,6 +55,19 @@ class Run:
     verified: VerifiedManifest
     policy: PreparedPolicy
     run_key: str = ""  # "" for the grant's default run
+    # The run's effective grant when it was started narrower than its manifest (its own
+    # compiled ``policy`` then judges by it); None for a run of the grant as signed.
+    narrowed: Narrowed | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        """What the run is judged by: its narrowed grant, or the signed manifest."""
+        return self.narrowed.manifest if self.narrowed else self.verified.manifest
+
+    @property
+    def effective_digest(self) -> str:
+        """The digest of the run's effective grant: the narrowed one's, or the manifest's."""
+        return self.narrowed.digest if self.narrowed else self.verified.digest
 
     @property
     def lineage(self) -> str:
@@ -61,17 +76,17 @@ class Run:
     @property
     def shadow(self) -> bool:
         """Decided and logged like any run, but nothing is refused."""
-        return self.verified.manifest.enforcement == "shadow"
+        return self.manifest.enforcement == "shadow"
 
     def has_step(self, target: str) -> bool:
         """A step of the Assembly, or one of the endings."""
-        steps = self.verified.manifest.assembly.steps
+        steps = self.manifest.assembly.steps
         return target in ("@completed", "@failed") or any(s.id == target for s in steps)
 
     def status(self, state: RunState, now: datetime) -> str:
         if state.outcome:
             return state.outcome
-        manifest = self.verified.manifest
+        manifest = self.manifest
         if state.latest_version > manifest.metadata.version:
             return "revoked"
         if now < manifest.not_before:
@@ -83,7 +98,7 @@ class Run:
         status = self.status(state, now)
         if status == "running":
             return
-        metadata = self.verified.manifest.metadata
+        metadata = self.manifest.metadata
         if status == "pending":
             raise ManifestExpired(f"the run is pending until {metadata.not_before}")
         if status == "expired":
@@ -91,6 +106,14 @@ class Run:
         if status == "revoked":
             raise RunClosed(f"the run is revoked: version {state.latest_version} superseded it")
         raise RunClosed(f"the run is {status}")
+
+
+_CONFLICT = "run key {key!r} was started with another narrower: one run key is one run"
+
+
+def _narrower(narrowed: Narrowed | None) -> str:
+    """A run's narrower as canonical JSON ("" for none): what a second start must repeat."""
+    return narrowed.narrower.decode() if narrowed else ""
 
 
 class RunRegistry:
@@ -106,29 +129,49 @@ class RunRegistry:
         run, _ = self._open(Run(run_id_for(verified.digest), verified, policy))
         return run
 
-    def start(self, grant: Run, run_key: str) -> tuple[Run, bool]:
+    def start(
+        self,
+        grant: Run,
+        run_key: str,
+        narrowed: Narrowed | None = None,
+        policy: PreparedPolicy | None = None,
+    ) -> tuple[Run, bool]:
         """The run of ``run_key`` (checked by the caller) under ``grant`` (a registered
         default run), and whether this call created its state, which opens in the store
-        only once, from any replica."""
+        only once, from any replica. A narrowed run comes with its effective grant and the
+        policy compiled with it; ``RunKeyConflict`` if the key was started otherwise."""
         run_id = run_id_for(grant.verified.digest, run_key)
-        return self._open(Run(run_id, grant.verified, grant.policy, run_key), grant.run_id)
+        run = Run(run_id, grant.verified, policy or grant.policy, run_key, narrowed)
+        return self._open(run, grant.run_id)
 
     def _open(self, run: Run, grant_run_id: str = "") -> tuple[Run, bool]:
         with self._lock:
             existing = self._runs.get(run.run_id)
             if existing is not None:
+                if _narrower(existing.narrowed) != _narrower(run.narrowed):
+                    raise RunKeyConflict(_CONFLICT.format(key=run.run_key))
                 return existing, False
-            manifest = run.verified.manifest
+            manifest = run.manifest
+            narrower = _narrower(run.narrowed)
             created = self.store.open(
                 run.run_id,
                 manifest.assembly.steps[0].id,
                 Usage(**manifest.budgets.model_dump()),
                 run.lineage,
                 manifest.metadata.version,
-                (grant_run_id, run.run_key),
+                (grant_run_id, run.run_key, narrower),
             )
+            if not created and self.store.shared:
+                # Opened before, maybe by another replica: with this narrower, or refused.
+                self.check_shared(run.run_id, run.run_key, run.narrowed)
             self._runs[run.run_id] = run
             return run, created
+
+    def check_shared(self, run_id: str, run_key: str, narrowed: Narrowed | None) -> None:
+        """``RunKeyConflict`` if the shared store holds the run under another narrower."""
+        found = self.store.grant_of(run_id)
+        if found is not None and found[2] != _narrower(narrowed):
+            raise RunKeyConflict(_CONFLICT.format(key=run_key))
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)

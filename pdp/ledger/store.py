@@ -8,6 +8,7 @@ in each PDP process; only this state is shared when several replicas use one sto
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -83,11 +84,12 @@ class RunStore(Protocol):
         limits: Usage,
         lineage: str,
         version: int,
-        grant: tuple[str, str] = ("", ""),
+        grant: tuple[str, str, str] = ("", "", ""),
     ) -> bool:
         """Create the run if it does not exist yet (opening again changes nothing); True
-        if this call created it. ``grant`` is (the grant's default run id, run key) for a
-        run started under a grant, so another replica can find its grant."""
+        if this call created it. ``grant`` is (the grant's default run id, run key, its
+        narrower as canonical JSON or "") for a run started under a grant, so another
+        replica can find its grant and narrow it the same way."""
 
     def state(self, run_id: str, lineage: str) -> RunState: ...
 
@@ -109,6 +111,9 @@ class RunStore(Protocol):
     def settle(self, reservation_id: str, tokens: int, usd_micros: int) -> str | None:
         """Replace a reservation by the real usage; its run id, or None if unknown."""
 
+    def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:
+        """The run each open reservation holds budget of (None: unknown or settled)."""
+
     def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
         """Settle the run's reservations past their expiry at their worst case."""
 
@@ -128,7 +133,8 @@ class RunStore(Protocol):
 
     def envelope(self, run_id: str) -> bytes | None: ...
 
-    def grant_of(self, run_id: str) -> tuple[str, str] | None:
-        """(grant's default run id, run key) of a run started under a grant, if shared."""
+    def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
+        """(grant's default run id, run key, narrower) of a run started under a grant, if
+        shared."""
 
     def close(self) -> None: ...

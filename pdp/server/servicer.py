@@ -32,6 +32,7 @@ _START_STATUS = {
     ReasonCode.MANIFEST_UNKNOWN: grpc.StatusCode.NOT_FOUND,
     ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.RUN_CLOSED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.NOT_NARROWER: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 MAX_ID_LENGTH = 128
@@ -44,6 +45,7 @@ def decide_wire(
     request_id: str,
     message: pdp_pb2.Action,
     now: datetime,
+    bound: str = "",
 ) -> DecisionOutcome:
     """Decide an action as it came over the wire: validated first, and what is not valid
     refused (and logged) as a decision of its run."""
@@ -51,7 +53,7 @@ def decide_wire(
         action = action_from_proto(message)
     except AbcError as exc:
         return service.refuse(run_id, request_id, exc, now)
-    return service.decide(run_id, request_id, action, now)
+    return service.decide(run_id, request_id, action, now, bound)
 
 
 class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
@@ -85,7 +87,12 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             outcome = self._service.refuse(request.run_id, request.request_id, error, now)
         else:
             outcome = decide_wire(
-                self._service, request.run_id, request.request_id, request.action, now
+                self._service,
+                request.run_id,
+                request.request_id,
+                request.action,
+                now,
+                request.manifest_digest,
             )
         obligations = struct_pb2.Struct()
         obligations.update(outcome.decision.obligations)
@@ -105,26 +112,44 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def ReportUsage(  # noqa: N802
         self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.ReportUsageResponse:
-        if not self._settle(request, context):
+        if not self._settle(request, context, request.manifest_digest):
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown or already settled reservation")
         return pdp_pb2.ReportUsageResponse()
 
-    def _settle(self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext) -> bool:
+    def _settle(
+        self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext, bound: str
+    ) -> bool:
         try:
             return self._service.report_usage(
-                report.reservation_id, report.tokens, report.usd_micros, self._clock()
+                report.reservation_id, report.tokens, report.usd_micros, self._clock(), bound
             )
         except (StoreUnavailable, LogUnavailable):
             # Not "unknown": the sidecar keeps the report and tries again.
             context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
+        except AbcError as exc:
+            # Another grant's reservation (run_not_bound): not this caller's to settle.
+            context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{exc.reason.value}: {exc}")
 
     def ReportUsageBatch(  # noqa: N802
         self, request: pdp_pb2.ReportUsageBatchRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.ReportUsageBatchResponse:
         if len(request.reports) > MAX_BATCH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
+        # Checked for the batch at once (a sidecar states one manifest): a report of
+        # another grant's reservation is not settled; the others are, each checked already.
+        refused: set[str] = set()
+        try:
+            for bound in {r.manifest_digest for r in request.reports if r.manifest_digest}:
+                ids = [r.reservation_id for r in request.reports if r.manifest_digest == bound]
+                refused |= self._service.unbound(ids, bound, self._clock())
+        except (StoreUnavailable, LogUnavailable):
+            context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
         return pdp_pb2.ReportUsageBatchResponse(
-            settled=[self._settle(r, context) for r in request.reports]
+            settled=[
+                r.reservation_id not in refused and self._settle(r, context, "")
+                for r in request.reports
+            ]
         )
 
     def RecordRefusal(  # noqa: N802
@@ -177,11 +202,13 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     ) -> pdp_pb2.StartRunResponse:
         try:
             run, started = self._service.start_run(
-                request.manifest_digest, request.run_key, self._clock()
+                request.manifest_digest, request.run_key, self._clock(), request.narrower
             )
         except AbcError as exc:
             context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            # The reason code first, then which field (a narrower's) or what was wrong.
             context.abort(
-                _START_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), exc.reason.value
+                _START_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT),
+                f"{exc.reason.value}: {exc}",
             )
         return pdp_pb2.StartRunResponse(run_id=run.run_id, started=started)

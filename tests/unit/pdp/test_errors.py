@@ -29,6 +29,9 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
         # MCP resources and prompts are capabilities (issue 17).
         "resource_not_allowed",
         "prompt_not_allowed",
+        # Narrowed runs and runs bound to their manifest (issue 16).
+        "not_narrower",
+        "run_not_bound",
     }
 
 
@@ -43,6 +46,9 @@ EXPECTED = {
     "ManifestUnknown": ReasonCode.MANIFEST_UNKNOWN,
     "ShadowNotAllowed": ReasonCode.SHADOW_NOT_ALLOWED,
     "RunClosed": ReasonCode.RUN_CLOSED,
+    "NotNarrower": ReasonCode.NOT_NARROWER,
+    "RunKeyConflict": ReasonCode.NOT_NARROWER,
+    "RunNotBound": ReasonCode.RUN_NOT_BOUND,
     "StoreUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "LogUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "PolicyMismatch": ReasonCode.POLICY_MISMATCH,

@@ -16,6 +16,7 @@ from pdp.decisionlog import (
     RecordInvalid,
     RegistrationRecord,
     RegistrationRefusedRecord,
+    RunStartRecord,
     SettlementRecord,
     StepChange,
     parse_record,
@@ -98,6 +99,24 @@ RECORDS: list[tuple[str, Record]] = [
         ),
     ),
     ("checkpoint", CheckpointRecord(time=NOW, head=PREV, keyid=DIGEST, sig="c2ln")),
+    (
+        "run start",
+        RunStartRecord(
+            time=NOW, run_id="run_2", manifest_digest=DIGEST, grant_run_id="run_1", run_key="t-1"
+        ),
+    ),
+    (
+        "run start, narrowed",
+        RunStartRecord(
+            time=NOW,
+            run_id="run_2",
+            manifest_digest=DIGEST,
+            grant_run_id="run_1",
+            run_key="t-1",
+            narrower={"budgets": {"tokens": 4000}},
+            effective_digest=PREV,
+        ),
+    ),
 ]
 
 
@@ -129,6 +148,15 @@ def test_optional_fields_are_written_only_when_they_say_something() -> None:
         "reservation_id",
     }
     assert fields["time"] == "2026-11-22T10:05:00.123456Z"
+
+
+def test_a_run_start_is_written_as_before_unless_narrowed() -> None:
+    plain = RunStartRecord(
+        time=NOW, run_id="run_2", manifest_digest=DIGEST, grant_run_id="run_1", run_key="t-1"
+    )
+    assert "narrower" not in line_fields(plain, 0, PREV)  # old logs keep their bytes
+    with pytest.raises(ValidationError, match="narrower and effective digest"):
+        RunStartRecord(**{**plain.model_dump(), "narrower": {"budgets": {}}})
 
 
 def test_the_time_is_the_instant_given_written_in_utc() -> None:

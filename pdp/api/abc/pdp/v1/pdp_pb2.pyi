@@ -44,14 +44,16 @@ class Action(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ..., probe: _Optional[bool] = ..., input_bytes: _Optional[int] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("run_id", "request_id", "action")
+    __slots__ = ("run_id", "request_id", "action", "manifest_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     request_id: str
     action: Action
-    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ...) -> None: ...
+    manifest_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "message")
@@ -80,14 +82,16 @@ class DecideResponse(_message.Message):
     def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ..., shadow: _Optional[bool] = ..., would_allow: _Optional[bool] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
-    __slots__ = ("reservation_id", "tokens", "usd_micros")
+    __slots__ = ("reservation_id", "tokens", "usd_micros", "manifest_digest")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     USD_MICROS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     tokens: int
     usd_micros: int
-    def __init__(self, reservation_id: _Optional[str] = ..., tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ...) -> None: ...
+    manifest_digest: str
+    def __init__(self, reservation_id: _Optional[str] = ..., tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class ReportUsageResponse(_message.Message):
     __slots__ = ()
@@ -106,12 +110,14 @@ class ReportUsageBatchResponse(_message.Message):
     def __init__(self, settled: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
-    __slots__ = ("manifest_digest", "run_key")
+    __slots__ = ("manifest_digest", "run_key", "narrower")
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RUN_KEY_FIELD_NUMBER: _ClassVar[int]
+    NARROWER_FIELD_NUMBER: _ClassVar[int]
     manifest_digest: str
     run_key: str
-    def __init__(self, manifest_digest: _Optional[str] = ..., run_key: _Optional[str] = ...) -> None: ...
+    narrower: bytes
+    def __init__(self, manifest_digest: _Optional[str] = ..., run_key: _Optional[str] = ..., narrower: _Optional[bytes] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
     __slots__ = ("run_id", "started")

@@ -84,7 +84,8 @@ class DecisionServiceServicer:
 
     def StartRun(self, request, context):
         """Start one run of a registered grant for the caller's task id (run_key), with its own
-        step, budgets and answers. Idempotent on (manifest, run_key), from any replica.
+        step, budgets and answers, optionally narrowed (judged by less than the grant allows).
+        Idempotent on (manifest, run_key, narrower), from any replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
