@@ -12,6 +12,8 @@
     ├── ManifestUnknown      no such run or manifest               -> manifest_unknown
     ├── ShadowNotAllowed     shadow manifest from a key not granted it -> shadow_not_allowed
     ├── RunClosed            the run completed, failed or was revoked -> run_closed
+    ├── RunReleased          an ended run's live state was released -> run_released
+    ├── FleetRunsExhausted   the grant has as many live runs as it allows -> fleet_runs_exhausted
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
     ├── LogUnavailable       the decision log cannot make a record durable -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
@@ -30,6 +32,7 @@ __all__ = [
     "AbcError",
     "BadRequest",
     "ConfigError",
+    "FleetRunsExhausted",
     "LogUnavailable",
     "ManifestExpired",
     "ManifestRollback",
@@ -39,6 +42,7 @@ __all__ = [
     "ReasonCode",
     "RequestIdReused",
     "RunClosed",
+    "RunReleased",
     "ShadowNotAllowed",
     "SignatureInvalid",
     "StoreUnavailable",
@@ -73,6 +77,14 @@ class ShadowNotAllowed(AbcError):
 
 class RunClosed(AbcError):
     reason = ReasonCode.RUN_CLOSED
+
+
+class RunReleased(AbcError):
+    reason = ReasonCode.RUN_RELEASED
+
+
+class FleetRunsExhausted(AbcError):
+    reason = ReasonCode.FLEET_RUNS_EXHAUSTED
 
 
 class StoreUnavailable(AbcError):

@@ -20,7 +20,14 @@ from pdp.decisionlog import (
     RunStartRecord,
 )
 from pdp.engine import EngineError, PreparedPolicy, policy_data
-from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed
+from pdp.errors import (
+    AbcError,
+    LogUnavailable,
+    ManifestExpired,
+    ManifestUnknown,
+    RunClosed,
+    RunReleased,
+)
 from pdp.ledger import Ledger, Run, check_run_key, run_id_for
 from pdp.manifest import (
     HighWater,
@@ -125,10 +132,19 @@ class Grants:
                 run = self._load(run_id, raw, now)
             elif started is not None:
                 grant_run_id, run_key = started
-                run, _ = self._ledger.runs.start(self.run(grant_run_id, now), run_key)
+                run = self._ledger.runs.start(self.run(grant_run_id, now), run_key, now, True)
         if run is None or run.run_id != run_id:
+            self._check_released(run_id)
             raise ManifestUnknown("no run with this id")
         return run
+
+    def _check_released(self, run_id: str) -> None:
+        status = self._ledger.store.released(run_id)
+        if status is not None:
+            raise RunReleased(
+                f"the run {status} and its live state was released after the retention;"
+                " its final books are in the decision log"
+            )
 
     def start(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
         """The run of ``run_key`` under a registered grant, started if it is new (and the
@@ -148,8 +164,14 @@ class Grants:
         if latest > metadata.version:
             raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
         run_id = run_id_for(manifest_digest, run_key)
-        if self._ledger.runs.find(run_id) is None:
-            # Logged first: a start the log never saw could not be rebuilt after a restart.
+        run = self._ledger.runs.find(run_id)
+        if run is not None:
+            return run, False
+        self._check_released(run_id)
+        # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
+        # starts that were made; used only once logged, or it could not be rebuilt.
+        started = self._ledger.runs.admit(grant, run_key, now)
+        try:
             self._log.append(
                 RunStartRecord(
                     time=now,
@@ -159,10 +181,13 @@ class Grants:
                     run_key=run_key,
                 )
             )
-        run, started = self._ledger.runs.start(grant, run_key)
+        except LogUnavailable:
+            if started:  # nobody was told of it: its slot is free again
+                self._ledger.store.release_run(run_id, "")
+            raise
         if started:
             self._metrics.runs_started.inc()
-        return run, started
+        return self._ledger.runs.add(grant, run_key), started
 
     def restore(self, record: RegistrationRecord | RunStartRecord, trust_now: datetime) -> None:
         """Rebuild a registration (verified again as of ``trust_now``, when it was accepted)
@@ -171,5 +196,5 @@ class Grants:
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
             return
         grant = self._ledger.runs.find(record.grant_run_id)
-        if grant is not None:
-            self._ledger.runs.start(grant, record.run_key)
+        if grant is not None:  # admitted then: its slot is taken again, whatever the count
+            self._ledger.runs.start(grant, record.run_key, record.time, force=True)

@@ -14,8 +14,13 @@ r1..r4 reserved (budgets in ``BUDGETS`` order); ``P{R}:rsv`` reservation id -> c
 -> stored answer, or ``~deadline`` while in flight, and ``P{R}:order`` the answered ids
 oldest first (the last ``ANSWER_WINDOW`` are kept); ``Prsvrun`` reservation id -> run
 id; ``Penvelopes`` run id -> envelope; ``Plineages`` lineage -> highest version;
-``Phighwater`` lineage -> "version digest". Scripts touch keys of several runs, so the
-target is one Redis primary, not Redis Cluster.
+``Phighwater`` lineage -> "version digest". A grant with fleet limits (``{G}`` its
+default run id, named by its runs' ``fleet`` field): ``P{G}:fleet`` hash of l1..l4,
+s1..s4, r1..r4 over all its runs and ``runs`` (runs at once, 0: none), ``P{G}:live``
+sorted set of the run ids holding a slot, by expiry (ms). ``Preleased`` run id -> the
+status it ended with, ``Preleased-order`` the last ``RELEASED_WINDOW`` released, oldest
+first. Scripts touch keys of several runs, so the target is one Redis primary, not Redis
+Cluster.
 """
 
 from __future__ import annotations
@@ -29,25 +34,39 @@ from typing import Any, TypeVar
 import redis
 from redis.commands.core import Script
 
-from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
-from pdp.ledger.store import ANSWER_WINDOW, Books, RunState, Usage
+from pdp.errors import FleetRunsExhausted, ManifestRollback, ManifestUnknown, StoreUnavailable
+from pdp.ledger.store import ANSWER_WINDOW, RELEASED_WINDOW, Books, Fleet, RunState, Usage
 
 __all__ = ["RedisRunStore"]
 
 T = TypeVar("T")
 
 _OPEN = """
-local created = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', '[]', 'outcome', '',
-    'l1', ARGV[2], 'l2', ARGV[3], 'l3', ARGV[4], 'l4', ARGV[5],
-    's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0,
-    'grant', ARGV[8], 'key', ARGV[9])
-  created = 1
-end
 local latest = tonumber(redis.call('HGET', KEYS[2], ARGV[6]) or '0')
 if tonumber(ARGV[7]) > latest then redis.call('HSET', KEYS[2], ARGV[6], ARGV[7]) end
-return created
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[11] == '1' then
+  local cap = tonumber(redis.call('HGET', KEYS[3], 'runs') or '0')
+  if cap > 0 then
+    -- a run past its expiry frees its own slot
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[12])
+    if ARGV[14] ~= '1' and redis.call('ZCARD', KEYS[4]) >= cap then return -2 end
+    redis.call('ZADD', KEYS[4], ARGV[13], ARGV[15])
+  end
+end
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', '[]', 'outcome', '',
+  'l1', ARGV[2], 'l2', ARGV[3], 'l3', ARGV[4], 'l4', ARGV[5],
+  's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0,
+  'grant', ARGV[8], 'key', ARGV[9], 'fleet', ARGV[10])
+return 1
+"""
+
+_OPEN_FLEET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], 'l1', ARGV[1], 'l2', ARGV[2], 'l3', ARGV[3], 'l4', ARGV[4],
+    's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0, 'runs', ARGV[5])
+end
+return 1
 """
 
 _MOVE = """
@@ -56,6 +75,8 @@ if not cur[1] then return -1 end
 if cur[1] ~= ARGV[1] or cur[2] ~= '' then return 0 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'outcome', ARGV[3])
+  local fleet = redis.call('HGET', KEYS[1], 'fleet')
+  if fleet and fleet ~= '' then redis.call('ZREM', ARGV[4] .. '{' .. fleet .. '}:live', ARGV[5]) end
 else
   local done = cjson.decode(cur[3])
   table.insert(done, cur[1])
@@ -68,22 +89,35 @@ return 1
 # decimal strings they came in as: Lua would print a large number as 1e+15.
 _RESERVE = """
 local b = redis.call('HMGET', KEYS[1], 'l1', 'l2', 'l3', 'l4', 's1', 's2', 's3', 's4',
-  'r1', 'r2', 'r3', 'r4')
+  'r1', 'r2', 'r3', 'r4', 'fleet')
 if not b[1] then return -1 end
-local fits = 1
-for i = 1, 4 do
-  local left = tonumber(b[i]) - tonumber(b[i + 4]) - tonumber(b[i + 8])
-  -- usd_micros is only known after the call: an exhausted money budget refuses.
-  if tonumber(ARGV[i + 1]) > left or (i == 2 and left <= 0) then fits = 0 end
+local function fits(books)
+  for i = 1, 4 do
+    local left = tonumber(books[i]) - tonumber(books[i + 4]) - tonumber(books[i + 8])
+    -- usd_micros is only known after the call: an exhausted money budget refuses.
+    if tonumber(ARGV[i + 1]) > left or (i == 2 and left <= 0) then return 0 end
+  end
+  return 1
 end
-if fits == 0 and ARGV[8] ~= '1' then return 0 end
+local ok = fits(b)
+local fleet = false
+if b[13] and b[13] ~= '' then
+  fleet = ARGV[9] .. '{' .. b[13] .. '}:fleet'
+  local f = redis.call('HMGET', fleet, 'l1', 'l2', 'l3', 'l4', 's1', 's2', 's3', 's4',
+    'r1', 'r2', 'r3', 'r4')
+  if f[1] then ok = math.min(ok, fits(f)) else fleet = false end
+end
+if ok == 0 and ARGV[8] ~= '1' then return 0 end
 for i = 1, 4 do
-  if ARGV[i + 1] ~= '0' then redis.call('HINCRBY', KEYS[1], 'r' .. i, ARGV[i + 1]) end
+  if ARGV[i + 1] ~= '0' then
+    redis.call('HINCRBY', KEYS[1], 'r' .. i, ARGV[i + 1])
+    if fleet then redis.call('HINCRBY', fleet, 'r' .. i, ARGV[i + 1]) end
+  end
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
-return fits
+return ok
 """
 
 # Take a reservation off the books; with 'settle', charge the real tokens and money and
@@ -101,13 +135,20 @@ end
 local cost = {}
 for v in string.gmatch(held, '[^,]+') do table.insert(cost, v) end
 local charge = {ARGV[2], ARGV[3], cost[3], cost[4]}
-for i = 1, 4 do
-  if ARGV[4] == 'settle' and charge[i] ~= '0' then
-    redis.call('HINCRBY', base .. 'run', 's' .. i, charge[i])
+local books = {base .. 'run'}
+local fleet = redis.call('HGET', base .. 'run', 'fleet')
+if fleet and fleet ~= '' then table.insert(books, ARGV[5] .. '{' .. fleet .. '}:fleet') end
+for _, key in ipairs(books) do
+  for i = 1, 4 do
+    if ARGV[4] == 'settle' and charge[i] ~= '0' then
+      redis.call('HINCRBY', key, 's' .. i, charge[i])
+    end
   end
 end
-for i = 1, 4 do
-  if cost[i] ~= '0' then redis.call('HINCRBY', base .. 'run', 'r' .. i, '-' .. cost[i]) end
+for _, key in ipairs(books) do
+  for i = 1, 4 do
+    if cost[i] ~= '0' then redis.call('HINCRBY', key, 'r' .. i, '-' .. cost[i]) end
+  end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', base .. 'rsv', ARGV[1])
@@ -118,6 +159,9 @@ return run_id
 _EXPIRE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 local out = {}
+local books = {KEYS[1]}
+local fleet = redis.call('HGET', KEYS[1], 'fleet')
+if fleet and fleet ~= '' then table.insert(books, ARGV[2] .. '{' .. fleet .. '}:fleet') end
 for _, rid in ipairs(due) do
   local held = redis.call('HGET', KEYS[2], rid)
   redis.call('HDEL', KEYS[2], rid)
@@ -128,8 +172,10 @@ for _, rid in ipairs(due) do
     for v in string.gmatch(held, '[^,]+') do
       i = i + 1
       if v ~= '0' then
-        redis.call('HINCRBY', KEYS[1], 'r' .. i, '-' .. v)
-        redis.call('HINCRBY', KEYS[1], 's' .. i, v)
+        for _, key in ipairs(books) do
+          redis.call('HINCRBY', key, 'r' .. i, '-' .. v)
+          redis.call('HINCRBY', key, 's' .. i, v)
+        end
       end
     end
     table.insert(out, rid)
@@ -167,6 +213,31 @@ while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do
   local oldest = redis.call('LPOP', KEYS[2])
   local cur = redis.call('HGET', KEYS[1], oldest)
   if cur and string.sub(cur, 1, 1) ~= '~' then redis.call('HDEL', KEYS[1], oldest) end
+end
+return 1
+"""
+
+# Drop an ended run's keys (its reservations were settled first; any left are taken off
+# its fleet's books), and remember it among the last ARGV[4] released.
+_RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local fleet = redis.call('HGET', KEYS[1], 'fleet')
+if fleet and fleet ~= '' then
+  local base = ARGV[3] .. '{' .. fleet .. '}:'
+  redis.call('ZREM', base .. 'live', ARGV[1])
+  local r = redis.call('HMGET', KEYS[1], 'r1', 'r2', 'r3', 'r4')
+  for i = 1, 4 do
+    if r[i] ~= '0' then redis.call('HINCRBY', base .. 'fleet', 'r' .. i, '-' .. r[i]) end
+  end
+end
+for _, rid in ipairs(redis.call('HKEYS', KEYS[2])) do redis.call('HDEL', KEYS[6], rid) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[7], ARGV[1], ARGV[2])
+  redis.call('RPUSH', KEYS[8], ARGV[1])
+  while redis.call('LLEN', KEYS[8]) > tonumber(ARGV[4]) do
+    redis.call('HDEL', KEYS[7], redis.call('LPOP', KEYS[8]))
+  end
 end
 return 1
 """
@@ -211,9 +282,22 @@ class RedisRunStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._prefix = prefix
-        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _UNCLAIM, _ANSWER, _ADMIT)
+        scripts = (
+            _OPEN,
+            _OPEN_FLEET,
+            _MOVE,
+            _RESERVE,
+            _TAKE,
+            _EXPIRE,
+            _CLAIM,
+            _UNCLAIM,
+            _ANSWER,
+            _ADMIT,
+            _RELEASE,
+        )
         (
             self._open,
+            self._open_fleet,
             self._move,
             self._reserve,
             self._take,
@@ -222,6 +306,7 @@ class RedisRunStore:
             self._unclaim,
             self._answer,
             self._admit,
+            self._release,
         ) = (self._redis.register_script(source) for source in scripts)
 
     def ping(self) -> None:
@@ -245,10 +330,40 @@ class RedisRunStore:
         lineage: str,
         version: int,
         grant: tuple[str, str] = ("", ""),
+        fleet: str = "",
+        slot: tuple[datetime, datetime, bool] | None = None,
     ) -> bool:
-        keys = [self._key(run_id, "run"), self._prefix + "lineages"]
-        args = [first_step, *limits.as_list(), lineage, version, *grant]
-        return bool(self._call(self._open, run_id, keys, args))
+        keys = [
+            self._key(run_id, "run"),
+            self._prefix + "lineages",
+            self._key(fleet, "fleet"),
+            self._key(fleet, "live"),
+        ]
+        now, until, force = slot or (None, None, False)
+        args = [first_step, *limits.as_list(), lineage, version, *grant, fleet, int(bool(slot))]
+        args += [_ms(now) if now else 0, _ms(until) if until else 0, int(force), run_id]
+        created = self._call(self._open, run_id, keys, args)
+        if created == -2:
+            runs = _guarded(lambda: self._redis.hget(self._key(fleet, "fleet"), "runs"))
+            raise FleetRunsExhausted(
+                f"the grant's fleet limit of {int(runs or 0)} runs at once is reached:"
+                " a run must end or expire first"
+            )
+        return bool(created)
+
+    def open_fleet(self, grant_run_id: str, fleet: Fleet) -> None:
+        keys = [self._key(grant_run_id, "fleet")]
+        args = [*fleet.limits.as_list(), fleet.runs]
+        _guarded(lambda: self._open_fleet(keys=keys, args=args))
+
+    def fleet_books(self, grant_run_id: str) -> tuple[Books, int] | None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hmget(self._key(grant_run_id, "fleet"), _FIELDS)
+        pipe.zcard(self._key(grant_run_id, "live"))
+        values, live = _guarded(pipe.execute)
+        if values[0] is None:
+            return None
+        return Books(_usage(values[0:4]), _usage(values[4:8]), _usage(values[8:12])), int(live)
 
     def grant_of(self, run_id: str) -> tuple[str, str] | None:
         key = self._key(run_id, "run")
@@ -272,7 +387,8 @@ class RedisRunStore:
 
     def move(self, run_id: str, seen_step: str, step: str, outcome: str = "") -> bool:
         keys = [self._key(run_id, "run")]
-        return bool(self._call(self._move, run_id, keys, [seen_step, step, outcome]))
+        args = [seen_step, step, outcome, self._prefix, run_id]
+        return bool(self._call(self._move, run_id, keys, args))
 
     def reserve(
         self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
@@ -283,7 +399,7 @@ class RedisRunStore:
             self._key(run_id, "exp"),
             self._prefix + "rsvrun",
         ]
-        args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force)]
+        args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force), self._prefix]
         return bool(self._call(self._reserve, run_id, keys, args))
 
     def _take_off(self, reservation_id: str, tokens: int, usd_micros: int, mode: str) -> Any:
@@ -305,7 +421,7 @@ class RedisRunStore:
             self._key(run_id, "exp"),
             self._prefix + "rsvrun",
         ]
-        flat = _guarded(lambda: self._expire(keys=keys, args=[_ms(now)]))
+        flat = _guarded(lambda: self._expire(keys=keys, args=[_ms(now), self._prefix]))
         return [
             (flat[i].decode(), _usage(flat[i + 1].decode().split(",")))
             for i in range(0, len(flat), 2)
@@ -316,6 +432,20 @@ class RedisRunStore:
         if values[0] is None:
             raise ManifestUnknown("no run with this id")
         return Books(_usage(values[0:4]), _usage(values[4:8]), _usage(values[8:12]))
+
+    def release_run(self, run_id: str, status: str) -> None:
+        keys = [
+            *(self._key(run_id, part) for part in ("run", "rsv", "exp", "answers", "order")),
+            self._prefix + "rsvrun",
+            self._prefix + "released",
+            self._prefix + "released-order",
+        ]
+        args: list[str | int] = [run_id, status, self._prefix, RELEASED_WINDOW]
+        _guarded(lambda: self._release(keys=keys, args=args))
+
+    def released(self, run_id: str) -> str | None:
+        raw = _guarded(lambda: self._redis.hget(self._prefix + "released", run_id))
+        return raw.decode() if isinstance(raw, bytes) else None
 
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         key = self._key(run_id, "answers")

@@ -29,6 +29,10 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
         # MCP resources and prompts are capabilities (issue 17).
         "resource_not_allowed",
         "prompt_not_allowed",
+        # Many runs of one grant (issue 16): fleet limits and released runs.
+        "fleet_budget_exhausted",
+        "fleet_runs_exhausted",
+        "run_released",
     }
 
 
@@ -43,6 +47,8 @@ EXPECTED = {
     "ManifestUnknown": ReasonCode.MANIFEST_UNKNOWN,
     "ShadowNotAllowed": ReasonCode.SHADOW_NOT_ALLOWED,
     "RunClosed": ReasonCode.RUN_CLOSED,
+    "RunReleased": ReasonCode.RUN_RELEASED,
+    "FleetRunsExhausted": ReasonCode.FLEET_RUNS_EXHAUSTED,
     "StoreUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "LogUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "PolicyMismatch": ReasonCode.POLICY_MISMATCH,
@@ -77,6 +83,7 @@ def test_every_reason_the_pdp_raises_has_an_error_type_or_a_policy() -> None:
         ReasonCode.PROMPT_NOT_ALLOWED,
         ReasonCode.STEP_OUT_OF_ORDER,
         ReasonCode.BUDGET_EXHAUSTED,
+        ReasonCode.FLEET_BUDGET_EXHAUSTED,  # the ledger's verdict, beside budget_exhausted
     }
     assert set(EXPECTED.values()) | policy_codes == set(ReasonCode)
 
