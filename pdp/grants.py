@@ -26,7 +26,6 @@ from pdp.errors import (
     ManifestExpired,
     ManifestUnknown,
     RunClosed,
-    RunReleased,
 )
 from pdp.ledger import Ledger, Run, check_run_key, run_id_for
 from pdp.manifest import (
@@ -134,17 +133,9 @@ class Grants:
                 grant_run_id, run_key = started
                 run = self._ledger.runs.start(self.run(grant_run_id, now), run_key, now, True)
         if run is None or run.run_id != run_id:
-            self._check_released(run_id)
+            self._ledger.check_released(run_id)
             raise ManifestUnknown("no run with this id")
         return run
-
-    def _check_released(self, run_id: str) -> None:
-        status = self._ledger.store.released(run_id)
-        if status is not None:
-            raise RunReleased(
-                f"the run {status} and its live state was released after the retention;"
-                " its final books are in the decision log"
-            )
 
     def start(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
         """The run of ``run_key`` under a registered grant, started if it is new (and the
@@ -167,7 +158,7 @@ class Grants:
         run = self._ledger.runs.find(run_id)
         if run is not None:
             return run, False
-        self._check_released(run_id)
+        self._ledger.check_released(run_id)
         # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
         # starts that were made; used only once logged, or it could not be rebuilt.
         started = self._ledger.runs.admit(grant, run_key, now)

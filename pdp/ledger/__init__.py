@@ -2,8 +2,9 @@
 
 ``runs.py`` (a verified manifest and its compiled policy, and its status), ``cost.py`` (the
 worst case an action may spend), ``answers.py`` (the answer kept per request id),
-``ledger.py`` (reserve, move, settle, expire; and the same replayed from the log) over a run
-store: ``store.py`` (the interface), ``memory.py`` (this process) or ``redis.py`` (replicas).
+``ledger.py`` (reserve, move, settle, expire, release; and the same replayed from the log)
+over a run store: ``store.py`` (the interface), ``memory.py`` (this process) or
+``redis.py`` (replicas; its scripts in ``lua.py``).
 """
 
 from pdp.ledger.answers import DecisionOutcome

@@ -17,7 +17,7 @@ from typing import Any
 from pdp.action import Action
 from pdp.decisionlog import DecisionLog, DecisionRecord, SettlementRecord
 from pdp.engine import Decision
-from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused
+from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
 from pdp.ledger.cost import cost_of
 from pdp.ledger.runs import Run, RunRegistry, run_id_for
@@ -100,7 +100,21 @@ class Ledger:
         self.store.unclaim(run_id, request_id)
 
     def state(self, run: Run) -> RunState:
-        return self.store.state(run.run_id, run.lineage)
+        """``RunReleased`` for a run compiled here that another replica released."""
+        try:
+            return self.store.state(run.run_id, run.lineage)
+        except ManifestUnknown:
+            self.check_released(run.run_id)
+            raise
+
+    def check_released(self, run_id: str) -> None:
+        """``RunReleased`` if ``run_id`` is among the runs released recently."""
+        status = self.store.released(run_id)
+        if status is not None:
+            raise RunReleased(
+                f"the run {status} and its live state was released after the retention;"
+                " its final books are in the decision log"
+            )
 
     def books(self, run_id: str) -> Books:
         return self.store.books(run_id)
@@ -182,7 +196,7 @@ class Ledger:
         state is dropped here and in the store; GetRun then answers ``run_released``."""
         for run in self.runs.due(now, limit):
             try:
-                state = self.state(run)
+                state = self.store.state(run.run_id, run.lineage)
             except ManifestUnknown:
                 self.runs.drop(run)  # released by another replica
                 continue

@@ -32,6 +32,8 @@ _START_STATUS = {
     ReasonCode.MANIFEST_UNKNOWN: grpc.StatusCode.NOT_FOUND,
     ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.RUN_CLOSED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.RUN_RELEASED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.FLEET_RUNS_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 MAX_ID_LENGTH = 128
@@ -160,7 +162,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         except AbcError as exc:
             unavailable = exc.reason is ReasonCode.PDP_UNAVAILABLE
             status = grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.NOT_FOUND
-            context.abort(status, exc.reason.value)
+            context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            # run_released says the run existed and ended: not an id never seen.
+            context.abort(status, f"{exc.reason.value}: {exc}")
         return pdp_pb2.GetRunResponse(
             step=view.step,
             completed_steps=list(view.completed_steps),
@@ -182,6 +186,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         except AbcError as exc:
             context.set_trailing_metadata((("abc-reason", exc.reason.value),))
             context.abort(
-                _START_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT), exc.reason.value
+                _START_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT),
+                f"{exc.reason.value}: {exc}",
             )
         return pdp_pb2.StartRunResponse(run_id=run.run_id, started=started)
