@@ -157,6 +157,8 @@ class Grants:
         run_id = run_id_for(manifest_digest, run_key)
         run = self._ledger.runs.find(run_id)
         if run is not None:
+            if self._ledger.store.shared:
+                self._ledger.state(run)  # another replica may have released it
             return run, False
         self._ledger.check_released(run_id)
         # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
@@ -185,6 +187,10 @@ class Grants:
         or a run start from the log; one that no longer verifies starts nothing."""
         if isinstance(record, RegistrationRecord):
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
+            return
+        if self._ledger.store.shared:
+            # The shared store holds the run (each replica loads it when first named) or
+            # released it: opening it again here would bring a released run back.
             return
         grant = self._ledger.runs.find(record.grant_run_id)
         if grant is not None:  # admitted then: its slot is taken again, whatever the count

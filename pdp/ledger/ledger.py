@@ -104,6 +104,7 @@ class Ledger:
         try:
             return self.store.state(run.run_id, run.lineage)
         except ManifestUnknown:
+            self.runs.drop(run)  # its state is gone: so is the compiled run, here
             self.check_released(run.run_id)
             raise
 

@@ -181,6 +181,8 @@ return 1
 
 # Keep the answer, and only the newest ARGV[3] answers of the run.
 ANSWER = """
+-- a run released while deciding keeps nothing (no stray keys of a run that is gone)
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do

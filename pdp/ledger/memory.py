@@ -256,6 +256,7 @@ class MemoryRunStore:
                 self._released[run_id] = status
                 if len(self._released) > RELEASED_WINDOW:
                     self._released.popitem(last=False)
+            run.in_flight.clear()
             self._answered.notify_all()  # a claim waiting on this run finds it gone
 
     def released(self, run_id: str) -> str | None:
@@ -275,16 +276,18 @@ class MemoryRunStore:
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         with self._answered:
-            run = self._run(run_id)
-            run.in_flight.discard(request_id)
-            run.answers[request_id] = stored
-            if len(run.answers) > ANSWER_WINDOW:
-                run.answers.popitem(last=False)
+            run = self._runs.get(run_id)
+            if run is not None:  # None: released while deciding, nothing left to keep
+                run.in_flight.discard(request_id)
+                run.answers[request_id] = stored
+                if len(run.answers) > ANSWER_WINDOW:
+                    run.answers.popitem(last=False)
             self._answered.notify_all()
 
     def unclaim(self, run_id: str, request_id: str) -> None:
         with self._answered:
-            self._run(run_id).in_flight.discard(request_id)
+            if (run := self._runs.get(run_id)) is not None:
+                run.in_flight.discard(request_id)
             self._answered.notify_all()
 
     def put_envelope(self, run_id: str, envelope: bytes) -> None:

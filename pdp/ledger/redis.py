@@ -250,7 +250,7 @@ class RedisRunStore:
             time.sleep(0.005)  # another replica is deciding this request id right now
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
-        keys = [self._key(run_id, "answers"), self._key(run_id, "order")]
+        keys = [self._key(run_id, part) for part in ("answers", "order", "run")]
         args: list[str | int] = [request_id, json.dumps(stored), ANSWER_WINDOW]
         _guarded(lambda: self._answer(keys=keys, args=args))
 

@@ -166,7 +166,8 @@ class RunStore(Protocol):
         """The answer already given to ``request_id``, or None after marking it in flight
         (a duplicate arriving meanwhile waits for the first one's answer)."""
 
-    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None: ...
+    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
+        """Keep the answer (nothing, for a run released while it was decided)."""
 
     def unclaim(self, run_id: str, request_id: str) -> None:
         """Drop the in-flight mark without an answer: the next try decides anew."""

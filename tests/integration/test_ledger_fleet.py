@@ -132,3 +132,17 @@ def test_released_runs_are_remembered_within_a_bounded_window(
     for run_id in runs:
         store.release_run(run_id, "completed")
     assert [store.released(r) for r in runs] == [None, None, *["completed"] * 3]
+
+
+def test_an_answer_for_a_run_released_while_deciding_is_not_kept(store: RunStore) -> None:
+    fleet_id = grant(store, Fleet(FLEET))
+    run_id = run_of(store, fleet_id)
+    assert store.claim(run_id, "req-1") is None
+    store.release_run(run_id, "completed")
+    store.answer(run_id, "req-1", {"answer": 1})  # nothing to keep it in, nothing raised
+    store.unclaim(run_id, "req-1")
+    try:
+        kept = store.claim(run_id, "req-1")  # Redis marks it again, memory has no run
+    except ManifestUnknown:
+        kept = None
+    assert kept is None

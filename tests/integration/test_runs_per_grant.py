@@ -122,10 +122,10 @@ def test_a_run_key_sent_twice_is_refused(sidecars: tuple[PepProcess, PepProcess]
 def test_a_run_started_on_one_replica_is_decided_by_another(
     signer: Signer, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    replicas = [
-        start_pdp(signer, tmp_path / f"state-{name}", POLICIES, "--store", redis_server.url)
-        for name in "ab"
-    ]
+    """And, released at once after it ended (retention 0), it is released for both
+    replicas, also for one restarted from its log."""
+    flags = ("--store", redis_server.url, "--run-retention", "0")
+    replicas = [start_pdp(signer, tmp_path / f"state-{name}", POLICIES, *flags) for name in "ab"]
     try:
         a, b = replicas
         envelope = signer.freeze(_intent("replicated-runs"), "replicated-runs")
@@ -150,6 +150,12 @@ def test_a_run_started_on_one_replica_is_decided_by_another(
                 timeout=5,
             )
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub(b).Decide(step(started.run_id, "@completed"), timeout=5).allow
+        assert _start(b, digest, "job-2").started  # B ended job-1: its StartRun released it
+        _assert_released(a, digest, started.run_id)  # A compiled it, Redis no longer has it
+        a.stop()
+        replicas[0] = a = start_pdp(signer, tmp_path / "state-a", POLICIES, *flags)
+        _assert_released(a, digest, started.run_id)  # A's log does not bring it back
     finally:
         for replica in replicas:
             replica.stop()
