@@ -147,7 +147,9 @@ class DecisionService:
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
-        compile; or raise. Binds the grant's default run."""
+        compile; or raise. Binds the grant's default run. Releases a few runs past their
+        retention first, as StartRun does."""
+        self._ledger.sweep(now)
         return self._grants.register(raw_envelope, now)
 
     def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:

@@ -63,11 +63,13 @@ class _Fleet(_Books):
     runs: int = 0  # runs at once, 0: no limit
     live: dict[str, datetime] = field(default_factory=dict)  # run id -> slot lapses
 
-    def holding(self, now: datetime) -> int:
-        """Runs holding a slot at ``now``: a run past its expiry frees its own."""
-        for run_id in [r for r, until in self.live.items() if until <= now]:
-            del self.live[run_id]
-        return len(self.live)
+    def full(self, now: datetime) -> bool:
+        """Every slot taken at ``now``: a run past its expiry frees its own (looked for
+        only at the limit, so a start below it costs nothing more)."""
+        if len(self.live) >= self.runs:
+            for run_id in [r for r, until in self.live.items() if until <= now]:
+                del self.live[run_id]
+        return len(self.live) >= self.runs
 
 
 @dataclass
@@ -124,7 +126,7 @@ class MemoryRunStore:
             books = self._fleets.get(fleet)
             if slot is not None and books is not None and books.runs:
                 now, until, force = slot
-                if books.holding(now) >= books.runs and not force:
+                if not force and books.full(now):
                     raise FleetRunsExhausted(
                         f"the grant's fleet limit of {books.runs} runs at once is reached:"
                         " a run must end or expire first"
