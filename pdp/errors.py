@@ -15,6 +15,8 @@
     ├── NotNarrower          a run's narrower widens its grant     -> not_narrower
     ├── RunKeyConflict       a run key started with another narrower -> not_narrower
     ├── RunNotBound          a run of another manifest than the caller's -> run_not_bound
+    ├── RunReleased          an ended run's live state was released -> run_released
+    ├── FleetRunsExhausted   the grant has as many live runs as it allows -> fleet_runs_exhausted
     ├── StoreUnavailable     the shared run store cannot be reached -> pdp_unavailable
     ├── LogUnavailable       the decision log cannot make a record durable -> pdp_unavailable
     └── PolicyMismatch       pinned policy is not the loaded one   -> policy_mismatch
@@ -33,6 +35,7 @@ __all__ = [
     "AbcError",
     "BadRequest",
     "ConfigError",
+    "FleetRunsExhausted",
     "LogUnavailable",
     "ManifestExpired",
     "ManifestRollback",
@@ -45,6 +48,7 @@ __all__ = [
     "RunClosed",
     "RunKeyConflict",
     "RunNotBound",
+    "RunReleased",
     "ShadowNotAllowed",
     "SignatureInvalid",
     "StoreUnavailable",
@@ -97,6 +101,14 @@ class RunNotBound(AbcError):
     """A run id named by a caller bound to another manifest than the run's grant."""
 
     reason = ReasonCode.RUN_NOT_BOUND
+
+
+class RunReleased(AbcError):
+    reason = ReasonCode.RUN_RELEASED
+
+
+class FleetRunsExhausted(AbcError):
+    reason = ReasonCode.FLEET_RUNS_EXHAUSTED
 
 
 class StoreUnavailable(AbcError):

@@ -23,7 +23,13 @@ from pdp.decisionlog import (
     RunStartRecord,
 )
 from pdp.engine import EngineError, PreparedPolicy, policy_data
-from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed
+from pdp.errors import (
+    AbcError,
+    LogUnavailable,
+    ManifestExpired,
+    ManifestUnknown,
+    RunClosed,
+)
 from pdp.ledger import Ledger, Run, check_run_key, run_id_for
 from pdp.manifest import (
     HighWater,
@@ -144,8 +150,9 @@ class Grants:
                 grant = self.run(grant_run_id, now)
                 # Narrowed again from the signed grant: the store cannot widen a run.
                 narrowed, policy = self._narrowed(grant, narrower.encode())
-                run, _ = self._ledger.runs.start(grant, run_key, narrowed, policy)
+                run = self._ledger.runs.start(grant, run_key, now, True, narrowed, policy)
         if run is None or run.run_id != run_id:
+            self._ledger.check_released(run_id)
             raise ManifestUnknown("no run with this id")
         return run
 
@@ -195,11 +202,18 @@ class Grants:
             raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
         narrowed, policy = self._narrowed(grant, narrower)
         run_id = run_id_for(manifest_digest, run_key)
-        if self._ledger.runs.find(run_id) is None:
+        run = self._ledger.runs.find(run_id)
+        if run is not None:
             if self._ledger.store.shared:
-                # Refused before it is logged: another replica started it otherwise.
-                self._ledger.runs.check_shared(run_id, run_key, narrowed)
-            # Logged first: a start the log never saw could not be rebuilt after a restart.
+                self._ledger.state(run)  # another replica may have released it
+            # The same run, or RunKeyConflict if it was started with another narrower.
+            return self._ledger.runs.add(grant, run_key, narrowed, policy), False
+        self._ledger.check_released(run_id)
+        # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
+        # starts that were made; used only once logged, or it could not be rebuilt. A key
+        # another replica started with another narrower is refused here, before the log.
+        started = self._ledger.runs.admit(grant, run_key, now, narrowed=narrowed)
+        try:
             self._log.append(
                 RunStartRecord(
                     time=now,
@@ -211,16 +225,23 @@ class Grants:
                     effective_digest=narrowed.digest if narrowed else "",
                 )
             )
-        run, started = self._ledger.runs.start(grant, run_key, narrowed, policy)
+        except LogUnavailable:
+            if started:  # nobody was told of it: its slot is free again
+                self._ledger.store.release_run(run_id, "")
+            raise
         if started:
             self._metrics.runs_started.inc()
-        return run, started
+        return self._ledger.runs.add(grant, run_key, narrowed, policy), started
 
     def restore(self, record: RegistrationRecord | RunStartRecord, trust_now: datetime) -> None:
         """Rebuild a registration (verified again as of ``trust_now``, when it was accepted)
         or a run start from the log; one that no longer verifies starts nothing."""
         if isinstance(record, RegistrationRecord):
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
+            return
+        if self._ledger.store.shared:
+            # The shared store holds the run (each replica loads it when first named) or
+            # released it: opening it again here would bring a released run back.
             return
         grant = self._ledger.runs.find(record.grant_run_id)
         if grant is None:
@@ -234,4 +255,5 @@ class Grants:
         if (narrowed.digest if narrowed else "") != record.effective_digest:
             log.warning("run %s not restored: its narrower is not its logged grant", record.run_id)
             return
-        self._ledger.runs.start(grant, record.run_key, narrowed, policy)
+        # Admitted then: its slot is taken again, whatever the count.
+        self._ledger.runs.start(grant, record.run_key, record.time, True, narrowed, policy)

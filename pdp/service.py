@@ -144,6 +144,7 @@ class DecisionService:
         log: DecisionLog,
         reservation_ttl: timedelta = timedelta(minutes=10),
         store: RunStore | None = None,
+        run_retention: timedelta = timedelta(hours=1),
     ) -> None:
         self.bundle = bundle
         self._log = log
@@ -151,21 +152,26 @@ class DecisionService:
         self._high_water = high_water
         self._metrics = metrics
         self._ledger = Ledger(
-            store if store is not None else MemoryRunStore(), log, reservation_ttl
+            store if store is not None else MemoryRunStore(), log, reservation_ttl, run_retention
         )
         self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
         metrics.watch_budgets(self._ledger.runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
-        compile; or raise. Binds the grant's default run."""
+        compile; or raise. Binds the grant's default run. Releases a few runs past their
+        retention first, as StartRun does."""
+        self._ledger.sweep(now)
         return self._grants.register(raw_envelope, now)
 
     def start_run(
         self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
     ) -> tuple[Run, bool]:
         """The run of ``run_key`` under a registered grant (narrowed by ``narrower``, JSON,
-        if given), and whether this call started it."""
+        if given), and whether this call started it. Runs ended longer than the retention
+        ago are released first, a few per call: runs end about as fast as they start, so
+        what is held stays about what is live."""
+        self._ledger.sweep(now)
         return self._grants.start(manifest_digest, run_key, now, narrower)
 
     # Deciding: claim the request id, judge, apply, record.
@@ -391,6 +397,10 @@ class DecisionService:
             reserved=books.reserved.as_dict(),
             run_key=run.run_key,
         )
+
+    def sweep(self, now: datetime, limit: int = 8) -> None:
+        """Release runs past their retention (also done by each StartRun, a few at a time)."""
+        self._ledger.sweep(now, limit)
 
     def restore(self, record: Record, trust_now: datetime) -> None:
         """Apply one decision-log record to the state (start-up recovery).

@@ -42,6 +42,14 @@ class ReasonCode(StrEnum):
     # A run named by a caller bound to another manifest: a run id is usable only by a
     # sidecar of its own grant.
     RUN_NOT_BOUND = "run_not_bound"
+    # Fleet limits (a grant's limits over all its runs together), apart from one run's
+    # own budget: the run may still have budget left, its siblings spent the fleet's.
+    FLEET_BUDGET_EXHAUSTED = "fleet_budget_exhausted"
+    # StartRun when the grant already has as many live runs as its fleet allows.
+    FLEET_RUNS_EXHAUSTED = "fleet_runs_exhausted"
+    # A run that ended and whose live state was released after the retention: its final
+    # books are in the decision log, no longer in the PDP's memory or the shared store.
+    RUN_RELEASED = "run_released"
     SIGNATURE_INVALID = "signature_invalid"
     PDP_UNAVAILABLE = "pdp_unavailable"
     BAD_REQUEST = "bad_request"

@@ -2,24 +2,36 @@
 
 ``runs.py`` (a verified manifest and its compiled policy, and its status), ``cost.py`` (the
 worst case an action may spend), ``answers.py`` (the answer kept per request id),
-``ledger.py`` (reserve, move, settle, expire; and the same replayed from the log) over a run
-store: ``store.py`` (the interface), ``memory.py`` (this process) or ``redis.py`` (replicas).
+``ledger.py`` (reserve, move, settle, expire, release; and the same replayed from the log)
+over a run store: ``store.py`` (the interface), ``memory.py`` (this process) or
+``redis.py`` (replicas; its scripts in ``lua.py``).
 """
 
 from pdp.ledger.answers import DecisionOutcome
 from pdp.ledger.cost import cost_of
 from pdp.ledger.ledger import MAX_REPORTED, Applied, Ledger
 from pdp.ledger.memory import MemoryRunStore
-from pdp.ledger.runs import Run, RunRegistry, check_run_key, run_id_for
-from pdp.ledger.store import ANSWER_WINDOW, BUDGETS, Books, RunState, RunStore, Usage
+from pdp.ledger.runs import Run, RunRegistry, check_run_key, fleet_of, run_id_for
+from pdp.ledger.store import (
+    ANSWER_WINDOW,
+    BUDGETS,
+    UNLIMITED,
+    Books,
+    Fleet,
+    RunState,
+    RunStore,
+    Usage,
+)
 
 __all__ = [
     "ANSWER_WINDOW",
     "BUDGETS",
     "MAX_REPORTED",
+    "UNLIMITED",
     "Applied",
     "Books",
     "DecisionOutcome",
+    "Fleet",
     "Ledger",
     "MemoryRunStore",
     "Run",
@@ -29,5 +41,6 @@ __all__ = [
     "Usage",
     "check_run_key",
     "cost_of",
+    "fleet_of",
     "run_id_for",
 ]

@@ -17,11 +17,11 @@ from typing import Any
 from pdp.action import Action
 from pdp.decisionlog import DecisionLog, DecisionRecord, SettlementRecord
 from pdp.engine import Decision
-from pdp.errors import ReasonCode, RequestIdReused
+from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
 from pdp.ledger.cost import cost_of
-from pdp.ledger.runs import Run, RunRegistry
-from pdp.ledger.store import Books, RunState, RunStore, Usage
+from pdp.ledger.runs import Run, RunRegistry, run_id_for
+from pdp.ledger.store import BUDGETS, UNLIMITED, Books, RunState, RunStore, Usage
 
 __all__ = ["MAX_REPORTED", "Applied", "Ledger"]
 
@@ -30,6 +30,21 @@ log = logging.getLogger("abc.pdp")
 # The most one report may settle: exact in JSON (2^53) and far below what would overflow a
 # Redis counter however often it is reported.
 MAX_REPORTED = 2**40
+
+
+def _holds(left: Usage, cost: Usage, *names: str) -> bool:
+    """Whether ``left`` holds ``cost`` in ``names`` (every budget by default), as the stores
+    judge it: an exhausted money budget holds nothing."""
+    for name in names or BUDGETS:
+        room = getattr(left, name)
+        if getattr(cost, name) > room or (name == "usd_micros" and room <= 0):
+            return False
+    return True
+
+
+def _shown(left: Usage) -> dict[str, int]:
+    """A fleet's remaining budgets, the ones it leaves open left out."""
+    return {n: v for n, v in left.as_dict().items() if v < UNLIMITED // 2}
 
 
 @dataclass(frozen=True)
@@ -48,10 +63,14 @@ class Ledger:
     """Run state and budgets over one run store; settlements and expiries go to ``log``."""
 
     def __init__(
-        self, store: RunStore, decision_log: DecisionLog, reservation_ttl: timedelta
+        self,
+        store: RunStore,
+        decision_log: DecisionLog,
+        reservation_ttl: timedelta,
+        retention: timedelta = timedelta(hours=1),
     ) -> None:
         self.store = store
-        self.runs = RunRegistry(store)
+        self.runs = RunRegistry(store, retention)
         self._log = decision_log
         self.reservation_ttl = reservation_ttl
 
@@ -81,7 +100,22 @@ class Ledger:
         self.store.unclaim(run_id, request_id)
 
     def state(self, run: Run) -> RunState:
-        return self.store.state(run.run_id, run.lineage)
+        """``RunReleased`` for a run compiled here that another replica released."""
+        try:
+            return self.store.state(run.run_id, run.lineage)
+        except ManifestUnknown:
+            self.runs.drop(run)  # its state is gone: so is the compiled run, here
+            self.check_released(run.run_id)
+            raise
+
+    def check_released(self, run_id: str) -> None:
+        """``RunReleased`` if ``run_id`` is among the runs released recently."""
+        status = self.store.released(run_id)
+        if status is not None:
+            raise RunReleased(
+                f"the run {status} and its live state was released after the retention;"
+                " its final books are in the decision log"
+            )
 
     def books(self, run_id: str) -> Books:
         return self.store.books(run_id)
@@ -99,7 +133,7 @@ class Ledger:
             target = action.target.removeprefix("step:")
             if target == seen_step or not run.has_step(target):
                 return Applied(decision)  # already there, or (shadow) nothing to enter
-            if not self.move(run.run_id, seen_step, target):
+            if not self.move(run.run_id, seen_step, target, now):
                 changed = Decision.deny(
                     ReasonCode.STEP_OUT_OF_ORDER, "the run changed step while deciding"
                 )
@@ -110,15 +144,33 @@ class Ledger:
         expires = now + self.reservation_ttl
         if self.store.reserve(run.run_id, reservation_id, cost, expires, force=run.shadow):
             return Applied(decision, reservation_id, cost)
-        refusal = Decision.deny(
-            ReasonCode.BUDGET_EXHAUSTED,
-            "the run's remaining budget cannot hold this action",
-            {"cost": cost.as_dict(), "remaining": self.books(run.run_id).remaining().as_dict()},
-        )
+        refusal = self._refusal(run, cost)
         if not run.shadow:
             return Applied(refusal)
         verdict = refusal if decision.allow else decision
         return Applied(verdict, reservation_id, cost, over_budget=True)
+
+    def _refusal(self, run: Run, cost: Usage) -> Decision:
+        """Which books could not hold ``cost``: the run's own, or its fleet's (naming the
+        limit). Read after the refusal, so under contention it may name a budget that
+        freed meanwhile; the refusal itself was made atomically."""
+        left = self.books(run.run_id).remaining()
+        grant_id = run_id_for(run.verified.digest)
+        fleet = self.store.fleet_books(grant_id) if run.verified.manifest.fleet else None
+        if fleet is not None and _holds(left, cost):
+            fleet_left = fleet[0].remaining()
+            over = [n for n in BUDGETS if not _holds(fleet_left, cost, n)] or ["usd_micros"]
+            return Decision.deny(
+                ReasonCode.FLEET_BUDGET_EXHAUSTED,
+                f"the fleet limit on {over[0]} (all runs of this manifest together) cannot"
+                " hold this action",
+                {"cost": cost.as_dict(), "fleet_remaining": _shown(fleet_left)},
+            )
+        return Decision.deny(
+            ReasonCode.BUDGET_EXHAUSTED,
+            "the run's remaining budget cannot hold this action",
+            {"cost": cost.as_dict(), "remaining": left.as_dict()},
+        )
 
     def release(self, applied: Applied) -> None:
         """Undo what ``applied`` reserved: its decision was never given.
@@ -129,19 +181,43 @@ class Ledger:
         if applied.reservation_id:
             self.store.release(applied.reservation_id)
 
-    def move(self, run_id: str, seen_step: str, target: str) -> bool:
-        """Enter step ``target``, or end the run for an "@completed" / "@failed" target."""
-        if target.startswith("@"):
-            return self.store.move(run_id, seen_step, seen_step, target[1:])
-        return self.store.move(run_id, seen_step, target)
+    def move(self, run_id: str, seen_step: str, target: str, now: datetime) -> bool:
+        """Enter step ``target``, or end the run for an "@completed" / "@failed" target
+        (released once the retention passed)."""
+        if not target.startswith("@"):
+            return self.store.move(run_id, seen_step, target)
+        if not self.store.move(run_id, seen_step, seen_step, target[1:]):
+            return False
+        self.runs.ended(run_id, now)
+        return True
 
-    def expire(self, run: Run, now: datetime) -> None:
+    def sweep(self, now: datetime, limit: int = 8) -> None:
+        """Release up to ``limit`` runs that ended or expired longer than the retention
+        ago: what they still hold is settled at its worst case (and logged), then their
+        state is dropped here and in the store; GetRun then answers ``run_released``."""
+        for run in self.runs.due(now, limit):
+            try:
+                state = self.store.state(run.run_id, run.lineage)
+            except ManifestUnknown:
+                self.runs.drop(run)  # released by another replica
+                continue
+            if state.outcome:
+                status = state.outcome
+            elif now >= run.verified.manifest.expires_at:
+                status = "expired"
+            else:
+                continue  # not ended: looked at again at its expiry
+            self.expire(run, now + self.reservation_ttl, logged_at=now)
+            self.store.release_run(run.run_id, status)
+            self.runs.drop(run)
+
+    def expire(self, run: Run, now: datetime, logged_at: datetime | None = None) -> None:
         """Settle the run's reservations that were never reported, at their worst case.
         ``LogUnavailable`` when the log cannot record it: the run then decides nothing."""
         for reservation_id, cost in self.store.expire(run.run_id, now):
             self._log.append(
                 SettlementRecord(
-                    time=now,
+                    time=logged_at or now,
                     run_id=run.run_id,
                     reservation_id=reservation_id,
                     tokens=cost.tokens,
@@ -188,7 +264,7 @@ class Ledger:
                 run_id, record.reservation_id, Usage(**record.cost), record.expires, force=True
             )
         if record.step is not None:
-            self.move(run_id, record.step.from_, record.step.to)
+            self.move(run_id, record.step.from_, record.step.to, record.time)
         acted = record.action
         answered = (
             acted

@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pdp.errors import ManifestUnknown
-from pdp.ledger.store import ANSWER_WINDOW, BUDGETS, Books, RunState, Usage
+from pdp.errors import FleetRunsExhausted, ManifestUnknown
+from pdp.ledger.store import (
+    ANSWER_WINDOW,
+    BUDGETS,
+    RELEASED_WINDOW,
+    Books,
+    Fleet,
+    RunState,
+    Usage,
+)
 
 __all__ = ["MemoryRunStore"]
 
@@ -29,14 +37,49 @@ class _Reservation:
 
 
 @dataclass
-class _Run:
-    step: str
-    lineage: str
+class _Books:
     limits: Usage
-    completed_steps: list[str] = field(default_factory=list)
-    outcome: str = ""
     spent: Usage = field(default_factory=Usage)
     reserved: Usage = field(default_factory=Usage)
+
+    def fits(self, cost: Usage) -> bool:
+        left = Usage(**self.limits.as_dict())
+        left.add(self.spent, -1)
+        left.add(self.reserved, -1)
+        # usd_micros is only known after the call: an exhausted money budget refuses.
+        return left.usd_micros > 0 and all(
+            getattr(cost, name) <= getattr(left, name) for name in BUDGETS
+        )
+
+    def frozen(self) -> Books:
+        return Books(
+            Usage(**self.limits.as_dict()),
+            Usage(**self.spent.as_dict()),
+            Usage(**self.reserved.as_dict()),
+        )
+
+
+@dataclass
+class _Fleet(_Books):
+    runs: int = 0  # runs at once, 0: no limit
+    live: dict[str, datetime] = field(default_factory=dict)  # run id -> slot lapses
+
+    def full(self, now: datetime) -> bool:
+        """Every slot taken at ``now``: a run past its expiry frees its own (looked for
+        only at the limit, so a start below it costs nothing more)."""
+        if len(self.live) >= self.runs:
+            for run_id in [r for r, until in self.live.items() if until <= now]:
+                del self.live[run_id]
+        return len(self.live) >= self.runs
+
+
+@dataclass
+class _Run(_Books):
+    step: str = ""
+    lineage: str = ""
+    fleet: str = ""  # the grant whose fleet books its reservations also charge
+    completed_steps: list[str] = field(default_factory=list)
+    outcome: str = ""
     # (expiry, reservation id), a min-heap: settled ones are skipped when they surface, so
     # a sweep costs what expired, not what is held.
     expiries: list[tuple[datetime, str]] = field(default_factory=list)
@@ -57,6 +100,8 @@ class MemoryRunStore:
         self._runs: dict[str, _Run] = {}
         self._reservations: dict[str, _Reservation] = {}
         self._latest: dict[str, int] = {}  # lineage -> highest version registered
+        self._fleets: dict[str, _Fleet] = {}  # grant's default run id -> fleet books
+        self._released: OrderedDict[str, str] = OrderedDict()  # run id -> status, newest last
 
     def _run(self, run_id: str) -> _Run:
         run = self._runs.get(run_id)
@@ -72,13 +117,33 @@ class MemoryRunStore:
         lineage: str,
         version: int,
         grant: tuple[str, str, str] = ("", "", ""),
+        fleet: str = "",
+        slot: tuple[datetime, datetime, bool] | None = None,
     ) -> bool:
         with self._lock:
             self._latest[lineage] = max(self._latest.get(lineage, 0), version)
             if run_id in self._runs:
                 return False
-            self._runs[run_id] = _Run(step=first_step, lineage=lineage, limits=limits)
+            books = self._fleets.get(fleet)
+            if slot is not None and books is not None and books.runs:
+                now, until, force = slot
+                if not force and books.full(now):
+                    raise FleetRunsExhausted(
+                        f"the grant's fleet limit of {books.runs} runs at once is reached:"
+                        " a run must end or expire first"
+                    )
+                books.live[run_id] = until
+            self._runs[run_id] = _Run(limits, step=first_step, lineage=lineage, fleet=fleet)
             return True
+
+    def open_fleet(self, grant_run_id: str, fleet: Fleet) -> None:
+        with self._lock:
+            self._fleets.setdefault(grant_run_id, _Fleet(fleet.limits, runs=fleet.runs))
+
+    def fleet_books(self, grant_run_id: str) -> tuple[Books, int] | None:
+        with self._lock:
+            books = self._fleets.get(grant_run_id)
+            return None if books is None else (books.frozen(), len(books.live))
 
     def state(self, run_id: str, lineage: str) -> RunState:
         with self._lock:
@@ -94,6 +159,9 @@ class MemoryRunStore:
                 return False
             if outcome:
                 run.outcome = outcome
+                books = self._fleets.get(run.fleet)
+                if books is not None:
+                    books.live.pop(run_id, None)
             else:
                 run.completed_steps.append(run.step)
                 run.step = step
@@ -104,13 +172,8 @@ class MemoryRunStore:
     ) -> bool:
         with self._lock:
             run = self._run(run_id)
-            left = Usage(**run.limits.as_dict())
-            left.add(run.spent, -1)
-            left.add(run.reserved, -1)
-            # usd_micros is only known after the call: an exhausted money budget refuses.
-            fits = left.usd_micros > 0 and all(
-                getattr(cost, name) <= getattr(left, name) for name in BUDGETS
-            )
+            fleet = self._fleets.get(run.fleet)
+            fits = run.fits(cost) and (fleet is None or fleet.fits(cost))
             if fits or force:
                 self._hold(run_id, run, reservation_id, cost, expires)
             return fits
@@ -124,6 +187,8 @@ class MemoryRunStore:
         self, run_id: str, run: _Run, reservation_id: str, cost: Usage, expires: datetime
     ) -> None:
         run.reserved.add(cost)
+        if (fleet := self._fleets.get(run.fleet)) is not None:
+            fleet.reserved.add(cost)
         run.held += 1
         heapq.heappush(run.expiries, (expires, reservation_id))
         self._reservations[reservation_id] = _Reservation(run_id, cost, expires)
@@ -134,6 +199,8 @@ class MemoryRunStore:
             return None
         run = self._runs[held.run_id]
         run.reserved.add(held.cost, -1)
+        if (fleet := self._fleets.get(run.fleet)) is not None:
+            fleet.reserved.add(held.cost, -1)
         run.held -= 1
         if len(run.expiries) > 2 * run.held + _COMPACT_SLACK:
             # Settled entries wait in the heap until their expiry surfaces: compacted once
@@ -153,8 +220,13 @@ class MemoryRunStore:
             if taken is None:
                 return None
             run, held = taken
-            run.spent.add(Usage(tokens, usd_micros, held.cost.tool_calls, held.cost.requests))
+            self._charge(run, Usage(tokens, usd_micros, held.cost.tool_calls, held.cost.requests))
             return held.run_id
+
+    def _charge(self, run: _Run, spent: Usage) -> None:
+        run.spent.add(spent)
+        if (fleet := self._fleets.get(run.fleet)) is not None:
+            fleet.spent.add(spent)
 
     def expire(self, run_id: str, now: datetime) -> list[tuple[str, Usage]]:
         with self._lock:
@@ -165,18 +237,34 @@ class MemoryRunStore:
                 taken = self._take(rid)
                 if taken is not None:  # not settled or released meanwhile
                     cost = taken[1].cost
-                    run.spent.add(cost)
+                    self._charge(run, cost)
                     expired.append((rid, cost))
             return expired
 
     def books(self, run_id: str) -> Books:
         with self._lock:
-            run = self._run(run_id)
-            return Books(
-                Usage(**run.limits.as_dict()),
-                Usage(**run.spent.as_dict()),
-                Usage(**run.reserved.as_dict()),
-            )
+            return self._run(run_id).frozen()
+
+    def release_run(self, run_id: str, status: str) -> None:
+        with self._answered:
+            run = self._runs.pop(run_id, None)
+            if run is None:
+                return
+            for _, rid in run.expiries:  # settled by the ledger first; none is left behind
+                self._reservations.pop(rid, None)
+            if (fleet := self._fleets.get(run.fleet)) is not None:
+                fleet.live.pop(run_id, None)
+                fleet.reserved.add(run.reserved, -1)
+            if status:
+                self._released[run_id] = status
+                if len(self._released) > RELEASED_WINDOW:
+                    self._released.popitem(last=False)
+            run.in_flight.clear()
+            self._answered.notify_all()  # a claim waiting on this run finds it gone
+
+    def released(self, run_id: str) -> str | None:
+        with self._lock:
+            return self._released.get(run_id)
 
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         with self._answered:
@@ -191,16 +279,18 @@ class MemoryRunStore:
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         with self._answered:
-            run = self._run(run_id)
-            run.in_flight.discard(request_id)
-            run.answers[request_id] = stored
-            if len(run.answers) > ANSWER_WINDOW:
-                run.answers.popitem(last=False)
+            run = self._runs.get(run_id)
+            if run is not None:  # None: released while deciding, nothing left to keep
+                run.in_flight.discard(request_id)
+                run.answers[request_id] = stored
+                if len(run.answers) > ANSWER_WINDOW:
+                    run.answers.popitem(last=False)
             self._answered.notify_all()
 
     def unclaim(self, run_id: str, request_id: str) -> None:
         with self._answered:
-            self._run(run_id).in_flight.discard(request_id)
+            if (run := self._runs.get(run_id)) is not None:
+                run.in_flight.discard(request_id)
             self._answered.notify_all()
 
     def reservation_runs(self, reservation_ids: Sequence[str]) -> list[str | None]:

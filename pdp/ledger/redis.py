@@ -1,11 +1,12 @@
 """The shared run store: run state, budgets, answers and rollback marks in Redis.
 
 Several PDP replicas pointed at one Redis share every run: a reservation checks and
-holds all four budgets in one Lua script, so no interleaving of replicas overspends;
-a step change is a compare-and-set; a request id answered by one replica gets the same
-answer from another. Envelopes are kept so a replica that never saw a registration can
-load the run, but Redis is not trusted with them: each replica verifies the envelope
-with its own trust store before compiling it.
+holds all four budgets, of the run and of its grant's fleet, in one Lua script
+(``lua.py``), so no interleaving of replicas overspends; a step change is a
+compare-and-set; a request id answered by one replica gets the same answer from another.
+Envelopes are kept so a replica that never saw a registration can load the run, but Redis
+is not trusted with them: each replica verifies the envelope with its own trust store
+before compiling it.
 
 Keys (``P`` is the prefix, ``{R}`` the run id as a hash tag):
 ``P{R}:run`` hash of step, completed (JSON list), outcome, l1..l4 limits, s1..s4 spent,
@@ -16,8 +17,13 @@ Redis cannot widen a run); ``P{R}:rsv`` reservation id -> costs;
 -> stored answer, or ``~deadline`` while in flight, and ``P{R}:order`` the answered ids
 oldest first (the last ``ANSWER_WINDOW`` are kept); ``Prsvrun`` reservation id -> run
 id; ``Penvelopes`` run id -> envelope; ``Plineages`` lineage -> highest version;
-``Phighwater`` lineage -> "version digest". Scripts touch keys of several runs, so the
-target is one Redis primary, not Redis Cluster.
+``Phighwater`` lineage -> "version digest". A grant with fleet limits (``{G}`` its
+default run id, named by its runs' ``fleet`` field): ``P{G}:fleet`` hash of l1..l4,
+s1..s4, r1..r4 over all its runs and ``runs`` (runs at once, 0: none), ``P{G}:live``
+sorted set of the run ids holding a slot, by expiry (ms). ``Preleased`` run id -> the
+status it ended with, ``Preleased-order`` the last ``RELEASED_WINDOW`` released, oldest
+first. Scripts touch keys of several runs, so the target is one Redis primary, not Redis
+Cluster.
 """
 
 from __future__ import annotations
@@ -31,160 +37,13 @@ from typing import Any, TypeVar
 import redis
 from redis.commands.core import Script
 
-from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
-from pdp.ledger.store import ANSWER_WINDOW, Books, RunState, Usage
+from pdp.errors import FleetRunsExhausted, ManifestRollback, ManifestUnknown, StoreUnavailable
+from pdp.ledger import lua
+from pdp.ledger.store import ANSWER_WINDOW, RELEASED_WINDOW, Books, Fleet, RunState, Usage
 
 __all__ = ["RedisRunStore"]
 
 T = TypeVar("T")
-
-_OPEN = """
-local created = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', '[]', 'outcome', '',
-    'l1', ARGV[2], 'l2', ARGV[3], 'l3', ARGV[4], 'l4', ARGV[5],
-    's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0,
-    'grant', ARGV[8], 'key', ARGV[9], 'narrower', ARGV[10])
-  created = 1
-end
-local latest = tonumber(redis.call('HGET', KEYS[2], ARGV[6]) or '0')
-if tonumber(ARGV[7]) > latest then redis.call('HSET', KEYS[2], ARGV[6], ARGV[7]) end
-return created
-"""
-
-_MOVE = """
-local cur = redis.call('HMGET', KEYS[1], 'step', 'outcome', 'completed')
-if not cur[1] then return -1 end
-if cur[1] ~= ARGV[1] or cur[2] ~= '' then return 0 end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'outcome', ARGV[3])
-else
-  local done = cjson.decode(cur[3])
-  table.insert(done, cur[1])
-  redis.call('HSET', KEYS[1], 'step', ARGV[2], 'completed', cjson.encode(done))
-end
-return 1
-"""
-
-# Budgets are compared as Lua numbers (exact below 2^53) but always added as the
-# decimal strings they came in as: Lua would print a large number as 1e+15.
-_RESERVE = """
-local b = redis.call('HMGET', KEYS[1], 'l1', 'l2', 'l3', 'l4', 's1', 's2', 's3', 's4',
-  'r1', 'r2', 'r3', 'r4')
-if not b[1] then return -1 end
-local fits = 1
-for i = 1, 4 do
-  local left = tonumber(b[i]) - tonumber(b[i + 4]) - tonumber(b[i + 8])
-  -- usd_micros is only known after the call: an exhausted money budget refuses.
-  if tonumber(ARGV[i + 1]) > left or (i == 2 and left <= 0) then fits = 0 end
-end
-if fits == 0 and ARGV[8] ~= '1' then return 0 end
-for i = 1, 4 do
-  if ARGV[i + 1] ~= '0' then redis.call('HINCRBY', KEYS[1], 'r' .. i, ARGV[i + 1]) end
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[7])
-return fits
-"""
-
-# Take a reservation off the books; with 'settle', charge the real tokens and money and
-# the reserved tool calls and requests; with 'release', charge nothing. The charge comes
-# first: a script that fails midway keeps what it wrote, and a failed charge writes nothing.
-_TAKE = """
-local run_id = redis.call('HGET', KEYS[1], ARGV[1])
-if not run_id then return false end
-local base = ARGV[5] .. '{' .. run_id .. '}:'
-local held = redis.call('HGET', base .. 'rsv', ARGV[1])
-if not held then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  return false
-end
-local cost = {}
-for v in string.gmatch(held, '[^,]+') do table.insert(cost, v) end
-local charge = {ARGV[2], ARGV[3], cost[3], cost[4]}
-for i = 1, 4 do
-  if ARGV[4] == 'settle' and charge[i] ~= '0' then
-    redis.call('HINCRBY', base .. 'run', 's' .. i, charge[i])
-  end
-end
-for i = 1, 4 do
-  if cost[i] ~= '0' then redis.call('HINCRBY', base .. 'run', 'r' .. i, '-' .. cost[i]) end
-end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', base .. 'rsv', ARGV[1])
-redis.call('ZREM', base .. 'exp', ARGV[1])
-return run_id
-"""
-
-_EXPIRE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
-local out = {}
-for _, rid in ipairs(due) do
-  local held = redis.call('HGET', KEYS[2], rid)
-  redis.call('HDEL', KEYS[2], rid)
-  redis.call('ZREM', KEYS[3], rid)
-  redis.call('HDEL', KEYS[4], rid)
-  if held then
-    local i = 0
-    for v in string.gmatch(held, '[^,]+') do
-      i = i + 1
-      if v ~= '0' then
-        redis.call('HINCRBY', KEYS[1], 'r' .. i, '-' .. v)
-        redis.call('HINCRBY', KEYS[1], 's' .. i, v)
-      end
-    end
-    table.insert(out, rid)
-    table.insert(out, held)
-  end
-end
-return out
-"""
-
-# Mark a request id in flight until a deadline (Redis's clock, shared by replicas); a
-# replica that died mid-decision leaves a mark that another may take over once it passed.
-_CLAIM = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and (string.sub(cur, 1, 1) ~= '~' or tonumber(string.sub(cur, 2)) > now_ms) then
-  return cur
-end
-redis.call('HSET', KEYS[1], ARGV[1], '~' .. (now_ms + tonumber(ARGV[2])))
-return false
-"""
-
-# Only an in-flight mark is dropped, never an answer.
-_UNCLAIM = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and string.sub(cur, 1, 1) == '~' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1
-"""
-
-# Keep the answer, and only the newest ARGV[3] answers of the run.
-_ANSWER = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('RPUSH', KEYS[2], ARGV[1])
-while redis.call('LLEN', KEYS[2]) > tonumber(ARGV[3]) do
-  local oldest = redis.call('LPOP', KEYS[2])
-  local cur = redis.call('HGET', KEYS[1], oldest)
-  if cur and string.sub(cur, 1, 1) ~= '~' then redis.call('HDEL', KEYS[1], oldest) end
-end
-return 1
-"""
-
-_ADMIT = """
-local mark = redis.call('HGET', KEYS[1], ARGV[1])
-if mark then
-  local sep = string.find(mark, ' ')
-  local version = tonumber(string.sub(mark, 1, sep - 1))
-  local digest = string.sub(mark, sep + 1)
-  local asked = tonumber(ARGV[2])
-  if asked < version or (asked == version and digest ~= ARGV[3]) then return version end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
-return -1
-"""
 
 _IN_FLIGHT_MS = 10_000
 _FIELDS = [f"{kind}{i}" for kind in "lsr" for i in range(1, 5)]
@@ -213,9 +72,22 @@ class RedisRunStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._prefix = prefix
-        scripts = (_OPEN, _MOVE, _RESERVE, _TAKE, _EXPIRE, _CLAIM, _UNCLAIM, _ANSWER, _ADMIT)
+        scripts = (
+            lua.OPEN,
+            lua.OPEN_FLEET,
+            lua.MOVE,
+            lua.RESERVE,
+            lua.TAKE,
+            lua.EXPIRE,
+            lua.CLAIM,
+            lua.UNCLAIM,
+            lua.ANSWER,
+            lua.ADMIT,
+            lua.RELEASE,
+        )
         (
             self._open,
+            self._open_fleet,
             self._move,
             self._reserve,
             self._take,
@@ -224,6 +96,7 @@ class RedisRunStore:
             self._unclaim,
             self._answer,
             self._admit,
+            self._release,
         ) = (self._redis.register_script(source) for source in scripts)
 
     def ping(self) -> None:
@@ -247,10 +120,40 @@ class RedisRunStore:
         lineage: str,
         version: int,
         grant: tuple[str, str, str] = ("", "", ""),
+        fleet: str = "",
+        slot: tuple[datetime, datetime, bool] | None = None,
     ) -> bool:
-        keys = [self._key(run_id, "run"), self._prefix + "lineages"]
-        args = [first_step, *limits.as_list(), lineage, version, *grant]
-        return bool(self._call(self._open, run_id, keys, args))
+        keys = [
+            self._key(run_id, "run"),
+            self._prefix + "lineages",
+            self._key(fleet, "fleet"),
+            self._key(fleet, "live"),
+        ]
+        now, until, force = slot or (None, None, False)
+        args = [first_step, *limits.as_list(), lineage, version, *grant, fleet, int(bool(slot))]
+        args += [_ms(now) if now else 0, _ms(until) if until else 0, int(force), run_id]
+        created = self._call(self._open, run_id, keys, args)
+        if created == -2:
+            runs = _guarded(lambda: self._redis.hget(self._key(fleet, "fleet"), "runs"))
+            raise FleetRunsExhausted(
+                f"the grant's fleet limit of {int(runs or 0)} runs at once is reached:"
+                " a run must end or expire first"
+            )
+        return bool(created)
+
+    def open_fleet(self, grant_run_id: str, fleet: Fleet) -> None:
+        keys = [self._key(grant_run_id, "fleet")]
+        args = [*fleet.limits.as_list(), fleet.runs]
+        _guarded(lambda: self._open_fleet(keys=keys, args=args))
+
+    def fleet_books(self, grant_run_id: str) -> tuple[Books, int] | None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hmget(self._key(grant_run_id, "fleet"), _FIELDS)
+        pipe.zcard(self._key(grant_run_id, "live"))
+        values, live = _guarded(pipe.execute)
+        if values[0] is None:
+            return None
+        return Books(_usage(values[0:4]), _usage(values[4:8]), _usage(values[8:12])), int(live)
 
     def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
         key = self._key(run_id, "run")
@@ -274,7 +177,8 @@ class RedisRunStore:
 
     def move(self, run_id: str, seen_step: str, step: str, outcome: str = "") -> bool:
         keys = [self._key(run_id, "run")]
-        return bool(self._call(self._move, run_id, keys, [seen_step, step, outcome]))
+        args = [seen_step, step, outcome, self._prefix, run_id]
+        return bool(self._call(self._move, run_id, keys, args))
 
     def reserve(
         self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
@@ -285,7 +189,7 @@ class RedisRunStore:
             self._key(run_id, "exp"),
             self._prefix + "rsvrun",
         ]
-        args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force)]
+        args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force), self._prefix]
         return bool(self._call(self._reserve, run_id, keys, args))
 
     def _take_off(self, reservation_id: str, tokens: int, usd_micros: int, mode: str) -> Any:
@@ -314,7 +218,7 @@ class RedisRunStore:
             self._key(run_id, "exp"),
             self._prefix + "rsvrun",
         ]
-        flat = _guarded(lambda: self._expire(keys=keys, args=[_ms(now)]))
+        flat = _guarded(lambda: self._expire(keys=keys, args=[_ms(now), self._prefix]))
         return [
             (flat[i].decode(), _usage(flat[i + 1].decode().split(",")))
             for i in range(0, len(flat), 2)
@@ -325,6 +229,20 @@ class RedisRunStore:
         if values[0] is None:
             raise ManifestUnknown("no run with this id")
         return Books(_usage(values[0:4]), _usage(values[4:8]), _usage(values[8:12]))
+
+    def release_run(self, run_id: str, status: str) -> None:
+        keys = [
+            *(self._key(run_id, part) for part in ("run", "rsv", "exp", "answers", "order")),
+            self._prefix + "rsvrun",
+            self._prefix + "released",
+            self._prefix + "released-order",
+        ]
+        args: list[str | int] = [run_id, status, self._prefix, RELEASED_WINDOW]
+        _guarded(lambda: self._release(keys=keys, args=args))
+
+    def released(self, run_id: str) -> str | None:
+        raw = _guarded(lambda: self._redis.hget(self._prefix + "released", run_id))
+        return raw.decode() if isinstance(raw, bytes) else None
 
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         key = self._key(run_id, "answers")
@@ -341,7 +259,7 @@ class RedisRunStore:
             time.sleep(0.005)  # another replica is deciding this request id right now
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
-        keys = [self._key(run_id, "answers"), self._key(run_id, "order")]
+        keys = [self._key(run_id, part) for part in ("answers", "order", "run")]
         args: list[str | int] = [request_id, json.dumps(stored), ANSWER_WINDOW]
         _guarded(lambda: self._answer(keys=keys, args=args))
 

@@ -8,25 +8,45 @@ several replicas).
 Status, in order: an ended run stays ended (completed, failed, revoked); a run whose
 lineage has a newer registered version is revoked; before its window it is pending,
 after it expired; otherwise running.
+
+A run started under a run key that ended (completed, failed) or expired is released once
+the retention passed: the ledger settles what it still holds and drops its state, here
+and in the store (``Ledger.sweep``). The registry keeps the runs due for release in a
+heap, so finding them costs what is due, not every run ever seen. A grant's default run
+is kept as long as the grant: it is what later starts are made from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import math
 import re
 import threading
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pdp.engine import PreparedPolicy
-from pdp.errors import BadRequest, ManifestExpired, RunClosed, RunKeyConflict, StoreUnavailable
-from pdp.ledger.store import BUDGETS, RunState, RunStore, Usage
-from pdp.manifest import VerifiedManifest, mark_lineage
-from pdp.manifest.model import Manifest
+from pdp.errors import (
+    BadRequest,
+    ManifestExpired,
+    ManifestUnknown,
+    RunClosed,
+    RunKeyConflict,
+    StoreUnavailable,
+)
+from pdp.ledger.store import BUDGETS, UNLIMITED, Fleet, RunState, RunStore, Usage
+from pdp.manifest import Manifest, VerifiedManifest, mark_lineage
 from pdp.manifest.narrow import Narrowed
 
-__all__ = ["Run", "RunRegistry", "check_run_key", "run_id_for"]
+__all__ = ["Run", "RunRegistry", "check_run_key", "fleet_of", "run_id_for"]
+
+# Heap entries of runs already released are dropped once they dominate (amortized).
+_COMPACT_SLACK = 1024
+# One walk of the runs serves the four budget gauges of one scrape.
+_SCRAPE_REUSE_SECONDS = 1.0
 
 # A task id as agents make them (UUIDs, "thread_abc", "job:42"): safe in headers and logs.
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -47,6 +67,15 @@ def run_id_for(manifest_digest: str, run_key: str = "") -> str:
         return "run_" + manifest_digest.removeprefix("sha256:")[:32]
     named = hashlib.sha256(f"{manifest_digest}\n{run_key}".encode()).hexdigest()
     return "run_" + named[:32]
+
+
+def fleet_of(manifest: Manifest) -> Fleet | None:
+    """The grant's fleet limits as the store keeps them, or None when it sets none."""
+    limits = manifest.fleet
+    if limits is None:
+        return None
+    usage = Usage(*(UNLIMITED if (v := getattr(limits, name)) is None else v for name in BUDGETS))
+    return Fleet(usage, limits.runs or 0)
 
 
 @dataclass(frozen=True)
@@ -119,53 +148,107 @@ def _narrower(narrowed: Narrowed | None) -> str:
 class RunRegistry:
     """The runs this process has verified and compiled, over one run store."""
 
-    def __init__(self, store: RunStore) -> None:
+    def __init__(self, store: RunStore, retention: timedelta = timedelta(hours=1)) -> None:
         self.store = store
+        self.retention = retention
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
+        # (when, n, run): a started run is looked at again once it may be released, at
+        # its expiry plus the retention, or at its ending plus the retention.
+        self._due: list[tuple[datetime, int, Run]] = []
+        self._seq = itertools.count()
+        self._ratios: tuple[float, dict[str, float]] = (-math.inf, {})
 
     def register(self, verified: VerifiedManifest, policy: PreparedPolicy) -> Run:
         """The grant's default run (registering the same manifest again changes nothing)."""
-        run, _ = self._open(Run(run_id_for(verified.digest), verified, policy))
-        return run
+        run = Run(run_id_for(verified.digest), verified, policy)
+        with self._lock:
+            existing = self._runs.get(run.run_id)
+            if existing is not None:
+                return existing
+            fleet = fleet_of(verified.manifest)
+            if fleet is not None:
+                self.store.open_fleet(run.run_id, fleet)
+            self._open(run, run.run_id if fleet else "")
+            self._runs[run.run_id] = run
+            return run
 
-    def start(
+    def admit(
+        self,
+        grant: Run,
+        run_key: str,
+        now: datetime,
+        force: bool = False,
+        narrowed: Narrowed | None = None,
+    ) -> bool:
+        """Open the state of ``run_key``'s run under ``grant`` (a registered default run),
+        narrowed or not, in the store, once from any replica, taking a runs-at-once slot if
+        its fleet limits them (``FleetRunsExhausted`` when none is free at ``now``, unless
+        forced); True if this call created it. ``RunKeyConflict`` if another replica
+        started the key with another narrower."""
+        fleet = fleet_of(grant.verified.manifest)
+        run_id = run_id_for(grant.verified.digest, run_key)
+        run = Run(run_id, grant.verified, grant.policy, run_key, narrowed)
+        slot = (now, run.manifest.expires_at, force) if fleet and fleet.runs else None
+        grant_of = (grant.run_id, run_key, _narrower(narrowed))
+        created = self._open(run, grant.run_id if fleet else "", grant_of, slot)
+        if not created and self.store.shared:
+            self.check_shared(run.run_id, run_key, narrowed)
+        return created
+
+    def add(
         self,
         grant: Run,
         run_key: str,
         narrowed: Narrowed | None = None,
         policy: PreparedPolicy | None = None,
-    ) -> tuple[Run, bool]:
-        """The run of ``run_key`` (checked by the caller) under ``grant`` (a registered
-        default run), and whether this call created its state, which opens in the store
-        only once, from any replica. A narrowed run comes with its effective grant and the
-        policy compiled with it; ``RunKeyConflict`` if the key was started otherwise."""
+    ) -> Run:
+        """The run of ``run_key`` under ``grant``, compiled here (its state is admitted);
+        a narrowed run comes with the policy compiled with its effective grant."""
         run_id = run_id_for(grant.verified.digest, run_key)
-        run = Run(run_id, grant.verified, policy or grant.policy, run_key, narrowed)
-        return self._open(run, grant.run_id)
-
-    def _open(self, run: Run, grant_run_id: str = "") -> tuple[Run, bool]:
         with self._lock:
-            existing = self._runs.get(run.run_id)
+            existing = self._runs.get(run_id)
             if existing is not None:
-                if _narrower(existing.narrowed) != _narrower(run.narrowed):
-                    raise RunKeyConflict(_CONFLICT.format(key=run.run_key))
-                return existing, False
-            manifest = run.manifest
-            narrower = _narrower(run.narrowed)
-            created = self.store.open(
-                run.run_id,
-                manifest.assembly.steps[0].id,
-                Usage(**manifest.budgets.model_dump()),
-                run.lineage,
-                manifest.metadata.version,
-                (grant_run_id, run.run_key, narrower),
-            )
-            if not created and self.store.shared:
-                # Opened before, maybe by another replica: with this narrower, or refused.
-                self.check_shared(run.run_id, run.run_key, run.narrowed)
-            self._runs[run.run_id] = run
-            return run, created
+                if _narrower(existing.narrowed) != _narrower(narrowed):
+                    raise RunKeyConflict(_CONFLICT.format(key=run_key))
+                return existing
+            run = Run(run_id, grant.verified, policy or grant.policy, run_key, narrowed)
+            self._runs[run_id] = run
+            self._push(run.manifest.expires_at + self.retention, run)
+            return run
+
+    def start(
+        self,
+        grant: Run,
+        run_key: str,
+        now: datetime,
+        force: bool = False,
+        narrowed: Narrowed | None = None,
+        policy: PreparedPolicy | None = None,
+    ) -> Run:
+        """Admit and add: a run started on another replica, or replayed from the log."""
+        if self.find(run_id_for(grant.verified.digest, run_key)) is None:
+            self.admit(grant, run_key, now, force, narrowed)
+        return self.add(grant, run_key, narrowed, policy)
+
+    def _open(
+        self,
+        run: Run,
+        fleet: str,
+        grant: tuple[str, str, str] = ("", "", ""),
+        slot: tuple[datetime, datetime, bool] | None = None,
+    ) -> bool:
+        manifest = run.manifest
+        return self.store.open(
+            run.run_id,
+            manifest.assembly.steps[0].id,
+            Usage(**manifest.budgets.model_dump()),
+            run.lineage,
+            manifest.metadata.version,
+            grant,
+            fleet,
+            slot,
+        )
 
     def check_shared(self, run_id: str, run_key: str, narrowed: Narrowed | None) -> None:
         """``RunKeyConflict`` if the shared store holds the run under another narrower."""
@@ -176,12 +259,52 @@ class RunRegistry:
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
 
+    def ended(self, run_id: str, at: datetime) -> None:
+        """The run ended at ``at``: look at it again once the retention passed."""
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is not None and run.run_key:
+                self._push(at + self.retention, run)
+
+    def _push(self, when: datetime, run: Run) -> None:
+        heapq.heappush(self._due, (when, next(self._seq), run))
+        if len(self._due) > 2 * len(self._runs) + _COMPACT_SLACK:
+            self._due = [e for e in self._due if self._runs.get(e[2].run_id) is e[2]]
+            heapq.heapify(self._due)
+
+    def due(self, now: datetime, limit: int) -> list[Run]:
+        """Up to ``limit`` runs whose release time came (each checked by the ledger)."""
+        found: list[Run] = []
+        with self._lock:
+            while self._due and self._due[0][0] <= now and len(found) < limit:
+                run = heapq.heappop(self._due)[2]
+                if self._runs.get(run.run_id) is run and run not in found:
+                    found.append(run)
+        return found
+
+    def drop(self, run: Run) -> None:
+        with self._lock:
+            if self._runs.get(run.run_id) is run:
+                del self._runs[run.run_id]
+
     def lowest_remaining_ratio(self) -> dict[str, float]:
+        """Over the runs held here: live ones and ended ones within the retention, never
+        every run ever seen; one walk serves a whole scrape."""
+        at, ratios = self._ratios
+        if time.monotonic() - at < _SCRAPE_REUSE_SECONDS:
+            return ratios
         with self._lock:
             runs = list(self._runs.values())
+        seen: list[dict[str, float]] = []
         try:
-            ratios = [self.store.books(run.run_id).remaining_ratio() for run in runs]
+            for run in runs:
+                try:
+                    seen.append(self.store.books(run.run_id).remaining_ratio())
+                except ManifestUnknown:
+                    continue  # released meanwhile (by another replica)
         except StoreUnavailable:
             # Unknown is not "full": a scrape during an outage shows no number at all.
             return dict.fromkeys(BUDGETS, math.nan)
-        return {name: min((r[name] for r in ratios), default=1.0) for name in BUDGETS}
+        ratios = {name: min((r[name] for r in seen), default=1.0) for name in BUDGETS}
+        self._ratios = (time.monotonic(), ratios)
+        return ratios

@@ -2,8 +2,10 @@
 
 A run's mutable state is its position in the Assembly (step, completed steps, and an
 outcome once it ended), its budget books (limits, spent, reserved, open reservations)
-and the answers it gave, by request id. Compiled policies and verified manifests stay
-in each PDP process; only this state is shared when several replicas use one store.
+and the answers it gave, by request id. A grant with fleet limits has fleet books too:
+the same budgets over all its runs together, and the runs holding a slot (runs at once).
+Compiled policies and verified manifests stay in each PDP process; only this state is
+shared when several replicas use one store.
 """
 
 from __future__ import annotations
@@ -13,13 +15,29 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-__all__ = ["ANSWER_WINDOW", "BUDGETS", "Books", "RunState", "RunStore", "Usage"]
+__all__ = [
+    "ANSWER_WINDOW",
+    "BUDGETS",
+    "RELEASED_WINDOW",
+    "UNLIMITED",
+    "Books",
+    "Fleet",
+    "RunState",
+    "RunStore",
+    "Usage",
+]
 
 BUDGETS = ("tokens", "usd_micros", "tool_calls", "requests")
 # Answers kept per run, by request id, for idempotent retries: the most recent ones. A
 # request id retried after this many later answers of its run is decided anew, so memory
 # stays bounded however long a run lives.
 ANSWER_WINDOW = 10_000
+# Released runs remembered (the most recent ones), so GetRun or StartRun on one says it was
+# released; an older one is unknown like any id never seen: memory stays bounded however
+# many runs ever ended.
+RELEASED_WINDOW = 10_000
+# A fleet budget the manifest leaves open: exact as a Lua number (2^53), never reached.
+UNLIMITED = 2**53
 
 
 @dataclass
@@ -63,6 +81,15 @@ class Books:
 
 
 @dataclass(frozen=True)
+class Fleet:
+    """A grant's limits over all its runs together: budgets (``UNLIMITED`` where the
+    manifest sets none) and runs at once (0: no limit)."""
+
+    limits: Usage
+    runs: int = 0
+
+
+@dataclass(frozen=True)
 class RunState:
     step: str
     completed_steps: tuple[str, ...] = ()
@@ -85,22 +112,35 @@ class RunStore(Protocol):
         lineage: str,
         version: int,
         grant: tuple[str, str, str] = ("", "", ""),
+        fleet: str = "",
+        slot: tuple[datetime, datetime, bool] | None = None,
     ) -> bool:
         """Create the run if it does not exist yet (opening again changes nothing); True
         if this call created it. ``grant`` is (the grant's default run id, run key, its
         narrower as canonical JSON or "") for a run started under a grant, so another
-        replica can find its grant and narrow it the same way."""
+        replica can find its grant and narrow it the same way. ``fleet`` names
+        the grant whose fleet books its reservations also charge (opened by
+        ``open_fleet``); ``slot`` = (now, until, force) takes one of its runs-at-once
+        slots until the run ends or ``until`` passes: ``FleetRunsExhausted`` when all are
+        taken at ``now``, unless forced (replaying a start that was admitted)."""
+
+    def open_fleet(self, grant_run_id: str, fleet: Fleet) -> None:
+        """Create a grant's fleet books if they do not exist yet."""
+
+    def fleet_books(self, grant_run_id: str) -> tuple[Books, int] | None:
+        """A grant's fleet books and its runs holding a slot now, or None without limits."""
 
     def state(self, run_id: str, lineage: str) -> RunState: ...
 
     def move(self, run_id: str, seen_step: str, step: str, outcome: str = "") -> bool:
-        """Enter ``step`` (or end the run with ``outcome``) if the run is still at
-        ``seen_step`` and has not ended; False otherwise."""
+        """Enter ``step`` (or end the run with ``outcome``, which frees its fleet slot) if
+        the run is still at ``seen_step`` and has not ended; False otherwise."""
 
     def reserve(
         self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
     ) -> bool:
-        """Hold ``cost`` if every budget can take it; False (nothing held) otherwise.
+        """Hold ``cost`` on the run's books and its fleet's in one step if every budget of
+        both can take it; False (nothing held) otherwise.
 
         With ``force`` (a shadow run: over-spend is recorded, not blocked) it is held
         either way, and the answer still says whether it fitted."""
@@ -119,11 +159,20 @@ class RunStore(Protocol):
 
     def books(self, run_id: str) -> Books: ...
 
+    def release_run(self, run_id: str, status: str) -> None:
+        """Drop an ended run's live state (its reservations were settled first) and
+        remember it among the last ``RELEASED_WINDOW`` released, as ``status``; with ""
+        forget it instead (a start the log could not record)."""
+
+    def released(self, run_id: str) -> str | None:
+        """The status a recently released run ended with, or None."""
+
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         """The answer already given to ``request_id``, or None after marking it in flight
         (a duplicate arriving meanwhile waits for the first one's answer)."""
 
-    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None: ...
+    def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
+        """Keep the answer (nothing, for a run released while it was decided)."""
 
     def unclaim(self, run_id: str, request_id: str) -> None:
         """Drop the in-flight mark without an answer: the next try decides anew."""

@@ -41,6 +41,7 @@ def freeze(intent: Intent, bundle_digest: str, now: datetime) -> Manifest:
         policy=PolicyPin(bundle_digest=bundle_digest),
         capabilities=intent.capabilities,
         budgets=intent.budgets,
+        fleet=intent.fleet,
         assembly=Assembly(steps=intent.steps),
     )
 

@@ -31,6 +31,7 @@ from pdp.manifest.model import (
     Assembly,
     Budgets,
     Capabilities,
+    FleetLimits,
     HttpCapability,
     Lineage,
     ModelCapability,
@@ -102,6 +103,11 @@ class Intent(_Strict):
         (), description="the MCP prompts granted (`prompts/get`), by name"
     )
     budgets: Budgets = Field(description="limits for the whole run")
+    fleet: FleetLimits | None = Field(
+        None,
+        description="limits over all runs of this manifest together (runs started per task"
+        " id); none by default",
+    )
     steps: tuple[Step, ...] = Field(
         min_length=1, description="the Assembly: ordered steps, each naming what it uses"
     )
@@ -167,6 +173,8 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
             annotation = params[1]
         else:
             return None
+    while get_origin(annotation) in (Annotated, Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))  # fleet
     is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
     return annotation if is_model else None
 

@@ -29,6 +29,7 @@ __all__ = [
     "Assembly",
     "Budgets",
     "Capabilities",
+    "FleetLimits",
     "HttpCapability",
     "Lineage",
     "Manifest",
@@ -235,6 +236,21 @@ class Budgets(_Strict):
     requests: Count = Field(description="decided requests of every kind")
 
 
+class FleetLimits(_Strict):
+    """Limits over all runs of one manifest together (each run still has its own budgets).
+    A limit left out is not enforced; the fleet's books are shared by PDP replicas."""
+
+    tokens: Count | None = Field(None, description="model tokens spent by all runs together")
+    usd_micros: Count | None = Field(None, description="spend of all runs together, in micros")
+    tool_calls: Count | None = Field(None, description="MCP tool calls of all runs together")
+    requests: Count | None = Field(None, description="decided requests of all runs together")
+    runs: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="runs at once: StartRun is refused while this many runs started under"
+        " a run key are live (neither completed, failed nor expired)",
+    )
+
+
 class Step(_Strict):
     id: Name = Field(description="the step's name, sent by the agent as `x-abc-step`")
     uses: tuple[str, ...] = Field(
@@ -323,6 +339,7 @@ class Manifest(_Strict):
     policy: PolicyPin
     capabilities: Capabilities
     budgets: Budgets
+    fleet: FleetLimits | None = None
     assembly: Assembly
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from pdp.manifest.intent import Intent
 from pdp.manifest.model import (
     ArgConstraint,
     Budgets,
+    FleetLimits,
     HttpCapability,
     ModelCapability,
     PromptCapability,
@@ -38,6 +39,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("resources[]", ResourceCapability),
     ("prompts[]", PromptCapability),
     ("budgets", Budgets),
+    ("fleet", FleetLimits),
     ("steps[]", Step),
 )
 _ANCHORS = {model: where for where, model in SECTIONS}
@@ -85,6 +87,12 @@ budgets:
   usd_micros: 1000000   # millionths of a dollar
   tool_calls: 50
   requests: 200
+
+# Optional limits over all runs of this manifest together (one run per task id, started
+# with x-abc-run-key): each run keeps its own budgets above. Leave out what you need not cap.
+# fleet:
+#   tokens: 5000000
+#   runs: 100           # runs at once; a run that completes, fails or expires frees its slot
 
 # Steps in order: each names the capabilities it uses; `after` lists steps that come first.
 steps:

@@ -33,6 +33,7 @@ class PdpConfig:
     checkpoint_seconds: float
     reservation_ttl_seconds: float
     store: str = "memory"
+    run_retention_seconds: float = 3600.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -87,6 +88,12 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "ABC_PDP_RESERVATION_TTL",
         "600",
         "seconds before an unreported reservation settles at its worst case",
+    ),
+    (
+        "--run-retention",
+        "ABC_PDP_RUN_RETENTION",
+        "3600",
+        "seconds an ended or expired run's live state is kept before it is released",
     ),
     (
         "--store",
@@ -172,14 +179,16 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     try:
         workers, grace = int(args.workers), float(args.grace)
         every, seconds = int(args.checkpoint_every), float(args.checkpoint_seconds)
-        ttl = float(args.reservation_ttl)
+        ttl, retention = float(args.reservation_ttl), float(args.run_retention)
     except ValueError as exc:
         raise ConfigError(
-            f"--workers, --grace, --checkpoint-* and --reservation-ttl are numbers: {exc}"
+            "--workers, --grace, --checkpoint-*, --reservation-ttl and --run-retention are"
+            f" numbers: {exc}"
         ) from exc
-    if every < 1 or seconds <= 0 or ttl <= 0:
+    if every < 1 or seconds <= 0 or ttl <= 0 or retention < 0:
         raise ConfigError(
-            "--checkpoint-every must be >= 1; --checkpoint-seconds, --reservation-ttl > 0"
+            "--checkpoint-every must be >= 1; --checkpoint-seconds, --reservation-ttl > 0;"
+            " --run-retention >= 0"
         )
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
@@ -205,6 +214,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         checkpoint_seconds=seconds,
         reservation_ttl_seconds=ttl,
         store=_store(args.store),
+        run_retention_seconds=retention,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,

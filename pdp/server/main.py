@@ -222,8 +222,12 @@ def _start(
         decision_log,
         reservation_ttl=timedelta(seconds=config.reservation_ttl_seconds),
         store=store,
+        run_retention=timedelta(seconds=config.run_retention_seconds),
     )
     restore_from_log(service, config.decision_log, log_key.public_key())
+    # Runs the log brought back that ended or expired longer than the retention ago are
+    # released again before serving: a restart brings no released run's state back.
+    service.sweep(utc_now(), limit=sys.maxsize)
     server = listeners.server
     pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         DecisionServicer(service), server

@@ -33,6 +33,8 @@ _START_STATUS = {
     ReasonCode.MANIFEST_EXPIRED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.RUN_CLOSED: grpc.StatusCode.FAILED_PRECONDITION,
     ReasonCode.NOT_NARROWER: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.RUN_RELEASED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReasonCode.FLEET_RUNS_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 MAX_ID_LENGTH = 128
@@ -185,7 +187,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         except AbcError as exc:
             unavailable = exc.reason is ReasonCode.PDP_UNAVAILABLE
             status = grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.NOT_FOUND
-            context.abort(status, exc.reason.value)
+            context.set_trailing_metadata((("abc-reason", exc.reason.value),))
+            # run_released says the run existed and ended: not an id never seen.
+            context.abort(status, f"{exc.reason.value}: {exc}")
         return pdp_pb2.GetRunResponse(
             step=view.step,
             completed_steps=list(view.completed_steps),

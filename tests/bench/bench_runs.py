@@ -1,5 +1,7 @@
 """Many runs of one grant: StartRun against Decide, and Decide with 10,000 live runs against
-Decide with one, on one real abc-pdp (memory store), with its RSS as runs accumulate.
+Decide with one, on one real abc-pdp (memory store), with its RSS as runs accumulate; then,
+on a second abc-pdp that releases ended runs at once (``--run-retention 0``), its RSS after
+1,000 and after 100,000 runs started and ended (``ABC_ENDED_RUNS`` for fewer).
 
 Baselines are taken in the same run: the server's bare health Check, and Decide on a
 grant with a single started run. Writes bench-results/runs.json.
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -21,9 +25,10 @@ from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.bench.bench_engine import rss_mb
 from tests.bench.bench_pdp import intent
 from tests.bench.conftest import percentile, summary_ms, write_results
-from tests.harness import Signer, start_pdp
+from tests.harness import POLICIES, Signer, start_pdp
 
 LIVE_RUNS, SAMPLES, WARMUP = 10_000, 2_000, 300
+ENDED_RUNS = int(os.environ.get("ABC_ENDED_RUNS", "100000"))
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -81,6 +86,7 @@ def test_bench_runs(tmp_path: Path) -> None:
     decide_many = [_timed(lambda: decide(random.choice(live))) for _ in range(SAMPLES)]
     channel.close()
     assert pdp.stop() == 0
+    rss_ended = _ended_runs_rss(signer, tmp_path)
 
     def p50(samples: list[float]) -> float:
         return percentile(samples, 0.5)
@@ -99,6 +105,10 @@ def test_bench_runs(tmp_path: Path) -> None:
         "ratio_p50_start_run_vs_decide": round(p50(start_samples) / p50(decide_one), 3),
         "rss_mb_by_live_runs": {k: round(v, 1) for k, v in rss.items()},
         "ratio_rss_10000_vs_1000_runs": round(rss[str(LIVE_RUNS)] / rss["1000"], 3),
+        "rss_mb_by_runs_started_and_ended": {k: round(v, 1) for k, v in rss_ended.items()},
+        f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs": round(
+            rss_ended[str(ENDED_RUNS)] / rss_ended["1000"], 3
+        ),
     }
     path = write_results("runs", results)
     print(f"\nRuns benchmark ({path})")
@@ -109,5 +119,44 @@ def test_bench_runs(tmp_path: Path) -> None:
         "ratio_p50_start_run_vs_decide",
         "rss_mb_by_live_runs",
         "ratio_rss_10000_vs_1000_runs",
+        "rss_mb_by_runs_started_and_ended",
+        f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs",
     ):
         print(f"  {name}: {results[name]}")
+
+
+def _ended_runs_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
+    """RSS of an abc-pdp after 1,000 and after ENDED_RUNS runs were started, used once and
+    ended (four clients at once); each StartRun releases runs that ended before it."""
+    pdp = start_pdp(signer, tmp_path / "ended", POLICIES, "--run-retention", "0")
+    channel = pdp.channel()
+    stub = pdp_pb2_grpc.DecisionServiceStub(channel)
+    envelope = signer.freeze(intent(5).replace("acme/bench-5", "acme/bench-ended"), "ended")
+    digest = stub.RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=30
+    ).manifest_digest
+
+    def one_run(n: int) -> None:
+        start = pdp_pb2.StartRunRequest(manifest_digest=digest, run_key=f"task-{n}")
+        run_id = stub.StartRun(start, timeout=10).run_id
+        call = pdp_pb2.Action(
+            kind="tool", target="tool:bench/t1", args_json=json.dumps({"query": "q"}).encode()
+        )
+        assert stub.Decide(
+            pdp_pb2.DecideRequest(run_id=run_id, request_id=f"c{n}", action=call), timeout=10
+        ).allow
+        end = pdp_pb2.Action(kind="step", target="step:@completed")
+        assert stub.Decide(
+            pdp_pb2.DecideRequest(run_id=run_id, request_id=f"e{n}", action=end), timeout=10
+        ).allow
+
+    rss: dict[str, float] = {}
+    with ThreadPoolExecutor(4) as pool:
+        done = 0
+        for upto in (1_000, ENDED_RUNS):
+            list(pool.map(one_run, range(done, upto)))
+            done = upto
+            rss[str(upto)] = rss_mb(pdp.process.pid)
+    channel.close()
+    assert pdp.stop() == 0
+    return rss

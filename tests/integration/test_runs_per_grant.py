@@ -25,7 +25,7 @@ from tests.harness import (
     start_pdp,
     start_pep,
 )
-from tests.integration.test_pdp_grpc import codes, stub, tool_call
+from tests.integration.test_pdp_grpc import codes, step, stub, tool_call
 
 INVOICE = "/http/billing.internal/v1/invoices/inv-1"
 
@@ -122,10 +122,10 @@ def test_a_run_key_sent_twice_is_refused(sidecars: tuple[PepProcess, PepProcess]
 def test_a_run_started_on_one_replica_is_decided_by_another(
     signer: Signer, redis_server: RedisProcess, tmp_path: Path
 ) -> None:
-    replicas = [
-        start_pdp(signer, tmp_path / f"state-{name}", POLICIES, "--store", redis_server.url)
-        for name in "ab"
-    ]
+    """And, released at once after it ended (retention 0), it is released for both
+    replicas, also for one restarted from its log."""
+    flags = ("--store", redis_server.url, "--run-retention", "0")
+    replicas = [start_pdp(signer, tmp_path / f"state-{name}", POLICIES, *flags) for name in "ab"]
     try:
         a, b = replicas
         envelope = signer.freeze(_intent("replicated-runs"), "replicated-runs")
@@ -150,6 +150,12 @@ def test_a_run_started_on_one_replica_is_decided_by_another(
                 timeout=5,
             )
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert stub(b).Decide(step(started.run_id, "@completed"), timeout=5).allow
+        assert _start(b, digest, "job-2").started  # B ended job-1: its StartRun released it
+        _assert_released(a, digest, started.run_id)  # A compiled it, Redis no longer has it
+        a.stop()
+        replicas[0] = a = start_pdp(signer, tmp_path / "state-a", POLICIES, *flags)
+        _assert_released(a, digest, started.run_id)  # A's log does not bring it back
     finally:
         for replica in replicas:
             replica.stop()
@@ -157,6 +163,20 @@ def test_a_run_started_on_one_replica_is_decided_by_another(
 
 RUNS = 300  # 500 in the issue; 300 keep the suite within its 15 minutes (50 s vs 30 s)
 CLIENTS = 16
+# The fleet's limit on requests over all runs together: below RUNS, so the load presses
+# against it and most of the last runs to spend find the fleet spent, not their own budget.
+FLEET_REQUESTS = RUNS - 50
+
+
+def _start(pdp: PdpProcess, digest: str, key: str) -> pdp_pb2.StartRunResponse:
+    request = pdp_pb2.StartRunRequest(manifest_digest=digest, run_key=key)
+    return stub(pdp).StartRun(request, timeout=5)
+
+
+def _refused_start(pdp: PdpProcess, digest: str, key: str) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as refused:
+        _start(pdp, digest, key)
+    return refused.value
 
 
 def test_300_runs_from_16_clients_over_three_replicas_each_spend_exactly_their_own_budget(
@@ -175,6 +195,7 @@ def test_300_runs_from_16_clients_over_three_replicas_each_spend_exactly_their_o
     as an SDK would."""
     grant = tmp_path / "envelope.json"
     text = _intent("fleet").replace("requests: 2", "requests: 1")
+    text += f"fleet:\n  requests: {FLEET_REQUESTS}\n  runs: {RUNS + 1}\n"
     grant.write_bytes(signer.freeze(text, "fleet"))
     replicas = [
         start_pdp(signer, tmp_path / f"state-{name}", POLICIES, "--store", redis_server.url)
@@ -186,34 +207,101 @@ def test_300_runs_from_16_clients_over_three_replicas_each_spend_exactly_their_o
         for replica in replicas
     ]
 
-    def call(item: tuple[str, int]) -> tuple[str, str, bool]:
+    def call(item: tuple[str, int]) -> tuple[str, str, int]:
         key, attempt = item
         pep = peps[(hash(key) + attempt) % len(peps)]
-        late = False
+        late = 0
         for _ in range(5):
             reply = _get(pep, key)
             outcome = "allow" if reply.status_code == 200 else reply.headers["x-abc-reason"]
             if outcome != "pdp_unavailable":
                 break
-            late = True
+            late += 1
         return key, outcome, late
 
     outcomes: dict[str, list[str]] = {}
-    late_keys: set[str] = set()
+    late_calls: dict[str, int] = {}
     try:
         calls = [(f"task-{n}", attempt) for n in range(RUNS) for attempt in range(2)]
         with ThreadPoolExecutor(CLIENTS) as pool:
             for key, outcome, late in pool.map(call, calls):
                 outcomes.setdefault(key, []).append(outcome)
                 if late:
-                    late_keys.add(key)
+                    late_calls[key] = late_calls.get(key, 0) + late
+        _runs_at_once_across_replicas(replicas, grant)
     finally:
         for process in (*peps, *replicas):
             process.stop()
     assert len(outcomes) == RUNS
+    allowed = 0
     for key, got in outcomes.items():
         assert got.count("allow") <= 1, key  # never past a run's budget
-        assert set(got) <= {"allow", "budget_exhausted", "pdp_unavailable"}, key
-        if key not in late_keys:
-            assert sorted(got) == ["allow", "budget_exhausted"], key
-    assert len(late_keys) < RUNS // 10, "most keys must have been decided in time"
+        allowed += got.count("allow")
+        refusals = {"allow", "budget_exhausted", "fleet_budget_exhausted", "pdp_unavailable"}
+        assert set(got) <= refusals, key
+        if key not in late_calls:
+            # Its own call and then its own budget spent; or the fleet spent before it.
+            assert sorted(got) in (["allow", "budget_exhausted"], ["fleet_budget_exhausted"] * 2)
+    # Never past the fleet's limit; reached but for calls decided late, each of which may
+    # hold one request of the fleet until its reservation expires.
+    assert FLEET_REQUESTS - sum(late_calls.values()) <= allowed <= FLEET_REQUESTS
+    assert len(late_calls) < RUNS // 10, "most keys must have been decided in time"
+
+
+def _runs_at_once_across_replicas(replicas: list[PdpProcess], grant: Path) -> None:
+    """The grant allows RUNS + 1 runs at once (its default run takes no slot): one more
+    start fills it on one replica, the next is refused on another, an ending on the third
+    frees a slot."""
+    a, b, c = replicas
+    digest = _digest(a, grant)
+    assert _start(a, digest, "one-more").started
+    refused = _refused_start(b, digest, "too-many")
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details().startswith(
+        f"fleet_runs_exhausted: the grant's fleet limit of {RUNS + 1} runs at once"
+    )
+    assert stub(c).Decide(step(run_id_for(digest, "task-0"), "@completed"), timeout=5).allow
+    assert _start(b, digest, "too-many").started
+
+
+def test_runs_at_once_released_runs_and_a_restart(signer: Signer, tmp_path: Path) -> None:
+    """One PDP (memory store) whose ended runs are released at once (retention 0): a run
+    that ends frees its slot; once released, GetRun, Decide and StartRun say so; a restart
+    replaying the log brings the released run's state back no more than it was."""
+    envelope = signer.freeze(_intent("at-once") + "fleet:\n  runs: 2\n", "at-once")
+    flags = ("--run-retention", "0")
+    pdp = start_pdp(signer, tmp_path / "state", POLICIES, *flags)
+    try:
+        digest = str(
+            stub(pdp)
+            .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=10)
+            .manifest_digest
+        )
+        first, second = (_start(pdp, digest, key).run_id for key in ("job-1", "job-2"))
+        refused = _refused_start(pdp, digest, "job-3")
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "fleet limit of 2 runs at once" in refused.details()
+        assert stub(pdp).Decide(tool_call(second, "search", {"query": "q"}), timeout=5).allow
+        assert stub(pdp).Decide(step(first, "@completed"), timeout=5).allow
+        assert _start(pdp, digest, "job-3").started  # the ending freed a slot ...
+        _assert_released(pdp, digest, first)  # ... and its StartRun released the ended run
+    finally:
+        pdp.stop()
+    again = start_pdp(signer, tmp_path / "state", POLICIES, *flags)
+    try:
+        _assert_released(again, digest, first)  # replayed, then released again at start-up
+        kept = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=second), timeout=5)
+        assert (kept.status, kept.spent.requests + kept.reserved.requests) == ("running", 1)
+        assert _refused_start(again, digest, "job-4").code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        again.stop()
+
+
+def _assert_released(pdp: PdpProcess, digest: str, run_id: str) -> None:
+    with pytest.raises(grpc.RpcError) as gone:
+        stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert gone.value.details().startswith("run_released: the run completed")
+    decided = stub(pdp).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
+    assert codes(decided) == ["run_released"]
+    assert _refused_start(pdp, digest, "job-1").code() == grpc.StatusCode.FAILED_PRECONDITION

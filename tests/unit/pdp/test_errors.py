@@ -32,6 +32,10 @@ def test_reason_codes_are_the_designs_plus_documented_additions() -> None:
         # Narrowed runs and runs bound to their manifest (issue 16).
         "not_narrower",
         "run_not_bound",
+        # Many runs of one grant (issue 16): fleet limits and released runs.
+        "fleet_budget_exhausted",
+        "fleet_runs_exhausted",
+        "run_released",
     }
 
 
@@ -49,6 +53,8 @@ EXPECTED = {
     "NotNarrower": ReasonCode.NOT_NARROWER,
     "RunKeyConflict": ReasonCode.NOT_NARROWER,
     "RunNotBound": ReasonCode.RUN_NOT_BOUND,
+    "RunReleased": ReasonCode.RUN_RELEASED,
+    "FleetRunsExhausted": ReasonCode.FLEET_RUNS_EXHAUSTED,
     "StoreUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "LogUnavailable": ReasonCode.PDP_UNAVAILABLE,
     "PolicyMismatch": ReasonCode.POLICY_MISMATCH,
@@ -83,6 +89,7 @@ def test_every_reason_the_pdp_raises_has_an_error_type_or_a_policy() -> None:
         ReasonCode.PROMPT_NOT_ALLOWED,
         ReasonCode.STEP_OUT_OF_ORDER,
         ReasonCode.BUDGET_EXHAUSTED,
+        ReasonCode.FLEET_BUDGET_EXHAUSTED,  # the ledger's verdict, beside budget_exhausted
     }
     assert set(EXPECTED.values()) | policy_codes == set(ReasonCode)
 

@@ -77,3 +77,12 @@ def test_an_exposed_port_without_mtls_is_warned_about(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warned in warnings[0] and listen in warnings[0]
+
+
+def test_run_retention_defaults_to_an_hour_and_is_never_negative() -> None:
+    assert parse_config(REQUIRED, environ={}).run_retention_seconds == 3600
+    assert parse_config(REQUIRED, environ={"ABC_PDP_RUN_RETENTION": "0"}).run_retention_seconds == 0
+    with pytest.raises(ConfigError, match="--run-retention >= 0"):
+        parse_config([*REQUIRED, "--run-retention", "-1"], environ={})
+    with pytest.raises(ConfigError, match="--run-retention are"):
+        parse_config([*REQUIRED, "--run-retention", "soon"], environ={})

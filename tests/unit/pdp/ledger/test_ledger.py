@@ -14,7 +14,7 @@ from pdp.action import validate_action
 from pdp.bundle import load_bundle
 from pdp.decisionlog import DecisionLog, SettlementRecord, read_verified_log
 from pdp.engine import Decision, PreparedPolicy, policy_data
-from pdp.errors import ReasonCode, RequestIdReused
+from pdp.errors import ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger import DecisionOutcome, Ledger, MemoryRunStore, Run, Usage
 from pdp.manifest import VerificationPolicy, verify_envelope
 from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
@@ -26,11 +26,15 @@ ALLOW = Decision(True, (), {"max_tokens": 100})
 MODEL = validate_action("model", "model:openai/gpt-4o-mini", max_tokens=100)
 
 
-def _ledger(tmp_path: Path, **budgets: int) -> tuple[Ledger, Run, DecisionLog]:
+def _ledger(
+    tmp_path: Path, fleet: dict[str, int] | None = None, **budgets: int
+) -> tuple[Ledger, Run, DecisionLog]:
     bundle = load_bundle(POLICIES)
     document = manifest_document()
     document["policy"]["bundle_digest"] = bundle.digest
     document["budgets"].update(budgets)
+    if fleet is not None:
+        document["fleet"] = fleet
     trust = trust_store(trust_entry(KEY, modes=("enforce", "shadow")))
     verified = verify_envelope(
         signed_envelope(KEY, document), trust, NOW, VerificationPolicy.registration(bundle.digest)
@@ -39,7 +43,7 @@ def _ledger(tmp_path: Path, **budgets: int) -> tuple[Ledger, Run, DecisionLog]:
         bundle.rego_modules(), policy_data(verified.manifest), bundle.digest, verified.digest
     )
     log = DecisionLog(tmp_path / "decisions.log", LOG_KEY)
-    ledger = Ledger(MemoryRunStore(), log, timedelta(minutes=10))
+    ledger = Ledger(MemoryRunStore(), log, timedelta(minutes=10), timedelta(minutes=5))
     return ledger, ledger.runs.register(verified, policy), log
 
 
@@ -61,6 +65,44 @@ def test_a_call_past_the_budget_is_refused_with_what_remains(tmp_path: Path) -> 
     assert reason.code is ReasonCode.BUDGET_EXHAUSTED
     assert reason.evidence["remaining"]["tokens"] == 50
     assert ledger.books(run.run_id).reserved == Usage()
+
+
+def test_a_call_past_a_fleet_limit_is_refused_naming_it_while_the_run_has_room(
+    tmp_path: Path,
+) -> None:
+    ledger, grant, _ = _ledger(tmp_path, fleet={"tokens": 150})
+    one = ledger.runs.start(grant, "job-1", NOW)
+    two = ledger.runs.start(grant, "job-2", NOW)
+    assert ledger.apply(one, MODEL, ALLOW, "research", NOW).reservation_id
+    refused = ledger.apply(two, MODEL, ALLOW, "research", NOW)
+    (reason,) = refused.decision.reasons
+    assert reason.code is ReasonCode.FLEET_BUDGET_EXHAUSTED
+    assert "fleet limit on tokens" in reason.message
+    assert reason.evidence["fleet_remaining"] == {"tokens": 50}  # open limits left out
+    assert ledger.books(two.run_id).reserved == Usage()
+
+
+def test_an_ended_run_is_released_after_the_retention_and_remembered(tmp_path: Path) -> None:
+    ledger, grant, log = _ledger(tmp_path)
+    run = ledger.runs.start(grant, "job-1", NOW)
+    held = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    end = validate_action("step", "step:@completed")
+    assert ledger.apply(run, end, Decision(True, (), {}), "research", NOW).step
+    ledger.sweep(NOW + timedelta(minutes=4))  # within the retention: kept
+    assert ledger.books(run.run_id).reserved == Usage(tokens=100, requests=1)
+    ledger.sweep(NOW + timedelta(minutes=5))
+    assert ledger.runs.find(run.run_id) is None
+    with pytest.raises(RunReleased, match="the run completed"):
+        ledger.check_released(run.run_id)
+    log.close()
+    records = read_verified_log(tmp_path / "decisions.log", LOG_KEY.public_key()).records
+    settled = [r for r in records if isinstance(r, SettlementRecord)]
+    # What it still held was settled at its worst case, and logged, before it went.
+    assert [(r.reservation_id, r.tokens, r.expired) for r in settled] == [
+        (held.reservation_id, 100, True)
+    ]
+    ledger.sweep(NOW + timedelta(days=1))  # the grant's default run stays
+    assert ledger.runs.find(grant.run_id) is grant
 
 
 def test_a_step_is_entered_only_from_the_step_that_was_seen(tmp_path: Path) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from pdp.manifest import Manifest
+from pdp.manifest.freeze import freeze
 from pdp.manifest.intent import IntentError, load_intent, parse_intent
 from tests.factories import with_resources_and_prompts
 
@@ -166,3 +170,17 @@ def test_a_step_cannot_use_a_resource_the_manifest_does_not_grant() -> None:
     )
     with pytest.raises(IntentError, match="not a declared capability"):
         parse_intent(text)
+
+
+def test_fleet_limits_are_optional_and_a_manifest_without_them_reads_as_before() -> None:
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+    plain = freeze(parse_intent(TEXT, "intent.yaml"), "sha256:" + "0" * 64, now)
+    assert plain.fleet is None and "fleet" not in plain.document()
+    text = TEXT + "fleet:\n  requests: 4000\n  runs: 100\n"
+    limited = freeze(parse_intent(text, "intent.yaml"), "sha256:" + "0" * 64, now)
+    assert limited.document()["fleet"] == {"requests": 4000, "runs": 100}
+    assert Manifest.model_validate_json(json.dumps(limited.document())) == limited  # reads back
+    with pytest.raises(IntentError, match=r"fleet\.runs"):
+        parse_intent(TEXT + "fleet:\n  runs: 0\n", "intent.yaml")
+    with pytest.raises(IntentError, match=r"fleet\.seats"):
+        parse_intent(TEXT + "fleet:\n  seats: 3\n", "intent.yaml")
