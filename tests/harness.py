@@ -39,6 +39,16 @@ def abcctl(*args: object, check: bool = True) -> subprocess.CompletedProcess[str
     )
 
 
+def abcctl_here(*args: object) -> None:
+    """abcctl's own ``main`` in this process, for set-up steps (keys, trust, freeze) whose
+    output no test reads: the same code as the binary without its ~1 s interpreter start-up,
+    paid by every Signer and envelope. Tests of the command itself call :func:`abcctl`."""
+    from pdp.cli.main import main  # ~1 s of imports, paid once per test process
+
+    code = main([str(arg) for arg in args])
+    assert code == 0, f"abcctl {' '.join(map(str, args))} exited {code} (its stderr is above)"
+
+
 def audit_verify(state: Path) -> subprocess.CompletedProcess[str]:
     """``abcctl audit verify`` on a PDP state directory's log, with its generated public key."""
     return abcctl(
@@ -55,9 +65,9 @@ class Signer:
     trust: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        abcctl("keygen", "--out", self.dir / "keys", "--name", "signer")
+        abcctl_here("keygen", "--out", self.dir / "keys", "--name", "signer")
         self.key, self.trust = self.dir / "keys" / "signer.key", self.dir / "trust.yaml"
-        abcctl(
+        abcctl_here(
             "trust",
             "add",
             "--store",
@@ -83,7 +93,7 @@ class Signer:
         intent = self.dir / f"{name}.yaml"
         intent.write_text(intent_text)
         envelope = self.dir / f"{name}.json"
-        abcctl("freeze", intent, "--key", self.key, "--policies", policies, "-o", envelope)
+        abcctl_here("freeze", intent, "--key", self.key, "--policies", policies, "-o", envelope)
         return envelope.read_bytes().rstrip(b"\n")
 
 
