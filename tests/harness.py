@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 INTENT = ROOT / "deploy" / "demo" / "intent.yaml"
 POLICIES = ROOT / "policies"
+NODE_EXAMPLE = ROOT / "examples" / "node"
 
 
 def free_port() -> int:
@@ -47,6 +51,18 @@ def abcctl_here(*args: object) -> None:
 
     code = main([str(arg) for arg in args])
     assert code == 0, f"abcctl {' '.join(map(str, args))} exited {code} (its stderr is above)"
+
+
+@contextmanager
+def locked_node_example() -> Iterator[Path]:
+    """examples/node, for this test process alone while held: ``npm ci`` there replaces
+    node_modules, so two pytest workers (``-n``) must not install or run it at once."""
+    handle = os.open(NODE_EXAMPLE, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the descriptor closes
+        yield NODE_EXAMPLE
+    finally:
+        os.close(handle)
 
 
 def audit_verify(state: Path) -> subprocess.CompletedProcess[str]:

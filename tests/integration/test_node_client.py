@@ -9,31 +9,31 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import ROOT, PdpProcess
-
-EXAMPLE = ROOT / "examples" / "node"
+from tests.harness import PdpProcess, locked_node_example
 
 
 @pytest.fixture(scope="module")
-def node_example() -> Path:
+def node_example() -> Iterator[Path]:
     for tool in ("node", "npm"):
         assert shutil.which(tool), f"{tool} is missing: see scripts/system-tools.sh"
-    # Exactly the locked versions; no install scripts (none is needed to load a .proto).
-    done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-        cwd=EXAMPLE,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return EXAMPLE
+    with locked_node_example() as example:  # the module's tests run it: held throughout
+        # Exactly the locked versions; no install scripts (none is needed to load a .proto).
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=example,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        yield example
 
 
 def test_node_client_registers_and_gets_an_allowed_and_a_refused_decision(
