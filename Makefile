@@ -23,9 +23,14 @@ $(STAMP): requirements.lock pyproject.toml
 system-tools:
 	scripts/system-tools.sh
 
+# Two pytest workers (pytest-xdist), each taking whole test files so that a module's shared
+# PDP and sidecar start once: most of the suite waits on processes it starts. WORKERS=0
+# runs everything in this one process.
+WORKERS ?= 2
+
 test: $(STAMP) system-tools
 	$(BIN)/abcctl policy test policies
-	$(BIN)/python -m pytest tests --ignore=tests/bench
+	$(BIN)/python -m pytest tests --ignore=tests/bench $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pdp pep tests deploy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 INTENT = ROOT / "deploy" / "demo" / "intent.yaml"
 POLICIES = ROOT / "policies"
+NODE_EXAMPLE = ROOT / "examples" / "node"
 
 
 def free_port() -> int:
@@ -39,6 +43,28 @@ def abcctl(*args: object, check: bool = True) -> subprocess.CompletedProcess[str
     )
 
 
+def abcctl_here(*args: object) -> None:
+    """abcctl's own ``main`` in this process, for set-up steps (keys, trust, freeze) whose
+    output no test reads: the same code as the binary without its ~1 s interpreter start-up,
+    paid by every Signer and envelope. Tests of the command itself call :func:`abcctl`."""
+    from pdp.cli.main import main  # ~1 s of imports, paid once per test process
+
+    code = main([str(arg) for arg in args])
+    assert code == 0, f"abcctl {' '.join(map(str, args))} exited {code} (its stderr is above)"
+
+
+@contextmanager
+def locked_node_example() -> Iterator[Path]:
+    """examples/node, for this test process alone while held: ``npm ci`` there replaces
+    node_modules, so two pytest workers (``-n``) must not install or run it at once."""
+    handle = os.open(NODE_EXAMPLE, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the descriptor closes
+        yield NODE_EXAMPLE
+    finally:
+        os.close(handle)
+
+
 def audit_verify(state: Path) -> subprocess.CompletedProcess[str]:
     """``abcctl audit verify`` on a PDP state directory's log, with its generated public key."""
     return abcctl(
@@ -55,9 +81,9 @@ class Signer:
     trust: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        abcctl("keygen", "--out", self.dir / "keys", "--name", "signer")
+        abcctl_here("keygen", "--out", self.dir / "keys", "--name", "signer")
         self.key, self.trust = self.dir / "keys" / "signer.key", self.dir / "trust.yaml"
-        abcctl(
+        abcctl_here(
             "trust",
             "add",
             "--store",
@@ -83,7 +109,7 @@ class Signer:
         intent = self.dir / f"{name}.yaml"
         intent.write_text(intent_text)
         envelope = self.dir / f"{name}.json"
-        abcctl("freeze", intent, "--key", self.key, "--policies", policies, "-o", envelope)
+        abcctl_here("freeze", intent, "--key", self.key, "--policies", policies, "-o", envelope)
         return envelope.read_bytes().rstrip(b"\n")
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from types import FrameType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import grpc
@@ -36,7 +37,6 @@ from pdp.decisionlog.recovery import restore_from_log
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, StoreUnavailable
 from pdp.ledger import MemoryRunStore, RunStore
-from pdp.ledger.redis import RedisRunStore
 from pdp.manifest import HighWater, Manifest, SqliteHighWater, TrustStore, load_trust_store
 from pdp.manifest.keys import load_private_key, write_keypair
 from pdp.metrics import PdpMetrics
@@ -44,9 +44,11 @@ from pdp.server.config import PdpConfig, parse_config, transport_warnings
 from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
 from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
 from pdp.server.listeners import Listeners, listen
-from pdp.server.rest import RestServer
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
+
+if TYPE_CHECKING:  # imported where used: redis and aiohttp cost start-up when unused
+    from pdp.server.rest import RestServer
 
 __all__ = ["check_bundle_compiles", "main", "main_exit", "serve"]
 
@@ -109,6 +111,8 @@ def _run_store(config: PdpConfig) -> tuple[RunStore, HighWater]:
     """In this process (state rebuilt from the log), or Redis shared by replicas."""
     if config.store == "memory":
         return MemoryRunStore(), SqliteHighWater(config.state / STATE_DB)
+    from pdp.ledger.redis import RedisRunStore  # only with --store redis://: ~0.2 s of import
+
     # The URL may carry a password (in the authority or the query): never echo it.
     shown = f"--store {urlsplit(config.store).scheme}://{urlsplit(config.store).hostname}"
     try:
@@ -245,6 +249,8 @@ def _start(
     )
     rest = None
     if config.http and listeners.rest_socket is not None:  # both or neither (listen)
+        from pdp.server.rest import RestServer  # aiohttp: ~0.3 s of import, only with --http
+
         rest = RestServer(
             service,
             config.http,

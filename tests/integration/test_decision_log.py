@@ -66,27 +66,28 @@ async def _call(url: str, arguments: dict[str, Any]) -> Any:
         return await session.call_tool("search", arguments)
 
 
-@pytest.mark.parametrize(
-    "score", [0.5, -2.25, 123456.789], ids=["half", "negative", "six-decimals"]
-)
+# One sidecar and one PDP for every value: each call is its own decision, record and
+# forwarded call, so the cases need no process of their own.
+SCORES = {"half": 0.5, "negative": -2.25, "six-decimals": 123456.789}
+
+
 def test_a_fractional_number_argument_is_decided_forwarded_and_logged(
-    score: float,
-    pep: PepProcess,
-    pdp: PdpProcess,
-    fakes: FakeUpstreams,
-    signer: Signer,
-    tmp_path: Path,
+    pep: PepProcess, pdp: PdpProcess, fakes: FakeUpstreams, signer: Signer, tmp_path: Path
 ) -> None:
-    result = asyncio.run(_call(f"{pep.url}/mcp/kb", {"query": "refunds", "score": score}))
-    assert not result.is_error
-    assert fakes.recorder.tool_calls("mcp-sse") == ["search"]  # forwarded as decided
+    for case, score in SCORES.items():
+        result = asyncio.run(_call(f"{pep.url}/mcp/kb", {"query": "refunds", "score": score}))
+        assert not result.is_error, case
+    # forwarded as decided
+    assert fakes.recorder.tool_calls("mcp-sse") == ["search"] * len(SCORES)
     calls = [
         r
         for r in records(tmp_path / "state")
         if r["kind"] == "decision" and "args" in r["input"].get("action", {})
     ]
-    assert [c["input"]["action"]["args"] for c in calls] == [{"query": "refunds", "score": score}]
-    assert calls[0]["result"]["allow"] is True and calls[0]["reservation_id"]
+    assert [c["input"]["action"]["args"] for c in calls] == [
+        {"query": "refunds", "score": score} for score in SCORES.values()
+    ]
+    assert all(c["result"]["allow"] is True and c["reservation_id"] for c in calls)
     assert pdp.stop() == 0
     again = start_pdp(signer, tmp_path / "state")  # the log's head is read back: it restarts
     assert again.stop() == 0
@@ -112,25 +113,31 @@ def _remaining_tool_calls(pdp: PdpProcess, run_id: str) -> int:
         return int(stub.GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining.tool_calls)
 
 
-@pytest.mark.parametrize(
-    "args_json",
-    [b'{"query":"\\ud800"}', b'{"query":"q","\\udfff":1}'],
-    ids=["lone-surrogate-value", "lone-surrogate-name"],
-)
+UNSPELLABLE = {
+    "lone-surrogate-value": b'{"query":"\\ud800"}',
+    "lone-surrogate-name": b'{"query":"q","\\udfff":1}',
+}
+
+
 def test_an_action_the_log_cannot_spell_is_refused_logged_and_holds_nothing(
-    args_json: bytes, pdp: PdpProcess, signer: Signer, tmp_path: Path
+    pdp: PdpProcess, signer: Signer, tmp_path: Path
 ) -> None:
     run_id = _run(pdp, signer)
-    tool = pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=args_json)
-    answer = _decide(pdp, pdp_pb2.DecideRequest(run_id=run_id, request_id="r1", action=tool))
-    assert not answer.allow and answer.reasons[0].code == "bad_request"
-    assert answer.decision_id.startswith("dec_") and not answer.reservation_id
-    assert _remaining_tool_calls(pdp, run_id) == 100  # nothing held
-    logged = [r for r in records(tmp_path / "state") if r.get("decision_id") == answer.decision_id]
-    assert len(logged) == 1 and logged[0]["result"]["allow"] is False
-    assert "args" not in logged[0]["input"].get("action", {})  # what could not be spelled
-    fine = pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=b'{"query":"q"}')
-    assert _decide(pdp, pdp_pb2.DecideRequest(run_id=run_id, request_id="r2", action=fine)).allow
+    for i, (case, args_json) in enumerate(UNSPELLABLE.items()):
+        tool = pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=args_json)
+        request = pdp_pb2.DecideRequest(run_id=run_id, request_id=f"bad-{i}", action=tool)
+        answer = _decide(pdp, request)
+        assert not answer.allow and answer.reasons[0].code == "bad_request", case
+        assert answer.decision_id.startswith("dec_") and not answer.reservation_id, case
+        assert _remaining_tool_calls(pdp, run_id) == 100 - i, case  # nothing held
+        logged = [
+            r for r in records(tmp_path / "state") if r.get("decision_id") == answer.decision_id
+        ]
+        assert len(logged) == 1 and logged[0]["result"]["allow"] is False, case
+        assert "args" not in logged[0]["input"].get("action", {}), case  # could not be spelled
+        fine = pdp_pb2.Action(kind="tool", target="tool:kb/search", args_json=b'{"query":"q"}')
+        request = pdp_pb2.DecideRequest(run_id=run_id, request_id=f"fine-{i}", action=fine)
+        assert _decide(pdp, request).allow, case
     assert pdp.stop() == 0
     verified = audit_verify(tmp_path / "state")
     assert verified.returncode == 0, verified.stderr

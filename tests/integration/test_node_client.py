@@ -14,26 +14,39 @@ from pathlib import Path
 import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import ROOT, PdpProcess
-
-EXAMPLE = ROOT / "examples" / "node"
+from tests.harness import PdpProcess, locked_node_example
 
 
 @pytest.fixture(scope="module")
 def node_example() -> Path:
     for tool in ("node", "npm"):
         assert shutil.which(tool), f"{tool} is missing: see scripts/system-tools.sh"
-    # Exactly the locked versions; no install scripts (none is needed to load a .proto).
-    done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-        cwd=EXAMPLE,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    with locked_node_example() as example:
+        # Exactly the locked versions; no install scripts (none is needed to load a .proto).
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+            cwd=example,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr
-    return EXAMPLE
+    return example
+
+
+def node_client(*args: str) -> subprocess.CompletedProcess[str]:
+    """``node client.js ARGS`` in examples/node, held so no other worker's npm ci runs under
+    it (held per run, not per module: a worker idle at the end may keep a module open)."""
+    with locked_node_example() as example:
+        return subprocess.run(
+            ["node", "client.js", *args],
+            cwd=example,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def test_node_client_registers_and_gets_an_allowed_and_a_refused_decision(
@@ -41,14 +54,7 @@ def test_node_client_registers_and_gets_an_allowed_and_a_refused_decision(
 ) -> None:
     envelope = tmp_path / "envelope.json"
     envelope.write_bytes(demo_envelope + b"\n")
-    done = subprocess.run(
-        ["node", "client.js", pdp.address, str(envelope)],
-        cwd=node_example,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = node_client(pdp.address, str(envelope))
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["allowed"]["allow"] is True and answer["allowed"]["codes"] == []
@@ -66,12 +72,5 @@ def test_node_client_fails_loudly_without_a_pdp(node_example: Path, tmp_path: Pa
 
     envelope = tmp_path / "envelope.json"
     envelope.write_text("{}")
-    done = subprocess.run(
-        ["node", "client.js", f"127.0.0.1:{free_port()}", str(envelope)],
-        cwd=node_example,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = node_client(f"127.0.0.1:{free_port()}", str(envelope))
     assert done.returncode == 1 and done.stderr.startswith("abc node client:")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, PdpProcess, Signer, start_pdp
+from tests.harness import ROOT, PdpProcess, Signer, locked_node_example, start_pdp
 
 SECTION = (ROOT / "README.md").read_text().split("\n## Calling the PDP\n", 1)[1].split("\n## ")[0]
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", SECTION, re.DOTALL)
@@ -68,7 +68,8 @@ def test_python_grpc_example(rest_pdp: PdpProcess, workdir: Path) -> None:
 
 def test_node_example(rest_pdp: PdpProcess, workdir: Path) -> None:
     command = block("sh", "node examples/node").replace("127.0.0.1:9191", rest_pdp.address)
-    answer = json.loads(run(["bash", "-c", command], workdir).splitlines()[-1])  # after npm's
+    with locked_node_example():  # its npm ci replaces examples/node/node_modules
+        answer = json.loads(run(["bash", "-c", command], workdir).splitlines()[-1])  # after npm's
     assert answer["allowed"]["allow"] is True
     assert answer["refused"]["codes"] == ["tool_not_allowed"]
     source = (ROOT / "examples" / "node" / "client.js").read_text()
