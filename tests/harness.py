@@ -280,11 +280,22 @@ class PepProcess(_Child):
     log: Path
 
 
+TEST_PDP_DEADLINE_MS = 3000
+
+
 @_with_fresh_ports
 def start_pep(
     pdp_address: str, upstreams: dict[str, str], log_dir: Path, *extra: str
 ) -> PepProcess:
-    """Start abc-pep on free loopback ports; ``extra`` carries --run or --manifest and more."""
+    """Start abc-pep on free loopback ports; ``extra`` carries --run or --manifest and more.
+
+    Unless a test names its own ``--pdp-deadline-ms``, the sidecar waits up to
+    ``TEST_PDP_DEADLINE_MS`` for a decision instead of the product's 250 ms: these tests are
+    about what is decided, and on a loaded two-core machine (two test workers, each with
+    its own PDPs) a decision may take longer. The deadline itself is proven by the tests
+    that set 250 ms explicitly (tests/integration/test_pep_failures.py)."""
+    if "--pdp-deadline-ms" not in extra:
+        extra = (*extra, "--pdp-deadline-ms", str(TEST_PDP_DEADLINE_MS))
     port, metrics_port = free_port(), free_port()
     log = log_dir / f"pep-{port}.log"
     args = [

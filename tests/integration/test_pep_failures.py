@@ -65,6 +65,8 @@ def test_a_slow_or_lying_pdp_means_refusal(mode: str, fakes: FakeUpstreams, tmp_
         tmp_path,
         "--run",
         "run_any",
+        "--pdp-deadline-ms",
+        "250",  # the product's default, which this test is about
     )
     try:
         started = time.monotonic()
@@ -97,6 +99,8 @@ def test_pdp_killed_mid_run_refuses_within_the_deadline(
         tmp_path,
         "--manifest",
         str(envelope),
+        "--pdp-deadline-ms",
+        "250",  # the product's default, which this test is about
     )
     client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key="k", max_retries=0)
     try:
