@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The mcp 1.x clients the tests drive (LangGraph's among them): mcp 1.x cannot share .venv
+# with the suite's mcp 2.x, so they get a second, small environment of their own.
+VENV_MCP1 := .venv-mcp1
+STAMP_MCP1 := $(VENV_MCP1)/.installed
 
 .PHONY: install system-tools test lint demo bench soak image-test format clean
 
@@ -23,7 +27,15 @@ $(STAMP): requirements.lock pyproject.toml
 system-tools:
 	scripts/system-tools.sh
 
-test: $(STAMP) system-tools
+# --no-deps: the lock holds every package the clients import, and only those (see its header);
+# --no-compile: only the few modules the clients import get bytecode, at first import.
+$(STAMP_MCP1): requirements-mcp1.lock
+	test -x $(VENV_MCP1)/bin/python || $(PYTHON) -m venv $(VENV_MCP1)
+	$(VENV_MCP1)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes \
+		--no-deps --no-compile -r requirements-mcp1.lock
+	touch $(STAMP_MCP1)
+
+test: $(STAMP) $(STAMP_MCP1) system-tools
 	$(BIN)/abcctl policy test policies
 	$(BIN)/python -m pytest tests --ignore=tests/bench
 
@@ -53,4 +65,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix pdp pep tests deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MCP1) .pytest_cache .mypy_cache .ruff_cache
