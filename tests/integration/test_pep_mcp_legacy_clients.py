@@ -11,12 +11,15 @@ refused, never forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.fakes.scripted_model import ScriptedModel
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
@@ -39,7 +42,35 @@ def intent() -> str:
     grants += "prompts:\n" + "".join(f"  - server: {name}\n    name: summarize\n" for name in names)
     uses = " ".join(f"resource:{name}/file:///docs/, prompt:{name}/summarize," for name in names)
     text = pep_intent().replace("\nbudgets:", f"\n{grants}\nbudgets:", 1)
-    return text.replace("tool:kb/search,", f"tool:kb/search, {uses}", 1)
+    text = text.replace("tools:\n", "tools:\n  - server: kblinger\n    name: search\n", 1)
+    return text.replace("tool:kb/search,", f"tool:kb/search, tool:kblinger/search, {uses}", 1)
+
+
+async def lingering(request: web.Request) -> web.StreamResponse:
+    """An MCP server that keeps each SSE answer open after its one message, as servers that
+    stream progress do: mcp 1.x hangs up as soon as it has its response."""
+    body = await request.json()
+    if "id" not in body:
+        return web.Response(status=202)
+    message: dict[str, Any] = {"jsonrpc": "2.0", "id": body["id"]}
+    if body["method"] == "initialize":
+        message["result"] = {
+            "protocolVersion": body["params"]["protocolVersion"],
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "lingering", "version": "1"},
+        }
+    elif body["method"] == "tools/list":
+        names = ("search", "delete_everything")
+        message["result"] = {
+            "tools": [{"name": n, "inputSchema": {"type": "object"}} for n in names]
+        }
+    else:
+        message["error"] = {"code": -32601, "message": "not here"}
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(f"event: message\ndata: {json.dumps(message)}\n\n".encode())
+    await asyncio.sleep(1)  # still open when the client hangs up
+    return response
 
 
 def run_client(script: str, *args: str) -> dict[str, Any]:
@@ -49,7 +80,9 @@ def run_client(script: str, *args: str) -> dict[str, Any]:
         [str(PYTHON), str(CLIENTS / script), *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        # Seconds on an idle machine (the imports are most of it); generous, because a
+        # loaded 2-core machine stretches LangGraph's imports past a minute.
+        timeout=240,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -72,9 +105,16 @@ def pep(
 ) -> Iterator[PepProcess]:
     path = tmp_path_factory.mktemp("legacy") / "envelope.json"
     path.write_bytes(signer.freeze(intent(), "legacy"))
-    process = start_pep(pdp.address, upstream_map(fakes), path.parent, "--manifest", str(path))
+    app = web.Application()
+    app.router.add_post("/mcp", lingering)
+    port = free_port()
+    thread = AiohttpThread({"lingering": (app, port)})
+    thread.start(10)
+    upstreams = {**upstream_map(fakes), "mcp:kblinger": f"http://127.0.0.1:{port}/mcp"}
+    process = start_pep(pdp.address, upstreams, path.parent, "--manifest", str(path))
     yield process
     process.stop()
+    thread.stop(5)
 
 
 def reason(outcome: dict[str, Any]) -> tuple[int, str | None]:
@@ -90,16 +130,19 @@ def sessions(pep: PepProcess, fakes: FakeUpstreams) -> dict[str, tuple[dict[str,
     seen = {upstream: len(fakes.recorder.find(upstream)) for _, upstream in SERVERS.values()}
     before = pep.output()
     urls = [f"{pep.url}/mcp/{SERVERS[framing][0]}@{version}" for framing, version in targets]
-    found = run_client("mcp1_session.py", *urls)
+    found = run_client("mcp1_session.py", *urls, f"{pep.url}/mcp/kblinger@{VERSIONS[-1]}")
+    lingered = found.pop()
+    time.sleep(1)  # the lingering server's answers have all ended by now
     logged = pep.output()[len(before) :]
     reached = {
         upstream: b"".join(r.raw_body for r in fakes.recorder.find(upstream)[seen[upstream] :])
         for _, upstream in SERVERS.values()
     }
-    return {
+    outcomes = {
         f"{framing}-{version}": (session, reached[SERVERS[framing][1]], logged)
         for (framing, version), session in zip(targets, found, strict=True)
     }
+    return {**outcomes, "lingering": (lingered, b"", logged)}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -151,6 +194,18 @@ def test_the_1x_client_in_a_legacy_session_sees_only_what_is_granted(
     for method in ("resources/subscribe", "logging/setLevel", "completion/complete"):
         assert f'"{method}"'.encode() in reached
     # mcp 1.x closes an SSE answer as soon as it has its response: nothing to log for it.
+    assert "Traceback" not in logged and "ERROR" not in logged
+    assert "upstream mcp failed" not in logged
+
+
+def test_the_1x_client_leaving_answers_early_is_no_failure(
+    sessions: dict[str, tuple[dict[str, Any], bytes, str]],
+) -> None:
+    """Every answer of the lingering server is still open when the client has its
+    response and hangs up: filtered all the same, and nothing logged or counted."""
+    found, _, logged = sessions["lingering"]
+    assert [tool["name"] for tool in found["tools"]["result"]["tools"]] == ["search"]
+    assert found["refused"]["result"]["_meta"]["abc/reason"] == "tool_not_allowed"
     assert "Traceback" not in logged and "ERROR" not in logged
     assert "upstream mcp failed" not in logged
 
