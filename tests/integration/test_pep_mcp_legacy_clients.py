@@ -3,7 +3,8 @@
 Both need mcp 1.x, which cannot share the suite's venv with mcp 2.3: they run in
 ``.venv-mcp1`` (``requirements-mcp1.lock``, built by ``make test``) as scripts from
 ``tests/clients/`` that print JSON, against a real abc-pep → real abc-pdp → the SDK-built
-MCP servers (SSE and JSON framings); LangGraph's model is ``ChatOpenAI`` on the scripted
+MCP servers (SSE and JSON framings, and one that keeps its answers open after the
+response, which mcp 1.x leaves early); LangGraph's model is ``ChatOpenAI`` on the scripted
 Chat Completions fake. The legacy revisions (2025-06-18, 2025-11-25: ``initialize``,
 ``Mcp-Session-Id``) end to end, and every method of them the manifest does not grant
 refused, never forwarded.
@@ -73,7 +74,8 @@ async def lingering(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def run_client(script: str, *args: str) -> dict[str, Any]:
+def run_client(script: str, *args: str) -> Any:
+    """What the client script printed (JSON); it runs in .venv-mcp1."""
     if not PYTHON.exists():
         pytest.fail(f"{PYTHON} is missing: `make test` builds it from requirements-mcp1.lock")
     done = subprocess.run(
@@ -86,8 +88,7 @@ def run_client(script: str, *args: str) -> dict[str, Any]:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    found: dict[str, Any] = json.loads(done.stdout)
-    return found
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
