@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The mcp 1.x clients the tests drive (LangGraph's among them): mcp 1.x cannot share .venv
+# with the suite's mcp 2.x, so they get a second, small environment of their own.
+VENV_MCP1 := .venv-mcp1
+STAMP_MCP1 := $(VENV_MCP1)/.installed
 
 .PHONY: install system-tools test lint demo bench soak image-test format clean
 
@@ -23,12 +27,21 @@ $(STAMP): requirements.lock pyproject.toml
 system-tools:
 	scripts/system-tools.sh
 
+# uv (pinned in .venv) downloads in parallel: pip takes a minute here, uv seconds. --no-deps:
+# the lock holds every package the clients import, and only those (see its header); every
+# file is hash-checked, so taking a version from whichever configured index has it is safe.
+$(STAMP_MCP1): requirements-mcp1.lock $(STAMP)
+	test -x $(VENV_MCP1)/bin/python || $(PYTHON) -m venv --without-pip $(VENV_MCP1)
+	$(BIN)/uv pip install --quiet --python $(VENV_MCP1)/bin/python --require-hashes --no-deps \
+		--index-strategy unsafe-best-match -r requirements-mcp1.lock
+	touch $(STAMP_MCP1)
+
 # Two pytest workers (pytest-xdist), each taking whole test files so that a module's shared
 # PDP and sidecar start once: most of the suite waits on processes it starts. WORKERS=0
 # runs everything in this one process.
 WORKERS ?= 2
 
-test: $(STAMP) system-tools
+test: $(STAMP) $(STAMP_MCP1) system-tools
 	$(BIN)/abcctl policy test policies
 	$(BIN)/python -m pytest tests --ignore=tests/bench $(if $(filter-out 0,$(WORKERS)),-n $(WORKERS) --dist loadfile)
 
@@ -58,4 +71,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix pdp pep tests deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_MCP1) .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,7 @@
 # Regenerate the image's locks after requirements.lock changes: the same versions and hashes
 # (requirements.lock is the constraint), limited to what each image stage installs, and
 # wheels only for Linux x86-64 with glibc 2.36 (Debian bookworm, the image's base).
-# Needs uv in the venv: .venv/bin/pip install uv
+# Needs uv, which .venv has (requirements.lock).
 # opa-golib-python-bindings asks for Python 3.14 in its metadata (its wheel runs on 3.11), so
 # uv cannot resolve it for 3.11: its entry in runtime.lock and demo.lock is the one from
 # requirements.lock, copied by hand (tests/deploy/test_docker.py checks they agree).

@@ -27,7 +27,9 @@ __all__ = [
     "anthropic_action",
     "cap_to_write",
     "http_action",
+    "mcp_completion_action",
     "mcp_list_probe",
+    "mcp_listen_action",
     "mcp_prompt_action",
     "mcp_resource_action",
     "mcp_tool_action",
@@ -231,9 +233,10 @@ def mcp_tool_action(server: str, params: Any) -> pdp_pb2.Action:
 
 
 def mcp_resource_action(server: str, params: Any) -> pdp_pb2.Action:
-    """A ``resources/read`` request's params: the resource URI, as sent."""
+    """A ``resources/read`` or ``resources/subscribe`` request's params: the resource URI,
+    as sent (a subscription is the same capability: it tells when the resource changes)."""
     if not isinstance(params, dict) or not isinstance(params.get("uri"), str):
-        raise MappingError("resources/read needs params.uri")
+        raise MappingError("a resource request needs params.uri")
     return pdp_pb2.Action(
         kind="resource", target=_target("resource", f"resource:{server}/{params['uri']}")
     )
@@ -248,10 +251,42 @@ def mcp_prompt_action(server: str, params: Any) -> pdp_pb2.Action:
     )
 
 
+def mcp_completion_action(server: str, params: Any) -> pdp_pb2.Action:
+    """A ``completion/complete`` request's params: judged as what it completes for, a
+    prompt by name or a resource template by its URI template (granted, like a template
+    in a list, only when it lies under a granted URI prefix): completions of what is not
+    granted would leak it."""
+    ref = params.get("ref") if isinstance(params, dict) else None
+    kind = ref.get("type") if isinstance(ref, dict) else None
+    if kind == "ref/prompt":
+        return mcp_prompt_action(server, ref)
+    if kind == "ref/resource":
+        return mcp_resource_action(server, ref)
+    raise MappingError("completion/complete needs params.ref: a ref/prompt or a ref/resource")
+
+
+def mcp_listen_action(server: str, params: Any) -> pdp_pb2.Action | None:
+    """A 2026-07-28 ``subscriptions/listen``: None (nothing to decide) unless it subscribes
+    to a resource's updates, which is judged as that resource. One URI per request: one
+    request gets one decision, and a client can open one stream per resource."""
+    notifications = params.get("notifications") if isinstance(params, dict) else None
+    if not isinstance(notifications, dict):
+        raise MappingError("subscriptions/listen needs params.notifications")
+    uris = notifications.get("resourceSubscriptions")
+    if uris is None or uris == []:
+        return None
+    if not isinstance(uris, list) or len(uris) != 1:
+        raise MappingError("subscriptions/listen may subscribe to one resource per request")
+    return mcp_resource_action(server, {"uri": uris[0]})
+
+
 # What each MCP list holds, and the field that names each entry: the kind it is judged as.
 MCP_LISTS = {
     "tools": ("tool", "name"),
     "resources": ("resource", "uri"),
+    # A template is judged by its URI template as a URI: shown only when it lies under a
+    # granted prefix, so every URI it expands to does too.
+    "resourceTemplates": ("resource", "uriTemplate"),
     "prompts": ("prompt", "name"),
 }
 

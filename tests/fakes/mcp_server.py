@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
+from mcp.types import Completion, ToolAnnotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.fakes._support import UPSTREAM_HEADER
@@ -76,6 +76,22 @@ def build_mcp_server(name: str = "fake-upstream-mcp") -> MCPServer[Any]:
     def keys() -> str:
         """Signing keys (a governed agent must never read this)."""
         return "sk-live-not-really"
+
+    # Templates, granted or not: a list shows a template only under a granted URI prefix.
+    @server.resource("file:///docs/{name}", mime_type="text/markdown")
+    def doc(name: str) -> str:
+        """Any article of the docs."""
+        return f"Doc {name}."
+
+    @server.resource("file:///secret/{name}", mime_type="text/plain")
+    def secret(name: str) -> str:
+        """Any secret (a governed agent must never read one)."""
+        return f"Secret {name}."
+
+    @server.completion()
+    async def complete(ref: Any, argument: Any, context: Any) -> Completion:
+        """Completions echo the value asked about, so a test sees which reached the server."""
+        return Completion(values=[f"{argument.value}-suggested"])
 
     @server.prompt()
     def summarize(text: str) -> str:

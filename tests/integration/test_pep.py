@@ -580,9 +580,9 @@ def _mcp_post(pep: PepProcess, message: Any, method: str = "POST") -> httpx.Resp
             {
                 "jsonrpc": "2.0",
                 "id": 2,
-                # resources/read is governed now (a capability); a subscription is not.
-                "method": "resources/subscribe",
-                "params": {"uri": "file:///etc"},
+                # 2025-11-25's tasks are not governed: default deny.
+                "method": "tasks/list",
+                "params": {},
             },
             "POST",
         ),

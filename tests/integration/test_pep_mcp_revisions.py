@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from mcp import Client
 from mcp.shared.exceptions import MCPError
+from mcp.types import PromptReference, ResourceTemplateReference
 
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
 from tests.harness import PdpProcess, PepProcess, Signer, free_port, sample, start_pep
@@ -362,3 +363,68 @@ def test_resources_and_prompts_are_capabilities_like_tools(
     reached = fakes.recorder.find("mcp-sse")[seen_before:]
     bodies = b"".join(r.raw_body for r in reached)
     assert b"keys.txt" not in bodies and b"jailbreak" not in bodies
+
+
+def test_templates_and_completions_in_2026_are_judged_like_reads_and_gets(
+    pep: PepProcess, fakes: FakeUpstreams
+) -> None:
+    """The 2026-07-28 side of the method mapping (the legacy side: the 1.x client, in
+    test_pep_mcp_legacy_clients): a template is listed only under a granted URI prefix,
+    and a completion is judged as the prompt or template it completes."""
+    seen_before = len(fakes.recorder.find("mcp-sse"))
+
+    async def work() -> dict[str, Any]:
+        async with Client(f"{pep.url}/mcp/kb", mode="auto") as client:
+            templates = (await client.list_resource_templates()).resource_templates
+            found: dict[str, Any] = {"templates": [t.uri_template for t in templates]}
+            refs = {
+                "prompt": PromptReference(name="summarize"),
+                "template": ResourceTemplateReference(uri="file:///docs/{name}"),
+                "prompt_refused": PromptReference(name="jailbreak"),
+                "template_refused": ResourceTemplateReference(uri="file:///secret/{name}"),
+            }
+            for name, ref in refs.items():
+                try:
+                    done = await client.complete(ref, {"name": "name", "value": "re"})
+                    found[name] = done.completion.values
+                except MCPError as exc:
+                    found[name] = (exc.error.code, (exc.error.data or {}).get("reason"))
+            return found
+
+    found = asyncio.run(work())
+    assert found == {
+        "templates": ["file:///docs/{name}"],
+        "prompt": ["re-suggested"],
+        "template": ["re-suggested"],
+        "prompt_refused": (-32003, "prompt_not_allowed"),
+        "template_refused": (-32003, "resource_not_allowed"),
+    }
+    reached = b"".join(r.raw_body for r in fakes.recorder.find("mcp-sse")[seen_before:])
+    assert b"jailbreak" not in reached and b"file:///secret/" not in reached
+
+
+@pytest.mark.parametrize(
+    ("notifications", "code", "reason"),
+    [
+        ({"toolsListChanged": True}, None, None),
+        ({"resourceSubscriptions": ["file:///secret/keys.txt"]}, -32003, "resource_not_allowed"),
+        ({"resourceSubscriptions": ["file:///a", "file:///b"]}, -32602, "bad_request"),
+    ],
+    ids=["list-changes-only", "ungranted-resource", "two-resources"],
+)
+def test_a_listen_is_decided_on_the_resource_it_subscribes_to(
+    pep: PepProcess,
+    scripted: tuple[Scripted, str],
+    notifications: dict[str, Any],
+    code: int | None,
+    reason: str | None,
+) -> None:
+    server, _ = scripted
+    before = len(server.seen)
+    message = modern("subscriptions/listen", {"notifications": notifications}, 11)
+    answer = post(pep, message, headers_for(message))
+    if code is None:  # nothing granted by it: forwarded as sent
+        assert "result" in answer and server.seen[-1][0] == message
+        return
+    assert (answer["error"]["code"], answer["error"]["data"]["reason"]) == (code, reason)
+    assert len(server.seen) == before

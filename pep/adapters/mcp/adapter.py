@@ -3,12 +3,16 @@
 - ``tools/call``: decided on the tool name and its arguments as sent, in either revision;
   a 2026-07-28 retry carrying ``inputResponses`` / ``requestState`` (after an
   ``InputRequiredResult``) is the same tool call sent again, so it is decided again.
-  ``resources/read`` is decided on the URI, ``prompts/get`` on the prompt name.
-- Tool, resource and prompt lists (and any other answer holding one): filtered
-  (``answers``).
-- ``initialize``, ``server/discover``, ``ping``, notifications, GET/DELETE and the client's
-  answers to server requests are forwarded undecided (their answers still filtered); any
-  other method is refused (default deny).
+  ``resources/read`` and ``resources/subscribe`` are decided on the URI, ``prompts/get``
+  on the prompt name, ``completion/complete`` on what it completes (a prompt, a resource
+  template), a 2026-07-28 ``subscriptions/listen`` on the resource it subscribes to.
+- Tool, resource, resource template and prompt lists (and any other answer holding one):
+  filtered (``answers``).
+- ``initialize``, ``server/discover``, ``ping``, ``logging/setLevel``,
+  ``resources/unsubscribe``, notifications, GET/DELETE and the client's answers to server
+  requests are forwarded undecided (their answers still filtered): none grants a
+  capability. Any other method (the 2025-11-25 ``tasks/*`` among them) is refused
+  (default deny). The table per revision is in the README (MCP section).
 - Routing headers must say what the body says (``envelope``); session headers
   (``Mcp-Session-Id``) pass through untouched both ways.
 """
@@ -21,7 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from pdp.api import pdp_pb2
-from pdp.api.mapping import mcp_prompt_action, mcp_resource_action, mcp_tool_action
+from pdp.api.mapping import (
+    mcp_completion_action,
+    mcp_listen_action,
+    mcp_prompt_action,
+    mcp_resource_action,
+    mcp_tool_action,
+)
 from pdp.api.reasons import MappingError
 from pep.adapters.base import Call, parse_json_object
 from pep.adapters.mcp.answers import AnswerFilter
@@ -46,16 +56,23 @@ from pep.pdp_client import Verdict
 
 __all__ = ["McpAdapter"]
 
-# Forwarded undecided: the handshake, discovery and liveness carry no capability.
-PASS_THROUGH = frozenset({"initialize", "server/discover", "ping"})
-# Decided: each names one capability (a tool and its arguments, a resource URI, a prompt).
-DECIDED: dict[str, Callable[[str, Any], pdp_pb2.Action]] = {
+# Forwarded undecided: the handshake, discovery and liveness carry no capability; a log
+# level or an unsubscribe only changes what the server sends of its own accord.
+PASS_THROUGH = frozenset(
+    {"initialize", "server/discover", "ping", "logging/setLevel", "resources/unsubscribe"}
+)
+# Decided: each names one capability (a tool and its arguments, a resource URI, a prompt);
+# None from the mapping: this request names none (a listen for list changes only).
+DECIDED: dict[str, Callable[[str, Any], pdp_pb2.Action | None]] = {
     "tools/call": mcp_tool_action,
     "resources/read": mcp_resource_action,
+    "resources/subscribe": mcp_resource_action,
     "prompts/get": mcp_prompt_action,
+    "completion/complete": mcp_completion_action,
+    "subscriptions/listen": mcp_listen_action,
 }
 # Forwarded, their answers filtered entry by entry (every page: each is an answer).
-LISTS = frozenset({"tools/list", "resources/list", "prompts/list"})
+LISTS = frozenset({"tools/list", "resources/list", "resources/templates/list", "prompts/list"})
 
 
 def _plain_id(value: Any) -> bool:
@@ -148,6 +165,8 @@ class McpAdapter:
             except MappingError as exc:
                 refused = McpRequest(rpc.id, method, rpc.modern, code=INVALID_PARAMS)
                 raise _Refused(refused, str(exc)) from exc
+            if action is None:
+                return self._passed(server, body, rpc)
             return Call(action=action, body=body, mcp=rpc, respond=self._filter(server, rpc.id))
         if method in LISTS:
             return Call(
