@@ -151,12 +151,14 @@ def _ended_runs_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
         ).allow
 
     rss: dict[str, float] = {}
-    with ThreadPoolExecutor(4) as pool:
-        done = 0
-        for upto in (1_000, ENDED_RUNS):
-            list(pool.map(one_run, range(done, upto)))
-            done = upto
-            rss[str(upto)] = rss_mb(pdp.process.pid)
-    channel.close()
-    assert pdp.stop() == 0
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            done = 0
+            for upto in (1_000, ENDED_RUNS):
+                list(pool.map(one_run, range(done, upto)))
+                done = upto
+                rss[str(upto)] = rss_mb(pdp.process.pid)
+    finally:
+        channel.close()
+        assert pdp.stop() == 0
     return rss

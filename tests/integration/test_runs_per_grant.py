@@ -179,6 +179,7 @@ def _refused_start(pdp: PdpProcess, digest: str, key: str) -> grpc.RpcError:
     return refused.value
 
 
+@pytest.mark.timeout(300)  # 50-70 s alone; a CI machine running other suites doubles it
 def test_300_runs_from_16_clients_over_three_replicas_each_spend_exactly_their_own_budget(
     signer: Signer,
     redis_server: RedisProcess,
