@@ -12,12 +12,8 @@ STAMP_MCP1 := $(VENV_MCP1)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --ignore-requires-python: only for opa-golib-python-bindings (see requirements.lock);
-	# every pin is exact and hash-checked, so nothing else can resolve differently.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes \
-		--ignore-requires-python -r requirements.lock
+$(STAMP): requirements.lock pyproject.toml scripts/venv.sh
+	scripts/venv.sh $(VENV) requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -27,13 +23,8 @@ $(STAMP): requirements.lock pyproject.toml
 system-tools:
 	scripts/system-tools.sh
 
-# uv (pinned in .venv) downloads in parallel: pip takes a minute here, uv seconds. --no-deps:
-# the lock holds every package the clients import, and only those (see its header); every
-# file is hash-checked, so taking a version from whichever configured index has it is safe.
 $(STAMP_MCP1): requirements-mcp1.lock $(STAMP)
-	test -x $(VENV_MCP1)/bin/python || $(PYTHON) -m venv --without-pip $(VENV_MCP1)
-	$(BIN)/uv pip install --quiet --python $(VENV_MCP1)/bin/python --require-hashes --no-deps \
-		--index-strategy unsafe-best-match -r requirements-mcp1.lock
+	scripts/venv.sh $(VENV_MCP1) requirements-mcp1.lock
 	touch $(STAMP_MCP1)
 
 # Two pytest workers (pytest-xdist), each taking whole test files so that a module's shared
