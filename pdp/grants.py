@@ -21,7 +21,7 @@ from pdp.decisionlog import (
 )
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import AbcError, ManifestExpired, ManifestUnknown, RunClosed
-from pdp.ledger import Ledger, Run, check_run_key, run_id_for
+from pdp.ledger import Ledger, RegistryState, Run, check_run_key, run_id_for
 from pdp.manifest import (
     HighWater,
     TrustStore,
@@ -71,7 +71,7 @@ class Grants:
                 )
             )
             raise
-        run = self._ledger.runs.register(verified, self._prepare(verified))
+        run = self._ledger.runs.register(verified, self._prepare(verified), raw_envelope, now)
         self._ledger.store.put_envelope(run.run_id, raw_envelope)
         self._log.append(
             RegistrationRecord(
@@ -111,7 +111,7 @@ class Grants:
         except AbcError as exc:
             log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
             return None
-        return self._ledger.runs.register(verified, self._prepare(verified))
+        return self._ledger.runs.register(verified, self._prepare(verified), raw, trust_now)
 
     def run(self, run_id: str, now: datetime) -> Run:
         """The run, compiled here. One registered on another replica is loaded from the
@@ -170,6 +170,17 @@ class Grants:
         if isinstance(record, RegistrationRecord):
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
             return
-        grant = self._ledger.runs.find(record.grant_run_id)
+        self._start_again(record.grant_run_id, record.run_key)
+
+    def import_state(self, state: RegistryState) -> None:
+        """Rebuild the grants and runs of a snapshot, as ``restore`` rebuilds them from
+        their records: each envelope verified again as of when it was accepted."""
+        for run_id, raw, accepted in state.grants:
+            self._load(run_id, raw, accepted)
+        for grant_run_id, run_key in state.runs:
+            self._start_again(grant_run_id, run_key)
+
+    def _start_again(self, grant_run_id: str, run_key: str) -> None:
+        grant = self._ledger.runs.find(grant_run_id)
         if grant is not None:
-            self._ledger.runs.start(grant, record.run_key)
+            self._ledger.runs.start(grant, run_key)

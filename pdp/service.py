@@ -25,6 +25,7 @@ from pdp.bundle import PolicyBundle
 from pdp.decisionlog import (
     DecisionLog,
     DecisionRecord,
+    LogPosition,
     Record,
     RegistrationRecord,
     RunStartRecord,
@@ -39,12 +40,14 @@ from pdp.errors import (
     ReasonCode,
     RequestIdReused,
 )
+from pdp.gate import StateGate
 from pdp.grants import Grants
 from pdp.ledger import (
     Applied,
     DecisionOutcome,
     Ledger,
     MemoryRunStore,
+    RegistryState,
     Run,
     RunStore,
 )
@@ -142,16 +145,19 @@ class DecisionService:
             store if store is not None else MemoryRunStore(), log, reservation_ttl
         )
         self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
+        self._gate = StateGate()
         metrics.watch_budgets(self._ledger.runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
         compile; or raise. Binds the grant's default run."""
-        return self._grants.register(raw_envelope, now)
+        with self._gate.changing():
+            return self._grants.register(raw_envelope, now)
 
     def start_run(self, manifest_digest: str, run_key: str, now: datetime) -> tuple[Run, bool]:
         """The run of ``run_key`` under a registered grant, and whether this call started it."""
-        return self._grants.start(manifest_digest, run_key, now)
+        with self._gate.changing():
+            return self._grants.start(manifest_digest, run_key, now)
 
     # Deciding: claim the request id, judge, apply, record.
 
@@ -163,6 +169,12 @@ class DecisionService:
         A request id seen before for this run gets the answer it got then: the same
         decision id and reservation, never a second charge.
         """
+        with self._gate.changing():
+            return self._decide(run_id, request_id, action, now)
+
+    def _decide(
+        self, run_id: str, request_id: str, action: Action, now: datetime
+    ) -> DecisionOutcome:
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
         run: Run | None = None
@@ -334,7 +346,8 @@ class DecisionService:
         self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
     ) -> bool:
         """Settle; False for an unknown or settled reservation or an impossible amount."""
-        return self._ledger.settle(reservation_id, tokens, usd_micros, now)
+        with self._gate.changing():
+            return self._ledger.settle(reservation_id, tokens, usd_micros, now)
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._grants.run(run_id, now)
@@ -363,6 +376,23 @@ class DecisionService:
         elif isinstance(record, DecisionRecord | SettlementRecord):
             self._ledger.restore(record)
         # a refused registration names no run; a checkpoint changes nothing
+
+    def export_state(self) -> tuple[LogPosition, dict[str, Any]]:
+        """The live state and the log position it is the fold of, for a snapshot: taken
+        with no change under way, so no decision is half applied."""
+        with self._gate.alone():
+            position = self._log.position()
+            registry = self._ledger.runs.export_state()
+            store = self._ledger.store.export_state()
+        return position, {"registry": registry.as_json(), "store": store}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Put back a snapshot's state into this fresh service (start-up); ``ValueError``
+        for a malformed one, leaving at most grants and runs opened afresh, which a full
+        replay of the log opens the same way."""
+        registry = RegistryState.from_json(state.get("registry"))
+        self._grants.import_state(registry)
+        self._ledger.store.import_state(state.get("store", {}), self._ledger.runs.ids())
 
     def close(self) -> None:
         self._ledger.store.close()

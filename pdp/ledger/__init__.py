@@ -10,7 +10,7 @@ from pdp.ledger.answers import DecisionOutcome
 from pdp.ledger.cost import cost_of
 from pdp.ledger.ledger import MAX_REPORTED, Applied, Ledger
 from pdp.ledger.memory import MemoryRunStore
-from pdp.ledger.runs import Run, RunRegistry, check_run_key, run_id_for
+from pdp.ledger.runs import RegistryState, Run, RunRegistry, check_run_key, run_id_for
 from pdp.ledger.store import ANSWER_WINDOW, BUDGETS, Books, RunState, RunStore, Usage
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "DecisionOutcome",
     "Ledger",
     "MemoryRunStore",
+    "RegistryState",
     "Run",
     "RunRegistry",
     "RunState",

@@ -12,19 +12,21 @@ after it expired; otherwise running.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from pdp.engine import PreparedPolicy
 from pdp.errors import BadRequest, ManifestExpired, RunClosed, StoreUnavailable
 from pdp.ledger.store import BUDGETS, RunState, RunStore, Usage
 from pdp.manifest import VerifiedManifest, mark_lineage
 
-__all__ = ["Run", "RunRegistry", "check_run_key", "run_id_for"]
+__all__ = ["RegistryState", "Run", "RunRegistry", "check_run_key", "run_id_for"]
 
 # A task id as agents make them (UUIDs, "thread_abc", "job:42"): safe in headers and logs.
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -93,6 +95,37 @@ class Run:
         raise RunClosed(f"the run is {status}")
 
 
+@dataclass(frozen=True)
+class RegistryState:
+    """What a registry holds, for a snapshot: each grant's envelope and when it was
+    accepted (it is verified again as of then), and each run started under a grant."""
+
+    grants: tuple[tuple[str, bytes, datetime], ...]  # default run id, envelope, accepted
+    runs: tuple[tuple[str, str], ...]  # grant's default run id, run key
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "grants": [
+                [run_id, base64.b64encode(raw).decode("ascii"), accepted.isoformat()]
+                for run_id, raw, accepted in self.grants
+            ],
+            "runs": [list(run) for run in self.runs],
+        }
+
+    @staticmethod
+    def from_json(doc: Any) -> RegistryState:
+        """``ValueError`` for anything ``as_json`` did not make."""
+        try:
+            grants = tuple(
+                (str(run_id), base64.b64decode(raw, validate=True), datetime.fromisoformat(at))
+                for run_id, raw, at in doc["grants"]
+            )
+            runs = tuple((str(grant), str(key)) for grant, key in doc["runs"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the snapshot's runs are malformed: {exc!r}") from exc
+        return RegistryState(grants, runs)
+
+
 class RunRegistry:
     """The runs this process has verified and compiled, over one run store."""
 
@@ -100,11 +133,29 @@ class RunRegistry:
         self.store = store
         self._lock = threading.Lock()
         self._runs: dict[str, Run] = {}
+        # Each grant's envelope and the time it was verified as of, for snapshots.
+        self._sources: dict[str, tuple[bytes, datetime]] = {}
 
-    def register(self, verified: VerifiedManifest, policy: PreparedPolicy) -> Run:
-        """The grant's default run (registering the same manifest again changes nothing)."""
+    def register(
+        self, verified: VerifiedManifest, policy: PreparedPolicy, raw: bytes, accepted: datetime
+    ) -> Run:
+        """The grant's default run (registering the same manifest again changes nothing).
+        ``raw`` is its envelope, verified as of ``accepted``."""
         run, _ = self._open(Run(run_id_for(verified.digest), verified, policy))
+        with self._lock:
+            self._sources.setdefault(run.run_id, (raw, accepted))
         return run
+
+    def export_state(self) -> RegistryState:
+        with self._lock:
+            return RegistryState(
+                tuple((run_id, raw, at) for run_id, (raw, at) in self._sources.items()),
+                tuple(
+                    (run_id_for(run.verified.digest), run.run_key)
+                    for run in self._runs.values()
+                    if run.run_key
+                ),
+            )
 
     def start(self, grant: Run, run_key: str) -> tuple[Run, bool]:
         """The run of ``run_key`` (checked by the caller) under ``grant`` (a registered
@@ -129,6 +180,10 @@ class RunRegistry:
             )
             self._runs[run.run_id] = run
             return run, created
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)

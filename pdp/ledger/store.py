@@ -8,6 +8,7 @@ in each PDP process; only this state is shared when several replicas use one sto
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -130,5 +131,14 @@ class RunStore(Protocol):
 
     def grant_of(self, run_id: str) -> tuple[str, str] | None:
         """(grant's default run id, run key) of a run started under a grant, if shared."""
+
+    def export_state(self) -> dict[str, Any]:
+        """What a replay of this process's log would rebuild here, as JSON values, for a
+        snapshot (``{}`` for a shared store: it is its own record). Consistent only while
+        nothing changes the store (the service's gate)."""
+
+    def import_state(self, state: dict[str, Any], run_ids: Collection[str]) -> None:
+        """Put back what ``export_state`` gave for the runs of ``run_ids`` (opened already);
+        ``ValueError`` before anything changes when ``state`` is malformed."""
 
     def close(self) -> None: ...
