@@ -33,9 +33,7 @@ def _ledger(tmp_path: Path, **budgets: int) -> tuple[Ledger, Run, DecisionLog]:
     document["budgets"].update(budgets)
     trust = trust_store(trust_entry(KEY, modes=("enforce", "shadow")))
     envelope = signed_envelope(KEY, document)
-    verified = verify_envelope(
-        envelope, trust, NOW, VerificationPolicy.registration(bundle.digest)
-    )
+    verified = verify_envelope(envelope, trust, NOW, VerificationPolicy.registration(bundle.digest))
     policy = PreparedPolicy(
         bundle.rego_modules(), policy_data(verified.manifest), bundle.digest, verified.digest
     )
