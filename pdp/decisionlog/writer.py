@@ -100,8 +100,8 @@ def read_head(path: Path) -> LogHead:
 
 
 def _open_state(path: Path) -> tuple[LogHead, _Active]:
-    """The head, and where the active file stands: its first seq, size, and the place of
-    the last record's line (in the last sealed segment when the active file is empty)."""
+    """The head, and where the active file stands: its first seq, and the place of the last
+    record's line (in the last sealed segment when the active file is empty)."""
     data = path.read_bytes() if path.exists() else b""
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
@@ -109,28 +109,27 @@ def _open_state(path: Path) -> tuple[LogHead, _Active]:
             handle.truncate(len(complete))
     if complete:
         first = int(parse_record(complete[: complete.index(b"\n")])["seq"])
-        return _last_of(complete, first, len(complete), first)
+        return _last_of(complete, first, first)
     sealed = sealed_paths(path)
     if not sealed:
-        return LogHead(0, GENESIS), _Active(0, 0, 0, 0, 0)
+        return LogHead(0, GENESIS), _Active(0, 0, 0, 0)
     data = sealed[-1].read_bytes()  # sealed segments end with a complete checkpoint line
     first = int(parse_record(data[: data.index(b"\n")])["seq"])
-    head, active = _last_of(data, first, 0, 0)
+    head, active = _last_of(data, first, 0)
     return head, replace(active, first=head.seq)
 
 
-def _last_of(data: bytes, segment: int, size: int, first: int) -> tuple[LogHead, _Active]:
+def _last_of(data: bytes, segment: int, first: int) -> tuple[LogHead, _Active]:
     start = data.rfind(b"\n", 0, len(data) - 1) + 1
     line = data[start:-1]
     seq = int(parse_record(line)["seq"])
     head = LogHead(seq + 1, digest(line))  # a record's hash is its line's
-    return head, _Active(first, size, segment, start, len(data) - start)
+    return head, _Active(first, segment, start, len(data) - start)
 
 
 @dataclass(frozen=True)
 class _Active:
     first: int  # the active file's first seq (its sealed name once it rotates)
-    size: int  # its durable size
     last_segment: int  # the last record's segment (first seq), offset and line length
     last_offset: int
     last_length: int
@@ -236,12 +235,14 @@ class DecisionLog:
             if self._writing or self._pending or self._durable.size < self._segment_bytes:
                 return  # another batch got in between, or another caller rotated already
             sealed = seal(self._path, self._first)
-            self._file.close()
-            self._file = self._path.open("ab", buffering=0)
+            # Should this fail, the log goes on in the file just sealed: still one chain
+            # in order (its name says where it starts), only longer than asked.
+            fresh = self._path.open("ab", buffering=0)
         except OSError as exc:
             log.error("decision log: cannot rotate %s: %s", self._path, exc)
             return
-        self._fd = self._file.fileno()
+        self._file.close()
+        self._file, self._fd = fresh, fresh.fileno()
         self._first = self._durable.seq
         self._durable = replace(self._durable, size=0)
         log.info("decision log: sealed %s, continuing at seq %d", sealed.name, self._first)
