@@ -1,8 +1,9 @@
 """The embedded run store: state in this process, made durable by the decision log.
 
 Every change is recorded in the decision log before it is answered, and the log is
-replayed into a fresh store at start-up (``pdp/decisionlog/recovery.py``): one durable write per
-decision, not a second database beside the log.
+replayed into a fresh store at start-up (``pdp/decisionlog/recovery.py``), after the state of
+the newest snapshot (``export_state`` / ``import_state``): one durable write per decision,
+not a second database beside the log.
 """
 
 from __future__ import annotations
