@@ -215,7 +215,7 @@ class Snapshotter:
                 return None
             try:
                 path = write_snapshot(self._directory, position, state, self._key)
-            except (OSError, ValueError) as exc:
+            except (OSError, TypeError, ValueError) as exc:
                 log.error("snapshot at seq %d not written: %s", position.seq, exc)
                 return None
             self._last = position.seq
