@@ -30,7 +30,8 @@ from pdp.errors import (
     ManifestUnknown,
     RunClosed,
 )
-from pdp.ledger import Ledger, Run, check_run_key, run_id_for
+from pdp.ledger import Ledger, RegistryState, Run, check_run_key, run_id_for
+from pdp.ledger.runs import StartedRun
 from pdp.manifest import (
     HighWater,
     TrustStore,
@@ -91,7 +92,7 @@ class Grants:
                 )
             )
             raise
-        run = self._ledger.runs.register(verified, self._prepare(verified))
+        run = self._ledger.runs.register(verified, self._prepare(verified), raw_envelope, now)
         self._ledger.store.put_envelope(run.run_id, raw_envelope)
         self._log.append(
             RegistrationRecord(
@@ -133,7 +134,7 @@ class Grants:
         except AbcError as exc:
             log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
             return None
-        return self._ledger.runs.register(verified, self._prepare(verified))
+        return self._ledger.runs.register(verified, self._prepare(verified), raw, trust_now)
 
     def run(self, run_id: str, now: datetime) -> Run:
         """The run, compiled here. One registered on another replica is loaded from the
@@ -239,21 +240,41 @@ class Grants:
         if isinstance(record, RegistrationRecord):
             self._load(record.run_id, base64.b64decode(record.envelope), trust_now)
             return
+        narrower = canonical_bytes(record.narrower) if record.narrower is not None else b""
+        started = StartedRun(
+            record.grant_run_id, record.run_key, narrower.decode(), record.effective_digest
+        )
+        self._start_again(started, record.time)
+
+    def import_state(self, state: RegistryState) -> None:
+        """Rebuild the grants and runs of a snapshot, as ``restore`` rebuilds them from
+        their records: each envelope verified again as of when it was accepted, each
+        narrowed run narrowed again from its signed grant."""
+        for run_id, raw, accepted in state.grants:
+            self._load(run_id, raw, accepted)
+        accepted_at = {run_id: accepted for run_id, _, accepted in state.grants}
+        for started in state.runs:
+            if started.grant_run_id in accepted_at:
+                self._start_again(started, accepted_at[started.grant_run_id])
+        self._ledger.runs.import_due(state.due)
+
+    def _start_again(self, started: StartedRun, at: datetime) -> None:
+        """A run started before (logged, or in a snapshot), started again: its slot taken
+        whatever the count, since it was admitted then. With a shared store, nothing: the
+        store holds the run (each replica loads it when first named) or released it, and
+        opening it again here would bring a released run back."""
         if self._ledger.store.shared:
-            # The shared store holds the run (each replica loads it when first named) or
-            # released it: opening it again here would bring a released run back.
             return
-        grant = self._ledger.runs.find(record.grant_run_id)
+        grant = self._ledger.runs.find(started.grant_run_id)
         if grant is None:
             return
-        narrower = canonical_bytes(record.narrower) if record.narrower is not None else b""
+        run_id = run_id_for(grant.verified.digest, started.run_key)
         try:
-            narrowed, policy = self._narrowed(grant, narrower)
+            narrowed, policy = self._narrowed(grant, started.narrower.encode())
         except AbcError as exc:
-            log.warning("run %s not restored: %s: %s", record.run_id, exc.reason.value, exc)
+            log.warning("run %s not restored: %s: %s", run_id, exc.reason.value, exc)
             return
-        if (narrowed.digest if narrowed else "") != record.effective_digest:
-            log.warning("run %s not restored: its narrower is not its logged grant", record.run_id)
+        if (narrowed.digest if narrowed else "") != started.effective_digest:
+            log.warning("run %s not restored: its narrower is not its logged grant", run_id)
             return
-        # Admitted then: its slot is taken again, whatever the count.
-        self._ledger.runs.start(grant, record.run_key, record.time, True, narrowed, policy)
+        self._ledger.runs.start(grant, started.run_key, at, True, narrowed, policy)

@@ -26,6 +26,7 @@ from pdp.bundle import PolicyBundle
 from pdp.decisionlog import (
     DecisionLog,
     DecisionRecord,
+    LogPosition,
     Record,
     RegistrationRecord,
     RunStartRecord,
@@ -42,12 +43,14 @@ from pdp.errors import (
     RequestIdReused,
     RunNotBound,
 )
+from pdp.gate import StateGate
 from pdp.grants import Grants
 from pdp.ledger import (
     Applied,
     DecisionOutcome,
     Ledger,
     MemoryRunStore,
+    RegistryState,
     Run,
     RunStore,
 )
@@ -155,14 +158,16 @@ class DecisionService:
             store if store is not None else MemoryRunStore(), log, reservation_ttl, run_retention
         )
         self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
+        self._gate = StateGate()
         metrics.watch_budgets(self._ledger.runs.lowest_remaining_ratio)
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
         compile; or raise. Binds the grant's default run. Releases a few runs past their
         retention first, as StartRun does."""
-        self._ledger.sweep(now)
-        return self._grants.register(raw_envelope, now)
+        with self._gate.changing():
+            self._ledger.sweep(now)
+            return self._grants.register(raw_envelope, now)
 
     def start_run(
         self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
@@ -171,8 +176,9 @@ class DecisionService:
         if given), and whether this call started it. Runs ended longer than the retention
         ago are released first, a few per call: runs end about as fast as they start, so
         what is held stays about what is live."""
-        self._ledger.sweep(now)
-        return self._grants.start(manifest_digest, run_key, now, narrower)
+        with self._gate.changing():
+            self._ledger.sweep(now)
+            return self._grants.start(manifest_digest, run_key, now, narrower)
 
     # Deciding: claim the request id, judge, apply, record.
 
@@ -185,6 +191,12 @@ class DecisionService:
         decision id and reservation, never a second charge. ``bound``, the manifest digest
         the caller is bound to (its sidecar's), refuses a run of another grant.
         """
+        with self._gate.changing():
+            return self._decide(run_id, request_id, action, now, bound)
+
+    def _decide(
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
+    ) -> DecisionOutcome:
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
         run: Run | None = None
@@ -363,7 +375,8 @@ class DecisionService:
                 f"reservation {reservation_id} holds budget of a run of another manifest than"
                 f" the caller's {bound}"
             )
-        return self._ledger.settle(reservation_id, tokens, usd_micros, now)
+        with self._gate.changing():
+            return self._ledger.settle(reservation_id, tokens, usd_micros, now)
 
     def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
         """Those of ``reservation_ids`` holding budget of a run of another grant than the
@@ -400,7 +413,8 @@ class DecisionService:
 
     def sweep(self, now: datetime, limit: int = 8) -> None:
         """Release runs past their retention (also done by each StartRun, a few at a time)."""
-        self._ledger.sweep(now, limit)
+        with self._gate.changing():
+            self._ledger.sweep(now, limit)
 
     def restore(self, record: Record, trust_now: datetime) -> None:
         """Apply one decision-log record to the state (start-up recovery).
@@ -413,6 +427,23 @@ class DecisionService:
         elif isinstance(record, DecisionRecord | SettlementRecord):
             self._ledger.restore(record)
         # a refused registration names no run; a checkpoint changes nothing
+
+    def export_state(self) -> tuple[LogPosition, dict[str, Any]]:
+        """The live state and the log position it is the fold of, for a snapshot: taken
+        with no change under way, so no decision is half applied."""
+        with self._gate.alone():
+            position = self._log.position()
+            registry = self._ledger.runs.export_state()
+            store = self._ledger.store.export_state()
+        return position, {"registry": registry.as_json(), "store": store}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Put back a snapshot's state into this fresh service (start-up); ``ValueError``
+        for a malformed one, leaving at most grants and runs opened afresh, which a full
+        replay of the log opens the same way."""
+        registry = RegistryState.from_json(state.get("registry"))
+        self._grants.import_state(registry)
+        self._ledger.store.import_state(state.get("store", {}), self._ledger.runs.ids())
 
     def close(self) -> None:
         self._ledger.store.close()

@@ -14,9 +14,11 @@ from pdp.decisionlog.records import (
     WritableRecord,
     parse_record,
 )
+from pdp.decisionlog.segments import LogPosition
 from pdp.decisionlog.verify import (
     Logged,
     LogInvalid,
+    LogReader,
     LogReport,
     VerifiedLog,
     read_verified_log,
@@ -30,6 +32,8 @@ __all__ = [
     "DecisionRecord",
     "LogHead",
     "LogInvalid",
+    "LogPosition",
+    "LogReader",
     "LogReport",
     "Logged",
     "MaskRule",

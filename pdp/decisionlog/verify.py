@@ -1,6 +1,7 @@
 """``audit verify``: prove a decision log intact, or name its first bad record.
 
-Steps, for each line in order:
+The log is read across its segments (``segments.py``) as one sequence of lines; steps, for
+each line in order:
 
 1. The line is complete and is the canonical JSON of a well-formed record
    (``records.parse_record``: version, ``seq``, ``prev``, a known kind with its fields):
@@ -24,6 +25,7 @@ Then, at the end:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +34,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.decisionlog.chain import GENESIS, record_hash, verify_checkpoint
 from pdp.decisionlog.records import CheckpointRecord, Record, RecordInvalid, parse_record
+from pdp.decisionlog.segments import LogPosition, read_segments
 from pdp.errors import AbcError, SignatureInvalid
 from pdp.manifest.canonical import parse_record as parse_line
 
-__all__ = ["LogInvalid", "LogReport", "Logged", "VerifiedLog", "read_verified_log", "verify_log"]
+__all__ = [
+    "LogInvalid",
+    "LogReader",
+    "LogReport",
+    "Logged",
+    "VerifiedLog",
+    "read_verified_log",
+    "verify_log",
+]
 
 
 class LogInvalid(Exception):
@@ -74,7 +85,11 @@ def verify_log(
     allow_tail: bool = False,
     expect_seq: int | None = None,
 ) -> LogReport:
-    return _verify(path.read_bytes(), key, allow_tail, expect_seq)[0]
+    """Verify every segment of the log at ``path``, holding one segment at a time."""
+    reader = LogReader(path, key, allow_tail=allow_tail, expect_seq=expect_seq)
+    for _ in reader:
+        pass
+    return reader.report
 
 
 @dataclass(frozen=True)
@@ -104,53 +119,95 @@ def read_verified_log(
 ) -> VerifiedLog:
     """The log's records, parsed from exactly the bytes that verified.
 
-    Reading the file once for both keeps a writer (or an attacker) from changing it
+    Reading each segment once for both keeps a writer (or an attacker) from changing it
     between the check and the reading: what is analysed is what was proven intact.
     """
-    report, logged = _verify(path.read_bytes(), key, allow_tail, expect_seq)
-    return VerifiedLog(report, logged)
+    reader = LogReader(path, key, allow_tail=allow_tail, expect_seq=expect_seq)
+    logged = list(reader)
+    return VerifiedLog(reader.report, logged)
 
 
-def _verify(
-    data: bytes, key: Ed25519PublicKey, allow_tail: bool, expect_seq: int | None
-) -> tuple[LogReport, list[Logged]]:
-    lines = data.split(b"\n")
-    if lines[-1]:
-        # (1) a last line without its newline was torn: written, never acknowledged whole.
-        raise LogInvalid(len(lines), None, "the log ends inside a record (truncated)")
-    lines = lines[:-1]
-    prev, checkpoints, since_checkpoint = GENESIS, 0, 0
-    logged: list[Logged] = []
-    for number, line in enumerate(lines, start=1):
-        raw, record = _line(line, number)  # (1)
-        seq = raw["seq"]
-        logged.append(Logged(seq, record))
-        if seq != number - 1:  # (2)
-            raise LogInvalid(
-                number, seq, f"expected seq {number - 1}: a record is missing or out of order"
-            )
-        if raw["prev"] != prev:  # (3)
-            raise LogInvalid(number, seq, "prev is not the hash of the record before (edited)")
-        if isinstance(record, CheckpointRecord):  # (4)
-            if record.head != prev:
-                raise LogInvalid(number, seq, "checkpoint does not sign the chain head")
-            try:
-                verify_checkpoint(raw, key)
-            except (SignatureInvalid, ValueError) as exc:
+class LogReader:
+    """The one reader of a decision log: iterating yields each record of every segment in
+    order, verified (steps 1 to 4) before it is yielded; the end checks (5, 6) run when the
+    last record was read, and ``report`` is set then. ``start`` begins after a known
+    position (a snapshot's, whose record the caller has checked): records before it are
+    not read, so not verified either."""
+
+    def __init__(
+        self,
+        path: Path,
+        key: Ed25519PublicKey,
+        *,
+        allow_tail: bool = False,
+        expect_seq: int | None = None,
+        start: LogPosition | None = None,
+    ) -> None:
+        self._path, self._key, self._start = path, key, start
+        self._allow_tail, self._expect_seq = allow_tail, expect_seq
+        self._report: LogReport | None = None
+
+    @property
+    def report(self) -> LogReport:
+        if self._report is None:
+            raise RuntimeError("the log was not read to its end")
+        return self._report
+
+    def __iter__(self) -> Iterator[Logged]:
+        start = self._start
+        prev = start.hash if start else GENESIS
+        number = start.seq if start else 0  # lines read so far: record seq n is line n + 1
+        checkpoints = since_checkpoint = 0
+        for segment in read_segments(self._path, start):
+            lines = segment.data.split(b"\n")
+            if lines[-1]:
+                # (1) a last line without its newline was torn: written, never acknowledged.
+                where = "" if segment.path == self._path else f" segment {segment.path.name}"
                 raise LogInvalid(
-                    number, seq, "checkpoint signature does not verify (forged)"
-                ) from exc
-            checkpoints, since_checkpoint = checkpoints + 1, 0
-        else:
-            since_checkpoint += 1
-        prev = record_hash(raw)
-    if since_checkpoint and not allow_tail:  # (5)
-        raise LogInvalid(
-            len(lines),
-            len(lines) - 1 if lines else None,
-            f"{since_checkpoint} record(s) after the last checkpoint: truncated, or the PDP"
-            " did not stop cleanly (use --allow-tail for a running PDP)",
-        )
-    if expect_seq is not None and len(lines) <= expect_seq:  # (6)
-        raise LogInvalid(len(lines), None, f"the log ends before seq {expect_seq} (truncated)")
-    return LogReport(len(lines), checkpoints, prev, since_checkpoint), logged
+                    number + len(lines), None, f"the log{where} ends inside a record (truncated)"
+                )
+            for line in lines[:-1]:
+                number += 1
+                raw, record = _line(line, number)  # (1)
+                seq = raw["seq"]
+                if seq != number - 1:  # (2)
+                    raise LogInvalid(
+                        number,
+                        seq,
+                        f"expected seq {number - 1}: a record is missing or out of order",
+                    )
+                if raw["prev"] != prev:  # (3)
+                    raise LogInvalid(
+                        number, seq, "prev is not the hash of the record before (edited)"
+                    )
+                if isinstance(record, CheckpointRecord):  # (4)
+                    _check_signed(raw, record, prev, self._key, number, seq)
+                    checkpoints, since_checkpoint = checkpoints + 1, 0
+                else:
+                    since_checkpoint += 1
+                prev = record_hash(raw)
+                yield Logged(seq, record)
+        if since_checkpoint and not self._allow_tail:  # (5)
+            raise LogInvalid(
+                number,
+                number - 1,
+                f"{since_checkpoint} record(s) after the last checkpoint: truncated, or the PDP"
+                " did not stop cleanly (use --allow-tail for a running PDP)",
+            )
+        if self._expect_seq is not None and number <= self._expect_seq:  # (6)
+            raise LogInvalid(
+                number, None, f"the log ends before seq {self._expect_seq} (truncated)"
+            )
+        self._report = LogReport(number, checkpoints, prev, since_checkpoint)
+
+
+def _check_signed(
+    raw: dict[str, Any], record: CheckpointRecord, prev: str, key: Ed25519PublicKey,
+    number: int, seq: int,
+) -> None:  # fmt: skip
+    if record.head != prev:
+        raise LogInvalid(number, seq, "checkpoint does not sign the chain head")
+    try:
+        verify_checkpoint(raw, key)
+    except (SignatureInvalid, ValueError) as exc:
+        raise LogInvalid(number, seq, "checkpoint signature does not verify (forged)") from exc

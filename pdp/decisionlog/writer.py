@@ -20,6 +20,9 @@ record is hashed, and the record lists the paths it masked (``masked``). Nothing
 masked, and nothing else needs to be: a policy input holds the action (kind, target,
 tool arguments, max_tokens, HTTP method and path) and the run's step, never a request's
 headers, so an agent's authorization header never reaches the PDP, let alone its log.
+With ``segment_bytes``, a file that reaches that size is sealed and the log goes on in a
+fresh one, the chain unbroken (``segments.py``).
+
 Records are typed (``records.py``); the writer adds their place in the chain (``v``,
 ``seq``, ``prev``) and takes their ``time`` as given (the decision's own ``now``), reading
 its clock only for the checkpoints it signs.
@@ -35,7 +38,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pdp.clock import utc_now
 from pdp.decisionlog.chain import GENESIS, sign_checkpoint
 from pdp.decisionlog.records import DecisionRecord, Record, WritableRecord, line_fields
+from pdp.decisionlog.segments import LogPosition, seal, sealed_paths
 from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
@@ -92,18 +96,43 @@ def read_head(path: Path) -> LogHead:
 
     A torn last line (a crash mid-write, never acknowledged) is cut off.
     """
-    if not path.exists():
-        return LogHead(0, GENESIS)
-    data = path.read_bytes()
+    return _open_state(path)[0]
+
+
+def _open_state(path: Path) -> tuple[LogHead, _Active]:
+    """The head, and where the active file stands: its first seq, and the place of the last
+    record's line (in the last sealed segment when the active file is empty)."""
+    data = path.read_bytes() if path.exists() else b""
     complete = data[: data.rfind(b"\n") + 1]
     if len(complete) != len(data):
         with path.open("r+b") as handle:
             handle.truncate(len(complete))
-    lines = complete.splitlines()
-    if not lines:
-        return LogHead(0, GENESIS)
-    last = parse_record(lines[-1])
-    return LogHead(int(last["seq"]) + 1, digest(lines[-1]))  # a record's hash is its line's
+    if complete:
+        first = int(parse_record(complete[: complete.index(b"\n")])["seq"])
+        return _last_of(complete, first, first)
+    sealed = sealed_paths(path)
+    if not sealed:
+        return LogHead(0, GENESIS), _Active(0, 0, 0, 0)
+    data = sealed[-1].read_bytes()  # sealed segments end with a complete checkpoint line
+    first = int(parse_record(data[: data.index(b"\n")])["seq"])
+    head, active = _last_of(data, first, 0)
+    return head, replace(active, first=head.seq)
+
+
+def _last_of(data: bytes, segment: int, first: int) -> tuple[LogHead, _Active]:
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    line = data[start:-1]
+    seq = int(parse_record(line)["seq"])
+    head = LogHead(seq + 1, digest(line))  # a record's hash is its line's
+    return head, _Active(first, segment, start, len(data) - start)
+
+
+@dataclass(frozen=True)
+class _Active:
+    first: int  # the active file's first seq (its sealed name once it rotates)
+    last_segment: int  # the last record's segment (first seq), offset and line length
+    last_offset: int
+    last_length: int
 
 
 class DecisionLog:
@@ -117,9 +146,13 @@ class DecisionLog:
         retry_seconds: float = 1.0,
         masks: Sequence[MaskRule] = (),
         clock: Callable[[], datetime] = utc_now,
+        segment_bytes: int = 0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        head = read_head(path)
+        head, active = _open_state(path)
+        self._path = path
+        self._segment_bytes = segment_bytes  # 0: one file, never rotated
+        self._first = active.first
         self._seq, self._prev = head.seq, head.hash
         self._key = key
         self._every, self._seconds = checkpoint_every, checkpoint_seconds
@@ -133,7 +166,13 @@ class DecisionLog:
         self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
         # The last durable state, where a failed batch rolls back to.
-        self._durable = _Durable(os.fstat(self._fd).st_size, head.seq, head.hash, 0)
+        self._durable = _Durable(
+            os.fstat(self._fd).st_size,
+            head.seq,
+            head.hash,
+            0,
+            (active.last_segment, active.last_offset, active.last_length),
+        )
         self._torn = False  # a failed write's tail may still be in the file: cut it first
         # Bumped by every failed batch: a waiter whose epoch passed lost its record, even
         # if later records reuse its seq.
@@ -180,7 +219,40 @@ class DecisionLog:
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
             self._commit_or_unavailable(seq + 1)
+            if self._segment_bytes and self._durable.size >= self._segment_bytes:
+                self._rotate()
         return seq
+
+    def _rotate(self) -> None:
+        """Seal the active file (ending it with a checkpoint) and start the next one.
+
+        The record asked for is durable already: a failure here is logged and the active
+        file grows on until a later append rotates it. Holds ``self._lock``.
+        """
+        try:
+            self._enqueue_checkpoint()
+            self._commit_through(self._seq)
+            if self._writing or self._pending or self._durable.size < self._segment_bytes:
+                return  # another batch got in between, or another caller rotated already
+            sealed = seal(self._path, self._first)
+            # Should this fail, the log goes on in the file just sealed: still one chain
+            # in order (its name says where it starts), only longer than asked.
+            fresh = self._path.open("ab", buffering=0)
+        except OSError as exc:
+            log.error("decision log: cannot rotate %s: %s", self._path, exc)
+            return
+        self._file.close()
+        self._file, self._fd = fresh, fresh.fileno()
+        self._first = self._durable.seq
+        self._durable = replace(self._durable, size=0)
+        log.info("decision log: sealed %s, continuing at seq %d", sealed.name, self._first)
+
+    def position(self) -> LogPosition:
+        """Where the durable log stands now: what a snapshot of state is bound to."""
+        with self._lock:
+            durable = self._durable
+            segment, offset, length = durable.last
+            return LogPosition(durable.seq, durable.prev, segment, offset, length)
 
     def _commit_or_unavailable(self, target: int) -> None:
         try:
@@ -214,8 +286,13 @@ class DecisionLog:
                 continue
             self._writing = True
             batch, self._pending = self._pending, []
-            after = _Durable(0, self._seq, self._prev, self._since_checkpoint)
             start, torn = self._durable.size, self._torn
+            last = (
+                (self._first, start + sum(map(len, batch[:-1])), len(batch[-1]))
+                if batch
+                else self._durable.last
+            )
+            after = _Durable(0, self._seq, self._prev, self._since_checkpoint, last)
             self._lock.release()
             try:
                 size = self._write(b"".join(batch), start, torn)
@@ -227,7 +304,7 @@ class DecisionLog:
                 self._lock.acquire()
                 self._writing = False
             if failure is None:
-                self._durable = _Durable(size, after.seq, after.prev, after.since_checkpoint)
+                self._durable = replace(after, size=size)
                 self._written, self._torn = after.seq, False
                 self._set_writable(True)
             else:
@@ -374,3 +451,4 @@ class _Durable:
     seq: int
     prev: str
     since_checkpoint: int
+    last: tuple[int, int, int]  # the last record's line: segment (first seq), offset, length

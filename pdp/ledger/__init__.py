@@ -11,7 +11,14 @@ from pdp.ledger.answers import DecisionOutcome
 from pdp.ledger.cost import cost_of
 from pdp.ledger.ledger import MAX_REPORTED, Applied, Ledger
 from pdp.ledger.memory import MemoryRunStore
-from pdp.ledger.runs import Run, RunRegistry, check_run_key, fleet_of, run_id_for
+from pdp.ledger.runs import (
+    RegistryState,
+    Run,
+    RunRegistry,
+    check_run_key,
+    fleet_of,
+    run_id_for,
+)
 from pdp.ledger.store import (
     ANSWER_WINDOW,
     BUDGETS,
@@ -34,6 +41,7 @@ __all__ = [
     "Fleet",
     "Ledger",
     "MemoryRunStore",
+    "RegistryState",
     "Run",
     "RunRegistry",
     "RunState",

@@ -1,8 +1,9 @@
 """The embedded run store: state in this process, made durable by the decision log.
 
 Every change is recorded in the decision log before it is answered, and the log is
-replayed into a fresh store at start-up (``pdp/decisionlog/recovery.py``): one durable write per
-decision, not a second database beside the log.
+replayed into a fresh store at start-up (``pdp/decisionlog/recovery.py``), after the state of
+the newest snapshot (``export_state`` / ``import_state``): one durable write per decision,
+not a second database beside the log.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -308,5 +309,98 @@ class MemoryRunStore:
         """Nothing to find: this process started every run it holds."""
         return None
 
+    def export_state(self) -> dict[str, Any]:
+        """Each run's step, books, open reservations and answers window, each fleet's
+        spending and slots, and the window of released runs, in JSON values.
+
+        Kept answers are never changed once stored, so they are shared, not copied."""
+        with self._lock:
+            runs: dict[str, Any] = {}
+            for run_id, run in self._runs.items():
+                held = sorted({rid for _, rid in run.expiries if rid in self._reservations})
+                reservations = [self._reservations[rid] for rid in held]
+                runs[run_id] = {
+                    "step": run.step,
+                    "completed": list(run.completed_steps),
+                    "outcome": run.outcome,
+                    "spent": run.spent.as_list(),
+                    "reserved": [
+                        [rid, r.cost.as_list(), r.expires.isoformat()]
+                        for rid, r in zip(held, reservations, strict=True)
+                    ],
+                    "answers": list(run.answers.items()),
+                }
+            fleets = {
+                grant: {
+                    "spent": books.spent.as_list(),
+                    "live": [[run_id, until.isoformat()] for run_id, until in books.live.items()],
+                }
+                for grant, books in self._fleets.items()
+            }
+            released = [[run_id, status] for run_id, status in self._released.items()]
+            return {"runs": runs, "fleets": fleets, "released": released}
+
+    def import_state(self, state: dict[str, Any], run_ids: Collection[str]) -> None:
+        try:
+            runs = dict(state["runs"])
+            fleets = {
+                str(grant): (
+                    Usage(*map(int, doc["spent"])),
+                    {str(r): datetime.fromisoformat(until) for r, until in doc["live"]},
+                )
+                for grant, doc in dict(state["fleets"]).items()
+            }
+            released = [(str(run_id), str(status)) for run_id, status in state["released"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the snapshot's run store is malformed: {exc!r}") from exc
+        parsed = {run_id: _parse_run(doc) for run_id, doc in runs.items() if run_id in run_ids}
+        with self._lock:
+            for grant, (spent, live) in fleets.items():
+                books = self._fleets.get(grant)
+                if books is not None:  # opened by the caller first: its limits are its own
+                    books.spent, books.reserved, books.live = spent, Usage(), live
+            for run_id, (step, completed, outcome, spent, held, answers) in parsed.items():
+                run = self._runs.get(run_id)
+                if run is None:
+                    continue  # opened by the caller first: its limits come from its manifest
+                for reservation_id in [rid for _, rid in run.expiries]:
+                    self._reservations.pop(reservation_id, None)
+                fresh = _Run(
+                    run.limits,
+                    spent=spent,
+                    step=step,
+                    lineage=run.lineage,
+                    fleet=run.fleet,
+                    completed_steps=completed,
+                    outcome=outcome,
+                )
+                fresh.answers.update(answers)
+                self._runs[run_id] = fresh
+                for reservation_id, cost, expires in held:
+                    self._hold(run_id, fresh, reservation_id, cost, expires)
+            self._released = OrderedDict(released)
+
     def close(self) -> None:
         pass
+
+
+def _parse_run(
+    doc: dict[str, Any],
+) -> tuple[str, list[str], str, Usage, list[tuple[str, Usage, datetime]], list[Any]]:
+    """One run of ``export_state``, checked; ``ValueError`` for anything else."""
+    try:
+        held = [
+            (str(rid), Usage(*map(int, cost)), datetime.fromisoformat(expires))
+            for rid, cost, expires in doc["reserved"]
+        ]
+        answers = [(str(rid), dict(answer)) for rid, answer in doc["answers"]]
+        return (
+            str(doc["step"]),
+            [str(step) for step in doc["completed"]],
+            str(doc["outcome"]),
+            Usage(*map(int, doc["spent"])),
+            held,
+            answers,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"a run of the snapshot is malformed: {exc!r}") from exc

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -283,6 +283,14 @@ class RedisRunStore:
             raise ManifestRollback(
                 f"lineage {lineage!r} version {version} is not above accepted version {mark}"
             )
+
+    def export_state(self) -> dict[str, Any]:
+        """Nothing: Redis is the record of steps, budgets, reservations and answers, shared
+        by every replica; a snapshot holds only the runs this process compiled."""
+        return {}
+
+    def import_state(self, state: dict[str, Any], run_ids: Collection[str]) -> None:
+        """Nothing to put back: see ``export_state``."""
 
     def close(self) -> None:
         self._redis.close()

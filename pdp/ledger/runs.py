@@ -18,6 +18,7 @@ is kept as long as the grant: it is what later starts are made from.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import heapq
 import itertools
@@ -27,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from pdp.engine import PreparedPolicy
 from pdp.errors import (
@@ -41,7 +43,7 @@ from pdp.ledger.store import BUDGETS, UNLIMITED, Fleet, RunState, RunStore, Usag
 from pdp.manifest import Manifest, VerifiedManifest, mark_lineage
 from pdp.manifest.narrow import Narrowed
 
-__all__ = ["Run", "RunRegistry", "check_run_key", "fleet_of", "run_id_for"]
+__all__ = ["RegistryState", "Run", "RunRegistry", "check_run_key", "fleet_of", "run_id_for"]
 
 # Heap entries of runs already released are dropped once they dominate (amortized).
 _COMPACT_SLACK = 1024
@@ -145,6 +147,56 @@ def _narrower(narrowed: Narrowed | None) -> str:
     return narrowed.narrower.decode() if narrowed else ""
 
 
+@dataclass(frozen=True)
+class StartedRun:
+    """A run started under a grant, as a snapshot keeps it: enough to start it again."""
+
+    grant_run_id: str
+    run_key: str
+    narrower: str  # canonical JSON, "" for none: narrowed again from the signed grant
+    effective_digest: str  # "" for none: the narrowed grant must come out the same
+
+
+@dataclass(frozen=True)
+class RegistryState:
+    """What a registry holds, for a snapshot: each grant's envelope and when it was
+    accepted (it is verified again as of then), each run started under a grant, and when
+    each held run is looked at again for release."""
+
+    grants: tuple[tuple[str, bytes, datetime], ...]  # default run id, envelope, accepted
+    runs: tuple[StartedRun, ...]
+    due: tuple[tuple[datetime, str], ...] = ()  # (when, run id), as the release heap has it
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "grants": [
+                [run_id, base64.b64encode(raw).decode("ascii"), accepted.isoformat()]
+                for run_id, raw, accepted in self.grants
+            ],
+            "runs": [
+                [r.grant_run_id, r.run_key, r.narrower, r.effective_digest] for r in self.runs
+            ],
+            "due": [[when.isoformat(), run_id] for when, run_id in self.due],
+        }
+
+    @staticmethod
+    def from_json(doc: Any) -> RegistryState:
+        """``ValueError`` for anything ``as_json`` did not make."""
+        try:
+            grants = tuple(
+                (str(run_id), base64.b64decode(raw, validate=True), datetime.fromisoformat(at))
+                for run_id, raw, at in doc["grants"]
+            )
+            runs = tuple(
+                StartedRun(str(grant), str(key), str(narrower), str(effective))
+                for grant, key, narrower, effective in doc["runs"]
+            )
+            due = tuple((datetime.fromisoformat(when), str(run)) for when, run in doc["due"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"the snapshot's runs are malformed: {exc!r}") from exc
+        return RegistryState(grants, runs, due)
+
+
 class RunRegistry:
     """The runs this process has verified and compiled, over one run store."""
 
@@ -158,9 +210,14 @@ class RunRegistry:
         self._due: list[tuple[datetime, int, Run]] = []
         self._seq = itertools.count()
         self._ratios: tuple[float, dict[str, float]] = (-math.inf, {})
+        # Each grant's envelope and the time it was verified as of, for snapshots.
+        self._sources: dict[str, tuple[bytes, datetime]] = {}
 
-    def register(self, verified: VerifiedManifest, policy: PreparedPolicy) -> Run:
-        """The grant's default run (registering the same manifest again changes nothing)."""
+    def register(
+        self, verified: VerifiedManifest, policy: PreparedPolicy, raw: bytes, accepted: datetime
+    ) -> Run:
+        """The grant's default run (registering the same manifest again changes nothing).
+        ``raw`` is its envelope, verified as of ``accepted``."""
         run = Run(run_id_for(verified.digest), verified, policy)
         with self._lock:
             existing = self._runs.get(run.run_id)
@@ -171,7 +228,39 @@ class RunRegistry:
                 self.store.open_fleet(run.run_id, fleet)
             self._open(run, run.run_id if fleet else "")
             self._runs[run.run_id] = run
+            self._sources[run.run_id] = (raw, accepted)
             return run
+
+    def export_state(self) -> RegistryState:
+        with self._lock:
+            runs = tuple(
+                StartedRun(
+                    run_id_for(run.verified.digest),
+                    run.run_key,
+                    _narrower(run.narrowed),
+                    run.narrowed.digest if run.narrowed else "",
+                )
+                for run in self._runs.values()
+                if run.run_key
+            )
+            due = tuple(
+                (when, run.run_id)
+                for when, _, run in self._due
+                if self._runs.get(run.run_id) is run
+            )
+            return RegistryState(
+                tuple((run_id, raw, at) for run_id, (raw, at) in self._sources.items()),
+                runs,
+                due,
+            )
+
+    def import_due(self, due: tuple[tuple[datetime, str], ...]) -> None:
+        """Put back a snapshot's release times (its runs started again first)."""
+        with self._lock:
+            for when, run_id in due:
+                run = self._runs.get(run_id)
+                if run is not None:
+                    self._push(when, run)
 
     def admit(
         self,
@@ -255,6 +344,10 @@ class RunRegistry:
         found = self.store.grant_of(run_id)
         if found is not None and found[2] != _narrower(narrowed):
             raise RunKeyConflict(_CONFLICT.format(key=run_key))
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._runs)
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)

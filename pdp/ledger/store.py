@@ -10,7 +10,7 @@ shared when several replicas use one store.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -185,5 +185,14 @@ class RunStore(Protocol):
     def grant_of(self, run_id: str) -> tuple[str, str, str] | None:
         """(grant's default run id, run key, narrower) of a run started under a grant, if
         shared."""
+
+    def export_state(self) -> dict[str, Any]:
+        """What a replay of this process's log would rebuild here, as JSON values, for a
+        snapshot (``{}`` for a shared store: it is its own record). Consistent only while
+        nothing changes the store (the service's gate)."""
+
+    def import_state(self, state: dict[str, Any], run_ids: Collection[str]) -> None:
+        """Put back what ``export_state`` gave for the runs of ``run_ids`` (opened already);
+        ``ValueError`` before anything changes when ``state`` is malformed."""
 
     def close(self) -> None: ...

@@ -32,6 +32,8 @@ class PdpConfig:
     checkpoint_every: int
     checkpoint_seconds: float
     reservation_ttl_seconds: float
+    segment_bytes: int = 64 * 1024 * 1024
+    snapshot_every: int = 100_000
     store: str = "memory"
     run_retention_seconds: float = 3600.0
     tls_cert: Path | None = None
@@ -82,6 +84,19 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "ABC_PDP_CHECKPOINT_SECONDS",
         "60",
         "seconds between signed checkpoints",
+    ),
+    (
+        "--segment-bytes",
+        "ABC_PDP_SEGMENT_BYTES",
+        str(64 * 1024 * 1024),
+        "bytes after which the decision log file is sealed and a new segment begun (0: never)",
+    ),
+    (
+        "--snapshot-every",
+        "ABC_PDP_SNAPSHOT_EVERY",
+        "100000",
+        "log records between snapshots of live state in STATE/snapshots, so that start-up"
+        " replays only the log after the newest one (0: none, start-up replays all)",
     ),
     (
         "--reservation-ttl",
@@ -180,11 +195,14 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         workers, grace = int(args.workers), float(args.grace)
         every, seconds = int(args.checkpoint_every), float(args.checkpoint_seconds)
         ttl, retention = float(args.reservation_ttl), float(args.run_retention)
+        segment_bytes, snapshot_every = int(args.segment_bytes), int(args.snapshot_every)
     except ValueError as exc:
         raise ConfigError(
-            "--workers, --grace, --checkpoint-*, --reservation-ttl and --run-retention are"
-            f" numbers: {exc}"
+            "--workers, --grace, --checkpoint-*, --segment-bytes, --snapshot-every,"
+            f" --reservation-ttl and --run-retention are numbers: {exc}"
         ) from exc
+    if segment_bytes < 0 or snapshot_every < 0:
+        raise ConfigError("--segment-bytes and --snapshot-every must be >= 0 (0: off)")
     if every < 1 or seconds <= 0 or ttl <= 0 or retention < 0:
         raise ConfigError(
             "--checkpoint-every must be >= 1; --checkpoint-seconds, --reservation-ttl > 0;"
@@ -213,6 +231,8 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         checkpoint_every=every,
         checkpoint_seconds=seconds,
         reservation_ttl_seconds=ttl,
+        segment_bytes=segment_bytes,
+        snapshot_every=snapshot_every,
         store=_store(args.store),
         run_retention_seconds=retention,
         tls_cert=tls_cert,

@@ -34,6 +34,7 @@ from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.clock import utc_now
 from pdp.decisionlog import DecisionLog, MaskRule
 from pdp.decisionlog.recovery import restore_from_log
+from pdp.decisionlog.snapshot import Snapshotter
 from pdp.engine import EngineError, PreparedPolicy, policy_data
 from pdp.errors import ConfigError, StoreUnavailable
 from pdp.ledger import MemoryRunStore, RunStore
@@ -56,6 +57,7 @@ log = logging.getLogger("abc.pdp")
 _SIGNAL_POLL_SECONDS = 0.2
 SERVICE_NAME = pdp_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name
 STATE_DB = "abc.db"
+SNAPSHOTS = "snapshots"
 
 
 # The smallest manifest the schema accepts: one model, one step. Compiled with its
@@ -200,7 +202,7 @@ def _start(
     trust: TrustStore,
     listeners: Listeners,
     serving: threading.Event,
-) -> tuple[DecisionService, DecisionLog, RestServer | None]:
+) -> tuple[DecisionService, DecisionLog, RestServer | None, Snapshotter | None]:
     """Make the state (bundles, log key, log, run store), rebuild it, then start serving."""
     store_bundle(bundle, config.state / "bundles")  # so any past decision can be replayed
     store, high_water = _run_store(config)
@@ -213,6 +215,7 @@ def _start(
             checkpoint_every=config.checkpoint_every,
             checkpoint_seconds=config.checkpoint_seconds,
             masks=[MaskRule.parse(mask) for mask in config.log_masks],
+            segment_bytes=config.segment_bytes,
         )
     except OSError as exc:
         raise ConfigError(
@@ -228,10 +231,23 @@ def _start(
         store=store,
         run_retention=timedelta(seconds=config.run_retention_seconds),
     )
-    restore_from_log(service, config.decision_log, log_key.public_key())
+    snapshots = config.state / SNAPSHOTS if config.snapshot_every else None
+    replayed = restore_from_log(service, config.decision_log, log_key.public_key(), snapshots)
     # Runs the log brought back that ended or expired longer than the retention ago are
     # released again before serving: a restart brings no released run's state back.
     service.sweep(utc_now(), limit=sys.maxsize)
+    snapshotter = None
+    if snapshots is not None:
+        snapshotter = Snapshotter(
+            snapshots,
+            log_key,
+            service.export_state,
+            lambda: decision_log.position().seq,
+            config.snapshot_every,
+        )
+        if replayed >= config.snapshot_every:
+            snapshotter.take()  # the next start need not replay the same records again
+        snapshotter.start()
     server = listeners.server
     pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         DecisionServicer(service), server
@@ -263,7 +279,7 @@ def _start(
     server.start()
     if listeners.probes is not None:
         listeners.probes.start()
-    return service, decision_log, rest
+    return service, decision_log, rest, snapshotter
 
 
 def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | None = None) -> None:
@@ -276,7 +292,7 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     listeners = listen(config, credentials)
     serving = threading.Event()  # the REST door's view of the gRPC health status
     try:
-        service, decision_log, rest = _start(config, bundle, trust, listeners, serving)
+        service, decision_log, rest, snapshotter = _start(config, bundle, trust, listeners, serving)
     except BaseException:
         listeners.close()
         raise
@@ -308,6 +324,9 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
         probes.stop(0)
     if rest is not None:
         rest.stop(deadline)  # REST requests in flight finish within the same grace
+    if snapshotter is not None:
+        snapshotter.close()
+        snapshotter.take()  # drained: the next start replays (almost) nothing
     decision_log.close()  # a final signed checkpoint: a cleanly stopped log verifies whole
     service.close()
     if listeners.metrics_server is not None:

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, audit_verify, start_pdp
+from pdp.decisionlog.segments import sealed_paths, segment_paths
+from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, audit_verify, start_pdp
 
 
 def stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
@@ -80,23 +81,52 @@ def test_an_unreported_reservation_expires_at_its_worst_case(
     assert any(r["kind"] == "settlement" and r.get("expired") for r in records)
 
 
-def test_state_survives_kill_9_and_agrees_with_the_log(signer: Signer, tmp_path: Path) -> None:
+def _logged_decision_ids(log_path: Path) -> set[str]:
+    return {
+        json.loads(line).get("decision_id")
+        for segment in segment_paths(log_path)
+        for line in segment.read_text().splitlines()
+    }
+
+
+def _snapshot_written(state: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((state / "snapshots").glob("*.snap")):
+        assert time.monotonic() < deadline, "no snapshot was taken"
+        time.sleep(0.1)
+
+
+def test_state_survives_kill_9_from_a_snapshot_and_agrees_with_the_log(
+    signer: Signer, tmp_path: Path
+) -> None:
+    """Runs of one grant under load, a snapshot taken meanwhile, more load after it, kill -9:
+    the restart loads the snapshot and replays the tail, and every run's GetRun is what it
+    was. Damaged snapshots: a full replay, the same state. The log rotated meanwhile, and
+    verify, replay and explain read it across its segments."""
     state = tmp_path / "state"
-    pdp = start_pdp(signer, state)
-    raw = envelope(signer, "crash")
-    run_id = run_of(pdp, raw)
+    log_path = state / "decisions.log"
+    flags = ("--snapshot-every", "20", "--segment-bytes", "16384")
+    pdp = start_pdp(signer, state, POLICIES, *flags)
+    grant = run_of(pdp, envelope(signer, "crash"))
+    digest = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=grant)).manifest_digest
+    runs = [grant] + [
+        stub(pdp).StartRun(pdp_pb2.StartRunRequest(manifest_digest=digest, run_key=f"t{k}")).run_id
+        for k in range(3)
+    ]
     seen: list[pdp_pb2.DecideResponse] = []
 
     def load(i: int) -> None:
-        seen.append(
-            stub(pdp).Decide(tool(run_id, f"c{i}", "search" if i % 3 else "rm_rf"), timeout=5)
-        )
+        call = tool(runs[i % 4], f"c{i}", "search" if i % 3 else "rm_rf")
+        seen.append(stub(pdp).Decide(call, timeout=5))
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(load, range(60)))
+    _snapshot_written(state)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(load, range(60, 100)))  # the tail after the snapshot
     step = stub(pdp).Decide(
         pdp_pb2.DecideRequest(
-            run_id=run_id,
+            run_id=runs[1],
             request_id="step",
             action=pdp_pb2.Action(kind="step", target="step:answer"),
         )
@@ -104,26 +134,48 @@ def test_state_survives_kill_9_and_agrees_with_the_log(signer: Signer, tmp_path:
     assert step.allow
     first = next(answer for answer in seen if answer.reservation_id)
     stub(pdp).ReportUsage(pdp_pb2.ReportUsageRequest(reservation_id=first.reservation_id, tokens=0))
-    before = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
+    before = [stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id)) for run_id in runs]
     pdp.stop(signal.SIGKILL)  # no checkpoint, no flush: whatever was answered must be on disk
 
-    log_path = state / "decisions.log"
-    logged = {json.loads(line).get("decision_id") for line in log_path.read_text().splitlines()}
-    assert {answer.decision_id for answer in seen} <= logged  # every answer a client saw
+    assert {answer.decision_id for answer in seen} <= _logged_decision_ids(log_path)
+    assert sealed_paths(log_path)  # the log rotated under load
 
-    again = start_pdp(signer, state)
+    def restarted() -> tuple[PdpProcess, list[pdp_pb2.GetRunResponse]]:
+        again = start_pdp(signer, state, POLICIES, *flags)
+        return again, [stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=r)) for r in runs]
+
+    again, after = restarted()
     try:
-        after = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
-        assert after.step == "answer" and list(after.completed_steps) == ["research"]
-        assert after.spent == before.spent and after.remaining == before.remaining
-        replay = stub(again).Decide(tool(run_id, "c1"))  # an old request id: the old answer
+        assert "restored state from the snapshot at seq" in again.output()
+        assert after == before
+        assert after[1].step == "answer" and list(after[1].completed_steps) == ["research"]
+        replay = stub(again).Decide(tool(runs[1], "c1"))  # an old request id: the old answer
         original = next(a for a in seen if a.decision_id == replay.decision_id)
         assert original.allow == replay.allow
-        assert stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id)).remaining == after.remaining
     finally:
-        again.stop()
+        again.stop()  # a clean stop snapshots too
+    for snapshot in (state / "snapshots").glob("*.snap"):
+        data = bytearray(snapshot.read_bytes())
+        data[-2] ^= 1  # one flipped bit in the state: its digest no longer matches
+        snapshot.write_bytes(bytes(data))
+    third, replayed = restarted()
+    try:
+        output = third.output()
+        assert "does not match its digest (damaged)" in output
+        assert "WARNING" in output and "replaying the whole decision log" in output
+        assert replayed == before
+    finally:
+        third.stop()
+
     verified = audit_verify(state)
-    assert verified.returncode == 0, verified.stderr  # the restart's clean stop signed the tail
+    assert verified.returncode == 0, verified.stderr  # every segment, one chain, signed end
+    pub = state / "pdp-log.pub"
+    decided = abcctl("replay", log_path, "--bundles", state / "bundles", "--pub", pub)
+    assert "0 divergent" in decided.stdout and "101 decisions re-decided" in decided.stdout
+    first_segment = map(json.loads, sealed_paths(log_path)[0].read_text().splitlines())
+    oldest = next(record for record in first_segment if record["kind"] == "decision")
+    explained = abcctl("explain", oldest["decision_id"], "--log", log_path, "--pub", pub, "--json")
+    assert json.loads(explained.stdout)["decision_id"] == oldest["decision_id"]
 
 
 def test_a_request_id_reused_for_another_action_is_refused_also_after_restart(
@@ -156,7 +208,8 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
     import grpc
 
     state = tmp_path / "state"
-    pdp = start_pdp(signer, state)
+    flags = ("--snapshot-every", "30")
+    pdp = start_pdp(signer, state, POLICIES, *flags)
     run_id = run_of(pdp, envelope(signer, "underload"))
     seen: list[str] = []
     stop = threading.Event()
@@ -177,7 +230,8 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
+    _snapshot_written(state)  # taken while the clients decide: the state gate holds them back
+    time.sleep(0.3)  # and more decisions after it
     pdp.stop(signal.SIGKILL)
     stop.set()
     for thread in threads:
@@ -189,8 +243,9 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
         if line.endswith("}")
     }
     assert set(seen) <= logged
-    again = start_pdp(signer, state)  # a torn tail is cut, the chain verifies, state restores
+    again = start_pdp(signer, state, POLICIES, *flags)  # a torn tail is cut, the tail verifies
     try:
+        assert "restored state from the snapshot at seq" in again.output()
         run = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
         records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
         reserved = sum(

@@ -36,15 +36,14 @@ def _ledger(
     if fleet is not None:
         document["fleet"] = fleet
     trust = trust_store(trust_entry(KEY, modes=("enforce", "shadow")))
-    verified = verify_envelope(
-        signed_envelope(KEY, document), trust, NOW, VerificationPolicy.registration(bundle.digest)
-    )
+    envelope = signed_envelope(KEY, document)
+    verified = verify_envelope(envelope, trust, NOW, VerificationPolicy.registration(bundle.digest))
     policy = PreparedPolicy(
         bundle.rego_modules(), policy_data(verified.manifest), bundle.digest, verified.digest
     )
     log = DecisionLog(tmp_path / "decisions.log", LOG_KEY)
     ledger = Ledger(MemoryRunStore(), log, timedelta(minutes=10), timedelta(minutes=5))
-    return ledger, ledger.runs.register(verified, policy), log
+    return ledger, ledger.runs.register(verified, policy, envelope, NOW), log
 
 
 def test_an_allowed_model_call_reserves_its_worst_case(tmp_path: Path) -> None:
