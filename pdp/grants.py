@@ -195,23 +195,30 @@ class Grants:
             raise RunClosed(f"the manifest is revoked: version {latest} superseded it")
         narrowed, policy = self._narrowed(grant, narrower)
         run_id = run_id_for(manifest_digest, run_key)
-        if self._ledger.runs.find(run_id) is None:
-            if self._ledger.store.shared:
-                # Refused before it is logged: another replica started it otherwise.
-                self._ledger.runs.check_shared(run_id, run_key, narrowed)
+        record = RunStartRecord(
+            time=now,
+            run_id=run_id,
+            manifest_digest=grant.verified.digest,
+            grant_run_id=grant.run_id,
+            run_key=run_key,
+            narrower=json.loads(narrowed.narrower) if narrowed else None,
+            effective_digest=narrowed.digest if narrowed else "",
+        )
+        unknown = self._ledger.runs.find(run_id) is None
+        shared = self._ledger.store.shared
+        if unknown and not shared:
             # Logged first: a start the log never saw could not be rebuilt after a restart.
-            self._log.append(
-                RunStartRecord(
-                    time=now,
-                    run_id=run_id,
-                    manifest_digest=grant.verified.digest,
-                    grant_run_id=grant.run_id,
-                    run_key=run_key,
-                    narrower=json.loads(narrowed.narrower) if narrowed else None,
-                    effective_digest=narrowed.digest if narrowed else "",
-                )
-            )
+            self._log.append(record)
         run, started = self._ledger.runs.start(grant, run_key, narrowed, policy)
+        if unknown and shared:
+            # The shared store holds the run itself (a restart reads it there): logged once
+            # the store took it as this run, so a start refused as another narrower's is
+            # not in the log; unlogged, it is forgotten here and a retry logs it.
+            try:
+                self._log.append(record)
+            except AbcError:
+                self._ledger.runs.forget(run_id)
+                raise
         if started:
             self._metrics.runs_started.inc()
         return run, started

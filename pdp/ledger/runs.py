@@ -163,15 +163,16 @@ class RunRegistry:
             )
             if not created and self.store.shared:
                 # Opened before, maybe by another replica: with this narrower, or refused.
-                self.check_shared(run.run_id, run.run_key, run.narrowed)
+                found = self.store.grant_of(run.run_id)
+                if found is not None and found[2] != narrower:
+                    raise RunKeyConflict(_CONFLICT.format(key=run.run_key))
             self._runs[run.run_id] = run
             return run, created
 
-    def check_shared(self, run_id: str, run_key: str, narrowed: Narrowed | None) -> None:
-        """``RunKeyConflict`` if the shared store holds the run under another narrower."""
-        found = self.store.grant_of(run_id)
-        if found is not None and found[2] != _narrower(narrowed):
-            raise RunKeyConflict(_CONFLICT.format(key=run_key))
+    def forget(self, run_id: str) -> None:
+        """Drop a run from this process (its state stays in the store)."""
+        with self._lock:
+            self._runs.pop(run_id, None)
 
     def find(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
