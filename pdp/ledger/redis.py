@@ -130,7 +130,9 @@ class RedisRunStore:
             self._key(fleet, "live"),
         ]
         now, until, force = slot or (None, None, False)
-        args = [first_step, *limits.as_list(), lineage, version, *grant, fleet, int(bool(slot))]
+        grant_run_id, run_key, narrower = grant  # by position in the script: exactly three
+        args = [first_step, *limits.as_list(), lineage, version, grant_run_id, run_key, narrower]
+        args += [fleet, int(bool(slot))]
         args += [_ms(now) if now else 0, _ms(until) if until else 0, int(force), run_id]
         created = self._call(self._open, run_id, keys, args)
         if created == -2:

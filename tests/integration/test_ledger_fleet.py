@@ -36,7 +36,7 @@ def run_of(
 ) -> str:
     run_id = "run_" + uuid.uuid4().hex
     slot = (now, until, force)
-    store.open(run_id, "research", LIMITS, "acme/a", 1, (grant_id, run_id), grant_id, slot)
+    store.open(run_id, "research", LIMITS, "acme/a", 1, (grant_id, run_id, ""), grant_id, slot)
     return run_id
 
 
