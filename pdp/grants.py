@@ -269,6 +269,14 @@ class Grants:
         if grant is None:
             return
         run_id = run_id_for(grant.verified.digest, started.run_key)
+        known = self._ledger.runs.find(run_id)
+        if known is not None:
+            # A start is logged only for a run this process did not hold: the same run
+            # logged again was released meanwhile, and its key (forgotten by then) started
+            # a fresh run. Its old state goes now as it went then, or the fresh run would
+            # come back with the old one's books and outcome.
+            self._ledger.store.release_run(run_id, "")
+            self._ledger.runs.drop(known)
         try:
             narrowed, policy = self._narrowed(grant, started.narrower.encode())
         except AbcError as exc:

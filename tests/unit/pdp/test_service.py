@@ -38,7 +38,11 @@ LOG_KEY = Ed25519PrivateKey.generate()
 
 class _Pdp:
     def __init__(
-        self, tmp_path: Path, policies: Path = POLICIES, store: MemoryRunStore | None = None
+        self,
+        tmp_path: Path,
+        policies: Path = POLICIES,
+        store: MemoryRunStore | None = None,
+        run_retention: timedelta = timedelta(hours=1),
     ) -> None:
         self.bundle = load_bundle(policies)
         self.log_path = tmp_path / "decisions.log"
@@ -52,6 +56,7 @@ class _Pdp:
             PdpMetrics(CollectorRegistry()),
             self.log,
             store=self.store,
+            run_retention=run_retention,
         )
 
     def register(
@@ -258,3 +263,29 @@ def test_started_runs_and_their_state_come_back_from_the_log(tmp_path: Path) -> 
         "conversation-1",
         digest,
     )
+
+
+def test_a_key_started_again_after_its_run_was_released_replays_as_that_fresh_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Released runs are forgotten at once, as they are after 10,000 later releases: the
+    # key then starts a fresh run with the same id, and a restart must bring back that one.
+    monkeypatch.setattr("pdp.ledger.memory.RELEASED_WINDOW", 0)
+    pdp = _Pdp(tmp_path, run_retention=timedelta(0))
+    digest = _digest(pdp, pdp.register())
+    first = pdp.service.start_run(digest, "conv-1", NOW)[0].run_id
+    outcome = pdp.service.decide(first, "req-0", _model(10), NOW)
+    pdp.service.report_usage(outcome.reservation_id, 7, 3, NOW)
+    assert pdp.service.decide(first, "end", validate_action("step", "step:@completed"), NOW).forward
+    later = NOW + timedelta(seconds=1)
+    pdp.service.sweep(later)
+    fresh, started = pdp.service.start_run(digest, "conv-1", later)
+    assert started and fresh.run_id == first
+    before = pdp.service.get_run(first, later)
+    assert before.status == "running" and not any(before.spent.values())
+    pdp.log.close()
+
+    restarted = _Pdp(tmp_path, run_retention=timedelta(0))
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    restarted.service.sweep(later, limit=1000)  # as abc-pdp does after its replay
+    assert restarted.service.get_run(first, later) == before
