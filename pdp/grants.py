@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import datetime
 
 from pdp.bundle import PolicyBundle
@@ -29,6 +30,7 @@ from pdp.errors import (
     ManifestExpired,
     ManifestUnknown,
     RunClosed,
+    RunNotBound,
 )
 from pdp.ledger import Ledger, RegistryState, Run, check_run_key, run_id_for
 from pdp.ledger.runs import StartedRun
@@ -136,10 +138,12 @@ class Grants:
             return None
         return self._ledger.runs.register(verified, self._prepare(verified), raw, trust_now)
 
-    def run(self, run_id: str, now: datetime) -> Run:
+    def run(self, run_id: str, now: datetime, bound: str = "") -> Run:
         """The run, compiled here. One registered on another replica is loaded from the
         shared store's copy of its envelope, verified by this replica's own trust store;
-        one started there, from its grant's."""
+        one started there, from its grant's. ``bound`` is the manifest digest the caller
+        is bound to (its sidecar's): a run of another grant is ``RunNotBound`` ("" checks
+        nothing)."""
         run = self._ledger.runs.find(run_id)
         if run is None:
             raw = self._ledger.store.envelope(run_id)
@@ -155,7 +159,29 @@ class Grants:
         if run is None or run.run_id != run_id:
             self._ledger.check_released(run_id)
             raise ManifestUnknown("no run with this id")
+        if bound and run.verified.digest != bound:
+            raise RunNotBound(
+                f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
+                f" caller's {bound}"
+            )
         return run
+
+    def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
+        """Those of ``reservation_ids`` holding budget of a run of another grant than the
+        manifest ``bound`` ("" checks nothing); one store lookup for them all."""
+        if not bound:
+            return set()
+        found = self._ledger.store.reservation_runs(reservation_ids)
+        refused: set[str] = set()
+        for reservation_id, run_id in zip(reservation_ids, found, strict=True):
+            try:
+                if run_id is not None:
+                    self.run(run_id, now, bound)
+            except RunNotBound:
+                refused.add(reservation_id)
+            except ManifestUnknown:
+                pass  # settling it finds nothing either
+        return refused
 
     def _narrowed(
         self, grant: Run, narrower: bytes

@@ -38,7 +38,6 @@ from pdp.errors import (
     AbcError,
     BadRequest,
     LogUnavailable,
-    ManifestUnknown,
     ReasonCode,
     RequestIdReused,
     RunNotBound,
@@ -126,15 +125,6 @@ def _unloggable(record: DecisionRecord, refusal: Decision) -> DecisionRecord:
     )
 
 
-def _check_bound(run: Run, bound: str) -> None:
-    """A caller bound to a manifest may use that grant's runs only ("" checks nothing)."""
-    if bound and run.verified.digest != bound:
-        raise RunNotBound(
-            f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
-            f" caller's {bound}"
-        )
-
-
 class DecisionService:
     """Registers manifests and decides actions; servers adapt their protocol to this."""
 
@@ -202,8 +192,7 @@ class DecisionService:
         run: Run | None = None
         claimed = False
         try:
-            run = self._grants.run(run_id, now)
-            _check_bound(run, bound)
+            run = self._grants.run(run_id, now, bound)
             # Before anything is claimed, reserved or moved: what cannot be logged exactly
             # is refused here, not found unloggable after the run's state changed.
             canonical_record_bytes(
@@ -380,20 +369,8 @@ class DecisionService:
 
     def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
         """Those of ``reservation_ids`` holding budget of a run of another grant than the
-        manifest ``bound`` ("" checks nothing); one store lookup for them all."""
-        if not bound:
-            return set()
-        found = self._ledger.store.reservation_runs(reservation_ids)
-        refused: set[str] = set()
-        for reservation_id, run_id in zip(reservation_ids, found, strict=True):
-            try:
-                if run_id is not None:
-                    _check_bound(self._grants.run(run_id, now), bound)
-            except RunNotBound:
-                refused.add(reservation_id)
-            except ManifestUnknown:
-                pass  # settling it finds nothing either
-        return refused
+        manifest ``bound`` ("" checks nothing)."""
+        return self._grants.unbound(reservation_ids, bound, now)
 
     def get_run(self, run_id: str, now: datetime) -> RunView:
         run = self._grants.run(run_id, now)
