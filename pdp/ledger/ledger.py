@@ -201,11 +201,10 @@ class Ledger:
             except ManifestUnknown:
                 self.runs.drop(run)  # released by another replica
                 continue
-            if state.outcome:
-                status = state.outcome
-            elif now >= run.verified.manifest.expires_at:
-                status = "expired"
-            else:
+            # A narrowed run expires with its own (narrowed) window, as it is due.
+            expired = now >= run.manifest.expires_at
+            status = state.outcome or ("expired" if expired else "")
+            if not status:
                 continue  # not ended: looked at again at its expiry
             self.expire(run, now + self.reservation_ttl, logged_at=now)
             self.store.release_run(run.run_id, status)

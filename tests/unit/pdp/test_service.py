@@ -4,7 +4,7 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from pdp.errors import (
     ManifestUnknown,
     ReasonCode,
     RunClosed,
+    RunReleased,
     SignatureInvalid,
 )
 from pdp.ledger import MemoryRunStore, Usage
@@ -289,3 +290,14 @@ def test_a_key_started_again_after_its_run_was_released_replays_as_that_fresh_ru
     restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
     restarted.service.sweep(later, limit=1000)  # as abc-pdp does after its replay
     assert restarted.service.get_run(first, later) == before
+
+
+def test_a_narrowed_run_is_released_after_its_own_shorter_window(tmp_path: Path) -> None:
+    pdp = _Pdp(tmp_path, run_retention=timedelta(0))
+    digest = _digest(pdp, pdp.register())
+    narrower = b'{"metadata": {"expires_at": "2026-11-22T13:00:00Z"}}'  # the grant's: 18:00
+    run_id = pdp.service.start_run(digest, "short", NOW, narrower)[0].run_id
+    after = datetime(2026, 11, 22, 14, 0, 0, tzinfo=UTC)  # past the run's, not the grant's
+    pdp.service.sweep(after)
+    with pytest.raises(RunReleased):
+        pdp.service.get_run(run_id, after)
