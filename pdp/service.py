@@ -27,6 +27,7 @@ from pdp.decisionlog import (
     DecisionLog,
     DecisionRecord,
     LogPosition,
+    Queued,
     Record,
     RegistrationRecord,
     RunStartRecord,
@@ -355,17 +356,33 @@ class DecisionService:
     # Usage, runs, recovery
 
     def report_usage(
-        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime, bound: str = ""
-    ) -> bool:
-        """Settle; False for an unknown or settled reservation or an impossible amount.
-        ``RunNotBound`` for a reservation of a run of another grant than ``bound``'s."""
+        self,
+        reservation_id: str,
+        tokens: int,
+        usd_micros: int,
+        now: datetime,
+        bound: str = "",
+        *,
+        wait: bool = True,
+    ) -> Queued | None:
+        """Settle: the settlement's place in the log, None for an unknown or settled
+        reservation or an impossible amount. ``RunNotBound`` for a reservation of a run of
+        another grant than ``bound``'s.
+
+        Not ``wait``: the record goes with the log's next commit (the decision it was
+        carried with), one fsync for both; ``sync`` before saying it was settled.
+        """
         if self.unbound([reservation_id], bound, now):
             raise RunNotBound(
                 f"reservation {reservation_id} holds budget of a run of another manifest than"
                 f" the caller's {bound}"
             )
         with self._gate.changing():
-            return self._ledger.settle(reservation_id, tokens, usd_micros, now)
+            return self._ledger.settle(reservation_id, tokens, usd_micros, now, wait=wait)
+
+    def sync(self, queued: Queued) -> None:
+        """Return once ``queued`` is durable; ``LogUnavailable`` if it was lost."""
+        self._log.sync(queued)
 
     def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
         """Those of ``reservation_ids`` holding budget of a run of another grant than the
@@ -409,6 +426,9 @@ class DecisionService:
         """The live state and the log position it is the fold of, for a snapshot: taken
         with no change under way, so no decision is half applied."""
         with self._gate.alone():
+            # Settlements queued to go with a decision that has not come: on disk first,
+            # so that the state is exactly the fold of the log up to its position.
+            self._log.flush()
             position = self._log.position()
             registry = self._ledger.runs.export_state()
             store = self._ledger.store.export_state()

@@ -119,24 +119,44 @@ def _channel(target: str, tls: PdpTls | None) -> grpc.aio.Channel:
 
 
 class PdpClient:
-    def __init__(self, target: str, deadline_seconds: float, tls: PdpTls | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        deadline_seconds: float,
+        tls: PdpTls | None = None,
+        settle_linger: float = 0.01,
+    ) -> None:
         self._channel = _channel(target, tls)
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
-        self._usage = UsageReporter(self._stub, deadline_seconds)
+        # Settlements wait this long for a decision to carry them, then go in a batch.
+        self._usage = UsageReporter(self._stub, deadline_seconds, settle_linger)
         # The manifest this sidecar registered, stated on every call: the PDP refuses a run
         # of another grant (run_not_bound). "" until registered (a --run sidecar).
         self._bound = ""
 
     async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
+        carried = self._usage.take()  # settled with this decision: one call, one fsync
         request = pdp_pb2.DecideRequest(
-            run_id=run_id, request_id=request_id, action=action, manifest_digest=self._bound
+            run_id=run_id,
+            request_id=request_id,
+            action=action,
+            manifest_digest=self._bound,
+            settlements=carried,
         )
         try:
             response = await self._stub.Decide(request, timeout=self._deadline)
-            return _verdict(response, action)
         except grpc.aio.AioRpcError as exc:
             log.warning("PDP did not decide: %s", exc.code().name)
+            self._usage.unsettled(carried)
+            return Verdict.refuse(
+                ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
+            )
+        if len(response.settled) != len(carried):
+            # Not made durable (an outage), or a PDP that does not read carried settlements.
+            self._usage.unsettled(carried)
+        try:
+            return _verdict(response, action)
         except (ValueError, TypeError) as exc:
             log.error("PDP answered garbage: %s", exc)
         return Verdict.refuse(

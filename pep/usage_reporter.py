@@ -1,15 +1,19 @@
-"""Settles reservations with the PDP in batches, off the request path.
+"""Settles reservations with the PDP, off the request path and without calls of their own.
 
-Each forwarded call ends with one settlement; sending each as its own RPC costs the
-sidecar and the PDP a gRPC call per request. Settlements wait at most ``linger``
-seconds to travel together. A reservation settled late only holds its worst case a
-little longer: conservative, never an overspend.
+Each forwarded call ends with one settlement. Sent as its own RPC, each would cost the
+sidecar and the PDP a gRPC call and the PDP an fsync per request. Instead the next
+``Decide`` carries what is queued (``take``), and the PDP makes both durable with one
+write; what no decision picks up within ``linger`` seconds travels in one
+``ReportUsageBatch``. A reservation settled late only holds its worst case a little
+longer: conservative, never an overspend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
+from collections.abc import Sequence
 
 import grpc
 
@@ -29,13 +33,13 @@ class UsageReporter:
         self._stub = stub
         self._deadline = deadline
         self._linger = linger
-        self._queue: asyncio.Queue[pdp_pb2.ReportUsageRequest] = asyncio.Queue()
+        self._queue: deque[pdp_pb2.ReportUsageRequest] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def report(
         self, reservation_id: str, tokens: int, usd_micros: int = 0, bound: str = ""
     ) -> None:
-        self._queue.put_nowait(
+        self._queue.append(
             pdp_pb2.ReportUsageRequest(
                 reservation_id=reservation_id,
                 tokens=max(tokens, 0),
@@ -43,16 +47,27 @@ class UsageReporter:
                 manifest_digest=bound,
             )
         )
-        if self._task is None or self._task.done():
+        self._drain_soon()
+
+    def take(self) -> list[pdp_pb2.ReportUsageRequest]:
+        """What is queued (at most a batch), for a decision to carry."""
+        return [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+
+    def unsettled(self, reports: Sequence[pdp_pb2.ReportUsageRequest]) -> None:
+        """Reports a decision carried but the PDP did not answer for: sent again, first."""
+        self._queue.extendleft(reversed(reports))
+        self._drain_soon()
+
+    def _drain_soon(self) -> None:
+        if self._queue and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        while not self._queue.empty():
+        while self._queue:
             await asyncio.sleep(self._linger)
-            batch: list[pdp_pb2.ReportUsageRequest] = []
-            while not self._queue.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._queue.get_nowait())
-            await self._send(batch)
+            batch = self.take()  # empty if decisions carried them all meanwhile
+            if batch:
+                await self._send(batch)
 
     async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
         request = pdp_pb2.ReportUsageBatchRequest(reports=batch)

@@ -150,6 +150,7 @@ class PdpProcess(_Child):
     log: Path
     credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
     http_address: str = ""  # the REST door's HOST:PORT, for a PDP started with http=True
+    state: Path | None = None  # its --state directory (the decision log's)
 
     @property
     def metrics_url(self) -> str:
@@ -241,7 +242,7 @@ def start_pdp(
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    pdp = PdpProcess(process, address, metrics, log, credentials, http_address)
+    pdp = PdpProcess(process, address, metrics, log, credentials, http_address, state)
     wait_serving(pdp)
     return pdp
 

@@ -24,7 +24,7 @@ from pdp.decisionlog.verify import (
     read_verified_log,
     verify_log,
 )
-from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, read_head
+from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, Queued, read_head
 
 __all__ = [
     "CheckpointRecord",
@@ -37,6 +37,7 @@ __all__ = [
     "LogReport",
     "Logged",
     "MaskRule",
+    "Queued",
     "Record",
     "RecordInvalid",
     "RegistrationRecord",

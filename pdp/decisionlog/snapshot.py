@@ -31,7 +31,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pdp.decisionlog.segments import LogPosition, segment_of
-from pdp.errors import AbcError
+from pdp.errors import AbcError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 from pdp.manifest.keys import keyid, raw_public_key, verify_signature
 
@@ -210,7 +210,11 @@ class Snapshotter:
     def take(self) -> Path | None:
         """A snapshot of the state now, unless the log did not move since the last one."""
         with self._lock:
-            position, state = self._source()
+            try:
+                position, state = self._source()
+            except LogUnavailable as exc:
+                log.error("snapshot not taken: %s", exc)
+                return None
             if position.seq == self._last or position.seq == 0:
                 return None
             try:

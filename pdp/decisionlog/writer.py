@@ -2,7 +2,9 @@
 
 ``append`` returns only after the whole record is written and fsynced. Concurrent appends
 are group-committed: the first caller to find no write under way writes whatever is
-waiting, fsyncs once, and wakes every caller in the batch. Every ``checkpoint_every``
+waiting, fsyncs once, and wakes every caller in the batch. ``queue`` adds a record to the
+next batch without waiting (what is answered with a later record: a settlement carried by a
+decision), and ``sync`` waits for it. Every ``checkpoint_every``
 records or ``checkpoint_seconds`` seconds a signed checkpoint is appended, naming the
 chain head.
 
@@ -52,7 +54,7 @@ from pdp.decisionlog.segments import LogPosition, seal, sealed_paths
 from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 
-__all__ = ["DecisionLog", "LogHead", "MaskRule", "read_head"]
+__all__ = ["DecisionLog", "LogHead", "MaskRule", "Queued", "read_head"]
 
 MASK = "***"
 log = logging.getLogger("abc.pdp")
@@ -83,6 +85,14 @@ def _mask(document: dict[str, Any], rules: Sequence[MaskRule]) -> list[str]:
             node[rule.path[-1]] = MASK
             masked.append(".".join(rule.path))
     return masked
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A record queued to go with the log's next commit (``DecisionLog.queue``)."""
+
+    seq: int
+    epoch: int  # the failures the log had had when it was queued
 
 
 @dataclass(frozen=True)
@@ -174,10 +184,11 @@ class DecisionLog:
             (active.last_segment, active.last_offset, active.last_length),
         )
         self._torn = False  # a failed write's tail may still be in the file: cut it first
-        # Bumped by every failed batch: a waiter whose epoch passed lost its record, even
-        # if later records reuse its seq.
+        # Bumped by every failed batch: a waiter whose epoch passed lost its record (unless
+        # that epoch had made it durable), even if later records reuse its seq.
         self._epoch = 0
-        self._failures: dict[int, OSError] = {}
+        # Per failed epoch: its error, and the seq it had made durable (those below it).
+        self._failures: dict[int, tuple[OSError, int]] = {}
         self._writable = True
         self._watchers: list[Callable[[bool], None]] = []
         self._closed = False
@@ -210,18 +221,34 @@ class DecisionLog:
         chain is unchanged); ``LogUnavailable`` if it could not be made durable (nothing of
         it stays in the file; the ``OSError`` is its cause) or once the log is closed.
         """
+        queued = self.queue(record)
+        self.sync(queued)
+        return queued.seq
+
+    def queue(self, record: WritableRecord) -> Queued:
+        """Queue one record without waiting for it: it is written with the next commit
+        (any caller's ``append``, or ``sync``), so records that are answered together
+        cost one fsync. Nothing queued may be acknowledged before ``sync`` returns for it.
+
+        ``BadRequest`` and ``LogUnavailable`` as for ``append``.
+        """
         if self._masks and isinstance(record, DecisionRecord):
             record = self._masked(record)
         with self._lock:
             if self._closed:
                 raise LogUnavailable("the decision log is closed")
-            seq = self._enqueue(record)
+            queued = Queued(self._enqueue(record), self._epoch)
             if self._due_checkpoint():
                 self._enqueue_checkpoint()
-            self._commit_or_unavailable(seq + 1)
+        return queued
+
+    def sync(self, queued: Queued) -> None:
+        """Return once ``queued`` (and all before it) is on disk; ``LogUnavailable`` if
+        it was lost (nothing of its batch stays in the file)."""
+        with self._lock:
+            self._commit_or_unavailable(queued.seq + 1, queued.epoch)
             if self._segment_bytes and self._durable.size >= self._segment_bytes:
                 self._rotate()
-        return seq
 
     def _rotate(self) -> None:
         """Seal the active file (ending it with a checkpoint) and start the next one.
@@ -254,9 +281,14 @@ class DecisionLog:
             segment, offset, length = durable.last
             return LogPosition(durable.seq, durable.prev, segment, offset, length)
 
-    def _commit_or_unavailable(self, target: int) -> None:
+    def flush(self) -> None:
+        """Return once every record queued so far is on disk (``LogUnavailable`` if not)."""
+        with self._lock:
+            self._commit_or_unavailable(self._seq, self._epoch)
+
+    def _commit_or_unavailable(self, target: int, epoch: int) -> None:
         try:
-            self._commit_through(target)
+            self._commit_through(target, epoch)
         except OSError as exc:
             raise LogUnavailable(f"the decision log cannot write: {exc}") from exc
 
@@ -268,19 +300,23 @@ class DecisionLog:
             return record
         return record.model_copy(update={"input": policy_input, "masked": tuple(masked)})
 
-    def _commit_through(self, target: int) -> None:
-        """Return once every seq below ``target`` is on disk, or raise the ``OSError`` that
-        lost it. Holds ``self._lock``.
+    def _commit_through(self, target: int, epoch: int | None = None) -> None:
+        """Return once every seq below ``target`` (queued in ``epoch``, by default the
+        current one) is on disk, or raise the ``OSError`` that lost it. Holds ``self._lock``.
 
         Group commit, leader and followers: whoever finds no write under way writes and
         fsyncs everything pending (its own record and any that queued meanwhile); the
         others wait for that fsync. One fsync per batch, and no thread hand-off for a
         caller that is alone.
         """
-        epoch = self._epoch
+        epoch = self._epoch if epoch is None else epoch
         while self._written < target or self._epoch != epoch:
             if self._epoch != epoch:
-                raise self._failures.get(epoch) or OSError(errno.EIO, "decision log write failed")
+                # A batch failed since: the records it had made durable before stay so.
+                lost, kept = self._failures.get(epoch, (None, 0))
+                if target <= kept:
+                    return
+                raise lost or OSError(errno.EIO, "decision log write failed")
             if self._writing:
                 self._lock.wait()
                 continue
@@ -348,7 +384,7 @@ class DecisionLog:
         """A batch was lost: its records and any queued behind them (chained onto them)
         fail; the chain and checkpoint count go back to the last durable record."""
         log.error("decision log unwritable: %s", failure)
-        self._failures[self._epoch] = failure
+        self._failures[self._epoch] = (failure, self._durable.seq)
         self._failures.pop(self._epoch - 64, None)  # only waiters of recent epochs remain
         self._epoch += 1
         self._pending = []

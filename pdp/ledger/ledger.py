@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pdp.action import Action
-from pdp.decisionlog import DecisionLog, DecisionRecord, SettlementRecord
+from pdp.decisionlog import DecisionLog, DecisionRecord, Queued, SettlementRecord
 from pdp.engine import Decision
 from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
@@ -225,16 +225,20 @@ class Ledger:
                 )
             )
 
-    def settle(self, reservation_id: str, tokens: int, usd_micros: int, now: datetime) -> bool:
-        """Settle with real usage; False for an unknown or settled reservation or an
-        impossible amount. ``StoreUnavailable`` when the run store cannot be reached (the
-        caller retries), ``LogUnavailable`` when the log cannot record it."""
+    def settle(
+        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime, *, wait: bool = True
+    ) -> Queued | None:
+        """Settle with real usage: the settlement's place in the log (durable, unless not
+        ``wait``: then it goes with the log's next commit), or None for an unknown or
+        settled reservation or an impossible amount. ``StoreUnavailable`` when the run
+        store cannot be reached (the caller retries), ``LogUnavailable`` when the log
+        cannot record it."""
         if not (0 <= tokens <= MAX_REPORTED and 0 <= usd_micros <= MAX_REPORTED):
-            return False
+            return None
         run_id = self.store.settle(reservation_id, tokens, usd_micros)
         if run_id is None:
-            return False
-        self._log.append(
+            return None
+        queued = self._log.queue(
             SettlementRecord(
                 time=now,
                 run_id=run_id,
@@ -243,7 +247,9 @@ class Ledger:
                 usd_micros=usd_micros,
             )
         )
-        return True
+        if wait:
+            self._log.sync(queued)
+        return queued
 
     def restore(self, record: DecisionRecord | SettlementRecord) -> None:
         """Apply one logged change again (start-up recovery from this process's log).

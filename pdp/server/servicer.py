@@ -6,7 +6,7 @@ refusals are gRPC errors whose message is the reason code alone; details go to t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import grpc
@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from pdp.action import action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.clock import utc_now
+from pdp.decisionlog import Queued
 from pdp.errors import AbcError, BadRequest, LogUnavailable, ReasonCode, StoreUnavailable
 from pdp.service import DecisionOutcome, DecisionService
 
@@ -84,6 +85,11 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         self, request: pdp_pb2.DecideRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.DecideResponse:
         now = self._clock()
+        if len(request.settlements) > MAX_BATCH:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} settlements")
+        # Settled first, their records queued: the decision's own commit makes them durable
+        # with it, one fsync for both.
+        carried = self._carry(request.settlements, request.manifest_digest, now)
         if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
             error = BadRequest("request_id is required (at most 128 characters)")
             outcome = self._service.refuse(request.run_id, request.request_id, error, now)
@@ -109,7 +115,43 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             decision_id=outcome.decision_id,
             obligations=obligations,
             reservation_id=outcome.reservation_id,
+            settled=self._durable(carried),
         )
+
+    def _carry(
+        self, reports: Sequence[pdp_pb2.ReportUsageRequest], bound: str, now: datetime
+    ) -> list[Queued | None] | None:
+        """Settle ``reports`` without waiting for their records: each one's place in the
+        log (None: not settled), or None for all when the store or the log is out (the
+        caller sends them again; those settled meanwhile then answer false)."""
+        try:
+            # Checked per manifest at once (a sidecar states one): a report of another
+            # grant's reservation is not settled; the others are, each checked already.
+            refused: set[str] = set()
+            for digest in {report.manifest_digest or bound for report in reports} - {""}:
+                ids = [r.reservation_id for r in reports if (r.manifest_digest or bound) == digest]
+                refused |= self._service.unbound(ids, digest, now)
+            return [
+                None
+                if report.reservation_id in refused
+                else self._service.report_usage(
+                    report.reservation_id, report.tokens, report.usd_micros, now, wait=False
+                )
+                for report in reports
+            ]
+        except (StoreUnavailable, LogUnavailable):
+            return None
+
+    def _durable(self, carried: list[Queued | None] | None) -> list[bool]:
+        """Whether each carried settlement was settled, once all are durable; [] if they
+        could not be made so."""
+        try:
+            for queued in carried or ():
+                if queued is not None:
+                    self._service.sync(queued)
+        except LogUnavailable:
+            return []
+        return [queued is not None for queued in carried or ()]
 
     def ReportUsage(  # noqa: N802
         self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
@@ -122,9 +164,10 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         self, report: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext, bound: str
     ) -> bool:
         try:
-            return self._service.report_usage(
+            settled = self._service.report_usage(
                 report.reservation_id, report.tokens, report.usd_micros, self._clock(), bound
             )
+            return settled is not None
         except (StoreUnavailable, LogUnavailable):
             # Not "unknown": the sidecar keeps the report and tries again.
             context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
@@ -138,21 +181,12 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     ) -> pdp_pb2.ReportUsageBatchResponse:
         if len(request.reports) > MAX_BATCH:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
-        # Checked for the batch at once (a sidecar states one manifest): a report of
-        # another grant's reservation is not settled; the others are, each checked already.
-        refused: set[str] = set()
-        try:
-            for bound in {r.manifest_digest for r in request.reports if r.manifest_digest}:
-                ids = [r.reservation_id for r in request.reports if r.manifest_digest == bound]
-                refused |= self._service.unbound(ids, bound, self._clock())
-        except (StoreUnavailable, LogUnavailable):
+        # One fsync for the batch, not one per report.
+        settled = self._durable(self._carry(request.reports, "", self._clock()))
+        if len(settled) != len(request.reports):
+            # Not "unknown": the sidecar keeps the reports and tries again.
             context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
-        return pdp_pb2.ReportUsageBatchResponse(
-            settled=[
-                r.reservation_id not in refused and self._settle(r, context, "")
-                for r in request.reports
-            ]
-        )
+        return pdp_pb2.ReportUsageBatchResponse(settled=settled)
 
     def RecordRefusal(  # noqa: N802
         self, request: pdp_pb2.RecordRefusalRequest, context: grpc.ServicerContext

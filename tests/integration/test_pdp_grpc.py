@@ -474,3 +474,63 @@ def test_an_impossible_usage_report_is_refused_and_the_reservation_kept(
     )
     run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5)
     assert (run.spent.tokens, run.spent.tool_calls) == (7, 1)
+
+
+def _model(
+    run_id: str, request_id: str, carried: list[str], **kwargs: object
+) -> pdp_pb2.DecideRequest:
+    return pdp_pb2.DecideRequest(
+        run_id=run_id,
+        request_id=request_id,
+        action=pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini", max_tokens=2000),
+        settlements=[
+            pdp_pb2.ReportUsageRequest(reservation_id=held, tokens=100) for held in carried
+        ],
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_a_decision_carries_settlements_settled_before_it_is_judged_and_logged_with_it(
+    pdp: PdpProcess, signer: Signer
+) -> None:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/carried")
+    envelope = signer.freeze(text.replace("tokens: 200000", "tokens: 3000"), "carried")
+    registered = stub(pdp).RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=10
+    )
+    run_id, digest = registered.run_id, registered.manifest_digest
+    first = stub(pdp).Decide(_model(run_id, "c1", []), timeout=5)
+    assert first.allow and not first.settled
+    # Its 2000 tokens still held, another 2000 would not fit 3000; settled at 100 first, it does.
+    assert codes(stub(pdp).Decide(_model(run_id, "c2", []), timeout=5)) == ["budget_exhausted"]
+    second = stub(pdp).Decide(
+        _model(run_id, "c3", [first.reservation_id], manifest_digest=digest), timeout=5
+    )
+    assert second.allow and list(second.settled) == [True]
+    assert pdp.state is not None
+    lines = [json.loads(line) for line in (pdp.state / "decisions.log").read_text().splitlines()]
+    kinds = [
+        (line["kind"], line["request_id" if line["kind"] == "decision" else "reservation_id"])
+        for line in lines
+        if line["kind"] in ("decision", "settlement")
+    ]
+    at = kinds.index(("settlement", first.reservation_id))
+    assert kinds[at + 1] == ("decision", "c3")  # written together, the settlement first
+    # Settled once only; a reservation of another grant is not this caller's to settle.
+    other = stub(pdp).RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(
+            envelope=signer.freeze(text.replace("acme/carried", "acme/carried-other"), "other")
+        ),
+        timeout=10,
+    )
+    theirs = stub(pdp).Decide(_model(other.run_id, "o1", []), timeout=5)
+    third = stub(pdp).Decide(
+        _model(run_id, "c4", [first.reservation_id, theirs.reservation_id], manifest_digest=digest),
+        timeout=5,
+    )
+    assert list(third.settled) == [False, False]
+    run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=other.run_id), timeout=5)
+    assert run.reserved.tokens == 2000 and run.spent.tokens == 0
+    with pytest.raises(grpc.RpcError) as too_many:
+        stub(pdp).Decide(_model(run_id, "c5", ["rsv_x"] * 1025), timeout=5)
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT

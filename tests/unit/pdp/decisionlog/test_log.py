@@ -396,3 +396,79 @@ def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
     assert log.writable
     log.close()
     assert verify_log(path, KEY.public_key()).records == 3  # dec_0, the retry's checkpoint, close
+
+
+def _count_syncs(monkeypatch: pytest.MonkeyPatch, fd: int) -> list[int]:
+    """Every fdatasync of the log's file, counted (and done)."""
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(target: int) -> None:
+        if target == fd:
+            calls.append(target)
+        real(target)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def test_queued_records_go_with_the_next_append_in_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    syncs = _count_syncs(monkeypatch, _log_fd(log))
+    first, second = log.queue(decision(0)), log.queue(decision(1))
+    assert path.read_bytes() == b"" and not syncs  # queued: nothing written yet
+    assert log.append(decision(2)) == 2
+    assert len(syncs) == 1  # the two queued ones and the append: one write, one fsync
+    log.sync(first)
+    log.sync(second)  # already durable: no second fsync
+    assert len(syncs) == 1
+    log.close()
+    verified = read_verified_log(path, KEY.public_key())
+    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
+        "dec_0",
+        "dec_1",
+        "dec_2",
+        "checkpoint",
+    ]
+
+
+def test_sync_writes_what_no_append_took_and_flush_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    syncs = _count_syncs(monkeypatch, _log_fd(log))
+    log.sync(log.queue(decision(0)))
+    assert len(syncs) == 1 and path.read_bytes().count(b"\n") == 1
+    log.queue(decision(1))
+    log.flush()
+    assert len(syncs) == 2 and path.read_bytes().count(b"\n") == 2
+    log.close()
+
+
+def test_a_queued_record_lost_with_its_batch_fails_its_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, retry_seconds=60)
+    kept = log.queue(decision(0))
+    log.sync(kept)
+    lost = log.queue(decision(1))
+    disk = Disk(monkeypatch, _log_fd(log), room=0, chunk=1000)
+    with pytest.raises(LogUnavailable):
+        log.append(decision(2))  # its batch carried the queued record down with it
+    disk.room = 10**6
+    assert log.append(decision(3)) == 1  # a later record takes the lost one's seq
+    with pytest.raises(LogUnavailable):
+        log.sync(lost)  # its seq is durable again, but not with its record
+    log.sync(kept)  # durable before the failure: still said to be
+    log.close()
+    verified = read_verified_log(path, KEY.public_key())
+    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
+        "dec_0",
+        "dec_3",
+        "checkpoint",
+    ]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdp/api/abc/pdp/v1/pdp.proto\x12\nabc.pdp.v1\x1a\x1cgoogle/protobuf/struct.proto\"+\n\x17RegisterManifestRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"C\n\x18RegisterManifestResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xb6\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x11\n\targs_json\x18\x07 \x01(\x0c\x12\r\n\x05probe\x18\x08 \x01(\x08\x12\x13\n\x0binput_bytes\x18\t \x01(\x03\"p\n\rDecideRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Action\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc4\x01\n\x0e\x44\x65\x63ideResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12#\n\x07reasons\x18\x02 \x03(\x0b\x32\x12.abc.pdp.v1.Reason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12,\n\x0bobligations\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x13\n\x0bwould_allow\x18\x07 \x01(\x08\"i\n\x12ReportUsageRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\nusd_micros\x18\x03 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\"\x15\n\x13ReportUsageResponse\"J\n\x17ReportUsageBatchRequest\x12/\n\x07reports\x18\x01 \x03(\x0b\x32\x1e.abc.pdp.v1.ReportUsageRequest\"+\n\x18ReportUsageBatchResponse\x12\x0f\n\x07settled\x18\x01 \x03(\x08\"M\n\x0fStartRunRequest\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x10\n\x08narrower\x18\x03 \x01(\x0c\"3\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"R\n\x06\x42udget\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\x12\n\nusd_micros\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\"\xe1\x01\n\x0eGetRunResponse\x12\x0c\n\x04step\x18\x01 \x01(\t\x12!\n\x05spent\x18\x02 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12%\n\tremaining\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompleted_steps\x18\x05 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t\x12$\n\x08reserved\x18\x07 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0f\n\x07run_key\x18\x08 \x01(\t\"j\n\x14RecordRefusalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\",\n\x15RecordRefusalResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t2\xbe\x04\n\x0f\x44\x65\x63isionService\x12]\n\x10RegisterManifest\x12#.abc.pdp.v1.RegisterManifestRequest\x1a$.abc.pdp.v1.RegisterManifestResponse\x12\x45\n\x08StartRun\x12\x1b.abc.pdp.v1.StartRunRequest\x1a\x1c.abc.pdp.v1.StartRunResponse\x12?\n\x06\x44\x65\x63ide\x12\x19.abc.pdp.v1.DecideRequest\x1a\x1a.abc.pdp.v1.DecideResponse\x12N\n\x0bReportUsage\x12\x1e.abc.pdp.v1.ReportUsageRequest\x1a\x1f.abc.pdp.v1.ReportUsageResponse\x12]\n\x10ReportUsageBatch\x12#.abc.pdp.v1.ReportUsageBatchRequest\x1a$.abc.pdp.v1.ReportUsageBatchResponse\x12?\n\x06GetRun\x12\x19.abc.pdp.v1.GetRunRequest\x1a\x1a.abc.pdp.v1.GetRunResponse\x12T\n\rRecordRefusal\x12 .abc.pdp.v1.RecordRefusalRequest\x1a!.abc.pdp.v1.RecordRefusalResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdp/api/abc/pdp/v1/pdp.proto\x12\nabc.pdp.v1\x1a\x1cgoogle/protobuf/struct.proto\"+\n\x17RegisterManifestRequest\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\"C\n\x18RegisterManifestResponse\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\"\xb6\x01\n\x06\x41\x63tion\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12%\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x11\n\targs_json\x18\x07 \x01(\x0c\x12\r\n\x05probe\x18\x08 \x01(\x08\x12\x13\n\x0binput_bytes\x18\t \x01(\x03\"\xa5\x01\n\rDecideRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\"\n\x06\x61\x63tion\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Action\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x33\n\x0bsettlements\x18\x05 \x03(\x0b\x32\x1e.abc.pdp.v1.ReportUsageRequest\"\'\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd5\x01\n\x0e\x44\x65\x63ideResponse\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12#\n\x07reasons\x18\x02 \x03(\x0b\x32\x12.abc.pdp.v1.Reason\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12,\n\x0bobligations\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\x12\x0e\n\x06shadow\x18\x06 \x01(\x08\x12\x13\n\x0bwould_allow\x18\x07 \x01(\x08\x12\x0f\n\x07settled\x18\x08 \x03(\x08\"i\n\x12ReportUsageRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x03\x12\x12\n\nusd_micros\x18\x03 \x01(\x03\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\"\x15\n\x13ReportUsageResponse\"J\n\x17ReportUsageBatchRequest\x12/\n\x07reports\x18\x01 \x03(\x0b\x32\x1e.abc.pdp.v1.ReportUsageRequest\"+\n\x18ReportUsageBatchResponse\x12\x0f\n\x07settled\x18\x01 \x03(\x08\"M\n\x0fStartRunRequest\x12\x17\n\x0fmanifest_digest\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x10\n\x08narrower\x18\x03 \x01(\x0c\"3\n\x10StartRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07started\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"R\n\x06\x42udget\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\x12\n\nusd_micros\x18\x02 \x01(\x03\x12\x12\n\ntool_calls\x18\x03 \x01(\x03\x12\x10\n\x08requests\x18\x04 \x01(\x03\"\xe1\x01\n\x0eGetRunResponse\x12\x0c\n\x04step\x18\x01 \x01(\t\x12!\n\x05spent\x18\x02 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12%\n\tremaining\x18\x03 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompleted_steps\x18\x05 \x03(\t\x12\x17\n\x0fmanifest_digest\x18\x06 \x01(\t\x12$\n\x08reserved\x18\x07 \x01(\x0b\x32\x12.abc.pdp.v1.Budget\x12\x0f\n\x07run_key\x18\x08 \x01(\t\"j\n\x14RecordRefusalRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\",\n\x15RecordRefusalResponse\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t2\xbe\x04\n\x0f\x44\x65\x63isionService\x12]\n\x10RegisterManifest\x12#.abc.pdp.v1.RegisterManifestRequest\x1a$.abc.pdp.v1.RegisterManifestResponse\x12\x45\n\x08StartRun\x12\x1b.abc.pdp.v1.StartRunRequest\x1a\x1c.abc.pdp.v1.StartRunResponse\x12?\n\x06\x44\x65\x63ide\x12\x19.abc.pdp.v1.DecideRequest\x1a\x1a.abc.pdp.v1.DecideResponse\x12N\n\x0bReportUsage\x12\x1e.abc.pdp.v1.ReportUsageRequest\x1a\x1f.abc.pdp.v1.ReportUsageResponse\x12]\n\x10ReportUsageBatch\x12#.abc.pdp.v1.ReportUsageBatchRequest\x1a$.abc.pdp.v1.ReportUsageBatchResponse\x12?\n\x06GetRun\x12\x19.abc.pdp.v1.GetRunRequest\x1a\x1a.abc.pdp.v1.GetRunResponse\x12T\n\rRecordRefusal\x12 .abc.pdp.v1.RecordRefusalRequest\x1a!.abc.pdp.v1.RecordRefusalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +38,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERMANIFESTRESPONSE']._serialized_end=186
   _globals['_ACTION']._serialized_start=189
   _globals['_ACTION']._serialized_end=371
-  _globals['_DECIDEREQUEST']._serialized_start=373
-  _globals['_DECIDEREQUEST']._serialized_end=485
-  _globals['_REASON']._serialized_start=487
-  _globals['_REASON']._serialized_end=526
-  _globals['_DECIDERESPONSE']._serialized_start=529
-  _globals['_DECIDERESPONSE']._serialized_end=725
-  _globals['_REPORTUSAGEREQUEST']._serialized_start=727
-  _globals['_REPORTUSAGEREQUEST']._serialized_end=832
-  _globals['_REPORTUSAGERESPONSE']._serialized_start=834
-  _globals['_REPORTUSAGERESPONSE']._serialized_end=855
-  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_start=857
-  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_end=931
-  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_start=933
-  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_end=976
-  _globals['_STARTRUNREQUEST']._serialized_start=978
-  _globals['_STARTRUNREQUEST']._serialized_end=1055
-  _globals['_STARTRUNRESPONSE']._serialized_start=1057
-  _globals['_STARTRUNRESPONSE']._serialized_end=1108
-  _globals['_GETRUNREQUEST']._serialized_start=1110
-  _globals['_GETRUNREQUEST']._serialized_end=1141
-  _globals['_BUDGET']._serialized_start=1143
-  _globals['_BUDGET']._serialized_end=1225
-  _globals['_GETRUNRESPONSE']._serialized_start=1228
-  _globals['_GETRUNRESPONSE']._serialized_end=1453
-  _globals['_RECORDREFUSALREQUEST']._serialized_start=1455
-  _globals['_RECORDREFUSALREQUEST']._serialized_end=1561
-  _globals['_RECORDREFUSALRESPONSE']._serialized_start=1563
-  _globals['_RECORDREFUSALRESPONSE']._serialized_end=1607
-  _globals['_DECISIONSERVICE']._serialized_start=1610
-  _globals['_DECISIONSERVICE']._serialized_end=2184
+  _globals['_DECIDEREQUEST']._serialized_start=374
+  _globals['_DECIDEREQUEST']._serialized_end=539
+  _globals['_REASON']._serialized_start=541
+  _globals['_REASON']._serialized_end=580
+  _globals['_DECIDERESPONSE']._serialized_start=583
+  _globals['_DECIDERESPONSE']._serialized_end=796
+  _globals['_REPORTUSAGEREQUEST']._serialized_start=798
+  _globals['_REPORTUSAGEREQUEST']._serialized_end=903
+  _globals['_REPORTUSAGERESPONSE']._serialized_start=905
+  _globals['_REPORTUSAGERESPONSE']._serialized_end=926
+  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_start=928
+  _globals['_REPORTUSAGEBATCHREQUEST']._serialized_end=1002
+  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_start=1004
+  _globals['_REPORTUSAGEBATCHRESPONSE']._serialized_end=1047
+  _globals['_STARTRUNREQUEST']._serialized_start=1049
+  _globals['_STARTRUNREQUEST']._serialized_end=1126
+  _globals['_STARTRUNRESPONSE']._serialized_start=1128
+  _globals['_STARTRUNRESPONSE']._serialized_end=1179
+  _globals['_GETRUNREQUEST']._serialized_start=1181
+  _globals['_GETRUNREQUEST']._serialized_end=1212
+  _globals['_BUDGET']._serialized_start=1214
+  _globals['_BUDGET']._serialized_end=1296
+  _globals['_GETRUNRESPONSE']._serialized_start=1299
+  _globals['_GETRUNRESPONSE']._serialized_end=1524
+  _globals['_RECORDREFUSALREQUEST']._serialized_start=1526
+  _globals['_RECORDREFUSALREQUEST']._serialized_end=1632
+  _globals['_RECORDREFUSALRESPONSE']._serialized_start=1634
+  _globals['_RECORDREFUSALRESPONSE']._serialized_end=1678
+  _globals['_DECISIONSERVICE']._serialized_start=1681
+  _globals['_DECISIONSERVICE']._serialized_end=2255
 # @@protoc_insertion_point(module_scope)

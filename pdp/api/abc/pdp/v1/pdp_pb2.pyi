@@ -44,16 +44,18 @@ class Action(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., target: _Optional[str] = ..., args: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., max_tokens: _Optional[int] = ..., method: _Optional[str] = ..., path: _Optional[str] = ..., args_json: _Optional[bytes] = ..., probe: _Optional[bool] = ..., input_bytes: _Optional[int] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
-    __slots__ = ("run_id", "request_id", "action", "manifest_digest")
+    __slots__ = ("run_id", "request_id", "action", "manifest_digest", "settlements")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SETTLEMENTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     request_id: str
     action: Action
     manifest_digest: str
-    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+    settlements: _containers.RepeatedCompositeFieldContainer[ReportUsageRequest]
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., manifest_digest: _Optional[str] = ..., settlements: _Optional[_Iterable[_Union[ReportUsageRequest, _Mapping]]] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "message")
@@ -64,7 +66,7 @@ class Reason(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DecideResponse(_message.Message):
-    __slots__ = ("allow", "reasons", "decision_id", "obligations", "reservation_id", "shadow", "would_allow")
+    __slots__ = ("allow", "reasons", "decision_id", "obligations", "reservation_id", "shadow", "would_allow", "settled")
     ALLOW_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,7 @@ class DecideResponse(_message.Message):
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
     WOULD_ALLOW_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
     allow: bool
     reasons: _containers.RepeatedCompositeFieldContainer[Reason]
     decision_id: str
@@ -79,7 +82,8 @@ class DecideResponse(_message.Message):
     reservation_id: str
     shadow: bool
     would_allow: bool
-    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ..., shadow: _Optional[bool] = ..., would_allow: _Optional[bool] = ...) -> None: ...
+    settled: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[_Union[Reason, _Mapping]]] = ..., decision_id: _Optional[str] = ..., obligations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., reservation_id: _Optional[str] = ..., shadow: _Optional[bool] = ..., would_allow: _Optional[bool] = ..., settled: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ReportUsageRequest(_message.Message):
     __slots__ = ("reservation_id", "tokens", "usd_micros", "manifest_digest")
