@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pdp.api.mapping import MAX_TOKENS
@@ -46,14 +45,18 @@ def _obligations(response: pdp_pb2.DecideResponse, action: pdp_pb2.Action) -> di
     """The obligations, each one checked before the sidecar applies it: one it cannot check
     or apply (``max_tokens`` of "10" or -5, an unknown key, a model call allowed uncapped)
     makes the whole answer malformed, which fails closed."""
-    obligations: dict[str, Any] = json_format.MessageToDict(response.obligations)
-    if obligations.keys() - {"max_tokens"}:
+    # Read from the Struct's fields as they are, not through a dict conversion: on every
+    # request, and a number must be a number_value, not a string or bool that converts.
+    fields = response.obligations.fields
+    if fields.keys() - {"max_tokens"}:
         raise ValueError("an obligation the sidecar cannot apply")
-    if "max_tokens" in obligations:
-        cap = obligations["max_tokens"]  # a Struct number arrives as a double
-        if action.kind != "model" or isinstance(cap, bool) or not isinstance(cap, int | float):
+    obligations: dict[str, Any] = {}
+    if "max_tokens" in fields:
+        value = fields["max_tokens"]
+        if action.kind != "model" or value.WhichOneof("kind") != "number_value":
             raise ValueError("max_tokens obliges a model call to a number")
-        if not float(cap).is_integer() or not 1 <= cap <= MAX_TOKENS:
+        cap = value.number_value  # a Struct number arrives as a double
+        if not cap.is_integer() or not 1 <= cap <= MAX_TOKENS:
             raise ValueError(f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         obligations["max_tokens"] = int(cap)
     elif action.kind == "model" and (response.would_allow if response.shadow else response.allow):
