@@ -1,6 +1,7 @@
 """The tamper-evident decision log: typed records, hash-chained JSON lines, signed
 checkpoints, verifier."""
 
+from pdp.decisionlog.head import LogHead, read_head
 from pdp.decisionlog.records import (
     CheckpointRecord,
     DecisionRecord,
@@ -24,7 +25,7 @@ from pdp.decisionlog.verify import (
     read_verified_log,
     verify_log,
 )
-from pdp.decisionlog.writer import DecisionLog, LogHead, MaskRule, Queued, read_head
+from pdp.decisionlog.writer import DecisionLog, MaskRule, Queued
 
 __all__ = [
     "CheckpointRecord",

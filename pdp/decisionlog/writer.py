@@ -48,13 +48,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.clock import utc_now
-from pdp.decisionlog.chain import GENESIS, sign_checkpoint
+from pdp.decisionlog.chain import sign_checkpoint
+from pdp.decisionlog.head import open_state
 from pdp.decisionlog.records import DecisionRecord, Record, WritableRecord, line_fields
-from pdp.decisionlog.segments import LogPosition, seal, sealed_paths
+from pdp.decisionlog.segments import LogPosition, seal
 from pdp.errors import ConfigError, LogUnavailable
-from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
+from pdp.manifest.canonical import canonical_record_bytes, digest
 
-__all__ = ["DecisionLog", "LogHead", "MaskRule", "Queued", "read_head"]
+__all__ = ["DecisionLog", "MaskRule", "Queued"]
 
 MASK = "***"
 log = logging.getLogger("abc.pdp")
@@ -95,56 +96,6 @@ class Queued:
     epoch: int  # the failures the log had had when it was queued
 
 
-@dataclass(frozen=True)
-class LogHead:
-    seq: int  # the next record's sequence number
-    hash: str  # the last record's hash (GENESIS for an empty log)
-
-
-def read_head(path: Path) -> LogHead:
-    """The head of an existing log (its last complete record), for appending after a restart.
-
-    A torn last line (a crash mid-write, never acknowledged) is cut off.
-    """
-    return _open_state(path)[0]
-
-
-def _open_state(path: Path) -> tuple[LogHead, _Active]:
-    """The head, and where the active file stands: its first seq, and the place of the last
-    record's line (in the last sealed segment when the active file is empty)."""
-    data = path.read_bytes() if path.exists() else b""
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
-    if complete:
-        first = int(parse_record(complete[: complete.index(b"\n")])["seq"])
-        return _last_of(complete, first, first)
-    sealed = sealed_paths(path)
-    if not sealed:
-        return LogHead(0, GENESIS), _Active(0, 0, 0, 0)
-    data = sealed[-1].read_bytes()  # sealed segments end with a complete checkpoint line
-    first = int(parse_record(data[: data.index(b"\n")])["seq"])
-    head, active = _last_of(data, first, 0)
-    return head, replace(active, first=head.seq)
-
-
-def _last_of(data: bytes, segment: int, first: int) -> tuple[LogHead, _Active]:
-    start = data.rfind(b"\n", 0, len(data) - 1) + 1
-    line = data[start:-1]
-    seq = int(parse_record(line)["seq"])
-    head = LogHead(seq + 1, digest(line))  # a record's hash is its line's
-    return head, _Active(first, segment, start, len(data) - start)
-
-
-@dataclass(frozen=True)
-class _Active:
-    first: int  # the active file's first seq (its sealed name once it rotates)
-    last_segment: int  # the last record's segment (first seq), offset and line length
-    last_offset: int
-    last_length: int
-
-
 class DecisionLog:
     def __init__(
         self,
@@ -159,7 +110,7 @@ class DecisionLog:
         segment_bytes: int = 0,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        head, active = _open_state(path)
+        head, active = open_state(path)
         self._path = path
         self._segment_bytes = segment_bytes  # 0: one file, never rotated
         self._first = active.first
