@@ -42,6 +42,7 @@ from tests.bench.profiles import Profiles, pyspy, report
 from tests.harness import INTENT, PdpProcess, Signer, free_port, start_pdp, start_pep
 
 SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
+PROFILED = 1000  # requests under py-spy: at 200 Hz, enough samples where the GIL is held
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "bench"}],
@@ -219,7 +220,7 @@ async def load(
 async def sidecar_only(url: str) -> None:
     """The one-client json load through the sidecar alone (warm already), for a profile."""
     async with aiohttp.ClientSession() as session:
-        for _ in range(SINGLE):
+        for _ in range(PROFILED):
             await one(session, url, stream=False)
 
 
@@ -301,7 +302,7 @@ def test_bench_pep(tmp_path: Path) -> None:
             with Profiles(spy, {"pdp": pids["pdp"], "sidecar": pids["sidecar"]}, tmp_path) as p:
                 asyncio.run(sidecar_only(urls["sidecar"]))
             for name, binary in (("pdp", "abc-pdp"), ("sidecar", "abc-pep")):
-                title = f"{binary} during {SINGLE} json requests through the sidecar, 1 client"
+                title = f"{binary} during {PROFILED} json requests through the sidecar, 1 client"
                 print(f"profile: {report(name, title, p.raw(name).read_text())}")
     finally:
         pep.stop()

@@ -20,20 +20,19 @@ def _cpu(result: Scenario, target: str, process: str) -> float:
     return float(result[target]["cpu_ms_per_request"][process])
 
 
-def _ratio(mine: float | None, theirs: float | None) -> float | None:
-    if mine is None or theirs is None or theirs <= 0:
-        return None  # e.g. a negative floor p99 "added" (the floor beat direct): no ratio
-    return round(mine / theirs, 3)
+def _ratio(mine: float, theirs: float) -> float | None:
+    return round(mine / theirs, 3) if theirs > 0 else None
 
 
 def _added(result: Scenario, q: str) -> float | None:
     """Sidecar's added latency over the least any durable remote decision adds: the floor's,
-    one bare gRPC Check's and one fsync's. Streams compare time to first byte."""
+    one bare gRPC Check's and one fsync's. Streams compare time to first byte. A floor that
+    beat direct (a negative added p99: noise in the tail) adds 0, not less."""
     if "sync" not in result:
         return None
     key = f"added_ttfb_{q}_ms" if result["stream"] else f"added_{q}_ms"
     bare = (result[name]["total"][f"{q}_ms"] for name in ("grpc_check", "sync"))
-    least = result["floor"][key] + sum(bare)
+    least = max(result["floor"][key], 0.0) + sum(bare)
     return _ratio(result["sidecar"][key], least)
 
 
@@ -118,40 +117,38 @@ def goals(results: dict[str, Scenario]) -> dict[str, Any]:
     return table
 
 
-def _num(value: float | None, width: int, places: int = 3) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:{width}.{places}f}"
+def _num(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
 
 
 def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
     """The run as printed: per scenario and target latency, throughput and CPU per request
     of each process; then the PDP's writes, the latency split and the goals."""
     out: list[str] = []
-    cpu_head = " ".join(f"{p:>8}" for p in PROCESSES)
     for scenario, result in results.items():
-        added = "added p50/p99" + (" (ttfb)" if result["stream"] else "")
-        out.append(
-            f"  {scenario:<17}  p50 ms   p99 ms  ttfb p50    req/s  {added:<22}"
-            f"| CPU ms/request: {cpu_head}"
-        )
         stream = "_ttfb" if result["stream"] else ""
+        first = ", time to first byte" if stream else ""
+        out.append(f"  {scenario} (added: over direct{first}; CPU: ms per request, by process)")
+        out.append(
+            f"    {'':<11} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} {'req/s':>8}"
+            f" {'added p50':>9} {'added p99':>9} |" + "".join(f" {p:>8}" for p in PROCESSES)
+        )
         for name, entry in result.items():
             if not isinstance(entry, dict) or "total" not in entry:
                 continue
-            split = (
-                f"{entry[f'added{stream}_p50_ms']:8.3f} {entry[f'added{stream}_p99_ms']:8.3f}"
-                if f"added{stream}_p50_ms" in entry
-                else ""
+            added = "".join(
+                f" {_num(entry.get(f'added{stream}_{q}_ms'), 9)}" for q in ("p50", "p99")
             )
-            cpu = " ".join(_num(entry["cpu_ms_per_request"].get(p), 8) for p in PROCESSES)
+            cpu = "".join(f" {_num(entry['cpu_ms_per_request'].get(p), 8)}" for p in PROCESSES)
             out.append(
                 f"    {name:<11} {entry['total']['p50_ms']:8.3f} {entry['total']['p99_ms']:8.3f}"
-                f" {entry['ttfb']['p50_ms']:9.3f} {entry['throughput_per_s']:8.1f}  {split:<22}"
-                f"|                 {cpu}"
+                f" {entry['ttfb']['p50_ms']:9.3f} {entry['throughput_per_s']:8.1f}{added} |{cpu}"
             )
         writes = result["pdp_writes_per_sidecar_request"]
         records = ", ".join(f"{kind} {n}" for kind, n in writes["log_records"].items())
+        fsyncs = "n/a (perf could not count)" if writes["fsyncs"] is None else writes["fsyncs"]
         out.append(
-            f"    PDP per sidecar request: fsyncs {writes['fsyncs']}, write syscalls"
+            f"    PDP per sidecar request: fsyncs {fsyncs}, write syscalls"
             f" {writes['write_syscalls']}, log records: {records}"
         )
         if "split_p50_ms" in result:
@@ -166,7 +163,7 @@ def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
     for goal in GOALS:
         row = table[goal.name]
         cells = "".join(
-            f"{_num(row[s]['value'], 12)} {row[s]['verdict']:<6}" if s in row else f"{'':19}"
+            f"{_num(row[s]['value'], 0) + ' ' + row[s]['verdict'] if s in row else '':>19}"
             for s in scenarios
         )
         out.append(f"  {goal.text:<40} {row['goal']:<7}{cells}")
