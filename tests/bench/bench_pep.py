@@ -227,7 +227,7 @@ async def sidecar_only(url: str) -> None:
 @pytest.mark.timeout(900)
 def test_bench_pep(tmp_path: Path) -> None:
     upstream_port = free_port()
-    fakes = subprocess.Popen(
+    fake = subprocess.Popen(
         [sys.executable, "-m", "tests.bench.fake_upstream", str(upstream_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -280,7 +280,7 @@ def test_bench_pep(tmp_path: Path) -> None:
             "floor": floor.pid,
             "sidecar": pep.process.pid,
             "pdp": pdp.process.pid,
-            "upstream": fakes.pid,
+            "upstream": fake.pid,
             "client": os.getpid(),
         }
         load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
@@ -308,12 +308,12 @@ def test_bench_pep(tmp_path: Path) -> None:
         pep.stop()
         pdp.stop()
         floor.terminate()
-        fakes.terminate()
+        fake.terminate()
         floor.wait(10)
-        fakes.wait(10)
+        fake.wait(10)
     table = goals(results)
     path = write_results("pep", {**results, "goals": table, "load_average": load_average})
-    print(f"\nPEP benchmark ({path}); added = over direct to the fake upstream")
+    print(f"\nPEP benchmark ({path})")
     print("\n".join(lines(results, table)))
     print(f"  load average before {load_average['before']}, after {load_average['after']}")
     assert json.loads(path.read_text())

@@ -4,15 +4,20 @@ and decision-log records, attributed to the target that drove them.
 The benchmark's targets take turns batch by batch, so the meter reads every process around
 each batch and charges the difference to the target being driven. Work a batch leaves
 behind (a usage settlement sent after a short linger, a group commit) still belongs to it:
-after each batch the meter waits until every process has been quiet for ``QUIET_S`` before
-it reads, so nothing spills into the next target's batch.
+after each batch the meter waits until the processes together have spent less than
+``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
+batch. What a process spends idle meanwhile (the PDP: about 2 ms a second) is charged too:
+the ``direct`` target's PDP column shows how little that is.
 
 CPU time is the process's CPU clock (``clock_gettime`` on ``clock_getcpuclockid(pid)``):
 utime + stime of every thread, exited ones included, the figure ``/proc/<pid>/stat`` gives
 in 10 ms ticks but in nanoseconds. fsyncs are counted by ``perf stat`` on the PDP's
-``fdatasync``/``fsync`` syscall tracepoints, enabled only during the batches of the target
-that asked for them; without a working ``perf`` the count is None and the PDP's write
-syscalls (``/proc/<pid>/io`` ``syscw``) stand in, an upper bound (gRPC's wake-ups write too).
+``fdatasync``/``fsync`` syscall tracepoints, enabled only during the counted target's
+batches; without a working ``perf`` the count is None. Beside it, always: the PDP's write
+syscalls (``/proc/<pid>/io`` ``syscw``), an upper bound of its durable writes (a log batch
+is one write then one fdatasync, but gRPC's wake-ups write too), and the records appended
+to its decision log, by kind (the active file: the benchmark writes far less than the
+64 MiB after which it rotates).
 """
 
 from __future__ import annotations
