@@ -1,15 +1,20 @@
-"""PEP benchmark: added latency and throughput of the sidecar, against direct and a bare proxy.
+"""PEP benchmark: what the sidecar adds, in latency, throughput and CPU, against direct and a
+bare proxy.
 
 One run, one machine: the same chat-completion load (non-streaming and streaming; 1 and 16
 concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
 pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP. The
-targets take turns batch by batch after an unmeasured warm-up. Writes bench-results/pep.json.
+targets take turns batch by batch after an unmeasured warm-up, and every process's CPU is
+read around each batch (``cpu.py``): CPU ms per request of the floor, the sidecar, the PDP,
+the upstream and this client, for each target. Writes bench-results/pep.json.
 
 With one client, three more baselines take the same turns, so the sidecar's added latency
 can be split: a bare gRPC health check to the same PDP, one ``Decide`` for the sidecar's run
 (what the sidecar waits for), and one synced append to a file beside the PDP's log. Floor +
 bare gRPC + sync is the least that any sidecar asking a remote PDP for a durable decision
-can add on this machine.
+can add on this machine. The health check also runs at 16 clients: the PDP's CPU per Check
+is the yardstick of its CPU per enforced request. Issue 18's goals are read off as ratios
+(``pep_report.py``); ``ABC_BENCH_PYSPY`` adds profiles (``profiles.py``).
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.bench.conftest import percentile, summary_ms, write_results
+from tests.bench.cpu import CpuMeter
+from tests.bench.pep_report import goals, lines
+from tests.bench.profiles import Profiles, pyspy, report
 from tests.harness import INTENT, PdpProcess, Signer, free_port, start_pdp, start_pep
 
 SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
+PROFILED = 1000  # requests under py-spy: at 200 Hz, enough samples where the GIL is held
 BODY = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "bench"}],
@@ -124,33 +133,40 @@ async def load(
     stream: bool,
     clients: int,
     count: int,
-    extra: dict[str, Callable[[], Target]] | None = None,
+    extra: dict[str, Callable[[], Target]],
+    meter: CpuMeter,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=clients * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
         targets: dict[str, Target] = {
             name: fetch(session, url, stream) for name, url in urls.items()
         }
-        targets |= {name: make() for name, make in (extra or {}).items()}
+        targets |= {name: make() for name, make in extra.items()}
         for target in targets.values():
             await asyncio.gather(*(target() for _ in range(WARMUP // 3)))
+        await meter.quiet()
         samples: dict[str, list[Sample]] = {name: [] for name in targets}
         busy: dict[str, float] = dict.fromkeys(targets, 0.0)
-        for _ in range(count // BATCH):
-            for name, target in targets.items():
-                queue = list(range(BATCH))
-                started = time.perf_counter()
 
-                async def client(
-                    name: str = name, target: Target = target, queue: list[int] = queue
-                ) -> None:
-                    while queue:
-                        queue.pop()
-                        samples[name].append(await target())
+        async def batch(name: str, target: Target) -> None:
+            queue = list(range(BATCH))
 
-                await asyncio.gather(*(client() for _ in range(clients)))
-                busy[name] += time.perf_counter() - started
-    result: dict[str, Any] = {}
+            async def client() -> None:
+                while queue:
+                    queue.pop()
+                    samples[name].append(await target())
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            busy[name] += time.perf_counter() - started
+
+        try:
+            for _ in range(count // BATCH):
+                for name, target in targets.items():
+                    await meter.measure(name, batch(name, target))
+        finally:
+            fsyncs = meter.close()
+    result: dict[str, Any] = {"stream": stream, "clients": clients}
     direct = samples["direct"]
     for name, values in samples.items():
         totals, firsts = [v[1] for v in values], [v[0] for v in values]
@@ -158,19 +174,32 @@ async def load(
             "total": summary_ms(totals),
             "ttfb": summary_ms(firsts),
             "throughput_per_s": round(len(values) / busy[name], 1),
+            "cpu_ms_per_request": {
+                process: round(seconds * 1000 / len(values), 4)
+                for process, seconds in meter.cpu[name].items()
+            },
         }
         if name in ("floor", "sidecar"):
-            entry["added_p50_ms"] = round(
-                (percentile(totals, 0.5) - percentile([d[1] for d in direct], 0.5)) * 1000, 3
-            )
-            entry["added_p99_ms"] = round(
-                (percentile(totals, 0.99) - percentile([d[1] for d in direct], 0.99)) * 1000, 3
-            )
+            for key, pick in (("", 1), ("_ttfb", 0)):
+                ours, theirs = [v[pick] for v in values], [d[pick] for d in direct]
+                for q in (0.5, 0.99):
+                    entry[f"added{key}_p{int(q * 100)}_ms"] = round(
+                        (percentile(ours, q) - percentile(theirs, q)) * 1000, 3
+                    )
         result[name] = entry
     result["sidecar_vs_floor_throughput"] = round(
         result["sidecar"]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
     )
-    if extra:
+    enforced = len(samples["sidecar"])
+    # Every enforced request is one decision, durable before its answer: the log's count
+    # proves the PDP's writes were read around the sidecar's batches and no others.
+    assert meter.records["decision"] == enforced, meter.records
+    result["pdp_writes_per_sidecar_request"] = {
+        "fsyncs": None if fsyncs is None else round(fsyncs / enforced, 3),
+        "write_syscalls": round(meter.syscw / enforced, 3),
+        "log_records": {kind: round(n / enforced, 3) for kind, n in sorted(meter.records.items())},
+    }
+    if "decide_rpc" in extra and not stream:
         p50 = {name: result[name]["total"]["p50_ms"] for name in extra}
         result["split_p50_ms"] = {
             "floor_added": result["floor"]["added_p50_ms"],
@@ -188,31 +217,22 @@ async def load(
     return result
 
 
+async def sidecar_only(url: str) -> None:
+    """The one-client json load through the sidecar alone (warm already), for a profile."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(PROFILED):
+            await one(session, url, stream=False)
+
+
 @pytest.mark.timeout(900)
 def test_bench_pep(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("openai", "anthropic", "http", "mcp")}
-    fakes = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fakes.serve",
-            "--openai-port",
-            str(ports["openai"]),
-            "--anthropic-port",
-            str(ports["anthropic"]),
-            "--http-port",
-            str(ports["http"]),
-            "--mcp-port",
-            str(ports["mcp"]),
-            "--mcp-json-port",
-            str(free_port()),
-            "--mcp-stateless-port",
-            str(free_port()),
-        ],
+    upstream_port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.fake_upstream", str(upstream_port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    upstream = f"http://127.0.0.1:{ports['openai']}"
+    upstream = f"http://127.0.0.1:{upstream_port}"
     floor_port = free_port()
     floor = subprocess.Popen(
         [
@@ -225,7 +245,8 @@ def test_bench_pep(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     signer = Signer(tmp_path)
-    pdp = start_pdp(signer, tmp_path / "state")
+    state = tmp_path / "state"
+    pdp = start_pdp(signer, state)
     envelope = tmp_path / "envelope.json"
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-pep")
     for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
@@ -241,7 +262,7 @@ def test_bench_pep(tmp_path: Path) -> None:
         "WARNING",
     )
     try:
-        wait_port(ports["openai"])
+        wait_port(upstream_port)
         wait_port(floor_port)
         urls = {
             "direct": f"{upstream}/v1/chat/completions",
@@ -254,56 +275,45 @@ def test_bench_pep(tmp_path: Path) -> None:
             .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope.read_bytes()))
             .run_id
         )
-        split = baselines(pdp, run_id, tmp_path / "state")
-        results = {
-            f"{'stream' if stream else 'json'}_{clients}_clients": asyncio.run(
-                load(
-                    urls,
-                    stream,
-                    clients,
-                    SINGLE if clients == 1 else CONCURRENT,
-                    split if clients == 1 and not stream else None,
-                )
-            )
-            for stream in (False, True)
-            for clients in (1, CLIENTS)
+        split = baselines(pdp, run_id, state)
+        pids = {
+            "floor": floor.pid,
+            "sidecar": pep.process.pid,
+            "pdp": pdp.process.pid,
+            "upstream": fake.pid,
+            "client": os.getpid(),
         }
+        load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
+        results: dict[str, Any] = {}
+        for stream in (False, True):
+            for clients in (1, CLIENTS):
+                # Every baseline at one client (the latency floor and its split); the
+                # health Check, the PDP's CPU yardstick, at every concurrency.
+                extra = split if clients == 1 else {"grpc_check": split["grpc_check"]}
+                meter = CpuMeter(pids, state / "decisions.log", counted="sidecar")
+                results[f"{'stream' if stream else 'json'}_{clients}_clients"] = asyncio.run(
+                    load(
+                        urls, stream, clients, SINGLE if clients == 1 else CONCURRENT, extra, meter
+                    )
+                )
+        load_average["after"] = [round(n, 2) for n in os.getloadavg()]
+        spy = pyspy()
+        if spy:
+            with Profiles(spy, {"pdp": pids["pdp"], "sidecar": pids["sidecar"]}, tmp_path) as p:
+                asyncio.run(sidecar_only(urls["sidecar"]))
+            for name, binary in (("pdp", "abc-pdp"), ("sidecar", "abc-pep")):
+                title = f"{binary} during {PROFILED} json requests through the sidecar, 1 client"
+                print(f"profile: {report(name, title, p.raw(name).read_text())}")
     finally:
         pep.stop()
         pdp.stop()
         floor.terminate()
-        fakes.terminate()
+        fake.terminate()
         floor.wait(10)
-        fakes.wait(10)
-    path = write_results("pep", results)
-    print(f"\nPEP benchmark ({path}); added = over direct to the fake upstream")
-    for scenario, result in results.items():
-        print(f"  {scenario}:")
-        for name in ("direct", "floor", "sidecar"):
-            entry = result[name]
-            added = (
-                f"  added p50 {entry['added_p50_ms']:6.3f} ms p99 {entry['added_p99_ms']:6.3f} ms"
-                if "added_p50_ms" in entry
-                else ""
-            )
-            print(
-                f"    {name:<8} p50 {entry['total']['p50_ms']:7.3f} ms"
-                f"  p99 {entry['total']['p99_ms']:7.3f} ms"
-                f"  ttfb p50 {entry['ttfb']['p50_ms']:7.3f} ms"
-                f"  {entry['throughput_per_s']:7.1f}/s{added}"
-            )
-        print(f"    sidecar/floor throughput: {result['sidecar_vs_floor_throughput']}")
-        if "split_p50_ms" in result:
-            for name in split:
-                entry = result[name]["total"]
-                print(
-                    f"    {name:<11} p50 {entry['p50_ms']:7.3f} ms  p99 {entry['p99_ms']:7.3f} ms"
-                )
-            cut = result["split_p50_ms"]
-            print(
-                f"    sidecar added p50 = floor {cut['floor_added']:.3f} + Decide"
-                f" {cut['decide_rpc']:.3f} + the rest {cut['rest']:.3f} ms; no sidecar asking a"
-                f" remote PDP for a durable decision adds less than floor + bare gRPC + sync ="
-                f" {cut['durable_remote_decision_floor']:.3f} ms here"
-            )
+        fake.wait(10)
+    table = goals(results)
+    path = write_results("pep", {**results, "goals": table, "load_average": load_average})
+    print(f"\nPEP benchmark ({path})")
+    print("\n".join(lines(results, table)))
+    print(f"  load average before {load_average['before']}, after {load_average['after']}")
     assert json.loads(path.read_text())

@@ -1,0 +1,170 @@
+"""Issue 18's goals as ratios of one bench_pep run, and the run as a compact table.
+
+Each goal is read per scenario (json / stream, 1 / 16 clients) where it applies; a ratio
+that misses its goal is reported MISS, never a failure: the benchmark reports, the issue
+judges.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PROCESSES = ("floor", "sidecar", "pdp", "upstream", "client")
+Scenario = dict[str, Any]
+
+
+def _cpu(result: Scenario, target: str, process: str) -> float:
+    return float(result[target]["cpu_ms_per_request"][process])
+
+
+def _ratio(mine: float, theirs: float) -> float | None:
+    return round(mine / theirs, 3) if theirs > 0 else None
+
+
+def _added(result: Scenario, q: str) -> float | None:
+    """Sidecar's added latency over the least any durable remote decision adds: the floor's,
+    one bare gRPC Check's and one fsync's. Streams compare time to first byte. A floor that
+    beat direct (a negative added p99: noise in the tail) adds 0, not less."""
+    if "sync" not in result:
+        return None
+    key = f"added_ttfb_{q}_ms" if result["stream"] else f"added_{q}_ms"
+    bare = (result[name]["total"][f"{q}_ms"] for name in ("grpc_check", "sync"))
+    least = max(result["floor"][key], 0.0) + sum(bare)
+    return _ratio(result["sidecar"][key], least)
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    text: str
+    op: str  # "<=" or ">="
+    limit: float
+    value: Callable[[Scenario], float | None]
+
+    def verdict(self, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        compare = operator.le if self.op == "<=" else operator.ge
+        return "PASS" if compare(value, self.limit) else "MISS"
+
+
+GOALS = (
+    Goal(
+        "sidecar_cpu_vs_floor",
+        "sidecar CPU / floor CPU",
+        "<=",
+        1.5,
+        lambda r: _ratio(_cpu(r, "sidecar", "sidecar"), _cpu(r, "floor", "floor")),
+    ),
+    Goal(
+        "pdp_cpu_vs_health_check",
+        "PDP CPU per request / per health Check",
+        "<=",
+        2.0,
+        lambda r: _ratio(_cpu(r, "sidecar", "pdp"), _cpu(r, "grpc_check", "pdp")),
+    ),
+    Goal(
+        "upstream_cpu_sidecar_vs_floor",
+        "upstream CPU via sidecar / via floor",
+        "<=",
+        1.1,
+        lambda r: _ratio(_cpu(r, "sidecar", "upstream"), _cpu(r, "floor", "upstream")),
+    ),
+    Goal(
+        "added_p50_vs_least",
+        "added p50 / (floor + Check + fsync)",
+        "<=",
+        1.3,
+        lambda r: _added(r, "p50"),
+    ),
+    Goal(
+        "added_p99_vs_least",
+        "added p99 / (floor + Check + fsync)",
+        "<=",
+        3.0,
+        lambda r: _added(r, "p99"),
+    ),
+    Goal(
+        "throughput_vs_floor",
+        "throughput sidecar / floor, 16 clients",
+        ">=",
+        0.35,
+        lambda r: r["sidecar_vs_floor_throughput"] if r["clients"] > 1 else None,
+    ),
+    Goal(
+        "fsyncs_per_request",
+        "PDP fsyncs per enforced request",
+        "<=",
+        1.0,
+        lambda r: r["pdp_writes_per_sidecar_request"]["fsyncs"],
+    ),
+)
+
+
+def goals(results: dict[str, Scenario]) -> dict[str, Any]:
+    """Every goal's value and verdict in each scenario it applies to."""
+    table: dict[str, Any] = {}
+    for goal in GOALS:
+        per: dict[str, Any] = {}
+        for scenario, result in results.items():
+            value = goal.value(result)
+            if value is not None or goal.name == "fsyncs_per_request":
+                per[scenario] = {"value": value, "verdict": goal.verdict(value)}
+        table[goal.name] = {"goal": f"{goal.op} {goal.limit}", "text": goal.text, **per}
+    return table
+
+
+def _num(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
+
+
+def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
+    """The run as printed: per scenario and target latency, throughput and CPU per request
+    of each process; then the PDP's writes, the latency split and the goals."""
+    out: list[str] = []
+    for scenario, result in results.items():
+        stream = "_ttfb" if result["stream"] else ""
+        first = ", time to first byte" if stream else ""
+        out.append(f"  {scenario} (added: over direct{first}; CPU: ms per request, by process)")
+        out.append(
+            f"    {'':<11} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} {'req/s':>8}"
+            f" {'added p50':>9} {'added p99':>9} |" + "".join(f" {p:>8}" for p in PROCESSES)
+        )
+        for name, entry in result.items():
+            if not isinstance(entry, dict) or "total" not in entry:
+                continue
+            added = "".join(
+                f" {_num(entry.get(f'added{stream}_{q}_ms'), 9)}" for q in ("p50", "p99")
+            )
+            cpu = "".join(f" {_num(entry['cpu_ms_per_request'].get(p), 8)}" for p in PROCESSES)
+            out.append(
+                f"    {name:<11} {entry['total']['p50_ms']:8.3f} {entry['total']['p99_ms']:8.3f}"
+                f" {entry['ttfb']['p50_ms']:9.3f} {entry['throughput_per_s']:8.1f}{added} |{cpu}"
+            )
+        writes = result["pdp_writes_per_sidecar_request"]
+        records = ", ".join(f"{kind} {n}" for kind, n in writes["log_records"].items())
+        fsyncs = "n/a (perf could not count)" if writes["fsyncs"] is None else writes["fsyncs"]
+        out.append(
+            f"    PDP per sidecar request: fsyncs {fsyncs}, write syscalls"
+            f" {writes['write_syscalls']}, log records: {records}"
+        )
+        if "split_p50_ms" in result:
+            cut = result["split_p50_ms"]
+            out.append(
+                f"    sidecar added p50 = floor {cut['floor_added']:.3f} + Decide"
+                f" {cut['decide_rpc']:.3f} + the rest {cut['rest']:.3f} ms; floor + bare gRPC"
+                f" Check + fsync = {cut['durable_remote_decision_floor']:.3f} ms"
+            )
+    scenarios = list(results)
+    out.append(f"  {'goal (issue 18)':<48}" + "".join(f"{s:>19}" for s in scenarios))
+    for goal in GOALS:
+        row = table[goal.name]
+        cells = "".join(
+            f"{_num(row[s]['value'], 0) + ' ' + row[s]['verdict'] if s in row else '':>19}"
+            for s in scenarios
+        )
+        out.append(f"  {goal.text:<40} {row['goal']:<7}{cells}")
+    return out
