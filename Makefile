@@ -45,6 +45,7 @@ demo: $(STAMP)
 	$(BIN)/python deploy/demo/run.py $(if $(KEEP),--keep $(KEEP))
 
 bench: $(STAMP)
+	scripts/bench-tools.sh
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider -o python_files="bench_*.py"
 
 # abc-pdp's RSS over a million distinct decisions (fails above 1.2x its warm-up RSS).

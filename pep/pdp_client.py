@@ -127,12 +127,14 @@ class PdpClient:
         target: str,
         deadline_seconds: float,
         tls: PdpTls | None = None,
-        settle_linger: float = 0.01,
+        settle_linger: float = 0.1,
     ) -> None:
         self._channel = _channel(target, tls)
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
-        # Settlements wait this long for a decision to carry them, then go in a batch.
+        # Settlements wait this long for a decision to carry them, then go in a batch: an
+        # agent's next call mostly follows its last within it (a tool's result goes straight
+        # back to the model), and a reservation settled later only holds its worst case.
         self._usage = UsageReporter(self._stub, deadline_seconds, settle_linger)
         # The manifest this sidecar registered, stated on every call: the PDP refuses a run
         # of another grant (run_not_bound). "" until registered (a --run sidecar).

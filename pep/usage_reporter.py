@@ -28,7 +28,7 @@ RETRIES = 2
 
 class UsageReporter:
     def __init__(
-        self, stub: pdp_pb2_grpc.DecisionServiceStub, deadline: float, linger: float = 0.01
+        self, stub: pdp_pb2_grpc.DecisionServiceStub, deadline: float, linger: float = 0.1
     ) -> None:
         self._stub = stub
         self._deadline = deadline

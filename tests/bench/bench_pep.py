@@ -42,6 +42,11 @@ from tests.bench.profiles import Profiles, pyspy, report
 from tests.harness import INTENT, PdpProcess, Signer, free_port, start_pdp, start_pep
 
 SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
+# The paced scenario starts one request every PACE seconds at every target, so each process
+# idles between requests as long whatever it serves: back to back, a fast baseline (a bare
+# Check, the floor) stays hot and looks cheaper per request than it is when requests come
+# at an agent's pace, which is how the sidecar's requests reach the PDP and the upstream.
+PACE = 0.01
 PROFILED = 1000  # requests under py-spy: at 200 Hz, enough samples where the GIL is held
 BODY = {
     "model": "gpt-4o-mini",
@@ -135,6 +140,7 @@ async def load(
     count: int,
     extra: dict[str, Callable[[], Target]],
     meter: CpuMeter,
+    pace: float = 0.0,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=clients * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -154,7 +160,10 @@ async def load(
             async def client() -> None:
                 while queue:
                     queue.pop()
+                    due = time.perf_counter() + pace
                     samples[name].append(await target())
+                    if pace:
+                        await asyncio.sleep(max(0.0, due - time.perf_counter()))
 
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(clients)))
@@ -166,7 +175,7 @@ async def load(
                     await meter.measure(name, batch(name, target))
         finally:
             fsyncs = meter.close()
-    result: dict[str, Any] = {"stream": stream, "clients": clients}
+    result: dict[str, Any] = {"stream": stream, "clients": clients, "pace_ms": pace * 1000}
     direct = samples["direct"]
     for name, values in samples.items():
         totals, firsts = [v[1] for v in values], [v[0] for v in values]
@@ -285,17 +294,29 @@ def test_bench_pep(tmp_path: Path) -> None:
         }
         load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
         results: dict[str, Any] = {}
-        for stream in (False, True):
-            for clients in (1, CLIENTS):
-                # Every baseline at one client (the latency floor and its split); the
-                # health Check, the PDP's CPU yardstick, at every concurrency.
-                extra = split if clients == 1 else {"grpc_check": split["grpc_check"]}
-                meter = CpuMeter(pids, state / "decisions.log", counted="sidecar")
-                results[f"{'stream' if stream else 'json'}_{clients}_clients"] = asyncio.run(
-                    load(
-                        urls, stream, clients, SINGLE if clients == 1 else CONCURRENT, extra, meter
-                    )
+        for stream, clients, pace in (
+            (False, 1, 0.0),
+            (False, 1, PACE),
+            (False, CLIENTS, 0.0),
+            (True, 1, 0.0),
+            (True, CLIENTS, 0.0),
+        ):
+            # Every baseline at one client (the latency floor and its split); the
+            # health Check, the PDP's CPU yardstick, at every concurrency.
+            extra = split if clients == 1 else {"grpc_check": split["grpc_check"]}
+            meter = CpuMeter(pids, state / "decisions.log", counted="sidecar")
+            name = f"{'stream' if stream else 'json'}_{clients}_clients{'_paced' if pace else ''}"
+            results[name] = asyncio.run(
+                load(
+                    urls,
+                    stream,
+                    clients,
+                    SINGLE if clients == 1 else CONCURRENT,
+                    extra,
+                    meter,
+                    pace,
                 )
+            )
         load_average["after"] = [round(n, 2) for n in os.getloadavg()]
         spy = pyspy()
         if spy:

@@ -159,11 +159,11 @@ def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
                 f" Check + fsync = {cut['durable_remote_decision_floor']:.3f} ms"
             )
     scenarios = list(results)
-    out.append(f"  {'goal (issue 18)':<48}" + "".join(f"{s:>19}" for s in scenarios))
+    out.append(f"  {'goal (issue 18)':<48}" + "".join(f"{s:>22}" for s in scenarios))
     for goal in GOALS:
         row = table[goal.name]
         cells = "".join(
-            f"{_num(row[s]['value'], 0) + ' ' + row[s]['verdict'] if s in row else '':>19}"
+            f"{_num(row[s]['value'], 0) + ' ' + row[s]['verdict'] if s in row else '':>22}"
             for s in scenarios
         )
         out.append(f"  {goal.text:<40} {row['goal']:<7}{cells}")
