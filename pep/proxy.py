@@ -322,6 +322,9 @@ def build_app(sidecar: Sidecar) -> web.Application:
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         sidecar.session = aiohttp.ClientSession(
             auto_decompress=False,  # bytes, not our reading of them
+            # One session serves every agent: a cookie one upstream answer set must never
+            # ride on another agent's request (nor rewrite the Cookie header an agent sent).
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
             connector=aiohttp.TCPConnector(limit=256),
