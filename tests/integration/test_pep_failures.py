@@ -144,9 +144,14 @@ STREAM = (
 
 
 def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
+    """And a stream's head reaches the agent before its first event: the upstream sends no
+    event until the agent has the status (a sidecar holding the head would stall here)."""
+    released = asyncio.Event()
+
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        await asyncio.wait_for(released.wait(), 10)
         for i in range(0, len(STREAM), 37):  # odd chunk boundaries, split mid-line
             await response.write(STREAM[i : i + 37])
             await asyncio.sleep(0.002)
@@ -178,6 +183,7 @@ def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
                 client.stream("POST", pep.url + CHAT, json={**BODY, "stream": True}) as r,
             ):
                 assert r.status_code == 200
+                released.set()
                 return b"".join([chunk async for chunk in r.aiter_raw()])
         finally:
             pep.stop()
