@@ -61,8 +61,8 @@ class PepMetrics:
             registry=registry,
         )
         # Every child made here, once, and kept: a ``.labels()`` lookup on each request costs
-        # more than the ``inc()`` it leads to. A label outside the sets is a KeyError, as a
-        # wrong label count was before.
+        # more than the ``inc()`` it leads to. A label value outside the sets is a KeyError,
+        # never a new series.
         self._probes = {allowed: self.probes.labels(allowed) for allowed in ("allow", "deny")}
         self._requests = {
             (route, decision): self.requests.labels(route, decision)
