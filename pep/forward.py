@@ -58,18 +58,32 @@ def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
     return CIMultiDict((n, v) for n, v in upstream.headers.items() if n.lower() not in drop)
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """A response whose head is held until its first body bytes (or its end) and sent in
+    the same write: one syscall and one segment, as ``web.Response`` does, where a plain
+    ``StreamResponse`` writes the head on its own first."""
+
+    _send_headers_immediately = False
+
+
 async def relay(
     request: web.Request,
     upstream: ClientResponse,
     extra_headers: dict[str, str],
     tap: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Send the upstream's response to the agent chunk by chunk, exactly as received."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    """Send the upstream's response to the agent chunk by chunk, exactly as received.
+
+    A body of known length (a JSON answer) usually arrives with its head: the two leave
+    in one write. A stream (SSE, chunked) sends its head at once, so the agent sees the
+    status before the first event, however long that takes."""
+    length = upstream.content_length
+    kind = web.StreamResponse if length is None else _HeadersWithBody
+    response = kind(status=upstream.status, reason=upstream.reason)
     response.headers.extend(response_headers(upstream))
     response.headers.update(extra_headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length  # same bytes, same length
+    if length is not None:
+        response.content_length = length  # same bytes, same length
     await response.prepare(request)
     try:
         async for chunk in upstream.content.iter_any():

@@ -60,21 +60,38 @@ class PepMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
-        for allowed in ("allow", "deny"):
-            self.probes.labels(allowed)
-        for route in ROUTES:
-            for decision in DECISIONS:
-                self.requests.labels(route, decision)
-            for code in ReasonCode:
-                self.denials.labels(route, code.value)
-                self.shadow_denials.labels(route, code.value)
-            self.upstream_seconds.labels(route)
+        # Every child made here, once, and kept: a ``.labels()`` lookup on each request costs
+        # more than the ``inc()`` it leads to. A label value outside the sets is a KeyError,
+        # never a new series.
+        self._probes = {allowed: self.probes.labels(allowed) for allowed in ("allow", "deny")}
+        self._requests = {
+            (route, decision): self.requests.labels(route, decision)
+            for route in ROUTES
+            for decision in DECISIONS
+        }
+        self._denials = {
+            (route, code): self.denials.labels(route, code.value)
+            for route in ROUTES
+            for code in ReasonCode
+        }
+        self._shadow_denials = {
+            (route, code): self.shadow_denials.labels(route, code.value)
+            for route in ROUTES
+            for code in ReasonCode
+        }
+        self._upstream_seconds = {route: self.upstream_seconds.labels(route) for route in ROUTES}
 
     def count_shadow(self, route: str, reason: ReasonCode | None) -> None:
         if reason is not None:
-            self.shadow_denials.labels(route, reason.value).inc()
+            self._shadow_denials[route, reason].inc()
 
     def count(self, route: str, decision: str, reason: ReasonCode | None = None) -> None:
-        self.requests.labels(route, decision).inc()
+        self._requests[route, decision].inc()
         if decision == "deny" and reason is not None:
-            self.denials.labels(route, reason.value).inc()
+            self._denials[route, reason].inc()
+
+    def count_probe(self, allowed: bool) -> None:
+        self._probes["allow" if allowed else "deny"].inc()
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        self._upstream_seconds[route].observe(seconds)

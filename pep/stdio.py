@@ -62,7 +62,7 @@ class StdioBridge:
 
     async def probe(self, action: pdp_pb2.Action) -> Verdict:
         verdict = await self._decide(action, "probe_")
-        self.metrics.probes.labels("allow" if verdict.allow else "deny").inc()
+        self.metrics.count_probe(verdict.allow)
         return verdict
 
     async def _decide(self, action: pdp_pb2.Action, prefix: str) -> Verdict:

@@ -59,8 +59,10 @@ async def admin_secrets(_request: web.Request) -> web.StreamResponse:
 
 
 async def echo(request: web.Request) -> web.StreamResponse:
-    """Everything the request carried, so tests can see which headers a proxy kept or dropped."""
+    """Everything the request carried, so tests can see which headers a proxy kept or dropped.
+    ``?set-cookie=VALUE`` answers with that ``Set-Cookie``, as a session-keeping service would."""
     raw = await request.read()
+    cookie = request.query.get("set-cookie")
     return web.json_response(
         {
             "method": request.method,
@@ -72,7 +74,8 @@ async def echo(request: web.Request) -> web.StreamResponse:
                 for name in dict.fromkeys(request.headers.keys())
             },
             "body": raw.decode("utf-8", errors="replace"),
-        }
+        },
+        headers={"Set-Cookie": cookie} if cookie else None,
     )
 
 

@@ -144,9 +144,14 @@ STREAM = (
 
 
 def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
+    """And a stream's head reaches the agent before its first event: the upstream sends no
+    event until the agent has the status (a sidecar holding the head would stall here)."""
+    released = asyncio.Event()
+
     async def stream(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        await asyncio.wait_for(released.wait(), 10)
         for i in range(0, len(STREAM), 37):  # odd chunk boundaries, split mid-line
             await response.write(STREAM[i : i + 37])
             await asyncio.sleep(0.002)
@@ -178,6 +183,7 @@ def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
                 client.stream("POST", pep.url + CHAT, json={**BODY, "stream": True}) as r,
             ):
                 assert r.status_code == 200
+                released.set()
                 return b"".join([chunk async for chunk in r.aiter_raw()])
         finally:
             pep.stop()
@@ -190,6 +196,10 @@ def test_streams_arrive_byte_for_byte(signer: Signer, tmp_path: Path) -> None:
 def test_hop_by_hop_headers_are_dropped_and_the_key_passes(
     signer: Signer, fakes: FakeUpstreams, tmp_path: Path
 ) -> None:
+    """Also: the sidecar keeps no cookies. Its one client session serves every agent, so a
+    cookie an upstream set for one must never reach the upstream on another's request.
+    (Reached by host name: aiohttp's default jar would keep a cookie for localhost, not
+    for 127.0.0.1.)"""
     pdp = start_pdp(signer, tmp_path / "state")
     from tests.harness import INTENT
 
@@ -200,12 +210,19 @@ def test_hop_by_hop_headers_are_dropped_and_the_key_passes(
     )
     pep = start_pep(
         pdp.address,
-        {"http:billing.internal": fakes.http_url},
+        {"http:billing.internal": fakes.http_url.replace("127.0.0.1", "localhost")},
         tmp_path,
         "--manifest",
         str(envelope),
     )
     try:
+        echo = f"{pep.url}/http/billing.internal/v1/echo"
+        first = httpx.get(f"{echo}?set-cookie=session%3Dagent-a%3B%20Path%3D%2F")
+        assert first.headers["set-cookie"] == "session=agent-a; Path=/"  # relayed to its agent
+        bare = httpx.get(echo).json()["headers"]
+        assert "cookie" not in bare
+        own = httpx.get(echo, headers={"Cookie": "session=agent-b"}).json()["headers"]
+        assert own["cookie"] == "session=agent-b"  # the agent's own, as sent
         reply = httpx.get(
             f"{pep.url}/http/billing.internal/v1/echo",
             headers={
