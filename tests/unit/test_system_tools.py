@@ -12,19 +12,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "system-tools.sh"
+# make bench's own tools (perf): scripts/bench-tools.sh installs them.
+BENCH_SCRIPT = ROOT / "scripts" / "bench-tools.sh"
 VENV_BIN = Path(sys.executable).parent
 # What the README's two commands themselves need: make, and bash for scripts/*.sh.
 PREREQUISITES = {"make", "bash", "python3"}
 _RUNNERS = {"run", "Popen", "check_output", "which", "create_subprocess_exec"}
 
 
-def _programs_tests_run() -> dict[str, str]:
+def _programs_tests_run(bench: bool = False) -> dict[str, str]:
     """Program name -> a test file that runs it: first arguments of subprocess calls,
     shutil.which and tests/deploy's tool(), plus the commands of README shell blocks the
-    tests execute (test_readme_calling runs them with bash)."""
+    tests execute (test_readme_calling runs them with bash). ``bench``: those of
+    tests/bench alone (make bench), else the rest."""
     found: dict[str, str] = {}
     for path in (ROOT / "tests").rglob("*.py"):
-        if "image" in path.relative_to(ROOT / "tests").parts:
+        parts = path.relative_to(ROOT / "tests").parts
+        if "image" in parts or ("bench" in parts) != bench:
             continue  # make image-test's own tools: scripts/image-tools.sh installs them
         runners = _RUNNERS | ({"tool"} if "deploy" in path.parts else set())
         for node in ast.walk(ast.parse(path.read_text())):
@@ -44,6 +48,8 @@ def _programs_tests_run() -> dict[str, str]:
                 and re.fullmatch(r"[a-z][\w.-]*", first.value)
             ):
                 found.setdefault(first.value, str(path.relative_to(ROOT)))
+    if bench:
+        return found
     readme = (ROOT / "README.md").read_text()
     for block in re.findall(r"```sh\n(.*?)```", readme, re.S):
         if "curl " in block:
@@ -51,8 +57,8 @@ def _programs_tests_run() -> dict[str, str]:
     return found
 
 
-def _covered() -> set[str]:
-    return set(re.findall(r"command -v ([\w.-]+)", SCRIPT.read_text()))
+def _covered(script: Path = SCRIPT) -> set[str]:
+    return set(re.findall(r"command -v ([\w.-]+)", script.read_text()))
 
 
 def test_every_program_the_tests_run_is_installed_by_make_test() -> None:
@@ -64,6 +70,18 @@ def test_every_program_the_tests_run_is_installed_by_make_test() -> None:
         if name not in PREREQUISITES and not (VENV_BIN / name).exists() and name not in _covered()
     }
     assert not missing, f"not installed by scripts/system-tools.sh: {missing}"
+
+
+def test_every_program_the_benchmarks_run_is_installed_by_make_bench() -> None:
+    programs = _programs_tests_run(bench=True)
+    assert "perf" in programs
+    covered = _covered() | _covered(BENCH_SCRIPT)
+    missing = {
+        name: where
+        for name, where in programs.items()
+        if name not in PREREQUISITES and not (VENV_BIN / name).exists() and name not in covered
+    }
+    assert not missing, f"not installed by scripts/bench-tools.sh: {missing}"
 
 
 def test_without_root_it_names_the_exact_apt_line(tmp_path: Path) -> None:
