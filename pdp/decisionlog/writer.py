@@ -279,7 +279,7 @@ class DecisionLog:
                 if batch
                 else self._durable.last
             )
-            after = _Durable(0, self._seq, self._prev, self._since_checkpoint, last)
+            seq, prev, since = self._seq, self._prev, self._since_checkpoint
             self._lock.release()
             try:
                 size = self._write(b"".join(batch), start, torn)
@@ -291,8 +291,8 @@ class DecisionLog:
                 self._lock.acquire()
                 self._writing = False
             if failure is None:
-                self._durable = replace(after, size=size)
-                self._written, self._torn = after.seq, False
+                self._durable = _Durable(size, seq, prev, since, last)
+                self._written, self._torn = seq, False
                 self._set_writable(True)
             else:
                 self._fail(failure)

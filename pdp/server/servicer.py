@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import grpc
-from google.protobuf import struct_pb2
 
 from pdp.action import action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
@@ -102,9 +101,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
                 now,
                 request.manifest_digest,
             )
-        obligations = struct_pb2.Struct()
-        obligations.update(outcome.decision.obligations)
-        return pdp_pb2.DecideResponse(
+        response = pdp_pb2.DecideResponse(
             allow=outcome.forward,
             shadow=not outcome.enforced,
             would_allow=outcome.decision.allow,
@@ -113,10 +110,12 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
                 for r in outcome.decision.reasons
             ],
             decision_id=outcome.decision_id,
-            obligations=obligations,
             reservation_id=outcome.reservation_id,
             settled=self._durable(carried),
         )
+        if outcome.decision.obligations:  # a tool call's has none: no Struct to fill
+            response.obligations.update(outcome.decision.obligations)
+        return response
 
     def _carry(
         self, reports: Sequence[pdp_pb2.ReportUsageRequest], bound: str, now: datetime
