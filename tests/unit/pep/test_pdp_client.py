@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from pdp.api import ReasonCode, pdp_pb2
-from pep.pdp_client import Verdict, _verdict
+from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
+from pep.pdp_client import PdpClient, Verdict, _verdict
 
 MODEL = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini")
 TOOL = pdp_pb2.Action(kind="tool", target="tool:kb/search")
@@ -70,3 +73,48 @@ def test_a_shadow_answer_goes_ahead_with_the_would_be_refusal() -> None:
 def test_a_malformed_answer_is_refused(response: pdp_pb2.DecideResponse) -> None:
     with pytest.raises(ValueError):
         _verdict(response, TOOL)
+
+
+class _Outage(pdp_pb2_grpc.DecisionServiceServicer):
+    """A PDP whose first Decide fails and whose second does not read carried settlements
+    (as a PDP before they existed): it answers no ``settled``. Batches are recorded."""
+
+    def __init__(self) -> None:
+        self.decides = 0
+        self.carried: list[list[str]] = []
+        self.batches: list[list[str]] = []
+
+    async def Decide(self, request, context):  # type: ignore[no-untyped-def]
+        self.decides += 1
+        self.carried.append([s.reservation_id for s in request.settlements])
+        if self.decides == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down")
+        return pdp_pb2.DecideResponse(allow=True, decision_id="dec_1")
+
+    async def ReportUsageBatch(self, request, context):  # type: ignore[no-untyped-def]
+        self.batches.append([r.reservation_id for r in request.reports])
+        return pdp_pb2.ReportUsageBatchResponse(settled=[True] * len(request.reports))
+
+
+def test_settlements_a_decision_did_not_settle_are_sent_again() -> None:
+    async def scenario() -> _Outage:
+        pdp = _Outage()
+        server = grpc.aio.server()
+        pdp_pb2_grpc.add_DecisionServiceServicer_to_server(pdp, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = PdpClient(f"127.0.0.1:{port}", 3.0, settle_linger=0.3)
+        try:
+            client.report_usage("rsv_a", 10)
+            refused = await client.decide("run_1", "r1", TOOL)  # carries rsv_a, fails
+            assert not refused.allow and refused.reason is ReasonCode.PDP_UNAVAILABLE
+            client.report_usage("rsv_b", 20)
+            assert (await client.decide("run_1", "r2", TOOL)).allow  # carries both, unread
+            await client.close()  # the batch goes before the client closes
+        finally:
+            await server.stop(None)
+        return pdp
+
+    pdp = asyncio.run(scenario())
+    assert pdp.carried == [["rsv_a"], ["rsv_a", "rsv_b"]]
+    assert pdp.batches == [["rsv_a", "rsv_b"]]  # in order, once, none lost
