@@ -49,7 +49,6 @@ MIRRORS = (
 BASE_PACKAGES = ("python3.11", "python3.11-venv", "ca-certificates")
 # debian:bookworm-slim keeps no documentation, manual pages or translations.
 SLIM_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*")
-SLIM_CONFIG = "etc/dpkg/dpkg.cfg.d/docker"
 # The official image's configuration that a build or a run relies on (`podman import` has none).
 BASE_CONFIG = (
     "ENV PATH=/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -100,10 +99,9 @@ def make_base_tarball(out: Path) -> None:
     # Slim as debian:bookworm-slim is made: dpkg told to skip the paths, and what the first
     # unpacking put there removed. (mmdebstrap's --dpkgopt=path-exclude would do the same but
     # pipes every package through its tar filter, 20 s more on two cores.)
-    excludes = "".join(f"path-exclude={pattern}\n" for pattern in SLIM_EXCLUDES)
-    slim_config = (
-        f'mkdir -p "$1/etc/dpkg/dpkg.cfg.d" && printf {shlex.quote(excludes)} > "$1/{SLIM_CONFIG}"'
-    )
+    excludes = shlex.quote("".join(f"path-exclude={pattern}\n" for pattern in SLIM_EXCLUDES))
+    config = '"$1/etc/dpkg/dpkg.cfg.d"'
+    slim_config = f"mkdir -p {config} && printf {excludes} > {config}/docker"
     slim_clean = " ".join(f'"$1"{pattern}' for pattern in SLIM_EXCLUDES)
     links = 'cd "$1/usr/local/bin" && ln -s /usr/bin/python3.11 python && ln -s python python3'
     check(
