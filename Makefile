@@ -53,7 +53,8 @@ soak: $(STAMP)
 	ABC_DECISIONS=1000000 ABC_THREADS=16 $(BIN)/python -m pytest tests/bench/bench_engine.py -s -p no:cacheprovider \
 		-o python_files="bench_*.py"
 
-# deploy/Dockerfile built with podman and run as users run it (tests/image; minutes, needs root).
+# deploy/Dockerfile built with podman and run as users run it (tests/image; as root, 2 to 3
+# minutes on 2 cores). Not part of make test: .ci/run runs it after make test.
 image-test: $(STAMP)
 	scripts/image-tools.sh
 	$(BIN)/python -m pytest tests/image -s -p no:cacheprovider -o python_files="check_*.py"

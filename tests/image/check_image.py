@@ -20,6 +20,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,19 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     server: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
-        make_base_tarball(work / "base.tar")
+        # pip's downloads wait on the network while mmdebstrap's dpkg works: side by side.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            wheels = pool.submit(wheel_index, work)
+            make_base_tarball(work / "base.tar")
+            index_root = wheels.result()
         base = qualified(base_name())
         podman("import", *(f"--change={c}" for c in BASE_CONFIG), work / "base.tar", base)
         (work / "base.tar").unlink()
-        report(f"stand-in base made and imported in {time.monotonic() - started:.0f} s")
+        report(
+            f"stand-in base made and imported, wheels fetched: {time.monotonic() - started:.0f} s"
+        )
         started = time.monotonic()
-        server, port = serve_directory(wheel_index(work))
+        server, port = serve_directory(index_root)
         index = f"http://127.0.0.1:{port}/simple"
         podman.build("runtime", RUNTIME_IMAGE, index)
         podman.build("demo", DEMO_IMAGE, index)
