@@ -330,6 +330,12 @@ class Disk:
         return self._write(fd, bytes(data[:size]))
 
 
+def _logged(path: Path) -> list[str]:
+    """The verified log's records: a decision by its id, any other by its kind."""
+    records = read_verified_log(path, KEY.public_key()).records
+    return [getattr(record, "decision_id", record.kind) for record in records]
+
+
 def _log_fd(log: DecisionLog) -> int:
     return log._fd  # the seam the fake disk needs
 
@@ -367,12 +373,7 @@ def test_a_full_disk_fails_the_record_whole_and_recovers_when_space_returns(
     assert log.append(decision(3)) == 1
     assert log.writable and changes == [True, False, True]
     log.close()
-    verified = read_verified_log(path, KEY.public_key())
-    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
-        "dec_0",
-        "dec_3",
-        "checkpoint",
-    ]
+    assert _logged(path) == ["dec_0", "dec_3", "checkpoint"]
 
 
 def test_an_unwritable_log_retries_by_itself_and_closes_cleanly(
@@ -426,13 +427,7 @@ def test_queued_records_go_with_the_next_append_in_one_fsync(
     log.sync(second)  # already durable: no second fsync
     assert len(syncs) == 1
     log.close()
-    verified = read_verified_log(path, KEY.public_key())
-    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
-        "dec_0",
-        "dec_1",
-        "dec_2",
-        "checkpoint",
-    ]
+    assert _logged(path) == ["dec_0", "dec_1", "dec_2", "checkpoint"]
 
 
 def test_sync_writes_what_no_append_took_and_flush_everything(
@@ -466,9 +461,4 @@ def test_a_queued_record_lost_with_its_batch_fails_its_sync(
         log.sync(lost)  # its seq is durable again, but not with its record
     log.sync(kept)  # durable before the failure: still said to be
     log.close()
-    verified = read_verified_log(path, KEY.public_key())
-    assert [getattr(r, "decision_id", r.kind) for r in verified.records] == [
-        "dec_0",
-        "dec_3",
-        "checkpoint",
-    ]
+    assert _logged(path) == ["dec_0", "dec_3", "checkpoint"]
