@@ -32,16 +32,6 @@ log = logging.getLogger("abc.pdp")
 MAX_REPORTED = 2**40
 
 
-def _holds(left: Usage, cost: Usage, *names: str) -> bool:
-    """Whether ``left`` holds ``cost`` in ``names`` (every budget by default), as the stores
-    judge it: an exhausted money budget holds nothing."""
-    for name in names or BUDGETS:
-        room = getattr(left, name)
-        if getattr(cost, name) > room or (name == "usd_micros" and room <= 0):
-            return False
-    return True
-
-
 def _shown(left: Usage) -> dict[str, int]:
     """A fleet's remaining budgets, the ones it leaves open left out."""
     return {n: v for n, v in left.as_dict().items() if v < UNLIMITED // 2}
@@ -157,9 +147,9 @@ class Ledger:
         left = self.books(run.run_id).remaining()
         grant_id = run_id_for(run.verified.digest)
         fleet = self.store.fleet_books(grant_id) if run.verified.manifest.fleet else None
-        if fleet is not None and _holds(left, cost):
+        if fleet is not None and left.holds(cost):
             fleet_left = fleet[0].remaining()
-            over = [n for n in BUDGETS if not _holds(fleet_left, cost, n)] or ["usd_micros"]
+            over = [n for n in BUDGETS if not fleet_left.holds(cost, n)] or ["usd_micros"]
             return Decision.deny(
                 ReasonCode.FLEET_BUDGET_EXHAUSTED,
                 f"the fleet limit on {over[0]} (all runs of this manifest together) cannot"

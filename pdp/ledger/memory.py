@@ -19,7 +19,6 @@ from typing import Any
 from pdp.errors import FleetRunsExhausted, ManifestUnknown
 from pdp.ledger.store import (
     ANSWER_WINDOW,
-    BUDGETS,
     RELEASED_WINDOW,
     Books,
     Fleet,
@@ -47,10 +46,7 @@ class _Books:
         left = Usage(**self.limits.as_dict())
         left.add(self.spent, -1)
         left.add(self.reserved, -1)
-        # usd_micros is only known after the call: an exhausted money budget refuses.
-        return left.usd_micros > 0 and all(
-            getattr(cost, name) <= getattr(left, name) for name in BUDGETS
-        )
+        return left.holds(cost)
 
     def frozen(self) -> Books:
         return Books(

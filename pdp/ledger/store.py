@@ -57,6 +57,16 @@ class Usage:
     def as_list(self) -> list[int]:
         return [getattr(self, name) for name in BUDGETS]
 
+    def holds(self, cost: Usage, *names: str) -> bool:
+        """Whether what is left (this) holds ``cost`` in ``names`` (every budget by
+        default). usd_micros is only known after the call: an exhausted money budget
+        holds nothing."""
+        for name in names or BUDGETS:
+            room = getattr(self, name)
+            if getattr(cost, name) > room or (name == "usd_micros" and room <= 0):
+                return False
+        return True
+
 
 @dataclass(frozen=True)
 class Books:
