@@ -1,8 +1,10 @@
 """The state gate: changes to run state go through it shared, a snapshot takes it alone.
 
 Each call that changes state (register, start a run, decide, settle) holds the gate
-shared from its first change until its record is durable, so a snapshot taken with the
-gate held alone sees exactly the state that the durable log's records fold to. A snapshot
+shared from its first change until its record is durable, or queued to go with the next
+commit (a settlement carried by a decision: the snapshot flushes those first), so a
+snapshot taken with the gate held alone sees exactly the state that the durable log's
+records fold to. A snapshot
 waiting for the gate keeps new changes out (writer first), so a steady stream of decisions
 cannot starve it; it holds the gate only while the state is copied.
 
