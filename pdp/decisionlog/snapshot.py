@@ -96,12 +96,17 @@ def write_snapshot(
     return target
 
 
-def _snapshots(directory: Path) -> list[Path]:
-    """Snapshot files, newest first."""
+def _numbered(directory: Path) -> list[tuple[int, Path]]:
+    """Snapshot files with the seq their name gives, newest first."""
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
-    return [path for _, path in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
+
+
+def _snapshots(directory: Path) -> list[Path]:
+    """Snapshot files, newest first."""
+    return [path for _, path in _numbered(directory)]
 
 
 def load_snapshot(directory: Path, log_path: Path, key: Ed25519PublicKey) -> Snapshot | None:
@@ -193,8 +198,8 @@ class Snapshotter:
     ) -> None:
         self._directory, self._key, self._source, self._head = directory, key, source, head
         self._every, self._interval = every, interval
-        newest = _snapshots(directory)
-        self._last = int(newest[0].name[9:21]) if newest else 0  # snapshot-<seq>.snap
+        newest = _numbered(directory)
+        self._last = newest[0][0] if newest else 0
         self._lock = threading.Lock()  # one snapshot at a time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="snapshots", daemon=True)
