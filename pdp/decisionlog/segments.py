@@ -73,7 +73,7 @@ def sealed_paths(path: Path) -> list[Path]:
 
 def segment_paths(path: Path) -> list[Path]:
     """The log's files in order: sealed segments, then the active file if it exists."""
-    paths = [entry for _, entry in _sealed(path)]
+    paths = sealed_paths(path)
     return [*paths, path] if path.exists() else paths
 
 
