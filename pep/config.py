@@ -34,12 +34,20 @@ class PepConfig:
     pdp_key: Path | None = None
     pdp_server_name: str | None = None
     narrower: Path | None = None  # every run key's run is started narrowed by it
+    pdp_socket: Path | None = None  # the PDP's decide socket: Decide there, the rest by gRPC
 
 
 _UPSTREAM_KINDS = ("openai", "anthropic", "mcp:", "http:")
 _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("listen", "ABC_PEP_LISTEN", "127.0.0.1:15001", "proxy address HOST:PORT"),
     ("pdp", "ABC_PEP_PDP", "127.0.0.1:9191", "PDP gRPC address HOST:PORT"),
+    (
+        "pdp_socket",
+        "ABC_PEP_PDP_SOCKET",
+        None,
+        "the PDP's decide socket (abc-pdp --decide-socket) on this host: decisions go there,"
+        " at a fraction of gRPC's CPU cost, and the rest to --pdp",
+    ),
     ("run", "ABC_PEP_RUN", None, "default run id (requests may name one in x-abc-run)"),
     ("manifest", "ABC_PEP_MANIFEST", None, "envelope to register at start-up instead of --run"),
     (
@@ -174,6 +182,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         run=values.get("run"),
         manifest=Path(values["manifest"]) if values.get("manifest") else None,
         narrower=_path(values.get("narrower")),
+        pdp_socket=_path(values.get("pdp_socket")),
         metrics=None if metrics == "off" else _address(metrics, "--metrics"),
         upstreams=upstreams,
         pdp_deadline_seconds=deadline_ms / 1000,

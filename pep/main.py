@@ -53,6 +53,12 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     return PdpTls(root, chain, key, config.pdp_server_name)
 
 
+def _pdp_client(config: PepConfig) -> PdpClient:
+    return PdpClient(
+        config.pdp, config.pdp_deadline_seconds, _pdp_tls(config), decide_socket=config.pdp_socket
+    )
+
+
 async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str, GrantedModels]:
     """Register the manifest, waiting (bounded) for a PDP that is still starting: its
     digest (the grant runs are started under), its default run id and the models it grants."""
@@ -90,7 +96,7 @@ async def _site(runner: web.AppRunner, address: str) -> None:
 
 
 async def serve(config: PepConfig, stop: asyncio.Event) -> None:
-    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds, _pdp_tls(config))
+    pdp = _pdp_client(config)
     for warning in transport_warnings(config):
         log.warning("%s", warning)
     runners: list[web.AppRunner] = []
@@ -113,11 +119,12 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
             await exporter.setup()
             await _site(exporter, config.metrics)
         log.info(
-            "abc-pep proxying on %s for run %s (PDP %s, %s)",
+            "abc-pep proxying on %s for run %s (PDP %s, %s%s)",
             config.listen,
             run_id or "-",
             config.pdp,
             "plaintext" if config.pdp_ca is None else "TLS",
+            f"; decisions on {config.pdp_socket}" if config.pdp_socket else "",
         )
         await stop.wait()
         log.info("abc-pep stopping")
@@ -140,7 +147,7 @@ async def serve_mcp_stdio(
     config: PepConfig, server: str, command: Sequence[str], stop: asyncio.Event
 ) -> int:
     """Register (or bind), then run ``command`` as the stdio MCP server ``server``."""
-    pdp = PdpClient(config.pdp, config.pdp_deadline_seconds, _pdp_tls(config))
+    pdp = _pdp_client(config)
     for warning in transport_warnings(config):
         log.warning("%s", warning)
     exporter: web.AppRunner | None = None

@@ -1,4 +1,5 @@
-"""The PEP's only way to the PDP: the public gRPC API, with a deadline, failing closed.
+"""The PEP's way to the PDP: the public gRPC API (decisions on the decide socket when it
+is given), with a deadline, failing closed.
 
 Any error, timeout or malformed answer becomes a refusal with ``pdp_unavailable``
 and a locally made decision id, so every refusal can still be traced.
@@ -10,12 +11,14 @@ import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pdp.api.mapping import MAX_TOKENS
+from pep.decide_socket import DecideSocketClient, DecideSocketError
 from pep.usage_reporter import UsageReporter
 
 __all__ = ["PdpClient", "PdpTls", "Verdict"]
@@ -128,8 +131,11 @@ class PdpClient:
         deadline_seconds: float,
         tls: PdpTls | None = None,
         settle_linger: float = 0.1,
+        decide_socket: Path | None = None,
     ) -> None:
         self._channel = _channel(target, tls)
+        # Decisions on the PDP's decide socket when it is on this host; gRPC otherwise.
+        self._socket = DecideSocketClient(decide_socket) if decide_socket else None
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
         # Settlements wait this long for a decision to carry them, then go in a batch: an
@@ -150,9 +156,13 @@ class PdpClient:
             settlements=carried,
         )
         try:
-            response = await self._stub.Decide(request, timeout=self._deadline)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("PDP did not decide: %s", exc.code().name)
+            if self._socket is not None:
+                response = await self._socket.decide(request, self._deadline)
+            else:
+                response = await self._stub.Decide(request, timeout=self._deadline)
+        except (grpc.aio.AioRpcError, DecideSocketError) as exc:
+            why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.warning("PDP did not decide: %s", why)
             self._usage.unsettled(carried)
             return Verdict.refuse(
                 ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
@@ -227,4 +237,6 @@ class PdpClient:
 
     async def close(self) -> None:
         await self._usage.flush()
+        if self._socket is not None:
+            await self._socket.close()
         await self._channel.close()

@@ -41,6 +41,7 @@ class PdpConfig:
     tls_client_ca: Path | None = None
     http: str | None = None  # the OPA-compatible REST door; off when None
     health: str | None = None  # plaintext grpc.health.v1 only, for probes; off when None
+    decide_socket: Path | None = None  # Decide alone, for a sidecar on this host; off when None
     ext_authz_openai_prefix: str | None = "/openai/"  # None: no OpenAI route
     ext_authz_anthropic_prefix: str | None = "/anthropic/"
 
@@ -57,6 +58,13 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "ABC_PDP_HEALTH",
         None,
         "plaintext gRPC health (only) on HOST:PORT, for probes that cannot speak mTLS (off)",
+    ),
+    (
+        "--decide-socket",
+        "ABC_PDP_DECIDE_SOCKET",
+        None,
+        "Unix socket PATH serving Decide alone, without gRPC's CPU cost, to a sidecar on this"
+        " host (abc-pep --pdp-socket); mode 0600, so the PDP's user only (off when unset)",
     ),
     ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),
     ("--grace", "ABC_PDP_GRACE", "5", "seconds to drain on SIGTERM"),
@@ -240,6 +248,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_client_ca=tls_client_ca,
         http=_address(args.http, "--http") if args.http else None,
         health=_address(args.health, "--health") if args.health else None,
+        decide_socket=Path(args.decide_socket) if args.decide_socket else None,
         ext_authz_openai_prefix=openai,
         ext_authz_anthropic_prefix=anthropic,
     )

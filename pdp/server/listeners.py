@@ -2,7 +2,7 @@
 
 A start that fails because a port is taken must leave nothing behind: no state
 directory, no new decision-log key. So every address (gRPC, health probes, metrics,
-REST) is bound first, and the state comes after (``pdp.server.main``).
+REST, the decide socket) is bound first, and the state comes after (``pdp.server.main``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from pdp.errors import ConfigError
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.server.config import PdpConfig
+from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 
 __all__ = ["Listeners", "listen"]
 
@@ -70,9 +71,12 @@ class Listeners:
     registry: CollectorRegistry
     metrics_server: WSGIServer | None
     rest_socket: socket.socket | None
+    decide_socket: DecideSocketServer | None = None
 
     def close(self) -> None:
         self.server.stop(0)
+        if self.decide_socket is not None:
+            self.decide_socket.close(deadline=0.0)
         if self.probes is not None:
             self.probes.stop(0)
         if self.metrics_server is not None:
@@ -110,6 +114,14 @@ def listen(config: PdpConfig, credentials: grpc.ServerCredentials | None) -> Lis
                 raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc
         if config.http:
             listeners.rest_socket = _bind_tcp(config.http, "REST")
+        if config.decide_socket is not None:
+            listeners.decide_socket = DecideSocketServer(
+                bind_decide_socket(config.decide_socket),
+                config.decide_socket,
+                # A sidecar holds one connection per request in flight: as many as gRPC's
+                # workers and its queue would take.
+                max_connections=max(64, config.workers * 8),
+            )
     except ConfigError:
         listeners.close()
         raise

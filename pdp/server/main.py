@@ -249,9 +249,8 @@ def _start(
             snapshotter.take()  # the next start need not replay the same records again
         snapshotter.start()
     server = listeners.server
-    pdp_pb2_grpc.add_DecisionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        DecisionServicer(service), server
-    )
+    servicer = DecisionServicer(service)
+    pdp_pb2_grpc.add_DecisionServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     # Envoy's ext_authz door, on the same port and the same decision path.
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         ExtAuthzServicer(
@@ -277,6 +276,8 @@ def _start(
         )
         rest.start()
     server.start()
+    if listeners.decide_socket is not None:
+        listeners.decide_socket.start(servicer.decide)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter
@@ -301,12 +302,13 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     # without it: a full disk turns health NOT_SERVING until space returns).
     decision_log.watch(_health_follows_log(health_servicer, serving, stop))
     log.info(
-        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s",
+        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s%s",
         config.listen,
         _transport(config),
         bundle.digest,
         len(trust.entries),
         f"; OPA REST API on {config.http}" if config.http else "",
+        f"; Decide on {config.decide_socket}" if config.decide_socket else "",
     )
     if ready is not None:
         ready.set()
@@ -319,7 +321,10 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     deadline = time.monotonic() + config.grace_seconds
     serving.clear()
     health_servicer.enter_graceful_shutdown()
-    server.stop(config.grace_seconds).wait()
+    stopped = server.stop(config.grace_seconds)
+    if listeners.decide_socket is not None:
+        listeners.decide_socket.close(deadline)  # drains beside gRPC, in the same grace
+    stopped.wait()
     if probes is not None:
         probes.stop(0)
     if rest is not None:

@@ -83,9 +83,17 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def Decide(  # noqa: N802
         self, request: pdp_pb2.DecideRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.DecideResponse:
+        try:
+            return self.decide(request)
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def decide(self, request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
+        """``Decide`` for any transport (gRPC, the decide socket); ``BadRequest`` for a
+        request that is not judged at all."""
         now = self._clock()
         if len(request.settlements) > MAX_BATCH:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} settlements")
+            raise BadRequest(f"at most {MAX_BATCH} settlements")
         # Settled first, their records queued: the decision's own commit makes them durable
         # with it, one fsync for both.
         carried = self._carry(request.settlements, request.manifest_digest, now)

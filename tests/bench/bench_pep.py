@@ -3,7 +3,8 @@ bare proxy.
 
 One run, one machine: the same chat-completion load (non-streaming and streaming; 1 and 16
 concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
-pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP. The
+pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP,
+deciding on the PDP's decide socket, (d) through a second sidecar deciding over gRPC. The
 targets take turns batch by batch after an unmeasured warm-up, and every process's CPU is
 read around each batch (``cpu.py``): CPU ms per request of the floor, the sidecar, the PDP,
 the upstream and this client, for each target. Writes bench-results/pep.json.
@@ -39,7 +40,15 @@ from tests.bench.conftest import percentile, summary_ms, write_results
 from tests.bench.cpu import CpuMeter
 from tests.bench.pep_report import goals, lines
 from tests.bench.profiles import Profiles, pyspy, report
-from tests.harness import INTENT, PdpProcess, Signer, free_port, start_pdp, start_pep
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    PdpProcess,
+    Signer,
+    free_port,
+    start_pdp,
+    start_pep,
+)
 
 SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
 # The paced scenario starts one request every PACE seconds at every target, so each process
@@ -188,7 +197,7 @@ async def load(
                 for process, seconds in meter.cpu[name].items()
             },
         }
-        if name in ("floor", "sidecar"):
+        if name in ("floor", "sidecar", "sidecar_grpc"):
             for key, pick in (("", 1), ("_ttfb", 0)):
                 ours, theirs = [v[pick] for v in values], [d[pick] for d in direct]
                 for q in (0.5, 0.99):
@@ -196,9 +205,10 @@ async def load(
                         (percentile(ours, q) - percentile(theirs, q)) * 1000, 3
                     )
         result[name] = entry
-    result["sidecar_vs_floor_throughput"] = round(
-        result["sidecar"]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
-    )
+    for name in ("sidecar", "sidecar_grpc"):
+        result[f"{name}_vs_floor_throughput"] = round(
+            result[name]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
+        )
     enforced = len(samples["sidecar"])
     # Every enforced request is one decision, durable before its answer: the log's count
     # proves the PDP's writes were read around the sidecar's batches and no others.
@@ -255,21 +265,20 @@ def test_bench_pep(tmp_path: Path) -> None:
     )
     signer = Signer(tmp_path)
     state = tmp_path / "state"
-    pdp = start_pdp(signer, state)
+    # Both of the sidecar's ways to decide: its decide socket (the sidecar beside its PDP,
+    # what the goals are read on) and gRPC (a PDP elsewhere), the latter as a second target.
+    decide_socket = tmp_path / "decide.sock"
+    pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(decide_socket))
     envelope = tmp_path / "envelope.json"
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-pep")
     for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
         text = text.replace(budget, budget.split(":")[0] + ": 1000000000")
     envelope.write_bytes(signer.freeze(text, "bench"))
+    flags = ("--manifest", str(envelope), "--log-level", "WARNING")
     pep = start_pep(
-        pdp.address,
-        {"openai": upstream},
-        tmp_path,
-        "--manifest",
-        str(envelope),
-        "--log-level",
-        "WARNING",
+        pdp.address, {"openai": upstream}, tmp_path, *flags, "--pdp-socket", str(decide_socket)
     )
+    pep_grpc = start_pep(pdp.address, {"openai": upstream}, tmp_path, *flags)
     try:
         wait_port(upstream_port)
         wait_port(floor_port)
@@ -277,6 +286,7 @@ def test_bench_pep(tmp_path: Path) -> None:
             "direct": f"{upstream}/v1/chat/completions",
             "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
             "sidecar": f"{pep.url}/openai/v1/chat/completions",
+            "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
         }
         # Registering the sidecar's envelope again answers with the run it is bound to.
         run_id = (
@@ -288,6 +298,7 @@ def test_bench_pep(tmp_path: Path) -> None:
         pids = {
             "floor": floor.pid,
             "sidecar": pep.process.pid,
+            "sidecar_grpc": pep_grpc.process.pid,
             "pdp": pdp.process.pid,
             "upstream": fake.pid,
             "client": os.getpid(),
@@ -327,6 +338,7 @@ def test_bench_pep(tmp_path: Path) -> None:
                 print(f"profile: {report(name, title, p.raw(name).read_text())}")
     finally:
         pep.stop()
+        pep_grpc.stop()
         pdp.stop()
         floor.terminate()
         fake.terminate()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PROCESSES = ("floor", "sidecar", "pdp", "upstream", "client")
+PROCESSES = ("floor", "sidecar", "sidecar_grpc", "pdp", "upstream", "client")
 Scenario = dict[str, Any]
 
 
@@ -66,6 +66,21 @@ GOALS = (
         2.0,
         lambda r: _ratio(_cpu(r, "sidecar", "pdp"), _cpu(r, "grpc_check", "pdp")),
     ),
+    # The same two over gRPC: what a sidecar whose PDP is not on its host costs.
+    Goal(
+        "grpc_sidecar_cpu_vs_floor",
+        "over gRPC: sidecar CPU / floor CPU",
+        "<=",
+        1.5,
+        lambda r: _ratio(_cpu(r, "sidecar_grpc", "sidecar_grpc"), _cpu(r, "floor", "floor")),
+    ),
+    Goal(
+        "grpc_pdp_cpu_vs_health_check",
+        "over gRPC: PDP CPU per request / per Check",
+        "<=",
+        2.0,
+        lambda r: _ratio(_cpu(r, "sidecar_grpc", "pdp"), _cpu(r, "grpc_check", "pdp")),
+    ),
     Goal(
         "upstream_cpu_sidecar_vs_floor",
         "upstream CPU via sidecar / via floor",
@@ -93,6 +108,13 @@ GOALS = (
         ">=",
         0.35,
         lambda r: r["sidecar_vs_floor_throughput"] if r["clients"] > 1 else None,
+    ),
+    Goal(
+        "grpc_throughput_vs_floor",
+        "over gRPC: throughput / floor, 16 clients",
+        ">=",
+        0.35,
+        lambda r: r["sidecar_grpc_vs_floor_throughput"] if r["clients"] > 1 else None,
     ),
     Goal(
         "fsyncs_per_request",
@@ -130,8 +152,9 @@ def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
         first = ", time to first byte" if stream else ""
         out.append(f"  {scenario} (added: over direct{first}; CPU: ms per request, by process)")
         out.append(
-            f"    {'':<11} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} {'req/s':>8}"
-            f" {'added p50':>9} {'added p99':>9} |" + "".join(f" {p:>8}" for p in PROCESSES)
+            f"    {'':<12} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} {'req/s':>8}"
+            f" {'added p50':>9} {'added p99':>9} |"
+            + "".join(f" {p:>{max(8, len(p))}}" for p in PROCESSES)
         )
         for name, entry in result.items():
             if not isinstance(entry, dict) or "total" not in entry:
@@ -139,9 +162,11 @@ def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
             added = "".join(
                 f" {_num(entry.get(f'added{stream}_{q}_ms'), 9)}" for q in ("p50", "p99")
             )
-            cpu = "".join(f" {_num(entry['cpu_ms_per_request'].get(p), 8)}" for p in PROCESSES)
+            cpu = "".join(
+                f" {_num(entry['cpu_ms_per_request'].get(p), max(8, len(p)))}" for p in PROCESSES
+            )
             out.append(
-                f"    {name:<11} {entry['total']['p50_ms']:8.3f} {entry['total']['p99_ms']:8.3f}"
+                f"    {name:<12} {entry['total']['p50_ms']:8.3f} {entry['total']['p99_ms']:8.3f}"
                 f" {entry['ttfb']['p50_ms']:9.3f} {entry['throughput_per_s']:8.1f}{added} |{cpu}"
             )
         writes = result["pdp_writes_per_sidecar_request"]

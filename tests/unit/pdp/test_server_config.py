@@ -86,3 +86,11 @@ def test_run_retention_defaults_to_an_hour_and_is_never_negative() -> None:
         parse_config([*REQUIRED, "--run-retention", "-1"], environ={})
     with pytest.raises(ConfigError, match="--run-retention are"):
         parse_config([*REQUIRED, "--run-retention", "soon"], environ={})
+
+
+def test_the_decide_socket_is_off_unless_given() -> None:
+    assert parse_config(REQUIRED, environ={}).decide_socket is None
+    environ = {"ABC_PDP_DECIDE_SOCKET": "/run/abc/env.sock"}
+    assert parse_config(REQUIRED, environ=environ).decide_socket == Path("/run/abc/env.sock")
+    flag = parse_config([*REQUIRED, "--decide-socket", "/run/abc/pdp.sock"], environ=environ)
+    assert flag.decide_socket == Path("/run/abc/pdp.sock")

@@ -123,3 +123,18 @@ def test_model_upstreams_take_the_sdk_base_url_form(given: str, kept: tuple[str,
     # The agent's path already starts with /v1/: a base URL ending in /v1 (what the OpenAI SDK
     # documents) would forward to /v1/v1/chat/completions, an allowed and charged 404.
     assert parse_config(["--upstream", given]).upstreams == dict([kept])
+
+
+def test_the_decide_socket_is_off_unless_given_by_flag_environment_or_file(
+    tmp_path: Path,
+) -> None:
+    assert parse_config([], environ={}).pdp_socket is None
+    file = tmp_path / "pep.yaml"
+    file.write_text("pdp_socket: /run/abc/file.sock\n")
+    assert parse_config(["--config", str(file)], environ={}).pdp_socket == Path(
+        "/run/abc/file.sock"
+    )
+    environ = {"ABC_PEP_PDP_SOCKET": "/run/abc/env.sock"}
+    assert parse_config([], environ=environ).pdp_socket == Path("/run/abc/env.sock")
+    flag = parse_config(["--pdp-socket", "/run/abc/flag.sock"], environ=environ)
+    assert flag.pdp_socket == Path("/run/abc/flag.sock")

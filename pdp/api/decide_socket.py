@@ -1,0 +1,33 @@
+"""The decide socket's wire format: ``Decide`` over a local Unix socket, without gRPC.
+
+A sidecar beside its PDP (one pod, one host) spends most of each decision's CPU in gRPC's
+own machinery, on both sides. Over this socket the same ``DecideRequest`` and
+``DecideResponse`` messages travel in plain frames:
+
+- a connection opens with ``PREAMBLE`` from the client;
+- a request is a 4-byte big-endian length, then a serialized ``abc.pdp.v1.DecideRequest``;
+- its answer is a 4-byte big-endian length, then one status byte, then either a serialized
+  ``DecideResponse`` (``OK``) or a UTF-8 reason (``REFUSED``: the request was not judged);
+- one request at a time on a connection: a client wanting more opens more connections.
+
+Anything else (another preamble, a length over ``MAX_FRAME``, bytes that do not parse)
+closes the connection, and the client refuses the call it was making: it fails closed.
+Only the socket file's permissions guard it (0600, the PDP's user), so it is for a sidecar
+on the same host; anything across a network uses gRPC with mTLS.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = ["HEADER", "MAX_FRAME", "OK", "PREAMBLE", "REFUSED", "frame"]
+
+PREAMBLE = b"ABC-DECIDE/1\n"
+HEADER = struct.Struct(">I")
+MAX_FRAME = (1 << 20) + 4096  # as the gRPC port's largest message (an envelope's + 4 KiB)
+OK, REFUSED = b"\x00", b"\x01"
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` with its length before it."""
+    return HEADER.pack(len(payload)) + payload

@@ -1,0 +1,263 @@
+"""The decide socket: ``Decide`` between a sidecar and the PDP on its host, without gRPC.
+
+The real abc-pdp serves it (``--decide-socket``), the real abc-pep decides on it
+(``--pdp-socket``) for the official OpenAI SDK; a client speaking anything else is cut off
+and the PDP serves on; a PDP gone, silent or garbled is a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, frame
+from pep.pdp_client import PdpClient
+from tests.fakes.serve import FakeUpstreams
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    PdpProcess,
+    PepProcess,
+    Signer,
+    free_port,
+    pdp_flags,
+    start_pdp,
+    start_pep,
+    start_up_error,
+)
+
+MODEL = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini", max_tokens=100)
+
+
+@pytest.fixture(scope="module")
+def short_dir() -> Iterator[Path]:
+    """A socket's path must fit in 108 bytes: pytest's tmp paths may not."""
+    path = Path(tempfile.mkdtemp(prefix="abc-sock-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def served(signer: Signer, short_dir: Path) -> Iterator[tuple[PdpProcess, Path]]:
+    path = short_dir / "decide.sock"
+    pdp = start_pdp(signer, short_dir / "state", POLICIES, "--decide-socket", str(path))
+    yield pdp, path
+    pdp.stop()
+
+
+@pytest.fixture(scope="module")
+def run_id(served: tuple[PdpProcess, Path], signer: Signer) -> str:
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/socket")
+    stub = pdp_pb2_grpc.DecisionServiceStub(served[0].channel())  # type: ignore[no-untyped-call]
+    envelope = signer.freeze(text, "socket")
+    return str(stub.RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope)).run_id)
+
+
+def ask(sock: socket.socket, payload: bytes) -> bytes:
+    """One framed answer to ``payload`` (already framed), or b"" when the PDP hung up."""
+    sock.sendall(payload)
+    reader = sock.makefile("rb")
+    header = reader.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return b""
+    return bytes(reader.read(HEADER.unpack(header)[0]))
+
+
+def connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    return sock
+
+
+def test_decisions_need_only_the_socket_and_are_the_pdps_own(
+    served: tuple[PdpProcess, Path], run_id: str
+) -> None:
+    pdp, path = served
+    # The socket is the PDP user's alone, from the moment it exists.
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+
+    async def scenario() -> None:
+        # No gRPC behind the client at all: every decision below went over the socket.
+        client = PdpClient(f"127.0.0.1:{free_port()}", 5.0, decide_socket=path)
+        first = await client.decide(run_id, "sock-1", MODEL)
+        assert first.allow and first.decision_id.startswith("dec_")
+        assert first.obligations == {"max_tokens": 100} and first.reservation_id
+        # A settlement rides on the next decision, over the socket too.
+        client.report_usage(first.reservation_id, 7)
+        refused = await client.decide(
+            run_id, "sock-2", pdp_pb2.Action(kind="model", target="model:openai/gpt-5")
+        )
+        assert not refused.allow and refused.reason is ReasonCode.MODEL_NOT_ALLOWED
+        # Decisions in flight at once each take a connection of their own.
+        many = await asyncio.gather(
+            *(client.decide(run_id, f"sock-many-{n}", MODEL) for n in range(12))
+        )
+        assert all(v.allow for v in many) and len({v.decision_id for v in many}) == 12
+        # The same request id answers the same decision, as over gRPC.
+        again = await client.decide(run_id, "sock-1", MODEL)
+        assert again.decision_id == first.decision_id
+        await client.close()
+
+    asyncio.run(scenario())
+    runs = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+    spent = runs.GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5).spent
+    assert spent.tokens >= 7  # the carried settlement, durable before the second answer
+
+
+def test_what_is_not_the_protocol_is_cut_off_and_the_pdp_serves_on(
+    served: tuple[PdpProcess, Path], run_id: str
+) -> None:
+    _, path = served
+    good = pdp_pb2.DecideRequest(run_id=run_id, request_id="raw-1", action=MODEL)
+    cases = {
+        "another preamble": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        "a frame over the limit": PREAMBLE + HEADER.pack(64 << 20),
+        "bytes that are no DecideRequest": PREAMBLE + frame(b"\xff\xff\xff\xff"),
+    }
+    for why, payload in cases.items():
+        with connect(path) as sock:
+            assert ask(sock, payload) == b"", why
+    with connect(path) as sock:  # cut short: the PDP waits for the rest, then the end
+        sock.sendall(PREAMBLE + HEADER.pack(100) + b"x" * 10)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    too_many = pdp_pb2.DecideRequest(
+        run_id=run_id,
+        request_id="raw-2",
+        action=MODEL,
+        settlements=[pdp_pb2.ReportUsageRequest(reservation_id="rsv_x")] * 1025,
+    )
+    with connect(path) as sock:
+        answer = ask(sock, PREAMBLE + frame(too_many.SerializeToString()))
+        assert answer.startswith(REFUSED) and b"at most 1024" in answer
+        # Refused, not cut off: the same connection still decides.
+        answer = ask(sock, frame(good.SerializeToString()))
+    assert answer[:1] == OK
+    assert pdp_pb2.DecideResponse.FromString(answer[1:]).decision_id.startswith("dec_")
+
+
+def _silent(path: Path, reply: bytes | None) -> threading.Thread:
+    """A listener on ``path`` that reads a request and answers ``reply`` (None: nothing)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            conn.recv(65536)
+            if reply is not None:
+                conn.sendall(reply)
+            time.sleep(1.5)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [None, frame(OK + b"\xff\xff"), frame(REFUSED + b"no"), HEADER.pack(1 << 30)],
+    ids=["silent", "garbage", "refused", "too-long"],
+)
+def test_a_silent_garbled_or_absent_pdp_is_a_refusal(short_dir: Path, reply: bytes | None) -> None:
+    path = short_dir / f"fake-{free_port()}.sock"
+    thread = _silent(path, reply)
+
+    async def scenario() -> tuple[float, list[tuple[bool, ReasonCode | None, str]]]:
+        client = PdpClient(f"127.0.0.1:{free_port()}", 0.25, decide_socket=path)
+        started = time.monotonic()
+        verdict = await client.decide("run_any", "r-1", MODEL)
+        elapsed = time.monotonic() - started
+        absent = PdpClient(f"127.0.0.1:{free_port()}", 0.25, decide_socket=path.with_name("no"))
+        gone = await absent.decide("run_any", "r-2", MODEL)
+        await client.close()
+        await absent.close()
+        return elapsed, [(v.allow, v.reason, v.decision_id[:4]) for v in (verdict, gone)]
+
+    elapsed, verdicts = asyncio.run(scenario())
+    assert verdicts == [(False, ReasonCode.PDP_UNAVAILABLE, "pep_")] * 2
+    assert elapsed < 1.0  # the deadline, not the listener's 1.5 s
+    thread.join(5)
+
+
+def test_the_sidecar_decides_on_the_socket_for_the_openai_sdk(
+    served: tuple[PdpProcess, Path], signer: Signer, short_dir: Path
+) -> None:
+    pdp, path = served
+    envelope = short_dir / "pep.json"
+    envelope.write_bytes(
+        signer.freeze(
+            INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/socket-pep"),
+            "socket-pep",
+        )
+    )
+    with FakeUpstreams() as fakes:
+        pep: PepProcess = start_pep(
+            pdp.address,
+            {"openai": fakes.openai_url.removesuffix("/v1")},
+            short_dir,
+            "--manifest",
+            str(envelope),
+            "--pdp-socket",
+            str(path),
+        )
+        try:
+            agent = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key="sk-x", max_retries=0)
+            reply = agent.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=9000
+            )
+            assert reply.choices[0].message.content
+            assert fakes.recorder.last("openai").body["max_tokens"] == 2048  # the grant's cap
+            with pytest.raises(openai.PermissionDeniedError) as refused:
+                agent.chat.completions.create(
+                    model="gpt-5", messages=[{"role": "user", "content": "x"}]
+                )
+            assert refused.value.code == "model_not_allowed"
+            assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
+            # The sidecar holds a connection to the socket: its decisions went there.
+            held = Path("/proc/net/unix").read_text().count(f" {path}\n")
+            assert held >= 2  # the listener and the PDP's end of the sidecar's connection
+        finally:
+            pep.stop()
+
+
+def test_a_socket_in_the_way_stops_start_up_and_a_dead_ones_file_is_reused(
+    signer: Signer, short_dir: Path, served: tuple[PdpProcess, Path]
+) -> None:
+    state = short_dir / "other-state"
+    regular = short_dir / "regular"
+    regular.write_text("not a socket")
+    error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", regular)
+    assert "exists and is not a socket" in error
+    assert regular.read_text() == "not a socket"  # left as it was
+    error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", served[1])
+    assert "another process is serving on it" in error
+    assert not state.exists()  # refused before any state was made
+    stale = short_dir / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale))
+    dead.close()  # its file stays, with nobody behind it
+    pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(stale))
+    try:
+        with connect(stale) as sock:
+            request = pdp_pb2.DecideRequest(run_id="run_unknown", request_id="s-1", action=MODEL)
+            answer = ask(sock, PREAMBLE + frame(request.SerializeToString()))
+        assert answer[:1] == OK
+        assert not pdp_pb2.DecideResponse.FromString(answer[1:]).allow
+    finally:
+        pdp.stop()
+    assert not stale.exists()  # a clean stop takes its socket away
