@@ -51,7 +51,7 @@ def _obligations(response: pdp_pb2.DecideResponse, action: pdp_pb2.Action) -> di
     # Read from the Struct's fields as they are, not through a dict conversion: on every
     # request, and a number must be a number_value, not a string or bool that converts.
     fields = response.obligations.fields
-    if fields.keys() - {"max_tokens"}:
+    if len(fields) - ("max_tokens" in fields):  # a key but max_tokens
         raise ValueError("an obligation the sidecar cannot apply")
     obligations: dict[str, Any] = {}
     if "max_tokens" in fields:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 
@@ -33,29 +34,32 @@ class UsageReporter:
         self._stub = stub
         self._deadline = deadline
         self._linger = linger
-        self._queue: deque[pdp_pb2.ReportUsageRequest] = deque()
+        # Each report with the time it was queued: a batch goes only once the oldest has
+        # waited ``linger``. A timer that fired every ``linger`` instead would take the report
+        # queued just before it, which the next decision was about to carry: a second fsync.
+        self._queue: deque[tuple[float, pdp_pb2.ReportUsageRequest]] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def report(
         self, reservation_id: str, tokens: int, usd_micros: int = 0, bound: str = ""
     ) -> None:
-        self._queue.append(
-            pdp_pb2.ReportUsageRequest(
-                reservation_id=reservation_id,
-                tokens=max(tokens, 0),
-                usd_micros=max(usd_micros, 0),
-                manifest_digest=bound,
-            )
+        report = pdp_pb2.ReportUsageRequest(
+            reservation_id=reservation_id,
+            tokens=max(tokens, 0),
+            usd_micros=max(usd_micros, 0),
+            manifest_digest=bound,
         )
+        self._queue.append((time.monotonic(), report))
         self._drain_soon()
 
     def take(self) -> list[pdp_pb2.ReportUsageRequest]:
         """What is queued (at most a batch), for a decision to carry."""
-        return [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+        return [self._queue.popleft()[1] for _ in range(min(len(self._queue), MAX_BATCH))]
 
     def unsettled(self, reports: Sequence[pdp_pb2.ReportUsageRequest]) -> None:
         """Reports a decision carried but the PDP did not answer for: sent again, first."""
-        self._queue.extendleft(reversed(reports))
+        now = time.monotonic()
+        self._queue.extendleft((now, report) for report in reversed(reports))
         self._drain_soon()
 
     def _drain_soon(self) -> None:
@@ -64,10 +68,13 @@ class UsageReporter:
 
     async def _drain(self) -> None:
         while self._queue:
-            await asyncio.sleep(self._linger)
-            batch = self.take()  # empty if decisions carried them all meanwhile
-            if batch:
-                await self._send(batch)
+            waited = time.monotonic() - self._queue[0][0]
+            if waited < self._linger:
+                await asyncio.sleep(self._linger - waited)
+                continue  # decisions may have carried it meanwhile
+            # The oldest has waited long enough: the batch takes the newer ones too, since
+            # it costs the PDP one fsync however many it holds.
+            await self._send(self.take())
 
     async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
         request = pdp_pb2.ReportUsageBatchRequest(reports=batch)

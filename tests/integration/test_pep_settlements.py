@@ -48,3 +48,39 @@ def test_a_settlement_rides_on_the_next_decision_and_a_late_one_goes_alone(
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_report_waits_its_own_linger_not_a_timer_started_for_an_earlier_one(
+    pdp: PdpProcess, signer: Signer
+) -> None:
+    """A batch timer started by the first report must not take a later one early: the next
+    decision was about to carry it, and a batch of its own would cost a second fsync."""
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/lingering")
+    envelope = signer.freeze(text, "lingering")
+    runs = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+
+    def reserved(run_id: str) -> int:
+        return int(runs.GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5).reserved.tokens)
+
+    async def scenario() -> None:
+        client = PdpClient(pdp.address, 3.0, settle_linger=LINGER)
+        _, run_id = await client.register(envelope)
+        first = await client.decide(run_id, "linger-1", MODEL)
+        started = time.monotonic()
+        client.report_usage(first.reservation_id, 10)  # a batch timer starts: due at LINGER
+        await asyncio.sleep(0.05)  # the agent's next call comes a moment later
+        second = await client.decide(run_id, "linger-2", MODEL)  # carries the first
+        await asyncio.sleep(0.8 * LINGER - (time.monotonic() - started))
+        queued = time.monotonic()
+        client.report_usage(second.reservation_id, 10)
+        await asyncio.sleep(1.1 * LINGER - (time.monotonic() - started))
+        # Past the first timer's moment: the second report is still queued, not sent.
+        assert time.monotonic() - queued < LINGER
+        assert reserved(run_id) == 2000
+        third = await client.decide(run_id, "linger-3", MODEL)  # and this decision carries it
+        assert time.monotonic() - queued < LINGER
+        assert reserved(run_id) == 2000  # the third's own reservation alone
+        client.report_usage(third.reservation_id, 10)
+        await client.close()
+
+    asyncio.run(scenario())
