@@ -75,6 +75,18 @@ def test_a_malformed_answer_is_refused(response: pdp_pb2.DecideResponse) -> None
         _verdict(response, TOOL)
 
 
+@pytest.mark.parametrize(
+    "obligations",
+    [{"redact": True}, {"max_tokens": 64, "redact": True}, {"max_tokens": "64"}, {}],
+    ids=["unknown-alone", "unknown-beside-a-cap", "cap-as-text", "uncapped-model-call"],
+)
+def test_an_obligation_the_sidecar_cannot_apply_is_refused(obligations: dict[str, object]) -> None:
+    response = pdp_pb2.DecideResponse(allow=True, decision_id="d")
+    response.obligations.update(obligations)
+    with pytest.raises(ValueError):
+        _verdict(response, MODEL)
+
+
 class _Outage(pdp_pb2_grpc.DecisionServiceServicer):
     """A PDP whose first Decide fails and whose second does not read carried settlements
     (as a PDP before they existed): it answers no ``settled``. Batches are recorded."""
