@@ -37,6 +37,7 @@ class PepConfig:
     pdp_socket: Path | None = None  # the PDP's decide socket: Decide there, the rest by gRPC
 
 
+MAX_SOCKET_PATH = 107  # sun_path's 108 bytes, the last one NUL
 _UPSTREAM_KINDS = ("openai", "anthropic", "mcp:", "http:")
 _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("listen", "ABC_PEP_LISTEN", "127.0.0.1:15001", "proxy address HOST:PORT"),
@@ -117,6 +118,13 @@ def _path(value: Any) -> Path | None:
     return Path(str(value)) if value else None
 
 
+def _socket_path(value: Any) -> Path | None:
+    path = _path(value)
+    if path is not None and len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ConfigError(f"--pdp-socket: a Unix socket's path is at most 107 bytes: {path}")
+    return path
+
+
 def _tls(values: Mapping[str, Any]) -> tuple[Path | None, Path | None, Path | None, str | None]:
     """(CA, cert, key, server name) for the PDP channel; the CA is what turns TLS on."""
     ca, cert, key = (_path(values.get(k)) for k in ("pdp_ca", "pdp_cert", "pdp_key"))
@@ -182,7 +190,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         run=values.get("run"),
         manifest=Path(values["manifest"]) if values.get("manifest") else None,
         narrower=_path(values.get("narrower")),
-        pdp_socket=_path(values.get("pdp_socket")),
+        pdp_socket=_socket_path(values.get("pdp_socket")),
         metrics=None if metrics == "off" else _address(metrics, "--metrics"),
         upstreams=upstreams,
         pdp_deadline_seconds=deadline_ms / 1000,

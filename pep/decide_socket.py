@@ -4,12 +4,17 @@ Its wire format is ``pdp.api.decide_socket``.
 
 A grpc.aio call costs the sidecar about as much CPU as proxying the request itself; a
 frame on a Unix socket costs a write and a read. A pool of connections, one per decision
-in flight: the protocol answers one request at a time on each.
+in flight: the protocol answers one request at a time on each. Each connection is a bare
+``asyncio.Protocol``: on every decision, asyncio's streams would add their own buffering
+and wake-ups to the sidecar's busiest path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -19,18 +24,87 @@ from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, frame
 
 __all__ = ["DecideSocketClient", "DecideSocketError"]
 
-Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
 
 class DecideSocketError(Exception):
     """No answer to trust: the PDP is down, slow, refused the request or spoke garbage."""
 
 
+def _served_by_us(transport: asyncio.BaseTransport) -> bool:
+    """Whether the process at the other end runs as this one's user (or root). The file's
+    mode guards who may connect, not who serves: whoever can write to the socket's
+    directory could put a socket of their own there and answer allow."""
+    sock = transport.get_extra_info("socket")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (os.getuid(), 0)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to the socket: a frame out, the frame that answers it back."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._received = bytearray()
+        self._answer: asyncio.Future[bytes] | None = None
+        self.broken = False
+
+    def start(self, transport: asyncio.Transport) -> None:
+        # Here, not in connection_made: an event loop may call that only after the
+        # connection is handed back, and the preamble must precede the first request.
+        self._transport = transport
+        if not _served_by_us(transport):
+            self.close()
+            raise PermissionError("the decide socket is served by another user")
+        transport.write(PREAMBLE)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None or self._answer.done():
+            self._break(DecodeError("an answer nobody asked for"))
+            return
+        self._received += data
+        if len(self._received) < HEADER.size:
+            return
+        (length,) = HEADER.unpack_from(self._received)
+        if not 1 <= length <= MAX_FRAME:
+            self._break(DecodeError(f"a frame of {length} bytes"))
+        elif len(self._received) > HEADER.size + length:
+            self._break(DecodeError("more than one answer"))
+        elif len(self._received) == HEADER.size + length:
+            self._answer.set_result(bytes(self._received[HEADER.size :]))
+            self._received.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
+
+    def _break(self, exc: Exception) -> None:
+        self.broken = True
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(exc)
+        if self._transport is not None:
+            self._transport.close()
+
+    async def exchange(self, payload: bytes) -> bytes:
+        if self.broken or self._transport is None:
+            raise ConnectionResetError("the decide socket connection is closed")
+        self._answer = asyncio.get_running_loop().create_future()
+        self._transport.write(frame(payload))
+        try:
+            return await self._answer
+        finally:
+            self._answer = None
+
+    def close(self) -> None:
+        self.broken = True
+        if self._transport is not None:
+            self._transport.close()
+
+
 class DecideSocketClient:
     def __init__(self, path: Path, max_connections: int = 64) -> None:
         self._path = path
-        self._idle: list[Connection] = []
+        self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
+        self._closed = False
 
     async def decide(
         self, request: pdp_pb2.DecideRequest, timeout: float
@@ -38,38 +112,39 @@ class DecideSocketClient:
         """The PDP's answer within ``timeout`` seconds, else ``DecideSocketError``."""
         try:
             async with asyncio.timeout(timeout), self._slots:
-                connection = self._idle.pop() if self._idle else await self._connect()
+                connection = self._reuse() or await self._connect()
                 try:
-                    response = await self._exchange(connection, request)
+                    answer = await connection.exchange(request.SerializeToString())
                 except BaseException:
                     # Its answer may still come: the connection is out of step, never reused.
-                    connection[1].close()
+                    connection.close()
                     raise
-                self._idle.append(connection)
-                return response
-        except (OSError, EOFError, TimeoutError, DecodeError) as exc:
+                if self._closed:
+                    connection.close()
+                else:
+                    self._idle.append(connection)
+            if answer[:1] != OK:
+                raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
+            return pdp_pb2.DecideResponse.FromString(answer[1:])
+        except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def _connect(self) -> Connection:
-        reader, writer = await asyncio.open_unix_connection(self._path, limit=MAX_FRAME + 1)
-        writer.write(PREAMBLE)
-        return reader, writer
+    def _reuse(self) -> _Connection | None:
+        """An idle connection still open: one the PDP closed meanwhile (a restart) would
+        refuse the decision it was handed."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.broken:
+                return connection
+        return None
 
-    @staticmethod
-    async def _exchange(
-        connection: Connection, request: pdp_pb2.DecideRequest
-    ) -> pdp_pb2.DecideResponse:
-        reader, writer = connection
-        writer.write(frame(request.SerializeToString()))
-        (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-        if not 1 <= length <= MAX_FRAME:
-            raise DecodeError(f"a frame of {length} bytes")
-        answer = await reader.readexactly(length)
-        if answer[:1] != OK:
-            raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
-        return pdp_pb2.DecideResponse.FromString(answer[1:])
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
+        connection.start(transport)
+        return connection
 
     async def close(self) -> None:
+        self._closed = True  # those in flight are closed as they finish
         while self._idle:
-            _reader, writer = self._idle.pop()
-            writer.close()
+            self._idle.pop().close()

@@ -31,32 +31,33 @@ __all__ = ["DecideSocketServer", "bind_decide_socket"]
 log = logging.getLogger("abc.pdp")
 
 Decide = Callable[[pdp_pb2.DecideRequest], pdp_pb2.DecideResponse]
+IDLE_SECONDS = 60.0
 
 
 def _claim(path: Path) -> None:
     """Make room for the socket: a socket file a dead PDP left is removed; a live one, or
     any other file (a symlink too), stops start-up."""
     try:
-        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"--decide-socket {path}: exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)  # a live PDP too busy to accept is live all the same
+            try:
+                probe.connect(str(path))
+            except ConnectionRefusedError:
+                path.unlink()  # nobody listens on it any more
+                return
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"--decide-socket {path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        path.unlink()  # nobody listens on it any more
-        return
-    except OSError as exc:
+    except OSError as exc:  # not a directory, no permission, a timeout
         raise ConfigError(f"--decide-socket {path}: {exc.strerror or exc}") from exc
-    finally:
-        probe.close()
     raise ConfigError(f"--decide-socket {path}: another process is serving on it")
 
 
 def bind_decide_socket(path: Path) -> socket.socket:
-    """A listening socket at ``path``, mode 0600 from its first moment."""
+    """A listening socket at ``path``, mode 0600 from its first moment. Nothing guards who
+    serves on a path, only who connects: the sidecar checks that its PDP runs as its own
+    user (``pep.decide_socket``)."""
     _claim(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with the umask's mode: a chmod after it would leave a moment
@@ -78,8 +79,18 @@ class DecideSocketServer:
     """Serves a bound decide socket once started; at most ``max_connections`` at once (a
     connection beyond them is closed at once, and its client refuses its call)."""
 
-    def __init__(self, sock: socket.socket, path: Path, max_connections: int) -> None:
-        self._sock, self._path, self._max = sock, path, max_connections
+    def __init__(
+        self,
+        sock: socket.socket,
+        path: Path,
+        max_connections: int = 256,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self._sock, self._path, self._max, self._idle = sock, path, max_connections, idle_seconds
+        # Which file is ours: a PDP started on the same path while this one drains has
+        # replaced it, and this one must not remove the newcomer's.
+        created = os.lstat(path)
+        self._file = (created.st_dev, created.st_ino)
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._closing = False
@@ -103,8 +114,13 @@ class DecideSocketServer:
                 continue
             with self._lock:
                 if self._closing or len(self._connections) >= self._max:
+                    if not self._closing:
+                        log.warning("decide socket: %d connections open, one refused", self._max)
                     conn.close()
                     continue
+                # A connection idle this long is dropped (the sidecar opens another), and
+                # one that stalls mid-frame frees its thread: nobody holds one forever.
+                conn.settimeout(self._idle)
                 thread = threading.Thread(
                     target=self._serve, args=(conn, decide), name="decide-conn", daemon=True
                 )
@@ -141,8 +157,12 @@ class DecideSocketServer:
                 self._connections.pop(conn, None)
 
     def close(self, deadline: float) -> None:
-        """Stop accepting, let decisions in progress answer until ``deadline`` (monotonic),
-        and remove the socket file."""
+        """Remove the socket file, stop accepting, and let decisions in progress answer
+        until ``deadline`` (monotonic)."""
+        with contextlib.suppress(FileNotFoundError):
+            now = os.lstat(self._path)
+            if (now.st_dev, now.st_ino) == self._file:
+                self._path.unlink()  # first: a PDP starting meanwhile may take the path
         with self._lock:
             self._closing = True
             serving = dict(self._connections)
@@ -156,8 +176,3 @@ class DecideSocketServer:
             self._acceptor.join(max(0.0, deadline - time.monotonic()))
         for thread in serving.values():
             thread.join(max(0.0, deadline - time.monotonic()))
-        try:
-            if stat.S_ISSOCK(os.lstat(self._path).st_mode):
-                self._path.unlink()
-        except FileNotFoundError:
-            pass

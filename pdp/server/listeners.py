@@ -116,11 +116,7 @@ def listen(config: PdpConfig, credentials: grpc.ServerCredentials | None) -> Lis
             listeners.rest_socket = _bind_tcp(config.http, "REST")
         if config.decide_socket is not None:
             listeners.decide_socket = DecideSocketServer(
-                bind_decide_socket(config.decide_socket),
-                config.decide_socket,
-                # A sidecar holds one connection per request in flight: as many as gRPC's
-                # workers and its queue would take.
-                max_connections=max(64, config.workers * 8),
+                bind_decide_socket(config.decide_socket), config.decide_socket
             )
     except ConfigError:
         listeners.close()

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import openai
 import pytest
@@ -251,13 +252,83 @@ def test_a_socket_in_the_way_stops_start_up_and_a_dead_ones_file_is_reused(
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(stale))
     dead.close()  # its file stays, with nobody behind it
-    pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(stale))
+    flags = ("--decide-socket", str(stale))
+
+    async def across_a_restart() -> list[str]:
+        """Decision ids answered before and after a new PDP takes the socket's path while
+        the old one still runs (as in a rolling restart), then the old one stops."""
+        client = PdpClient(f"127.0.0.1:{free_port()}", 5.0, decide_socket=stale)
+        old = start_pdp(signer, state, POLICIES, *flags)  # blocks the loop: no matter
+        new = None
+        try:
+            answered = [(await client.decide("run_unknown", "s-1", MODEL)).decision_id[:4]]
+            stale.rename(short_dir / "old.sock")  # the old PDP serves on, under another name
+            new = start_pdp(signer, short_dir / "new-state", POLICIES, *flags)
+            old.stop()
+            assert stale.exists()  # the old PDP removed its own file, not the newcomer's
+            await asyncio.sleep(0.2)  # the loop sees the old PDP's end of its connection
+            answered.append((await client.decide("run_unknown", "s-2", MODEL)).decision_id[:4])
+        finally:
+            old.stop()
+            if new is not None:
+                new.stop()
+        assert not stale.exists()  # a clean stop takes its socket away
+        await client.close()
+        return answered
+
+    # Both from a PDP: the connection the old one closed was not reused for the second.
+    assert asyncio.run(across_a_restart()) == ["dec_", "dec_"]
+
+
+def _impostor(path: Path, answer: bytes, uid: int | None) -> int:
+    """A child process serving ``answer`` on ``path`` as ``uid``; its pid once listening."""
+    ready, told = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: sockets and exit only, nothing of the parent's threads
+        try:
+            if uid is not None:
+                os.setuid(uid)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(path))
+            listener.listen()
+            os.write(told, b"1")
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answer)
+            conn.recv(1)
+        finally:
+            os._exit(0)
+    os.close(told)
+    assert os.read(ready, 1) == b"1"
+    os.close(ready)
+    return pid
+
+
+def test_a_socket_served_by_another_user_is_refused(short_dir: Path) -> None:
+    """Whoever can write to the socket's directory could put their own socket there: the
+    sidecar decides only with a PDP running as its own user (or root)."""
+    path = short_dir / "impostor.sock"
+    allow = pdp_pb2.DecideResponse(allow=True, decision_id="dec_fake")
+    allow.obligations.update({"max_tokens": 100})  # well formed: only who serves it is wrong
+    # As root, the impostor is another user; otherwise this process claims to be one.
+    other = 65534 if os.getuid() == 0 else None
+    os.chmod(short_dir, 0o777)  # the impostor may create its socket there
+    pid = _impostor(path, frame(OK + allow.SerializeToString()), other)
     try:
-        with connect(stale) as sock:
-            request = pdp_pb2.DecideRequest(run_id="run_unknown", request_id="s-1", action=MODEL)
-            answer = ask(sock, PREAMBLE + frame(request.SerializeToString()))
-        assert answer[:1] == OK
-        assert not pdp_pb2.DecideResponse.FromString(answer[1:]).allow
+
+        async def scenario() -> tuple[bool, ReasonCode | None, str]:
+            client = PdpClient(f"127.0.0.1:{free_port()}", 2.0, decide_socket=path)
+            verdict = await client.decide("run_any", "imp-1", MODEL)
+            await client.close()
+            return verdict.allow, verdict.reason, verdict.decision_id[:4]
+
+        if other is None:
+            with mock.patch("os.getuid", return_value=os.getuid() + 4242):
+                seen = asyncio.run(scenario())
+        else:
+            seen = asyncio.run(scenario())
+        assert seen == (False, ReasonCode.PDP_UNAVAILABLE, "pep_")
     finally:
-        pdp.stop()
-    assert not stale.exists()  # a clean stop takes its socket away
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.chmod(short_dir, 0o700)

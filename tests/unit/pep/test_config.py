@@ -138,3 +138,10 @@ def test_the_decide_socket_is_off_unless_given_by_flag_environment_or_file(
     assert parse_config([], environ=environ).pdp_socket == Path("/run/abc/env.sock")
     flag = parse_config(["--pdp-socket", "/run/abc/flag.sock"], environ=environ)
     assert flag.pdp_socket == Path("/run/abc/flag.sock")
+
+
+def test_a_socket_path_longer_than_a_unix_socket_takes_stops_start_up() -> None:
+    longest = "/" + "s" * 106
+    assert parse_config(["--pdp-socket", longest], environ={}).pdp_socket == Path(longest)
+    with pytest.raises(ConfigError, match="at most 107 bytes"):
+        parse_config(["--pdp-socket", longest + "s"], environ={})
