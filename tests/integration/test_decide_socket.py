@@ -244,6 +244,10 @@ def test_a_socket_in_the_way_stops_start_up_and_a_dead_ones_file_is_reused(
     regular.write_text("not a socket")
     error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", regular)
     assert "exists and is not a socket" in error
+    error = start_up_error(
+        "abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", regular / "decide.sock"
+    )
+    assert "--decide-socket" in error and "Not a directory" in error
     assert regular.read_text() == "not a socket"  # left as it was
     error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", served[1])
     assert "another process is serving on it" in error
