@@ -12,8 +12,9 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
 
 Anything else (another preamble, a length over ``MAX_FRAME``, bytes that do not parse)
 closes the connection, and the client refuses the call it was making: it fails closed.
-Only the socket file's permissions guard it (0600, the PDP's user), so it is for a sidecar
-on the same host; anything across a network uses gRPC with mTLS.
+There is no TLS: the file's mode (0600) guards who connects, and the client checks who
+serves (the peer's user, from the socket). So it is for a sidecar on the PDP's host;
+anything across a network uses gRPC with mTLS.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +15,7 @@ import grpc
 import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
 from pdp.decisionlog.segments import sealed_paths, segment_paths
 from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, audit_verify, start_pdp
 
@@ -202,30 +206,54 @@ def test_a_request_id_reused_for_another_action_is_refused_also_after_restart(
         again.stop()
 
 
+class _SocketDecider:
+    """Decide on the PDP's decide socket, blocking, as the sidecar's frames do."""
+
+    def __init__(self, path: Path) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(2)
+        self._sock.connect(str(path))
+        self._sock.sendall(PREAMBLE)
+        self._reader = self._sock.makefile("rb")
+
+    def Decide(self, request: pdp_pb2.DecideRequest, timeout: float) -> pdp_pb2.DecideResponse:
+        self._sock.sendall(frame(request.SerializeToString()))
+        header = self._reader.read(HEADER.size)
+        if len(header) < HEADER.size:
+            raise ConnectionResetError("the PDP is gone")
+        answer = self._reader.read(HEADER.unpack(header)[0])
+        assert answer[:1] == OK
+        return pdp_pb2.DecideResponse.FromString(answer[1:])
+
+
 def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path: Path) -> None:
     import threading
 
     import grpc
 
     state = tmp_path / "state"
-    flags = ("--snapshot-every", "30")
+    decide_socket = Path(tempfile.mkdtemp(prefix="abc-k9-")) / "decide.sock"  # a short path
+    # Half the clients decide over gRPC, half on the decide socket: the same durability.
+    flags = ("--snapshot-every", "30", "--decide-socket", str(decide_socket))
     pdp = start_pdp(signer, state, POLICIES, *flags)
     run_id = run_of(pdp, envelope(signer, "underload"))
     seen: list[str] = []
+    answered: set[str] = set()
     stop = threading.Event()
 
     def client(n: int) -> None:
-        service = stub(pdp)
-        for i in range(10_000):
-            if stop.is_set():
-                return
-            try:
+        try:
+            service = stub(pdp) if n % 2 else _SocketDecider(decide_socket)
+            for i in range(10_000):
+                if stop.is_set():
+                    return
                 answer = service.Decide(
                     tool(run_id, f"{n}-{i}", "search" if i % 4 else "rm"), timeout=2
                 )
-            except grpc.RpcError:
-                return  # the PDP died under us: this answer was never seen
-            seen.append(answer.decision_id)
+                seen.append(answer.decision_id)
+                answered.add(type(service).__name__)
+        except (grpc.RpcError, OSError):
+            return  # the PDP died under us: this answer was never seen
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
     for thread in threads:
@@ -236,7 +264,7 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
     stop.set()
     for thread in threads:
         thread.join(timeout=10)
-    assert len(seen) > 50
+    assert len(seen) > 50 and len(answered) == 2  # over gRPC and on the socket
     logged = {
         json.loads(line).get("decision_id")
         for line in (state / "decisions.log").read_text(errors="replace").splitlines()
@@ -256,3 +284,4 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
         assert reserved > 0
     finally:
         again.stop()
+        shutil.rmtree(decide_socket.parent, ignore_errors=True)
