@@ -253,6 +253,7 @@ def test_the_compose_story_by_hand(built: Built, tmp_path: Path) -> None:
         wait_metrics(f"http://127.0.0.1:{ports[15090]}/metrics", pep)
         pep_ready = time.monotonic() - started
         report(f"abc-pdp SERVING {pdp_ready:.1f} s after start, abc-pep ready in {pep_ready:.1f} s")
+        assert "decisions on /run/abc/decide.sock" in log_of("pep")  # not over gRPC
         for service in ("pdp", "pep"):
             health = runtime.run(healthcheck(service, ports))
             assert health.returncode == 0, f"{service} healthcheck: {health.stderr}"
