@@ -34,6 +34,8 @@ def _served_by_us(transport: asyncio.BaseTransport) -> bool:
     mode guards who may connect, not who serves: whoever can write to the socket's
     directory could put a socket of their own there and answer allow."""
     sock = transport.get_extra_info("socket")
+    if sock is None:  # a loop that does not say: not proven, so not trusted
+        return False
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid in (os.getuid(), 0)
