@@ -47,7 +47,7 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
         "ABC_PEP_PDP_SOCKET",
         None,
         "the PDP's decide socket (abc-pdp --decide-socket) on this host: decisions go there,"
-        " at a fraction of gRPC's CPU cost, and the rest to --pdp",
+        " for less CPU than gRPC, and the rest to --pdp",
     ),
     ("run", "ABC_PEP_RUN", None, "default run id (requests may name one in x-abc-run)"),
     ("manifest", "ABC_PEP_MANIFEST", None, "envelope to register at start-up instead of --run"),

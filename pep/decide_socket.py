@@ -12,6 +12,7 @@ and wake-ups to the sidecar's busiest path.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -24,21 +25,22 @@ from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, frame
 
 __all__ = ["DecideSocketClient", "DecideSocketError"]
 
+log = logging.getLogger("abc.pep")
+
 
 class DecideSocketError(Exception):
     """No answer to trust: the PDP is down, slow, refused the request or spoke garbage."""
 
 
-def _served_by_us(transport: asyncio.BaseTransport) -> bool:
-    """Whether the process at the other end runs as this one's user (or root). The file's
-    mode guards who may connect, not who serves: whoever can write to the socket's
-    directory could put a socket of their own there and answer allow."""
+def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
+    """The user the process at the other end runs as, from the socket itself; None when the
+    loop does not say."""
     sock = transport.get_extra_info("socket")
-    if sock is None:  # a loop that does not say: not proven, so not trusted
-        return False
+    if sock is None:
+        return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid in (os.getuid(), 0)
+    return int(uid)
 
 
 class _Connection(asyncio.Protocol):
@@ -50,13 +52,17 @@ class _Connection(asyncio.Protocol):
         self._answer: asyncio.Future[bytes] | None = None
         self.broken = False
 
-    def start(self, transport: asyncio.Transport) -> None:
+    def start(self, transport: asyncio.Transport, path: Path) -> None:
         # Here, not in connection_made: an event loop may call that only after the
         # connection is handed back, and the preamble must precede the first request.
         self._transport = transport
-        if not _served_by_us(transport):
+        # The file's mode guards who may connect, not who serves: whoever can write to the
+        # socket's directory could put a socket of their own there and answer allow.
+        uid = _peer_uid(transport)
+        if uid not in (os.getuid(), 0):
             self.close()
-            raise PermissionError("the decide socket is served by another user")
+            log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
+            raise PermissionError(f"served by uid {uid}, not this sidecar's user")
         transport.write(PREAMBLE)
 
     def data_received(self, data: bytes) -> None:
@@ -129,6 +135,15 @@ class DecideSocketClient:
                 raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
             return pdp_pb2.DecideResponse.FromString(answer[1:])
         except (OSError, TimeoutError, DecodeError) as exc:
+            raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+
+    async def check(self, timeout: float) -> None:
+        """Connect once, as a decision would (peer checked), and keep the connection for
+        the first one; ``DecideSocketError`` when that fails."""
+        try:
+            async with asyncio.timeout(timeout):
+                self._idle.append(await self._connect())
+        except (OSError, TimeoutError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
     def _reuse(self) -> _Connection | None:
@@ -143,7 +158,7 @@ class DecideSocketClient:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
-        connection.start(transport)
+        connection.start(transport, self._path)
         return connection
 
     async def close(self) -> None:

@@ -77,6 +77,21 @@ async def _register(pdp: PdpClient, config: PepConfig) -> tuple[str, str, Grante
     raise ConfigError(f"the PDP at {config.pdp} did not answer; {config.manifest} not registered")
 
 
+async def _check_decide_socket(pdp: PdpClient, config: PepConfig, registered: bool) -> None:
+    """A wrong --pdp-socket would refuse every call: said at start-up, not per request.
+    With a registered manifest the PDP is known to be up, so it stops start-up."""
+    problem = await pdp.check_decide_socket()
+    if problem is None:
+        return
+    message = (
+        f"--pdp-socket {config.pdp_socket}: cannot decide there ({problem});"
+        f" is abc-pdp started with --decide-socket {config.pdp_socket}?"
+    )
+    if registered:
+        raise ConfigError(message)
+    log.warning("%s", message)
+
+
 def _narrower(config: PepConfig) -> bytes:
     """The --narrower document, read once (the PDP judges it at each run's start)."""
     if config.narrower is None:
@@ -107,6 +122,7 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         if config.manifest:
             grant, run_id, models = await _register(pdp, config)
             runs = RunKeys(pdp, grant, _narrower(config))
+        await _check_decide_socket(pdp, config, registered=bool(config.manifest))
         metrics = PepMetrics(CollectorRegistry())
         sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
@@ -155,6 +171,7 @@ async def serve_mcp_stdio(
         run_id = config.run
         if config.manifest:
             _, run_id, _ = await _register(pdp, config)
+        await _check_decide_socket(pdp, config, registered=bool(config.manifest))
         if not run_id:
             # No header can name a run on stdio: without one every message would be refused.
             raise ConfigError("mcp-stdio needs --manifest or --run")

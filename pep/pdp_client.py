@@ -178,6 +178,17 @@ class PdpClient:
             ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
         )
 
+    async def check_decide_socket(self) -> str | None:
+        """Why decisions cannot go to the decide socket, or None when they can (or when
+        there is none: gRPC)."""
+        if self._socket is None:
+            return None
+        try:
+            await self._socket.check(self._deadline)
+        except DecideSocketError as exc:
+            return str(exc)
+        return None
+
     async def record_refusal(
         self, run_id: str, request_id: str, route: str, verdict: Verdict
     ) -> Verdict:

@@ -86,7 +86,12 @@ class UsageReporter:
                 failure = exc.code().name
             await asyncio.sleep(0.1 * (attempt + 1))
         # Unsettled reservations stay held at their worst case: conservative, never an overspend.
-        log.warning("%d usage reports not delivered: %s", len(batch), failure)
+        log.warning(
+            "%d usage reports not delivered (%s): their reservations stay held at the worst"
+            " case until they expire",
+            len(batch),
+            failure,
+        )
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Deliver what is queued (on shutdown), bounded in time."""

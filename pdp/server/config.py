@@ -63,7 +63,7 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "--decide-socket",
         "ABC_PDP_DECIDE_SOCKET",
         None,
-        "Unix socket PATH serving Decide alone, without gRPC's CPU cost, to a sidecar on this"
+        "Unix socket PATH serving Decide alone, for less CPU than gRPC, to a sidecar on this"
         " host (abc-pep --pdp-socket); mode 0600, so the PDP's user only (off when unset)",
     ),
     ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),

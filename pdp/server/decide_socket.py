@@ -66,6 +66,11 @@ def bind_decide_socket(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         sock.listen()
+    except FileNotFoundError as exc:
+        sock.close()
+        raise ConfigError(
+            f"--decide-socket {path}: its directory {path.parent} does not exist"
+        ) from exc
     except OSError as exc:
         sock.close()
         why = exc.strerror or exc

@@ -248,6 +248,9 @@ def test_a_socket_in_the_way_stops_start_up_and_a_dead_ones_file_is_reused(
         "abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", regular / "decide.sock"
     )
     assert "--decide-socket" in error and "Not a directory" in error
+    missing = short_dir / "missing" / "decide.sock"
+    error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", missing)
+    assert f"its directory {missing.parent} does not exist" in error
     assert regular.read_text() == "not a socket"  # left as it was
     error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state), "--decide-socket", served[1])
     assert "another process is serving on it" in error
@@ -308,7 +311,35 @@ def _impostor(path: Path, answer: bytes, uid: int | None) -> int:
     return pid
 
 
-def test_a_socket_served_by_another_user_is_refused(short_dir: Path) -> None:
+def test_a_sidecar_that_cannot_decide_on_its_socket_does_not_start(
+    served: tuple[PdpProcess, Path], signer: Signer, short_dir: Path
+) -> None:
+    """Registered over gRPC, so the PDP is up: a wrong --pdp-socket is a configuration
+    mistake, said once at start-up rather than as a refusal of every call."""
+    envelope = short_dir / "startup.json"
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/sock-start")
+    envelope.write_bytes(signer.freeze(text, "sock-start"))
+    wrong = short_dir / "wrong.sock"
+    error = start_up_error(
+        "abc-pep",
+        "--pdp",
+        served[0].address,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--metrics",
+        "off",
+        "--manifest",
+        envelope,
+        "--pdp-socket",
+        wrong,
+    )
+    assert f"--pdp-socket {wrong}: cannot decide there" in error
+    assert f"is abc-pdp started with --decide-socket {wrong}?" in error
+
+
+def test_a_socket_served_by_another_user_is_refused(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Whoever can write to the socket's directory could put their own socket there: the
     sidecar decides only with a PDP running as its own user (or root)."""
     path = short_dir / "impostor.sock"
@@ -332,6 +363,9 @@ def test_a_socket_served_by_another_user_is_refused(short_dir: Path) -> None:
         else:
             seen = asyncio.run(scenario())
         assert seen == (False, ReasonCode.PDP_UNAVAILABLE, "pep_")
+        assert f"{path} is served by uid {other or os.getuid()}, not this sidecar's user" in (
+            caplog.text
+        )
     finally:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
