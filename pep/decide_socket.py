@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
@@ -26,6 +27,7 @@ from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, frame
 __all__ = ["DecideSocketClient", "DecideSocketError"]
 
 log = logging.getLogger("abc.pep")
+REUSE_SECONDS = 30.0  # the PDP drops a connection idle for 60 s (pdp.server.decide_socket)
 
 
 class DecideSocketError(Exception):
@@ -51,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self._received = bytearray()
         self._answer: asyncio.Future[bytes] | None = None
         self.broken = False
+        self.used = time.monotonic()
 
     def start(self, transport: asyncio.Transport, path: Path) -> None:
         # Here, not in connection_made: an event loop may call that only after the
@@ -100,6 +103,7 @@ class _Connection(asyncio.Protocol):
             return await self._answer
         finally:
             self._answer = None
+            self.used = time.monotonic()
 
     def close(self) -> None:
         self.broken = True
@@ -148,11 +152,13 @@ class DecideSocketClient:
 
     def _reuse(self) -> _Connection | None:
         """An idle connection still open: one the PDP closed meanwhile (a restart) would
-        refuse the decision it was handed."""
+        refuse the decision it was handed. One idle for half the PDP's idle limit is let go
+        too, so that a request never meets the PDP closing it."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.broken:
+            if not connection.broken and time.monotonic() - connection.used < REUSE_SECONDS:
                 return connection
+            connection.close()
         return None
 
     async def _connect(self) -> _Connection:

@@ -118,6 +118,32 @@ def test_decisions_need_only_the_socket_and_are_the_pdps_own(
     assert spent.tokens == 7  # the carried settlement, durable before the second answer
 
 
+def _held(path: Path) -> int:
+    """Sockets named ``path`` on this host: the PDP's listener and its end of each connection."""
+    return Path("/proc/net/unix").read_text().count(f" {path}\n")
+
+
+def test_a_connection_idle_too_long_is_let_go_before_the_pdp_drops_it(
+    served: tuple[PdpProcess, Path], run_id: str
+) -> None:
+    _, path = served
+
+    async def scenario() -> list[int]:
+        client = PdpClient(f"127.0.0.1:{free_port()}", 5.0, decide_socket=path)
+        before = _held(path)
+        held = []
+        for n in range(3):
+            assert (await client.decide(run_id, f"idle-{n}", MODEL)).allow
+            await asyncio.sleep(0.3)  # the PDP closes its end of a connection let go
+            held.append(_held(path) - before)
+        await client.close()
+        return held
+
+    with mock.patch("pep.decide_socket.REUSE_SECONDS", 0.1):
+        # Each decision after 0.3 s idle takes a new connection and closes the old one.
+        assert asyncio.run(scenario()) == [1, 1, 1]
+
+
 def test_what_is_not_the_protocol_is_cut_off_and_the_pdp_serves_on(
     served: tuple[PdpProcess, Path], run_id: str
 ) -> None:
@@ -230,8 +256,7 @@ def test_the_sidecar_decides_on_the_socket_for_the_openai_sdk(
             assert refused.value.code == "model_not_allowed"
             assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
             # The sidecar holds a connection to the socket: its decisions went there.
-            held = Path("/proc/net/unix").read_text().count(f" {path}\n")
-            assert held >= 2  # the listener and the PDP's end of the sidecar's connection
+            assert _held(path) >= 2  # the listener and the PDP's end of the sidecar's
         finally:
             pep.stop()
 
