@@ -4,6 +4,7 @@ PDP removes only its own socket file."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import socket
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
+from pdp.errors import ConfigError
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 
 
@@ -85,3 +87,22 @@ def test_a_stopping_pdp_removes_its_own_socket_file_only(where: Path) -> None:
     assert where.exists()
     new.close(time.monotonic() + 1)
     assert not where.exists()
+
+
+def test_a_path_in_the_way_is_refused_and_a_dead_ones_socket_replaced(where: Path) -> None:
+    regular = where.with_name("regular")
+    regular.write_text("not a socket")
+    with pytest.raises(ConfigError, match="exists and is not a socket"):
+        bind_decide_socket(regular)
+    assert regular.read_text() == "not a socket"  # left as it was
+    with pytest.raises(ConfigError, match="Not a directory"):
+        bind_decide_socket(regular / "decide.sock")
+    missing = where.parent / "missing" / "decide.sock"
+    with pytest.raises(ConfigError, match=re.escape(f"its directory {missing.parent} does not")):
+        bind_decide_socket(missing)
+    live = bind_decide_socket(where)
+    with pytest.raises(ConfigError, match="another process is serving on it"):
+        bind_decide_socket(where)
+    live.close()  # its file stays, with nobody behind it
+    bind_decide_socket(where).close()
+    assert where.exists()
