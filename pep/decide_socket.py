@@ -28,6 +28,8 @@ __all__ = ["DecideSocketClient", "DecideSocketError"]
 
 log = logging.getLogger("abc.pep")
 REUSE_SECONDS = 30.0  # the PDP drops a connection idle for 60 s (pdp.server.decide_socket)
+# The users a PDP may run as: the sidecar's own, or root.
+OWN_USERS = frozenset({os.getuid(), 0})
 
 
 class DecideSocketError(Exception):
@@ -55,14 +57,14 @@ class _Connection(asyncio.Protocol):
         self.broken = False
         self.used = time.monotonic()
 
-    def start(self, transport: asyncio.Transport, path: Path) -> None:
+    def start(self, transport: asyncio.Transport, path: Path, users: frozenset[int]) -> None:
         # Here, not in connection_made: an event loop may call that only after the
         # connection is handed back, and the preamble must precede the first request.
         self._transport = transport
         # The file's mode guards who may connect, not who serves: whoever can write to the
         # socket's directory could put a socket of their own there and answer allow.
         uid = _peer_uid(transport)
-        if uid not in (os.getuid(), 0):
+        if uid not in users:
             self.close()
             log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
@@ -112,8 +114,14 @@ class _Connection(asyncio.Protocol):
 
 
 class DecideSocketClient:
-    def __init__(self, path: Path, max_connections: int = 64) -> None:
-        self._path = path
+    def __init__(
+        self,
+        path: Path,
+        max_connections: int = 64,
+        users: frozenset[int] = OWN_USERS,
+        reuse_seconds: float = REUSE_SECONDS,
+    ) -> None:
+        self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
         self._idle: list[_Connection] = []
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
@@ -156,7 +164,7 @@ class DecideSocketClient:
         too, so that a request never meets the PDP closing it."""
         while self._idle:
             connection = self._idle.pop()
-            if not connection.broken and time.monotonic() - connection.used < REUSE_SECONDS:
+            if not connection.broken and time.monotonic() - connection.used < self._reuse_seconds:
                 return connection
             connection.close()
         return None
@@ -164,7 +172,7 @@ class DecideSocketClient:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
-        connection.start(transport, self._path)
+        connection.start(transport, self._path, self._users)
         return connection
 
     async def close(self) -> None:

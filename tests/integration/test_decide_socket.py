@@ -17,13 +17,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 import openai
 import pytest
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, frame
+from pep.decide_socket import OWN_USERS, DecideSocketClient, DecideSocketError
 from pep.pdp_client import PdpClient
 from tests.fakes.serve import FakeUpstreams
 from tests.harness import (
@@ -129,19 +129,19 @@ def test_a_connection_idle_too_long_is_let_go_before_the_pdp_drops_it(
     _, path = served
 
     async def scenario() -> list[int]:
-        client = PdpClient(f"127.0.0.1:{free_port()}", 5.0, decide_socket=path)
+        client = DecideSocketClient(path, reuse_seconds=0.1)  # 30 s in the product
         before = _held(path)
         held = []
         for n in range(3):
-            assert (await client.decide(run_id, f"idle-{n}", MODEL)).allow
+            request = pdp_pb2.DecideRequest(run_id=run_id, request_id=f"idle-{n}", action=MODEL)
+            assert (await client.decide(request, 5.0)).allow
             await asyncio.sleep(0.3)  # the PDP closes its end of a connection let go
             held.append(_held(path) - before)
         await client.close()
         return held
 
-    with mock.patch("pep.decide_socket.REUSE_SECONDS", 0.1):
-        # Each decision after 0.3 s idle takes a new connection and closes the old one.
-        assert asyncio.run(scenario()) == [1, 1, 1]
+    # Each decision after 0.3 s idle takes a new connection and closes the old one.
+    assert asyncio.run(scenario()) == [1, 1, 1]
 
 
 def test_what_is_not_the_protocol_is_cut_off_and_the_pdp_serves_on(
@@ -356,24 +356,24 @@ def test_a_socket_served_by_another_user_is_refused(
     path = short_dir / "impostor.sock"
     allow = pdp_pb2.DecideResponse(allow=True, decision_id="dec_fake")
     allow.obligations.update({"max_tokens": 100})  # well formed: only who serves it is wrong
-    # As root, the impostor is another user; otherwise this process claims to be one.
+    # As root, the impostor is another user, and the sidecar trusts its own users (itself
+    # and root). Otherwise the impostor runs as this user, so the sidecar is told to trust
+    # root alone: the same check against a peer it does not trust.
     other = 65534 if os.getuid() == 0 else None
+    users = OWN_USERS if other is not None else frozenset({0})
     os.chmod(short_dir, 0o777)  # the impostor may create its socket there
     pid = _impostor(path, frame(OK + allow.SerializeToString()), other)
     try:
 
-        async def scenario() -> tuple[bool, ReasonCode | None, str]:
-            client = PdpClient(f"127.0.0.1:{free_port()}", 2.0, decide_socket=path)
-            verdict = await client.decide("run_any", "imp-1", MODEL)
+        async def scenario() -> None:
+            client = DecideSocketClient(path, users=users)
+            request = pdp_pb2.DecideRequest(run_id="run_any", request_id="imp-1", action=MODEL)
+            # No answer at all, not the impostor's allow (PdpClient refuses on this error).
+            with pytest.raises(DecideSocketError, match="not this sidecar's user"):
+                await client.decide(request, 2.0)
             await client.close()
-            return verdict.allow, verdict.reason, verdict.decision_id[:4]
 
-        if other is None:
-            with mock.patch("os.getuid", return_value=os.getuid() + 4242):
-                seen = asyncio.run(scenario())
-        else:
-            seen = asyncio.run(scenario())
-        assert seen == (False, ReasonCode.PDP_UNAVAILABLE, "pep_")
+        asyncio.run(scenario())
         assert f"{path} is served by uid {other or os.getuid()}, not this sidecar's user" in (
             caplog.text
         )
