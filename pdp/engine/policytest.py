@@ -12,11 +12,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from opa_bindings import OpaError
-
 from pdp.bundle import PolicyBundle
 from pdp.engine.decision import EngineError
 from pdp.engine.rego import compile_modules
+from pdp.opa import OpaError
 
 __all__ = ["TestOutcome", "run_policy_tests"]
 

@@ -31,9 +31,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from opa_bindings import OpaEngine, OpaError
-
 from pdp.engine.decision import Decision, EngineError, parse_decision
+from pdp.opa import OpaEngine, OpaError, new_engine
 
 __all__ = ["ENTRYPOINT", "PreparedPolicy", "compile_modules", "production_modules"]
 
@@ -52,7 +51,7 @@ def production_modules(modules: Mapping[str, str]) -> dict[str, str]:
 def compile_modules(modules: Mapping[str, str], data: Mapping[str, Any]) -> OpaEngine:
     """An engine holding ``modules`` and ``data``; ``EngineError`` naming the file and line
     of the first problem when they do not compile."""
-    engine = OpaEngine()
+    engine = new_engine()
     # Rego's own print() would go to stderr, outside the decision log: dropped.
     engine.print_handler = _drop_print
     try:

@@ -8,14 +8,14 @@ naming the field, instead of failing every decision that uses it.
 
 from __future__ import annotations
 
-from opa_bindings import OpaEngine, OpaError
+from pdp.opa import OpaError, new_engine
 
 __all__ = ["check_pattern"]
 
 
 def check_pattern(pattern: str) -> str:
     """``pattern`` if OPA compiles it; ``ValueError`` saying why not."""
-    engine = OpaEngine()
+    engine = new_engine()
     try:
         rows = engine.eval_query("valid := regex.is_valid(input.pattern)", {"pattern": pattern})
     except OpaError as exc:

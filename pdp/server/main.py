@@ -312,9 +312,10 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     )
     if ready is not None:
         ready.set()
-    # Polled, not one blocking wait: the kernel may hand SIGTERM to any thread (the Go
-    # runtime of the Rego engine has its own), and Python runs its handler only when the
-    # main thread next runs Python code. One blocking wait once noticed it 14 s late.
+    # Polled, not one blocking wait: the kernel may hand SIGTERM to any thread that does
+    # not block it (gRPC's; the engine's Go threads do, pdp.opa), and Python runs its
+    # handler only when the main thread next runs Python code. One blocking wait once
+    # noticed it 14 s late.
     while not stop.wait(_SIGNAL_POLL_SECONDS):
         pass
     log.info("abc-pdp stopping: NOT_SERVING, draining for up to %.1fs", config.grace_seconds)
