@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+
+from pdp.api.decide_socket import HEADER
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,6 +33,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def read_frame(reader: BinaryIO) -> bytes | None:
+    """The next frame a decide socket answers with, or None when the PDP hung up."""
+    header = reader.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    return bytes(reader.read(HEADER.unpack(header)[0]))
 
 
 def abcctl(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -34,6 +34,7 @@ from tests.harness import (
     Signer,
     free_port,
     pdp_flags,
+    read_frame,
     start_pdp,
     start_pep,
     start_up_error,
@@ -69,11 +70,7 @@ def run_id(served: tuple[PdpProcess, Path], signer: Signer) -> str:
 def ask(sock: socket.socket, payload: bytes) -> bytes:
     """One framed answer to ``payload`` (already framed), or b"" when the PDP hung up."""
     sock.sendall(payload)
-    reader = sock.makefile("rb")
-    header = reader.read(HEADER.size)
-    if len(header) < HEADER.size:
-        return b""
-    return bytes(reader.read(HEADER.unpack(header)[0]))
+    return read_frame(sock.makefile("rb")) or b""
 
 
 def connect(path: Path) -> socket.socket:

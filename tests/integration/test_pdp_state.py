@@ -15,9 +15,18 @@ import grpc
 import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
+from pdp.api.decide_socket import OK, PREAMBLE, frame
 from pdp.decisionlog.segments import sealed_paths, segment_paths
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, audit_verify, start_pdp
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    PdpProcess,
+    Signer,
+    abcctl,
+    audit_verify,
+    read_frame,
+    start_pdp,
+)
 
 
 def stub(pdp: PdpProcess) -> pdp_pb2_grpc.DecisionServiceStub:
@@ -218,10 +227,9 @@ class _SocketDecider:
 
     def Decide(self, request: pdp_pb2.DecideRequest, timeout: float) -> pdp_pb2.DecideResponse:
         self._sock.sendall(frame(request.SerializeToString()))
-        header = self._reader.read(HEADER.size)
-        if len(header) < HEADER.size:
+        answer = read_frame(self._reader)
+        if answer is None:
             raise ConnectionResetError("the PDP is gone")
-        answer = self._reader.read(HEADER.unpack(header)[0])
         assert answer[:1] == OK
         return pdp_pb2.DecideResponse.FromString(answer[1:])
 

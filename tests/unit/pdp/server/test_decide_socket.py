@@ -18,6 +18,7 @@ from pdp.api import pdp_pb2
 from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
 from pdp.errors import ConfigError
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
+from tests.harness import read_frame
 
 
 @pytest.fixture
@@ -40,10 +41,8 @@ def _connect(path: Path) -> socket.socket:
 
 def _decide(sock: socket.socket, request_id: str) -> str:
     sock.sendall(frame(pdp_pb2.DecideRequest(request_id=request_id).SerializeToString()))
-    reader = sock.makefile("rb")
-    (length,) = HEADER.unpack(reader.read(HEADER.size))
-    answer = reader.read(length)
-    assert answer[:1] == OK
+    answer = read_frame(sock.makefile("rb"))
+    assert answer is not None and answer[:1] == OK
     return pdp_pb2.DecideResponse.FromString(answer[1:]).decision_id
 
 
