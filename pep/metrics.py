@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from pdp.api import ReasonCode
 
-__all__ = ["DECISIONS", "ROUTES", "PepMetrics"]
+__all__ = ["DECISIONS", "ROUTES", "TRANSPORTS", "PepMetrics"]
 
 # No `_created` series: one per counter and histogram child doubled each scrape, and
 # nothing (dashboard, alerts) reads it. Process-wide, and set before any scrape.
@@ -15,6 +15,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 ROUTES = ("openai", "anthropic", "mcp", "http", "unknown")
 # "pass": forwarded without a decision (MCP initialize, notifications, session traffic).
 DECISIONS = ("allow", "deny", "pass")
+# How decisions reach the PDP: gRPC, or the PDP's decide socket (--pdp-socket).
+TRANSPORTS = ("grpc", "decide_socket")
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
@@ -60,6 +62,16 @@ class PepMetrics:
             buckets=_BUCKETS,
             registry=registry,
         )
+        # Which way this sidecar's decisions go, for a dashboard to tell a sidecar that is
+        # meant to decide on the socket but was started without it. Set once, at start-up.
+        self.pdp_transport = Gauge(
+            "abc_pep_pdp_transport",
+            "1 for the transport this sidecar's decisions take to the PDP, 0 for the other.",
+            ["transport"],
+            registry=registry,
+        )
+        for transport in TRANSPORTS:
+            self.pdp_transport.labels(transport)
         # Every child made here, once, and kept: a ``.labels()`` lookup on each request costs
         # more than the ``inc()`` it leads to. A label value outside the sets is a KeyError,
         # never a new series.
@@ -80,6 +92,12 @@ class PepMetrics:
             for code in ReasonCode
         }
         self._upstream_seconds = {route: self.upstream_seconds.labels(route) for route in ROUTES}
+
+    def decide_over(self, transport: str) -> None:
+        if transport not in TRANSPORTS:
+            raise KeyError(transport)
+        for name in TRANSPORTS:
+            self.pdp_transport.labels(name).set(1 if name == transport else 0)
 
     def count_shadow(self, route: str, reason: ReasonCode | None) -> None:
         if reason is not None:

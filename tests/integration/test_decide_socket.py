@@ -35,6 +35,7 @@ from tests.harness import (
     free_port,
     pdp_flags,
     read_frame,
+    sample,
     start_pdp,
     start_pep,
     start_up_error,
@@ -251,6 +252,9 @@ def test_the_sidecar_decides_on_the_socket_for_the_openai_sdk(
             assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
             # The sidecar holds a connection to the socket: its decisions went there.
             assert _held(path) >= 2  # the listener and the PDP's end of the sidecar's
+            metrics = pep.metrics()
+            assert sample(metrics, "abc_pep_pdp_transport", transport="decide_socket") == 1
+            assert sample(metrics, "abc_pep_pdp_transport", transport="grpc") == 0
         finally:
             pep.stop()
 

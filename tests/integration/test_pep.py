@@ -339,6 +339,9 @@ def test_metrics_count_decisions_with_closed_labels(pep: PepProcess) -> None:
     series = (allowed, model_denied, http_denied)
     before = pep.metrics()
     counts = [sample(before, name, **labels) for name, labels in series]
+    # This sidecar decides over gRPC, and says so.
+    assert sample(before, "abc_pep_pdp_transport", transport="grpc") == 1
+    assert sample(before, "abc_pep_pdp_transport", transport="decide_socket") == 0
     oai(pep).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.PermissionDeniedError):
         oai(pep).chat.completions.create(

@@ -42,3 +42,15 @@ def test_counts_land_in_the_series_made_at_start_and_no_new_one_appears() -> Non
     ) in changed
     assert ("abc_pep_probes_total", (("decision", "deny"),)) in changed
     assert ("abc_pep_upstream_seconds_count", (("route", "anthropic"),)) in changed
+
+
+def test_the_transport_in_use_is_1_the_other_0_and_no_third_is_made() -> None:
+    registry = CollectorRegistry()
+    metrics = PepMetrics(registry)
+    metrics.decide_over("decide_socket")
+    series = _series(registry)
+    assert series["abc_pep_pdp_transport", (("transport", "decide_socket"),)] == 1
+    assert series["abc_pep_pdp_transport", (("transport", "grpc"),)] == 0
+    with pytest.raises(KeyError):
+        metrics.decide_over("http")
+    assert _series(registry) == series
