@@ -124,7 +124,7 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
             runs = RunKeys(pdp, grant, _narrower(config))
         await _check_decide_socket(pdp, config, registered=bool(config.manifest))
         metrics = PepMetrics(CollectorRegistry())
-        metrics.decide_over("decide_socket" if config.pdp_socket else "grpc")
+        metrics.decide_over(pdp.transport)
         sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
         runners.append(proxy)
@@ -177,7 +177,7 @@ async def serve_mcp_stdio(
             # No header can name a run on stdio: without one every message would be refused.
             raise ConfigError("mcp-stdio needs --manifest or --run")
         metrics = PepMetrics(CollectorRegistry())
-        metrics.decide_over("decide_socket" if config.pdp_socket else "grpc")
+        metrics.decide_over(pdp.transport)
         if config.metrics:
             exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
             await exporter.setup()

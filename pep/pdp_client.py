@@ -178,6 +178,11 @@ class PdpClient:
             ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
         )
 
+    @property
+    def transport(self) -> str:
+        """The way decisions go to the PDP (one of ``pep.metrics.TRANSPORTS``)."""
+        return "grpc" if self._socket is None else "decide_socket"
+
     async def check_decide_socket(self) -> str | None:
         """Why decisions cannot go to the decide socket, or None when they can (or when
         there is none: gRPC)."""
