@@ -3,18 +3,24 @@ bare proxy.
 
 One run, one machine: the same chat-completion load (non-streaming and streaming; 1 and 16
 concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
-pass-through (the floor of any Python proxy), (c) through the sidecar with a real PDP,
-deciding on the PDP's decide socket, (d) through a second sidecar deciding over gRPC. The
-targets take turns batch by batch after an unmeasured warm-up, and every process's CPU is
-read around each batch (``cpu.py``): CPU ms per request of the floor, the sidecar, the PDP,
-the upstream and this client, for each target. Writes bench-results/pep.json.
+pass-through (the floor of any Python proxy), (c) through the same pass-through waiting, for
+each request, on a bare local process that answers after one durable write
+(``ack_server.py``: the floor of any proxy that waits on a durable local decision), (d)
+through the sidecar with a real PDP, deciding on the PDP's decide socket, (e) through a
+second sidecar deciding over gRPC. The targets take turns batch by batch after an unmeasured
+warm-up, and every process's CPU is read around each batch (``cpu.py``): CPU ms per request
+of both floors, the ack server, the sidecars, the PDP, the upstream and this client, for
+each target. Writes bench-results/pep.json.
 
 With one client, three more baselines take the same turns, so the sidecar's added latency
 can be split: a bare gRPC health check to the same PDP, one ``Decide`` for the sidecar's run
 (what the sidecar waits for), and one synced append to a file beside the PDP's log. Floor +
 bare gRPC + sync is the least that any sidecar asking a remote PDP for a durable decision
 can add on this machine. The health check also runs at 16 clients: the PDP's CPU per Check
-is the yardstick of its CPU per enforced request. Issue 18's goals are read off as ratios
+is the yardstick of its CPU per enforced request. A stream keeps its client tens of ms, so
+the PDP idles that long between a sidecar's decisions: at one client, the baselines of the
+stream scenario are paced (``PACE``), lest a Check kept hot look cheaper than the same
+Check at the rate the sidecar's decisions come. Issue 18's goals are read off as ratios
 (``pep_report.py``); ``ABC_BENCH_PYSPY`` adds profiles (``profiles.py``).
 """
 
@@ -38,7 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.bench.conftest import percentile, summary_ms, write_results
 from tests.bench.cpu import CpuMeter
-from tests.bench.pep_report import goals, lines
+from tests.bench.pep_report import goals, lines, yardsticks
 from tests.bench.profiles import Profiles, pyspy, report
 from tests.harness import (
     INTENT,
@@ -75,6 +81,14 @@ def wait_port(port: int, timeout: float = 20) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} did not open")
+
+
+def wait_socket(path: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear")
+        time.sleep(0.05)
 
 
 Sample = tuple[float, float]  # (time to first byte, total), in seconds
@@ -150,6 +164,7 @@ async def load(
     extra: dict[str, Callable[[], Target]],
     meter: CpuMeter,
     pace: float = 0.0,
+    baseline_pace: float = 0.0,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=clients * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -165,13 +180,14 @@ async def load(
 
         async def batch(name: str, target: Target) -> None:
             queue = list(range(BATCH))
+            period = baseline_pace if name in extra else pace
 
             async def client() -> None:
                 while queue:
                     queue.pop()
-                    due = time.perf_counter() + pace
+                    due = time.perf_counter() + period
                     samples[name].append(await target())
-                    if pace:
+                    if period:
                         await asyncio.sleep(max(0.0, due - time.perf_counter()))
 
             started = time.perf_counter()
@@ -184,7 +200,12 @@ async def load(
                     await meter.measure(name, batch(name, target))
         finally:
             fsyncs = meter.close()
-    result: dict[str, Any] = {"stream": stream, "clients": clients, "pace_ms": pace * 1000}
+    result: dict[str, Any] = {
+        "stream": stream,
+        "clients": clients,
+        "pace_ms": pace * 1000,
+        "baseline_pace_ms": baseline_pace * 1000,
+    }
     direct = samples["direct"]
     for name, values in samples.items():
         totals, firsts = [v[1] for v in values], [v[0] for v in values]
@@ -197,7 +218,7 @@ async def load(
                 for process, seconds in meter.cpu[name].items()
             },
         }
-        if name in ("floor", "sidecar", "sidecar_grpc"):
+        if name in ("floor", "floor_ack", "sidecar", "sidecar_grpc"):
             for key, pick in (("", 1), ("_ttfb", 0)):
                 ours, theirs = [v[pick] for v in values], [d[pick] for d in direct]
                 for q in (0.5, 0.99):
@@ -252,19 +273,31 @@ def test_bench_pep(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     upstream = f"http://127.0.0.1:{upstream_port}"
-    floor_port = free_port()
-    floor = subprocess.Popen(
+    signer = Signer(tmp_path)
+    state = tmp_path / "state"
+    ack_socket = tmp_path / "ack.sock"
+    ack = subprocess.Popen(
         [
             sys.executable,
-            str(Path(__file__).with_name("floor_proxy.py")),
-            str(floor_port),
-            upstream,
+            str(Path(__file__).with_name("ack_server.py")),
+            str(ack_socket),
+            str(tmp_path / "ack.log"),  # beside the PDP's state: the same file system
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    signer = Signer(tmp_path)
-    state = tmp_path / "state"
+    floor_port, floor_ack_port = free_port(), free_port()
+    floors = [
+        subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for args in (
+            (str(floor_port), upstream),
+            (str(floor_ack_port), upstream, str(ack_socket)),
+        )
+    ]
     # Both of the sidecar's ways to decide: its decide socket (the sidecar beside its PDP,
     # what the goals are read on) and gRPC (a PDP elsewhere), the latter as a second target.
     decide_socket = tmp_path / "decide.sock"
@@ -280,11 +313,13 @@ def test_bench_pep(tmp_path: Path) -> None:
     )
     pep_grpc = start_pep(pdp.address, {"openai": upstream}, tmp_path, *flags)
     try:
-        wait_port(upstream_port)
-        wait_port(floor_port)
+        wait_socket(ack_socket)
+        for port in (upstream_port, floor_port, floor_ack_port):
+            wait_port(port)
         urls = {
             "direct": f"{upstream}/v1/chat/completions",
             "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+            "floor_ack": f"http://127.0.0.1:{floor_ack_port}/v1/chat/completions",
             "sidecar": f"{pep.url}/openai/v1/chat/completions",
             "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
         }
@@ -296,7 +331,9 @@ def test_bench_pep(tmp_path: Path) -> None:
         )
         split = baselines(pdp, run_id, state)
         pids = {
-            "floor": floor.pid,
+            "floor": floors[0].pid,
+            "floor_ack": floors[1].pid,
+            "ack": ack.pid,
             "sidecar": pep.process.pid,
             "sidecar_grpc": pep_grpc.process.pid,
             "pdp": pdp.process.pid,
@@ -305,12 +342,12 @@ def test_bench_pep(tmp_path: Path) -> None:
         }
         load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
         results: dict[str, Any] = {}
-        for stream, clients, pace in (
-            (False, 1, 0.0),
-            (False, 1, PACE),
-            (False, CLIENTS, 0.0),
-            (True, 1, 0.0),
-            (True, CLIENTS, 0.0),
+        for stream, clients, pace, baseline_pace in (
+            (False, 1, 0.0, 0.0),
+            (False, 1, PACE, PACE),
+            (False, CLIENTS, 0.0, 0.0),
+            (True, 1, 0.0, PACE),
+            (True, CLIENTS, 0.0, 0.0),
         ):
             # Every baseline at one client (the latency floor and its split); the
             # health Check, the PDP's CPU yardstick, at every concurrency.
@@ -326,6 +363,7 @@ def test_bench_pep(tmp_path: Path) -> None:
                     extra,
                     meter,
                     pace,
+                    baseline_pace,
                 )
             )
         load_average["after"] = [round(n, 2) for n in os.getloadavg()]
@@ -340,13 +378,14 @@ def test_bench_pep(tmp_path: Path) -> None:
         pep.stop()
         pep_grpc.stop()
         pdp.stop()
-        floor.terminate()
-        fake.terminate()
-        floor.wait(10)
-        fake.wait(10)
-    table = goals(results)
-    path = write_results("pep", {**results, "goals": table, "load_average": load_average})
+        for process in (*floors, ack, fake):
+            process.terminate()
+            process.wait(10)
+    table, beside = goals(results), yardsticks(results)
+    path = write_results(
+        "pep", {**results, "goals": table, "yardsticks": beside, "load_average": load_average}
+    )
     print(f"\nPEP benchmark ({path})")
-    print("\n".join(lines(results, table)))
+    print("\n".join(lines(results, table, beside)))
     print(f"  load average before {load_average['before']}, after {load_average['after']}")
     assert json.loads(path.read_text())

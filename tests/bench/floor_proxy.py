@@ -1,22 +1,72 @@
 """The floor any Python proxy can reach: aiohttp, one shared client session, chunks streamed
-back, no policy. Run as its own process by bench_pep.py: ``floor_proxy.py PORT UPSTREAM``."""
+back, no policy. Run as its own process by bench_pep.py: ``floor_proxy.py PORT UPSTREAM
+[ASK_SOCKET]``.
+
+With ``ASK_SOCKET`` (``ack_server.py``'s), each request first waits for one answer from
+that local process, over a pool of bare ``asyncio.Protocol`` connections as the sidecar's
+decide socket client keeps: the floor of a proxy that waits on any local decider, with no
+decision in it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import cast
 
 import aiohttp
 import uvloop
 from aiohttp import web
 
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+QUESTION = (308).to_bytes(4, "big") + b"q" * 308  # about a DecideRequest
+
+
+class _Asking(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[None] | None = None
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= 4 and len(self._buffer) == 4 + int.from_bytes(
+            self._buffer[:4], "big"
+        ):
+            self._buffer.clear()
+            assert self.answer is not None
+            self.answer.set_result(None)
+
+
+class Asker:
+    """One question, one answer, on a connection of its own while it waits."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._idle: list[_Asking] = []
+
+    async def ask(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._idle:
+            connection = self._idle.pop()
+        else:
+            _, connection = await loop.create_unix_connection(_Asking, self._path)
+        connection.answer = loop.create_future()
+        assert connection.transport is not None
+        connection.transport.write(QUESTION)
+        await connection.answer
+        self._idle.append(connection)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     session: aiohttp.ClientSession = request.app["session"]
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
     body = await request.read()
+    if request.app["asker"] is not None:
+        await request.app["asker"].ask()
     async with session.request(
         request.method,
         request.app["upstream"] + request.rel_url.path_qs,
@@ -42,6 +92,7 @@ def main() -> None:
     port, upstream = int(sys.argv[1]), sys.argv[2]
     app = web.Application()
     app["upstream"] = upstream
+    app["asker"] = Asker(sys.argv[3]) if len(sys.argv) > 3 else None
     app.cleanup_ctx.append(session_ctx)
     app.router.add_route("*", "/{tail:.*}", forward)
     # The sidecar's own loop: a floor on the standard loop would cost more CPU than any

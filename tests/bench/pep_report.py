@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PROCESSES = ("floor", "sidecar", "sidecar_grpc", "pdp", "upstream", "client")
+PROCESSES = ("floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "pdp", "upstream", "client")
 Scenario = dict[str, Any]
 
 
@@ -126,6 +126,37 @@ GOALS = (
 )
 
 
+@dataclass(frozen=True)
+class Yardstick:
+    """A ratio beside the goals, with no limit of its own: what the goals' figures are made
+    of on this machine."""
+
+    name: str
+    text: str
+    value: Callable[[Scenario], float | None]
+
+
+YARDSTICKS = (
+    # The goal's floor never waits for anyone. A proxy that waits on a local answer pays
+    # for the wait (its loop goes idle and is woken): the waiting floor says how much.
+    Yardstick(
+        "floor_ack_cpu_vs_floor",
+        "floor waiting on a durable ack / floor CPU",
+        lambda r: _ratio(_cpu(r, "floor_ack", "floor_ack"), _cpu(r, "floor", "floor")),
+    ),
+    Yardstick(
+        "sidecar_cpu_vs_floor_ack",
+        "sidecar CPU / floor waiting on a durable ack",
+        lambda r: _ratio(_cpu(r, "sidecar", "sidecar"), _cpu(r, "floor_ack", "floor_ack")),
+    ),
+    Yardstick(
+        "pdp_cpu_vs_ack",
+        "PDP CPU per request / the ack server's",
+        lambda r: _ratio(_cpu(r, "sidecar", "pdp"), _cpu(r, "floor_ack", "ack")),
+    ),
+)
+
+
 def goals(results: dict[str, Scenario]) -> dict[str, Any]:
     """Every goal's value and verdict in each scenario it applies to."""
     table: dict[str, Any] = {}
@@ -139,13 +170,25 @@ def goals(results: dict[str, Scenario]) -> dict[str, Any]:
     return table
 
 
+def yardsticks(results: dict[str, Scenario]) -> dict[str, Any]:
+    """Every yardstick's value in each scenario."""
+    return {
+        stick.name: {
+            "text": stick.text,
+            **{scenario: stick.value(result) for scenario, result in results.items()},
+        }
+        for stick in YARDSTICKS
+    }
+
+
 def _num(value: float | None, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:{width}.3f}"
 
 
-def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
+def lines(results: dict[str, Scenario], table: dict[str, Any], beside: dict[str, Any]) -> list[str]:
     """The run as printed: per scenario and target latency, throughput and CPU per request
-    of each process; then the PDP's writes, the latency split and the goals."""
+    of each process; then the PDP's writes, the latency split, the goals and the yardsticks
+    beside them."""
     out: list[str] = []
     for scenario, result in results.items():
         stream = "_ttfb" if result["stream"] else ""
@@ -192,4 +235,8 @@ def lines(results: dict[str, Scenario], table: dict[str, Any]) -> list[str]:
             for s in scenarios
         )
         out.append(f"  {goal.text:<40} {row['goal']:<7}{cells}")
+    out.append(f"  {'beside the goals':<48}" + "".join(f"{s:>22}" for s in scenarios))
+    for stick in YARDSTICKS:
+        row = beside[stick.name]
+        out.append(f"  {stick.text:<48}" + "".join(_num(row[s], 22) for s in scenarios))
     return out
