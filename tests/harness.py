@@ -161,10 +161,10 @@ class PdpProcess(_Child):
     credentials: grpc.ChannelCredentials | None = None  # set for a PDP started with TLS
     http_address: str = ""  # the REST door's HOST:PORT, for a PDP started with http=True
     state: Path | None = None  # its --state directory (the decision log's)
+    metrics_url: str = field(init=False, default="")
 
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.metrics_address}/metrics"
+    def __post_init__(self) -> None:
+        self.metrics_url = f"http://{self.metrics_address}/metrics"
 
     def channel(self) -> grpc.Channel:
         if self.credentials is not None:
