@@ -3,9 +3,9 @@ back, no policy. Run as its own process by bench_pep.py: ``floor_proxy.py PORT U
 [ASK_SOCKET]``.
 
 With ``ASK_SOCKET`` (``ack_server.py``'s), each request first waits for one answer from
-that local process, over a pool of bare ``asyncio.Protocol`` connections as the sidecar's
-decide socket client keeps: the floor of a proxy that waits on any local decider, with no
-decision in it.
+that local process, which answers once it has synced a line, over a pool of bare
+``asyncio.Protocol`` connections as the sidecar's decide socket client keeps: the floor of
+a proxy that waits on a durable local decision, with no decision in it.
 """
 
 from __future__ import annotations
