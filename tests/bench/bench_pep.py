@@ -27,6 +27,7 @@ Check at the rate the sidecar's decisions come. Issue 18's goals are read off as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -264,44 +265,63 @@ async def sidecar_only(url: str) -> None:
             await one(session, url, stream=False)
 
 
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @pytest.mark.timeout(900)
 def test_bench_pep(tmp_path: Path) -> None:
-    upstream_port = free_port()
-    fake = subprocess.Popen(
-        [sys.executable, "-m", "tests.bench.fake_upstream", str(upstream_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    with contextlib.ExitStack() as started:  # every process stopped, whatever fails
+        results, load_average = _run(tmp_path, started)
+    table, beside = goals(results), yardsticks(results)
+    path = write_results(
+        "pep", {**results, "goals": table, "yardsticks": beside, "load_average": load_average}
     )
+    print(f"\nPEP benchmark ({path})")
+    print("\n".join(lines(results, table, beside)))
+    print(f"  load average before {load_average['before']}, after {load_average['after']}")
+    assert json.loads(path.read_text())
+
+
+def _run(
+    tmp_path: Path, started: contextlib.ExitStack
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Every scenario's results, and the load average before and after them; each process
+    it starts is stopped by ``started``."""
+
+    def spawn(*args: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started.callback(_end, process)
+        return process
+
+    upstream_port = free_port()
+    fake = spawn("-m", "tests.bench.fake_upstream", str(upstream_port))
     upstream = f"http://127.0.0.1:{upstream_port}"
     signer = Signer(tmp_path)
     state = tmp_path / "state"
     ack_socket = tmp_path / "ack.sock"
-    ack = subprocess.Popen(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("ack_server.py")),
-            str(ack_socket),
-            str(tmp_path / "ack.log"),  # beside the PDP's state: the same file system
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # Its log beside the PDP's state: the same file system.
+    ack = spawn(
+        str(Path(__file__).with_name("ack_server.py")), str(ack_socket), str(tmp_path / "ack.log")
     )
     floor_port, floor_ack_port = free_port(), free_port()
+    floor_proxy = str(Path(__file__).with_name("floor_proxy.py"))
     floors = [
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("floor_proxy.py")), *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for args in (
-            (str(floor_port), upstream),
-            (str(floor_ack_port), upstream, str(ack_socket)),
-        )
+        spawn(floor_proxy, str(floor_port), upstream),
+        spawn(floor_proxy, str(floor_ack_port), upstream, str(ack_socket)),
     ]
     # Both of the sidecar's ways to decide: its decide socket (the sidecar beside its PDP,
     # what the goals are read on) and gRPC (a PDP elsewhere), the latter as a second target.
     decide_socket = tmp_path / "decide.sock"
     pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(decide_socket))
+    started.callback(pdp.stop)
     envelope = tmp_path / "envelope.json"
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-pep")
     for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
@@ -311,81 +331,68 @@ def test_bench_pep(tmp_path: Path) -> None:
     pep = start_pep(
         pdp.address, {"openai": upstream}, tmp_path, *flags, "--pdp-socket", str(decide_socket)
     )
+    started.callback(pep.stop)
     pep_grpc = start_pep(pdp.address, {"openai": upstream}, tmp_path, *flags)
-    try:
-        wait_socket(ack_socket)
-        for port in (upstream_port, floor_port, floor_ack_port):
-            wait_port(port)
-        urls = {
-            "direct": f"{upstream}/v1/chat/completions",
-            "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
-            "floor_ack": f"http://127.0.0.1:{floor_ack_port}/v1/chat/completions",
-            "sidecar": f"{pep.url}/openai/v1/chat/completions",
-            "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
-        }
-        # Registering the sidecar's envelope again answers with the run it is bound to.
-        run_id = (
-            pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
-            .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope.read_bytes()))
-            .run_id
-        )
-        split = baselines(pdp, run_id, state)
-        pids = {
-            "floor": floors[0].pid,
-            "floor_ack": floors[1].pid,
-            "ack": ack.pid,
-            "sidecar": pep.process.pid,
-            "sidecar_grpc": pep_grpc.process.pid,
-            "pdp": pdp.process.pid,
-            "upstream": fake.pid,
-            "client": os.getpid(),
-        }
-        load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
-        results: dict[str, Any] = {}
-        for stream, clients, pace, baseline_pace in (
-            (False, 1, 0.0, 0.0),
-            (False, 1, PACE, PACE),
-            (False, CLIENTS, 0.0, 0.0),
-            (True, 1, 0.0, PACE),
-            (True, CLIENTS, 0.0, 0.0),
-        ):
-            # Every baseline at one client (the latency floor and its split); the
-            # health Check, the PDP's CPU yardstick, at every concurrency.
-            extra = split if clients == 1 else {"grpc_check": split["grpc_check"]}
-            meter = CpuMeter(pids, state / "decisions.log", counted="sidecar")
-            name = f"{'stream' if stream else 'json'}_{clients}_clients{'_paced' if pace else ''}"
-            results[name] = asyncio.run(
-                load(
-                    urls,
-                    stream,
-                    clients,
-                    SINGLE if clients == 1 else CONCURRENT,
-                    extra,
-                    meter,
-                    pace,
-                    baseline_pace,
-                )
-            )
-        load_average["after"] = [round(n, 2) for n in os.getloadavg()]
-        spy = pyspy()
-        if spy:
-            with Profiles(spy, {"pdp": pids["pdp"], "sidecar": pids["sidecar"]}, tmp_path) as p:
-                asyncio.run(sidecar_only(urls["sidecar"]))
-            for name, binary in (("pdp", "abc-pdp"), ("sidecar", "abc-pep")):
-                title = f"{binary} during {PROFILED} json requests through the sidecar, 1 client"
-                print(f"profile: {report(name, title, p.raw(name).read_text())}")
-    finally:
-        pep.stop()
-        pep_grpc.stop()
-        pdp.stop()
-        for process in (*floors, ack, fake):
-            process.terminate()
-            process.wait(10)
-    table, beside = goals(results), yardsticks(results)
-    path = write_results(
-        "pep", {**results, "goals": table, "yardsticks": beside, "load_average": load_average}
+    started.callback(pep_grpc.stop)
+    wait_socket(ack_socket)
+    for port in (upstream_port, floor_port, floor_ack_port):
+        wait_port(port)
+    urls = {
+        "direct": f"{upstream}/v1/chat/completions",
+        "floor": f"http://127.0.0.1:{floor_port}/v1/chat/completions",
+        "floor_ack": f"http://127.0.0.1:{floor_ack_port}/v1/chat/completions",
+        "sidecar": f"{pep.url}/openai/v1/chat/completions",
+        "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
+    }
+    # Registering the sidecar's envelope again answers with the run it is bound to.
+    run_id = (
+        pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+        .RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope.read_bytes()))
+        .run_id
     )
-    print(f"\nPEP benchmark ({path})")
-    print("\n".join(lines(results, table, beside)))
-    print(f"  load average before {load_average['before']}, after {load_average['after']}")
-    assert json.loads(path.read_text())
+    split = baselines(pdp, run_id, state)
+    pids = {
+        "floor": floors[0].pid,
+        "floor_ack": floors[1].pid,
+        "ack": ack.pid,
+        "sidecar": pep.process.pid,
+        "sidecar_grpc": pep_grpc.process.pid,
+        "pdp": pdp.process.pid,
+        "upstream": fake.pid,
+        "client": os.getpid(),
+    }
+    load_average = {"before": [round(n, 2) for n in os.getloadavg()]}
+    results: dict[str, Any] = {}
+    for stream, clients, pace, baseline_pace in (
+        (False, 1, 0.0, 0.0),
+        (False, 1, PACE, PACE),
+        (False, CLIENTS, 0.0, 0.0),
+        (True, 1, 0.0, PACE),
+        (True, CLIENTS, 0.0, 0.0),
+    ):
+        # Every baseline at one client (the latency floor and its split); the
+        # health Check, the PDP's CPU yardstick, at every concurrency.
+        extra = split if clients == 1 else {"grpc_check": split["grpc_check"]}
+        meter = CpuMeter(pids, state / "decisions.log", counted="sidecar")
+        name = f"{'stream' if stream else 'json'}_{clients}_clients{'_paced' if pace else ''}"
+        results[name] = asyncio.run(
+            load(
+                urls,
+                stream,
+                clients,
+                SINGLE if clients == 1 else CONCURRENT,
+                extra,
+                meter,
+                pace,
+                baseline_pace,
+            )
+        )
+    load_average["after"] = [round(n, 2) for n in os.getloadavg()]
+    spy = pyspy()
+    if spy:
+        with Profiles(spy, {"pdp": pids["pdp"], "sidecar": pids["sidecar"]}, tmp_path) as p:
+            asyncio.run(sidecar_only(urls["sidecar"]))
+        for name, binary in (("pdp", "abc-pdp"), ("sidecar", "abc-pep")):
+            title = f"{binary} during {PROFILED} json requests through the sidecar, 1 client"
+            print(f"profile: {report(name, title, p.raw(name).read_text())}")
+    return results, load_average

@@ -33,12 +33,23 @@ class _Asking(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if len(self._buffer) >= 4 and len(self._buffer) == 4 + int.from_bytes(
-            self._buffer[:4], "big"
-        ):
-            self._buffer.clear()
-            assert self.answer is not None
+        if len(self._buffer) >= 4:
+            end = 4 + int.from_bytes(self._buffer[:4], "big")
+            if len(self._buffer) >= end:
+                del self._buffer[:end]
+                self._settle(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._settle(exc or ConnectionResetError("the ack server hung up"))
+
+    def _settle(self, failure: Exception | None) -> None:
+        if self.answer is None or self.answer.done():
+            return
+        if failure is None:
             self.answer.set_result(None)
+        else:
+            self.answer.set_exception(failure)
 
 
 class Asker:
@@ -50,6 +61,8 @@ class Asker:
 
     async def ask(self) -> None:
         loop = asyncio.get_running_loop()
+        while self._idle and self._idle[-1].transport is None:
+            self._idle.pop()  # hung up meanwhile
         if self._idle:
             connection = self._idle.pop()
         else:
@@ -57,7 +70,7 @@ class Asker:
         connection.answer = loop.create_future()
         assert connection.transport is not None
         connection.transport.write(QUESTION)
-        await connection.answer
+        await connection.answer  # a hang-up fails this request, as it would the sidecar's
         self._idle.append(connection)
 
 

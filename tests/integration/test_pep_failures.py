@@ -76,7 +76,7 @@ def test_a_slow_or_lying_pdp_means_refusal(mode: str, fakes: FakeUpstreams, tmp_
     )
     try:
         started = time.monotonic()
-        reply = httpx.post(pep.url + CHAT, json=BODY, timeout=10)
+        reply = httpx.post(pep.url + CHAT, json=BODY, timeout=SLOW_PDP_SECONDS + 5)
         elapsed = time.monotonic() - started
         assert reply.status_code == 503
         assert reply.json()["error"]["code"] == "pdp_unavailable"
