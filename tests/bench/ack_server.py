@@ -1,10 +1,11 @@
-"""The least a local decider with a durable log can do: ``ack_server.py SOCKET LOG``.
+"""The least a local decider with a durable log can do:
+``python -m tests.bench.ack_server SOCKET LOG``.
 
 On a Unix socket, each length-prefixed frame (as ``pdp.api.decide_socket`` frames them) is
 answered with a fixed 115-byte frame, about a ``DecideResponse``, once a 900-byte line,
 about a decision record, is appended to ``LOG`` and fdatasynced. Frames that arrive in the
 same turn of the loop share one fsync, as the PDP's group commit shares one. A bare
-``asyncio.Protocol`` on uvloop, no decision: ``floor_proxy.py`` with ``ASK_SOCKET`` waits
+``asyncio.Protocol`` on uvloop, no decision: ``floor_proxy`` with ``ASK_SOCKET`` waits
 for one answer per request, the floor of a proxy that waits on a durable local decision.
 """
 
@@ -17,8 +18,22 @@ from typing import cast
 
 import uvloop
 
-ANSWER = (115).to_bytes(4, "big") + b"a" * 115
+from pdp.api.decide_socket import HEADER, frame
+
+ANSWER = frame(b"a" * 115)
 LINE = b"x" * 899 + b"\n"
+
+
+def take_frame(buffer: bytearray) -> bytes | None:
+    """The first whole frame's payload, cut from ``buffer``; None until one has arrived."""
+    if len(buffer) < HEADER.size:
+        return None
+    end = HEADER.size + HEADER.unpack_from(buffer)[0]
+    if len(buffer) < end:
+        return None
+    payload = bytes(buffer[HEADER.size : end])
+    del buffer[:end]
+    return payload
 
 
 class Log:
@@ -52,11 +67,7 @@ class Ack(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while len(self._buffer) >= 4:
-            end = 4 + int.from_bytes(self._buffer[:4], "big")
-            if len(self._buffer) < end:
-                return
-            del self._buffer[:end]
+        while take_frame(self._buffer) is not None:
             assert self._transport is not None
             self._log.owe(self._transport)
 

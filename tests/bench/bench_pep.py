@@ -5,7 +5,7 @@ One run, one machine: the same chat-completion load (non-streaming and streaming
 concurrent clients) goes (a) straight to the fake upstream, (b) through a bare aiohttp
 pass-through (the floor of any Python proxy), (c) through the same pass-through waiting, for
 each request, on a bare local process that answers after one durable write
-(``ack_server.py``: the floor of any proxy that waits on a durable local decision), (d)
+(``ack_server``: the floor of any proxy that waits on a durable local decision), (d)
 through the sidecar with a real PDP, deciding on the PDP's decide socket, (e) through a
 second sidecar deciding over gRPC. The targets take turns batch by batch after an unmeasured
 warm-up, and every process's CPU is read around each batch (``cpu.py``): CPU ms per request
@@ -308,14 +308,11 @@ def _run(
     state = tmp_path / "state"
     ack_socket = tmp_path / "ack.sock"
     # Its log beside the PDP's state: the same file system.
-    ack = spawn(
-        str(Path(__file__).with_name("ack_server.py")), str(ack_socket), str(tmp_path / "ack.log")
-    )
+    ack = spawn("-m", "tests.bench.ack_server", str(ack_socket), str(tmp_path / "ack.log"))
     floor_port, floor_ack_port = free_port(), free_port()
-    floor_proxy = str(Path(__file__).with_name("floor_proxy.py"))
     floors = [
-        spawn(floor_proxy, str(floor_port), upstream),
-        spawn(floor_proxy, str(floor_ack_port), upstream, str(ack_socket)),
+        spawn("-m", "tests.bench.floor_proxy", str(floor_port), upstream),
+        spawn("-m", "tests.bench.floor_proxy", str(floor_ack_port), upstream, str(ack_socket)),
     ]
     # Both of the sidecar's ways to decide: its decide socket (the sidecar beside its PDP,
     # what the goals are read on) and gRPC (a PDP elsewhere), the latter as a second target.

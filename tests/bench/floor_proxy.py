@@ -1,8 +1,8 @@
 """The floor any Python proxy can reach: aiohttp, one shared client session, chunks streamed
-back, no policy. Run as its own process by bench_pep.py: ``floor_proxy.py PORT UPSTREAM
-[ASK_SOCKET]``.
+back, no policy. Run as its own process by bench_pep.py: ``python -m
+tests.bench.floor_proxy PORT UPSTREAM [ASK_SOCKET]``.
 
-With ``ASK_SOCKET`` (``ack_server.py``'s), each request first waits for one answer from
+With ``ASK_SOCKET`` (``ack_server``'s), each request first waits for one answer from
 that local process, which answers once it has synced a line, over a pool of bare
 ``asyncio.Protocol`` connections as the sidecar's decide socket client keeps: the floor of
 a proxy that waits on a durable local decision, with no decision in it.
@@ -18,8 +18,11 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
+from pdp.api.decide_socket import frame
+from tests.bench.ack_server import take_frame
+
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
-QUESTION = (308).to_bytes(4, "big") + b"q" * 308  # about a DecideRequest
+QUESTION = frame(b"q" * 308)  # about a DecideRequest
 
 
 class _Asking(asyncio.Protocol):
@@ -33,11 +36,8 @@ class _Asking(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if len(self._buffer) >= 4:
-            end = 4 + int.from_bytes(self._buffer[:4], "big")
-            if len(self._buffer) >= end:
-                del self._buffer[:end]
-                self._settle(None)
+        if take_frame(self._buffer) is not None:
+            self._settle(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
