@@ -54,6 +54,8 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
 
 
 def _pdp_client(config: PepConfig) -> PdpClient:
+    for warning in transport_warnings(config):
+        log.warning("%s", warning)
     return PdpClient(
         config.pdp, config.pdp_deadline_seconds, _pdp_tls(config), decide_socket=config.pdp_socket
     )
@@ -110,10 +112,26 @@ async def _site(runner: web.AppRunner, address: str) -> None:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
 
 
+def _metrics(pdp: PdpClient) -> PepMetrics:
+    metrics = PepMetrics(CollectorRegistry())
+    metrics.decide_over(pdp.transport)
+    return metrics
+
+
+async def _export(metrics: PepMetrics, address: str) -> web.AppRunner:
+    """The metrics endpoint, listening; the caller cleans its runner up."""
+    exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
+    await exporter.setup()
+    try:
+        await _site(exporter, address)
+    except ConfigError:
+        await exporter.cleanup()
+        raise
+    return exporter
+
+
 async def serve(config: PepConfig, stop: asyncio.Event) -> None:
     pdp = _pdp_client(config)
-    for warning in transport_warnings(config):
-        log.warning("%s", warning)
     runners: list[web.AppRunner] = []
     try:
         run_id: str | None = config.run
@@ -123,18 +141,14 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
             grant, run_id, models = await _register(pdp, config)
             runs = RunKeys(pdp, grant, _narrower(config))
         await _check_decide_socket(pdp, config, registered=bool(config.manifest))
-        metrics = PepMetrics(CollectorRegistry())
-        metrics.decide_over(pdp.transport)
+        metrics = _metrics(pdp)
         sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
         proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
         runners.append(proxy)
         await proxy.setup()
         await _site(proxy, config.listen)
         if config.metrics:
-            exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
-            runners.append(exporter)
-            await exporter.setup()
-            await _site(exporter, config.metrics)
+            runners.append(await _export(metrics, config.metrics))
         log.info(
             "abc-pep proxying on %s for run %s (PDP %s, %s%s)",
             config.listen,
@@ -165,8 +179,6 @@ async def serve_mcp_stdio(
 ) -> int:
     """Register (or bind), then run ``command`` as the stdio MCP server ``server``."""
     pdp = _pdp_client(config)
-    for warning in transport_warnings(config):
-        log.warning("%s", warning)
     exporter: web.AppRunner | None = None
     try:
         run_id = config.run
@@ -176,12 +188,9 @@ async def serve_mcp_stdio(
         if not run_id:
             # No header can name a run on stdio: without one every message would be refused.
             raise ConfigError("mcp-stdio needs --manifest or --run")
-        metrics = PepMetrics(CollectorRegistry())
-        metrics.decide_over(pdp.transport)
+        metrics = _metrics(pdp)
         if config.metrics:
-            exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
-            await exporter.setup()
-            await _site(exporter, config.metrics)
+            exporter = await _export(metrics, config.metrics)
         return await serve_stdio(server, command, pdp, run_id, metrics, stop)
     finally:
         if exporter is not None:

@@ -218,6 +218,10 @@ async def load(
                 process: round(seconds * 1000 / len(values), 4)
                 for process, seconds in meter.cpu[name].items()
             },
+            "sleeps_per_request": {
+                process: round(count / len(values), 3)
+                for process, count in meter.sleeps[name].items()
+            },
         }
         if name in ("floor", "floor_ack", "sidecar", "sidecar_grpc"):
             for key, pick in (("", 1), ("_ttfb", 0)):

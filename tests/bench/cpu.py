@@ -1,5 +1,6 @@
-"""What each process spends per request, measured from outside: CPU time, the PDP's fsyncs
-and decision-log records, attributed to the target that drove them.
+"""What each process spends per request, measured from outside: CPU time, how often it went
+to sleep, the PDP's fsyncs and decision-log records, attributed to the target that drove
+them.
 
 The benchmark's targets take turns batch by batch, so the meter reads every process around
 each batch and charges the difference to the target being driven. Work a batch leaves
@@ -8,6 +9,11 @@ after each batch the meter waits until the processes together have spent less th
 ``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
 batch. What a process spends idle meanwhile (the PDP: about 2 ms a second) is charged too:
 the ``direct`` target's PDP column shows how little that is.
+
+Sleeps are the voluntary context switches of the process's live threads: each time one
+waited for something (the agent, the PDP, the upstream) and was woken. On these VMs a
+sleep and its wake-up cost the sleeper tens of microseconds of CPU and a cold cache, so
+they explain CPU per request that no profile of the code shows.
 
 CPU time is the process's CPU clock (``clock_gettime`` on ``clock_getcpuclockid(pid)``):
 utime + stime of every thread, exited ones included, the figure ``/proc/<pid>/stat`` gives
@@ -46,6 +52,20 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of the process's threads alive now."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
 
 
 def write_syscalls(pid: int) -> int:
@@ -150,6 +170,7 @@ class CpuMeter:
         the target whose batches the PDP's writes are counted in."""
         self.pids, self._pdp, self._counted = pids, pids["pdp"], counted
         self.cpu: dict[str, dict[str, float]] = {}  # target -> process -> CPU seconds
+        self.sleeps: dict[str, dict[str, int]] = {}  # target -> process -> sleeps
         self.records: Counter[str] = Counter()
         self.syscw = 0
         self._log = LogTally(log)
@@ -182,12 +203,16 @@ class CpuMeter:
             self._fsyncs.enable()
             self._log.since()
             writes = write_syscalls(self._pdp)
+        slept = {name: sleeps(pid) for name, pid in self.pids.items()}
         before = self._read()
         await batch
         after = await self.quiet()
         spent = self.cpu.setdefault(target, dict.fromkeys(after, 0.0))
         for name in after:
             spent[name] += after[name] - before[name]
+        woken = self.sleeps.setdefault(target, dict.fromkeys(slept, 0))
+        for name, pid in self.pids.items():
+            woken[name] += sleeps(pid) - slept[name]
         if counted:
             self._fsyncs.disable()
             self.syscw += write_syscalls(self._pdp) - writes

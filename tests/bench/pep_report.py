@@ -187,8 +187,8 @@ def _num(value: float | None, width: int) -> str:
 
 def lines(results: dict[str, Scenario], table: dict[str, Any], beside: dict[str, Any]) -> list[str]:
     """The run as printed: per scenario and target latency, throughput and CPU per request
-    of each process; then the PDP's writes, the latency split, the goals and the yardsticks
-    beside them."""
+    of each process; then how often each proxy slept, the PDP's writes, the latency split,
+    the goals and the yardsticks beside them."""
     out: list[str] = []
     for scenario, result in results.items():
         stream = "_ttfb" if result["stream"] else ""
@@ -212,6 +212,14 @@ def lines(results: dict[str, Scenario], table: dict[str, Any], beside: dict[str,
                 f"    {name:<12} {entry['total']['p50_ms']:8.3f} {entry['total']['p99_ms']:8.3f}"
                 f" {entry['ttfb']['p50_ms']:9.3f} {entry['throughput_per_s']:8.1f}{added} |{cpu}"
             )
+        out.append(
+            "    sleeps per request (the proxy's own): "
+            + ", ".join(
+                f"{name} {result[name]['sleeps_per_request'][name]}"
+                for name in ("floor", "floor_ack", "sidecar", "sidecar_grpc")
+                if name in result
+            )
+        )
         writes = result["pdp_writes_per_sidecar_request"]
         records = ", ".join(f"{kind} {n}" for kind, n in writes["log_records"].items())
         fsyncs = "n/a (perf could not count)" if writes["fsyncs"] is None else writes["fsyncs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import Signer, free_port, serve_app, start_pdp, start_pep
+from tests.harness import EarlyExit, Signer, free_port, serve_app, start_pdp, start_pep
 
 CHAT = "/openai/v1/chat/completions"
 SLOW_PDP_SECONDS = 10.0
@@ -250,3 +251,13 @@ def test_hop_by_hop_headers_are_dropped_and_the_key_passes(
     finally:
         pep.stop()
         pdp.stop()
+
+
+def test_a_metrics_address_in_use_stops_start_up_with_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(EarlyExit) as exited:
+            start_pep("127.0.0.1:1", {}, tmp_path, "--run", "run_x", "--metrics", busy)
+    assert f"abc-pep: error: cannot listen on {busy}" in str(exited.value)
