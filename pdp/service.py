@@ -46,6 +46,7 @@ from pdp.errors import (
 from pdp.gate import StateGate
 from pdp.grants import Grants
 from pdp.ledger import (
+    BUDGETS,
     Applied,
     DecisionOutcome,
     Ledger,
@@ -61,7 +62,7 @@ from pdp.manifest import (
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
 
-__all__ = ["DecisionOutcome", "DecisionService", "RunView"]
+__all__ = ["DecisionOutcome", "DecisionService", "FleetView", "RunView"]
 
 log = logging.getLogger("abc.pdp")
 
@@ -80,6 +81,20 @@ class RunView:
     remaining: dict[str, int] = field(default_factory=dict)
     reserved: dict[str, int] = field(default_factory=dict)
     run_key: str = ""
+    effective_digest: str = ""
+    fleet: FleetView | None = None  # None: the grant sets no fleet limits
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """All runs of a grant together, as ``GetRun`` shows them beside one run."""
+
+    spent: dict[str, int]
+    reserved: dict[str, int]
+    remaining: dict[str, int]  # a budget the fleet leaves open reads 0 and is in ``open``
+    open: tuple[str, ...]
+    runs: int  # holding a slot now
+    max_runs: int  # 0: no limit
 
 
 @dataclass(frozen=True)
@@ -403,6 +418,27 @@ class DecisionService:
             remaining=books.remaining().as_dict(),
             reserved=books.reserved.as_dict(),
             run_key=run.run_key,
+            effective_digest=run.effective_digest,
+            fleet=self._fleet_view(run),
+        )
+
+    def _fleet_view(self, run: Run) -> FleetView | None:
+        found = self._ledger.fleet_books(run)
+        limits = run.verified.manifest.fleet
+        if found is None or limits is None:
+            return None
+        books, holding = found
+        open_ = tuple(name for name in BUDGETS if getattr(limits, name) is None)
+        remaining = {
+            name: 0 if name in open_ else left for name, left in books.remaining().as_dict().items()
+        }
+        return FleetView(
+            spent=books.spent.as_dict(),
+            reserved=books.reserved.as_dict(),
+            remaining=remaining,
+            open=open_,
+            runs=holding,
+            max_runs=limits.runs or 0,
         )
 
     def sweep(self, now: datetime, limit: int = 8) -> None:

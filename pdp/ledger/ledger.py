@@ -110,6 +110,13 @@ class Ledger:
     def books(self, run_id: str) -> Books:
         return self.store.books(run_id)
 
+    def fleet_books(self, run: Run) -> tuple[Books, int] | None:
+        """The books of all runs of ``run``'s grant together and the runs holding a slot,
+        or None when the grant sets no fleet limits."""
+        if not run.verified.manifest.fleet:
+            return None
+        return self.store.fleet_books(run_id_for(run.verified.digest))
+
     def apply(
         self, run: Run, action: Action, decision: Decision, seen_step: str, now: datetime
     ) -> Applied:
@@ -145,8 +152,7 @@ class Ledger:
         limit). Read after the refusal, so under contention it may name a budget that
         freed meanwhile; the refusal itself was made atomically."""
         left = self.books(run.run_id).remaining()
-        grant_id = run_id_for(run.verified.digest)
-        fleet = self.store.fleet_books(grant_id) if run.verified.manifest.fleet else None
+        fleet = self.fleet_books(run)
         if fleet is not None and left.holds(cost):
             fleet_left = fleet[0].remaining()
             over = [n for n in BUDGETS if not fleet_left.holds(cost, n)] or ["usd_micros"]

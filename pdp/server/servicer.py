@@ -240,6 +240,17 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             remaining=pdp_pb2.Budget(**view.remaining),
             reserved=pdp_pb2.Budget(**view.reserved),
             run_key=view.run_key,
+            effective_digest=view.effective_digest,
+            fleet=None
+            if view.fleet is None
+            else pdp_pb2.Fleet(
+                spent=pdp_pb2.Budget(**view.fleet.spent),
+                reserved=pdp_pb2.Budget(**view.fleet.reserved),
+                remaining=pdp_pb2.Budget(**view.fleet.remaining),
+                open=list(view.fleet.open),
+                runs=view.fleet.runs,
+                max_runs=view.fleet.max_runs,
+            ),
         )
 
     def StartRun(  # noqa: N802

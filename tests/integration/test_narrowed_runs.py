@@ -195,6 +195,10 @@ def test_a_narrowed_run_is_refused_what_its_manifest_allows(
     )
     assert run.run_key == "conv-1"
     assert run.spent.requests + run.reserved.requests == 2 and run.remaining.requests == 0
+    # Judged under its narrowed grant, which GetRun names beside the manifest's.
+    assert run.manifest_digest == digest
+    assert run.effective_digest.startswith("sha256:") and run.effective_digest != digest
+    assert not run.HasField("fleet")  # the grant sets no fleet limits
 
 
 def test_the_same_key_and_narrower_is_the_same_run_another_narrower_is_refused(

@@ -234,6 +234,7 @@ def test_500_runs_from_16_clients_each_spend_exactly_their_own_budget(
                 outcomes.setdefault(key, []).append(outcome)
                 if late:
                     late_calls[key] = late_calls.get(key, 0) + late
+        _fleet_books_in_get_run(replicas, grant)
         _runs_at_once_across_replicas((replicas * 3)[:3], grant)
     finally:
         for process in (*peps, *replicas):
@@ -252,6 +253,24 @@ def test_500_runs_from_16_clients_each_spend_exactly_their_own_budget(
     # hold one request of the fleet until its reservation expires.
     assert FLEET_REQUESTS - sum(late_calls.values()) <= allowed <= FLEET_REQUESTS
     assert len(late_calls) < RUNS // 10, "most keys must have been decided in time"
+
+
+def _fleet_books_in_get_run(replicas: list[PdpProcess], grant: Path) -> None:
+    """GetRun of a run, on every replica, shows its grant's fleet books beside its own:
+    the limit on requests and what is left of it, the budgets left open, the runs holding
+    a slot and how many may."""
+    digest = _digest(replicas[0], grant)
+    request = pdp_pb2.GetRunRequest(run_id=run_id_for(digest, "task-0"))
+    for replica in replicas:
+        run = stub(replica).GetRun(request, timeout=5)
+        assert run.effective_digest == run.manifest_digest == digest  # not narrowed
+        fleet = run.fleet
+        assert 0 < fleet.runs <= RUNS and fleet.max_runs == RUNS + 1
+        assert sorted(fleet.open) == ["tokens", "tool_calls", "usd_micros"]
+        assert fleet.remaining.tokens == fleet.remaining.tool_calls == 0
+        used = fleet.spent.requests + fleet.reserved.requests
+        assert 0 < used <= FLEET_REQUESTS
+        assert fleet.remaining.requests == FLEET_REQUESTS - used
 
 
 def _runs_at_once_across_replicas(replicas: list[PdpProcess], grant: Path) -> None:

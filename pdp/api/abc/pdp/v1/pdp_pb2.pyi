@@ -150,7 +150,7 @@ class Budget(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., usd_micros: _Optional[int] = ..., tool_calls: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("step", "spent", "remaining", "status", "completed_steps", "manifest_digest", "reserved", "run_key")
+    __slots__ = ("step", "spent", "remaining", "status", "completed_steps", "manifest_digest", "reserved", "run_key", "effective_digest", "fleet")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     REMAINING_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,8 @@ class GetRunResponse(_message.Message):
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
     RUN_KEY_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FLEET_FIELD_NUMBER: _ClassVar[int]
     step: str
     spent: Budget
     remaining: Budget
@@ -167,7 +169,25 @@ class GetRunResponse(_message.Message):
     manifest_digest: str
     reserved: Budget
     run_key: str
-    def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ..., reserved: _Optional[_Union[Budget, _Mapping]] = ..., run_key: _Optional[str] = ...) -> None: ...
+    effective_digest: str
+    fleet: Fleet
+    def __init__(self, step: _Optional[str] = ..., spent: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., status: _Optional[str] = ..., completed_steps: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ..., reserved: _Optional[_Union[Budget, _Mapping]] = ..., run_key: _Optional[str] = ..., effective_digest: _Optional[str] = ..., fleet: _Optional[_Union[Fleet, _Mapping]] = ...) -> None: ...
+
+class Fleet(_message.Message):
+    __slots__ = ("spent", "reserved", "remaining", "open", "runs", "max_runs")
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNS_FIELD_NUMBER: _ClassVar[int]
+    spent: Budget
+    reserved: Budget
+    remaining: Budget
+    open: _containers.RepeatedScalarFieldContainer[str]
+    runs: int
+    max_runs: int
+    def __init__(self, spent: _Optional[_Union[Budget, _Mapping]] = ..., reserved: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., open: _Optional[_Iterable[str]] = ..., runs: _Optional[int] = ..., max_runs: _Optional[int] = ...) -> None: ...
 
 class RecordRefusalRequest(_message.Message):
     __slots__ = ("run_id", "request_id", "route", "reason", "message")
