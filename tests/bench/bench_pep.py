@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.bench.conftest import percentile, summary_ms, write_results
 from tests.bench.cpu import CpuMeter
-from tests.bench.pep_report import goals, lines, yardsticks
+from tests.bench.pep_report import PROXIES, goals, lines, yardsticks
 from tests.bench.profiles import Profiles, pyspy, report
 from tests.harness import (
     INTENT,
@@ -223,7 +223,7 @@ async def load(
                 for process, count in meter.sleeps[name].items()
             },
         }
-        if name in ("floor", "floor_ack", "sidecar", "sidecar_grpc"):
+        if name in PROXIES:
             for key, pick in (("", 1), ("_ttfb", 0)):
                 ours, theirs = [v[pick] for v in values], [d[pick] for d in direct]
                 for q in (0.5, 0.99):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PROCESSES = ("floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "pdp", "upstream", "client")
+# The targets that proxy to the upstream: their added latency and their own sleeps are read.
+PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc")
 Scenario = dict[str, Any]
 
 
@@ -216,7 +218,7 @@ def lines(results: dict[str, Scenario], table: dict[str, Any], beside: dict[str,
             "    sleeps per request (the proxy's own): "
             + ", ".join(
                 f"{name} {result[name]['sleeps_per_request'][name]}"
-                for name in ("floor", "floor_ack", "sidecar", "sidecar_grpc")
+                for name in PROXIES
                 if name in result
             )
         )
