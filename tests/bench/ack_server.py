@@ -7,21 +7,45 @@ about a decision record, is appended to ``LOG`` and fdatasynced. Frames that arr
 same turn of the loop share one fsync, as the PDP's group commit shares one. A bare
 ``asyncio.Protocol`` on uvloop, no decision: ``floor_proxy`` with ``ASK_SOCKET`` waits
 for one answer per request, the floor of a proxy that waits on a durable local decision.
+
+A connection that opens with the decide socket's preamble (a sidecar's, ``abc-pep
+--pdp-socket``) is spoken to in that protocol: each ``DecideRequest`` is answered, after
+the same synced line, with a well-formed allow that settles what the request carried. The
+sidecar then does all its own work, but waits on the least a decider can do instead of
+on the PDP: the benchmark's ``sidecar_ack`` target, which splits the sidecar's cost into
+its own and what waiting on the real PDP adds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 from typing import cast
 
 import uvloop
 
-from pdp.api.decide_socket import HEADER, frame
+from pdp.api import pdp_pb2
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
 
 ANSWER = frame(b"a" * 115)
 LINE = b"x" * 899 + b"\n"
+
+
+@functools.cache
+def allow(settlements: int) -> bytes:
+    """A framed allow, as the PDP answers the benchmark's requests: a token cap above the
+    request's own (so the body goes as sent), a reservation, ``settlements`` settled."""
+    response = pdp_pb2.DecideResponse(
+        allow=True,
+        would_allow=True,
+        decision_id="dec_" + "0" * 32,
+        reservation_id="res_" + "0" * 32,
+        settled=[True] * settlements,
+    )
+    response.obligations.update({"max_tokens": 4096})
+    return frame(OK + response.SerializeToString())
 
 
 def take_frame(buffer: bytearray) -> bytes | None:
@@ -41,19 +65,19 @@ class Log:
 
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._owed: list[asyncio.Transport] = []
+        self._owed: list[tuple[asyncio.Transport, bytes]] = []
 
-    def owe(self, transport: asyncio.Transport) -> None:
+    def owe(self, transport: asyncio.Transport, answer: bytes) -> None:
         if not self._owed:
             asyncio.get_running_loop().call_soon(self._commit)
-        self._owed.append(transport)
+        self._owed.append((transport, answer))
 
     def _commit(self) -> None:
         owed, self._owed = self._owed, []
         os.write(self._fd, LINE * len(owed))
         os.fdatasync(self._fd)
-        for transport in owed:
-            transport.write(ANSWER)
+        for transport, answer in owed:
+            transport.write(answer)
 
 
 class Ack(asyncio.Protocol):
@@ -61,15 +85,26 @@ class Ack(asyncio.Protocol):
         self._log = log
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
+        self._decide: bool | None = None  # a sidecar's connection; None until known
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while take_frame(self._buffer) is not None:
+        if self._decide is None:
+            if len(self._buffer) < len(PREAMBLE) and PREAMBLE.startswith(self._buffer):
+                return
+            self._decide = self._buffer.startswith(PREAMBLE)
+            if self._decide:
+                del self._buffer[: len(PREAMBLE)]
+        while (payload := take_frame(self._buffer)) is not None:
             assert self._transport is not None
-            self._log.owe(self._transport)
+            if self._decide:
+                carried = len(pdp_pb2.DecideRequest.FromString(payload).settlements)
+                self._log.owe(self._transport, allow(carried))
+            else:
+                self._log.owe(self._transport, ANSWER)
 
 
 async def serve(path: str, log: str) -> None:

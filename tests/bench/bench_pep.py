@@ -7,10 +7,12 @@ pass-through (the floor of any Python proxy), (c) through the same pass-through 
 each request, on a bare local process that answers after one durable write
 (``ack_server``: the floor of any proxy that waits on a durable local decision), (d)
 through the sidecar with a real PDP, deciding on the PDP's decide socket, (e) through a
-second sidecar deciding over gRPC. The targets take turns batch by batch after an unmeasured
-warm-up, and every process's CPU is read around each batch (``cpu.py``): CPU ms per request
-of both floors, the ack server, the sidecars, the PDP, the upstream and this client, for
-each target. Writes bench-results/pep.json.
+second sidecar deciding over gRPC, (f) through a third sidecar whose decide socket is the
+ack server's, which answers it a well-formed allow after the same synced line: the
+sidecar's own cost, apart from what waiting on the real PDP adds to it. The targets take
+turns batch by batch after an unmeasured warm-up, and every process's CPU is read around
+each batch (``cpu.py``): CPU ms per request of both floors, the ack server, the sidecars,
+the PDP, the upstream and this client, for each target. Writes bench-results/pep.json.
 
 With one client, three more baselines take the same turns, so the sidecar's added latency
 can be split: a bare gRPC health check to the same PDP, one ``Decide`` for the sidecar's run
@@ -336,6 +338,10 @@ def _run(
     pep_grpc = start_pep(pdp.address, {"openai": upstream}, tmp_path, *flags)
     started.callback(pep_grpc.stop)
     wait_socket(ack_socket)
+    pep_ack = start_pep(
+        pdp.address, {"openai": upstream}, tmp_path, *flags, "--pdp-socket", str(ack_socket)
+    )
+    started.callback(pep_ack.stop)
     for port in (upstream_port, floor_port, floor_ack_port):
         wait_port(port)
     urls = {
@@ -344,6 +350,7 @@ def _run(
         "floor_ack": f"http://127.0.0.1:{floor_ack_port}/v1/chat/completions",
         "sidecar": f"{pep.url}/openai/v1/chat/completions",
         "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
+        "sidecar_ack": f"{pep_ack.url}/openai/v1/chat/completions",
     }
     # Registering the sidecar's envelope again answers with the run it is bound to.
     run_id = (
@@ -358,6 +365,7 @@ def _run(
         "ack": ack.pid,
         "sidecar": pep.process.pid,
         "sidecar_grpc": pep_grpc.process.pid,
+        "sidecar_ack": pep_ack.process.pid,
         "pdp": pdp.process.pid,
         "upstream": fake.pid,
         "client": os.getpid(),

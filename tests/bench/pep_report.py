@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-PROCESSES = ("floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "pdp", "upstream", "client")
 # The targets that proxy to the upstream: their added latency and their own sleeps are read.
-PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc")
+PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc", "sidecar_ack")
+PROCESSES = (*PROXIES[:2], "ack", *PROXIES[2:], "pdp", "upstream", "client")
 Scenario = dict[str, Any]
 
 
@@ -150,6 +150,18 @@ YARDSTICKS = (
         "sidecar_cpu_vs_floor_ack",
         "sidecar CPU / floor waiting on a durable ack",
         lambda r: _ratio(_cpu(r, "sidecar", "sidecar"), _cpu(r, "floor_ack", "floor_ack")),
+    ),
+    # The same sidecar deciding against the ack server's canned allow: its own cost (the
+    # first), and what waiting on the real PDP's answer adds to it (the second).
+    Yardstick(
+        "sidecar_ack_cpu_vs_floor",
+        "sidecar deciding against the ack server / floor",
+        lambda r: _ratio(_cpu(r, "sidecar_ack", "sidecar_ack"), _cpu(r, "floor", "floor")),
+    ),
+    Yardstick(
+        "sidecar_cpu_vs_sidecar_ack",
+        "sidecar CPU / the same against the ack server",
+        lambda r: _ratio(_cpu(r, "sidecar", "sidecar"), _cpu(r, "sidecar_ack", "sidecar_ack")),
     ),
     Yardstick(
         "pdp_cpu_vs_ack",
