@@ -96,22 +96,25 @@ class Grants:
             raise
         run = self._ledger.runs.register(verified, self._prepare(verified), raw_envelope, now)
         self._ledger.store.put_envelope(run.run_id, raw_envelope)
-        self._log.append(
-            RegistrationRecord(
-                time=now,
-                run_id=run.run_id,
-                manifest_digest=verified.digest,
-                policy_digest=self._bundle.digest,
-                lineage=verified.manifest.metadata.lineage,
-                version=verified.manifest.metadata.version,
-                signer=verified.signer,
-                # The envelope itself, so a restarted PDP can verify and rebuild the run.
-                envelope=base64.b64encode(raw_envelope).decode("ascii"),
-            )
-        )
+        self._log.append(self._registration(verified, raw_envelope, now))
         self._metrics.manifests_registered.inc()
         log.info("manifest %s registered as %s", verified.digest, run.run_id)
         return run
+
+    def _registration(
+        self, verified: VerifiedManifest, raw_envelope: bytes, now: datetime
+    ) -> RegistrationRecord:
+        return RegistrationRecord(
+            time=now,
+            run_id=run_id_for(verified.digest),
+            manifest_digest=verified.digest,
+            policy_digest=self._bundle.digest,
+            lineage=verified.manifest.metadata.lineage,
+            version=verified.manifest.metadata.version,
+            signer=verified.signer,
+            # The envelope itself, so a restarted PDP can verify and rebuild the run.
+            envelope=base64.b64encode(raw_envelope).decode("ascii"),
+        )
 
     def _prepare(
         self, verified: VerifiedManifest, manifest: Manifest | None = None
@@ -125,17 +128,23 @@ class Grants:
             log.error("policy does not compile with manifest %s: %s", verified.digest, exc)
             raise
 
-    def _load(self, run_id: str, raw: bytes, trust_now: datetime) -> Run | None:
+    def _load(
+        self, run_id: str, raw: bytes, trust_now: datetime, *, logged: bool = True
+    ) -> Run | None:
         """Verify a registered envelope again and compile its run; None if it fails now.
 
         Registration's rules without its rollback mark: the run was admitted when
         registered, and a newer version of its lineage shows in its status (revoked) instead.
+        Not ``logged`` (a grant another replica registered): its registration is logged here
+        first, so that this replica's log names every grant it decides for.
         """
         try:
             verified = verify_envelope(raw, self._trust, trust_now, self._verification)
         except AbcError as exc:
             log.warning("run %s not loaded: %s: %s", run_id, exc.reason.value, exc)
             return None
+        if not logged:
+            self._log.append(self._registration(verified, raw, trust_now))
         return self._ledger.runs.register(verified, self._prepare(verified), raw, trust_now)
 
     def run(self, run_id: str, now: datetime, bound: str = "") -> Run:
@@ -146,15 +155,19 @@ class Grants:
         nothing)."""
         run = self._ledger.runs.find(run_id)
         if run is None:
+            # Another replica's: logged here before it is used (LogUnavailable if it cannot
+            # be, and nothing is loaded), so that this replica's log names every run it
+            # decides for, and its audit, explain and replay need no other replica's log.
             raw = self._ledger.store.envelope(run_id)
             started = self._ledger.store.grant_of(run_id) if raw is None else None
             if raw is not None:
-                run = self._load(run_id, raw, now)
+                run = self._load(run_id, raw, now, logged=False)
             elif started is not None:
                 grant_run_id, run_key, narrower = started
                 grant = self.run(grant_run_id, now)
                 # Narrowed again from the signed grant: the store cannot widen a run.
                 narrowed, policy = self._narrowed(grant, narrower.encode())
+                self._log.append(self._run_start(grant, run_key, narrowed, now))
                 run = self._ledger.runs.start(grant, run_key, now, True, narrowed, policy)
         if run is None or run.run_id != run_id:
             self._ledger.check_released(run_id)
@@ -241,17 +254,7 @@ class Grants:
         # another replica started with another narrower is refused here, before the log.
         started = self._ledger.runs.admit(grant, run_key, now, narrowed=narrowed)
         try:
-            self._log.append(
-                RunStartRecord(
-                    time=now,
-                    run_id=run_id,
-                    manifest_digest=grant.verified.digest,
-                    grant_run_id=grant.run_id,
-                    run_key=run_key,
-                    narrower=json.loads(narrowed.narrower) if narrowed else None,
-                    effective_digest=narrowed.digest if narrowed else "",
-                )
-            )
+            self._log.append(self._run_start(grant, run_key, narrowed, now))
         except LogUnavailable:
             if started:  # nobody was told of it: its slot is free again
                 self._ledger.store.release_run(run_id, "")
@@ -259,6 +262,20 @@ class Grants:
         if started:
             self._metrics.runs_started.inc()
         return self._ledger.runs.add(grant, run_key, narrowed, policy), started
+
+    @staticmethod
+    def _run_start(
+        grant: Run, run_key: str, narrowed: Narrowed | None, now: datetime
+    ) -> RunStartRecord:
+        return RunStartRecord(
+            time=now,
+            run_id=run_id_for(grant.verified.digest, run_key),
+            manifest_digest=grant.verified.digest,
+            grant_run_id=grant.run_id,
+            run_key=run_key,
+            narrower=json.loads(narrowed.narrower) if narrowed else None,
+            effective_digest=narrowed.digest if narrowed else "",
+        )
 
     def restore(self, record: RegistrationRecord | RunStartRecord, trust_now: datetime) -> None:
         """Rebuild a registration (verified again as of ``trust_now``, when it was accepted)

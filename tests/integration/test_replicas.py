@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from tests.harness import (
     PdpProcess,
     RedisProcess,
     Signer,
+    abcctl,
     start_pdp,
     start_redis,
 )
@@ -56,6 +58,45 @@ def test_a_run_registered_on_one_replica_is_decided_by_the_other(
         pdp_pb2.ReportUsageRequest(reservation_id=allowed.reservation_id, tokens=0), timeout=5
     )
     assert run_of(a, run_id).spent.tool_calls == 1  # settled on B, seen on A
+
+
+def test_a_replica_logs_the_grants_and_runs_it_decides_for(
+    replicas: list[PdpProcess], signer: Signer
+) -> None:
+    """Registered and started on A, decided on B: B's own log names the grant and the run
+    before their first decision there, so its audit tools need no other replica's log."""
+    a, b = replicas
+    grant_run = register(a, freeze(signer, "logged"))
+    digest = run_of(a, grant_run).manifest_digest
+    started = (
+        stub(a)
+        .StartRun(pdp_pb2.StartRunRequest(manifest_digest=digest, run_key="task-1"), timeout=5)
+        .run_id
+    )
+    for run_id in (grant_run, started, started):
+        allowed = stub(b).Decide(tool_call(run_id, "search", {"query": "q"}), timeout=5)
+        assert allowed.allow, allowed.reasons
+    assert b.state is not None
+    log = b.state / "decisions.log"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    kinds = [(r["kind"], r.get("run_id")) for r in records if r["kind"] != "checkpoint"]
+    assert kinds == [
+        ("registration", grant_run),
+        ("decision", grant_run),
+        ("run_start", started),  # once: the second decision finds the run loaded
+        ("decision", started),
+        ("decision", started),
+    ]
+    assert records[0]["manifest_digest"] == digest
+    replayed = abcctl(
+        "replay", log, "--bundles", b.state / "bundles", "--pub", b.state / "pdp-log.pub",
+        "--allow-tail", check=False,
+    )  # fmt: skip
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert replayed.stdout.strip().endswith("3 decisions re-decided: 3 identical, 0 divergent")
+    last = records[-1]["decision_id"]
+    explained = abcctl("explain", last, "--log", log, "--pub", b.state / "pdp-log.pub", "--json")
+    assert json.loads(explained.stdout)["run_id"] == started
 
 
 def test_the_step_moves_for_every_replica(replicas: list[PdpProcess], signer: Signer) -> None:
