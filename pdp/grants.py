@@ -78,6 +78,7 @@ class Grants:
             tuple[str, bytes], tuple[Narrowed | None, PreparedPolicy | None]
         ] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading = threading.RLock()  # reentrant: a started run loads its grant first
 
     def register(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
@@ -155,20 +156,7 @@ class Grants:
         nothing)."""
         run = self._ledger.runs.find(run_id)
         if run is None:
-            # Another replica's: logged here before it is used (LogUnavailable if it cannot
-            # be, and nothing is loaded), so that this replica's log names every run it
-            # decides for, and its audit, explain and replay need no other replica's log.
-            raw = self._ledger.store.envelope(run_id)
-            started = self._ledger.store.grant_of(run_id) if raw is None else None
-            if raw is not None:
-                run = self._load(run_id, raw, now, logged=False)
-            elif started is not None:
-                grant_run_id, run_key, narrower = started
-                grant = self.run(grant_run_id, now)
-                # Narrowed again from the signed grant: the store cannot widen a run.
-                narrowed, policy = self._narrowed(grant, narrower.encode())
-                self._log.append(self._run_start(grant, run_key, narrowed, now))
-                run = self._ledger.runs.start(grant, run_key, now, True, narrowed, policy)
+            run = self._load_shared(run_id, now)
         if run is None or run.run_id != run_id:
             self._ledger.check_released(run_id)
             raise ManifestUnknown("no run with this id")
@@ -178,6 +166,30 @@ class Grants:
                 f" caller's {bound}"
             )
         return run
+
+    def _load_shared(self, run_id: str, now: datetime) -> Run | None:
+        """A run another replica registered or started, from the shared store; None if the
+        store has none. Logged here before it is used (``LogUnavailable`` if it cannot be,
+        and nothing is loaded), so that this replica's log names every run it decides for
+        and its audit, explain and replay need no other replica's log. One load at a time:
+        two threads meeting the same run log it once."""
+        raw = self._ledger.store.envelope(run_id)
+        started = self._ledger.store.grant_of(run_id) if raw is None else None
+        if raw is None and started is None:
+            return None  # looked up unlocked: an unknown id holds up no load
+        with self._loading:
+            run = self._ledger.runs.find(run_id)
+            if run is not None:
+                return run
+            if raw is not None:
+                return self._load(run_id, raw, now, logged=False)
+            assert started is not None
+            grant_run_id, run_key, narrower = started
+            grant = self.run(grant_run_id, now)
+            # Narrowed again from the signed grant: the store cannot widen a run.
+            narrowed, policy = self._narrowed(grant, narrower.encode())
+            self._log.append(self._run_start(grant, run_key, narrowed, now))
+            return self._ledger.runs.start(grant, run_key, now, True, narrowed, policy)
 
     def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
         """Those of ``reservation_ids`` holding budget of a run of another grant than the
