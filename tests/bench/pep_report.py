@@ -12,9 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+PROCESSES = (
+    "floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "sidecar_ack", "pdp", "upstream",
+    "client",
+)  # fmt: skip
 # The targets that proxy to the upstream: their added latency and their own sleeps are read.
 PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc", "sidecar_ack")
-PROCESSES = (*PROXIES[:2], "ack", *PROXIES[2:], "pdp", "upstream", "client")
 Scenario = dict[str, Any]
 
 
