@@ -27,6 +27,9 @@ BIN = Path(sys.executable).parent
 INTENT = ROOT / "deploy" / "demo" / "intent.yaml"
 POLICIES = ROOT / "policies"
 NODE_EXAMPLE = ROOT / "examples" / "node"
+# The provider key the fake OpenAI upstream takes (the integration tests' `fakes`): the
+# agent sends it through the sidecar, which must forward it and never log it.
+API_KEY = "sk-test-secret-4242"
 
 
 def free_port() -> int:

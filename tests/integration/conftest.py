@@ -5,7 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import INTENT, PdpProcess, RedisProcess, Signer, start_pdp, start_redis
+from tests.fakes.serve import FakeUpstreams
+from tests.harness import (
+    API_KEY,
+    INTENT,
+    PdpProcess,
+    RedisProcess,
+    Signer,
+    start_pdp,
+    start_redis,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,3 +39,10 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server = start_redis(Path(tmp_path_factory.mktemp("redis")))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[FakeUpstreams]:
+    """Every fake upstream, on loopback, one set per test module."""
+    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
+        yield upstreams

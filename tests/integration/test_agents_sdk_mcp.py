@@ -22,15 +22,9 @@ from openai import AsyncOpenAI
 from tests.fakes.scripted_model import ScriptedModel
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
 from tests.harness import PdpProcess, PepProcess, free_port, start_pep
-from tests.integration.test_pep import API_KEY, upstream_map
+from tests.integration.test_pep import upstream_map
 
 TOO_LONG = {"query": "x" * 201}  # the manifest caps query at 200 characters
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
 
 
 @pytest.fixture(scope="module")

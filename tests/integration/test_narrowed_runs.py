@@ -60,12 +60,6 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams() as upstreams:
-        yield upstreams
-
-
-@pytest.fixture(scope="module")
 def grant(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("narrowed-grant")
     (folder / "narrower.json").write_text(json.dumps(NARROWER))

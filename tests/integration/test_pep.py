@@ -17,9 +17,17 @@ from mcp.client.streamable_http import streamable_http_client
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, sample, serve_app, start_pep
+from tests.harness import (
+    API_KEY,
+    INTENT,
+    PdpProcess,
+    PepProcess,
+    Signer,
+    sample,
+    serve_app,
+    start_pep,
+)
 
-API_KEY = "sk-test-secret-4242"
 MODEL = "gpt-4o-mini"
 CLAUDE = "claude-haiku-4-5"
 
@@ -38,12 +46,6 @@ def pep_intent() -> str:
         "uses: [model:openai/gpt-4o-mini, model:anthropic/"
         f"{CLAUDE}, tool:kbjson/search, tool:kb/search,",
     )
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
 
 
 def upstream_map(fakes: FakeUpstreams) -> dict[str, str]:

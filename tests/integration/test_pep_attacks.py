@@ -28,7 +28,7 @@ from mcp.shared.exceptions import MCPError
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, sample, start_pep
+from tests.harness import API_KEY, INTENT, PdpProcess, PepProcess, Signer, sample, start_pep
 
 MODEL = "gpt-4o-mini"
 CLAUDE = "claude-haiku-4-5"
@@ -106,12 +106,6 @@ def attack_intent(lineage: str, tokens: int = 300000) -> str:
 
 
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams() as upstreams:
-        yield upstreams
-
-
-@pytest.fixture(scope="module")
 def raw() -> Iterator[tuple[RawUpstream, str]]:
     upstream = RawUpstream()
     thread = AiohttpThread({"raw": (upstream.app(), 0)})
@@ -155,18 +149,23 @@ def pep(
 
 
 def oai(pep: PepProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key="k", max_retries=0)
+    return openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0)
 
 
 def claude(pep: PepProcess) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=f"{pep.url}/anthropic", api_key="k", max_retries=0)
+    return anthropic.Anthropic(base_url=f"{pep.url}/anthropic", api_key=API_KEY, max_retries=0)
 
 
 def post_raw(pep: PepProcess, path: str, body: bytes, **headers: str) -> httpx.Response:
     return httpx.post(
         f"{pep.url}{path}",
         content=body,
-        headers={"Content-Type": "application/json", "anthropic-version": "2023-06-01", **headers},
+        headers={
+            "Content-Type": "application/json",
+            "anthropic-version": "2023-06-01",
+            "Authorization": f"Bearer {API_KEY}",
+            **headers,
+        },
         timeout=10,
     )
 

@@ -12,15 +12,7 @@ import openai
 import pytest
 
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, sample, start_pep
-
-API_KEY = "sk-first-contact"
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
+from tests.harness import API_KEY, INTENT, PdpProcess, PepProcess, Signer, sample, start_pep
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from aiohttp import web
 from tests.fakes.scripted_model import ScriptedModel
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
 from tests.harness import ROOT, PdpProcess, PepProcess, Signer, free_port, sample, start_pep
-from tests.integration.test_pep import API_KEY, pep_intent, upstream_map
+from tests.integration.test_pep import pep_intent, upstream_map
 
 PYTHON = ROOT / ".venv-mcp1" / "bin" / "python"
 CLIENTS = ROOT / "tests" / "clients"
@@ -89,12 +89,6 @@ def run_client(script: str, *args: str) -> Any:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
 
 
 @pytest.fixture(scope="module")

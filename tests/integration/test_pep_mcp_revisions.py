@@ -24,16 +24,10 @@ from mcp.types import PromptReference, ResourceTemplateReference
 
 from tests.fakes.serve import AiohttpThread, FakeUpstreams
 from tests.harness import PdpProcess, PepProcess, Signer, free_port, sample, start_pep
-from tests.integration.test_pep import API_KEY, pep_intent, upstream_map
+from tests.integration.test_pep import pep_intent, upstream_map
 
 MODERN = "2026-07-28"
 VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
 
 
 def intent() -> str:

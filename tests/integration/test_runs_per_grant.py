@@ -37,12 +37,6 @@ def _intent(lineage: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams() as upstreams:
-        yield upstreams
-
-
-@pytest.fixture(scope="module")
 def grant(signer: Signer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("grant") / "envelope.json"
     path.write_bytes(signer.freeze(_intent("many-runs"), "many-runs"))

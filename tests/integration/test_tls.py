@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
 from tests.harness import (
+    API_KEY,
     POLICIES,
     PdpProcess,
     Signer,
@@ -31,7 +32,6 @@ from tests.harness import (
     start_up_error,
 )
 
-API_KEY = "sk-tls-test"
 CHAT = "/openai/v1/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -110,12 +110,6 @@ def run_id(tls_pdp: PdpProcess, demo_envelope: bytes) -> str:
             pdp_pb2.RegisterManifestRequest(envelope=demo_envelope), timeout=10
         )
     return str(reply.run_id)
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[FakeUpstreams]:
-    with FakeUpstreams(openai_api_key=API_KEY) as upstreams:
-        yield upstreams
 
 
 def search(run: str) -> pdp_pb2.DecideRequest:
