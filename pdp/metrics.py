@@ -62,7 +62,7 @@ class PdpMetrics:
         )
         self.budget_remaining = Gauge(
             "abc_pdp_budget_remaining_ratio",
-            "Lowest remaining fraction of each budget across runs.",
+            "Lowest remaining fraction of each budget across running runs.",
             ["budget"],
             registry=registry,
         )

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
+from pdp.clock import utc_now
 from pdp.decisionlog import (
     DecisionLog,
     DecisionRecord,
@@ -154,6 +155,7 @@ class DecisionService:
         reservation_ttl: timedelta = timedelta(minutes=10),
         store: RunStore | None = None,
         run_retention: timedelta = timedelta(hours=1),
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.bundle = bundle
         self._log = log
@@ -165,7 +167,8 @@ class DecisionService:
         )
         self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
         self._gate = StateGate()
-        metrics.watch_budgets(self._ledger.runs.lowest_remaining_ratio)
+        # A scrape is a door of its own: it reads the clock (``clock``), as a request does.
+        metrics.watch_budgets(lambda: self._ledger.runs.lowest_remaining_ratio(clock()))
 
     def register_manifest(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,

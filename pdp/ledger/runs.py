@@ -380,9 +380,11 @@ class RunRegistry:
             if self._runs.get(run.run_id) is run:
                 del self._runs[run.run_id]
 
-    def lowest_remaining_ratio(self) -> dict[str, float]:
-        """Over the runs held here: live ones and ended ones within the retention, never
-        every run ever seen; one walk serves a whole scrape."""
+    def lowest_remaining_ratio(self, now: datetime) -> dict[str, float]:
+        """Over the runs held here that can still spend (running at ``now``); one walk
+        serves a whole scrape. An ended, revoked or expired run's books change no more: an
+        alert on them could not be acted on, and would outlive a budget raised by a new
+        version."""
         at, ratios = self._ratios
         if time.monotonic() - at < _SCRAPE_REUSE_SECONDS:
             return ratios
@@ -392,6 +394,8 @@ class RunRegistry:
         try:
             for run in runs:
                 try:
+                    if run.status(self.store.state(run.run_id, run.lineage), now) != "running":
+                        continue
                     seen.append(self.store.books(run.run_id).remaining_ratio())
                 except ManifestUnknown:
                     continue  # released meanwhile (by another replica)

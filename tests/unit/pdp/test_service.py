@@ -50,14 +50,16 @@ class _Pdp:
         self.log = DecisionLog(self.log_path, LOG_KEY)
         self.store = store or MemoryRunStore()
         self.marks = SqliteHighWater(tmp_path / "abc.db")
+        self.registry = CollectorRegistry()
         self.service = DecisionService(
             self.bundle,
             trust_store(trust_entry(KEY, modes=("enforce", "shadow"))),
             self.marks,
-            PdpMetrics(CollectorRegistry()),
+            PdpMetrics(self.registry),
             self.log,
             store=self.store,
             run_retention=run_retention,
+            clock=lambda: NOW,
         )
 
     def register(
@@ -223,6 +225,25 @@ def test_ending_the_default_run_ends_no_other_run_of_its_grant(pdp: _Pdp) -> Non
     assert pdp.service.get_run(default, NOW).status == "completed"
     assert pdp.service.get_run(run.run_id, NOW).status == "running"
     assert pdp.service.start_run(_digest(pdp, default), "job-8", NOW)[1]
+
+
+def test_the_budget_gauge_reads_only_the_runs_that_can_still_spend(pdp: _Pdp) -> None:
+    old = pdp.register(version=7)
+    for n in range(4):  # 4 of the old grant's 500 requests
+        assert pdp.service.decide(old, f"old-{n}", _model(), NOW).decision.allow
+    digest = _digest(pdp, pdp.register(version=8))  # revokes version 7 and its run
+    ended, _ = pdp.service.start_run(digest, "job-ended", NOW)
+    for n in range(3):
+        assert pdp.service.decide(ended.run_id, f"e-{n}", _model(), NOW).decision.allow
+    end = validate_action("step", "step:@completed")
+    assert pdp.service.decide(ended.run_id, "end", end, NOW).decision.allow
+    live, _ = pdp.service.start_run(digest, "job-live", NOW)
+    assert pdp.service.decide(live.run_id, "l-1", _model(), NOW).decision.allow
+    assert pdp.service.get_run(old, NOW).status == "revoked"
+    assert pdp.service.get_run(ended.run_id, NOW).status == "completed"
+
+    ratio = pdp.registry.get_sample_value("abc_pdp_budget_remaining_ratio", {"budget": "requests"})
+    assert ratio == 499 / 500  # the live run's, not the revoked or the ended run's 496
 
 
 @pytest.mark.parametrize("key", ["", "-leading-dash", "has space", "x" * 129, "naïve", "a\nb"])
