@@ -167,6 +167,11 @@ class PdpClient:
             return Verdict.refuse(
                 ReasonCode.PDP_UNAVAILABLE, "the policy decision point did not answer"
             )
+        except BaseException:
+            # Cancelled (a shutdown, a bridge closing) or a bug: the settlements may not have
+            # reached the PDP. Sent again; one it settled meanwhile answers false, once.
+            self._usage.unsettled(carried)
+            raise
         if len(response.settled) != len(carried):
             # Not made durable (an outage), or a PDP that does not read carried settlements.
             self._usage.unsettled(carried)

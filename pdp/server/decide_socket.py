@@ -31,7 +31,9 @@ __all__ = ["DecideSocketServer", "bind_decide_socket"]
 log = logging.getLogger("abc.pdp")
 
 Decide = Callable[[pdp_pb2.DecideRequest], pdp_pb2.DecideResponse]
-IDLE_SECONDS = 60.0
+IDLE_SECONDS = 60.0  # waiting for a connection's next request
+FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
+REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
 
 
 def _claim(path: Path) -> None:
@@ -80,6 +82,61 @@ def bind_decide_socket(path: Path) -> socket.socket:
     return sock
 
 
+class _Requests:
+    """Whole requests from one connection. Waiting for the next one is bounded by the idle
+    limit; once one has begun, all of it must arrive within ``frame_seconds``: a peer that
+    sends a byte now and then cannot hold a thread and a connection slot for good."""
+
+    def __init__(self, conn: socket.socket, idle: float, frame_seconds: float) -> None:
+        self._conn, self._idle, self._frame_seconds = conn, idle, frame_seconds
+        self._buffer = bytearray()
+        self._timeout = idle
+        conn.settimeout(idle)
+
+    def _recv(self, timeout: float) -> bool:
+        """One read, waiting at most ``timeout`` (``TimeoutError``); False at end of stream."""
+        if timeout != self._timeout:  # a system call: only when it changes
+            self._conn.settimeout(timeout)
+            self._timeout = timeout
+        chunk = self._conn.recv(65536)
+        self._buffer += chunk
+        return bool(chunk)
+
+    def _fill(self, size: int, deadline: float) -> bool:
+        """``size`` bytes buffered by ``deadline`` (``TimeoutError`` past it); False if the
+        peer stopped short of them."""
+        while len(self._buffer) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("a frame took too long")
+            if not self._recv(left):
+                return False
+        return True
+
+    def preamble(self) -> bool:
+        if not self._fill(len(PREAMBLE), time.monotonic() + self._frame_seconds):
+            return False
+        said = bytes(self._buffer[: len(PREAMBLE)])
+        del self._buffer[: len(PREAMBLE)]
+        return said == PREAMBLE
+
+    def next(self) -> bytes | None:
+        """The next request's bytes; None when the peer is done, or sent a frame too long
+        or cut short."""
+        if not self._buffer and not self._recv(self._idle):
+            return None
+        deadline = time.monotonic() + self._frame_seconds
+        if not self._fill(HEADER.size, deadline):
+            return None
+        (length,) = HEADER.unpack_from(self._buffer)
+        end = HEADER.size + length
+        if length > MAX_FRAME or not self._fill(end, deadline):
+            return None
+        body = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return body
+
+
 class DecideSocketServer:
     """Serves a bound decide socket once started; at most ``max_connections`` at once (a
     connection beyond them is closed at once, and its client refuses its call)."""
@@ -90,8 +147,10 @@ class DecideSocketServer:
         path: Path,
         max_connections: int = 256,
         idle_seconds: float = IDLE_SECONDS,
+        frame_seconds: float = FRAME_SECONDS,
     ) -> None:
-        self._sock, self._path, self._max, self._idle = sock, path, max_connections, idle_seconds
+        self._sock, self._path, self._max = sock, path, max_connections
+        self._idle, self._frame_seconds = idle_seconds, frame_seconds
         # Which file is ours: a PDP started on the same path while this one drains has
         # replaced it, and this one must not remove the newcomer's.
         created = os.lstat(path)
@@ -100,6 +159,7 @@ class DecideSocketServer:
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._closing = False
         self._acceptor: threading.Thread | None = None
+        self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
 
     def start(self, decide: Decide) -> None:
         self._acceptor = threading.Thread(
@@ -120,43 +180,54 @@ class DecideSocketServer:
             with self._lock:
                 if self._closing or len(self._connections) >= self._max:
                     if not self._closing:
-                        log.warning("decide socket: %d connections open, one refused", self._max)
+                        self._say_refused()
                     conn.close()
                     continue
-                # A connection idle this long is dropped (the sidecar opens another), and
-                # one that stalls mid-frame frees its thread: nobody holds one forever.
-                conn.settimeout(self._idle)
                 thread = threading.Thread(
                     target=self._serve, args=(conn, decide), name="decide-conn", daemon=True
                 )
                 self._connections[conn] = thread
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had: a pids limit, no memory
+                log.error("decide socket: no thread for a connection, refused: %s", exc)
+                with self._lock:
+                    self._connections.pop(conn, None)
+                conn.close()
+                time.sleep(0.1)
+
+    def _say_refused(self) -> None:
+        """Warn of connections over the cap, at most once per ``REFUSED_SAID_SECONDS``: a
+        peer opening connections in a loop must not flood the log. Holds ``self._lock``."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_said >= REFUSED_SAID_SECONDS:
+            log.warning(
+                "decide socket: %d connections open, %d refused since the last warning",
+                self._max,
+                self._refused,
+            )
+            self._refused, self._refused_said = 0, now
 
     def _serve(self, conn: socket.socket, decide: Decide) -> None:
-        reader = conn.makefile("rb")
+        requests = _Requests(conn, self._idle, self._frame_seconds)
         try:
-            if reader.read(len(PREAMBLE)) != PREAMBLE:
+            if not requests.preamble():
                 return
-            while header := reader.read(HEADER.size):
-                if len(header) < HEADER.size:
-                    return
-                (length,) = HEADER.unpack(header)
-                body = reader.read(length) if length <= MAX_FRAME else b""
-                if len(body) != length:
-                    return  # too long, or cut short
+            while (body := requests.next()) is not None:
                 request = pdp_pb2.DecideRequest.FromString(body)
                 try:
                     answer = OK + decide(request).SerializeToString()
                 except BadRequest as exc:
                     answer = REFUSED + str(exc).encode()
+                except Exception:
+                    # Closed, so the client refuses: a failure here must not answer anything.
+                    log.exception("decide socket: a request failed")
+                    return
                 conn.sendall(frame(answer))
         except (OSError, DecodeError):
-            pass  # the client is gone, or spoke something else: it refuses its own call
-        except Exception:
-            # Closed, so the client refuses: a bug here must not answer anything.
-            log.exception("decide socket: a request failed")
+            pass  # the client is gone, slow, or spoke something else: it refuses its own call
         finally:
-            reader.close()
             conn.close()
             with self._lock:
                 self._connections.pop(conn, None)
@@ -180,4 +251,5 @@ class DecideSocketServer:
         if self._acceptor is not None:
             self._acceptor.join(max(0.0, deadline - time.monotonic()))
         for thread in serving.values():
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.ident is not None:  # started (a failed start left it behind)
+                thread.join(max(0.0, deadline - time.monotonic()))

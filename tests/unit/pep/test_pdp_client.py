@@ -130,3 +130,47 @@ def test_settlements_a_decision_did_not_settle_are_sent_again() -> None:
     pdp = asyncio.run(scenario())
     assert pdp.carried == [["rsv_a"], ["rsv_a", "rsv_b"]]
     assert pdp.batches == [["rsv_a", "rsv_b"]]  # in order, once, none lost
+
+
+class _Hanging(pdp_pb2_grpc.DecisionServiceServicer):
+    """A PDP that takes a decision and never answers it."""
+
+    def __init__(self) -> None:
+        self.carried: list[list[str]] = []
+        self.batches: list[list[str]] = []
+
+    async def Decide(self, request, context):  # type: ignore[no-untyped-def]
+        self.carried.append([s.reservation_id for s in request.settlements])
+        await asyncio.sleep(30)
+
+    async def ReportUsageBatch(self, request, context):  # type: ignore[no-untyped-def]
+        self.batches.append([r.reservation_id for r in request.reports])
+        return pdp_pb2.ReportUsageBatchResponse(settled=[True] * len(request.reports))
+
+
+def test_settlements_a_cancelled_decision_carried_are_sent_again() -> None:
+    async def scenario() -> _Hanging:
+        pdp = _Hanging()
+        server = grpc.aio.server()
+        pdp_pb2_grpc.add_DecisionServiceServicer_to_server(pdp, server)  # type: ignore[no-untyped-call]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = PdpClient(f"127.0.0.1:{port}", 10.0, settle_linger=0.1)
+        try:
+            client.report_usage("rsv_a", 10)
+            deciding = asyncio.create_task(client.decide("run_1", "r1", TOOL))
+            for _ in range(300):  # until the PDP holds the decision and what it carried
+                if pdp.carried:
+                    break
+                await asyncio.sleep(0.01)
+            deciding.cancel()  # as a shutdown or a closing stdio bridge does
+            with pytest.raises(asyncio.CancelledError):
+                await deciding
+            await client.close()  # the batch goes before the client closes
+        finally:
+            await server.stop(None)
+        return pdp
+
+    pdp = asyncio.run(scenario())
+    assert pdp.carried == [["rsv_a"]]
+    assert pdp.batches == [["rsv_a"]]  # not lost with the cancelled decision

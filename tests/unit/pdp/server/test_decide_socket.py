@@ -3,11 +3,13 @@ PDP removes only its own socket file."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +62,73 @@ def test_an_idle_or_stalled_connection_is_dropped(where: Path) -> None:
         server.close(time.monotonic() + 2)
 
 
+def test_a_peer_trickling_a_frame_loses_its_slot(where: Path) -> None:
+    """Each byte within the idle limit, the frame never whole: dropped once the frame's
+    own time is up, so the one slot serves a sidecar again."""
+    server = DecideSocketServer(
+        bind_decide_socket(where), where, max_connections=1, idle_seconds=1.0, frame_seconds=0.4
+    )
+    server.start(_answer)
+    try:
+        with _connect(where) as trickler:
+            trickler.sendall(PREAMBLE + HEADER.pack(100))
+            until = time.monotonic() + 1.6
+            with contextlib.suppress(OSError):  # dropped: the next byte finds no reader
+                while time.monotonic() < until:
+                    trickler.sendall(b"x")
+                    time.sleep(0.2)
+            with _connect(where) as working:
+                working.sendall(PREAMBLE)
+                assert _decide(working, "a") == "dec_a"
+    finally:
+        server.close(time.monotonic() + 2)
+
+
+def test_a_connection_without_a_thread_is_refused_and_the_next_served(
+    where: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No thread to be had (a pids limit, no memory): that connection is closed, the
+    socket goes on serving, and stopping joins only threads that started."""
+    start = threading.Thread.start
+    failures = [RuntimeError("can't start new thread")]
+
+    def start_or_fail(thread: threading.Thread) -> None:
+        if thread.name == "decide-conn" and failures:
+            raise failures.pop()
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail)
+    server = DecideSocketServer(bind_decide_socket(where), where)
+    server.start(_answer)
+    try:
+        with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as unserved:
+            assert unserved.recv(1) == b""
+        assert "no thread for a connection" in caplog.text
+        with _connect(where) as served:
+            served.sendall(PREAMBLE)
+            assert _decide(served, "b") == "dec_b"
+    finally:
+        server.close(time.monotonic() + 2)
+
+
+def test_a_decision_that_fails_answers_nothing_and_is_logged(
+    where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing(request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
+        raise OSError("the state directory went away")
+
+    server = DecideSocketServer(bind_decide_socket(where), where)
+    server.start(failing)
+    try:
+        with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as sock:
+            request = pdp_pb2.DecideRequest(request_id="x").SerializeToString()
+            sock.sendall(PREAMBLE + frame(request))
+            assert sock.recv(1) == b""  # closed: its client refuses the call
+        assert "a request failed" in caplog.text and "state directory" in caplog.text
+    finally:
+        server.close(time.monotonic() + 2)
+
+
 def test_connections_over_the_cap_are_refused_and_said(
     where: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -70,9 +139,12 @@ def test_connections_over_the_cap_are_refused_and_said(
             for sock in (first, second):
                 sock.sendall(PREAMBLE)
             assert _decide(first, "1") == "dec_1" and _decide(second, "2") == "dec_2"
-            with caplog.at_level(logging.WARNING, "abc.pdp"), _connect(where) as third:
-                assert third.recv(1) == b""
-            assert "2 connections open, one refused" in caplog.text
+            with caplog.at_level(logging.WARNING, "abc.pdp"):
+                for _ in range(3):
+                    with _connect(where) as over:
+                        assert over.recv(1) == b""
+            # Said once, not once per connection: a peer in a loop cannot flood the log.
+            assert caplog.text.count("2 connections open, 1 refused since the last") == 1
             assert _decide(first, "3") == "dec_3"  # those held are still served
     finally:
         server.close(time.monotonic() + 2)
