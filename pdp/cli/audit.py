@@ -1,8 +1,8 @@
 """``abcctl audit list`` and ``abcctl explain``: finding decisions in a verified log, and
 why one came out as it did.
 
-Both read the log as ``abcctl explain`` always has: verified first (a running PDP's
-unsigned tail is read too, and counted as such by ``audit verify``), never changed.
+Both read the log only once it verifies as ``audit verify`` would, with the same opt-ins
+(``--allow-tail`` for a running PDP's unsigned tail, ``--expect-seq``), and never change it.
 Exit codes: 0 shown (an empty list included), 1 a log that does not verify, a decision
 not found or an ambiguous prefix (one line on stderr), 2 bad usage.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pdp.cli.learn import instant_arg
+from pdp.cli.learn import add_log_flags, instant_arg
 from pdp.decisionlog import LogInvalid
 from pdp.learn.audit import LAST, LAST_DENIED, DecisionFilter, list_decisions
 from pdp.learn.explain import AmbiguousId, NotInLog, explain, render
@@ -33,7 +33,9 @@ def _count(text: str) -> int:
 def cmd_audit_list(args: argparse.Namespace) -> int:
     key = load_public_key(args.pub)
     try:
-        history = load_history(args.log, key, allow_tail=True)
+        history = load_history(
+            args.log, key, allow_tail=args.allow_tail, expect_seq=args.expect_seq
+        )
     except LogInvalid as exc:
         print(f"tampered: {exc} ({args.log}); nothing listed", file=sys.stderr)
         return 1
@@ -57,7 +59,13 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     key = load_public_key(args.pub)
     try:
-        explanation = explain(args.log, args.decision_id, key)
+        explanation = explain(
+            args.log,
+            args.decision_id,
+            key,
+            allow_tail=args.allow_tail,
+            expect_seq=args.expect_seq,
+        )
     except LogInvalid as exc:
         print(f"tampered: {exc} ({args.log}); nothing explained", file=sys.stderr)
         return 1
@@ -77,6 +85,7 @@ def _log_flags(parser: argparse.ArgumentParser, positional: bool) -> None:
     else:
         parser.add_argument("--log", type=Path, required=True, help="the decision log")
     parser.add_argument("--pub", type=Path, required=True, help="the PDP's public key")
+    add_log_flags(parser)
     parser.add_argument("--json", action="store_true", help="JSON, for machines")
 
 

@@ -45,13 +45,14 @@ class Explanation:
     # A narrowed run's narrower and the digest of the effective grant it was judged by.
     narrower: dict[str, Any] | None = None
     effective_digest: str = ""
+    refused_on: str = ""  # the sidecar's route, for a refusal it made before any action
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> dict[str, Any]:
-    if manifest is None:
+    if manifest is None or not action:  # no action: the sidecar refused before making one
         return {}
     index = policy_data(manifest)["abc"]["index"]
     target = str(action.get("target", ""))
@@ -62,10 +63,17 @@ def _consulted(manifest: Manifest | None, action: dict[str, Any], step: str) -> 
     return {"capability": {target: entry}, "current_step": step}
 
 
-def explain(log: Path, selector: str, key: Ed25519PublicKey) -> Explanation:
-    """LogInvalid for a log that does not verify (a running PDP's unsigned tail is read);
-    NotInLog or AmbiguousId when ``selector`` names no decision, or several."""
-    history = load_history(log, key, allow_tail=True)
+def explain(
+    log: Path,
+    selector: str,
+    key: Ed25519PublicKey,
+    *,
+    allow_tail: bool = False,
+    expect_seq: int | None = None,
+) -> Explanation:
+    """LogInvalid for a log that does not verify as ``audit verify`` would with the same
+    opt-ins; NotInLog or AmbiguousId when ``selector`` names no decision, or several."""
+    history = load_history(log, key, allow_tail=allow_tail, expect_seq=expect_seq)
     decision_id = find_decision(history.records, selector)
     books = MemoryRunStore()
     for run in history.runs.values():
@@ -124,6 +132,7 @@ def _explanation(
         budget=budget,
         narrower=info.narrower if info else None,
         effective_digest=info.effective_digest if info else "",
+        refused_on=str(record.input.get("refused_by_sidecar", {}).get("route", "")),
     )
 
 
@@ -131,12 +140,18 @@ def render(explanation: Explanation) -> str:
     """The explanation for a person: one fact per line."""
     e = explanation
     verdict = "ALLOW" if e.result["allow"] else "DENY"
+    run = f"run      {e.run_id}"
+    if e.run:
+        completed = ", ".join(e.run.get("completed_steps", [])) or "none"
+        run += f", step {e.run.get('step', '?')} (completed: {completed})"
+    action = json.dumps(e.action, sort_keys=True) if e.action else "none"
+    if e.refused_on:
+        action += f": refused by the sidecar on its {e.refused_on} route before it made one"
     lines = [
         f"decision {e.decision_id} at {e.time}: {verdict}"
         + ("" if e.enforced else " (shadow: not enforced)"),
-        f"run      {e.run_id}, step {e.run.get('step', '?')}"
-        f" (completed: {', '.join(e.run.get('completed_steps', [])) or 'none'})",
-        f"action   {json.dumps(e.action, sort_keys=True)}",
+        run,
+        f"action   {action}",
         f"policy   {e.policy_digest}",
         f"manifest {e.manifest_digest}",
     ]

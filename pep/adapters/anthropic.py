@@ -10,7 +10,16 @@ from pep.pdp_client import Verdict
 
 __all__ = ["AnthropicAdapter"]
 
-_ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 503: "api_error"}
+# Anthropic's own error types for the statuses a refusal takes, so that its SDK raises the
+# matching exception (NotFoundError for a route without --upstream, and so on).
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    502: "api_error",
+    503: "api_error",
+}
 
 
 class AnthropicAdapter:

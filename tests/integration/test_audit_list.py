@@ -25,7 +25,8 @@ class Logged:
     middle: str  # an instant between run A's decisions and run B's
 
     def cli(self, *args: object, check: bool = True) -> Any:
-        return abcctl(*args, "--pub", self.state / "pdp-log.pub", check=check)
+        # The PDP is still running: its log ends in records no checkpoint signed yet.
+        return abcctl(*args, "--pub", self.state / "pdp-log.pub", "--allow-tail", check=check)
 
     def listed(self, *flags: object) -> list[dict[str, Any]]:
         done = self.cli("audit", "list", self.state / "decisions.log", *flags, "--json")
@@ -136,6 +137,22 @@ def test_an_ambiguous_prefix_lists_the_candidates(logged: Logged) -> None:
     assert "give more of the id" in line
     missing = logged.explained("dec_zzz", check=False)
     assert missing.returncode == 1 and "no decision dec_zzz" in missing.stderr
+
+
+def test_a_running_pdps_unsigned_tail_is_read_only_when_allowed(logged: Logged) -> None:
+    """As ``audit verify``, ``replay`` and ``suggest``: records no checkpoint signed yet are
+    read with ``--allow-tail`` only, so nothing unsigned is shown without being asked."""
+    log, pub = logged.state / "decisions.log", logged.state / "pdp-log.pub"
+    for command in (
+        ("audit", "list", log),
+        ("explain", "last", "--log", log),
+        ("audit", "verify", log),
+    ):
+        done = abcctl(*command, "--pub", pub, check=False)
+        assert done.returncode == 1, command
+        assert "after the last checkpoint" in done.stderr and "--allow-tail" in done.stderr
+        assert done.stdout == ""
+    assert logged.listed("--last", "1")  # the same log, the tail allowed
 
 
 def test_audit_list_refuses_a_tampered_log(logged: Logged, tmp_path: Path) -> None:

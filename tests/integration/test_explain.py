@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from pdp.api import pdp_pb2
 from tests.harness import INTENT, PdpProcess, Signer, abcctl, start_pdp
 from tests.integration.test_pdp_grpc import register, step, stub, tool_call
 
@@ -41,6 +42,7 @@ def explained(state: Path, decision_id: str) -> dict[str, Any]:
         state / "decisions.log",
         "--pub",
         state / "pdp-log.pub",
+        "--allow-tail",  # the PDP is still running
         "--json",
     )
     document: dict[str, Any] = json.loads(shown.stdout)
@@ -136,9 +138,36 @@ def test_a_step_out_of_order_names_where_the_tool_is_allowed(
         state / "decisions.log",
         "--pub",
         state / "pdp-log.pub",
+        "--allow-tail",
     ).stdout
     assert f"decision {refused.decision_id}" in text and ": DENY" in text
     assert 'allowed_in: ["research"]' in text
+
+
+def test_a_refusal_the_sidecar_made_says_so(
+    explained_pdp: PdpProcess, run_id: str, state: Path
+) -> None:
+    logged = stub(explained_pdp).RecordRefusal(
+        pdp_pb2.RecordRefusalRequest(
+            run_id=run_id,
+            request_id="pep_1",
+            route="openai",
+            reason="bad_request",
+            message="percent-encoded model endpoint paths are refused",
+        ),
+        timeout=5,
+    )
+    document = explained(state, logged.decision_id)
+    assert document["action"] == {} and document["refused_on"] == "openai"
+    assert document["consulted"] == {}
+    text = abcctl(
+        "explain", logged.decision_id, "--log", state / "decisions.log", "--pub",
+        state / "pdp-log.pub", "--allow-tail",
+    ).stdout  # fmt: skip
+    assert f"run      {run_id}\n" in text  # no step: it never reached the policy
+    assert "action   none: refused by the sidecar on its openai route" in text
+    assert "consulted" not in text
+    assert "reason   bad_request: percent-encoded model endpoint paths" in text
 
 
 def test_explain_refuses_a_tampered_log_and_an_unknown_id(state: Path, tmp_path: Path) -> None:
@@ -156,6 +185,7 @@ def test_explain_refuses_a_tampered_log_and_an_unknown_id(state: Path, tmp_path:
         state / "decisions.log",
         "--pub",
         state / "pdp-log.pub",
+        "--allow-tail",
         check=False,
     )
     assert unknown.returncode == 1 and "no decision dec_nope" in unknown.stderr

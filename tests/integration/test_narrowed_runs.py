@@ -245,6 +245,7 @@ def test_explain_and_replay_judge_the_narrowed_run_by_its_narrowed_grant(
         state / "decisions.log",
         "--pub",
         state / "pdp-log.pub",
+        "--allow-tail",  # the PDP is still running
         "--json",
     )
     explained = json.loads(shown.stdout)
@@ -255,7 +256,7 @@ def test_explain_and_replay_judge_the_narrowed_run_by_its_narrowed_grant(
     assert consulted["rules"] == [{"methods": ["GET"], "path_prefix": "/v1/invoices/inv-2"}]
     assert explained["budget"]["limits"]["requests"] == 2
     text = abcctl("explain", refused.decision_id, "--log", state / "decisions.log", "--pub",
-                  state / "pdp-log.pub").stdout  # fmt: skip
+                  state / "pdp-log.pub", "--allow-tail").stdout  # fmt: skip
     assert f"narrowed {explained['effective_digest']} by " in text
     # Judged again by the narrowed grant, every decision replays identically (the grant
     # itself would have allowed inv-1).

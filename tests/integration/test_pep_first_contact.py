@@ -68,6 +68,29 @@ def test_a_route_without_upstream_is_404_naming_the_flag(
     assert f"--upstream {upstream}=URL" in reply.text
 
 
+def test_a_model_route_without_upstream_is_the_sdks_not_found_error(
+    pdp: PdpProcess, fakes: FakeUpstreams, demo_envelope: bytes, tmp_path: Path
+) -> None:
+    envelope = tmp_path / "envelope.json"
+    envelope.write_bytes(demo_envelope)
+    process = start_pep(
+        pdp.address, {"openai": fakes.openai_url}, tmp_path, "--manifest", str(envelope)
+    )
+    try:
+        claude = anthropic.Anthropic(
+            base_url=f"{process.url}/anthropic", api_key=API_KEY, max_retries=0
+        )
+        hello = [{"role": "user", "content": "hi"}]
+        with pytest.raises(anthropic.NotFoundError) as refused:
+            claude.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=hello)
+        body = refused.value.body
+        assert isinstance(body, dict) and body["error"]["type"] == "not_found_error"
+        assert "--upstream anthropic=URL" in body["error"]["message"]
+        assert refused.value.response.headers["x-abc-reason"] == "bad_request"
+    finally:
+        process.stop()
+
+
 def test_no_created_series(pep: PepProcess, pdp: PdpProcess) -> None:
     for text in (pep.metrics(), pdp.metrics()):
         assert "abc_" in text

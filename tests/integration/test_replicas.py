@@ -95,7 +95,8 @@ def test_a_replica_logs_the_grants_and_runs_it_decides_for(
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     assert replayed.stdout.strip().endswith("3 decisions re-decided: 3 identical, 0 divergent")
     last = records[-1]["decision_id"]
-    explained = abcctl("explain", last, "--log", log, "--pub", b.state / "pdp-log.pub", "--json")
+    pub = b.state / "pdp-log.pub"
+    explained = abcctl("explain", last, "--log", log, "--pub", pub, "--allow-tail", "--json")
     assert json.loads(explained.stdout)["run_id"] == started
 
 
