@@ -79,6 +79,7 @@ class Grants:
         ] = OrderedDict()
         self._lock = threading.Lock()
         self._loading = threading.RLock()  # reentrant: a started run loads its grant first
+        self._starting = threading.Lock()
 
     def register(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
@@ -255,11 +256,28 @@ class Grants:
         narrowed, policy = self._narrowed(grant, narrower)
         run_id = run_id_for(manifest_digest, run_key)
         run = self._ledger.runs.find(run_id)
-        if run is not None:
-            if self._ledger.store.shared:
-                self._ledger.state(run)  # another replica may have released it
-            # The same run, or RunKeyConflict if it was started with another narrower.
-            return self._ledger.runs.add(grant, run_key, narrowed, policy), False
+        if run is None:
+            # One start record per run, however many callers race to start its key: a
+            # second one, replayed, would read as the key started again after a release,
+            # and wipe the run's books.
+            with self._starting:
+                run = self._ledger.runs.find(run_id)
+                if run is None:
+                    return self._start_new(grant, run_key, narrowed, policy, now)
+        if self._ledger.store.shared:
+            self._ledger.state(run)  # another replica may have released it
+        # The same run, or RunKeyConflict if it was started with another narrower.
+        return self._ledger.runs.add(grant, run_key, narrowed, policy), False
+
+    def _start_new(
+        self,
+        grant: Run,
+        run_key: str,
+        narrowed: Narrowed | None,
+        policy: PreparedPolicy | None,
+        now: datetime,
+    ) -> tuple[Run, bool]:
+        run_id = run_id_for(grant.verified.digest, run_key)
         self._ledger.check_released(run_id)
         # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
         # starts that were made; used only once logged, or it could not be rebuilt. A key

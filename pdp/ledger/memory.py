@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pdp.errors import FleetRunsExhausted, ManifestUnknown
+from pdp.errors import FleetRunsExhausted, ManifestUnknown, RunClosed
 from pdp.ledger.store import (
     ANSWER_WINDOW,
     RELEASED_WINDOW,
@@ -169,6 +169,10 @@ class MemoryRunStore:
     ) -> bool:
         with self._lock:
             run = self._run(run_id)
+            if run.outcome:
+                # Ended while this decision was made: it holds nothing (a release of the
+                # run would not find the hold, nor a settlement the run).
+                raise RunClosed("the run ended while this decision was made")
             fleet = self._fleets.get(run.fleet)
             fits = run.fits(cost) and (fleet is None or fleet.fits(cost))
             if fits or force:

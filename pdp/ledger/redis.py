@@ -37,7 +37,13 @@ from typing import Any, TypeVar
 import redis
 from redis.commands.core import Script
 
-from pdp.errors import FleetRunsExhausted, ManifestRollback, ManifestUnknown, StoreUnavailable
+from pdp.errors import (
+    FleetRunsExhausted,
+    ManifestRollback,
+    ManifestUnknown,
+    RunClosed,
+    StoreUnavailable,
+)
 from pdp.ledger import lua
 from pdp.ledger.store import ANSWER_WINDOW, RELEASED_WINDOW, Books, Fleet, RunState, Usage
 
@@ -192,7 +198,10 @@ class RedisRunStore:
             self._prefix + "rsvrun",
         ]
         args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force), self._prefix]
-        return bool(self._call(self._reserve, run_id, keys, args))
+        held = self._call(self._reserve, run_id, keys, args)
+        if held == -3:
+            raise RunClosed("the run ended while this decision was made")
+        return bool(held)
 
     def _take_off(self, reservation_id: str, tokens: int, usd_micros: int, mode: str) -> Any:
         keys = [self._prefix + "rsvrun"]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pdp.errors import ManifestRollback, ManifestUnknown, StoreUnavailable
+from pdp.errors import ManifestRollback, ManifestUnknown, RunClosed, StoreUnavailable
 from pdp.ledger import MemoryRunStore, RunStore, Usage
 from pdp.ledger.redis import RedisRunStore
 from tests.harness import RedisProcess, free_port
@@ -81,6 +81,17 @@ def test_reserve_holds_every_budget_or_nothing(store: RunStore) -> None:
     books = store.books(run_id)
     assert books.reserved == Usage(tokens=1000, tool_calls=3, requests=2)
     assert books.remaining() == Usage(tokens=0, usd_micros=500, tool_calls=0, requests=8)
+
+
+def test_an_ended_run_holds_nothing_more(store: RunStore) -> None:
+    """A decision that passed its running check before another request ended the run
+    reserves nothing: a hold on an ended run would be dropped by its release uncharged."""
+    run_id = opened(store)
+    assert store.move(run_id, "research", "research", outcome="completed")
+    for force in (False, True):  # a shadow run's forced hold too
+        with pytest.raises(RunClosed):
+            store.reserve(run_id, f"rsv_{force}", Usage(tokens=10, requests=1), LATER, force)
+    assert store.books(run_id).reserved == Usage()
 
 
 def test_settle_charges_the_real_usage_once(store: RunStore) -> None:

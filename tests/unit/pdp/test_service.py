@@ -4,6 +4,7 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -285,6 +286,57 @@ def test_started_runs_and_their_state_come_back_from_the_log(tmp_path: Path) -> 
         "conversation-1",
         digest,
     )
+
+
+def test_a_caller_of_another_grant_leaves_the_request_id_to_the_run_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    pdp = _Pdp(tmp_path)
+    run_id = pdp.register()
+    misbound = pdp.service.decide(run_id, "req-1", _model(), NOW, bound="sha256:" + "0" * 64)
+    assert misbound.reason is ReasonCode.RUN_NOT_BOUND
+    pdp.log.close()
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    # As before the restart: the refusal was never the request id's answer.
+    assert restarted.service.decide(run_id, "req-1", _model(), NOW).decision.allow
+
+
+def test_a_key_two_callers_start_at_once_is_logged_once_and_replays_with_its_books(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pdp = _Pdp(tmp_path)
+    digest = _digest(pdp, pdp.register())
+    # The first caller's start record is slow to write (a busy disk): the second caller
+    # arrives meanwhile, and the run's decisions follow its answer.
+    writing, written = threading.Event(), threading.Event()
+    append = pdp.log.append
+
+    def slow_append(record: Any) -> int:
+        if isinstance(record, RunStartRecord) and not writing.is_set():
+            writing.set()
+            written.wait(0.5)
+        return append(record)
+
+    monkeypatch.setattr(pdp.log, "append", slow_append)
+    first = threading.Thread(target=pdp.service.start_run, args=(digest, "job-1", NOW))
+    first.start()
+    assert writing.wait(5)
+    run, started = pdp.service.start_run(digest, "job-1", NOW)  # waits for the first
+    written.set()
+    first.join(5)
+    assert not started
+    for n in range(3):
+        outcome = pdp.service.decide(run.run_id, f"req-{n}", _model(100), NOW)
+        pdp.service.report_usage(outcome.reservation_id, 90, 0, NOW)
+    before = pdp.service.get_run(run.run_id, NOW)
+    assert before.spent["tokens"] == 270
+    pdp.log.close()
+    records = read_verified_log(pdp.log_path, LOG_KEY.public_key()).records
+    assert len([r for r in records if isinstance(r, RunStartRecord)]) == 1
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    assert restarted.service.get_run(run.run_id, NOW) == before
 
 
 def test_a_key_started_again_after_its_run_was_released_replays_as_that_fresh_run(
