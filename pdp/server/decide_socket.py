@@ -109,7 +109,7 @@ class _Requests:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("a frame took too long")
-            if not self._recv(left):
+            if not self._recv(min(left, self._idle)):  # a stall ends it at the idle limit
                 return False
         return True
 
