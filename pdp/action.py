@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from pdp.api import pdp_pb2
 from pdp.api.mapping import MAX_TOKENS, TARGETS
-from pdp.api.requests import check_http_path, exact_value_problem
+from pdp.api.requests import check_http_path, check_resource_uri, exact_value_problem
 from pdp.engine.inputs import check_arg_names, engine_value
 from pdp.errors import BadRequest
 from pdp.manifest.canonical import parse_strict_json
@@ -109,6 +109,8 @@ def validate_action(
         check_http_path(path)  # MappingError: an AbcError with reason bad_request
     elif method or path:
         raise BadRequest("only http actions carry a method and path")
+    if kind == "resource":
+        check_resource_uri(target.split("/", 1)[1])  # after "resource:SERVER/"
     return Action(kind, target, safe_args, max_tokens, method, path, input_bytes=input_bytes)
 
 

@@ -63,14 +63,15 @@ def _request_id(request: web.Request) -> str:
     return "pep_" + secrets.token_hex(16)
 
 
-def _unsafe_request(request: web.Request, route: str) -> str | None:
+def _unsafe_request(request: web.Request, adapter: Adapter) -> str | None:
     """Why this request cannot be judged faithfully, or None (the shared rule)."""
     return unsafe_request(
         request.method,
         request.rel_url.raw_path,
         request.headers.items(),
-        model_route=route in ("openai", "anthropic"),
+        model_route=adapter.route in ("openai", "anthropic"),
         raw_query=request.rel_url.raw_query_string,
+        body_judged=adapter.reads_body,
     )
 
 
@@ -138,7 +139,7 @@ class Handler:
                 ),
                 status=404,
             )
-        unsafe = _unsafe_request(request, route)
+        unsafe = _unsafe_request(request, adapter)
         if unsafe is not None:
             return await refuse(Verdict.refuse(ReasonCode.BAD_REQUEST, unsafe))
         chosen = await _run_id(request, sidecar)

@@ -20,6 +20,7 @@ from pdp.api.reasons import MappingError
 __all__ = [
     "OVERRIDE_HEADERS",
     "check_http_path",
+    "check_resource_uri",
     "exact_value_problem",
     "parse_json_object",
     "unsafe_request",
@@ -103,7 +104,11 @@ def _header_key(name: str) -> str:
 _OVERRIDE_QUERY_KEYS = frozenset(_header_key(k) for k in ("_method", *OVERRIDE_HEADERS))
 
 
-def _header_problem(headers: Iterable[tuple[str, str]]) -> str | None:
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
+_UTF8 = frozenset({"utf-8", "utf8"})
+
+
+def _header_problem(headers: Iterable[tuple[str, str]], body_judged: bool) -> str | None:
     spellings: dict[str, str] = {}
     for name, value in headers:
         key = _header_key(name)
@@ -112,8 +117,18 @@ def _header_problem(headers: Iterable[tuple[str, str]]) -> str | None:
         # Every Content-Encoding header counts: a second one must not hide behind the first.
         if key == "content-encoding" and value.strip().lower() != "identity":
             return "compressed request bodies are refused"
-        if "_" in name and (key in _MEANINGFUL_HEADERS or key.startswith("x-abc-")):
-            return "a framing or sidecar header spelled with an underscore is refused"
+        # The body is judged as UTF-8; a server decoding it by the charset it names
+        # (UTF-7, Shift_JIS...) would read another request.
+        if (
+            body_judged
+            and key == "content-type"
+            and any(c.lower() not in _UTF8 for c in _CHARSET.findall(value))
+        ):
+            return "a request body in another charset than UTF-8 is refused"
+        if "_" in name and (key in _MEANINGFUL_HEADERS or key.startswith(("x-abc-", "mcp-"))):
+            # Mcp-* route MCP requests (Mcp-Method, Mcp-Name, Mcp-Param-*): spelled
+            # Mcp_Name, one a proxy reads as Mcp-Name would escape their check.
+            return "a framing, routing or sidecar header spelled with an underscore is refused"
         if spellings.setdefault(key, name.lower()) != name.lower():
             # X-Api-Key and X_Api_Key: which one an upstream reads is its choice, not ours.
             return "one header sent under two spellings is refused"
@@ -136,13 +151,14 @@ def unsafe_request(
     *,
     model_route: bool,
     raw_query: str = "",
+    body_judged: bool = True,
 ) -> str | None:
     """Why a request cannot be judged faithfully (then it is refused), or None.
 
     ``headers`` are (name, value) pairs as received; ``raw_path`` and ``raw_query`` are the
-    path and query string as sent.
+    path and query string as sent; ``body_judged`` is False where the body passes unread.
     """
-    problem = _header_problem(headers) or _query_problem(raw_query)
+    problem = _header_problem(headers, body_judged) or _query_problem(raw_query)
     if problem is not None:
         return problem
     if model_route:
@@ -201,6 +217,20 @@ def check_http_path(path: str) -> str:
             if form.split(";", 1)[0] in _DOT_SEGMENTS or any(c in form for c in "/\\%"):
                 raise MappingError("an escaped path segment decodes to another path")
     return path
+
+
+def check_resource_uri(uri: str) -> str:
+    """``uri`` if no server can resolve it outside a prefix it starts with; ``MappingError``
+    otherwise. A grant is a URI prefix: ``file:///docs/../etc/passwd`` starts with
+    ``file:///docs/`` and is not under it. So no dot segment and no backslash, written out
+    or escaped, and every escape as ``check_http_path`` allows it in a path."""
+    if "\\" in uri or any(s.split(";", 1)[0] in (".", "..") for s in uri.split("/")):
+        raise MappingError("a resource URI with a dot segment or a backslash is refused")
+    _, hierarchical, rest = uri.partition("://")
+    path = rest[rest.find("/") :] if "/" in rest else "" if hierarchical else "/" + uri
+    if path:
+        check_http_path(path)
+    return uri
 
 
 def exact_value_problem(value: Any) -> str | None:

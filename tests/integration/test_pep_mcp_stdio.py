@@ -148,3 +148,63 @@ def test_the_wrapper_fails_closed_without_a_decision(tmp_path: Path) -> None:
     assert answer["id"] == 1 and answer["result"]["isError"] is True
     assert answer["result"]["_meta"]["abc/reason"] == "pdp_unavailable"
     assert not record.exists()
+
+
+def test_a_call_hidden_behind_a_carriage_return_never_reaches_the_server(
+    pdp: PdpProcess, envelope: Path, tmp_path: Path
+) -> None:
+    """The SDKs' stdio servers read with universal newlines: a lone CR ends a line there.
+    A line this wrapper would judge as one client response (no decision) must not reach a
+    server that reads a refused ``tools/call`` out of it."""
+    record = tmp_path / "calls.txt"
+    params = wrapped(pdp, envelope, record)
+    wrapper = subprocess.Popen(
+        [params.command, *params.args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=params.env,
+        cwd=params.cwd,
+    )
+    assert wrapper.stdin is not None and wrapper.stdout is not None
+
+    def send(message: bytes) -> None:
+        assert wrapper.stdin is not None
+        wrapper.stdin.write(message + b"\n")
+        wrapper.stdin.flush()
+
+    def answer() -> dict[str, Any]:
+        assert wrapper.stdout is not None
+        found: dict[str, Any] = json.loads(wrapper.stdout.readline())
+        return found
+
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}}
+    hidden = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+    hidden["params"] = {"name": "delete_everything", "arguments": {}}
+    try:
+        send(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
+            ).encode()
+        )
+        assert answer()["id"] == 0
+        send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
+        smuggled = b'{"jsonrpc":"2.0","id":9,"result":{},"x":\r' + json.dumps(hidden).encode()
+        send(smuggled + b"\r}")
+        refused = answer()  # under the id the wrapper could read: refused, not relayed
+        assert refused["id"] == 9 and "carriage return" in json.dumps(refused)
+        allowed = {"name": "search", "arguments": {"query": "refunds"}}
+        send(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": allowed}
+            ).encode()
+        )
+        assert answer()["id"] == 3  # the wrapper goes on; the search reached the server
+    finally:
+        wrapper.stdin.close()
+        try:
+            wrapper.wait(timeout=15)
+        finally:
+            if wrapper.poll() is None:
+                wrapper.kill()
+    assert record.read_text().split() == ["search"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdp.action import validate_action
 from pdp.api import ReasonCode
 from pdp.api.mapping import (
     CAP_GROWTH,
@@ -15,6 +16,7 @@ from pdp.api.mapping import (
 )
 from pdp.api.reasons import MappingError, refusal_status
 from pdp.api.requests import check_http_path, parse_json_object, unsafe_request
+from pdp.errors import AbcError
 
 
 def test_model_request_reserves_the_body_size_with_the_cap() -> None:
@@ -75,6 +77,39 @@ def test_unsafe_requests() -> None:
     assert unsafe_request("GET", "/a%2e", [], model_route=False) is None  # the policy judges
 
 
+def test_a_charset_counts_only_where_the_body_is_judged() -> None:
+    utf7 = [("Content-Type", "text/plain; charset=utf-7")]
+    assert unsafe_request("POST", "/x", utf7, model_route=False, body_judged=False) is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "granted_under_its_prefix"),
+    [
+        ("file:///docs/guide.md", True),
+        ("file:///docs/a%20b.md", True),
+        ("kb://articles", True),
+        ("file:///docs/../../etc/passwd", False),
+        ("file:///docs/./x", False),
+        ("file:///docs/..;/etc", False),
+        ("file:///docs/%2e%2e/%2e%2e/etc/passwd", False),
+        ("file:///docs/%2E%2E%2Fetc", False),
+        ("file:///docs/%c0%ae%c0%ae/etc", False),
+        ("file:///docs\\..\\etc", False),
+        ("urn:kb:%2e%2e", False),
+    ],
+    ids=lambda value: str(value),
+)
+def test_a_resource_uri_cannot_leave_the_prefix_it_starts_with(
+    uri: str, granted_under_its_prefix: bool
+) -> None:
+    target = f"resource:kb/{uri}"
+    if granted_under_its_prefix:
+        assert validate_action("resource", target).target == target
+    else:
+        with pytest.raises(AbcError, match=r"resource URI|escape|path"):
+            validate_action("resource", target)
+
+
 def test_refusal_status() -> None:
     assert refusal_status(ReasonCode.TOOL_NOT_ALLOWED) == 403
     assert refusal_status(ReasonCode.MANIFEST_UNKNOWN) == 400
@@ -129,6 +164,16 @@ def test_check_http_path(path: str, forwarded: bool) -> None:
         ([], "a=1;%5Fmethod=PUT", True),
         ([], "x-http-method-override=PUT", True),
         ([], "method=PUT&a=%2F", False),
+        # MCP's routing headers, spelled for a proxy that reads _ as -.
+        ([("Mcp_Name", "delete_all")], "", True),
+        ([("mcp_param_target", "prod")], "", True),
+        ([("Mcp-Name", "search")], "", False),
+        # A body judged as UTF-8 must be UTF-8 to whoever decodes it next.
+        ([("Content-Type", "application/json; charset=utf-7")], "", True),
+        ([("Content-Type", 'application/json; charset="Shift_JIS"')], "", True),
+        ([("Content-Type", "application/json; charset=UTF-8; charset=utf-7")], "", True),
+        ([("Content-Type", "application/json; charset=UTF-8")], "", False),
+        ([("Content-Type", "application/json")], "", False),
     ],
 )
 def test_requests_read_otherwise_by_some_servers(
