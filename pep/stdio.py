@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -88,7 +87,7 @@ class StdioBridge:
 
     async def from_host(self, line: bytes, server_in: asyncio.StreamWriter) -> None:
         """One message from the host: forwarded as sent, or refused in its place."""
-        if _SPLIT_BY_SOME.search(line):
+        if b"\r" in line:
             request_id = _answer_id(line)
             refused = McpRequest(request_id) if request_id is not None else None
             await self._refuse(
@@ -119,7 +118,7 @@ class StdioBridge:
         """One message from the server: relayed with its tool lists filtered, or refused."""
         answer = AnswerFilter(self.server, None, self.adapter.schemas)
         try:
-            if _SPLIT_BY_SOME.search(line):
+            if b"\r" in line:
                 raise ValueError(_SPLIT_PROBLEM)
             text = line.decode("utf-8")  # not UTF-8: a ValueError, refused like any unreadable
             await self.to_host((await answer.judge(text, self.probe)).encode())
@@ -135,12 +134,11 @@ class StdioBridge:
                 await self.to_host(dump_json(message))
 
 
-# Where some readers end a line inside what this bridge reads as one: a carriage return
-# (universal newlines: the SDKs' stdio, Python's text files) and the Unicode line breaks
-# (str.splitlines). JSON allows a raw CR between tokens and the others inside strings, so
-# a line holding one could be judged as one message and read by its peer as several.
-_SPLIT_BY_SOME = re.compile(rb"\r|\xc2\x85|\xe2\x80[\xa8\xa9]")
-_SPLIT_PROBLEM = "a line holding a carriage return or a Unicode line break is refused"
+# A reader with universal newlines (the SDKs' stdio, Python's text files) ends a line at a
+# CR too, and JSON allows a raw CR between tokens: a line holding one could be judged here
+# as one message and read by its peer as several. (Unicode's line separators, raw in JSON
+# strings, end no line for those readers: not refused.)
+_SPLIT_PROBLEM = "a line holding a carriage return is refused"
 
 
 def _answer_id(line: bytes) -> str | int | None:
