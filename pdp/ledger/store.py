@@ -150,7 +150,8 @@ class RunStore(Protocol):
         self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
     ) -> bool:
         """Hold ``cost`` on the run's books and its fleet's in one step if every budget of
-        both can take it; False (nothing held) otherwise.
+        both can take it; False (nothing held) otherwise; ``RunClosed`` (nothing held) if
+        the run has ended meanwhile.
 
         With ``force`` (a shadow run: over-spend is recorded, not blocked) it is held
         either way, and the answer still says whether it fitted."""
