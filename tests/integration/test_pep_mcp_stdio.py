@@ -51,6 +51,18 @@ def wrapped(pdp: PdpProcess, envelope: Path, record: Path, *extra: str) -> Stdio
     )
 
 
+def spawn(params: StdioServerParameters, stderr: int) -> subprocess.Popen[bytes]:
+    """The wrapper as a host starts it, its stdin and stdout ours to speak on."""
+    return subprocess.Popen(
+        [params.command, *params.args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=params.env,
+        cwd=params.cwd,
+    )
+
+
 @pytest.fixture
 def envelope(demo_envelope: bytes, tmp_path: Path) -> Path:
     path = tmp_path / "envelope.json"
@@ -99,15 +111,7 @@ def test_the_stdio_wrapper_decides_filters_and_refuses_like_the_route(
 def test_the_servers_stderr_passes_and_it_is_stopped_with_the_wrapper(
     pdp: PdpProcess, envelope: Path, tmp_path: Path
 ) -> None:
-    params = wrapped(pdp, envelope, tmp_path / "calls.txt")
-    wrapper = subprocess.Popen(
-        [params.command, *params.args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=params.env,
-        cwd=params.cwd,
-    )
+    wrapper = spawn(wrapped(pdp, envelope, tmp_path / "calls.txt"), stderr=subprocess.PIPE)
     try:
         assert wrapper.stderr is not None
         deadline = time.monotonic() + 30
@@ -157,15 +161,7 @@ def test_a_call_hidden_behind_a_carriage_return_never_reaches_the_server(
     A line this wrapper would judge as one client response (no decision) must not reach a
     server that reads a refused ``tools/call`` out of it."""
     record = tmp_path / "calls.txt"
-    params = wrapped(pdp, envelope, record)
-    wrapper = subprocess.Popen(
-        [params.command, *params.args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=params.env,
-        cwd=params.cwd,
-    )
+    wrapper = spawn(wrapped(pdp, envelope, record), stderr=subprocess.DEVNULL)
     assert wrapper.stdin is not None and wrapper.stdout is not None
 
     def send(message: bytes) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -108,23 +110,30 @@ class _Outage(pdp_pb2_grpc.DecisionServiceServicer):
         return pdp_pb2.ReportUsageBatchResponse(settled=[True] * len(request.reports))
 
 
+@contextlib.asynccontextmanager
+async def _serving(pdp: pdp_pb2_grpc.DecisionServiceServicer) -> AsyncIterator[str]:
+    """``pdp`` on a real gRPC server on loopback: its address."""
+    server = grpc.aio.server()
+    pdp_pb2_grpc.add_DecisionServiceServicer_to_server(pdp, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 def test_settlements_a_decision_did_not_settle_are_sent_again() -> None:
     async def scenario() -> _Outage:
         pdp = _Outage()
-        server = grpc.aio.server()
-        pdp_pb2_grpc.add_DecisionServiceServicer_to_server(pdp, server)  # type: ignore[no-untyped-call]
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = PdpClient(f"127.0.0.1:{port}", 3.0, settle_linger=0.3)
-        try:
+        async with _serving(pdp) as address:
+            client = PdpClient(address, 3.0, settle_linger=0.3)
             client.report_usage("rsv_a", 10)
             refused = await client.decide("run_1", "r1", TOOL)  # carries rsv_a, fails
             assert not refused.allow and refused.reason is ReasonCode.PDP_UNAVAILABLE
             client.report_usage("rsv_b", 20)
             assert (await client.decide("run_1", "r2", TOOL)).allow  # carries both, unread
             await client.close()  # the batch goes before the client closes
-        finally:
-            await server.stop(None)
         return pdp
 
     pdp = asyncio.run(scenario())
@@ -132,31 +141,19 @@ def test_settlements_a_decision_did_not_settle_are_sent_again() -> None:
     assert pdp.batches == [["rsv_a", "rsv_b"]]  # in order, once, none lost
 
 
-class _Hanging(pdp_pb2_grpc.DecisionServiceServicer):
+class _Hanging(_Outage):
     """A PDP that takes a decision and never answers it."""
-
-    def __init__(self) -> None:
-        self.carried: list[list[str]] = []
-        self.batches: list[list[str]] = []
 
     async def Decide(self, request, context):  # type: ignore[no-untyped-def]
         self.carried.append([s.reservation_id for s in request.settlements])
         await asyncio.sleep(30)
 
-    async def ReportUsageBatch(self, request, context):  # type: ignore[no-untyped-def]
-        self.batches.append([r.reservation_id for r in request.reports])
-        return pdp_pb2.ReportUsageBatchResponse(settled=[True] * len(request.reports))
-
 
 def test_settlements_a_cancelled_decision_carried_are_sent_again() -> None:
     async def scenario() -> _Hanging:
         pdp = _Hanging()
-        server = grpc.aio.server()
-        pdp_pb2_grpc.add_DecisionServiceServicer_to_server(pdp, server)  # type: ignore[no-untyped-call]
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = PdpClient(f"127.0.0.1:{port}", 10.0, settle_linger=0.1)
-        try:
+        async with _serving(pdp) as address:
+            client = PdpClient(address, 10.0, settle_linger=0.1)
             client.report_usage("rsv_a", 10)
             deciding = asyncio.create_task(client.decide("run_1", "r1", TOOL))
             for _ in range(300):  # until the PDP holds the decision and what it carried
@@ -167,8 +164,6 @@ def test_settlements_a_cancelled_decision_carried_are_sent_again() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await deciding
             await client.close()  # the batch goes before the client closes
-        finally:
-            await server.stop(None)
         return pdp
 
     pdp = asyncio.run(scenario())
