@@ -79,7 +79,8 @@ class Grants:
         ] = OrderedDict()
         self._lock = threading.Lock()
         self._loading = threading.RLock()  # reentrant: a started run loads its grant first
-        self._starting = threading.Lock()
+        # Starts of one new run key are serialised; of others, mostly not (striped).
+        self._starting = tuple(threading.Lock() for _ in range(64))
 
     def register(self, raw_envelope: bytes, now: datetime) -> Run:
         """Verify (signature, scope, window, pinned policy), admit the rollback mark,
@@ -260,7 +261,7 @@ class Grants:
             # One start record per run, however many callers race to start its key: a
             # second one, replayed, would read as the key started again after a release,
             # and wipe the run's books.
-            with self._starting:
+            with self._starting[hash(run_id) % len(self._starting)]:
                 run = self._ledger.runs.find(run_id)
                 if run is None:
                     return self._start_new(grant, run_key, narrowed, policy, now)

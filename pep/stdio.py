@@ -88,7 +88,7 @@ class StdioBridge:
     async def from_host(self, line: bytes, server_in: asyncio.StreamWriter) -> None:
         """One message from the host: forwarded as sent, or refused in its place."""
         if b"\r" in line:
-            request_id = _answer_id(line)
+            request_id = _request_id(line)
             refused = McpRequest(request_id) if request_id is not None else None
             await self._refuse(
                 Verdict.refuse(ReasonCode.BAD_REQUEST, _SPLIT_PROBLEM),
@@ -139,6 +139,16 @@ class StdioBridge:
 # as one message and read by its peer as several. (Unicode's line separators, raw in JSON
 # strings, end no line for those readers: not refused.)
 _SPLIT_PROBLEM = "a line holding a carriage return is refused"
+
+
+def _request_id(line: bytes) -> str | int | None:
+    """The id of a request the host sent (not of its answer to the server's request): a
+    refusal goes back under it."""
+    try:
+        is_request = "method" in parse_json_object(line)
+    except MappingError:
+        return None
+    return _answer_id(line) if is_request else None
 
 
 def _answer_id(line: bytes) -> str | int | None:

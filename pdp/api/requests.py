@@ -105,7 +105,7 @@ _OVERRIDE_QUERY_KEYS = frozenset(_header_key(k) for k in ("_method", *OVERRIDE_H
 
 
 _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
-_UTF8 = frozenset({"utf-8", "utf8"})
+_UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # ASCII bodies are UTF-8 too
 
 
 def _header_problem(headers: Iterable[tuple[str, str]], body_judged: bool) -> str | None:
@@ -219,17 +219,36 @@ def check_http_path(path: str) -> str:
     return path
 
 
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+def _dot_segment(text: str) -> bool:
+    return any(part.split(";", 1)[0] in _DOT_SEGMENTS for part in _SEPARATORS.split(text))
+
+
 def check_resource_uri(uri: str) -> str:
     """``uri`` if no server can resolve it outside a prefix it starts with; ``MappingError``
     otherwise. A grant is a URI prefix: ``file:///docs/../etc/passwd`` starts with
-    ``file:///docs/`` and is not under it. So no dot segment and no backslash, written out
-    or escaped, and every escape as ``check_http_path`` allows it in a path."""
-    if "\\" in uri or any(s.split(";", 1)[0] in (".", "..") for s in uri.split("/")):
-        raise MappingError("a resource URI with a dot segment or a backslash is refused")
-    _, hierarchical, rest = uri.partition("://")
-    path = rest[rest.find("/") :] if "/" in rest else "" if hierarchical else "/" + uri
-    if path:
-        check_http_path(path)
+    ``file:///docs/`` and is not under it.
+
+    So before any query or fragment, no dot segment between ``/`` or ``\\``: written out,
+    or once a segment's escapes are decoded (up to three times, as a server may decode more
+    than once), also NFKC-normalised; and every escape valid, shortest-form UTF-8
+    (``%c0%ae`` is an overlong ``.``). Other escapes (``%2F`` inside a name, ``%25``) stay
+    the server's business: they move nothing outside the prefix.
+    """
+    for segment in _SEPARATORS.split(re.split(r"[?#]", uri, maxsplit=1)[0]):
+        form = segment
+        for _ in range(3):
+            try:
+                decoded = unquote_to_bytes(form).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise MappingError("a resource URI's escapes are not shortest-form UTF-8") from exc
+            if _dot_segment(decoded) or _dot_segment(unicodedata.normalize("NFKC", decoded)):
+                raise MappingError("a resource URI that could resolve outside its prefix")
+            if decoded == form:
+                break
+            form = decoded
     return uri
 
 

@@ -8,7 +8,6 @@ to it here; decisions themselves are written by the service, after the ledger ap
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 from pdp.action import Action
 from pdp.decisionlog import DecisionLog, DecisionRecord, Queued, SettlementRecord
 from pdp.engine import Decision
-from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunClosed, RunReleased
+from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
 from pdp.ledger.cost import cost_of
 from pdp.ledger.runs import Run, RunRegistry, run_id_for
@@ -261,12 +260,16 @@ class Ledger:
             self.store.settle(record.reservation_id, record.tokens, record.usd_micros)
             return
         if record.cost is not None and record.expires is not None:
-            # Held as made (forced: it was within budget, or a shadow run's, then). One an
-            # older PDP made after its run ended is not held: a run that ended holds nothing.
-            with contextlib.suppress(RunClosed):
-                self.store.reserve(
-                    run_id, record.reservation_id, Usage(**record.cost), record.expires, force=True
-                )
+            # Held as made (forced: it was within budget, or a shadow run's, then; replayed:
+            # made before an ending another decision logged first).
+            self.store.reserve(
+                run_id,
+                record.reservation_id,
+                Usage(**record.cost),
+                record.expires,
+                force=True,
+                replayed=True,
+            )
         if record.step is not None:
             self.move(run_id, record.step.from_, record.step.to, record.time)
         acted = record.action

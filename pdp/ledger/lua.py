@@ -66,7 +66,7 @@ local b = redis.call('HMGET', KEYS[1], 'l1', 'l2', 'l3', 'l4', 's1', 's2', 's3',
   'r1', 'r2', 'r3', 'r4', 'fleet', 'outcome')
 if not b[1] then return -1 end
 -- Ended while this decision was made: it holds nothing (the release would not find it).
-if b[14] and b[14] ~= '' then return -3 end
+if b[14] and b[14] ~= '' and ARGV[10] ~= '1' then return -3 end
 local function fits(books)
   for i = 1, 4 do
     local left = tonumber(books[i]) - tonumber(books[i + 4]) - tonumber(books[i + 8])

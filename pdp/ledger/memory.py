@@ -165,11 +165,17 @@ class MemoryRunStore:
             return True
 
     def reserve(
-        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+        self,
+        run_id: str,
+        reservation_id: str,
+        cost: Usage,
+        expires: datetime,
+        force: bool = False,
+        replayed: bool = False,
     ) -> bool:
         with self._lock:
             run = self._run(run_id)
-            if run.outcome:
+            if run.outcome and not replayed:
                 # Ended while this decision was made: it holds nothing (a release of the
                 # run would not find the hold, nor a settlement the run).
                 raise RunClosed("the run ended while this decision was made")

@@ -189,7 +189,13 @@ class RedisRunStore:
         return bool(self._call(self._move, run_id, keys, args))
 
     def reserve(
-        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+        self,
+        run_id: str,
+        reservation_id: str,
+        cost: Usage,
+        expires: datetime,
+        force: bool = False,
+        replayed: bool = False,
     ) -> bool:
         keys = [
             self._key(run_id, "run"),
@@ -198,7 +204,7 @@ class RedisRunStore:
             self._prefix + "rsvrun",
         ]
         args = [reservation_id, *cost.as_list(), _ms(expires), run_id, int(force), self._prefix]
-        held = self._call(self._reserve, run_id, keys, args)
+        held = self._call(self._reserve, run_id, keys, [*args, int(replayed)])
         if held == -3:
             raise RunClosed("the run ended while this decision was made")
         return bool(held)

@@ -147,11 +147,18 @@ class RunStore(Protocol):
         the run is still at ``seen_step`` and has not ended; False otherwise."""
 
     def reserve(
-        self, run_id: str, reservation_id: str, cost: Usage, expires: datetime, force: bool = False
+        self,
+        run_id: str,
+        reservation_id: str,
+        cost: Usage,
+        expires: datetime,
+        force: bool = False,
+        replayed: bool = False,
     ) -> bool:
         """Hold ``cost`` on the run's books and its fleet's in one step if every budget of
         both can take it; False (nothing held) otherwise; ``RunClosed`` (nothing held) if
-        the run has ended meanwhile.
+        the run has ended meanwhile, unless ``replayed`` (a hold read back from the log,
+        made before the ending that another decision logged first).
 
         With ``force`` (a shadow run: over-spend is recorded, not blocked) it is held
         either way, and the answer still says whether it fitted."""

@@ -114,6 +114,8 @@ class _Requests:
         return True
 
     def preamble(self) -> bool:
+        if not self._recv(self._idle):  # a sidecar that connects ahead says it at once
+            return False
         if not self._fill(len(PREAMBLE), time.monotonic() + self._frame_seconds):
             return False
         said = bytes(self._buffer[: len(PREAMBLE)])
@@ -132,7 +134,7 @@ class _Requests:
         end = HEADER.size + length
         if length > MAX_FRAME or not self._fill(end, deadline):
             return None
-        body = bytes(self._buffer[HEADER.size : end])
+        body = bytes(memoryview(self._buffer)[HEADER.size : end])  # one copy
         del self._buffer[:end]
         return body
 
@@ -227,6 +229,8 @@ class DecideSocketServer:
                 conn.sendall(frame(answer))
         except (OSError, DecodeError):
             pass  # the client is gone, slow, or spoke something else: it refuses its own call
+        except Exception:
+            log.exception("decide socket: a connection failed")  # closed: its client refuses
         finally:
             conn.close()
             with self._lock:

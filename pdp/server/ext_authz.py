@@ -106,7 +106,12 @@ def map_request(http: Any, headers: list[tuple[str, str]], routes: ModelRoutes) 
     named = {name.lower(): value for name, value in headers}
     model = routes.provider(path)
     unsafe = unsafe_request(
-        http.method, path, headers, model_route=model is not None, raw_query=query
+        http.method,
+        path,
+        headers,
+        model_route=model is not None,
+        raw_query=query,
+        body_judged=model is not None,  # an HTTP action is decided on method and path
     )
     if unsafe is not None:
         raise MappingError(unsafe)

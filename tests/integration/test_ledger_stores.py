@@ -92,6 +92,9 @@ def test_an_ended_run_holds_nothing_more(store: RunStore) -> None:
         with pytest.raises(RunClosed):
             store.reserve(run_id, f"rsv_{force}", Usage(tokens=10, requests=1), LATER, force)
     assert store.books(run_id).reserved == Usage()
+    # Read back from the log, a hold made before an ending another decision logged first.
+    assert store.reserve(run_id, "rsv_logged", Usage(tokens=10), LATER, True, replayed=True)
+    assert store.books(run_id).reserved == Usage(tokens=10)
 
 
 def test_settle_charges_the_real_usage_once(store: RunStore) -> None:

@@ -169,6 +169,10 @@ def test_a_call_hidden_behind_a_carriage_return_never_reaches_the_server(
         wrapper.stdin.write(message + b"\n")
         wrapper.stdin.flush()
 
+    def request(request_id: int, method: str, params: dict[str, Any]) -> None:
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        send(json.dumps(message).encode())
+
     def answer() -> dict[str, Any]:
         assert wrapper.stdout is not None
         found: dict[str, Any] = json.loads(wrapper.stdout.readline())
@@ -178,24 +182,14 @@ def test_a_call_hidden_behind_a_carriage_return_never_reaches_the_server(
     hidden = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
     hidden["params"] = {"name": "delete_everything", "arguments": {}}
     try:
-        send(
-            json.dumps(
-                {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
-            ).encode()
-        )
+        request(0, "initialize", hello)
         assert answer()["id"] == 0
         send(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
         smuggled = b'{"jsonrpc":"2.0","id":9,"result":{},"x":\r' + json.dumps(hidden).encode()
-        send(smuggled + b"\r}")
-        refused = answer()  # under the id the wrapper could read: refused, not relayed
-        assert refused["id"] == 9 and "carriage return" in json.dumps(refused)
+        send(smuggled + b"\r}")  # an answer to no request of the server's: refused, unanswered
         allowed = {"name": "search", "arguments": {"query": "refunds"}}
-        send(
-            json.dumps(
-                {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": allowed}
-            ).encode()
-        )
-        assert answer()["id"] == 3  # the wrapper goes on; the search reached the server
+        request(3, "tools/call", allowed)
+        assert answer()["id"] == 3  # the next answer is the search's: nothing ran id 2
     finally:
         wrapper.stdin.close()
         try:

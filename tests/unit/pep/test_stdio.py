@@ -23,6 +23,11 @@ class _Pdp:
     async def decide(self, run_id: str, request_id: str, action: pdp_pb2.Action) -> Verdict:
         return Verdict(action.target in GRANTED, None, "", "dec_" + request_id[-8:])
 
+    async def record_refusal(
+        self, run_id: str, request_id: str, route: str, verdict: Verdict
+    ) -> Verdict:
+        return verdict  # kept under the wrapper's own id, as when the PDP cannot log it
+
 
 class _Host:
     def __init__(self) -> None:
@@ -59,3 +64,30 @@ def test_an_unreadable_line_is_an_error_under_its_id_never_relayed() -> None:
     [sent] = relay(broken)
     assert sent["id"] == 5 and sent["error"]["code"] == -32603
     assert "delete_everything" not in json.dumps(sent)
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+def test_a_host_line_holding_a_carriage_return_reaches_neither_side_but_its_refusal() -> None:
+    """Refused under the id of a request the host sent; an answer the host gave to the
+    server's own request has no one on the host's side to answer it."""
+    host, server = _Host(), _Server()
+    bridge = StdioBridge(
+        "kb", cast(PdpClient, _Pdp()), "run_1", PepMetrics(CollectorRegistry()), cast(Any, host)
+    )
+    request = b'{"jsonrpc":"2.0","id":7,"method":"tools/list",\r"params":{}}'
+    answer = b'{"jsonrpc":"2.0","id":"s-1",\r"result":{}}'
+    for line in (request, answer):
+        asyncio.run(bridge.from_host(line, cast(Any, server)))
+    assert server.lines == []
+    [refused] = [json.loads(sent) for sent in host.lines]
+    assert refused["id"] == 7 and "carriage return" in refused["error"]["message"]

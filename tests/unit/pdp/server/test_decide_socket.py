@@ -84,6 +84,22 @@ def test_a_peer_trickling_a_frame_loses_its_slot(where: Path) -> None:
         server.close(time.monotonic() + 2)
 
 
+def test_a_connection_may_wait_before_its_preamble_as_long_as_the_idle_limit(
+    where: Path,
+) -> None:
+    server = DecideSocketServer(
+        bind_decide_socket(where), where, idle_seconds=2.0, frame_seconds=0.2
+    )
+    server.start(_answer)
+    try:
+        with _connect(where) as early:
+            time.sleep(0.5)  # longer than a frame may take, within the idle limit
+            early.sendall(PREAMBLE)
+            assert _decide(early, "a") == "dec_a"
+    finally:
+        server.close(time.monotonic() + 2)
+
+
 def test_a_connection_without_a_thread_is_refused_and_the_next_served(
     where: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
