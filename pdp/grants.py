@@ -264,7 +264,7 @@ class Grants:
             with self._starting[hash(run_id) % len(self._starting)]:
                 run = self._ledger.runs.find(run_id)
                 if run is None:
-                    return self._start_new(grant, run_key, narrowed, policy, now)
+                    return self._start_new(grant, run_id, run_key, narrowed, policy, now)
         if self._ledger.store.shared:
             self._ledger.state(run)  # another replica may have released it
         # The same run, or RunKeyConflict if it was started with another narrower.
@@ -273,12 +273,12 @@ class Grants:
     def _start_new(
         self,
         grant: Run,
+        run_id: str,
         run_key: str,
         narrowed: Narrowed | None,
         policy: PreparedPolicy | None,
         now: datetime,
     ) -> tuple[Run, bool]:
-        run_id = run_id_for(grant.verified.digest, run_key)
         self._ledger.check_released(run_id)
         # Admitted (a runs-at-once slot taken) before it is logged, so the log holds only
         # starts that were made; used only once logged, or it could not be rebuilt. A key

@@ -88,7 +88,7 @@ class StdioBridge:
     async def from_host(self, line: bytes, server_in: asyncio.StreamWriter) -> None:
         """One message from the host: forwarded as sent, or refused in its place."""
         if b"\r" in line:
-            request_id = _request_id(line)
+            request_id = _answer_id(line, requests_only=True)
             refused = McpRequest(request_id) if request_id is not None else None
             await self._refuse(
                 Verdict.refuse(ReasonCode.BAD_REQUEST, _SPLIT_PROBLEM),
@@ -141,22 +141,15 @@ class StdioBridge:
 _SPLIT_PROBLEM = "a line holding a carriage return is refused"
 
 
-def _request_id(line: bytes) -> str | int | None:
-    """The id of a request the host sent (not of its answer to the server's request): a
-    refusal goes back under it."""
+def _answer_id(line: bytes, *, requests_only: bool = False) -> str | int | None:
+    """The id of an answer that was refused, so its request is answered and not left waiting.
+    ``requests_only``: of a request the host sent, not of its answer to a server request (no
+    one on the host's side waits for that)."""
     try:
-        is_request = "method" in parse_json_object(line)
+        message = parse_json_object(line)
     except MappingError:
         return None
-    return _answer_id(line) if is_request else None
-
-
-def _answer_id(line: bytes) -> str | int | None:
-    """The id of an answer that was refused, so its request is answered and not left waiting."""
-    try:
-        found = parse_json_object(line).get("id")
-    except MappingError:
-        return None
+    found = message.get("id") if "method" in message or not requests_only else None
     return found if isinstance(found, str | int) and not isinstance(found, bool) else None
 
 

@@ -29,7 +29,9 @@ class _Pdp:
         return verdict  # kept under the wrapper's own id, as when the PDP cannot log it
 
 
-class _Host:
+class _Pipe:
+    """One side's stdin or stdout: what the bridge writes to it."""
+
     def __init__(self) -> None:
         self.lines: list[bytes] = []
 
@@ -41,7 +43,7 @@ class _Host:
 
 
 def relay(line: bytes) -> list[Any]:
-    host = _Host()
+    host = _Pipe()
     bridge = StdioBridge(
         "kb", cast(PdpClient, _Pdp()), "run_1", PepMetrics(CollectorRegistry()), cast(Any, host)
     )
@@ -66,21 +68,10 @@ def test_an_unreadable_line_is_an_error_under_its_id_never_relayed() -> None:
     assert "delete_everything" not in json.dumps(sent)
 
 
-class _Server:
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.lines.append(data)
-
-    async def drain(self) -> None:
-        return None
-
-
 def test_a_host_line_holding_a_carriage_return_reaches_neither_side_but_its_refusal() -> None:
     """Refused under the id of a request the host sent; an answer the host gave to the
     server's own request has no one on the host's side to answer it."""
-    host, server = _Host(), _Server()
+    host, server = _Pipe(), _Pipe()
     bridge = StdioBridge(
         "kb", cast(PdpClient, _Pdp()), "run_1", PepMetrics(CollectorRegistry()), cast(Any, host)
     )
