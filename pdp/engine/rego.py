@@ -9,10 +9,12 @@ matched regexes byte by byte and leaked ~23 KB per evaluation (README, "The Rego
 What this module contains:
 
 - One ``OpaEngine`` serializes its evaluations behind a lock, so a prepared policy keeps a
-  small pool of engines over the same modules and data, one per core (Go runs outside the
-  GIL): a thread takes one, decides, gives it back. The first is compiled before the
-  policy is accepted, the others in the background, so no decision waits for a compile
-  (~0.1-0.3 s each here: a sidecar's 250 ms deadline would not).
+  small pool of engines over the same modules and data, up to one per core (Go runs
+  outside the GIL): a thread takes one, decides, gives it back. The first is compiled
+  before the policy is accepted; another only when a decision finds them all busy, in the
+  background, so no decision waits for a compile (~0.1-0.3 s each here: a sidecar's 250
+  ms deadline would not) and a grant decided one call at a time holds one engine (about
+  3 MB), not one per core.
 - Builtin errors stop the evaluation (the bridge evaluates with OPA's strict builtin
   errors): an error must never become an undefined that ``not`` turns into an allow.
 - Input crosses into Go as JSON text. The bridge refuses what Go would change (a lone
@@ -101,8 +103,8 @@ class PreparedPolicy:
         first = self._compile()
         self._pool: queue.SimpleQueue[OpaEngine] = queue.SimpleQueue()
         self._pool.put(first)
-        if ENGINES > 1:
-            threading.Thread(target=self._grow, args=(ENGINES - 1,), daemon=True).start()
+        self._engines = 1  # made or being made
+        self._grow_lock = threading.Lock()
         self._cache: OrderedDict[str, Decision] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -114,9 +116,23 @@ class PreparedPolicy:
             engine.eval_document(ENTRYPOINT, {})
         return engine
 
-    def _grow(self, count: int) -> None:
-        for _ in range(count):
+    def _grow(self) -> None:
+        """Start compiling one more engine, unless there are ``ENGINES`` already."""
+        with self._grow_lock:
+            if self._engines >= ENGINES:
+                return
+            self._engines += 1
+        threading.Thread(target=self._add_engine, daemon=True).start()
+
+    def _add_engine(self) -> None:
+        try:
             self._pool.put(self._compile())
+        except BaseException:
+            # It compiled before, so this is the process (memory, say): the pool carries
+            # on with what it has, and the next busy moment tries again.
+            with self._grow_lock:
+                self._engines -= 1
+            raise
 
     def evaluate(self, policy_input: dict[str, Any]) -> Decision:
         """Decide; ``EngineError`` when the policy yields no valid decision."""
@@ -134,7 +150,11 @@ class PreparedPolicy:
         return decision
 
     def evaluate_raw(self, policy_input: dict[str, Any]) -> Any:
-        engine = self._pool.get()
+        try:
+            engine = self._pool.get_nowait()
+        except queue.Empty:
+            self._grow()
+            engine = self._pool.get()  # the first engine given back, or the new one
         try:
             return engine.eval_document(ENTRYPOINT, policy_input)
         except OpaError as exc:  # undefined included: no decision is a denial

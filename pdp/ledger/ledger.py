@@ -30,6 +30,8 @@ log = logging.getLogger("abc.pdp")
 # The most one report may settle: exact in JSON (2^53) and far below what would overflow a
 # Redis counter however often it is reported.
 MAX_REPORTED = 2**40
+# How soon an expired grant whose runs were still held is looked at again for release.
+_GRANT_RECHECK = timedelta(minutes=1)
 
 
 def _shown(left: Usage) -> dict[str, int]:
@@ -190,7 +192,9 @@ class Ledger:
     def sweep(self, now: datetime, limit: int = 8) -> None:
         """Release up to ``limit`` runs that ended or expired longer than the retention
         ago: what they still hold is settled at its worst case (and logged), then their
-        state is dropped here and in the store; GetRun then answers ``run_released``."""
+        state is dropped here and in the store; GetRun then answers ``run_released``.
+        A grant's default run goes last: once the grant expired and no run started under
+        it is held any more, since those are started from it."""
         for run in self.runs.due(now, limit):
             try:
                 state = self.store.state(run.run_id, run.lineage)
@@ -202,6 +206,10 @@ class Ledger:
             status = state.outcome or ("expired" if expired else "")
             if not status:
                 continue  # not ended: looked at again at its expiry
+            if not run.run_key and (not expired or self.runs.holds_runs_of(run)):
+                # Its runs are due by now too: looked at again once they have gone.
+                self.runs.later(run, now + max(self.runs.retention, _GRANT_RECHECK))
+                continue
             self.expire(run, now + self.reservation_ttl, logged_at=now)
             self.store.release_run(run.run_id, status)
             self.runs.drop(run)

@@ -196,20 +196,27 @@ return 1
 """
 
 # Drop an ended run's keys (its reservations were settled first; any left are taken off
-# its fleet's books), and remember it among the last ARGV[4] released.
+# its fleet's books), and remember it among the last ARGV[4] released. A grant's default
+# run takes its fleet books and envelope with it (its runs were released first; one
+# released late elsewhere finds no books to take off).
 RELEASE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local fleet = redis.call('HGET', KEYS[1], 'fleet')
-if fleet and fleet ~= '' then
+if fleet and fleet ~= '' and fleet ~= ARGV[1] then
   local base = ARGV[3] .. '{' .. fleet .. '}:'
   redis.call('ZREM', base .. 'live', ARGV[1])
-  local r = redis.call('HMGET', KEYS[1], 'r1', 'r2', 'r3', 'r4')
-  for i = 1, 4 do
-    if r[i] ~= '0' then redis.call('HINCRBY', base .. 'fleet', 'r' .. i, '-' .. r[i]) end
+  if redis.call('EXISTS', base .. 'fleet') == 1 then
+    local r = redis.call('HMGET', KEYS[1], 'r1', 'r2', 'r3', 'r4')
+    for i = 1, 4 do
+      if r[i] ~= '0' then redis.call('HINCRBY', base .. 'fleet', 'r' .. i, '-' .. r[i]) end
+    end
   end
 end
 for _, rid in ipairs(redis.call('HKEYS', KEYS[2])) do redis.call('HDEL', KEYS[6], rid) end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+local own = ARGV[3] .. '{' .. ARGV[1] .. '}:'
+redis.call('DEL', own .. 'fleet', own .. 'live')
+redis.call('HDEL', ARGV[3] .. 'envelopes', ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[1], ARGV[2])
   redis.call('RPUSH', KEYS[8], ARGV[1])

@@ -262,6 +262,7 @@ class MemoryRunStore:
             if (fleet := self._fleets.get(run.fleet)) is not None:
                 fleet.live.pop(run_id, None)
                 fleet.reserved.add(run.reserved, -1)
+            self._fleets.pop(run_id, None)  # a grant's: its runs were released first
             if status:
                 self._released[run_id] = status
                 if len(self._released) > RELEASED_WINDOW:

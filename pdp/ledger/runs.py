@@ -13,7 +13,10 @@ A run started under a run key that ended (completed, failed) or expired is relea
 the retention passed: the ledger settles what it still holds and drops its state, here
 and in the store (``Ledger.sweep``). The registry keeps the runs due for release in a
 heap, so finding them costs what is due, not every run ever seen. A grant's default run
-is kept as long as the grant: it is what later starts are made from.
+is what later starts are made from: it (and with it the grant: its compiled policy, its
+fleet books, its envelope) is released once the grant expired, the retention passed and
+every run started under it was released first, so what a process holds is the grants in
+their window, however many were ever registered.
 """
 
 from __future__ import annotations
@@ -212,6 +215,7 @@ class RunRegistry:
         self._ratios: tuple[float, dict[str, float]] = (-math.inf, {})
         # Each grant's envelope and the time it was verified as of, for snapshots.
         self._sources: dict[str, tuple[bytes, datetime]] = {}
+        self._started: dict[str, int] = {}  # grant's default run id -> its runs held here
 
     def register(
         self, verified: VerifiedManifest, policy: PreparedPolicy, raw: bytes, accepted: datetime
@@ -229,6 +233,7 @@ class RunRegistry:
             self._open(run, run.run_id if fleet else "")
             self._runs[run.run_id] = run
             self._sources[run.run_id] = (raw, accepted)
+            self._push(verified.manifest.expires_at + self.retention, run)
             return run
 
     def export_state(self) -> RegistryState:
@@ -303,6 +308,7 @@ class RunRegistry:
                 return existing
             run = Run(run_id, grant.verified, policy or grant.policy, run_key, narrowed)
             self._runs[run_id] = run
+            self._started[grant.run_id] = self._started.get(grant.run_id, 0) + 1
             self._push(run.manifest.expires_at + self.retention, run)
             return run
 
@@ -375,10 +381,30 @@ class RunRegistry:
                     found.append(run)
         return found
 
-    def drop(self, run: Run) -> None:
+    def later(self, run: Run, when: datetime) -> None:
+        """Look at ``run`` again for release at ``when``."""
         with self._lock:
             if self._runs.get(run.run_id) is run:
-                del self._runs[run.run_id]
+                self._push(when, run)
+
+    def holds_runs_of(self, grant: Run) -> bool:
+        """Whether a run started under ``grant`` is still held here."""
+        return self._started.get(grant.run_id, 0) > 0
+
+    def drop(self, run: Run) -> None:
+        with self._lock:
+            if self._runs.get(run.run_id) is not run:
+                return
+            del self._runs[run.run_id]
+            if not run.run_key:
+                self._sources.pop(run.run_id, None)
+                return
+            grant_run_id = run_id_for(run.verified.digest)
+            left = self._started.get(grant_run_id, 0) - 1
+            if left > 0:
+                self._started[grant_run_id] = left
+            else:
+                self._started.pop(grant_run_id, None)
 
     def lowest_remaining_ratio(self, now: datetime) -> dict[str, float]:
         """Over the runs held here that can still spend (running at ``now``); one walk

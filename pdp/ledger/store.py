@@ -180,7 +180,8 @@ class RunStore(Protocol):
     def release_run(self, run_id: str, status: str) -> None:
         """Drop an ended run's live state (its reservations were settled first) and
         remember it among the last ``RELEASED_WINDOW`` released, as ``status``; with ""
-        forget it instead (a start the log could not record)."""
+        forget it instead (a start the log could not record). A grant's default run
+        (released after its runs) takes the grant's fleet books and envelope with it."""
 
     def released(self, run_id: str) -> str | None:
         """The status a recently released run ended with, or None."""

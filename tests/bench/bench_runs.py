@@ -3,6 +3,10 @@ Decide with one, on one real abc-pdp (memory store), with its RSS as runs accumu
 on a second abc-pdp that releases ended runs at once (``--run-retention 0``), its RSS after
 1,000 and after 100,000 runs started and ended (``ABC_ENDED_RUNS`` for fewer).
 
+A third abc-pdp has grants registered one after another, each valid for three seconds (a
+manifest per task): its RSS after 200 and after 1,000 such grants (``ABC_EXPIRED_GRANTS``
+for another count), each released once expired as later ones register.
+
 Baselines are taken in the same run: the server's bare health Check, and Decide on a
 grant with a single started run. Writes bench-results/runs.json.
 """
@@ -16,19 +20,24 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.bundle import load_bundle
+from pdp.manifest.keys import load_private_key
 from tests.bench.bench_engine import rss_mb
 from tests.bench.bench_pdp import intent
 from tests.bench.conftest import percentile, summary_ms, write_results
+from tests.factories import manifest_document, signed_envelope
 from tests.harness import POLICIES, Signer, start_pdp
 
 LIVE_RUNS, SAMPLES, WARMUP = 10_000, 2_000, 300
 ENDED_RUNS = int(os.environ.get("ABC_ENDED_RUNS", "100000"))
+EXPIRED_GRANTS = int(os.environ.get("ABC_EXPIRED_GRANTS", "1000"))
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -87,6 +96,7 @@ def test_bench_runs(tmp_path: Path) -> None:
     channel.close()
     assert pdp.stop() == 0
     rss_ended = _ended_runs_rss(signer, tmp_path)
+    rss_grants = _expired_grants_rss(signer, tmp_path)
 
     def p50(samples: list[float]) -> float:
         return percentile(samples, 0.5)
@@ -109,6 +119,12 @@ def test_bench_runs(tmp_path: Path) -> None:
         f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs": round(
             rss_ended[str(ENDED_RUNS)] / rss_ended["1000"], 3
         ),
+        "rss_mb_by_grants_registered_and_expired": {
+            k: round(v, 1) for k, v in rss_grants.items()
+        },
+        f"ratio_rss_{EXPIRED_GRANTS}_vs_200_expired_grants": round(
+            rss_grants[str(EXPIRED_GRANTS)] / rss_grants["200"], 3
+        ),
     }
     path = write_results("runs", results)
     print(f"\nRuns benchmark ({path})")
@@ -121,6 +137,8 @@ def test_bench_runs(tmp_path: Path) -> None:
         "ratio_rss_10000_vs_1000_runs",
         "rss_mb_by_runs_started_and_ended",
         f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs",
+        "rss_mb_by_grants_registered_and_expired",
+        f"ratio_rss_{EXPIRED_GRANTS}_vs_200_expired_grants",
     ):
         print(f"  {name}: {results[name]}")
 
@@ -162,3 +180,42 @@ def _ended_runs_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
         channel.close()
         assert pdp.stop() == 0
     return rss
+
+
+def _expired_grants_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
+    """RSS of an abc-pdp after 200 and after EXPIRED_GRANTS grants were registered, each
+    valid for three seconds: each registration releases grants that expired before it,
+    their compiled policies included, so about the last three seconds' grants are held."""
+    pdp = start_pdp(signer, tmp_path / "grants", POLICIES, "--run-retention", "0")
+    channel = pdp.channel()
+    stub = pdp_pb2_grpc.DecisionServiceStub(channel)
+    key = load_private_key(signer.key)
+    bundle_digest = load_bundle(POLICIES).digest
+
+    def register(n: int) -> None:
+        now = datetime.now(UTC).replace(microsecond=0)
+        document = manifest_document(
+            lineage=f"acme/task-{n}",
+            version=1,
+            issued_at=_iso(now - timedelta(seconds=1)),
+            not_before=_iso(now - timedelta(seconds=1)),
+            expires_at=_iso(now + timedelta(seconds=3)),
+        )
+        document["policy"]["bundle_digest"] = bundle_digest
+        request = pdp_pb2.RegisterManifestRequest(envelope=signed_envelope(key, document))
+        stub.RegisterManifest(request, timeout=30)
+
+    rss: dict[str, float] = {}
+    try:
+        for n in range(EXPIRED_GRANTS):
+            register(n)
+            if n + 1 in (200, EXPIRED_GRANTS):
+                rss[str(n + 1)] = rss_mb(pdp.process.pid)
+    finally:
+        channel.close()
+        assert pdp.stop() == 0
+    return rss
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")

@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import redis
 
 from pdp.errors import ManifestRollback, ManifestUnknown, RunClosed, StoreUnavailable
-from pdp.ledger import MemoryRunStore, RunStore, Usage
+from pdp.ledger import Fleet, MemoryRunStore, RunStore, Usage
 from pdp.ledger.redis import RedisRunStore
 from tests.harness import RedisProcess, free_port
 
@@ -202,6 +203,28 @@ def test_redis_envelopes_are_kept_for_other_replicas(redis_server: RedisProcess)
     RedisRunStore(redis_server.url, prefix=prefix).put_envelope("run_x", b'{"payload": 1}')
     assert RedisRunStore(redis_server.url, prefix=prefix).envelope("run_x") == b'{"payload": 1}'
     assert RedisRunStore(redis_server.url, prefix=prefix).envelope("run_y") is None
+
+
+def test_a_released_grant_takes_its_fleet_books_and_envelope_with_it(
+    store: RunStore, redis_server: RedisProcess
+) -> None:
+    grant = "run_" + uuid.uuid4().hex
+    store.open_fleet(grant, Fleet(Usage(**LIMITS.as_dict()), runs=2))
+    store.open(grant, "research", LIMITS, "acme/g", 1, fleet=grant)
+    store.put_envelope(grant, b'{"payload": 1}')
+    run = "run_" + uuid.uuid4().hex
+    store.open(
+        run, "research", LIMITS, "acme/g", 1, (grant, "job-1", ""), grant, (NOW, LATER, False)
+    )
+    assert store.reserve(run, "rsv_a", Usage(tokens=100, requests=1), LATER)
+    store.release_run(grant, "expired")  # a replica that held no run of it any more
+    assert store.released(grant) == "expired"
+    assert store.fleet_books(grant) is None and store.envelope(grant) is None
+    # A run of it released late, elsewhere, leaves no books behind.
+    store.release_run(run, "expired")
+    assert store.fleet_books(grant) is None
+    if isinstance(store, RedisRunStore):  # no key of the grant's is left in Redis
+        assert redis.Redis.from_url(redis_server.url).keys(f"*{grant}*") == []
 
 
 def test_an_unreachable_redis_is_store_unavailable() -> None:

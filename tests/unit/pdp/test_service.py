@@ -260,11 +260,13 @@ def test_a_run_is_started_only_under_a_registered_grant_in_its_window(pdp: _Pdp)
     digest = _digest(pdp, pdp.register())
     with pytest.raises(ManifestUnknown):  # the default run's id prefix, another digest
         pdp.service.start_run(digest[:-4] + "0000", "job-1", NOW)
-    with pytest.raises(ManifestExpired):
-        pdp.service.start_run(digest, "job-1", NOW + timedelta(days=1))
+    with pytest.raises(ManifestExpired):  # expired at 18:00; kept for the hour's retention
+        pdp.service.start_run(digest, "job-1", NOW + timedelta(hours=6, minutes=30))
     pdp.register(version=8)  # a newer version of the lineage revokes the older grant
     with pytest.raises(RunClosed):
         pdp.service.start_run(digest, "job-1", NOW)
+    with pytest.raises(RunReleased, match="expired"):  # and then released, grant and all
+        pdp.service.start_run(digest, "job-1", NOW + timedelta(days=1))
 
 
 def test_started_runs_and_their_state_come_back_from_the_log(tmp_path: Path) -> None:

@@ -100,8 +100,39 @@ def test_an_ended_run_is_released_after_the_retention_and_remembered(tmp_path: P
     assert [(r.reservation_id, r.tokens, r.expired) for r in settled] == [
         (held.reservation_id, 100, True)
     ]
-    ledger.sweep(NOW + timedelta(days=1))  # the grant's default run stays
+    ledger.sweep(NOW + timedelta(hours=6))  # the grant is in its window: it stays
     assert ledger.runs.find(grant.run_id) is grant
+
+
+def test_an_expired_grant_goes_after_its_runs_with_its_fleet_books(tmp_path: Path) -> None:
+    ledger, grant, log = _ledger(tmp_path, fleet={"tokens": 1000, "runs": 2})
+    store = ledger.store
+    assert isinstance(store, MemoryRunStore)
+    run = ledger.runs.start(grant, "job-1", NOW)
+    held = ledger.apply(run, MODEL, ALLOW, "research", NOW)
+    assert held.reservation_id
+    # Expired at 18:00, released from 18:05. The sweep meets the grant first: the run
+    # started under it is still held, so the grant waits for it.
+    later = grant.manifest.expires_at + timedelta(minutes=6)
+    ledger.sweep(later, limit=1)
+    assert ledger.runs.find(grant.run_id) is grant and ledger.runs.find(run.run_id) is run
+    ledger.sweep(later, limit=1)
+    assert ledger.runs.find(run.run_id) is None
+    ledger.sweep(later + timedelta(minutes=4), limit=1)  # looked at again a retention on
+    assert ledger.runs.find(grant.run_id) is grant
+    ledger.sweep(later + timedelta(minutes=5), limit=1)
+    assert ledger.runs.find(grant.run_id) is None
+    with pytest.raises(RunReleased, match="the run expired"):
+        ledger.check_released(grant.run_id)
+    # Nothing of it is left: no fleet books, no envelope for a snapshot, no due entry.
+    assert store.fleet_books(grant.run_id) is None
+    assert ledger.runs.export_state().grants == ()
+    assert store.export_state()["runs"] == {} and store.export_state()["fleets"] == {}
+    log.close()
+    records = read_verified_log(tmp_path / "decisions.log", LOG_KEY.public_key()).records
+    assert [r.reservation_id for r in records if isinstance(r, SettlementRecord)] == [
+        held.reservation_id
+    ]
 
 
 def test_a_step_is_entered_only_from_the_step_that_was_seen(tmp_path: Path) -> None:
