@@ -2,8 +2,12 @@
 
 One reader serves OpenAI (chat, responses) and Anthropic, streamed or not: each JSON
 object seen (the body, or each SSE event's data) may carry a ``usage`` object, directly
-or under ``response`` / ``message``; later values win. Usage is bookkeeping, not a
-security decision: an unreadable response settles at the reserved worst case.
+or under ``response`` / ``message``; later values win. A stream's usage counts only once
+the stream ended as its protocol ends one (``[DONE]``, ``message_stop``, a final
+``response.*`` event): Anthropic's first event already reports the input and one output
+token, so a stream cut before its end (the agent hanging up, the upstream failing) would
+otherwise settle at almost nothing. An unreadable or unfinished response settles at the
+reserved worst case.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ __all__ = ["UsageReader"]
 
 _INPUT = ("prompt_tokens", "input_tokens")
 _OUTPUT = ("completion_tokens", "output_tokens")
+# Anthropic counts prompt-cache writes and reads beside input_tokens, not in it (OpenAI's
+# cached tokens are part of prompt_tokens already).
+_CACHE = ("cache_creation_input_tokens", "cache_read_input_tokens")
+# The events a stream ends with, each carrying (or following) its final usage.
+_FINAL_EVENTS = frozenset(
+    {"message_stop", "response.completed", "response.incomplete", "response.failed"}
+)
 _LIMIT = 8 * 1024 * 1024
 
 
@@ -27,6 +38,7 @@ class UsageReader:
         self._body = bytearray()
         self._seen: dict[str, int] = {}
         self._broken = False
+        self._ended = not streaming
 
     def feed(self, chunk: bytes) -> None:
         if self._broken:
@@ -35,7 +47,9 @@ class UsageReader:
             if self._streaming:
                 for raw in self._splitter.feed(chunk):
                     data = event_data(raw)
-                    if data and data != "[DONE]":
+                    if data == "[DONE]":
+                        self._ended = True
+                    elif data:
                         self._see(json.loads(data))
             else:
                 self._body += chunk
@@ -47,6 +61,8 @@ class UsageReader:
     def _see(self, document: Any) -> None:
         if not isinstance(document, dict):
             return
+        if document.get("type") in _FINAL_EVENTS:
+            self._ended = True
         for holder in (document, document.get("response"), document.get("message")):
             usage = holder.get("usage") if isinstance(holder, dict) else None
             if isinstance(usage, dict):
@@ -55,13 +71,14 @@ class UsageReader:
                         self._seen[key] = value
 
     def tokens(self) -> int | None:
-        """Total tokens the upstream reported, or None if it reported none readable."""
+        """Total tokens the upstream reported, or None if it reported none readable (or
+        its stream did not end)."""
         if not self._streaming and not self._broken and self._body:
             try:
                 self._see(json.loads(self._body))
             except (ValueError, UnicodeDecodeError):
                 return None
-        if self._broken:
+        if self._broken or not self._ended:
             return None
         if "total_tokens" in self._seen:
             return self._seen["total_tokens"]
@@ -71,4 +88,4 @@ class UsageReader:
         ]
         if all(part is None for part in parts):
             return None
-        return sum(part or 0 for part in parts)
+        return sum(part or 0 for part in parts) + sum(self._seen.get(k, 0) for k in _CACHE)

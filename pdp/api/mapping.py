@@ -164,11 +164,23 @@ def openai_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:
         value = body.get(field, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value != 1:
             raise MappingError(f"{field} other than 1 is not governed")
+    if path == "completions" and _prompts(body.get("prompt")) > 1:
+        raise MappingError("a batch of prompts is not governed: the cap is per completion")
     return pdp_pb2.Action(
         kind="model",
         target=_model_target("openai", body),
         max_tokens=_tokens(body, MODEL_PATHS[path]),
     )
+
+
+def _prompts(prompt: Any) -> int:
+    """How many completions a legacy ``prompt`` asks for: a list of token ids is one
+    prompt, any other list one per item."""
+    if not isinstance(prompt, list):
+        return 1
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return 1
+    return len(prompt)
 
 
 def anthropic_action(path: str, body: dict[str, Any]) -> pdp_pb2.Action:

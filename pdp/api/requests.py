@@ -32,6 +32,10 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(keys) != len(set(keys)):
         # Parsers disagree on which duplicate wins; the decider and the upstream must not.
         raise MappingError("duplicate keys in the request body")
+    if len(keys) > 1 and len(keys) != len({key.casefold() for key in keys}):
+        # Go's encoding/json (Ollama, Go gateways) matches keys case-insensitively, with
+        # Unicode folding: "Model" or "max_to\u212aens" would be its "model", "max_tokens".
+        raise MappingError("keys that differ only in case in the request body")
     return dict(pairs)
 
 
@@ -158,6 +162,7 @@ def unsafe_request(
     ``headers`` are (name, value) pairs as received; ``raw_path`` and ``raw_query`` are the
     path and query string as sent; ``body_judged`` is False where the body passes unread.
     """
+    headers = list(headers)
     problem = _header_problem(headers, body_judged) or _query_problem(raw_query)
     if problem is not None:
         return problem
@@ -166,7 +171,19 @@ def unsafe_request(
             return f"{method} on a model endpoint is not governed"
         if "%" in raw_path:
             return "percent-encoded model endpoint paths are refused"
+        types = [v for n, v in headers if _header_key(n) == "content-type"]
+        if len(types) != 1 or types[0].split(";")[0].strip().lower() != "application/json":
+            # The body is judged as JSON; an upstream parsing it as a form would read
+            # fields the policy never saw.
+            return "a model request is one body of Content-Type application/json"
+        if raw_query and not _MODEL_QUERY.fullmatch(raw_query):
+            # The official SDKs send none (Anthropic's beta=true aside); a gateway upstream
+            # may read a model or a cap from it.
+            return "a query string on a model endpoint is refused"
     return None
+
+
+_MODEL_QUERY = re.compile(r"beta=true|api-version=[0-9A-Za-z.-]{1,32}")
 
 
 _PRINTABLE_PATH = re.compile(r"/[\x21-\x7e]{0,2047}")

@@ -55,7 +55,13 @@ def check(
         host=host,
         scheme="http",
         protocol="HTTP/1.1",
-        headers={":authority": host, ":path": path, ":method": method, **headers},
+        headers={
+            ":authority": host,
+            ":path": path,
+            ":method": method,
+            **({"content-type": "application/json"} if body is not None else {}),
+            **headers,
+        },
         size=len(body) if size is None and body is not None else (-1 if size is None else size),
     )
     if body is not None:

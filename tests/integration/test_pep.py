@@ -482,6 +482,14 @@ def test_a_bound_sidecar_ignores_no_run_header_but_refuses_another_run(
             {"model": MODEL, "messages": []},
             {"Content-Encoding": "gzip"},
         ),
+        (
+            "/openai/v1/chat/completions",
+            {"model": MODEL, "messages": [], "x": "&model=o1-pro&"},
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        ("/openai/v1/chat/completions?model=o1-pro", {"model": MODEL, "messages": []}, {}),
+        ("/openai/v1/chat/completions", {"model": MODEL, "Model": "o1-pro", "messages": []}, {}),
+        ("/openai/v1/completions", {"model": MODEL, "max_tokens": 5, "prompt": ["a", "b"]}, {}),
     ],
     ids=[
         "web-search-tool",
@@ -493,6 +501,10 @@ def test_a_bound_sidecar_ignores_no_run_header_but_refuses_another_run(
         "encoded-path",
         "method-override",
         "compressed-body",
+        "form-body",
+        "query-string",
+        "case-variant-key",
+        "prompt-batch",
     ],
 )
 def test_requests_that_cannot_be_judged_faithfully_are_refused(

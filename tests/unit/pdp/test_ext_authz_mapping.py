@@ -16,6 +16,7 @@ from pep.adapters.http import HttpAdapter
 from pep.adapters.openai import OpenAIAdapter
 
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
+JSON = [("content-type", "application/json")]
 
 
 def envoy(method: str, path: str, host: str, body: bytes = b"") -> HttpRequest:
@@ -36,7 +37,7 @@ def test_model_requests_map_alike(route: str, tail: str, body: dict[str, object]
     adapter = OpenAIAdapter() if route == "openai" else AnthropicAdapter()
     request = make_mocked_request("POST", path, match_info={"tail": tail})
     pep = adapter.call(request, raw).action
-    door = map_request(envoy("POST", path, "api", raw), [], ModelRoutes()).action
+    door = map_request(envoy("POST", path, "api", raw), JSON, ModelRoutes()).action
     assert pep is not None and door == pep
     assert door.input_bytes == len(raw) + CAP_GROWTH
 
@@ -54,10 +55,10 @@ def test_http_requests_map_alike() -> None:
 def test_prefixes_route_models_and_nothing_else() -> None:
     routes = ModelRoutes("/llm/openai/", None)
     body = json.dumps({"model": "m", "max_tokens": 1}).encode()
-    mapped = map_request(envoy("POST", "/llm/openai/v1/completions", "h", body), [], routes)
+    mapped = map_request(envoy("POST", "/llm/openai/v1/completions", "h", body), JSON, routes)
     assert mapped.action.target == "model:openai/m" and mapped.token_field == "max_tokens"
     # With the Anthropic route off, its path is plain HTTP to the host.
     other = map_request(envoy("POST", "/anthropic/v1/messages", "h", body), [], routes)
     assert other.action.kind == "http"
     with pytest.raises(MappingError, match="routed as /llm/openai/v1/"):
-        map_request(envoy("POST", "/llm/openai/chat", "h", body), [], routes)
+        map_request(envoy("POST", "/llm/openai/chat", "h", body), JSON, routes)

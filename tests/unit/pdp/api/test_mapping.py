@@ -38,6 +38,12 @@ def test_model_request_reserves_the_body_size_with_the_cap() -> None:
         ("openai", "chat/completions", b'{"model": "a", "model": "b"}'),
         ("openai", "chat/completions", b"[1]"),
         ("openai", "chat/completions", b'{"model": "a", "max_tokens": NaN}'),
+        # Case-folding parsers (Go's) read these as "model" and "max_tokens".
+        ("openai", "chat/completions", b'{"model": "a", "Model": "b"}'),
+        ("openai", "chat/completions", b'{"model": "a", "max_to\\u212aens": 9, "max_tokens": 1}'),
+        # One completion per prompt, each up to the cap.
+        ("openai", "completions", b'{"model": "a", "max_tokens": 9, "prompt": ["x", "y"]}'),
+        ("openai", "completions", b'{"model": "a", "max_tokens": 9, "prompt": [[1], [2]]}'),
         ("openai", "files", b'{"model": "a"}'),
         ("anthropic", "complete", b'{"model": "a"}'),
         ("gemini", "generate", b'{"model": "a"}'),
@@ -46,6 +52,12 @@ def test_model_request_reserves_the_body_size_with_the_cap() -> None:
 def test_unmappable_model_requests_raise(provider: str, endpoint: str, body: bytes) -> None:
     with pytest.raises(MappingError):
         model_request(provider, endpoint, body)
+
+
+def test_a_legacy_completion_takes_one_prompt_in_any_of_its_spellings() -> None:
+    for prompt in ('"x"', '["x"]', "[1, 2, 3]", "[[1, 2, 3]]"):
+        body = f'{{"model": "a", "max_tokens": 9, "prompt": {prompt}}}'.encode()
+        assert model_request("openai", "completions", body)[0].max_tokens == 9
 
 
 def test_parse_json_object_refuses_duplicates() -> None:
@@ -63,10 +75,15 @@ def test_cap_to_write() -> None:
 
 
 def test_unsafe_requests() -> None:
-    def unsafe(headers: list[tuple[str, str]], method: str = "POST", path: str = "/v1/x") -> bool:
-        return unsafe_request(method, path, headers, model_route=True) is not None
+    json_body = [("Content-Type", "application/json")]
 
-    assert not unsafe([("Content-Type", "application/json")])
+    def unsafe(
+        headers: list[tuple[str, str]], method: str = "POST", path: str = "/v1/x", query: str = ""
+    ) -> bool:
+        found = unsafe_request(method, path, json_body + headers, model_route=True, raw_query=query)
+        return found is not None
+
+    assert not unsafe([])
     assert not unsafe([("Content-Encoding", "identity")])
     assert unsafe([("Content-Encoding", "gzip")])
     # A second Content-Encoding must not hide behind an innocent first one.
@@ -75,6 +92,23 @@ def test_unsafe_requests() -> None:
     assert unsafe([], method="GET")
     assert unsafe([], path="/v1/chat%2Fcompletions")
     assert unsafe_request("GET", "/a%2e", [], model_route=False) is None  # the policy judges
+
+
+def test_a_model_request_is_one_json_body_without_a_query() -> None:
+    def unsafe(headers: list[tuple[str, str]], query: str = "") -> bool:
+        found = unsafe_request("POST", "/v1/x", headers, model_route=True, raw_query=query)
+        return found is not None
+
+    json_body = [("Content-Type", "application/json; charset=utf-8")]
+    assert not unsafe(json_body)
+    assert not unsafe(json_body, "beta=true")  # Anthropic's SDK, for its beta endpoints
+    assert not unsafe(json_body, "api-version=2024-10-21")
+    # A form-parsing upstream reads model=o1-pro out of a JSON string's text.
+    assert unsafe([("Content-Type", "application/x-www-form-urlencoded")])
+    assert unsafe([])
+    assert unsafe([*json_body, ("content-type", "application/json")])
+    assert unsafe(json_body, "model=o1-pro")
+    assert unsafe(json_body, "beta=true&model=o1-pro")
 
 
 def test_a_charset_counts_only_where_the_body_is_judged() -> None:
