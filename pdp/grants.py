@@ -3,7 +3,7 @@ compiled), and the runs started under them; found again on another replica from 
 store, and rebuilt from the decision log at start-up.
 
 Every registration, refused or accepted, and every run start is logged before it is
-answered; a run start before it is made.
+made and answered.
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ class Grants:
                 )
             )
             raise
-        run = self._ledger.runs.register(verified, self._prepare(verified), raw_envelope, now)
-        self._ledger.store.put_envelope(run.run_id, raw_envelope)
+        policy = self._prepare(verified)
+        # Logged before it is made: a grant the log could not record is never used (a run
+        # started or decided under it would be gone after a restart, and a newer version
+        # would revoke the older one live but not after it).
         self._log.append(self._registration(verified, raw_envelope, now))
+        run = self._ledger.runs.register(verified, policy, raw_envelope, now)
+        self._ledger.store.put_envelope(run.run_id, raw_envelope)
         self._metrics.manifests_registered.inc()
         log.info("manifest %s registered as %s", verified.digest, run.run_id)
         return run

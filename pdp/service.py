@@ -14,6 +14,7 @@ a bug (logged as such). A decision is never answered before its record is durabl
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -167,6 +168,7 @@ class DecisionService:
         )
         self._grants = Grants(bundle, trust, high_water, metrics, log, self._ledger)
         self._gate = StateGate()
+        self._step_order = tuple(threading.Lock() for _ in range(64))  # striped by run id
         # A scrape is a door of its own: it reads the clock (``clock``), as a request does.
         metrics.watch_budgets(lambda: self._ledger.runs.lowest_remaining_ratio(clock()))
 
@@ -201,7 +203,13 @@ class DecisionService:
         the caller is bound to (its sidecar's), refuses a run of another grant.
         """
         with self._gate.changing():
-            return self._decide(run_id, request_id, action, now, bound)
+            if action.kind != "step" or action.probe:
+                return self._decide(run_id, request_id, action, now, bound)
+            # A run's step changes are logged in the order they are made, or replay (which
+            # moves a step only from the one it was seen at) would drop one: the second of
+            # two waits until the first is durable. Steps are few; calls never wait here.
+            with self._step_order[hash(run_id) % len(self._step_order)]:
+                return self._decide(run_id, request_id, action, now, bound)
 
     def _decide(
         self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
@@ -233,10 +241,14 @@ class DecisionService:
             log.exception("a decision for run %s failed", run_id)
             judged = _refused(None, {"action": acted})
         outcome, durable = self._record(run_id, request_id, run, judged, now, action.probe)
-        if claimed and durable and outcome.reason is not ReasonCode.PDP_UNAVAILABLE:
+        kept = durable and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
+        if claimed and kept and not self._log.masks({"action": acted}):
             self._ledger.keep(run_id, request_id, acted, outcome)
         elif claimed:
             # A passing outage, or a record refused for its spelling: a retry decides anew.
+            # So does one whose action holds a masked secret: a kept answer keeps its
+            # action, in memory and in snapshots, and the log (which replay reads) has it
+            # masked.
             self._ledger.unclaim(run_id, request_id)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
         return outcome

@@ -31,21 +31,29 @@ def read_head(path: Path) -> LogHead:
 def open_state(path: Path) -> tuple[LogHead, ActiveFile]:
     """The head, and where the active file stands: its first seq, and the place of the last
     record's line (in the last sealed segment when the active file is empty)."""
-    data = path.read_bytes() if path.exists() else b""
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete))
+    complete = _complete(path) if path.exists() else b""
     if complete:
         first = int(parse_record(complete[: complete.index(b"\n")])["seq"])
         return _last_of(complete, first, first)
     sealed = sealed_paths(path)
     if not sealed:
         return LogHead(0, GENESIS), ActiveFile(0, 0, 0, 0)
-    data = sealed[-1].read_bytes()  # sealed segments end with a complete checkpoint line
+    # A sealed segment ends with a checkpoint line, unless the file after it could not be
+    # made and the log went on in it: then its tail may be torn like an active file's.
+    data = _complete(sealed[-1])
     first = int(parse_record(data[: data.index(b"\n")])["seq"])
     head, active = _last_of(data, first, 0)
     return head, replace(active, first=head.seq)
+
+
+def _complete(path: Path) -> bytes:
+    """The file's whole lines; a torn last line (a write a crash cut) is cut off it."""
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete))
+    return complete
 
 
 def _last_of(data: bytes, segment: int, first: int) -> tuple[LogHead, ActiveFile]:

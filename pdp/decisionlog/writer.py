@@ -58,6 +58,8 @@ from pdp.manifest.canonical import canonical_record_bytes, digest
 __all__ = ["DecisionLog", "MaskRule", "Queued"]
 
 MASK = "***"
+# After a failed rotation, the log grows on in its file this long before it tries again.
+_ROTATE_BACKOFF = 60.0
 log = logging.getLogger("abc.pdp")
 
 
@@ -76,15 +78,23 @@ class MaskRule:
         return MaskRule(parts)
 
 
-def _mask(document: dict[str, Any], rules: Sequence[MaskRule]) -> list[str]:
-    masked: list[str] = []
+def _holders(document: dict[str, Any], rules: Sequence[MaskRule]) -> list[tuple[Any, MaskRule]]:
+    """(the dict holding the masked value, its rule) for each rule that masks something."""
+    found = []
     for rule in rules:
         node: Any = document
         for part in rule.path[:-1]:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and rule.path[-1] in node:
-            node[rule.path[-1]] = MASK
-            masked.append(".".join(rule.path))
+            found.append((node, rule))
+    return found
+
+
+def _mask(document: dict[str, Any], rules: Sequence[MaskRule]) -> list[str]:
+    masked: list[str] = []
+    for node, rule in _holders(document, rules):
+        node[rule.path[-1]] = MASK
+        masked.append(".".join(rule.path))
     return masked
 
 
@@ -126,6 +136,7 @@ class DecisionLog:
         self._pending: list[bytes] = []
         self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
+        self._rotate_after = 0.0  # monotonic time before which no rotation is tried
         # The last durable state, where a failed batch rolls back to.
         self._durable = _Durable(
             os.fstat(self._fd).st_size,
@@ -176,6 +187,10 @@ class DecisionLog:
         self.sync(queued)
         return queued.seq
 
+    def masks(self, policy_input: dict[str, Any]) -> bool:
+        """Whether a record of ``policy_input`` would have a value masked."""
+        return bool(self._masks) and bool(_holders(policy_input, self._masks))
+
     def queue(self, record: WritableRecord) -> Queued:
         """Queue one record without waiting for it: it is written with the next commit
         (any caller's ``append``, or ``sync``), so records that are answered together
@@ -198,26 +213,40 @@ class DecisionLog:
         it was lost (nothing of its batch stays in the file)."""
         with self._lock:
             self._commit_or_unavailable(queued.seq + 1, queued.epoch)
-            if self._segment_bytes and self._durable.size >= self._segment_bytes:
+            if (
+                self._segment_bytes
+                and self._durable.size >= self._segment_bytes
+                and time.monotonic() >= self._rotate_after
+            ):
                 self._rotate()
 
     def _rotate(self) -> None:
         """Seal the active file (ending it with a checkpoint) and start the next one.
 
         The record asked for is durable already: a failure here is logged and the active
-        file grows on until a later append rotates it. Holds ``self._lock``.
+        file grows on until an append after ``_ROTATE_BACKOFF`` rotates it (not every
+        append: each try costs a checkpoint and its fsync). Holds ``self._lock``.
         """
+        sealed: Path | None = None
         try:
             self._enqueue_checkpoint()
             self._commit_through(self._seq)
             if self._writing or self._pending or self._durable.size < self._segment_bytes:
                 return  # another batch got in between, or another caller rotated already
             sealed = seal(self._path, self._first)
-            # Should this fail, the log goes on in the file just sealed: still one chain
-            # in order (its name says where it starts), only longer than asked.
             fresh = self._path.open("ab", buffering=0)
         except OSError as exc:
             log.error("decision log: cannot rotate %s: %s", self._path, exc)
+            self._rotate_after = time.monotonic() + _ROTATE_BACKOFF
+            if sealed is not None:
+                # The new file could not be made: the sealed one is the active file again,
+                # so that a restart finds the log where it goes on.
+                try:
+                    os.rename(sealed, self._path)
+                except OSError as back:
+                    # It goes on in the sealed file: still one chain in order, and start-up
+                    # cuts a torn tail there as in the active file.
+                    log.error("decision log: cannot rename %s back: %s", sealed, back)
             return
         self._file.close()
         self._file, self._fd = fresh, fresh.fileno()

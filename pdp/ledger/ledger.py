@@ -241,6 +241,10 @@ class Ledger:
             return None
         run_id = self.store.settle(reservation_id, tokens, usd_micros)
         if run_id is None:
+            # Settled already, maybe by a caller whose record is still on its way to disk:
+            # "settled" is said only once that record is durable (a retry of a settlement
+            # is answered like this while the first one commits).
+            self._log.flush()
             return None
         queued = self._log.queue(
             SettlementRecord(
@@ -291,6 +295,7 @@ class Ledger:
             and [r["code"] for r in record.result["reasons"][:1]]
             not in (["pdp_unavailable"], ["run_not_bound"])
             and not record.unloggable  # never kept live either: a retry decides
+            and not record.masked  # nor one holding a masked secret
         )
         if answered:
             kept = kept_answer(

@@ -119,9 +119,7 @@ def test_bench_runs(tmp_path: Path) -> None:
         f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs": round(
             rss_ended[str(ENDED_RUNS)] / rss_ended["1000"], 3
         ),
-        "rss_mb_by_grants_registered_and_expired": {
-            k: round(v, 1) for k, v in rss_grants.items()
-        },
+        "rss_mb_by_grants_registered_and_expired": {k: round(v, 1) for k, v in rss_grants.items()},
         f"ratio_rss_{EXPIRED_GRANTS}_vs_200_expired_grants": round(
             rss_grants[str(EXPIRED_GRANTS)] / rss_grants["200"], 3
         ),

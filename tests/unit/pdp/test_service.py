@@ -4,6 +4,7 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,10 +16,18 @@ from prometheus_client import CollectorRegistry
 
 from pdp.action import Action, validate_action
 from pdp.bundle import load_bundle
-from pdp.decisionlog import DecisionLog, DecisionRecord, RunStartRecord, read_verified_log
+from pdp.decisionlog import (
+    DecisionLog,
+    DecisionRecord,
+    MaskRule,
+    RunStartRecord,
+    SettlementRecord,
+    read_verified_log,
+)
 from pdp.decisionlog.recovery import restore_from_log
 from pdp.errors import (
     BadRequest,
+    LogUnavailable,
     ManifestExpired,
     ManifestRollback,
     ManifestUnknown,
@@ -45,10 +54,11 @@ class _Pdp:
         policies: Path = POLICIES,
         store: MemoryRunStore | None = None,
         run_retention: timedelta = timedelta(hours=1),
+        masks: tuple[MaskRule, ...] = (),
     ) -> None:
         self.bundle = load_bundle(policies)
         self.log_path = tmp_path / "decisions.log"
-        self.log = DecisionLog(self.log_path, LOG_KEY)
+        self.log = DecisionLog(self.log_path, LOG_KEY, masks=masks)
         self.store = store or MemoryRunStore()
         self.marks = SqliteHighWater(tmp_path / "abc.db")
         self.registry = CollectorRegistry()
@@ -196,6 +206,45 @@ def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None
         pdp.register(version=6)
 
 
+def test_a_registration_the_log_cannot_record_is_never_used(pdp: _Pdp) -> None:
+    run_id = pdp.register(version=7)
+    pdp.log.close()  # the next record cannot be written: LogUnavailable
+    with pytest.raises(LogUnavailable):
+        pdp.register(version=8)
+    # Not registered live either: v8 does not revoke v7, as after a restart it would not.
+    assert pdp.service.get_run(run_id, NOW).status == "running"
+
+
+def test_a_settlement_is_said_settled_only_once_it_is_durable(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+    reservation = pdp.service.decide(run_id, "req-1", _model(100), NOW).reservation_id
+    # Carried with a decision: queued for the log's next commit, not yet on disk.
+    assert pdp.service.report_usage(reservation, 40, 0, NOW, wait=False) is not None
+    # A retry of it finds it settled, and says so only once the first record is durable.
+    assert pdp.service.report_usage(reservation, 40, 0, NOW) is None
+    on_disk = read_verified_log(pdp.log_path, LOG_KEY.public_key(), allow_tail=True).records
+    settled = [r for r in on_disk if isinstance(r, SettlementRecord)]
+    assert [(r.reservation_id, r.tokens) for r in settled] == [(reservation, 40)]
+
+
+def test_a_masked_secret_is_kept_nowhere_and_its_retry_decides_anew(tmp_path: Path) -> None:
+    masks = (MaskRule.parse("action.args.query"),)
+    pdp = _Pdp(tmp_path, masks=masks)
+    run_id = pdp.register()
+    search = validate_action("tool", "tool:kb/search", args={"query": "SECRET-42"})
+    first = pdp.service.decide(run_id, "req-1", search, NOW)
+    again = pdp.service.decide(run_id, "req-1", search, NOW)
+    assert first.decision.allow and again.decision.allow
+    assert again.decision_id != first.decision_id  # no answer kept: decided anew
+    _, state = pdp.service.export_state()
+    assert "SECRET-42" not in json.dumps(state)  # what a snapshot would write
+    pdp.log.close()
+    restarted = _Pdp(tmp_path, masks=masks)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    # The log holds it masked; replay keeps no answer either, so a retry is decided as live.
+    assert restarted.service.decide(run_id, "req-1", search, NOW).decision.allow
+
+
 def _digest(pdp: _Pdp, run_id: str) -> str:
     return pdp.service.get_run(run_id, NOW).manifest_digest
 
@@ -339,6 +388,38 @@ def test_a_key_two_callers_start_at_once_is_logged_once_and_replays_with_its_boo
     restarted = _Pdp(tmp_path)
     restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
     assert restarted.service.get_run(run.run_id, NOW) == before
+
+
+def test_step_changes_are_logged_in_the_order_they_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pdp = _Pdp(tmp_path)
+    run_id = pdp.register()
+    # The first step change is slow to write (a busy disk); an ending arrives meanwhile.
+    writing, written = threading.Event(), threading.Event()
+    append = pdp.log.append
+
+    def slow_append(record: Any) -> int:
+        if isinstance(record, DecisionRecord) and record.step and not writing.is_set():
+            writing.set()
+            written.wait(0.5)
+        return append(record)
+
+    monkeypatch.setattr(pdp.log, "append", slow_append)
+    enter = validate_action("step", "step:answer")
+    first = threading.Thread(target=pdp.service.decide, args=(run_id, "req-1", enter, NOW))
+    first.start()
+    assert writing.wait(5)
+    end = validate_action("step", "step:@completed")
+    assert pdp.service.decide(run_id, "req-2", end, NOW).decision.allow
+    written.set()
+    first.join(5)
+    live = pdp.service.get_run(run_id, NOW)
+    assert (live.step, live.completed_steps, live.status) == ("answer", ("research",), "completed")
+    pdp.log.close()
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    assert restarted.service.get_run(run_id, NOW) == live
 
 
 def test_a_key_started_again_after_its_run_was_released_replays_as_that_fresh_run(

@@ -3,8 +3,10 @@ them; every reader reads them as one log, and an edit or a missing segment is na
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +53,55 @@ def test_a_restarted_writer_continues_the_chain_after_the_last_segment(tmp_path:
     assert after.records == before.records + 2  # the decision and the closing checkpoint
     records = read_verified_log(path, KEY.public_key()).records
     assert isinstance(records[-1], CheckpointRecord)
+
+
+def test_a_fresh_file_that_cannot_be_made_leaves_the_log_in_its_active_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, segment_bytes=2000)
+    opened = Path.open
+    tries: list[int] = []
+
+    def no_room_for_the_fresh_file(self: Path, mode: str = "r", *args: Any, **kw: Any) -> Any:
+        if self == path and mode == "ab":  # a full disk, say
+            tries.append(1)
+            raise OSError(errno.ENOSPC, "no room")
+        return opened(self, mode, *args, **kw)
+
+    monkeypatch.setattr(Path, "open", no_room_for_the_fresh_file)
+    for i in range(40):
+        log.append(decision(i))
+    monkeypatch.undo()
+    # Renamed back, tried once (then not before the back-off), and nothing lost.
+    assert sealed_paths(path) == [] and path.exists() and len(tries) == 1
+    assert verify_log(path, KEY.public_key(), allow_tail=True).records > 40
+    # kill -9 in the middle of a write: a restart cuts the torn line and goes on.
+    with path.open("ab") as handle:
+        handle.write(b'{"v": 1, "kind": "deci')
+    log = DecisionLog(path, KEY, segment_bytes=2000)
+    log.append(decision(99))
+    log.close()
+    decisions = [
+        e for e in read_verified_log(path, KEY.public_key()).records if e.kind == "decision"
+    ]
+    assert [d.decision_id for d in decisions] == [f"dec_{i}" for i in [*range(40), 99]]
+
+
+def test_a_torn_tail_of_the_last_sealed_segment_is_cut_when_no_active_file_follows(
+    tmp_path: Path,
+) -> None:
+    # The log went on in a sealed file (neither a fresh file nor the rename back could be
+    # made), then a crash tore its last line: the PDP still starts.
+    path = rotated_log(tmp_path)
+    path.unlink()
+    last = sealed_paths(path)[-1]
+    with last.open("ab") as handle:
+        handle.write(b'{"v": 1, "kind": "deci')
+    log = DecisionLog(path, KEY, segment_bytes=2000)
+    log.append(decision(99))
+    log.close()
+    assert verify_log(path, KEY.public_key()).records > 40
 
 
 def test_an_edit_inside_a_sealed_segment_is_named(tmp_path: Path) -> None:
