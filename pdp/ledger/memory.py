@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pdp.errors import FleetRunsExhausted, ManifestUnknown, RunClosed
+from pdp.errors import FleetRunsExhausted, ManifestUnknown, RunClosed, StoreUnavailable
 from pdp.ledger.store import (
     ANSWER_WINDOW,
     RELEASED_WINDOW,
@@ -86,6 +86,8 @@ class _Run(_Books):
 
 
 _COMPACT_SLACK = 1024
+# How long a duplicate waits for the first decision of its request id.
+_IN_FLIGHT_SECONDS = 10.0
 
 
 class MemoryRunStore:
@@ -278,8 +280,10 @@ class MemoryRunStore:
         with self._answered:
             run = self._run(run_id)
             while request_id in run.in_flight:
-                if not self._answered.wait(timeout=10):
-                    break
+                if not self._answered.wait(timeout=_IN_FLIGHT_SECONDS):
+                    # Still being decided (a log stuck on its disk, say): deciding it again
+                    # would charge it twice. The caller may retry.
+                    raise StoreUnavailable("a decision for this request id is still under way")
             prior = run.answers.get(request_id)
             if prior is None:
                 run.in_flight.add(request_id)

@@ -272,7 +272,9 @@ class RedisRunStore:
                 answer: dict[str, Any] = json.loads(prior)
                 return answer
             if time.monotonic() > deadline:
-                return None  # the mark outlived its deadline's clock skew: decide anew
+                # The first decision is still under way (or its mark outlived it by the
+                # replicas' clock skew): deciding it again could charge it twice.
+                raise StoreUnavailable("a decision for this request id is still under way")
             time.sleep(0.005)  # another replica is deciding this request id right now
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:

@@ -188,7 +188,8 @@ class RunStore(Protocol):
 
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         """The answer already given to ``request_id``, or None after marking it in flight
-        (a duplicate arriving meanwhile waits for the first one's answer)."""
+        (a duplicate arriving meanwhile waits for the first one's answer; ``StoreUnavailable``
+        if none comes within the wait, rather than a second decision and charge)."""
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         """Keep the answer (nothing, for a run released while it was decided)."""

@@ -171,6 +171,19 @@ def test_a_request_id_is_answered_once_and_a_duplicate_waits_for_it(store: RunSt
     assert store.claim(run_id, "req-1") == {"decision_id": "dec_1", "allow": True}
 
 
+def test_a_duplicate_whose_first_decision_never_ends_is_refused_not_decided_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pdp.ledger.memory._IN_FLIGHT_SECONDS", 0.2)
+    store = MemoryRunStore()
+    run_id = opened(store)
+    assert store.claim(run_id, "req-1") is None  # decided, and stuck (a disk that hangs)
+    with pytest.raises(StoreUnavailable, match="still under way"):
+        store.claim(run_id, "req-1")  # not claimed again: it would be charged twice
+    store.answer(run_id, "req-1", {"decision_id": "dec_1", "allow": True})
+    assert store.claim(run_id, "req-1") == {"decision_id": "dec_1", "allow": True}
+
+
 def test_unknown_runs_are_refused(store: RunStore) -> None:
     with pytest.raises(ManifestUnknown):
         store.state("run_nope", "acme/a")
