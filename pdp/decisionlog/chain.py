@@ -41,12 +41,13 @@ def _unsigned(record: dict[str, Any]) -> bytes:
 
 
 def sign_checkpoint(
-    seq: int, prev: str, time: datetime, key: Ed25519PrivateKey
+    seq: int, prev: str, time: datetime, key: Ed25519PrivateKey, *, macs: bool = True
 ) -> CheckpointRecord:
     """The checkpoint at ``seq`` signing the head ``prev``: ``sig`` is base64 Ed25519 over
-    its whole line's canonical bytes without ``sig``."""
+    its whole line's canonical bytes without ``sig``. ``macs``: the records after it carry
+    MACs (False only to write a log as versions before them did)."""
     unsigned = CheckpointRecord(
-        time=time, head=prev, keyid=keyid(raw_public_key(key.public_key())), sig=""
+        time=time, head=prev, keyid=keyid(raw_public_key(key.public_key())), sig="", macs=macs
     )
     signature = key.sign(_unsigned(line_fields(unsigned, seq, prev)))
     return unsigned.model_copy(update={"sig": base64.b64encode(signature).decode("ascii")})

@@ -65,7 +65,8 @@ __all__ = [
 
 RECORD_VERSION: Literal[1] = 1
 KINDS = ("registration", "run_start", "decision", "settlement", "checkpoint")
-_CHAIN = ("seq", "prev")  # the writer's fields: where a record sits, not what it says
+# The writer's fields: where a record sits and who wrote it (``mac.py``), not what it says.
+_CHAIN = ("seq", "prev", "~mac")
 _BUDGETS = frozenset({"tokens", "usd_micros", "tool_calls", "requests"})
 
 
@@ -322,15 +323,20 @@ class CheckpointRecord(_Record):
     head: StrictStr
     keyid: StrictStr
     sig: StrictStr
+    # The records after it carry MACs (``mac.py``); absent in logs written before them.
+    macs: StrictBool = False
 
     def fields(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "kind": self.kind,
             "time": log_time(self.time),
             "head": self.head,
             "keyid": self.keyid,
             "sig": self.sig,
         }
+        if self.macs:
+            fields["macs"] = True
+        return fields
 
 
 WritableRecord = (
@@ -385,6 +391,8 @@ def parse_record(raw: Mapping[str, Any]) -> Record:
         raise RecordInvalid(f"not a version-{RECORD_VERSION} record", seq)
     if not isinstance(raw.get("prev"), str):
         raise RecordInvalid("a record has the hash of the one before (prev)", seq)
+    if not isinstance(raw.get("~mac", ""), str):
+        raise RecordInvalid("a record's MAC is a string", seq)
     kind = raw.get("kind")
     body = {k: v for k, v in raw.items() if k not in _CHAIN}
     try:

@@ -40,17 +40,24 @@ class Restorable(Protocol):
 
 
 def restore_from_log(
-    target: Restorable, path: Path, key: Ed25519PublicKey, snapshots: Path | None = None
+    target: Restorable,
+    path: Path,
+    key: Ed25519PublicKey,
+    snapshots: Path | None = None,
+    *,
+    mac_key: bytes | None = None,
 ) -> int:
     """Replay ``path`` into ``target``, after the newest usable snapshot in ``snapshots``
-    if there is one; the number of records applied."""
+    if there is one; the number of records applied. ``key`` verifies the checkpoints;
+    with ``mac_key`` (the PDP's, ``mac.py``) the tail after the last one must carry its
+    MACs, or it was not this PDP's to replay and then sign."""
     if not any(p.stat().st_size for p in segment_paths(path)):
         return 0
     started = time.monotonic()
     start = _from_snapshot(target, path, key, snapshots) if snapshots is not None else None
     try:
         count = 0
-        for logged in LogReader(path, key, allow_tail=True, start=start):
+        for logged in LogReader(path, key, allow_tail=True, start=start, mac_key=mac_key):
             if isinstance(logged.record, CheckpointRecord):
                 continue
             # A registration is verified again as of when it was accepted: its record's time.

@@ -50,7 +50,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pdp.clock import utc_now
 from pdp.decisionlog.chain import sign_checkpoint
 from pdp.decisionlog.head import open_state
-from pdp.decisionlog.records import DecisionRecord, Record, WritableRecord, line_fields
+from pdp.decisionlog.mac import mac_key, with_mac
+from pdp.decisionlog.records import (
+    CheckpointRecord,
+    DecisionRecord,
+    Record,
+    WritableRecord,
+    line_fields,
+)
 from pdp.decisionlog.segments import LogPosition, seal
 from pdp.errors import ConfigError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest
@@ -126,6 +133,7 @@ class DecisionLog:
         self._first = active.first
         self._seq, self._prev = head.seq, head.hash
         self._key = key
+        self._mac_key = mac_key(key)
         self._every, self._seconds = checkpoint_every, checkpoint_seconds
         self._retry = retry_seconds
         self._masks = tuple(masks)
@@ -391,6 +399,8 @@ class DecisionLog:
         # Once: the line written is the line hashed. A record that cannot be spelled
         # raises here, before the chain moves.
         encoded = canonical_record_bytes(line_fields(record, seq, self._prev))
+        if not isinstance(record, CheckpointRecord):  # signed on its own
+            encoded = with_mac(encoded, self._mac_key)
         self._pending.append(encoded + b"\n")
         self._seq, self._prev = seq + 1, digest(encoded)
         self._since_checkpoint += 1

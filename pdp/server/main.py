@@ -33,6 +33,7 @@ from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.clock import utc_now
 from pdp.decisionlog import DecisionLog, MaskRule
+from pdp.decisionlog.mac import mac_key
 from pdp.decisionlog.recovery import restore_from_log
 from pdp.decisionlog.snapshot import Snapshotter
 from pdp.engine import EngineError, PreparedPolicy, policy_data
@@ -232,7 +233,9 @@ def _start(
         run_retention=timedelta(seconds=config.run_retention_seconds),
     )
     snapshots = config.state / SNAPSHOTS if config.snapshot_every else None
-    replayed = restore_from_log(service, config.decision_log, log_key.public_key(), snapshots)
+    replayed = restore_from_log(
+        service, config.decision_log, log_key.public_key(), snapshots, mac_key=mac_key(log_key)
+    )
     # Runs the log brought back that ended or expired longer than the retention ago are
     # released again before serving: a restart brings no released run's state back.
     service.sweep(utc_now(), limit=sys.maxsize)

@@ -9,6 +9,7 @@ import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,11 @@ import pytest
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.api.decide_socket import OK, PREAMBLE, frame
+from pdp.decisionlog import SettlementRecord
+from pdp.decisionlog.chain import record_hash
+from pdp.decisionlog.records import line_fields
 from pdp.decisionlog.segments import sealed_paths, segment_paths
+from pdp.manifest.canonical import canonical_record_bytes
 from tests.harness import (
     INTENT,
     POLICIES,
@@ -24,8 +29,10 @@ from tests.harness import (
     Signer,
     abcctl,
     audit_verify,
+    pdp_flags,
     read_frame,
     start_pdp,
+    start_up_error,
 )
 
 
@@ -293,3 +300,25 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
     finally:
         again.stop()
         shutil.rmtree(decide_socket.parent, ignore_errors=True)
+
+
+def test_a_record_added_while_the_pdp_was_stopped_stops_its_start(
+    signer: Signer, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    pdp = start_pdp(signer, state)
+    run_id = run_of(pdp, envelope(signer, "forged-tail"))
+    reservation = stub(pdp).Decide(tool(run_id, "r1")).reservation_id
+    assert pdp.stop() == 0
+    # Anyone who can write the file can chain a line after its closing checkpoint: here,
+    # one settling the reservation at almost nothing.
+    log = state / "decisions.log"
+    last = json.loads(log.read_bytes().splitlines()[-1])
+    forged = SettlementRecord(
+        time=datetime.now(UTC), run_id=run_id, reservation_id=reservation, tokens=1, usd_micros=0
+    )
+    line = canonical_record_bytes(line_fields(forged, last["seq"] + 1, record_hash(last)))
+    with log.open("ab") as handle:
+        handle.write(line + b"\n")
+    error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state))
+    assert "was not written by this PDP" in error
