@@ -54,8 +54,8 @@ def restore_from_log(
     if not any(p.stat().st_size for p in segment_paths(path)):
         return 0
     started = time.monotonic()
-    start = _from_snapshot(target, path, key, snapshots) if snapshots is not None else None
     try:
+        start = _from_snapshot(target, path, key, snapshots) if snapshots is not None else None
         count = 0
         for logged in LogReader(path, key, allow_tail=True, start=start, mac_key=mac_key):
             if isinstance(logged.record, CheckpointRecord):

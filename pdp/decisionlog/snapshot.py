@@ -7,8 +7,12 @@ of (the record before it: seq, hash, segment, offset and length of its line), th
 of the body, and an Ed25519 signature by the log's checkpoint key over the header without
 ``sig``. Nothing of a snapshot is trusted before it is checked: the signature, then the
 body's digest, then the binding (the line at that place in the log hashes to the named
-record hash); only then is the body parsed. Anything that fails is a WARNING and the next
-older snapshot is tried, then a full replay: never a wrong state.
+record hash); only then is the body parsed. A snapshot that is not the log key's, or is
+damaged, is a WARNING and the next older snapshot is tried, then a full replay: never a
+wrong state. One that is, but whose record the log does not hold, stops start-up
+(``LogInvalid``): the PDP wrote that record, durably, before it signed the snapshot, so
+the log was cut or replaced since, and replaying what is left would lose what it had
+answered. (Truncation at a record boundary cannot be seen from inside the log alone.)
 
 What the state holds is the caller's (``Restorable.export_state``); this module does not
 read it. Records before a snapshot's position are not read again at start-up, so not
@@ -31,6 +35,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pdp.decisionlog.segments import LogPosition, segment_of
+from pdp.decisionlog.verify import LogInvalid
 from pdp.errors import AbcError, LogUnavailable
 from pdp.manifest.canonical import canonical_record_bytes, digest, parse_record
 from pdp.manifest.keys import keyid, raw_public_key, verify_signature
@@ -45,7 +50,7 @@ _NAME = re.compile(r"snapshot-(\d{12})\.snap")
 
 
 class SnapshotUnusable(Exception):
-    """A snapshot that cannot be trusted or does not match the log; the message says why."""
+    """A snapshot that cannot be trusted; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -164,11 +169,17 @@ def _check_bound(log_path: Path, position: LogPosition) -> None:
         with segment.open("rb") as handle:
             handle.seek(position.offset)
             line = handle.read(position.length)
+    except FileNotFoundError:
+        line = b""
     except OSError as exc:
         raise SnapshotUnusable(f"the log segment it names cannot be read: {exc}") from exc
-    mismatch = SnapshotUnusable(
-        f"the log does not hold record {position.seq - 1} with hash {position.hash}"
-        f" at {segment.name}:{position.offset} (another or a cut log)"
+    mismatch = LogInvalid(
+        position.seq,
+        position.seq - 1,
+        f"the log does not hold the record with hash {position.hash} at"
+        f" {segment.name}:{position.offset}, which the signed snapshot names: the log was"
+        " cut or replaced since (move the snapshots aside only if this log is meant to"
+        " replace them)",
     )
     if len(line) != position.length or not line.endswith(b"\n"):
         raise mismatch

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog import DecisionLog, LogReader
+from pdp.decisionlog import DecisionLog, LogInvalid, LogReader, verify_log
+from pdp.decisionlog.segments import sealed_paths
 from pdp.decisionlog.snapshot import load_snapshot, write_snapshot
 from tests.unit.pdp.decisionlog.test_log import KEY, decision
 
@@ -67,15 +68,23 @@ def test_a_snapshot_signed_by_another_key_is_not_trusted(
     assert caplog.text.count("not signed by this log's key") == 2
 
 
-def test_a_snapshot_of_another_log_is_not_used(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_log_replaced_under_its_snapshots_stops_start_up(tmp_path: Path) -> None:
     _, snapshots, _ = log_with_snapshots(tmp_path)
     other = tmp_path / "other" / "decisions.log"
     log = DecisionLog(other, KEY, segment_bytes=1500)
     for i in range(30):
         log.append(decision(i + 1000))  # same shape, other records: other hashes
     log.close()
-    with caplog.at_level(logging.WARNING, "abc.pdp"):
-        assert load_snapshot(snapshots, other, KEY.public_key()) is None
-    assert "the log does not hold record" in caplog.text
+    with pytest.raises(LogInvalid, match="cut or replaced"):
+        load_snapshot(snapshots, other, KEY.public_key())
+
+
+def test_a_log_cut_before_its_snapshot_stops_start_up(tmp_path: Path) -> None:
+    # Cut at a checkpoint: the log alone verifies, shorter; the signed snapshot says not.
+    path, snapshots, _ = log_with_snapshots(tmp_path)
+    for segment in sealed_paths(path)[2:]:
+        segment.unlink()
+    path.unlink()
+    assert verify_log(path, KEY.public_key()).records < 25
+    with pytest.raises(LogInvalid, match="cut or replaced"):
+        load_snapshot(snapshots, path, KEY.public_key())
