@@ -228,6 +228,10 @@ class DecisionService:
             if not action.probe:
                 prior = self._ledger.claim(run_id, request_id, acted)
                 if prior is not None:
+                    if prior.forward:
+                        # An allow goes again only while the run may still act: a retry
+                        # after it ended, expired or was revoked is refused as a new call.
+                        run.check_running(self._ledger.state(run), now)
                     return prior
                 claimed = True
             judged = self._judge(run, action, acted, now)

@@ -61,7 +61,8 @@ class UsageReader:
     def _see(self, document: Any) -> None:
         if not isinstance(document, dict):
             return
-        if document.get("type") in _FINAL_EVENTS:
+        kind = document.get("type")
+        if isinstance(kind, str) and kind in _FINAL_EVENTS:
             self._ended = True
         for holder in (document, document.get("response"), document.get("message")):
             usage = holder.get("usage") if isinstance(holder, dict) else None

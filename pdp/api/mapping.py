@@ -204,6 +204,7 @@ def model_request(
     forwarded, which a cap written into it may grow by ``CAP_GROWTH``.
     """
     document = parse_json_object(body)
+    _api_spelled(document)
     if provider == "openai":
         action = openai_action(endpoint, document)
     elif provider == "anthropic":
@@ -212,6 +213,24 @@ def model_request(
         raise MappingError(f"no model provider {provider!r}")
     action.input_bytes = len(body) + CAP_GROWTH
     return action, document
+
+
+# How the APIs spell a field: lower-case ASCII snake_case, in the body and in each tool.
+_FIELD = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _api_spelled(body: dict[str, Any]) -> None:
+    """Refuse field names the APIs never use. An upstream that matches names
+    case-insensitively (Go's ``encoding/json``: Ollama, Go gateways) reads
+    ``MAX_COMPLETION_TOKENS``, ``max_completion_to\u212aens`` or a tool's ``Type`` as the
+    field the mapping judged by its exact name, or found absent."""
+    tools = body.get("tools")
+    for fields in (
+        [body, *(t for t in tools if isinstance(t, dict))] if isinstance(tools, list) else [body]
+    ):
+        for name in fields:
+            if not _FIELD.fullmatch(name):
+                raise MappingError(f"field {name!r} is not spelled as the API spells fields")
 
 
 def cap_to_write(requested: int, obligations: Mapping[str, Any]) -> int | None:

@@ -21,9 +21,11 @@ Then, at the end:
 6. When ``expect_seq`` is given (an anchor kept elsewhere, e.g. the PDP's last reported
    ``seq``), the log reaches at least that record: truncation at a record boundary
    cannot be seen from inside the log alone.
-7. When ``mac_key`` is given (the PDP itself, at start-up), every record after the last
-   checkpoint carries its MAC (``mac.py``): a tail the PDP is about to replay, and then
-   sign, is one it wrote. (Unless that checkpoint predates MACs: an older version's log.)
+7. When ``mac_key`` is given (the PDP itself, at start-up), each record carries its MAC
+   (``mac.py``), checked before it is yielded: a tail the PDP is about to replay, and then
+   sign, is one it wrote. Required after a checkpoint that says its records carry MACs,
+   and after any record that carries one; so the log or snapshot of a version before
+   MACs, crash tail included, reads as it did.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pdp.decisionlog.chain import GENESIS, record_hash, verify_checkpoint
-from pdp.decisionlog.mac import carries_mac
+from pdp.decisionlog.mac import MAC_FIELD, carries_mac
 from pdp.decisionlog.records import CheckpointRecord, Record, RecordInvalid, parse_record
 from pdp.decisionlog.segments import LogPosition, read_segments
 from pdp.errors import AbcError, SignatureInvalid
@@ -164,9 +166,7 @@ class LogReader:
         prev = start.hash if start else GENESIS
         number = start.seq if start else 0  # lines read so far: record seq n is line n + 1
         checkpoints = since_checkpoint = 0
-        # (7) The lines since the last checkpoint, and whether they must carry MACs.
-        tail: list[tuple[int, int, bytes]] = []
-        macs = True
+        macs = False  # (7) whether records must carry MACs
         for segment in read_segments(self._path, start):
             lines = segment.data.split(b"\n")
             if lines[-1]:
@@ -192,11 +192,20 @@ class LogReader:
                 if isinstance(record, CheckpointRecord):  # (4)
                     _check_signed(raw, record, prev, self._key, number, seq)
                     checkpoints, since_checkpoint = checkpoints + 1, 0
-                    tail, macs = [], record.macs
+                    macs = record.macs
                 else:
                     since_checkpoint += 1
-                    if self._mac_key is not None and macs:
-                        tail.append((number, seq, line))
+                    if self._mac_key is not None:  # (7)
+                        # A record with a MAC was written by a writer that gives every
+                        # record one: all after it must carry theirs.
+                        macs = macs or MAC_FIELD in raw
+                        if macs and not carries_mac(line, self._mac_key):
+                            raise LogInvalid(
+                                number,
+                                seq,
+                                "a record not written by this PDP (its MAC does not verify):"
+                                " the log was written to while the PDP was not running",
+                            )
                 prev = record_hash(raw)
                 yield Logged(seq, record)
         if since_checkpoint and not self._allow_tail:  # (5)
@@ -206,15 +215,6 @@ class LogReader:
                 f"{since_checkpoint} record(s) after the last checkpoint: truncated, or the PDP"
                 " did not stop cleanly (use --allow-tail for a running PDP)",
             )
-        for number, seq, line in tail:  # (7)
-            assert self._mac_key is not None
-            if not carries_mac(line, self._mac_key):
-                raise LogInvalid(
-                    number,
-                    seq,
-                    "a record after the last checkpoint was not written by this PDP (its MAC"
-                    " does not verify): the log was written to while the PDP was not running",
-                )
         if self._expect_seq is not None and number <= self._expect_seq:  # (6)
             raise LogInvalid(
                 number, None, f"the log ends before seq {self._expect_seq} (truncated)"

@@ -195,24 +195,34 @@ class Ledger:
         state is dropped here and in the store; GetRun then answers ``run_released``.
         A grant's default run goes last: once the grant expired and no run started under
         it is held any more, since those are started from it."""
-        for run in self.runs.due(now, limit):
+        due = self.runs.due(now, limit)
+        for done, run in enumerate(due):
             try:
-                state = self.store.state(run.run_id, run.lineage)
-            except ManifestUnknown:
-                self.runs.drop(run)  # released by another replica
-                continue
-            # A narrowed run expires with its own (narrowed) window, as it is due.
-            expired = now >= run.manifest.expires_at
-            status = state.outcome or ("expired" if expired else "")
-            if not status:
-                continue  # not ended: looked at again at its expiry
-            if not run.run_key and (not expired or self.runs.holds_runs_of(run)):
-                # Its runs are due by now too: looked at again once they have gone.
-                self.runs.later(run, now + max(self.runs.retention, _GRANT_RECHECK))
-                continue
-            self.expire(run, now + self.reservation_ttl, logged_at=now)
-            self.store.release_run(run.run_id, status)
-            self.runs.drop(run)
+                self._release_if_due(run, now)
+            except BaseException:
+                # The store or the log is out: these are looked at again next time.
+                for left in due[done:]:
+                    self.runs.later(left, now)
+                raise
+
+    def _release_if_due(self, run: Run, now: datetime) -> None:
+        try:
+            state = self.store.state(run.run_id, run.lineage)
+        except ManifestUnknown:
+            self.runs.drop(run)  # released by another replica
+            return
+        # A narrowed run expires with its own (narrowed) window, as it is due.
+        expired = now >= run.manifest.expires_at
+        status = state.outcome or ("expired" if expired else "")
+        if not status:
+            return  # not ended: looked at again at its expiry
+        if not run.run_key and (not expired or self.runs.holds_runs_of(run)):
+            # Its runs are due by now too: looked at again once they have gone.
+            self.runs.later(run, now + max(self.runs.retention, _GRANT_RECHECK))
+            return
+        self.expire(run, now + self.reservation_ttl, logged_at=now)
+        self.store.release_run(run.run_id, status)
+        self.runs.drop(run)
 
     def expire(self, run: Run, now: datetime, logged_at: datetime | None = None) -> None:
         """Settle the run's reservations that were never reported, at their worst case.
@@ -295,7 +305,8 @@ class Ledger:
             and [r["code"] for r in record.result["reasons"][:1]]
             not in (["pdp_unavailable"], ["run_not_bound"])
             and not record.unloggable  # never kept live either: a retry decides
-            and not record.masked  # nor one holding a masked secret
+            # Nor one whose action held a masked secret (a masked run field keeps its answer).
+            and not any(path.startswith("action.") for path in record.masked)
         )
         if answered:
             kept = kept_answer(

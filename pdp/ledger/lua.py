@@ -113,7 +113,9 @@ for v in string.gmatch(held, '[^,]+') do table.insert(cost, v) end
 local charge = {ARGV[2], ARGV[3], cost[3], cost[4]}
 local books = {base .. 'run'}
 local fleet = redis.call('HGET', base .. 'run', 'fleet')
-if fleet and fleet ~= '' then table.insert(books, ARGV[5] .. '{' .. fleet .. '}:fleet') end
+-- A released grant's fleet books are gone: never made again by a late settlement.
+local fleet_key = fleet and fleet ~= '' and (ARGV[5] .. '{' .. fleet .. '}:fleet')
+if fleet_key and redis.call('EXISTS', fleet_key) == 1 then table.insert(books, fleet_key) end
 for _, key in ipairs(books) do
   for i = 1, 4 do
     if ARGV[4] == 'settle' and charge[i] ~= '0' then
@@ -137,7 +139,8 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 local out = {}
 local books = {KEYS[1]}
 local fleet = redis.call('HGET', KEYS[1], 'fleet')
-if fleet and fleet ~= '' then table.insert(books, ARGV[2] .. '{' .. fleet .. '}:fleet') end
+local fleet_key = fleet and fleet ~= '' and (ARGV[2] .. '{' .. fleet .. '}:fleet')
+if fleet_key and redis.call('EXISTS', fleet_key) == 1 then table.insert(books, fleet_key) end
 for _, rid in ipairs(due) do
   local held = redis.call('HGET', KEYS[2], rid)
   redis.call('HDEL', KEYS[2], rid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -279,8 +280,11 @@ class MemoryRunStore:
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         with self._answered:
             run = self._run(run_id)
+            deadline = time.monotonic() + _IN_FLIGHT_SECONDS
             while request_id in run.in_flight:
-                if not self._answered.wait(timeout=_IN_FLIGHT_SECONDS):
+                left = deadline - time.monotonic()
+                # Any answer wakes every waiter: the limit is one deadline, not per wait.
+                if left <= 0 or not self._answered.wait(timeout=left):
                     # Still being decided (a log stuck on its disk, say): deciding it again
                     # would charge it twice. The caller may retry.
                     raise StoreUnavailable("a decision for this request id is still under way")

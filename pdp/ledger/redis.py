@@ -264,17 +264,22 @@ class RedisRunStore:
     def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
         key = self._key(run_id, "answers")
         deadline = time.monotonic() + _IN_FLIGHT_MS / 1000
+        waited = False
         while True:
             prior = _guarded(lambda: self._claim(keys=[key], args=[request_id, _IN_FLIGHT_MS]))
-            if prior is None:
+            if prior is None and not waited:
                 return None
+            if prior is None or time.monotonic() > deadline:
+                # The decision waited on is still under way, or its mark lapsed without an
+                # answer (its replica stuck or gone): deciding it again here could charge
+                # it twice. A later retry, finding no mark, decides it.
+                if prior is None:
+                    self.unclaim(run_id, request_id)
+                raise StoreUnavailable("a decision for this request id is still under way")
             if not prior.startswith(b"~"):
                 answer: dict[str, Any] = json.loads(prior)
                 return answer
-            if time.monotonic() > deadline:
-                # The first decision is still under way (or its mark outlived it by the
-                # replicas' clock skew): deciding it again could charge it twice.
-                raise StoreUnavailable("a decision for this request id is still under way")
+            waited = True
             time.sleep(0.005)  # another replica is deciding this request id right now
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:

@@ -133,10 +133,15 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         caller sends them again; those settled meanwhile then answer false)."""
         try:
             # Checked per manifest at once (a sidecar states one): a report of another
-            # grant's reservation is not settled; the others are, each checked already.
-            refused: set[str] = set()
-            for digest in {report.manifest_digest or bound for report in reports} - {""}:
-                ids = [r.reservation_id for r in reports if (r.manifest_digest or bound) == digest]
+            # grant's reservation is not settled; the others are, each checked already. A
+            # caller bound to a manifest settles under it, whatever a report says.
+            refused = {
+                r.reservation_id
+                for r in reports
+                if bound and r.manifest_digest and r.manifest_digest != bound
+            }
+            for digest in {bound or report.manifest_digest for report in reports} - {""}:
+                ids = [r.reservation_id for r in reports if (bound or r.manifest_digest) == digest]
                 refused |= self._service.unbound(ids, digest, now)
             return [
                 None

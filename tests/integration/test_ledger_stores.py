@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -172,14 +173,24 @@ def test_a_request_id_is_answered_once_and_a_duplicate_waits_for_it(store: RunSt
 
 
 def test_a_duplicate_whose_first_decision_never_ends_is_refused_not_decided_again(
-    monkeypatch: pytest.MonkeyPatch,
+    store: RunStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pdp.ledger.memory._IN_FLIGHT_SECONDS", 0.2)
-    store = MemoryRunStore()
+    monkeypatch.setattr("pdp.ledger.memory._IN_FLIGHT_SECONDS", 0.3)
+    monkeypatch.setattr("pdp.ledger.redis._IN_FLIGHT_MS", 300)
     run_id = opened(store)
     assert store.claim(run_id, "req-1") is None  # decided, and stuck (a disk that hangs)
+
+    # Other answers of the run meanwhile do not reset the wait.
+    def answer_others() -> None:
+        for i in range(40):
+            time.sleep(0.02)
+            store.answer(run_id, f"other-{i}", {"n": i})
+
+    busy = threading.Thread(target=answer_others)
+    busy.start()
     with pytest.raises(StoreUnavailable, match="still under way"):
         store.claim(run_id, "req-1")  # not claimed again: it would be charged twice
+    busy.join()
     store.answer(run_id, "req-1", {"decision_id": "dec_1", "allow": True})
     assert store.claim(run_id, "req-1") == {"decision_id": "dec_1", "allow": True}
 
@@ -230,10 +241,13 @@ def test_a_released_grant_takes_its_fleet_books_and_envelope_with_it(
         run, "research", LIMITS, "acme/g", 1, (grant, "job-1", ""), grant, (NOW, LATER, False)
     )
     assert store.reserve(run, "rsv_a", Usage(tokens=100, requests=1), LATER)
+    assert store.reserve(run, "rsv_b", Usage(tokens=100, requests=1), LATER)
     store.release_run(grant, "expired")  # a replica that held no run of it any more
     assert store.released(grant) == "expired"
     assert store.fleet_books(grant) is None and store.envelope(grant) is None
-    # A run of it released late, elsewhere, leaves no books behind.
+    # A run of it settled, expired and released late, elsewhere, leaves no books behind.
+    assert store.settle("rsv_a", 40, 0) == run
+    assert [rid for rid, _ in store.expire(run, LATER)] == ["rsv_b"]
     store.release_run(run, "expired")
     assert store.fleet_books(grant) is None
     if isinstance(store, RedisRunStore):  # no key of the grant's is left in Redis

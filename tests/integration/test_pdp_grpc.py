@@ -529,6 +529,10 @@ def test_a_decision_carries_settlements_settled_before_it_is_judged_and_logged_w
         timeout=5,
     )
     assert list(third.settled) == [False, False]
+    # Nor by naming that grant in the report: a caller bound to a manifest settles under it.
+    smuggled = _model(run_id, "c6", [theirs.reservation_id], manifest_digest=digest)
+    smuggled.settlements[0].manifest_digest = other.manifest_digest
+    assert list(stub(pdp).Decide(smuggled, timeout=5).settled) == [False]
     run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=other.run_id), timeout=5)
     assert run.reserved.tokens == 2000 and run.spent.tokens == 0
     with pytest.raises(grpc.RpcError) as too_many:

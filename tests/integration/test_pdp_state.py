@@ -321,4 +321,4 @@ def test_a_record_added_while_the_pdp_was_stopped_stops_its_start(
     with log.open("ab") as handle:
         handle.write(line + b"\n")
     error = start_up_error("abc-pdp", *pdp_flags(signer.trust, state))
-    assert "was not written by this PDP" in error
+    assert "not written by this PDP" in error

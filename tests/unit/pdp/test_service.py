@@ -206,6 +206,16 @@ def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None
         pdp.register(version=6)
 
 
+def test_a_kept_allow_is_not_given_again_once_the_run_has_ended(pdp: _Pdp) -> None:
+    run_id = pdp.register()
+    first = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert pdp.service.decide(run_id, "req-1", _model(100), NOW).decision_id == first.decision_id
+    end = validate_action("step", "step:@completed")
+    assert pdp.service.decide(run_id, "req-end", end, NOW).decision.allow
+    replayed = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert not replayed.forward and replayed.reason is ReasonCode.RUN_CLOSED
+
+
 def test_a_registration_the_log_cannot_record_is_never_used(pdp: _Pdp) -> None:
     run_id = pdp.register(version=7)
     pdp.log.close()  # the next record cannot be written: LogUnavailable

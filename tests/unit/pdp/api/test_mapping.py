@@ -41,6 +41,11 @@ def test_model_request_reserves_the_body_size_with_the_cap() -> None:
         # Case-folding parsers (Go's) read these as "model" and "max_tokens".
         ("openai", "chat/completions", b'{"model": "a", "Model": "b"}'),
         ("openai", "chat/completions", b'{"model": "a", "max_to\\u212aens": 9, "max_tokens": 1}'),
+        # Alone, too: a Go upstream reads it as the field judged absent.
+        ("openai", "chat/completions", b'{"model": "a", "max_tokens": 9, "MAX_TOKENS": 99}'),
+        ("openai", "chat/completions", b'{"model": "a", "max_completion_to\\u212aens": 99}'),
+        ("openai", "chat/completions", b'{"model": "a", "N": 8}'),
+        ("anthropic", "messages", b'{"model": "c", "tools": [{"Type": "web_search_20250305"}]}'),
         # One completion per prompt, each up to the cap.
         ("openai", "completions", b'{"model": "a", "max_tokens": 9, "prompt": ["x", "y"]}'),
         ("openai", "completions", b'{"model": "a", "max_tokens": 9, "prompt": [[1], [2]]}'),

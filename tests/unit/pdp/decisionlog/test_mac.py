@@ -10,12 +10,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog import DecisionLog, Record, SettlementRecord, verify_log
-from pdp.decisionlog.chain import record_hash, sign_checkpoint
+from pdp.decisionlog.chain import GENESIS, record_hash, sign_checkpoint
 from pdp.decisionlog.mac import carries_mac, mac_key
 from pdp.decisionlog.records import line_fields
 from pdp.decisionlog.recovery import restore_from_log
 from pdp.errors import ConfigError
-from pdp.manifest.canonical import canonical_record_bytes
+from pdp.manifest.canonical import canonical_record_bytes, digest
 from tests.unit.pdp.decisionlog.test_log import KEY, NOW, decision
 
 
@@ -106,3 +106,25 @@ def test_a_tail_after_a_checkpoint_from_before_macs_is_replayed_as_before(tmp_pa
         handle.write(b"\n")
     _append_forged(path, None)
     assert len(_restore(path)) == 2
+
+
+def test_an_older_versions_crash_tail_without_any_checkpoint_is_replayed(tmp_path: Path) -> None:
+    # Written as versions before MACs did: no ~mac, and no checkpoint yet (a crash within
+    # the first minute). An upgrade must not turn it into a refusal to start.
+    path = tmp_path / "decisions.log"
+    prev, lines = GENESIS, []
+    for seq in range(3):
+        line = canonical_record_bytes(line_fields(decision(seq), seq, prev))
+        prev = digest(line)
+        lines.append(line + b"\n")
+    path.write_bytes(b"".join(lines))
+    assert len(_restore(path)) == 3
+
+
+def test_a_line_added_to_a_crash_tail_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_every=1000)
+    log.append(decision(0))  # then kill -9: no checkpoint at all
+    _append_forged(path, None)
+    with pytest.raises(ConfigError, match="not written by this PDP"):
+        _restore(path)

@@ -14,8 +14,8 @@ from pdp.action import validate_action
 from pdp.bundle import load_bundle
 from pdp.decisionlog import DecisionLog, SettlementRecord, read_verified_log
 from pdp.engine import Decision, PreparedPolicy, policy_data
-from pdp.errors import ReasonCode, RequestIdReused, RunReleased
-from pdp.ledger import DecisionOutcome, Ledger, MemoryRunStore, Run, Usage
+from pdp.errors import ReasonCode, RequestIdReused, RunReleased, StoreUnavailable
+from pdp.ledger import DecisionOutcome, Ledger, MemoryRunStore, Run, RunState, Usage
 from pdp.manifest import VerificationPolicy, verify_envelope
 from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
 
@@ -133,6 +133,29 @@ def test_an_expired_grant_goes_after_its_runs_with_its_fleet_books(tmp_path: Pat
     assert [r.reservation_id for r in records if isinstance(r, SettlementRecord)] == [
         held.reservation_id
     ]
+
+
+def test_a_sweep_the_store_interrupts_keeps_what_it_had_not_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger, grant, _ = _ledger(tmp_path)
+    runs = [ledger.runs.start(grant, f"job-{n}", NOW) for n in range(3)]
+    state = ledger.store.state
+    failures = iter([StoreUnavailable("a blip")])
+
+    def blip(run_id: str, lineage: str) -> RunState:
+        for failure in failures:  # the first call only
+            raise failure
+        return state(run_id, lineage)
+
+    monkeypatch.setattr(ledger.store, "state", blip)
+    later = grant.manifest.expires_at + timedelta(minutes=6)
+    with pytest.raises(StoreUnavailable):
+        ledger.sweep(later)
+    ledger.sweep(later)  # the runs popped for the failed sweep are still looked at
+    assert all(ledger.runs.find(run.run_id) is None for run in runs)
+    ledger.sweep(later + timedelta(minutes=5))
+    assert ledger.runs.find(grant.run_id) is None
 
 
 def test_a_step_is_entered_only_from_the_step_that_was_seen(tmp_path: Path) -> None:
