@@ -237,6 +237,12 @@ class Grants:
                 self._narrowed_cache.popitem(last=False)
         return found
 
+    def forget(self, manifest_digest: str) -> None:
+        """Drop what is kept of a released grant: its narrowed policies."""
+        with self._lock:
+            for key in [k for k in self._narrowed_cache if k[0] == manifest_digest]:
+                del self._narrowed_cache[key]
+
     def start(
         self, manifest_digest: str, run_key: str, now: datetime, narrower: bytes = b""
     ) -> tuple[Run, bool]:

@@ -177,7 +177,7 @@ class DecisionService:
         compile; or raise. Binds the grant's default run. Releases a few runs past their
         retention first, as StartRun does."""
         with self._gate.changing():
-            self._ledger.sweep(now)
+            self._sweep(now)
             return self._grants.register(raw_envelope, now)
 
     def start_run(
@@ -188,7 +188,7 @@ class DecisionService:
         ago are released first, a few per call: runs end about as fast as they start, so
         what is held stays about what is live."""
         with self._gate.changing():
-            self._ledger.sweep(now)
+            self._sweep(now)
             return self._grants.start(manifest_digest, run_key, now, narrower)
 
     # Deciding: claim the request id, judge, apply, record.
@@ -276,13 +276,14 @@ class DecisionService:
         return _Judged(applied, policy_input, decision.as_dict(), shadow=run.shadow)
 
     def refuse(
-        self, run_id: str, request_id: str, error: AbcError, now: datetime
+        self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""
     ) -> DecisionOutcome:
         """Refuse a request a door could not make a valid action of, logged as a decision
-        of its run (an unknown run is refused as such)."""
+        of its run (an unknown run is refused as such, a run of another grant than
+        ``bound``'s as ``run_not_bound``, and logged under no run of that grant)."""
         run: Run | None = None
         try:
-            run = self._grants.run(run_id, now)
+            run = self._grants.run(run_id, now, bound)
         except AbcError as exc:
             error = exc
         outcome, _ = self._record(run_id, request_id, run, _refused(error, {}), now)
@@ -463,7 +464,11 @@ class DecisionService:
     def sweep(self, now: datetime, limit: int = 8) -> None:
         """Release runs past their retention (also done by each StartRun, a few at a time)."""
         with self._gate.changing():
-            self._ledger.sweep(now, limit)
+            self._sweep(now, limit)
+
+    def _sweep(self, now: datetime, limit: int = 8) -> None:
+        for digest in self._ledger.sweep(now, limit):
+            self._grants.forget(digest)
 
     def restore(self, record: Record, trust_now: datetime) -> None:
         """Apply one decision-log record to the state (start-up recovery).

@@ -9,7 +9,9 @@ to it here; decisions themselves are written by the service, after the ledger ap
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from pdp.action import Action
 from pdp.decisionlog import DecisionLog, DecisionRecord, Queued, SettlementRecord
 from pdp.engine import Decision
-from pdp.errors import ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
+from pdp.errors import LogUnavailable, ManifestUnknown, ReasonCode, RequestIdReused, RunReleased
 from pdp.ledger.answers import DecisionOutcome, kept_answer, outcome_of
 from pdp.ledger.cost import cost_of
 from pdp.ledger.runs import Run, RunRegistry, run_id_for
@@ -30,6 +32,8 @@ log = logging.getLogger("abc.pdp")
 # The most one report may settle: exact in JSON (2^53) and far below what would overflow a
 # Redis counter however often it is reported.
 MAX_REPORTED = 2**40
+# Settlements remembered, the most recent: a retry of one whose record was lost writes it.
+_RECENT_SETTLEMENTS = 4096
 # How soon an expired grant whose runs were still held is looked at again for release.
 _GRANT_RECHECK = timedelta(minutes=1)
 
@@ -65,6 +69,8 @@ class Ledger:
         self.runs = RunRegistry(store, retention)
         self._log = decision_log
         self.reservation_ttl = reservation_ttl
+        self._settled: OrderedDict[str, tuple[SettlementRecord, Queued | None]] = OrderedDict()
+        self._settled_lock = threading.Lock()
 
     def claim(self, run_id: str, request_id: str, action: dict[str, Any]) -> DecisionOutcome | None:
         """The answer already given to ``request_id``, or None once it is claimed for this
@@ -189,40 +195,45 @@ class Ledger:
         self.runs.ended(run_id, now)
         return True
 
-    def sweep(self, now: datetime, limit: int = 8) -> None:
+    def sweep(self, now: datetime, limit: int = 8) -> list[str]:
         """Release up to ``limit`` runs that ended or expired longer than the retention
         ago: what they still hold is settled at its worst case (and logged), then their
         state is dropped here and in the store; GetRun then answers ``run_released``.
         A grant's default run goes last: once the grant expired and no run started under
-        it is held any more, since those are started from it."""
-        due = self.runs.due(now, limit)
+        it is held any more, since those are started from it. The manifest digests of
+        the grants released."""
+        due, grants = self.runs.due(now, limit), []
         for done, run in enumerate(due):
             try:
-                self._release_if_due(run, now)
+                if self._release_if_due(run, now) and not run.run_key:
+                    grants.append(run.verified.digest)
             except BaseException:
                 # The store or the log is out: these are looked at again next time.
                 for left in due[done:]:
                     self.runs.later(left, now)
                 raise
+        return grants
 
-    def _release_if_due(self, run: Run, now: datetime) -> None:
+    def _release_if_due(self, run: Run, now: datetime) -> bool:
+        """Whether ``run`` was released (or found released by another replica)."""
         try:
             state = self.store.state(run.run_id, run.lineage)
         except ManifestUnknown:
             self.runs.drop(run)  # released by another replica
-            return
+            return True
         # A narrowed run expires with its own (narrowed) window, as it is due.
         expired = now >= run.manifest.expires_at
         status = state.outcome or ("expired" if expired else "")
         if not status:
-            return  # not ended: looked at again at its expiry
+            return False  # not ended: looked at again at its expiry
         if not run.run_key and (not expired or self.runs.holds_runs_of(run)):
             # Its runs are due by now too: looked at again once they have gone.
             self.runs.later(run, now + max(self.runs.retention, _GRANT_RECHECK))
-            return
+            return False
         self.expire(run, now + self.reservation_ttl, logged_at=now)
         self.store.release_run(run.run_id, status)
         self.runs.drop(run)
+        return True
 
     def expire(self, run: Run, now: datetime, logged_at: datetime | None = None) -> None:
         """Settle the run's reservations that were never reported, at their worst case.
@@ -251,20 +262,52 @@ class Ledger:
             return None
         run_id = self.store.settle(reservation_id, tokens, usd_micros)
         if run_id is None:
-            # Settled already, maybe by a caller whose record is still on its way to disk:
-            # "settled" is said only once that record is durable (a retry of a settlement
-            # is answered like this while the first one commits).
-            self._log.flush()
-            return None
-        queued = self._log.queue(
-            SettlementRecord(
-                time=now,
-                run_id=run_id,
-                reservation_id=reservation_id,
-                tokens=tokens,
-                usd_micros=usd_micros,
-            )
+            return self._settled_before(reservation_id, wait)
+        record = SettlementRecord(
+            time=now,
+            run_id=run_id,
+            reservation_id=reservation_id,
+            tokens=tokens,
+            usd_micros=usd_micros,
         )
+        try:
+            queued = self._log.queue(record)
+        except LogUnavailable:
+            self._remember(reservation_id, record, None)
+            raise
+        self._remember(reservation_id, record, queued)
+        if wait:
+            self._log.sync(queued)
+        return queued
+
+    def _remember(
+        self, reservation_id: str, record: SettlementRecord, queued: Queued | None
+    ) -> None:
+        with self._settled_lock:
+            self._settled[reservation_id] = (record, queued)
+            if len(self._settled) > _RECENT_SETTLEMENTS:
+                self._settled.popitem(last=False)
+
+    def _settled_before(self, reservation_id: str, wait: bool) -> Queued | None:
+        """A retry of a settlement the store made already: None ("settled") once its
+        record is durable; its record written again if that write was lost (the store
+        kept the settlement, the log did not), and that place returned."""
+        with self._settled_lock:
+            known = self._settled.get(reservation_id)
+            if known is None:
+                # Settled long ago, expired, or never held: whatever recorded it is durable
+                # once what is queued now is (a settlement still on its way included).
+                self._log.flush()
+                return None
+            record, queued = known
+            if queued is not None:
+                try:
+                    self._log.sync(queued)
+                    return None
+                except LogUnavailable:
+                    pass  # lost with its batch: written again now
+            queued = self._log.queue(record)
+            self._settled[reservation_id] = (record, queued)
         if wait:
             self._log.sync(queued)
         return queued

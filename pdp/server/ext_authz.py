@@ -196,10 +196,14 @@ class ExtAuthzServicer:
                 " cannot write into the body: ask for at most that",
                 outcome.decision_id,
             )
+        # The sidecar's own headers are its business, not the upstream's (the sidecar strips
+        # them too): x-abc-run names the run to a model provider otherwise.
+        ours = {name.lower() for name, _ in headers if name.lower().startswith("x-abc-")}
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(
-                headers=[_header("x-abc-decision-id", outcome.decision_id)]
+                headers=[_header("x-abc-decision-id", outcome.decision_id)],
+                headers_to_remove=sorted(ours - {"x-abc-decision-id"}),
             ),
         )
 

@@ -54,7 +54,7 @@ def decide_wire(
     try:
         action = action_from_proto(message)
     except AbcError as exc:
-        return service.refuse(run_id, request_id, exc, now)
+        return service.refuse(run_id, request_id, exc, now, bound)
     return service.decide(run_id, request_id, action, now, bound)
 
 
@@ -99,7 +99,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         carried = self._carry(request.settlements, request.manifest_digest, now)
         if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
             error = BadRequest("request_id is required (at most 128 characters)")
-            outcome = self._service.refuse(request.run_id, request.request_id, error, now)
+            outcome = self._service.refuse(
+                request.run_id, request.request_id, error, now, request.manifest_digest
+            )
         else:
             outcome = decide_wire(
                 self._service,

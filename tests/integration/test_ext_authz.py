@@ -83,6 +83,8 @@ def allowed(response: Any) -> str:
     assert response.WhichOneof("http_response") == "ok_response"
     decision_id = headers_of(response.ok_response.headers)["x-abc-decision-id"]
     assert decision_id.startswith("dec_")
+    # The sidecar's headers (x-abc-run at least) never reach the upstream.
+    assert "x-abc-run" in response.ok_response.headers_to_remove
     return decision_id
 
 

@@ -364,6 +364,9 @@ def test_a_run_is_usable_only_by_callers_of_its_own_manifest(
         refused = stub(pdp).Decide(call, timeout=5)
         assert codes(refused) == ["run_not_bound"]
         assert a_run in refused.reasons[0].message and digests[1] in refused.reasons[0].message
+        malformed = tool_call(a_run, "search", {"query": "q"})
+        malformed.manifest_digest, malformed.action.kind = digests[1], "teleport"
+        assert codes(stub(pdp).Decide(malformed, timeout=5)) == ["run_not_bound"]
         allowed = stub(pdp).Decide(tool_call(a_run, "search", {"query": "q"}), timeout=5)
         report = pdp_pb2.ReportUsageRequest(
             reservation_id=allowed.reservation_id, tokens=0, manifest_digest=digests[1]

@@ -4,7 +4,9 @@ fails to decide is written here for the case."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -204,6 +206,38 @@ def test_a_refused_registration_never_moves_the_rollback_mark(pdp: _Pdp) -> None
     assert pdp.marks.mark("acme/support-bot") == 7
     with pytest.raises(ManifestRollback):
         pdp.register(version=6)
+
+
+def test_a_settlement_whose_write_was_lost_is_written_when_it_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pdp = _Pdp(tmp_path)
+    run_id = pdp.register()
+    reservation = pdp.service.decide(run_id, "req-1", _model(100), NOW).reservation_id
+    synced, failures = os.fdatasync, iter([OSError(errno.EIO, "a disk hiccup")])
+
+    def hiccup(fd: int) -> None:
+        for failure in failures:  # the first write only
+            raise failure
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", hiccup)
+    with pytest.raises(LogUnavailable):
+        pdp.service.report_usage(reservation, 40, 0, NOW)
+    # The caller retries once the disk is back: the settlement is written, then answered.
+    assert pdp.service.report_usage(reservation, 40, 0, NOW) is not None
+    assert pdp.service.report_usage(reservation, 40, 0, NOW) is None  # now settled, once
+    live = pdp.service.get_run(run_id, NOW)
+    pdp.log.close()
+    settled = [
+        r
+        for r in read_verified_log(pdp.log_path, LOG_KEY.public_key()).records
+        if isinstance(r, SettlementRecord)
+    ]
+    assert [(r.reservation_id, r.tokens) for r in settled] == [(reservation, 40)]
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    assert restarted.service.get_run(run_id, NOW) == live
 
 
 def test_a_kept_allow_is_not_given_again_once_the_run_has_ended(pdp: _Pdp) -> None:
