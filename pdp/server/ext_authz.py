@@ -2,10 +2,11 @@
 
 An Envoy (or Istio) sidecar asks the PDP directly. The run comes from ``x-abc-run``, the
 request id from ``x-request-id`` (Envoy sets one on every request). Requests under a
-provider's path prefix are model calls mapped from the forwarded body, with the PEP's own
-mapping (``pdp.api.mapping``); every other request is an ``http`` action (host, method,
-path). Fail closed: no run, an unknown run, a request that cannot be mapped, a model
-request whose body was not forwarded whole: each is a logged refusal, never OK.
+provider's path prefix, on a route tagged with that provider (``abc_route`` context
+extension), are model calls mapped from the forwarded body, with the PEP's own mapping
+(``pdp.api.mapping``); every other request is an ``http`` action (host, method, path).
+Fail closed: no run, an unknown run, a request that cannot be mapped, a model request
+whose body was not forwarded whole: each is a logged refusal, never OK.
 
 ext_authz cannot rewrite a request body, so the obligation the PEP writes into a model
 request (the manifest's ``max_tokens`` cap) cannot be applied here: a model request must
@@ -100,11 +101,27 @@ def _body(http: Any, headers: dict[str, str]) -> bytes:
     return body
 
 
-def map_request(http: Any, headers: list[tuple[str, str]], routes: ModelRoutes) -> _Mapped:
-    """One HTTP request as Envoy describes it → the action the PEP would decide for it."""
+def map_request(
+    http: Any, headers: list[tuple[str, str]], routes: ModelRoutes, route: str = ""
+) -> _Mapped:
+    """One HTTP request as Envoy describes it → the action the PEP would decide for it.
+
+    ``route`` is the ``abc_route`` context extension of the Envoy route that matched:
+    ``openai`` or ``anthropic`` on a model route, ``http`` (or nothing) elsewhere. A path
+    under a model prefix is a model call only on a route that says so: the path is the
+    client's to write, the route (which upstream gets the request) is Envoy's to choose, and
+    a model call judged on a route that sends it elsewhere would pass unjudged there.
+    """
     path, _, query = http.path.partition("?")  # the path as sent, query string apart
     named = {name.lower(): value for name, value in headers}
-    model = routes.provider(path)
+    model = routes.provider(path) if route != "http" else None
+    if route not in ("", "http", *(() if model is None else (model[0],))):
+        raise MappingError(f"the route says {route!r}, the path is no {route} API path")
+    if model is not None and route != model[0]:
+        raise MappingError(
+            f"a {model[0]} path on a route that is not tagged abc_route: {model[0]}"
+            " (Envoy: check_settings.context_extensions): its upstream is not the model's"
+        )
     unsafe = unsafe_request(
         http.method,
         path,
@@ -168,7 +185,8 @@ class ExtAuthzServicer:
             request_id = "authz_" + uuid.uuid4().hex
         now = self._clock()
         try:
-            mapped = map_request(http, headers, self._routes)
+            route = request.attributes.context_extensions.get("abc_route", "")
+            mapped = map_request(http, headers, self._routes, route)
         except MappingError as exc:
             # Decided and logged as a refusal, like any other.
             return _refused(self._service.refuse(run_id, request_id, exc, now))

@@ -47,6 +47,7 @@ def check(
     host: str = "billing.internal",
     body: bytes | None = None,
     size: int | None = None,
+    route: str | None = None,
 ) -> Any:
     http = attribute_context_pb2.AttributeContext.HttpRequest(
         id=uuid.uuid4().hex,
@@ -66,9 +67,12 @@ def check(
     )
     if body is not None:
         http.body = body.decode()  # what Envoy sends with with_request_body (no pack_as_bytes)
+    if route is None:  # as deploy/envoy/envoy.yaml tags its routes
+        route = next((p for p in ("openai", "anthropic") if path.startswith(f"/{p}/")), "")
     request = external_auth_pb2.CheckRequest(
         attributes=attribute_context_pb2.AttributeContext(
-            request=attribute_context_pb2.AttributeContext.Request(http=http)
+            request=attribute_context_pb2.AttributeContext.Request(http=http),
+            context_extensions={"abc_route": route} if route else {},
         )
     )
     return external_auth_pb2_grpc.AuthorizationStub(pdp.channel()).Check(request, timeout=10)
@@ -192,6 +196,22 @@ def test_what_cannot_be_judged_is_refused_never_ok(
         headers = {**headers, "x-abc-run": run_id}
     response = check(pdp, "POST", CHAT, headers, body=body, size=size)
     refused(response, 400, reason)
+
+
+def test_a_model_path_on_a_route_not_tagged_for_models_is_refused(
+    pdp: PdpProcess, run_id: str
+) -> None:
+    # Envoy routes it by host to billing (a route forwarding bodies, say): judged as a
+    # model call, it would pass there unjudged.
+    body = chat("gpt-4o-mini", max_tokens=10)
+    untagged = check(
+        pdp, "POST", CHAT, {"x-abc-run": run_id}, host="billing.internal", body=body, route=""
+    )
+    assert "not tagged abc_route: openai" in refused(untagged, 400, "bad_request")["detail"]
+    as_http = check(
+        pdp, "POST", CHAT, {"x-abc-run": run_id}, host="billing.internal", body=body, route="http"
+    )
+    refused(as_http, 403, "http_not_allowed")  # the manifest grants billing GET /v1/ only
 
 
 def test_a_cap_ext_authz_cannot_write_is_refused_and_its_reservation_released(

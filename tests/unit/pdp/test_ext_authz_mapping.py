@@ -37,7 +37,7 @@ def test_model_requests_map_alike(route: str, tail: str, body: dict[str, object]
     adapter = OpenAIAdapter() if route == "openai" else AnthropicAdapter()
     request = make_mocked_request("POST", path, match_info={"tail": tail})
     pep = adapter.call(request, raw).action
-    door = map_request(envoy("POST", path, "api", raw), JSON, ModelRoutes()).action
+    door = map_request(envoy("POST", path, "api", raw), JSON, ModelRoutes(), route).action
     assert pep is not None and door == pep
     assert door.input_bytes == len(raw) + CAP_GROWTH
 
@@ -55,10 +55,25 @@ def test_http_requests_map_alike() -> None:
 def test_prefixes_route_models_and_nothing_else() -> None:
     routes = ModelRoutes("/llm/openai/", None)
     body = json.dumps({"model": "m", "max_tokens": 1}).encode()
-    mapped = map_request(envoy("POST", "/llm/openai/v1/completions", "h", body), JSON, routes)
+    mapped = map_request(
+        envoy("POST", "/llm/openai/v1/completions", "h", body), JSON, routes, "openai"
+    )
     assert mapped.action.target == "model:openai/m" and mapped.token_field == "max_tokens"
     # With the Anthropic route off, its path is plain HTTP to the host.
     other = map_request(envoy("POST", "/anthropic/v1/messages", "h", body), [], routes)
     assert other.action.kind == "http"
     with pytest.raises(MappingError, match="routed as /llm/openai/v1/"):
-        map_request(envoy("POST", "/llm/openai/chat", "h", body), JSON, routes)
+        map_request(envoy("POST", "/llm/openai/chat", "h", body), JSON, routes, "openai")
+
+
+def test_a_model_path_is_a_model_call_only_on_a_route_tagged_so() -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "max_tokens": 10}).encode()
+    chat = envoy("POST", "/openai/v1/chat/completions", "billing.internal", body)
+    # On the billing route (untagged), Envoy sends it to billing: not judged as a model call.
+    with pytest.raises(MappingError, match="not tagged abc_route: openai"):
+        map_request(chat, JSON, ModelRoutes())
+    with pytest.raises(MappingError, match="no anthropic API path"):
+        map_request(chat, JSON, ModelRoutes(), "anthropic")
+    # Tagged http, it is an HTTP action to the host it goes to.
+    as_http = map_request(chat, JSON, ModelRoutes(), "http").action
+    assert (as_http.kind, as_http.target) == ("http", "http:billing.internal")
