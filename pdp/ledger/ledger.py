@@ -212,7 +212,34 @@ class Ledger:
                 for left in due[done:]:
                     self.runs.later(left, now)
                 raise
+        self._sweep_shared(now, limit)
         return grants
+
+    def _sweep_shared(self, now: datetime, limit: int) -> None:
+        """Release runs a shared store says are due, held here or not: a run another
+        replica started (one since restarted, or gone) is released all the same."""
+        due = self.store.due_runs(now, limit)
+        for done, run_id in enumerate(due):
+            try:
+                run = self.runs.find(run_id)
+                if run is None:
+                    self._release_unheld(run_id, now)
+                elif not self._release_if_due(run, now):
+                    self.store.schedule(run_id, now + _GRANT_RECHECK)
+            except BaseException:
+                for left in due[done:]:
+                    self.store.schedule(left, now)
+                raise
+
+    def _release_unheld(self, run_id: str, now: datetime) -> None:
+        """Release a run this process never compiled, from the store alone: it is due,
+        so it ended or expired."""
+        try:
+            state = self.store.state(run_id, "")
+        except ManifestUnknown:
+            return  # released already
+        self._expire_logged(run_id, now + self.reservation_ttl, now)
+        self.store.release_run(run_id, state.outcome or "expired")
 
     def _release_if_due(self, run: Run, now: datetime) -> bool:
         """Whether ``run`` was released (or found released by another replica)."""
@@ -238,11 +265,14 @@ class Ledger:
     def expire(self, run: Run, now: datetime, logged_at: datetime | None = None) -> None:
         """Settle the run's reservations that were never reported, at their worst case.
         ``LogUnavailable`` when the log cannot record it: the run then decides nothing."""
-        for reservation_id, cost in self.store.expire(run.run_id, now):
+        self._expire_logged(run.run_id, now, logged_at or now)
+
+    def _expire_logged(self, run_id: str, now: datetime, logged_at: datetime) -> None:
+        for reservation_id, cost in self.store.expire(run_id, now):
             self._log.append(
                 SettlementRecord(
-                    time=logged_at or now,
-                    run_id=run.run_id,
+                    time=logged_at,
+                    run_id=run_id,
                     reservation_id=reservation_id,
                     tokens=cost.tokens,
                     usd_micros=cost.usd_micros,

@@ -12,6 +12,7 @@ __all__ = [
     "RELEASE",
     "RESERVE",
     "TAKE",
+    "TAKE_DUE",
     "UNCLAIM",
 ]
 
@@ -220,6 +221,7 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local own = ARGV[3] .. '{' .. ARGV[1] .. '}:'
 redis.call('DEL', own .. 'fleet', own .. 'live')
 redis.call('HDEL', ARGV[3] .. 'envelopes', ARGV[1])
+redis.call('ZREM', ARGV[3] .. 'due', ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[1], ARGV[2])
   redis.call('RPUSH', KEYS[8], ARGV[1])
@@ -241,4 +243,11 @@ if mark then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 return -1
+"""
+
+# Take up to ARGV[2] runs whose release time (ms) came by ARGV[1]: each goes to one caller.
+TAKE_DUE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do redis.call('ZREM', KEYS[1], id) end
+return ids
 """

@@ -273,6 +273,12 @@ class MemoryRunStore:
             run.in_flight.clear()
             self._answered.notify_all()  # a claim waiting on this run finds it gone
 
+    def schedule(self, run_id: str, when: datetime) -> None:
+        """Nothing to do: this process's registry holds every run of this store."""
+
+    def due_runs(self, now: datetime, limit: int) -> list[str]:
+        return []
+
     def released(self, run_id: str) -> str | None:
         with self._lock:
             return self._released.get(run_id)

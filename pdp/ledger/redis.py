@@ -20,7 +20,9 @@ id; ``Penvelopes`` run id -> envelope; ``Plineages`` lineage -> highest version;
 ``Phighwater`` lineage -> "version digest". A grant with fleet limits (``{G}`` its
 default run id, named by its runs' ``fleet`` field): ``P{G}:fleet`` hash of l1..l4,
 s1..s4, r1..r4 over all its runs and ``runs`` (runs at once, 0: none), ``P{G}:live``
-sorted set of the run ids holding a slot, by expiry (ms). ``Preleased`` run id -> the
+sorted set of the run ids holding a slot, by expiry (ms). ``Pdue`` the started runs by
+when any replica may release them (ms), so a replica that never held one (restarted, say)
+releases it too. ``Preleased`` run id -> the
 status it ended with, ``Preleased-order`` the last ``RELEASED_WINDOW`` released, oldest
 first. Scripts touch keys of several runs, so the target is one Redis primary, not Redis
 Cluster.
@@ -90,6 +92,7 @@ class RedisRunStore:
             lua.ANSWER,
             lua.ADMIT,
             lua.RELEASE,
+            lua.TAKE_DUE,
         )
         (
             self._open,
@@ -103,6 +106,7 @@ class RedisRunStore:
             self._answer,
             self._admit,
             self._release,
+            self._take_due,
         ) = (self._redis.register_script(source) for source in scripts)
 
     def ping(self) -> None:
@@ -256,6 +260,16 @@ class RedisRunStore:
         ]
         args: list[str | int] = [run_id, status, self._prefix, RELEASED_WINDOW]
         _guarded(lambda: self._release(keys=keys, args=args))
+
+    def schedule(self, run_id: str, when: datetime) -> None:
+        key, at = self._prefix + "due", _ms(when)
+        _guarded(lambda: self._redis.zadd(key, {run_id: at}, lt=True))
+
+    def due_runs(self, now: datetime, limit: int) -> list[str]:
+        # At most 10,000 a call (a start-up's sweep asks for all): an integer for Lua.
+        keys, args = [self._prefix + "due"], [_ms(now), min(limit, 10_000)]
+        ids = _guarded(lambda: self._take_due(keys=keys, args=args))
+        return [i.decode() for i in ids]
 
     def released(self, run_id: str) -> str | None:
         raw = _guarded(lambda: self._redis.hget(self._prefix + "released", run_id))

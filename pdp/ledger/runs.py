@@ -286,7 +286,9 @@ class RunRegistry:
         slot = (now, run.manifest.expires_at, force) if fleet and fleet.runs else None
         grant_of = (grant.run_id, run_key, _narrower(narrowed))
         created = self._open(run, grant.run_id if fleet else "", grant_of, slot)
-        if not created and self.store.shared:
+        if created and self.store.shared:
+            self.store.schedule(run.run_id, run.manifest.expires_at + self.retention)
+        elif self.store.shared:
             self.check_shared(run.run_id, run_key, narrowed)
         return created
 
@@ -364,6 +366,8 @@ class RunRegistry:
             run = self._runs.get(run_id)
             if run is not None and run.run_key:
                 self._push(at + self.retention, run)
+        if run is not None and run.run_key and self.store.shared:
+            self.store.schedule(run_id, at + self.retention)
 
     def _push(self, when: datetime, run: Run) -> None:
         heapq.heappush(self._due, (when, next(self._seq), run))

@@ -183,6 +183,15 @@ class RunStore(Protocol):
         forget it instead (a start the log could not record). A grant's default run
         (released after its runs) takes the grant's fleet books and envelope with it."""
 
+    def schedule(self, run_id: str, when: datetime) -> None:
+        """Have a started run released at ``when`` (or sooner, as it was) by any replica
+        sharing the store, one that never held it included (nothing for a store only this
+        process uses: its registry holds every run)."""
+
+    def due_runs(self, now: datetime, limit: int) -> list[str]:
+        """Up to ``limit`` scheduled runs whose time came by ``now``, each given to one
+        caller only."""
+
     def released(self, run_id: str) -> str | None:
         """The status a recently released run ended with, or None."""
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis
 
 from pdp.api import pdp_pb2
 from tests.harness import (
@@ -152,6 +153,41 @@ def test_a_replica_killed_and_restarted_keeps_the_books_from_redis(
         # The log was replayed for the run, not for the books: nothing is counted twice.
         assert run_of(restarted, run_id).remaining.requests == 497
         assert run_of(b, run_id).remaining.requests == 497
+    finally:
+        restarted.stop()
+
+
+def test_a_run_whose_replica_restarted_is_still_released_from_redis(
+    signer: Signer, redis_server: RedisProcess, tmp_path: Path
+) -> None:
+    flags = ("--store", redis_server.url, "--run-retention", "0")
+    a = start_pdp(signer, tmp_path / "state-a", POLICIES, *flags)
+    envelope = freeze(signer, "orphans")
+    registered = stub(a).RegisterManifest(
+        pdp_pb2.RegisterManifestRequest(envelope=envelope), timeout=10
+    )
+    digest = registered.manifest_digest
+    started = stub(a).StartRun(
+        pdp_pb2.StartRunRequest(manifest_digest=digest, run_key="job-1"), timeout=5
+    )
+    held = stub(a).Decide(tool_call(started.run_id, "search", {"query": "q"}), timeout=5)
+    assert held.allow
+    assert stub(a).Decide(step(started.run_id, "@completed"), timeout=5).allow
+    a.stop(signal.SIGKILL)
+    # Restarted, it holds no run of Redis's: the ended run is released all the same, by it
+    # (its start-up sweep) or any replica, and what it still held is settled and logged.
+    restarted = start_pdp(signer, tmp_path / "state-a", POLICIES, *flags)
+    try:
+        with pytest.raises(grpc.RpcError) as gone:
+            run_of(restarted, started.run_id)
+        assert "run_released" in str(gone.value.details())
+        keys = redis.Redis.from_url(redis_server.url).keys(f"*{started.run_id}*")
+        assert keys == []
+        lines = (tmp_path / "state-a" / "decisions.log").read_text().splitlines()
+        settled = [json.loads(line) for line in lines if '"kind":"settlement"' in line]
+        assert [(s["reservation_id"], s["expired"]) for s in settled] == [
+            (held.reservation_id, True)
+        ]
     finally:
         restarted.stop()
 
