@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -225,15 +225,10 @@ class DecisionService:
             canonical_record_bytes(
                 {"run_id": run_id, "request_id": request_id, "input": {"action": acted}}
             )
-            if not action.probe:
-                prior = self._ledger.claim(run_id, request_id, acted)
-                if prior is not None:
-                    if prior.forward:
-                        # An allow goes again only while the run may still act: a retry
-                        # after it ended, expired or was revoked is refused as a new call.
-                        run.check_running(self._ledger.state(run), now)
-                    return prior
-                claimed = True
+            prior = None if action.probe else self._ledger.claim(run_id, request_id, acted)
+            if prior is not None:
+                return self._answered_before(run, request_id, action, acted, prior, now)
+            claimed = not action.probe
             judged = self._judge(run, action, acted, now)
         except AbcError as exc:
             judged = _refused(exc, {"action": acted})
@@ -255,6 +250,29 @@ class DecisionService:
             # masked.
             self._ledger.unclaim(run_id, request_id)
         self._metrics.decide_seconds.observe(time.perf_counter() - started)
+        return outcome
+
+    def _answered_before(
+        self,
+        run: Run,
+        request_id: str,
+        action: Action,
+        acted: dict[str, Any],
+        prior: DecisionOutcome,
+        now: datetime,
+    ) -> DecisionOutcome:
+        """The answer kept for a retried request id. An allow goes again only while the
+        run may still act (a step's, which may have ended it, always): a retry after the
+        run ended, expired or was revoked is refused as a new call would be, logged as a
+        retry (the kept answer stays the request id's answer, live as after a restart)."""
+        if not prior.forward or action.kind == "step":
+            return prior
+        try:
+            run.check_running(self._ledger.state(run), now)
+            return prior
+        except AbcError as exc:
+            judged = replace(_refused(exc, {"action": acted}), reused=True)
+        outcome, _ = self._record(run.run_id, request_id, run, judged, now)
         return outcome
 
     def _judge(self, run: Run, action: Action, acted: dict[str, Any], now: datetime) -> _Judged:

@@ -51,10 +51,14 @@ def restore_from_log(
     if there is one; the number of records applied. ``key`` verifies the checkpoints;
     with ``mac_key`` (the PDP's, ``mac.py``) the tail after the last one must carry its
     MACs, or it was not this PDP's to replay and then sign."""
-    if not any(p.stat().st_size for p in segment_paths(path)):
-        return 0
     started = time.monotonic()
     try:
+        if not any(p.stat().st_size for p in segment_paths(path)):
+            if snapshots is not None:
+                # A new log, unless a signed snapshot names a record of it (LogInvalid):
+                # then it was emptied or deleted.
+                load_snapshot(snapshots, path, key)
+            return 0
         start = _from_snapshot(target, path, key, snapshots) if snapshots is not None else None
         count = 0
         for logged in LogReader(path, key, allow_tail=True, start=start, mac_key=mac_key):

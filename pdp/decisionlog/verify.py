@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pdp.decisionlog.chain import GENESIS, record_hash, verify_checkpoint
 from pdp.decisionlog.mac import MAC_FIELD, carries_mac
 from pdp.decisionlog.records import CheckpointRecord, Record, RecordInvalid, parse_record
-from pdp.decisionlog.segments import LogPosition, read_segments
+from pdp.decisionlog.segments import LogPosition, read_segments, segment_of
 from pdp.errors import AbcError, SignatureInvalid
 from pdp.manifest.canonical import parse_record as parse_line
 
@@ -166,7 +166,8 @@ class LogReader:
         prev = start.hash if start else GENESIS
         number = start.seq if start else 0  # lines read so far: record seq n is line n + 1
         checkpoints = since_checkpoint = 0
-        macs = False  # (7) whether records must carry MACs
+        # (7) Whether records must carry MACs: as the record before the start says.
+        macs = start is not None and self._mac_key is not None and _has_macs(self._path, start)
         for segment in read_segments(self._path, start):
             lines = segment.data.split(b"\n")
             if lines[-1]:
@@ -220,6 +221,16 @@ class LogReader:
                 number, None, f"the log ends before seq {self._expect_seq} (truncated)"
             )
         self._report = LogReport(number, checkpoints, prev, since_checkpoint)
+
+
+def _has_macs(path: Path, start: LogPosition) -> bool:
+    """Whether the record at ``start`` (a snapshot's, checked by its reader) says that
+    the records after it carry MACs: it carries one, or is a checkpoint saying so."""
+    with segment_of(path, start.segment).open("rb") as handle:
+        handle.seek(start.offset)
+        line = handle.read(start.length).rstrip(b"\n")
+    raw = parse_line(line)
+    return MAC_FIELD in raw or bool(raw.get("kind") == "checkpoint" and raw.get("macs"))
 
 
 def _check_signed(

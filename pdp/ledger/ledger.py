@@ -218,18 +218,13 @@ class Ledger:
     def _sweep_shared(self, now: datetime, limit: int) -> None:
         """Release runs a shared store says are due, held here or not: a run another
         replica started (one since restarted, or gone) is released all the same."""
-        due = self.store.due_runs(now, limit)
-        for done, run_id in enumerate(due):
-            try:
-                run = self.runs.find(run_id)
-                if run is None:
-                    self._release_unheld(run_id, now)
-                elif not self._release_if_due(run, now):
-                    self.store.schedule(run_id, now + _GRANT_RECHECK)
-            except BaseException:
-                for left in due[done:]:
-                    self.store.schedule(left, now)
-                raise
+        # Each leased to this caller: one not released (an error here) is taken again later.
+        for run_id in self.store.due_runs(now, limit):
+            run = self.runs.find(run_id)
+            if run is None:
+                self._release_unheld(run_id, now)
+            elif not self._release_if_due(run, now):
+                self.store.schedule(run_id, now + _GRANT_RECHECK)
 
     def _release_unheld(self, run_id: str, now: datetime) -> None:
         """Release a run this process never compiled, from the store alone: it is due,
@@ -237,7 +232,8 @@ class Ledger:
         try:
             state = self.store.state(run_id, "")
         except ManifestUnknown:
-            return  # released already
+            self.store.release_run(run_id, "")  # released already: its due entry goes too
+            return
         self._expire_logged(run_id, now + self.reservation_ttl, now)
         self.store.release_run(run_id, state.outcome or "expired")
 

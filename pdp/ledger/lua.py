@@ -175,6 +175,8 @@ if cur and (string.sub(cur, 1, 1) ~= '~' or tonumber(string.sub(cur, 2)) > now_m
   return cur
 end
 redis.call('HSET', KEYS[1], ARGV[1], '~' .. (now_ms + tonumber(ARGV[2])))
+-- '!': claimed over a mark that lapsed unanswered (its decider stuck or gone)
+if cur then return '!' end
 return false
 """
 
@@ -204,6 +206,7 @@ return 1
 # run takes its fleet books and envelope with it (its runs were released first; one
 # released late elsewhere finds no books to take off).
 RELEASE = """
+redis.call('ZREM', ARGV[3] .. 'due', ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local fleet = redis.call('HGET', KEYS[1], 'fleet')
 if fleet and fleet ~= '' and fleet ~= ARGV[1] then
@@ -221,7 +224,6 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 local own = ARGV[3] .. '{' .. ARGV[1] .. '}:'
 redis.call('DEL', own .. 'fleet', own .. 'live')
 redis.call('HDEL', ARGV[3] .. 'envelopes', ARGV[1])
-redis.call('ZREM', ARGV[3] .. 'due', ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[7], ARGV[1], ARGV[2])
   redis.call('RPUSH', KEYS[8], ARGV[1])
@@ -245,9 +247,11 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3])
 return -1
 """
 
-# Take up to ARGV[2] runs whose release time (ms) came by ARGV[1]: each goes to one caller.
+# Take up to ARGV[2] runs whose release time (ms) came by ARGV[1]: each goes to one caller,
+# leased until ARGV[3] (RELEASE removes it; a caller that fails or dies leaves it to be taken
+# again then).
 TAKE_DUE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, id in ipairs(ids) do redis.call('ZREM', KEYS[1], id) end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
 return ids
 """

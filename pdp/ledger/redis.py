@@ -54,6 +54,8 @@ __all__ = ["RedisRunStore"]
 T = TypeVar("T")
 
 _IN_FLIGHT_MS = 10_000
+# A due run taken for release is taken again after this long unless it was released.
+_DUE_LEASE_MS = 300_000
 _FIELDS = [f"{kind}{i}" for kind in "lsr" for i in range(1, 5)]
 
 
@@ -267,7 +269,8 @@ class RedisRunStore:
 
     def due_runs(self, now: datetime, limit: int) -> list[str]:
         # At most 10,000 a call (a start-up's sweep asks for all): an integer for Lua.
-        keys, args = [self._prefix + "due"], [_ms(now), min(limit, 10_000)]
+        keys = [self._prefix + "due"]
+        args = [_ms(now), min(limit, 10_000), _ms(now) + _DUE_LEASE_MS]
         ids = _guarded(lambda: self._take_due(keys=keys, args=args))
         return [i.decode() for i in ids]
 
@@ -281,13 +284,13 @@ class RedisRunStore:
         waited = False
         while True:
             prior = _guarded(lambda: self._claim(keys=[key], args=[request_id, _IN_FLIGHT_MS]))
-            if prior is None and not waited:
-                return None
-            if prior is None or time.monotonic() > deadline:
-                # The decision waited on is still under way, or its mark lapsed without an
-                # answer (its replica stuck or gone): deciding it again here could charge
-                # it twice. A later retry, finding no mark, decides it.
-                if prior is None:
+            if prior is None or (prior == b"!" and not waited):
+                return None  # claimed (over a lapsed mark found on arrival, too)
+            if prior == b"!" or time.monotonic() > deadline:
+                # The decision waited on is still under way, or its mark lapsed unanswered
+                # (its replica stuck or gone): deciding it again here could charge it
+                # twice. A later retry, finding no mark, decides it.
+                if prior == b"!":
                     self.unclaim(run_id, request_id)
                 raise StoreUnavailable("a decision for this request id is still under way")
             if not prior.startswith(b"~"):

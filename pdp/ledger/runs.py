@@ -25,6 +25,7 @@ import base64
 import hashlib
 import heapq
 import itertools
+import logging
 import math
 import re
 import threading
@@ -47,6 +48,8 @@ from pdp.manifest import Manifest, VerifiedManifest, mark_lineage
 from pdp.manifest.narrow import Narrowed
 
 __all__ = ["RegistryState", "Run", "RunRegistry", "check_run_key", "fleet_of", "run_id_for"]
+
+log = logging.getLogger("abc.pdp")
 
 # Heap entries of runs already released are dropped once they dominate (amortized).
 _COMPACT_SLACK = 1024
@@ -286,10 +289,12 @@ class RunRegistry:
         slot = (now, run.manifest.expires_at, force) if fleet and fleet.runs else None
         grant_of = (grant.run_id, run_key, _narrower(narrowed))
         created = self._open(run, grant.run_id if fleet else "", grant_of, slot)
-        if created and self.store.shared:
+        if self.store.shared:
+            if not created:
+                self.check_shared(run.run_id, run_key, narrowed)
+            # Also when not created here: a start that failed after its open is scheduled
+            # by its retry (an earlier time, an ending's, stays).
             self.store.schedule(run.run_id, run.manifest.expires_at + self.retention)
-        elif self.store.shared:
-            self.check_shared(run.run_id, run_key, narrowed)
         return created
 
     def add(
@@ -367,7 +372,12 @@ class RunRegistry:
             if run is not None and run.run_key:
                 self._push(at + self.retention, run)
         if run is not None and run.run_key and self.store.shared:
-            self.store.schedule(run_id, at + self.retention)
+            try:
+                self.store.schedule(run_id, at + self.retention)
+            except StoreUnavailable:
+                # The ending is made: the run is released at its expiry (scheduled when it
+                # started), or by this process's own sweep.
+                log.warning("run %s ended, but its release could not be scheduled", run_id)
 
     def _push(self, when: datetime, run: Run) -> None:
         heapq.heappush(self._due, (when, next(self._seq), run))

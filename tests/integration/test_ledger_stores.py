@@ -195,6 +195,35 @@ def test_a_duplicate_whose_first_decision_never_ends_is_refused_not_decided_agai
     assert store.claim(run_id, "req-1") == {"decision_id": "dec_1", "allow": True}
 
 
+def test_a_duplicate_whose_first_decision_was_unclaimed_decides(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.claim(run_id, "req-1") is None
+    seen: list[object] = []
+    waiter = threading.Thread(target=lambda: seen.append(store.claim(run_id, "req-1")))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    store.unclaim(run_id, "req-1")  # the first was not kept (an outage): the next decides
+    waiter.join(timeout=5)
+    assert seen == [None]
+
+
+def test_redis_due_runs_are_leased_until_released(
+    redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pdp.ledger.redis._DUE_LEASE_MS", 200)
+    store = RedisRunStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    first, second = opened(store), opened(store)
+    store.schedule(first, NOW)
+    store.schedule(second, LATER)
+    store.schedule(second, NOW)  # an ending's earlier time wins
+    store.schedule(first, LATER)  # a later one changes nothing
+    assert sorted(store.due_runs(NOW, 10)) == sorted([first, second])
+    assert store.due_runs(NOW, 10) == []  # taken: each goes to one caller
+    store.release_run(first, "completed")
+    # The one taken but never released (its taker failed or died) is taken again later.
+    assert store.due_runs(NOW + timedelta(seconds=1), 10) == [second]
+
+
 def test_unknown_runs_are_refused(store: RunStore) -> None:
     with pytest.raises(ManifestUnknown):
         store.state("run_nope", "acme/a")

@@ -240,14 +240,24 @@ def test_a_settlement_whose_write_was_lost_is_written_when_it_is_retried(
     assert restarted.service.get_run(run_id, NOW) == live
 
 
-def test_a_kept_allow_is_not_given_again_once_the_run_has_ended(pdp: _Pdp) -> None:
+def test_a_kept_allow_is_not_given_again_once_the_run_has_ended(tmp_path: Path) -> None:
+    pdp = _Pdp(tmp_path)
     run_id = pdp.register()
     first = pdp.service.decide(run_id, "req-1", _model(100), NOW)
     assert pdp.service.decide(run_id, "req-1", _model(100), NOW).decision_id == first.decision_id
     end = validate_action("step", "step:@completed")
-    assert pdp.service.decide(run_id, "req-end", end, NOW).decision.allow
+    ended = pdp.service.decide(run_id, "req-end", end, NOW)
     replayed = pdp.service.decide(run_id, "req-1", _model(100), NOW)
     assert not replayed.forward and replayed.reason is ReasonCode.RUN_CLOSED
+    # The step that ended the run is its own retry's answer still.
+    assert pdp.service.decide(run_id, "req-end", end, NOW).decision_id == ended.decision_id
+    pdp.log.close()
+    restarted = _Pdp(tmp_path)
+    restore_from_log(restarted.service, pdp.log_path, LOG_KEY.public_key())
+    # The refused retry was logged as a retry: the kept answer came back, and is refused again.
+    again = restarted.service.decide(run_id, "req-1", _model(100), NOW)
+    assert not again.forward and again.reason is ReasonCode.RUN_CLOSED
+    assert restarted.service.decide(run_id, "req-end", end, NOW).decision_id == ended.decision_id
 
 
 def test_a_registration_the_log_cannot_record_is_never_used(pdp: _Pdp) -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pdp.decisionlog import DecisionLog, Record, SettlementRecord, verify_log
+from pdp.decisionlog import (
+    DecisionLog,
+    LogInvalid,
+    LogReader,
+    Record,
+    SettlementRecord,
+    verify_log,
+)
 from pdp.decisionlog.chain import GENESIS, record_hash, sign_checkpoint
 from pdp.decisionlog.mac import carries_mac, mac_key
 from pdp.decisionlog.records import line_fields
@@ -128,3 +135,22 @@ def test_a_line_added_to_a_crash_tail_is_refused(tmp_path: Path) -> None:
     _append_forged(path, None)
     with pytest.raises(ConfigError, match="not written by this PDP"):
         _restore(path)
+
+
+def test_a_line_added_after_a_snapshots_record_is_refused(tmp_path: Path) -> None:
+    # Start-up from a snapshot reads only what follows its record: that record says the
+    # records after it carry MACs, so a forged one there is refused too.
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_every=1000)
+    for i in range(3):
+        log.append(decision(i))
+    snapshot_at = log.position()
+    log.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: snapshot_at.offset + snapshot_at.length])  # its checkpoint cut
+    _append_forged(path, None)
+    reader = LogReader(
+        path, KEY.public_key(), allow_tail=True, start=snapshot_at, mac_key=mac_key(KEY)
+    )
+    with pytest.raises(LogInvalid, match="not written by this PDP"):
+        list(reader)

@@ -10,8 +10,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.decisionlog import DecisionLog, LogInvalid, LogReader, verify_log
-from pdp.decisionlog.segments import sealed_paths
+from pdp.decisionlog.recovery import restore_from_log
+from pdp.decisionlog.segments import sealed_paths, segment_paths
 from pdp.decisionlog.snapshot import load_snapshot, write_snapshot
+from pdp.errors import ConfigError
 from tests.unit.pdp.decisionlog.test_log import KEY, decision
 
 STATE = {"registry": {"grants": [], "runs": []}, "store": {"runs": {"run_1": "anything"}}}
@@ -88,3 +90,25 @@ def test_a_log_cut_before_its_snapshot_stops_start_up(tmp_path: Path) -> None:
     assert verify_log(path, KEY.public_key()).records < 25
     with pytest.raises(LogInvalid, match="cut or replaced"):
         load_snapshot(snapshots, path, KEY.public_key())
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_a_log_emptied_or_deleted_under_its_snapshots_stops_start_up(
+    tmp_path: Path, how: str
+) -> None:
+    path, snapshots, _ = log_with_snapshots(tmp_path)
+    for segment in segment_paths(path):
+        if how == "emptied":
+            segment.write_bytes(b"")
+        else:
+            segment.unlink()
+    with pytest.raises(ConfigError, match="cut or replaced"):
+        restore_from_log(_Nothing(), path, KEY.public_key(), snapshots)
+
+
+class _Nothing:
+    def restore(self, record: object, trust_now: object) -> None:
+        raise AssertionError("nothing to replay")
+
+    def import_state(self, state: dict[str, object]) -> None:
+        raise AssertionError("no snapshot fits")
