@@ -3,9 +3,10 @@ Decide with one, on one real abc-pdp (memory store), with its RSS as runs accumu
 on a second abc-pdp that releases ended runs at once (``--run-retention 0``), its RSS after
 1,000 and after 100,000 runs started and ended (``ABC_ENDED_RUNS`` for fewer).
 
-A third abc-pdp has grants registered one after another, each valid for three seconds (a
-manifest per task): its RSS after 200 and after 1,000 such grants (``ABC_EXPIRED_GRANTS``
-for another count), each released once expired as later ones register.
+A third abc-pdp has grants registered 20 a second, each valid for three seconds (a
+manifest per task; about 60 held at any moment): its RSS after 200 and after 1,000 such
+grants (``ABC_EXPIRED_GRANTS`` for another count), each released once expired as later
+ones register; then the same on an abc-pdp whose Go runtime has ``GOMEMLIMIT=256MiB``.
 
 Baselines are taken in the same run: the server's bare health Check, and Decide on a
 grant with a single started run. Writes bench-results/runs.json.
@@ -96,7 +97,8 @@ def test_bench_runs(tmp_path: Path) -> None:
     channel.close()
     assert pdp.stop() == 0
     rss_ended = _ended_runs_rss(signer, tmp_path)
-    rss_grants = _expired_grants_rss(signer, tmp_path)
+    rss_grants = _expired_grants_rss(signer, tmp_path / "grants")
+    rss_grants_limited = _expired_grants_rss(signer, tmp_path / "limited", "256MiB")
 
     def p50(samples: list[float]) -> float:
         return percentile(samples, 0.5)
@@ -123,6 +125,9 @@ def test_bench_runs(tmp_path: Path) -> None:
         f"ratio_rss_{EXPIRED_GRANTS}_vs_200_expired_grants": round(
             rss_grants[str(EXPIRED_GRANTS)] / rss_grants["200"], 3
         ),
+        "rss_mb_by_grants_registered_and_expired_gomemlimit_256mib": {
+            k: round(v, 1) for k, v in rss_grants_limited.items()
+        },
     }
     path = write_results("runs", results)
     print(f"\nRuns benchmark ({path})")
@@ -137,6 +142,7 @@ def test_bench_runs(tmp_path: Path) -> None:
         f"ratio_rss_{ENDED_RUNS}_vs_1000_ended_runs",
         "rss_mb_by_grants_registered_and_expired",
         f"ratio_rss_{EXPIRED_GRANTS}_vs_200_expired_grants",
+        "rss_mb_by_grants_registered_and_expired_gomemlimit_256mib",
     ):
         print(f"  {name}: {results[name]}")
 
@@ -180,11 +186,21 @@ def _ended_runs_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
     return rss
 
 
-def _expired_grants_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
-    """RSS of an abc-pdp after 200 and after EXPIRED_GRANTS grants were registered, each
-    valid for three seconds: each registration releases grants that expired before it,
-    their compiled policies included, so about the last three seconds' grants are held."""
-    pdp = start_pdp(signer, tmp_path / "grants", POLICIES, "--run-retention", "0")
+def _expired_grants_rss(signer: Signer, state: Path, go_memory_limit: str = "") -> dict[str, float]:
+    """RSS of an abc-pdp after 200 and after EXPIRED_GRANTS grants were registered, 20 a
+    second, each valid for three seconds: each registration releases grants that expired
+    before it, their compiled policies included, so about the last three seconds' grants
+    are held. ``go_memory_limit``: the Go runtime's GOMEMLIMIT in abc-pdp, if any."""
+    saved = os.environ.get("GOMEMLIMIT")
+    if go_memory_limit:
+        os.environ["GOMEMLIMIT"] = go_memory_limit
+    try:
+        pdp = start_pdp(signer, state, POLICIES, "--run-retention", "0")
+    finally:
+        if saved is None:
+            os.environ.pop("GOMEMLIMIT", None)
+        else:
+            os.environ["GOMEMLIMIT"] = saved
     channel = pdp.channel()
     stub = pdp_pb2_grpc.DecisionServiceStub(channel)
     key = load_private_key(signer.key)
@@ -205,7 +221,9 @@ def _expired_grants_rss(signer: Signer, tmp_path: Path) -> dict[str, float]:
 
     rss: dict[str, float] = {}
     try:
+        began = time.monotonic()
         for n in range(EXPIRED_GRANTS):
+            time.sleep(max(0.0, began + n / 20 - time.monotonic()))  # 20 a second
             register(n)
             if n + 1 in (200, EXPIRED_GRANTS):
                 rss[str(n + 1)] = rss_mb(pdp.process.pid)
