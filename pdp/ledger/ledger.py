@@ -34,8 +34,9 @@ log = logging.getLogger("abc.pdp")
 MAX_REPORTED = 2**40
 # Settlements remembered, the most recent: a retry of one whose record was lost writes it.
 _RECENT_SETTLEMENTS = 4096
-# How soon an expired grant whose runs were still held is looked at again for release.
-_GRANT_RECHECK = timedelta(minutes=1)
+# How soon a run not released when due (an expired grant whose runs were still held, a
+# sweep the store or log interrupted) is looked at again.
+_RECHECK = timedelta(minutes=1)
 
 
 def _shown(left: Usage) -> dict[str, int]:
@@ -208,9 +209,10 @@ class Ledger:
                 if self._release_if_due(run, now) and not run.run_key:
                     grants.append(run.verified.digest)
             except BaseException:
-                # The store or the log is out: these are looked at again next time.
+                # The store or the log is out: these are looked at again a little later
+                # (not at once: one that fails every time must not fail every StartRun).
                 for left in due[done:]:
-                    self.runs.later(left, now)
+                    self.runs.later(left, now + _RECHECK)
                 raise
         self._sweep_shared(now, limit)
         return grants
@@ -224,7 +226,7 @@ class Ledger:
             if run is None:
                 self._release_unheld(run_id, now)
             elif not self._release_if_due(run, now):
-                self.store.schedule(run_id, now + _GRANT_RECHECK)
+                self.store.schedule(run_id, now + _RECHECK)
 
     def _release_unheld(self, run_id: str, now: datetime) -> None:
         """Release a run this process never compiled, from the store alone: it is due,
@@ -251,7 +253,7 @@ class Ledger:
             return False  # not ended: looked at again at its expiry
         if not run.run_key and (not expired or self.runs.holds_runs_of(run)):
             # Its runs are due by now too: looked at again once they have gone.
-            self.runs.later(run, now + max(self.runs.retention, _GRANT_RECHECK))
+            self.runs.later(run, now + max(self.runs.retention, _RECHECK))
             return False
         self.expire(run, now + self.reservation_ttl, logged_at=now)
         self.store.release_run(run.run_id, status)
