@@ -378,15 +378,21 @@ class DecisionService:
 
     def record_refusal(
         self, run_id: str, request_id: str, route: str, reason: ReasonCode, message: str,
-        now: datetime,
+        now: datetime, bound: str = "",
     ) -> str:  # fmt: skip
         """Log a refusal the sidecar made itself (a request it could not map to an action)
         and return its decision id. ``BadRequest`` for a field outside its bounds;
-        ``LogUnavailable`` when the log cannot write (the sidecar keeps its own id)."""
+        ``RunNotBound`` for a run of another grant than ``bound``'s (none is logged under
+        it); ``LogUnavailable`` when the log cannot write (the sidecar keeps its own id)."""
         unavailable = reason is ReasonCode.PDP_UNAVAILABLE  # that one is the PDP's to say
         if route not in SIDECAR_ROUTES or len(message) > 200 or unavailable:
             raise BadRequest("a sidecar refusal names a route, a reason and a short message")
         run = self._ledger.runs.find(run_id) if run_id else None
+        if run is not None and bound and run.verified.digest != bound:
+            raise RunNotBound(
+                f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
+                f" caller's {bound}"
+            )
         decision_id = "dec_" + uuid.uuid4().hex
         decision = Decision.deny(reason, message)
         self._log.append(
@@ -442,8 +448,9 @@ class DecisionService:
         manifest ``bound`` ("" checks nothing)."""
         return self._grants.unbound(reservation_ids, bound, now)
 
-    def get_run(self, run_id: str, now: datetime) -> RunView:
-        run = self._grants.run(run_id, now)
+    def get_run(self, run_id: str, now: datetime, bound: str = "") -> RunView:
+        """The run's state. ``RunNotBound`` for a run of another grant than ``bound``'s."""
+        run = self._grants.run(run_id, now, bound)
         state = self._ledger.state(run)
         books = self._ledger.books(run_id)
         return RunView(

@@ -212,6 +212,7 @@ class PdpClient:
             route=route,
             reason=verdict.reason.value,
             message=verdict.message[:200],
+            manifest_digest=self._bound,
         )
         try:
             response = await self._stub.RecordRefusal(request, timeout=self._deadline)

@@ -219,11 +219,14 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
                 reason,
                 request.message,
                 self._clock(),
+                request.manifest_digest,
             )
         except AbcError as exc:
             status = grpc.StatusCode.INVALID_ARGUMENT
             if exc.reason is ReasonCode.PDP_UNAVAILABLE:
                 status = grpc.StatusCode.UNAVAILABLE
+            elif exc.reason is ReasonCode.RUN_NOT_BOUND:
+                status = grpc.StatusCode.PERMISSION_DENIED
             context.abort(status, exc.reason.value)
         return pdp_pb2.RecordRefusalResponse(decision_id=decision_id)
 
@@ -231,10 +234,13 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         self, request: pdp_pb2.GetRunRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.GetRunResponse:
         try:
-            view = self._service.get_run(request.run_id, self._clock())
+            view = self._service.get_run(request.run_id, self._clock(), request.manifest_digest)
         except AbcError as exc:
-            unavailable = exc.reason is ReasonCode.PDP_UNAVAILABLE
-            status = grpc.StatusCode.UNAVAILABLE if unavailable else grpc.StatusCode.NOT_FOUND
+            status = grpc.StatusCode.NOT_FOUND
+            if exc.reason is ReasonCode.PDP_UNAVAILABLE:
+                status = grpc.StatusCode.UNAVAILABLE
+            elif exc.reason is ReasonCode.RUN_NOT_BOUND:
+                status = grpc.StatusCode.PERMISSION_DENIED
             context.set_trailing_metadata((("abc-reason", exc.reason.value),))
             # run_released says the run existed and ended: not an id never seen.
             context.abort(status, f"{exc.reason.value}: {exc}")

@@ -367,6 +367,26 @@ def test_a_run_is_usable_only_by_callers_of_its_own_manifest(
         malformed = tool_call(a_run, "search", {"query": "q"})
         malformed.manifest_digest, malformed.action.kind = digests[1], "teleport"
         assert codes(stub(pdp).Decide(malformed, timeout=5)) == ["run_not_bound"]
+        # Nor read A's run, nor log a refusal under it, stating B's manifest.
+        for call in (
+            lambda: stub(pdp).GetRun(
+                pdp_pb2.GetRunRequest(run_id=a_run, manifest_digest=digests[1]), timeout=5
+            ),
+            lambda: stub(pdp).RecordRefusal(
+                pdp_pb2.RecordRefusalRequest(
+                    run_id=a_run,
+                    request_id="pep_x",
+                    route="http",
+                    reason="budget_exhausted",
+                    message="forged",
+                    manifest_digest=digests[1],
+                ),
+                timeout=5,
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as denied:
+                call()
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
         allowed = stub(pdp).Decide(tool_call(a_run, "search", {"query": "q"}), timeout=5)
         report = pdp_pb2.ReportUsageRequest(
             reservation_id=allowed.reservation_id, tokens=0, manifest_digest=digests[1]

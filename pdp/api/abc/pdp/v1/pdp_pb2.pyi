@@ -132,10 +132,12 @@ class StartRunResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., started: _Optional[bool] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "manifest_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    manifest_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("tokens", "usd_micros", "tool_calls", "requests")
@@ -190,18 +192,20 @@ class Fleet(_message.Message):
     def __init__(self, spent: _Optional[_Union[Budget, _Mapping]] = ..., reserved: _Optional[_Union[Budget, _Mapping]] = ..., remaining: _Optional[_Union[Budget, _Mapping]] = ..., open: _Optional[_Iterable[str]] = ..., runs: _Optional[int] = ..., max_runs: _Optional[int] = ...) -> None: ...
 
 class RecordRefusalRequest(_message.Message):
-    __slots__ = ("run_id", "request_id", "route", "reason", "message")
+    __slots__ = ("run_id", "request_id", "route", "reason", "message", "manifest_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     request_id: str
     route: str
     reason: str
     message: str
-    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., route: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    manifest_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., request_id: _Optional[str] = ..., route: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class RecordRefusalResponse(_message.Message):
     __slots__ = ("decision_id",)
