@@ -107,7 +107,9 @@ class _Judged:
     policy_input: dict[str, object]  # as judged (or as far as it got): logged
     policy_result: dict[str, Any] | None = None  # the policy's own verdict: `abcctl replay`
     shadow: bool = False  # a shadow run's verdict: forwarded whatever it says
-    reused: bool = False  # a request id reused for another action
+    # Not the request id's answer: it was reused for another action, or retried after its
+    # kept allow's run ended (replay keeps the first answer).
+    reused: bool = False
 
 
 def _refused(error: AbcError | None, policy_input: dict[str, object]) -> _Judged:
