@@ -366,7 +366,7 @@ class DecisionService:
         except BadRequest as exc:
             # The detail, not the record: the record is what could not be written safely.
             log.warning("decision %s cannot be logged, refused: %s", record.decision_id, exc)
-            self._ledger.release(applied)
+            self._ledger.release(record.run_id, applied)
             refusal = Decision.deny(ReasonCode.BAD_REQUEST, "the action cannot be logged exactly")
             try:
                 self._log.append(_unloggable(record, refusal))
@@ -375,7 +375,7 @@ class DecisionService:
                 log.error("decision log refused a refusal, answering unavailable: %s", again)
         except LogUnavailable as exc:
             log.error("decision log unwritable, refusing: %s", exc)
-            self._ledger.release(applied)
+            self._ledger.release(record.run_id, applied)
         return Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable")
 
     def record_refusal(

@@ -177,14 +177,15 @@ class Ledger:
             {"cost": cost.as_dict(), "remaining": left.as_dict()},
         )
 
-    def release(self, applied: Applied) -> None:
-        """Undo what ``applied`` reserved: its decision was never given.
-
-        A step change carries no agent text and is checked loggable before it is made;
-        only a reservation can be left to undo.
-        """
+    def release(self, run_id: str, applied: Applied) -> None:
+        """Undo what ``applied`` reserved or moved: its decision was never given (the log
+        could not record it). Step changes of a run are decided one at a time, so the run
+        is still where this one left it. An ending stays: it only takes permissions away,
+        and its slot and release time are gone with it."""
         if applied.reservation_id:
             self.store.release(applied.reservation_id)
+        if applied.step is not None and not applied.step[1].startswith("@"):
+            self.store.unmove(run_id, *applied.step)
 
     def move(self, run_id: str, seen_step: str, target: str, now: datetime) -> bool:
         """Enter step ``target``, or end the run for an "@completed" / "@failed" target

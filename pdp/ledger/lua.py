@@ -14,6 +14,7 @@ __all__ = [
     "TAKE",
     "TAKE_DUE",
     "UNCLAIM",
+    "UNMOVE",
 ]
 
 OPEN = """
@@ -41,6 +42,17 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'l1', ARGV[1], 'l2', ARGV[2], 'l3', ARGV[3], 'l4', ARGV[4],
     's1', 0, 's2', 0, 's3', 0, 's4', 0, 'r1', 0, 'r2', 0, 'r3', 0, 'r4', 0, 'runs', ARGV[5])
 end
+return 1
+"""
+
+# Undo a step change whose decision was never given, if the run is still where it left it.
+UNMOVE = """
+local cur = redis.call('HMGET', KEYS[1], 'step', 'outcome', 'completed')
+if not cur[1] or cur[1] ~= ARGV[2] or cur[2] ~= '' then return 0 end
+local done = cjson.decode(cur[3])
+if #done == 0 or done[#done] ~= ARGV[1] then return 0 end
+table.remove(done)
+redis.call('HSET', KEYS[1], 'step', ARGV[1], 'completed', cjson.encode(done))
 return 1
 """
 

@@ -167,6 +167,14 @@ class MemoryRunStore:
                 run.step = step
             return True
 
+    def unmove(self, run_id: str, from_step: str, step: str) -> None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            if run is None or run.step != step or run.outcome:
+                return
+            if run.completed_steps[-1:] == [from_step]:
+                run.step = run.completed_steps.pop()
+
     def reserve(
         self,
         run_id: str,

@@ -95,6 +95,7 @@ class RedisRunStore:
             lua.ADMIT,
             lua.RELEASE,
             lua.TAKE_DUE,
+            lua.UNMOVE,
         )
         (
             self._open,
@@ -109,6 +110,7 @@ class RedisRunStore:
             self._admit,
             self._release,
             self._take_due,
+            self._unmove,
         ) = (self._redis.register_script(source) for source in scripts)
 
     def ping(self) -> None:
@@ -193,6 +195,10 @@ class RedisRunStore:
         keys = [self._key(run_id, "run")]
         args = [seen_step, step, outcome, self._prefix, run_id]
         return bool(self._call(self._move, run_id, keys, args))
+
+    def unmove(self, run_id: str, from_step: str, step: str) -> None:
+        keys = [self._key(run_id, "run")]
+        _guarded(lambda: self._unmove(keys=keys, args=[from_step, step]))
 
     def reserve(
         self,

@@ -146,6 +146,10 @@ class RunStore(Protocol):
         """Enter ``step`` (or end the run with ``outcome``, which frees its fleet slot) if
         the run is still at ``seen_step`` and has not ended; False otherwise."""
 
+    def unmove(self, run_id: str, from_step: str, step: str) -> None:
+        """Undo ``move(run_id, from_step, step)`` whose decision was never given, if the
+        run is still where that move left it (not for an ending)."""
+
     def reserve(
         self,
         run_id: str,

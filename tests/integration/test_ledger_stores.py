@@ -85,6 +85,17 @@ def test_reserve_holds_every_budget_or_nothing(store: RunStore) -> None:
     assert books.remaining() == Usage(tokens=0, usd_micros=500, tool_calls=0, requests=8)
 
 
+def test_a_move_is_undone_only_where_it_left_the_run(store: RunStore) -> None:
+    run_id = opened(store)
+    assert store.move(run_id, "research", "answer")
+    store.unmove(run_id, "research", "answer")
+    state = store.state(run_id, "acme/a")
+    assert (state.step, state.completed_steps) == ("research", ())
+    assert store.move(run_id, "research", "answer") and store.move(run_id, "answer", "publish")
+    store.unmove(run_id, "research", "answer")  # moved on since: nothing to undo
+    assert store.state(run_id, "acme/a").step == "publish"
+
+
 def test_an_ended_run_holds_nothing_more(store: RunStore) -> None:
     """A decision that passed its running check before another request ended the run
     reserves nothing: a hold on an ended run would be dropped by its release uncharged."""

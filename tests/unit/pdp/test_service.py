@@ -117,6 +117,17 @@ def test_an_unwritable_log_refuses_as_unavailable_and_reserves_nothing(pdp: _Pdp
     assert pdp.store.claim(run_id, "req-1") is None
 
 
+def test_a_step_the_log_cannot_record_is_not_entered(tmp_path: Path) -> None:
+    pdp = _Pdp(tmp_path)
+    run_id = pdp.register()
+    pdp.log.close()
+    outcome = pdp.service.decide(run_id, "req-1", validate_action("step", "step:answer"), NOW)
+    assert outcome.reason is ReasonCode.PDP_UNAVAILABLE
+    # Live as after a restart: the run is where it was, and the step can be entered later.
+    run = pdp.service.get_run(run_id, NOW)
+    assert (run.step, run.completed_steps) == ("research", ())
+
+
 def test_a_policy_that_fails_to_decide_refuses_as_unavailable(tmp_path: Path) -> None:
     policies = tmp_path / "policies"
     policies.mkdir()

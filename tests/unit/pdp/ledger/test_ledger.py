@@ -52,7 +52,7 @@ def test_an_allowed_model_call_reserves_its_worst_case(tmp_path: Path) -> None:
     assert applied.decision is ALLOW and applied.reservation_id
     assert applied.cost == Usage(tokens=100, requests=1)
     assert ledger.books(run.run_id).reserved == Usage(tokens=100, requests=1)
-    ledger.release(applied)
+    ledger.release(run.run_id, applied)
     assert ledger.books(run.run_id).reserved == Usage()
 
 
