@@ -166,11 +166,7 @@ class Grants:
         if run is None or run.run_id != run_id:
             self._ledger.check_released(run_id)
             raise ManifestUnknown("no run with this id")
-        if bound and run.verified.digest != bound:
-            raise RunNotBound(
-                f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
-                f" caller's {bound}"
-            )
+        run.check_bound(bound)
         return run
 
     def _load_shared(self, run_id: str, now: datetime) -> Run | None:

@@ -282,7 +282,7 @@ class DecisionService:
         ahead. Shadow mode lifts the policy's and the ledger's verdicts only: an unknown or
         closed run, a malformed action, a policy that cannot decide or an unwritable log
         still refuse."""
-        self._ledger.expire(run, now)
+        self._ledger.expire(run.run_id, now)
         state = self._ledger.state(run)
         run.check_running(state, now)
         policy_input: dict[str, object] = {
@@ -390,11 +390,8 @@ class DecisionService:
         if route not in SIDECAR_ROUTES or len(message) > 200 or unavailable:
             raise BadRequest("a sidecar refusal names a route, a reason and a short message")
         run = self._ledger.runs.find(run_id) if run_id else None
-        if run is not None and bound and run.verified.digest != bound:
-            raise RunNotBound(
-                f"run {run.run_id} is a run of manifest {run.verified.digest}, not of the"
-                f" caller's {bound}"
-            )
+        if run is not None:
+            run.check_bound(bound)
         decision_id = "dec_" + uuid.uuid4().hex
         decision = Decision.deny(reason, message)
         self._log.append(

@@ -45,6 +45,7 @@ from pydantic import (
 
 from pdp.api.reasons import ReasonCode
 from pdp.clock import LOG_TIME_FORMAT, log_time, parse_log_time
+from pdp.decisionlog.mac import MAC_FIELD
 
 __all__ = [
     "KINDS",
@@ -66,7 +67,7 @@ __all__ = [
 RECORD_VERSION: Literal[1] = 1
 KINDS = ("registration", "run_start", "decision", "settlement", "checkpoint")
 # The writer's fields: where a record sits and who wrote it (``mac.py``), not what it says.
-_CHAIN = ("seq", "prev", "~mac")
+_CHAIN = ("seq", "prev", MAC_FIELD)
 _BUDGETS = frozenset({"tokens", "usd_micros", "tool_calls", "requests"})
 
 
@@ -391,7 +392,7 @@ def parse_record(raw: Mapping[str, Any]) -> Record:
         raise RecordInvalid(f"not a version-{RECORD_VERSION} record", seq)
     if not isinstance(raw.get("prev"), str):
         raise RecordInvalid("a record has the hash of the one before (prev)", seq)
-    if not isinstance(raw.get("~mac", ""), str):
+    if not isinstance(raw.get(MAC_FIELD, ""), str):
         raise RecordInvalid("a record's MAC is a string", seq)
     kind = raw.get("kind")
     body = {k: v for k, v in raw.items() if k not in _CHAIN}

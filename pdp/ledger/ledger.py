@@ -237,7 +237,7 @@ class Ledger:
         except ManifestUnknown:
             self.store.release_run(run_id, "")  # released already: its due entry goes too
             return
-        self._expire_logged(run_id, now + self.reservation_ttl, now)
+        self.expire(run_id, now + self.reservation_ttl, logged_at=now)
         self.store.release_run(run_id, state.outcome or "expired")
 
     def _release_if_due(self, run: Run, now: datetime) -> bool:
@@ -256,21 +256,18 @@ class Ledger:
             # Its runs are due by now too: looked at again once they have gone.
             self.runs.later(run, now + max(self.runs.retention, _RECHECK))
             return False
-        self.expire(run, now + self.reservation_ttl, logged_at=now)
+        self.expire(run.run_id, now + self.reservation_ttl, logged_at=now)
         self.store.release_run(run.run_id, status)
         self.runs.drop(run)
         return True
 
-    def expire(self, run: Run, now: datetime, logged_at: datetime | None = None) -> None:
+    def expire(self, run_id: str, now: datetime, logged_at: datetime | None = None) -> None:
         """Settle the run's reservations that were never reported, at their worst case.
         ``LogUnavailable`` when the log cannot record it: the run then decides nothing."""
-        self._expire_logged(run.run_id, now, logged_at or now)
-
-    def _expire_logged(self, run_id: str, now: datetime, logged_at: datetime) -> None:
         for reservation_id, cost in self.store.expire(run_id, now):
             self._log.append(
                 SettlementRecord(
-                    time=logged_at,
+                    time=logged_at or now,
                     run_id=run_id,
                     reservation_id=reservation_id,
                     tokens=cost.tokens,
@@ -323,20 +320,26 @@ class Ledger:
         kept the settlement, the log did not), and that place returned."""
         with self._settled_lock:
             known = self._settled.get(reservation_id)
-            if known is None:
-                # Settled long ago, expired, or never held: whatever recorded it is durable
-                # once what is queued now is (a settlement still on its way included).
-                self._log.flush()
+        if known is None:
+            # Settled long ago, expired, or never held: whatever recorded it is durable
+            # once what is queued now is (a settlement still on its way included).
+            self._log.flush()
+            return None
+        record, queued = known
+        if queued is not None:
+            try:
+                self._log.sync(queued)  # not under the lock: new settlements go on meanwhile
                 return None
-            record, queued = known
-            if queued is not None:
-                try:
-                    self._log.sync(queued)
-                    return None
-                except LogUnavailable:
-                    pass  # lost with its batch: written again now
-            queued = self._log.queue(record)
-            self._settled[reservation_id] = (record, queued)
+            except LogUnavailable:
+                pass  # lost with its batch: written again below, once
+        with self._settled_lock:
+            if self._settled.get(reservation_id) is known:
+                queued = self._log.queue(record)
+                self._settled[reservation_id] = (record, queued)
+            else:
+                queued = None  # another retry wrote it again meanwhile: wait for that one
+        if queued is None:
+            return self._settled_before(reservation_id, wait)
         if wait:
             self._log.sync(queued)
         return queued

@@ -41,6 +41,7 @@ from pdp.errors import (
     ManifestUnknown,
     RunClosed,
     RunKeyConflict,
+    RunNotBound,
     StoreUnavailable,
 )
 from pdp.ledger.store import BUDGETS, UNLIMITED, Fleet, RunState, RunStore, Usage
@@ -129,6 +130,15 @@ class Run:
         if now < manifest.not_before:
             return "pending"
         return "running" if now < manifest.expires_at else "expired"
+
+    def check_bound(self, bound: str) -> None:
+        """``RunNotBound`` unless the run is of manifest ``bound`` (the caller's, as its
+        sidecar states it; "" checks nothing)."""
+        if bound and self.verified.digest != bound:
+            raise RunNotBound(
+                f"run {self.run_id} is a run of manifest {self.verified.digest}, not of the"
+                f" caller's {bound}"
+            )
 
     def check_running(self, state: RunState, now: datetime) -> None:
         """Raise the reason a run that is not running decides nothing."""

@@ -114,10 +114,10 @@ def map_request(
     """
     path, _, query = http.path.partition("?")  # the path as sent, query string apart
     named = {name.lower(): value for name, value in headers}
-    model = routes.provider(path) if route != "http" else None
-    if route not in ("", "http", *(() if model is None else (model[0],))):
+    model = None if route == "http" else routes.provider(path)
+    if route not in ("", "http") and (model is None or model[0] != route):
         raise MappingError(f"the route says {route!r}, the path is no {route} API path")
-    if model is not None and route != model[0]:
+    if model is not None and not route:
         raise MappingError(
             f"a {model[0]} path on a route that is not tagged abc_route: {model[0]}"
             " (Envoy: check_settings.context_extensions): its upstream is not the model's"

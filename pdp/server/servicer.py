@@ -37,6 +37,11 @@ _START_STATUS = {
     ReasonCode.FLEET_RUNS_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
+# GetRun and RecordRefusal: an outage, or a run of another grant than the caller's.
+_RUN_STATUS = {
+    ReasonCode.PDP_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ReasonCode.RUN_NOT_BOUND: grpc.StatusCode.PERMISSION_DENIED,
+}
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
 
@@ -222,11 +227,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
                 request.manifest_digest,
             )
         except AbcError as exc:
-            status = grpc.StatusCode.INVALID_ARGUMENT
-            if exc.reason is ReasonCode.PDP_UNAVAILABLE:
-                status = grpc.StatusCode.UNAVAILABLE
-            elif exc.reason is ReasonCode.RUN_NOT_BOUND:
-                status = grpc.StatusCode.PERMISSION_DENIED
+            status = _RUN_STATUS.get(exc.reason, grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(status, exc.reason.value)
         return pdp_pb2.RecordRefusalResponse(decision_id=decision_id)
 
@@ -236,11 +237,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         try:
             view = self._service.get_run(request.run_id, self._clock(), request.manifest_digest)
         except AbcError as exc:
-            status = grpc.StatusCode.NOT_FOUND
-            if exc.reason is ReasonCode.PDP_UNAVAILABLE:
-                status = grpc.StatusCode.UNAVAILABLE
-            elif exc.reason is ReasonCode.RUN_NOT_BOUND:
-                status = grpc.StatusCode.PERMISSION_DENIED
+            status = _RUN_STATUS.get(exc.reason, grpc.StatusCode.NOT_FOUND)
             context.set_trailing_metadata((("abc-reason", exc.reason.value),))
             # run_released says the run existed and ended: not an id never seen.
             context.abort(status, f"{exc.reason.value}: {exc}")

@@ -204,9 +204,9 @@ def test_settling_writes_a_settlement_and_refuses_impossible_amounts(tmp_path: P
 def test_an_unreported_reservation_expires_at_its_worst_case(tmp_path: Path) -> None:
     ledger, run, log = _ledger(tmp_path)
     applied = ledger.apply(run, MODEL, ALLOW, "research", NOW)
-    ledger.expire(run, NOW + timedelta(minutes=5))
+    ledger.expire(run.run_id, NOW + timedelta(minutes=5))
     assert ledger.books(run.run_id).reserved == Usage(tokens=100, requests=1)
-    ledger.expire(run, NOW + timedelta(minutes=11))
+    ledger.expire(run.run_id, NOW + timedelta(minutes=11))
     assert ledger.books(run.run_id).spent == Usage(tokens=100, requests=1)
     log.close()
     records = read_verified_log(tmp_path / "decisions.log", LOG_KEY.public_key()).records
