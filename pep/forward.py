@@ -14,6 +14,8 @@ from collections.abc import Callable
 from aiohttp import ClientResponse, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from pep.upstream import UpstreamResponse
+
 __all__ = ["HOP_BY_HOP", "relay", "request_headers", "response_headers"]
 
 HOP_BY_HOP = frozenset(
@@ -32,7 +34,7 @@ HOP_BY_HOP = frozenset(
 _FRAMING = frozenset({"content-length", "host"})
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str]) -> set[str]:
+def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
     return {
         token.strip().lower()
         for value in headers.getall("connection", [])
@@ -53,7 +55,7 @@ def request_headers(request: web.Request, *, identity: bool) -> CIMultiDict[str]
     return headers
 
 
-def response_headers(upstream: ClientResponse) -> CIMultiDict[str]:
+def response_headers(upstream: ClientResponse | UpstreamResponse) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | {"content-length"} | _named_by_connection(upstream.headers)
     return CIMultiDict((n, v) for n, v in upstream.headers.items() if n.lower() not in drop)
 
@@ -68,7 +70,7 @@ class _HeadersWithBody(web.StreamResponse):
 
 async def relay(
     request: web.Request,
-    upstream: ClientResponse,
+    upstream: ClientResponse | UpstreamResponse,
     extra_headers: dict[str, str],
     tap: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
@@ -86,7 +88,11 @@ async def relay(
         response.content_length = length  # same bytes, same length
     await response.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
+        if isinstance(upstream, UpstreamResponse):
+            chunks = upstream.chunks()
+        else:
+            chunks = upstream.content.iter_any()
+        async for chunk in chunks:
             if tap is not None:
                 tap(chunk)
             await response.write(chunk)

@@ -34,6 +34,7 @@ from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, models_list
 from pep.pdp_client import PdpClient, Verdict
 from pep.runs import RunKeys
+from pep.upstream import ModelUpstream, UpstreamError
 from pep.usage import UsageReader
 
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
@@ -48,11 +49,15 @@ class Sidecar:
     metrics: PepMetrics
     run_id: str | None  # the default run: the grant's (--manifest), or --run
     runs: RunKeys | None = None  # run keys of the grant (--manifest only)
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # upstream for MCP and HTTP tools
+    model_upstream: ModelUpstream | None = None  # upstream for model calls
     models: GrantedModels | None = None  # the bound manifest's, for GET .../v1/models
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
+
+
+_MODEL_ROUTES = frozenset({"openai", "anthropic"})
 
 
 def _request_id(request: web.Request) -> str:
@@ -202,7 +207,7 @@ class Handler:
         run_id: str,
         verdict: Verdict | None,
     ) -> web.StreamResponse:
-        assert sidecar.session is not None
+        assert sidecar.session is not None and sidecar.model_upstream is not None
         route = self.adapter.route
         # The sidecar must read model responses (usage) and tool lists: ask for identity.
         headers = request_headers(request, identity=call.reads_usage or call.respond is not None)
@@ -215,7 +220,16 @@ class Handler:
         reader = UsageReader(call.streaming) if call.reads_usage else None
         started = time.perf_counter()
         status = 0
+        tap = reader.feed if reader else None
         try:
+            if route in _MODEL_ROUTES:
+                assert isinstance(data, bytes)
+                answer = await sidecar.model_upstream.request(
+                    URL(url, encoded=True), headers.items(), data
+                )
+                async with answer:
+                    status = answer.status
+                    return await relay(request, answer, extra, tap)
             async with sidecar.session.request(
                 request.method,
                 # encoded: sent byte for byte; a re-quoted URL turns ..%3b into ..; after
@@ -228,8 +242,8 @@ class Handler:
                 status = upstream.status
                 if call.respond is not None:
                     return await call.respond(request, upstream, _prober(sidecar, run_id))
-                return await relay(request, upstream, extra, reader.feed if reader else None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                return await relay(request, upstream, extra, tap)
+        except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)
             if status:  # the response had started: the agent's connection carries the failure
                 raise
@@ -331,8 +345,10 @@ def build_app(sidecar: Sidecar) -> web.Application:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600),
             connector=aiohttp.TCPConnector(limit=256),
         )
+        sidecar.model_upstream = ModelUpstream(limit=256)
         yield
         await sidecar.session.close()
+        await sidecar.model_upstream.close()
 
     app.cleanup_ctx.append(session_ctx)
     openai_route, anthropic_route = Handler(OpenAIAdapter()), Handler(AnthropicAdapter())
