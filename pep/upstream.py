@@ -323,11 +323,16 @@ class ModelUpstream:
 
     def release(self, connection: _Connection) -> None:
         self._slots.release()
-        if connection.reusable():
-            connection.reset(time.monotonic())
-            self._idle.setdefault(connection.key, []).append(connection)
-        else:
+        if not connection.reusable():
             self._discard(connection)
+            return
+        now = time.monotonic()
+        connection.reset(now)
+        idle = self._idle.setdefault(connection.key, [])
+        idle.append(connection)
+        # The oldest first: what a burst opened is closed once traffic no longer needs it.
+        while now - idle[0].idle_since >= KEEP_IDLE_SECONDS:
+            self._discard(idle.pop(0))
 
     def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
         idle, now = self._idle.get(key), time.monotonic()

@@ -166,6 +166,14 @@ YARDSTICKS = (
         "sidecar CPU / the same against the ack server",
         lambda r: _ratio(_cpu(r, "sidecar", "sidecar"), _cpu(r, "sidecar_ack", "sidecar_ack")),
     ),
+    # The upstream spends more per request the longer it idles between requests: the
+    # waiting floor forwards the floor's bytes but spaces them by its wait, so the upstream's
+    # cost through it tells the cadence's share from the bytes'.
+    Yardstick(
+        "upstream_via_floor_ack_vs_floor",
+        "upstream CPU via the waiting floor / via floor",
+        lambda r: _ratio(_cpu(r, "floor_ack", "upstream"), _cpu(r, "floor", "upstream")),
+    ),
     Yardstick(
         "pdp_cpu_vs_ack",
         "PDP CPU per request / the ack server's",

@@ -319,3 +319,19 @@ def test_a_head_that_never_ends_is_cut_at_the_limit() -> None:
 
     endless = [b"HTTP/1.1 200 OK\r\nX-A: "] + [b"a" * 4096] * (MAX_HEAD_BYTES // 4096 + 2)
     serve(sends(*endless, pause=0.001), run)
+
+
+def test_connections_a_burst_opened_are_closed_once_idle_too_long(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("pep.upstream.KEEP_IDLE_SECONDS", 0.5)
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        await asyncio.gather(*(fetch(upstream, url) for _ in range(4)))
+        assert len(upstream._open) == 4
+        for _ in range(2):  # the newest serves; the three others idle past the limit
+            await asyncio.sleep(0.3)
+            await fetch(upstream, url)
+        assert len(upstream._open) == 1
+
+    serve(sends(OK), run)
