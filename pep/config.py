@@ -95,6 +95,10 @@ def _upstream(entry: str) -> tuple[str, str]:
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"--upstream {name}: {url!r} is not an http(s) URL")
+    if parsed.user is not None or parsed.password is not None:
+        # The agent's own credentials go upstream (its Authorization or x-api-key header);
+        # a second set in the URL would be sent by one client and not another.
+        raise ConfigError(f"--upstream {name}: credentials in the URL are not supported")
     if name in ("openai", "anthropic"):
         # The SDKs' base URL form (https://api.openai.com/v1) is accepted: the sidecar
         # forwards the agent's /v1/... path itself, and /v1/v1/... would be a paid 404.

@@ -31,7 +31,10 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-_FRAMING = frozenset({"content-length", "host"})
+# Framing the sidecar sets itself. Expect too: the sidecar has read the body (answering
+# the agent's 100 Continue itself), and an upstream told to wait would read it as the next
+# request if it answered first.
+_FRAMING = frozenset({"content-length", "host", "expect"})
 
 
 def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:

@@ -16,6 +16,7 @@ never becomes another agent's.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import cast
 
+import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict
 from yarl import URL
@@ -48,24 +50,37 @@ class _Connection(asyncio.Protocol):
         self.key = key
         self._loop = loop
         self._transport: asyncio.Transport | None = None
-        self._parser: httptools.HttpResponseParser | None = None
+        self._closed_here = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None  # None: idle
+        self._answer_state()
+        self._parser = None
+
+    def _answer_state(self) -> None:
+        """What one answer's parse keeps: all of it set afresh for each request."""
+        self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._body: deque[bytes] = deque()
         self._buffered = 0
         self._paused = False
-        self._head_bytes = 0  # received while no head has ended: one never ending is cut
-        self._header_bytes = 0  # in the headers read: a long head in one piece is cut too
+        # Bytes received since the last body bytes: a head, a chunk's size line or a
+        # trailer that never ends is cut at MAX_HEAD_BYTES (llhttp holds it whole).
+        self._unbodied = 0
+        self._body_seen = False
+        self._header_bytes = 0
         self._headers: list[tuple[str, str]] = []
-        self._framed = False  # Content-Length or Transfer-Encoding seen
+        self._reason = bytearray()
+        self._length = False  # a Content-Length
+        self._codings = ""  # the Transfer-Encoding values, joined
+        self._framed = False
         self._keep_alive = False
+        self._last_data = self._loop.time()
         self.status = 0
         self.reason = ""
         self.complete = False
         self.failure: Exception | None = None
-        self.idle_since = 0.0
-        self._last_data = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -77,6 +92,7 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the upstream sent bytes no request asked for"))
             return
         self._last_data = self._loop.time()
+        self._body_seen = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -85,11 +101,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"the upstream's answer is not HTTP/1.1: {exc}"))
             return
-        if self.status < 200:
-            # llhttp holds a head until it ends, however long.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(UpstreamError("an answer head over the limit"))
+        self._unbodied = 0 if self._body_seen else self._unbodied + len(data)
+        if self._unbodied > MAX_HEAD_BYTES:
+            self._fail(UpstreamError("an answer head, chunk line or trailer over the limit"))
 
     def eof_received(self) -> bool:
         self._end_unframed()
@@ -98,7 +112,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if exc is None:
+        if exc is None and not self._closed_here:
             self._end_unframed()
         self._fail(UpstreamError(f"the upstream connection was lost: {exc or 'closed'}"))
 
@@ -109,17 +123,22 @@ class _Connection(asyncio.Protocol):
             # Bytes after the answer: parsing stops here, before any of them is read as
             # part of it, and the connection is closed.
             raise UpstreamError("the upstream answered twice")
+        self._reason.clear()  # an interim answer's phrase is not the final one's
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("latin-1")
+        self._reason += reason  # llhttp may hand it over in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a trailer: read past, never passed on as a header
         self._header_bytes += len(name) + len(value)
         if len(self._headers) >= MAX_HEADERS or self._header_bytes > MAX_HEAD_BYTES:
             raise UpstreamError("an answer head over the limit")
-        key = name.decode("latin-1").lower()
-        if key in ("content-length", "transfer-encoding"):
-            self._framed = True
+        key = name.lower()
+        if key == b"content-length":
+            self._length = True
+        elif key == b"transfer-encoding":
+            self._codings += "," + value.decode("latin-1")
         # As aiohttp reads them: the agent gets the bytes the upstream sent.
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
@@ -128,15 +147,24 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if status < 100:
+            raise UpstreamError(f"an answer with status {status}")
+        if status < 200:
             # An interim answer (100 Continue, 103 Early Hints): the real one follows.
-            self._headers, self._framed = [], False
+            self._headers, self._header_bytes, self._length, self._codings = [], 0, False, ""
             return
         self.status = status
+        self.reason = self._reason.decode("latin-1")
+        # Framed: ended by its length or its last chunk, as llhttp reads it. Another last
+        # coding (gzip) is read to the connection's end. A 204 or 304 has no body whatever
+        # it declares: bytes it announced and sent late would be read as the next answer.
+        last = self._codings.rsplit(",", 1)[-1].strip().lower()
+        self._framed = (self._length or last == "chunked") and status not in (204, 304)
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self._transport is not None:
@@ -145,7 +173,7 @@ class _Connection(asyncio.Protocol):
         self._wake_reader()
 
     def on_message_complete(self) -> None:
-        if self.status >= 200:
+        if self.status:
             assert self._parser is not None
             # Read here: llhttp forgets it once the callback returns.
             self._keep_alive = self._parser.should_keep_alive()
@@ -154,8 +182,9 @@ class _Connection(asyncio.Protocol):
     # the request's side
 
     def _end_unframed(self) -> None:
-        if self._parser is not None and self.status >= 200 and not self._framed:
-            self._finish()  # an answer without a length ends with its connection
+        """The upstream closed the connection: the end of an answer without a length."""
+        if self._parser is not None and self.status and not self._framed and not self.failure:
+            self._finish()
 
     def _finish(self) -> None:
         self.complete = True
@@ -190,16 +219,14 @@ class _Connection(asyncio.Protocol):
         return (
             self._transport is not None
             and not self._transport.is_closing()
-            and self.failure is None
             and now - self.idle_since < KEEP_IDLE_SECONDS
         )
 
     async def send(self, request: bytes, read_seconds: float) -> None:
         """Write the request; return once the answer's head has arrived."""
         assert self._transport is not None
-        self._parser = httptools.HttpResponseParser(self)
+        self._answer_state()
         self._head = self._loop.create_future()
-        self._last_data = self._loop.time()
         self._timer = self._loop.call_at(
             self._last_data + read_seconds, self._check_silence, read_seconds
         )
@@ -210,7 +237,7 @@ class _Connection(asyncio.Protocol):
         return self.status, self.reason, CIMultiDict(self._headers)
 
     async def read(self) -> bytes:
-        """The next piece of the answer's body, b"" at its end."""
+        """What has arrived of the answer's body since the last read, b"" at its end."""
         while not self._body:
             if self.complete:
                 return b""
@@ -221,15 +248,17 @@ class _Connection(asyncio.Protocol):
                 await self._wake
             finally:
                 self._wake = None
-        chunk = self._body.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered <= _HIGH_WATER // 4 and self._transport is not None:
+        # All of it in one piece: one write to the agent, however the upstream cut it.
+        chunk = self._body.popleft() if len(self._body) == 1 else b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
         return chunk
 
     def reusable(self) -> bool:
-        """Read to its framed end, kept alive, nothing after it."""
+        """Read to its framed end, kept alive, nothing after it, our request all sent."""
         return (
             self.complete
             and self._framed
@@ -237,17 +266,18 @@ class _Connection(asyncio.Protocol):
             and self._keep_alive
             and self._transport is not None
             and not self._transport.is_closing()
+            and not self._transport.get_write_buffer_size()
         )
 
-    def reset(self, now: float) -> None:
-        """Ready for the next request (only after ``reusable()``)."""
+    def idle(self, now: float) -> None:
+        """Back in the pool (only after ``reusable()``)."""
         if self._timer is not None:
             self._timer.cancel()
-        self._parser, self._head, self._timer = None, None, None
-        self._headers, self._head_bytes, self._header_bytes, self._framed = [], 0, 0, False
-        self.status, self.complete, self._keep_alive, self.idle_since = 0, False, False, now
+            self._timer = None
+        self._parser, self.idle_since = None, now
 
     def close(self) -> None:
+        self._closed_here = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -295,6 +325,7 @@ class ModelUpstream:
         self._connect_seconds, self._read_seconds = connect_seconds, read_seconds
         self._tls: ssl.SSLContext | None = None
         self._open: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self, url: URL, headers: Iterable[tuple[str, str]], body: bytes
@@ -326,13 +357,21 @@ class ModelUpstream:
         if not connection.reusable():
             self._discard(connection)
             return
-        now = time.monotonic()
-        connection.reset(now)
-        idle = self._idle.setdefault(connection.key, [])
-        idle.append(connection)
-        # The oldest first: what a burst opened is closed once traffic no longer needs it.
-        while now - idle[0].idle_since >= KEEP_IDLE_SECONDS:
-            self._discard(idle.pop(0))
+        connection.idle(time.monotonic())
+        self._idle.setdefault(connection.key, []).append(connection)
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(KEEP_IDLE_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle past the limit: reuse takes the newest, so what a
+        burst opened would otherwise stay open for good."""
+        self._sweeper, now = None, time.monotonic()
+        for idle in self._idle.values():
+            while idle and now - idle[0].idle_since >= KEEP_IDLE_SECONDS:
+                self._discard(idle.pop(0))
+        if any(self._idle.values()):
+            self._sweeper = asyncio.get_running_loop().call_later(KEEP_IDLE_SECONDS, self._sweep)
 
     def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
         idle, now = self._idle.get(key), time.monotonic()
@@ -353,13 +392,19 @@ class ModelUpstream:
             tls = self._tls
         connection = _Connection(loop, key)
         async with asyncio.timeout(self._connect_seconds):
-            await loop.create_connection(
-                lambda: connection,
-                host,
-                port,
-                ssl=tls,
-                server_hostname=host if tls else None,
+            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            # As aiohttp connects: the next address tried 0.25 s after one that does not
+            # answer (an IPv6 route that drops packets), not after the whole timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=0.25, interleave=1
             )
+            try:
+                await loop.create_connection(
+                    lambda: connection, sock=sock, ssl=tls, server_hostname=host if tls else None
+                )
+            except BaseException:
+                sock.close()
+                raise
         self._open.add(connection)
         return connection
 
@@ -368,6 +413,9 @@ class ModelUpstream:
         self._open.discard(connection)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self._open):
             connection.close()
         self._open.clear()

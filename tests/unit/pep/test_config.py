@@ -78,6 +78,7 @@ def test_upstreams_from_flags_and_environment() -> None:
     [
         (["--upstream", "gemini=http://x"], "expected openai"),
         (["--upstream", "openai=ftp://x"], "not an http"),
+        (["--upstream", "openai=https://u:p@api.example"], "credentials in the URL"),
         (["--upstream", "mcp:=http://x"], "expected openai"),
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--run", "r", "--manifest", "m.json"], "not both"),
@@ -92,6 +93,7 @@ def test_upstreams_from_flags_and_environment() -> None:
     ids=[
         "unknown-kind",
         "bad-scheme",
+        "credentials-in-url",
         "empty-server",
         "bad-listen",
         "run-and-manifest",

@@ -6,8 +6,10 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
-from pep.forward import relay
+from pep.forward import relay, request_headers
 from tests.harness import serve_app
 
 JSON = b'{"id":"chatcmpl-1","usage":{"total_tokens":4}}'
@@ -78,3 +80,21 @@ def test_empty_bodies_still_send_their_head() -> None:
     # HEAD: the length of the body a GET would get, and no body.
     status, headers, body, _ = asyncio.run(_through_relay("HEAD", "/json"))
     assert (status, body, headers["Content-Length"]) == (200, b"", str(len(JSON)))
+
+
+def test_framing_hop_by_hop_and_sidecar_headers_are_not_forwarded() -> None:
+    """Expect among them: the sidecar has read the body already (answering the agent's
+    100 Continue itself), and an upstream told to wait would read it as another request."""
+    sent = CIMultiDict(
+        {
+            "Host": "127.0.0.1:1",
+            "Content-Length": "2",
+            "Expect": "100-continue",
+            "Connection": "X-Private",
+            "X-Private": "1",
+            "X-ABC-Run": "r",
+            "Authorization": "Bearer sk-keep",
+        }
+    )
+    forwarded = request_headers(make_mocked_request("POST", "/", headers=sent), identity=True)
+    assert dict(forwarded) == {"Authorization": "Bearer sk-keep", "Accept-Encoding": "identity"}

@@ -176,6 +176,7 @@ def test_an_interim_answer_is_skipped() -> None:
         (b"HTTP/1.1 200 OK\r\nX-" + b"a" * MAX_HEAD_BYTES + b": 1\r\n\r\n", "huge head"),
         (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * (MAX_HEADERS + 1) + b"\r\n", "many headers"),
         (b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n", "garbage"),
+        (b"HTTP/1.1 042 Odd\r\nContent-Length: 0\r\n\r\n", "status under 100"),
         (b"", "closed before answering"),
     ],
 )
@@ -237,6 +238,26 @@ def test_a_slow_reader_pauses_the_upstream_without_timing_it_out() -> None:
             assert peak <= 2 * _HIGH_WATER
 
     asyncio.run(_with_server(sends(big, *[piece] * count), run, read_seconds=0.2))
+
+
+def test_idle_connections_are_closed_past_the_keep_alive_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reuse takes the newest: the others a burst opened are closed on a timer, with
+    traffic going on and with none."""
+    monkeypatch.setattr("pep.upstream.KEEP_IDLE_SECONDS", 0.3)
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        await asyncio.gather(*(fetch(upstream, url) for _ in range(4)))
+        assert len(upstream._open) == 4
+        for _ in range(5):
+            await asyncio.sleep(0.15)
+            await fetch(upstream, url)
+        assert len(upstream._open) == 1
+        await asyncio.sleep(0.8)
+        assert not upstream._open
+
+    serve(sends(OK), run)
 
 
 def test_an_idle_connection_the_upstream_closed_is_not_used() -> None:
@@ -321,17 +342,127 @@ def test_a_head_that_never_ends_is_cut_at_the_limit() -> None:
     serve(sends(*endless, pause=0.001), run)
 
 
-def test_connections_a_burst_opened_are_closed_once_idle_too_long(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("pep.upstream.KEEP_IDLE_SECONDS", 0.5)
+def test_a_trailer_that_never_ends_is_cut_at_the_limit() -> None:
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        async with await upstream.request(url, HEADERS, BODY) as answer:
+            with pytest.raises(UpstreamError, match="over the limit"):
+                async for _ in answer.chunks():
+                    pass
+
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+    serve(sends(start, *[b"a" * 4096] * (MAX_HEAD_BYTES // 4096 + 2), pause=0.001), run)
+
+
+def test_trailers_never_reach_the_agent_as_headers() -> None:
+    """However the answer arrives: its trailer in the same read as its head, or later."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nSet-Cookie: from=trailer\r\n\r\n"
+    )
 
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        await asyncio.gather(*(fetch(upstream, url) for _ in range(4)))
-        assert len(upstream._open) == 4
-        for _ in range(2):  # the newest serves; the three others idle past the limit
-            await asyncio.sleep(0.3)
-            await fetch(upstream, url)
-        assert len(upstream._open) == 1
+        status, headers, body = await fetch(upstream, url)
+        assert (status, headers, body) == (200, {"Transfer-Encoding": "chunked"}, b"hello")
 
-    serve(sends(OK), run)
+    serve(sends(answer), run)
+
+
+def test_a_reason_phrase_is_the_answers_own() -> None:
+    """Not an earlier answer's on the same connection, nor an interim answer's, and whole
+    when it arrives in pieces."""
+    answers = [
+        b"HTTP/1.1 429 quota exceeded for org-A\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+    ]
+
+    async def answer(_r: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n <= len(answers):
+            writer.write(answers[n - 1])
+        else:  # a phrase cut in two reads
+            writer.write(b"HTTP/1.1 503 Service Tempo")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"rarily Unavailable\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        reasons = []
+        for _ in range(4):
+            async with await upstream.request(url, HEADERS, BODY) as got:
+                reasons.append((got.status, got.reason))
+        assert reasons == [
+            (429, "quota exceeded for org-A"),
+            (200, ""),
+            (200, ""),
+            (503, "Service Temporarily Unavailable"),
+        ]
+
+    assert serve(answer, run).connections == 1
+
+
+def test_an_answer_the_sidecar_cuts_is_never_read_as_whole() -> None:
+    """An answer without a length ends with its connection only when the upstream closes
+    it: cut here (silence, shutdown), it fails the read."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: one\n\n"
+
+    async def silent(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        async with await upstream.request(url, HEADERS, BODY) as answer:
+            with pytest.raises(UpstreamError, match="silent"):
+                async for _ in answer.chunks():
+                    await asyncio.sleep(0.5)  # a slow agent, while the upstream stalls
+
+    async def shutdown(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        async with await upstream.request(url, HEADERS, BODY) as answer:
+            assert await anext(answer.chunks()) == b"data: one\n\n"
+            await upstream.close()
+            with pytest.raises(UpstreamError):
+                await anext(answer.chunks())
+
+    asyncio.run(_with_server(sends(head, pause=3), silent, read_seconds=0.2))
+    serve(sends(head, pause=3), shutdown)
+
+
+def test_an_answer_whose_last_coding_is_not_chunked_ends_with_its_connection() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nwhole answer"
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        for _ in range(2):
+            assert (await fetch(upstream, url))[2] == b"whole answer"
+
+    assert serve(sends(answer, close=True), run).connections == 2
+
+
+def test_a_connection_is_not_reused_after_an_answer_that_cannot_have_a_body() -> None:
+    """A 204 or 304 declaring a length: the bytes it announced, sent late (here, once the
+    next request is on the same connection), would be read as the next agent's answer."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+    first: list[asyncio.StreamWriter] = []
+
+    async def answer(_r: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        if n == 1:
+            first.append(writer)
+            writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 45\r\n\r\n")
+        elif writer is first[0]:
+            writer.write(forged + OK)
+        else:
+            writer.write(OK)
+        await writer.drain()
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        assert (await fetch(upstream, url))[:1] == (204,)
+        assert (await fetch(upstream, url))[2] == b"hello"
+
+    assert serve(answer, run).connections == 2
+
+
+def test_what_arrived_in_many_pieces_is_read_in_one() -> None:
+    pieces = b"".join(b"1\r\nx\r\n" for _ in range(500))
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + pieces + b"0\r\n\r\n"
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        async with await upstream.request(url, HEADERS, BODY) as got:
+            reads = [chunk async for chunk in got.chunks()]
+        assert b"".join(reads) == b"x" * 500 and len(reads) < 10
+
+    serve(sends(answer), run)
