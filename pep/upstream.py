@@ -8,18 +8,19 @@ redirect handling, a timer per read): a sixth of what the sidecar spent on a cal
 other routes (MCP, HTTP tools) stream request bodies and read answers through aiohttp,
 and keep its client.
 
-A connection carries one request at a time and is used again only when its answer was
-framed (a length, or chunks to the last; never a 204 or 304), read to its end by the
-caller, the upstream did not ask to close, not one byte followed it and the request was
-all sent: whatever one answer leaves on a connection never becomes another agent's.
+A connection carries one request at a time and is used again only when its answer was a
+success framed by a length or chunks to the last (never a 204 or 304), read to its end by
+the caller, the upstream did not ask to close, not one byte followed it (delivered or
+waiting in the socket) and the request was all sent: whatever one answer leaves on a
+connection never becomes another agent's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import ssl
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
@@ -217,11 +218,18 @@ class _Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(self._last_data + limit, self._check_silence, limit)
 
     def usable(self, now: float) -> bool:
-        return (
-            self._transport is not None
-            and not self._transport.is_closing()
-            and now - self.idle_since < KEEP_IDLE_SECONDS
-        )
+        """Open, not idle too long, and nothing waiting to be read: bytes (or a close) the
+        loop has not delivered yet would otherwise be read as the next answer."""
+        if self._transport is None or self._transport.is_closing():
+            return False
+        if now - self.idle_since >= KEEP_IDLE_SECONDS:
+            return False
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        waiting = select.poll()
+        waiting.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return not waiting.poll(0)
 
     async def send(self, request: bytes, read_seconds: float) -> None:
         """Write the request; return once the answer's head has arrived."""
@@ -259,9 +267,12 @@ class _Connection(asyncio.Protocol):
         return chunk
 
     def reusable(self) -> bool:
-        """Read to its framed end, kept alive, nothing after it, our request all sent."""
+        """A success read to its framed end, kept alive, nothing after it, our request all
+        sent. Only a success: an upstream may answer an error before it has read the whole
+        body, and the rest of the body would be read as the next request."""
         return (
             self.complete
+            and 200 <= self.status < 300
             and self._framed
             and not self._body
             and self._keep_alive
@@ -327,6 +338,7 @@ class ModelUpstream:
         self._tls: ssl.SSLContext | None = None
         self._open: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def request(
         self, url: URL, headers: Iterable[tuple[str, str]], body: bytes
@@ -339,6 +351,8 @@ class ModelUpstream:
             raise UpstreamError(f"not an http(s) URL: {url.scheme}://...")
         key = (url.scheme, host, url.port)
         request = _request_bytes(url, headers, body)
+        if self._closed:
+            raise UpstreamError("the sidecar is stopping")
         await self._slots.acquire()
         connection: _Connection | None = None
         try:
@@ -348,17 +362,19 @@ class ModelUpstream:
             if connection is not None:
                 self._discard(connection)
             self._slots.release()
-            if isinstance(exc, OSError):  # refused, unreachable, TLS, connect timeout
+            # Refused, unreachable, TLS, connect timeout; what aiohappyeyeballs raises on an
+            # empty address list (ValueError) or a loop it cannot drive (RuntimeError).
+            if isinstance(exc, OSError | RuntimeError | ValueError):
                 raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
             raise
         return UpstreamResponse(self, connection)
 
     def release(self, connection: _Connection) -> None:
         self._slots.release()
-        if not connection.reusable():
+        if self._closed or not connection.reusable():
             self._discard(connection)
             return
-        connection.idle(time.monotonic())
+        connection.idle(asyncio.get_running_loop().time())
         self._idle.setdefault(connection.key, []).append(connection)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
@@ -367,7 +383,7 @@ class ModelUpstream:
     def _sweep(self) -> None:
         """Close the connections idle past the limit: reuse takes the newest, so what a
         burst opened would otherwise stay open for good."""
-        self._sweeper, now = None, time.monotonic()
+        self._sweeper, now = None, asyncio.get_running_loop().time()
         for idle in self._idle.values():
             while idle and now - idle[0].idle_since >= KEEP_IDLE_SECONDS:
                 self._discard(idle.pop(0))
@@ -375,7 +391,7 @@ class ModelUpstream:
             self._sweeper = asyncio.get_running_loop().call_later(KEEP_IDLE_SECONDS, self._sweep)
 
     def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
-        idle, now = self._idle.get(key), time.monotonic()
+        idle, now = self._idle.get(key), asyncio.get_running_loop().time()
         while idle:
             connection = idle.pop()
             if connection.usable(now):
@@ -407,6 +423,9 @@ class ModelUpstream:
                 sock.close()
                 raise
         self._open.add(connection)
+        if self._closed:  # closed while this one connected
+            self._discard(connection)
+            raise UpstreamError("the sidecar is stopping")
         return connection
 
     def _discard(self, connection: _Connection) -> None:
@@ -414,6 +433,7 @@ class ModelUpstream:
         self._open.discard(connection)
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -4,7 +4,11 @@ exact bytes each test scripts: framing, reuse, and every way an answer can go wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,7 +375,7 @@ def test_a_reason_phrase_is_the_answers_own() -> None:
     """Not an earlier answer's on the same connection, nor an interim answer's, and whole
     when it arrives in pieces."""
     answers = [
-        b"HTTP/1.1 429 quota exceeded for org-A\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 fine for org-A\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
     ]
@@ -380,10 +384,10 @@ def test_a_reason_phrase_is_the_answers_own() -> None:
         if n <= len(answers):
             writer.write(answers[n - 1])
         else:  # a phrase cut in two reads
-            writer.write(b"HTTP/1.1 503 Service Tempo")
+            writer.write(b"HTTP/1.1 200 All Fi")
             await writer.drain()
             await asyncio.sleep(0.05)
-            writer.write(b"rarily Unavailable\r\nContent-Length: 0\r\n\r\n")
+            writer.write(b"ne Here\r\nContent-Length: 0\r\n\r\n")
         await writer.drain()
 
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
@@ -392,10 +396,10 @@ def test_a_reason_phrase_is_the_answers_own() -> None:
             async with await upstream.request(url, HEADERS, BODY) as got:
                 reasons.append((got.status, got.reason))
         assert reasons == [
-            (429, "quota exceeded for org-A"),
+            (200, "fine for org-A"),
             (200, ""),
             (200, ""),
-            (503, "Service Temporarily Unavailable"),
+            (200, "All Fine Here"),
         ]
 
     assert serve(answer, run).connections == 1
@@ -466,3 +470,68 @@ def test_what_arrived_in_many_pieces_is_read_in_one() -> None:
         assert b"".join(reads) == b"x" * 500 and len(reads) < 10
 
     serve(sends(answer), run)
+
+
+def test_bytes_waiting_unread_on_an_idle_connection_keep_it_from_serving() -> None:
+    """Bytes the loop has not delivered yet (it was busy) when the connection is handed out
+    again: seen in the socket, never read as the next agent's answer."""
+    late = threading.Event()
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.settimeout(5)
+
+    def serve_blocking() -> None:
+        for first in (True, False):
+            connection, _ = listening.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(OK)
+                if first:
+                    late.wait(5)
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+                    with contextlib.suppress(OSError):  # reset: closed with bytes unread
+                        connection.recv(65536)  # held open until the sidecar closes it
+
+    server = threading.Thread(target=serve_blocking, daemon=True)
+    server.start()
+
+    async def run() -> None:
+        url = URL(f"http://127.0.0.1:{listening.getsockname()[1]}/v1/x", encoded=True)
+        upstream = ModelUpstream(read_seconds=5)
+        try:
+            assert (await fetch(upstream, url))[2] == b"hello"
+            late.set()
+            time.sleep(0.2)  # the loop busy elsewhere while the late answer lands
+            assert (await fetch(upstream, url))[2] == b"hello"
+        finally:
+            await upstream.close()
+
+    asyncio.run(run())
+    server.join(5)
+    listening.close()
+
+
+def test_a_connection_is_reused_after_a_success_only() -> None:
+    """An upstream may answer an error before it has read the whole body: what it has not
+    read would be taken for the next request."""
+
+    async def answer(_r: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        writer.write(OK if n % 2 else b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        assert [(await fetch(upstream, url))[0] for _ in range(4)] == [200, 413, 200, 413]
+
+    # Each connection serves a 200, then the 413 that closes it; kept after a 413, one would do.
+    assert serve(answer, run).connections == 2
+
+
+def test_a_closed_pool_takes_no_request_and_keeps_no_connection() -> None:
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        async with await upstream.request(url, HEADERS, BODY) as answer:
+            await upstream.close()  # a shutdown while an answer is read
+            assert b"".join([chunk async for chunk in answer.chunks()]) == b"hello"
+        assert not upstream._open and not upstream._idle and upstream._sweeper is None
+        with pytest.raises(UpstreamError, match="stopping"):
+            await fetch(upstream, url)
+
+    serve(sends(OK), run)
