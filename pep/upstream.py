@@ -55,13 +55,12 @@ class _Connection(asyncio.Protocol):
         self._closed_here = False
         self._timer: asyncio.TimerHandle | None = None
         self.idle_since = 0.0
-        self._parser: httptools.HttpResponseParser | None = None  # None: idle
-        self._answer_state()
-        self._parser = None
+        self._answer_state(None)
 
-    def _answer_state(self) -> None:
-        """What one answer's parse keeps: all of it set afresh for each request."""
-        self._parser = httptools.HttpResponseParser(self)
+    def _answer_state(self, parser: httptools.HttpResponseParser | None) -> None:
+        """What one answer's parse keeps: all of it set afresh for each request. No
+        parser: the connection is idle, and any byte arriving closes it."""
+        self._parser = parser
         self._head: asyncio.Future[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._body: deque[bytes] = deque()
@@ -234,7 +233,7 @@ class _Connection(asyncio.Protocol):
     async def send(self, request: bytes, read_seconds: float) -> None:
         """Write the request; return once the answer's head has arrived."""
         assert self._transport is not None
-        self._answer_state()
+        self._answer_state(httptools.HttpResponseParser(self))
         self._head = self._loop.create_future()
         self._timer = self._loop.call_at(
             self._last_data + read_seconds, self._check_silence, read_seconds
