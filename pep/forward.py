@@ -89,8 +89,8 @@ async def relay(
     response.headers.update(extra_headers)
     if length is not None:
         response.content_length = length  # same bytes, same length
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         if isinstance(upstream, UpstreamResponse):
             chunks = upstream.chunks()
         else:

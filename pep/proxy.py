@@ -220,6 +220,7 @@ class Handler:
         reader = UsageReader(call.streaming) if call.reads_usage else None
         started = time.perf_counter()
         status = 0
+        sent = False  # the request may have reached the upstream, answered or not
         tap = reader.feed if reader else None
         try:
             if route in _MODEL_ROUTES:
@@ -245,8 +246,9 @@ class Handler:
                 return await relay(request, upstream, extra, tap)
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)
-            if status:  # the response had started: the agent's connection carries the failure
-                raise
+            sent = bool(status) or (isinstance(exc, UpstreamError) and exc.sent)
+            if request.writer.output_size:
+                raise  # the answer had started: the agent's connection carries the failure
             return self.adapter.refusal(
                 Verdict(
                     False,
@@ -260,18 +262,26 @@ class Handler:
         finally:
             sidecar.metrics.observe_upstream(route, time.perf_counter() - started)
             if verdict is not None and verdict.reservation_id:
-                _settle(sidecar, verdict, call, reader, status)
+                _settle(sidecar, verdict, call, reader, status, sent or bool(status))
 
 
 def _settle(
-    sidecar: Sidecar, verdict: Verdict, call: Call, reader: UsageReader | None, status: int
+    sidecar: Sidecar,
+    verdict: Verdict,
+    call: Call,
+    reader: UsageReader | None,
+    status: int,
+    sent: bool,
 ) -> None:
-    """Report real usage; unknown usage settles at the reserved worst case, a failed call at 0."""
+    """Report real usage. Unknown usage settles at the reserved worst case; at 0 only a call
+    the upstream never received, or answered with an error status: one it received and
+    never answered may have been carried out and billed."""
     tokens = reader.tokens() if reader else None
     if tokens is None:
         action = call.action or pdp_pb2.Action()
         worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
-        tokens = 0 if not 200 <= status < 300 else worst
+        refused = not sent or (status and not 200 <= status < 300)
+        tokens = 0 if refused else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 
 

@@ -42,7 +42,13 @@ _HIGH_WATER = 256 * 1024  # buffered answer bytes past which the upstream is pau
 
 
 class UpstreamError(Exception):
-    """The upstream could not be reached, or answered outside HTTP/1.1."""
+    """The upstream could not be reached, or answered outside HTTP/1.1. ``sent``: the
+    request may have reached it (it failed after being written), so the call may have been
+    carried out and paid for."""
+
+    def __init__(self, message: str, *, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class _Connection(asyncio.Protocol):
@@ -361,10 +367,14 @@ class ModelUpstream:
             if connection is not None:
                 self._discard(connection)
             self._slots.release()
+            sent = connection is not None
+            if isinstance(exc, UpstreamError):
+                exc.sent = sent
+                raise
             # Refused, unreachable, TLS, connect timeout; what aiohappyeyeballs raises on an
             # empty address list (ValueError) or a loop it cannot drive (RuntimeError).
             if isinstance(exc, OSError | RuntimeError | ValueError):
-                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
+                raise UpstreamError(f"{type(exc).__name__}: {exc}", sent=sent) from exc
             raise
         return UpstreamResponse(self, connection)
 

@@ -1,0 +1,172 @@
+"""A model upstream that fails after it was sent a call, through the real sidecar and PDP:
+the agent gets a refusal it can trace (never aiohttp's bare 500), and the call settles at
+its reserved worst case, since the upstream may have carried it out and billed it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from tests.harness import INTENT, PdpProcess, PepProcess, Signer, start_pdp, start_pep
+
+CHAT = "/openai/v1/chat/completions"
+ANSWER = b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+
+Fault = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _head_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 80\r\n\r\n")
+
+
+async def _read_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    pass  # the call was read whole: the model may be running it
+
+
+async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 2OO OK\r\n\r\n")
+
+
+async def _refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    body = b'{"error":{"message":"slow down","type":"rate_limit_error"}}'
+    writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def _answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER)
+
+
+FAULTS: dict[str, Fault] = {
+    "head-then-close": _head_then_close,
+    "read-then-close": _read_then_close,
+    "garbage": _garbage,
+    "refused": _refused,
+    "answered": _answered,
+}
+
+
+class RawUpstream:
+    """An OpenAI-shaped upstream in a thread of its own, behaving as the request's ``user``
+    field says; every connection serves one request and is closed."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        assert self._ready.wait(5)
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            server = await asyncio.start_server(self._one, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            async with server:
+                await server.serve_forever()
+
+        self._serving = self._loop.create_task(serve())
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._serving)
+
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = json.loads(await reader.readexactly(length))
+            await FAULTS[body["user"]](reader, writer)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._serving.cancel)
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    signer: Signer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PepProcess, PdpProcess, Path]]:
+    tmp = tmp_path_factory.mktemp("upstream-faults")
+    upstream = RawUpstream()
+    pdp = start_pdp(signer, tmp / "state")
+    envelope = tmp / "envelope.json"
+    envelope.write_bytes(
+        signer.freeze(INTENT.read_text().replace("acme/support-bot", "acme/faults"), "f")
+    )
+    pep = start_pep(
+        pdp.address,
+        {"openai": f"http://127.0.0.1:{upstream.port}"},
+        tmp,
+        "--manifest",
+        str(envelope),
+    )
+    try:
+        yield pep, pdp, tmp / "state" / "decisions.log"
+    finally:
+        pep.stop()
+        pdp.stop()
+        upstream.stop()
+
+
+def _settled(log: Path, decision_id: str) -> tuple[int, int]:
+    """(tokens reserved by the decision, tokens its settlement reported), once logged."""
+    for _ in range(100):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        decision = next(r for r in records if r.get("decision_id") == decision_id)
+        settled = [
+            r["tokens"]
+            for r in records
+            if r.get("kind") == "settlement" and r["reservation_id"] == decision["reservation_id"]
+        ]
+        if settled:
+            return decision["cost"]["tokens"], settled[0]
+        asyncio.run(asyncio.sleep(0.05))
+    raise AssertionError(f"no settlement for {decision_id}")
+
+
+@pytest.mark.parametrize(
+    ("fault", "worst"),
+    [("head-then-close", True), ("read-then-close", True), ("garbage", True), ("refused", False)],
+)
+def test_a_call_the_upstream_received_but_never_answered_settles_at_its_worst_case(
+    sidecar: tuple[PepProcess, PdpProcess, Path], fault: str, worst: bool
+) -> None:
+    pep, _pdp, log = sidecar
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": fault}
+    reply = httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10)
+    decision_id = reply.headers["x-abc-decision-id"]
+    reserved, settled = _settled(log, decision_id)
+    if worst:
+        # A refusal in the agent's protocol, traceable to its decision; never aiohttp's 500.
+        assert reply.status_code == 502, reply.text
+        assert reply.json()["error"]["decision_id"] == decision_id
+        assert settled == reserved > 0
+    else:  # the upstream's own refusal, relayed as sent, and not spent
+        assert reply.status_code == 429
+        assert reply.json()["error"]["type"] == "rate_limit_error"
+        assert settled == 0
+
+
+def test_an_answered_call_settles_at_what_the_upstream_reported(
+    sidecar: tuple[PepProcess, PdpProcess, Path],
+) -> None:
+    pep, _pdp, log = sidecar
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "user": "answered",
+    }
+    reply = httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10)
+    assert reply.status_code == 200 and reply.content == ANSWER
+    assert _settled(log, reply.headers["x-abc-decision-id"])[1] == 7
