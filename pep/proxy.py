@@ -220,7 +220,8 @@ class Handler:
         reader = UsageReader(call.streaming) if call.reads_usage else None
         started = time.perf_counter()
         status = 0
-        sent = False  # the request may have reached the upstream, answered or not
+        sent = False  # failed unanswered, but the upstream may have received the call
+        cut = False  # the answer failed part way: what it reported is not the whole
         tap = reader.feed if reader else None
         try:
             if route in _MODEL_ROUTES:
@@ -246,7 +247,7 @@ class Handler:
                 return await relay(request, upstream, extra, tap)
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)
-            sent = bool(status) or (isinstance(exc, UpstreamError) and exc.sent)
+            sent, cut = isinstance(exc, UpstreamError) and exc.sent, bool(status)
             if request.writer.output_size:
                 raise  # the answer had started: the agent's connection carries the failure
             return self.adapter.refusal(
@@ -262,7 +263,8 @@ class Handler:
         finally:
             sidecar.metrics.observe_upstream(route, time.perf_counter() - started)
             if verdict is not None and verdict.reservation_id:
-                _settle(sidecar, verdict, call, reader, status, sent or bool(status))
+                received = sent or status > 0
+                _settle(sidecar, verdict, call, None if cut else reader, status, received)
 
 
 def _settle(
@@ -271,7 +273,7 @@ def _settle(
     call: Call,
     reader: UsageReader | None,
     status: int,
-    sent: bool,
+    received: bool,
 ) -> None:
     """Report real usage. Unknown usage settles at the reserved worst case; at 0 only a call
     the upstream never received, or answered with an error status: one it received and
@@ -280,7 +282,7 @@ def _settle(
     if tokens is None:
         action = call.action or pdp_pb2.Action()
         worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
-        refused = not sent or (status and not 200 <= status < 300)
+        refused = not received or (status and not 200 <= status < 300)
         tokens = 0 if refused else worst
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 

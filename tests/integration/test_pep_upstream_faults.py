@@ -30,6 +30,11 @@ async def _read_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamW
     pass  # the call was read whole: the model may be running it
 
 
+async def _cut_after_usage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # A whole JSON document with its usage, but the answer was longer: cut, not complete.
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(ANSWER) + 40) + ANSWER)
+
+
 async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     writer.write(b"HTTP/1.1 2OO OK\r\n\r\n")
 
@@ -47,6 +52,7 @@ FAULTS: dict[str, Fault] = {
     "head-then-close": _head_then_close,
     "read-then-close": _read_then_close,
     "garbage": _garbage,
+    "cut-after-usage": _cut_after_usage,
     "refused": _refused,
     "answered": _answered,
 }
@@ -156,6 +162,23 @@ def test_a_call_the_upstream_received_but_never_answered_settles_at_its_worst_ca
         assert reply.status_code == 429
         assert reply.json()["error"]["type"] == "rate_limit_error"
         assert settled == 0
+
+
+def test_an_answer_cut_part_way_settles_at_the_worst_case_whatever_it_reported(
+    sidecar: tuple[PepProcess, PdpProcess, Path],
+) -> None:
+    pep, _pdp, log = sidecar
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "user": "cut-after-usage",
+    }
+    with pytest.raises(httpx.HTTPError):  # the agent sees the cut
+        httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10).read()
+    decisions = [json.loads(line) for line in log.read_text().splitlines()]
+    decision_id = [r for r in decisions if r.get("kind") == "decision"][-1]["decision_id"]
+    reserved, settled = _settled(log, decision_id)
+    assert settled == reserved > 7
 
 
 def test_an_answered_call_settles_at_what_the_upstream_reported(
