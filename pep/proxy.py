@@ -74,7 +74,7 @@ def _unsafe_request(request: web.Request, adapter: Adapter) -> str | None:
         request.method,
         request.rel_url.raw_path,
         request.headers.items(),
-        model_route=adapter.route in ("openai", "anthropic"),
+        model_route=adapter.route in _MODEL_ROUTES,
         raw_query=request.rel_url.raw_query_string,
         body_judged=adapter.reads_body,
     )

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, start_pdp, start_pep
+from tests.harness import INTENT, PepProcess, Signer, start_pdp, start_pep
 
 CHAT = "/openai/v1/chat/completions"
 ANSWER = b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
@@ -102,7 +103,7 @@ class RawUpstream:
 @pytest.fixture(scope="module")
 def sidecar(
     signer: Signer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[PepProcess, PdpProcess, Path]]:
+) -> Iterator[tuple[PepProcess, Path]]:
     tmp = tmp_path_factory.mktemp("upstream-faults")
     upstream = RawUpstream()
     pdp = start_pdp(signer, tmp / "state")
@@ -118,11 +119,16 @@ def sidecar(
         str(envelope),
     )
     try:
-        yield pep, pdp, tmp / "state" / "decisions.log"
+        yield pep, tmp / "state" / "decisions.log"
     finally:
         pep.stop()
         pdp.stop()
         upstream.stop()
+
+
+def _chat(fault: str) -> dict[str, object]:
+    """A chat call the upstream answers as ``fault`` says."""
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": fault}
 
 
 def _settled(log: Path, decision_id: str) -> tuple[int, int]:
@@ -137,7 +143,7 @@ def _settled(log: Path, decision_id: str) -> tuple[int, int]:
         ]
         if settled:
             return decision["cost"]["tokens"], settled[0]
-        asyncio.run(asyncio.sleep(0.05))
+        time.sleep(0.05)
     raise AssertionError(f"no settlement for {decision_id}")
 
 
@@ -146,11 +152,10 @@ def _settled(log: Path, decision_id: str) -> tuple[int, int]:
     [("head-then-close", True), ("read-then-close", True), ("garbage", True), ("refused", False)],
 )
 def test_a_call_the_upstream_received_but_never_answered_settles_at_its_worst_case(
-    sidecar: tuple[PepProcess, PdpProcess, Path], fault: str, worst: bool
+    sidecar: tuple[PepProcess, Path], fault: str, worst: bool
 ) -> None:
-    pep, _pdp, log = sidecar
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": fault}
-    reply = httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10)
+    pep, log = sidecar
+    reply = httpx.post(f"{pep.url}{CHAT}", json=_chat(fault), timeout=10)
     decision_id = reply.headers["x-abc-decision-id"]
     reserved, settled = _settled(log, decision_id)
     if worst:
@@ -165,16 +170,11 @@ def test_a_call_the_upstream_received_but_never_answered_settles_at_its_worst_ca
 
 
 def test_an_answer_cut_part_way_settles_at_the_worst_case_whatever_it_reported(
-    sidecar: tuple[PepProcess, PdpProcess, Path],
+    sidecar: tuple[PepProcess, Path],
 ) -> None:
-    pep, _pdp, log = sidecar
-    body = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "user": "cut-after-usage",
-    }
+    pep, log = sidecar
     with pytest.raises(httpx.HTTPError):  # the agent sees the cut
-        httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10).read()
+        httpx.post(f"{pep.url}{CHAT}", json=_chat("cut-after-usage"), timeout=10).read()
     decisions = [json.loads(line) for line in log.read_text().splitlines()]
     decision_id = [r for r in decisions if r.get("kind") == "decision"][-1]["decision_id"]
     reserved, settled = _settled(log, decision_id)
@@ -182,14 +182,9 @@ def test_an_answer_cut_part_way_settles_at_the_worst_case_whatever_it_reported(
 
 
 def test_an_answered_call_settles_at_what_the_upstream_reported(
-    sidecar: tuple[PepProcess, PdpProcess, Path],
+    sidecar: tuple[PepProcess, Path],
 ) -> None:
-    pep, _pdp, log = sidecar
-    body = {
-        "model": "gpt-4o-mini",
-        "messages": [{"role": "user", "content": "hi"}],
-        "user": "answered",
-    }
-    reply = httpx.post(f"{pep.url}{CHAT}", json=body, timeout=10)
+    pep, log = sidecar
+    reply = httpx.post(f"{pep.url}{CHAT}", json=_chat("answered"), timeout=10)
     assert reply.status_code == 200 and reply.content == ANSWER
     assert _settled(log, reply.headers["x-abc-decision-id"])[1] == 7
