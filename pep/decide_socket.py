@@ -47,6 +47,11 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
     return int(uid)
 
 
+def _expire(answer: asyncio.Future[bytes]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
+
+
 class _Connection(asyncio.Protocol):
     """One connection to the socket: a frame out, the frame that answers it back."""
 
@@ -96,14 +101,21 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    async def exchange(self, payload: bytes) -> bytes:
+    async def exchange(self, payload: bytes, deadline: float) -> bytes:
+        """The answer to ``payload``; ``TimeoutError`` once the loop's clock passes
+        ``deadline``. One timer on the answer, not ``asyncio.timeout``'s cancellation of
+        the whole task: this runs on every decision."""
         if self.broken or self._transport is None:
             raise ConnectionResetError("the decide socket connection is closed")
-        self._answer = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[bytes] = loop.create_future()
+        self._answer = answer
+        timer = loop.call_at(deadline, _expire, answer)
         self._transport.write(frame(payload))
         try:
-            return await self._answer
+            return await answer
         finally:
+            timer.cancel()
             self._answer = None
             self.used = time.monotonic()
 
@@ -130,11 +142,18 @@ class DecideSocketClient:
         self, request: pdp_pb2.DecideRequest, timeout: float
     ) -> pdp_pb2.DecideResponse:
         """The PDP's answer within ``timeout`` seconds, else ``DecideSocketError``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout), self._slots:
-                connection = self._reuse() or await self._connect()
+            if self._slots.locked():  # all connections busy: wait for one, bounded too
+                async with asyncio.timeout_at(deadline):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()  # at once
+            try:
+                connection = self._reuse() or await self._connect(deadline)
                 try:
-                    answer = await connection.exchange(request.SerializeToString())
+                    answer = await connection.exchange(request.SerializeToString(), deadline)
                 except BaseException:
                     # Its answer may still come: the connection is out of step, never reused.
                     connection.close()
@@ -143,6 +162,8 @@ class DecideSocketClient:
                     connection.close()
                 else:
                     self._idle.append(connection)
+            finally:
+                self._slots.release()
             if answer[:1] != OK:
                 raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
             return pdp_pb2.DecideResponse.FromString(answer[1:])
@@ -153,8 +174,8 @@ class DecideSocketClient:
         """Connect once, as a decision would (peer checked), and keep the connection for
         the first one; ``DecideSocketError`` when that fails."""
         try:
-            async with asyncio.timeout(timeout):
-                self._idle.append(await self._connect())
+            deadline = asyncio.get_running_loop().time() + timeout
+            self._idle.append(await self._connect(deadline))
         except (OSError, TimeoutError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -169,9 +190,10 @@ class DecideSocketClient:
             connection.close()
         return None
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
-        transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
+        async with asyncio.timeout_at(deadline):
+            transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
         connection.start(transport, self._path, self._users)
         return connection
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiohttp import ClientResponse, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -37,30 +37,48 @@ HOP_BY_HOP = frozenset(
 _FRAMING = frozenset({"content-length", "host", "expect"})
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    return {
+_REQUEST_DROP = HOP_BY_HOP | _FRAMING
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+
+def _dropped(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], always: frozenset[str]
+) -> frozenset[str]:
+    """The lower-cased names not to pass on: ``always``, and any the Connection header names."""
+    if "connection" not in headers:
+        return always
+    named = {
         token.strip().lower()
-        for value in headers.getall("connection", [])
+        for value in headers.getall("connection")
         for token in value.split(",")
         if token.strip()
     }
+    return always | named
 
 
-def request_headers(request: web.Request, *, identity: bool) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _FRAMING | _named_by_connection(request.headers)
-    headers = CIMultiDict(
+def request_headers(request: web.Request, *, identity: bool) -> list[tuple[str, str]]:
+    """The agent's headers to send upstream, in order; ``identity`` replaces its
+    Accept-Encoding with ``identity``."""
+    drop = _dropped(request.headers, _REQUEST_DROP)
+    headers = [
         (name, value)
         for name, value in request.headers.items()
-        if name.lower() not in drop and not name.lower().startswith("x-abc-")
-    )
+        if (low := name.lower()) not in drop
+        and not low.startswith("x-abc-")
+        and not (identity and low == "accept-encoding")
+    ]
     if identity:
-        headers["Accept-Encoding"] = "identity"
+        headers.append(("Accept-Encoding", "identity"))
     return headers
 
 
+def _response_pairs(upstream: ClientResponse | UpstreamResponse) -> Iterator[tuple[str, str]]:
+    drop = _dropped(upstream.headers, _RESPONSE_DROP)
+    return ((n, v) for n, v in upstream.headers.items() if n.lower() not in drop)
+
+
 def response_headers(upstream: ClientResponse | UpstreamResponse) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | {"content-length"} | _named_by_connection(upstream.headers)
-    return CIMultiDict((n, v) for n, v in upstream.headers.items() if n.lower() not in drop)
+    return CIMultiDict(_response_pairs(upstream))
 
 
 class _HeadersWithBody(web.StreamResponse):
@@ -85,7 +103,7 @@ async def relay(
     length = upstream.content_length
     kind = web.StreamResponse if length is None else _HeadersWithBody
     response = kind(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(response_headers(upstream))
+    response.headers.extend(_response_pairs(upstream))
     response.headers.update(extra_headers)
     if length is not None:
         response.content_length = length  # same bytes, same length

@@ -215,7 +215,7 @@ class Handler:
         if not self.adapter.reads_body:
             data = request.content if request.body_exists else None
             if request.content_length is not None:
-                headers["Content-Length"] = str(request.content_length)
+                headers.append(("Content-Length", str(request.content_length)))
         extra = {"x-abc-decision-id": verdict.decision_id} if verdict else {}
         reader = UsageReader(call.streaming) if call.reads_usage else None
         started = time.perf_counter()
@@ -226,9 +226,7 @@ class Handler:
         try:
             if route in _MODEL_ROUTES:
                 assert isinstance(data, bytes)
-                answer = await sidecar.model_upstream.request(
-                    URL(url, encoded=True), headers.items(), data
-                )
+                answer = await sidecar.model_upstream.request(URL(url, encoded=True), headers, data)
                 async with answer:
                     status = answer.status
                     return await relay(request, answer, extra, tap)

@@ -43,6 +43,10 @@ def _no_constant(name: str) -> Any:
     raise MappingError(f"{name} is not JSON")
 
 
+# Made once: ``json.loads`` with hooks builds a decoder (and its scanner) on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The request body as a JSON object; ``MappingError`` for anything else.
 
@@ -54,7 +58,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise MappingError("the request body is not UTF-8") from exc
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, MappingError):
             raise

@@ -216,6 +216,38 @@ def test_a_silent_garbled_or_absent_pdp_is_a_refusal(short_dir: Path, reply: byt
     assert elapsed < 1.0  # the deadline, not the listener's 1.5 s
 
 
+def test_a_decision_waiting_for_a_connection_keeps_its_deadline(
+    served: tuple[PdpProcess, Path], short_dir: Path, run_id: str
+) -> None:
+    """With the pool's one connection held by a silent PDP, the next decision waits for it
+    no longer than its own deadline; the slot is given back, so the pool decides again
+    once the socket leads to a PDP that answers (a restarted one)."""
+    fake, path = short_dir / f"fake-{free_port()}.sock", short_dir / f"via-{free_port()}.sock"
+    _silent(fake, None)
+    path.symlink_to(fake)
+
+    async def scenario() -> tuple[list[str], float, str]:
+        client = DecideSocketClient(path, max_connections=1)
+        request = pdp_pb2.DecideRequest(run_id=run_id, request_id="r-slot", action=MODEL)
+        holding = asyncio.ensure_future(client.decide(request, 1.2))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(DecideSocketError):
+            await client.decide(request, 0.3)
+        waited = time.monotonic() - started
+        failures = await asyncio.gather(holding, return_exceptions=True)
+        path.unlink()
+        path.symlink_to(served[1])
+        answer = await client.decide(request, 5.0)
+        await client.close()
+        return [type(f).__name__ for f in failures], waited, answer.decision_id
+
+    failures, waited, decision_id = asyncio.run(scenario())
+    assert failures == ["DecideSocketError"]
+    assert waited < 0.8  # its own 0.3 s, not the 1.2 s the connection was held
+    assert decision_id.startswith("dec_")
+
+
 def test_the_sidecar_decides_on_the_socket_for_the_openai_sdk(
     served: tuple[PdpProcess, Path], signer: Signer, short_dir: Path
 ) -> None:
