@@ -143,7 +143,11 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         await _check_decide_socket(pdp, config, registered=bool(config.manifest))
         metrics = _metrics(pdp)
         sidecar = Sidecar(config, pdp, metrics, run_id, runs, models=models)
-        proxy = web.AppRunner(build_app(sidecar), access_log=None, handle_signals=False)
+        # An agent that hangs up cancels its handler: the upstream call is closed at once (a
+        # provider stops generating) rather than held, with its pool slot, until it answers.
+        proxy = web.AppRunner(
+            build_app(sidecar), access_log=None, handle_signals=False, handler_cancellation=True
+        )
         runners.append(proxy)
         await proxy.setup()
         await _site(proxy, config.listen)

@@ -7,6 +7,7 @@ agent's protocol with a reason code and a decision id, and nothing is forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -34,7 +35,7 @@ from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, models_list
 from pep.pdp_client import PdpClient, Verdict
 from pep.runs import RunKeys
-from pep.upstream import ModelUpstream, UpstreamError
+from pep.upstream import ModelUpstream, UpstreamError, UpstreamResponse
 from pep.usage import UsageReader
 
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
@@ -116,16 +117,19 @@ class Handler:
         async def refuse(
             verdict: Verdict, call: Call | None = None, status: int | None = None
         ) -> web.Response:
+            sidecar.metrics.count(route, "deny", verdict.reason)
             if verdict.decision_id.startswith("pep_") and verdict.reason is not (
                 ReasonCode.PDP_UNAVAILABLE
             ):
                 # The sidecar's own refusal: logged in the PDP's decision log too, so no
-                # attempt goes unseen there (the local id stays if the PDP cannot log it).
+                # attempt goes unseen there (the local id stays if the PDP cannot log it);
+                # shielded, so an agent that hangs up at once is logged all the same.
                 named = request.headers.get("x-abc-run", "")
-                verdict = await sidecar.pdp.record_refusal(
-                    sidecar.run_id or named[:128], _request_id(request), route, verdict
+                verdict = await asyncio.shield(
+                    sidecar.pdp.record_refusal(
+                        sidecar.run_id or named[:128], _request_id(request), route, verdict
+                    )
                 )
-            sidecar.metrics.count(route, "deny", verdict.reason)
             # Route and method only: paths and bodies may carry the agent's secrets.
             log.info(
                 "refused %s %s: %s (%s)", route, request.method, verdict.reason, verdict.decision_id
@@ -223,6 +227,7 @@ class Handler:
         sent = False  # failed unanswered, but the upstream may have received the call
         cut = False  # the answer failed part way: what it reported is not the whole
         tap = reader.feed if reader else None
+        answer: UpstreamResponse | None = None
         try:
             if route in _MODEL_ROUTES:
                 assert isinstance(data, bytes)
@@ -243,6 +248,12 @@ class Handler:
                 if call.respond is not None:
                     return await call.respond(request, upstream, _prober(sidecar, run_id))
                 return await relay(request, upstream, extra, tap)
+        except asyncio.CancelledError:
+            # The agent hung up. The call may have reached the upstream and run: settled at
+            # the worst case unless its answer was read whole.
+            log.info("agent gone: upstream %s call abandoned", route)
+            sent, cut = True, answer is None or not answer.complete
+            raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)
             sent, cut = isinstance(exc, UpstreamError) and exc.sent, bool(status)

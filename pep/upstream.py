@@ -312,6 +312,11 @@ class UpstreamResponse:
         length = self.headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
 
+    @property
+    def complete(self) -> bool:
+        """Read to its end."""
+        return self._connection.complete
+
     async def chunks(self) -> AsyncIterator[bytes]:
         while chunk := await self._connection.read():
             yield chunk

@@ -6,6 +6,7 @@ and budgeted by its narrowed grant (also after a restart, on another replica, an
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -400,7 +401,13 @@ def test_a_run_is_usable_only_by_callers_of_its_own_manifest(
         assert list(stub(pdp).ReportUsageBatch(batch, timeout=5).settled) == [False]
         report.manifest_digest = digests[0]
         stub(pdp).ReportUsage(report, timeout=5)  # A's own sidecar settles it
-        run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=a_run), timeout=5)
+        # A's sidecar settles its own call in a batch once 100 ms passed with no decision to
+        # carry it: waited for, not assumed.
+        for _ in range(100):
+            run = stub(pdp).GetRun(pdp_pb2.GetRunRequest(run_id=a_run), timeout=5)
+            if not run.reserved.requests:
+                break
+            time.sleep(0.05)
         assert run.spent.requests == 2 and run.reserved.requests == 0
     finally:
         for pep in peps:

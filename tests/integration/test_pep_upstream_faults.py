@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import queue
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -49,7 +51,36 @@ async def _answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(ANSWER) + ANSWER)
 
 
+# When an upstream holding a call saw the sidecar close its connection (monotonic).
+HUNG_UP: queue.Queue[float] = queue.Queue()
+HOLD_SECONDS = 30.0  # how long a holding upstream waits before it gives up by itself
+
+
+async def _hold(reader: asyncio.StreamReader) -> None:
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(HOLD_SECONDS):
+            while await reader.read(65536):
+                pass
+            HUNG_UP.put(time.monotonic())
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _hold(reader)  # the model is thinking
+
+
+async def _stream_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(event), event)
+    )
+    await writer.drain()
+    await _hold(reader)
+
+
 FAULTS: dict[str, Fault] = {
+    "silent": _silent,
+    "stream-then-silent": _stream_then_silent,
     "head-then-close": _head_then_close,
     "read-then-close": _read_then_close,
     "garbage": _garbage,
@@ -188,3 +219,35 @@ def test_an_answered_call_settles_at_what_the_upstream_reported(
     reply = httpx.post(f"{pep.url}{CHAT}", json=_chat("answered"), timeout=10)
     assert reply.status_code == 200 and reply.content == ANSWER
     assert _settled(log, reply.headers["x-abc-decision-id"])[1] == 7
+
+
+def _last_decision(log: Path) -> str:
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
+
+
+@pytest.mark.parametrize("fault", ["silent", "stream-then-silent"])
+def test_an_agent_that_hangs_up_stops_its_call_and_it_settles_at_the_worst_case(
+    sidecar: tuple[PepProcess, Path], fault: str
+) -> None:
+    """The upstream's connection is closed at once (a provider stops generating, and bills
+    no further), not held until the upstream answers; the call may have run, so it settles
+    at its worst case, whatever part of a stream was relayed."""
+    pep, log = sidecar
+    body = json.dumps({**_chat(fault), "stream": fault.startswith("stream")}).encode()
+    host, port = pep.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as agent:
+        agent.sendall(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (CHAT.encode(), host.encode(), len(body), body)
+        )
+        if fault.startswith("stream"):
+            assert agent.recv(65536).startswith(b"HTTP/1.1 200")  # the stream had begun
+        else:
+            time.sleep(0.5)  # decided and forwarded; the upstream is thinking
+        hung_up = time.monotonic()
+    assert HUNG_UP.get(timeout=5) - hung_up < 5  # not the upstream's own 30 s
+    reserved, settled = _settled(log, _last_decision(log))
+    assert settled == reserved > 0
+    reply = httpx.post(f"{pep.url}{CHAT}", json=_chat("answered"), timeout=10)
+    assert reply.status_code == 200 and reply.content == ANSWER  # serving on
