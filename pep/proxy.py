@@ -11,8 +11,9 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -41,6 +42,7 @@ from pep.usage import UsageReader
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
 
 log = logging.getLogger("abc.pep")
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +55,22 @@ class Sidecar:
     session: aiohttp.ClientSession | None = None  # upstream for MCP and HTTP tools
     model_upstream: ModelUpstream | None = None  # upstream for model calls
     models: GrantedModels | None = None  # the bound manifest's, for GET .../v1/models
+    # Work that outlives a handler whose agent hung up, held until done (the loop holds
+    # tasks weakly).
+    unfinished: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def outlive_agent(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """``work`` as a task that finishes even if the handler that started it is
+        cancelled (await it through ``asyncio.shield``)."""
+        task = asyncio.ensure_future(work)
+        self.unfinished.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.unfinished.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("after its agent hung up: %r", task.exception())
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
@@ -126,8 +144,10 @@ class Handler:
                 # shielded, so an agent that hangs up at once is logged all the same.
                 named = request.headers.get("x-abc-run", "")
                 verdict = await asyncio.shield(
-                    sidecar.pdp.record_refusal(
-                        sidecar.run_id or named[:128], _request_id(request), route, verdict
+                    sidecar.outlive_agent(
+                        sidecar.pdp.record_refusal(
+                            sidecar.run_id or named[:128], _request_id(request), route, verdict
+                        )
                     )
                 )
             # Route and method only: paths and bodies may carry the agent's secrets.
@@ -183,7 +203,14 @@ class Handler:
         verdict: Verdict | None = None
         if call.action is not None:
             started = time.perf_counter()
-            verdict = await sidecar.pdp.decide(run_id, _request_id(request), call.action)
+            request_id = _request_id(request)
+            try:
+                verdict = await sidecar.pdp.decide(run_id, request_id, call.action)
+            except asyncio.CancelledError:
+                sidecar.outlive_agent(
+                    _release_unforwarded(sidecar, run_id, request_id, call.action)
+                )
+                raise
             sidecar.metrics.decision_seconds.observe(time.perf_counter() - started)
             if not verdict.allow:
                 return await refuse(verdict, call)
@@ -274,6 +301,18 @@ class Handler:
             if verdict is not None and verdict.reservation_id:
                 received = sent or status > 0
                 _settle(sidecar, verdict, call, None if cut else reader, status, received)
+
+
+async def _release_unforwarded(
+    sidecar: Sidecar, run_id: str, request_id: str, action: pdp_pb2.Action
+) -> None:
+    """The agent hung up while its call was decided: the PDP may have allowed it and
+    reserved all the same. Asked again under the same request id (answered as before, never
+    charged twice), an allow is settled at 0, since nothing was forwarded; else its
+    reservation would be held, and charged, at the worst case until it expired."""
+    verdict = await sidecar.pdp.decide(run_id, request_id, action)
+    if verdict.allow and verdict.reservation_id:
+        sidecar.pdp.report_usage(verdict.reservation_id, 0)
 
 
 def _settle(

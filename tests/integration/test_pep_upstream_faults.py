@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import json
 import queue
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,7 +19,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from tests.harness import INTENT, PepProcess, Signer, start_pdp, start_pep
+from tests.harness import INTENT, POLICIES, PdpProcess, PepProcess, Signer, start_pdp, start_pep
 
 CHAT = "/openai/v1/chat/completions"
 ANSWER = b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
@@ -45,6 +47,14 @@ async def _garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
 async def _refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     body = b'{"error":{"message":"slow down","type":"rate_limit_error"}}'
     writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+FORWARDED: queue.Queue[float] = queue.Queue()  # calls that must never reach the upstream
+
+
+async def _never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    FORWARDED.put(time.monotonic())
+    await _answered(reader, writer)
 
 
 async def _answered(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -87,6 +97,7 @@ FAULTS: dict[str, Fault] = {
     "cut-after-usage": _cut_after_usage,
     "refused": _refused,
     "answered": _answered,
+    "never": _never,
 }
 
 
@@ -131,30 +142,77 @@ class RawUpstream:
         self._loop.call_soon_threadsafe(self._serving.cancel)
 
 
+class SlowDecisions:
+    """A decide socket in front of the PDP's that passes each request on ``delay`` seconds
+    late: a PDP slow to decide. A thread per direction per connection; each ends when its
+    peer hangs up."""
+
+    def __init__(self, pdp: Path, path: Path, delay: float) -> None:
+        self.path, self._pdp, self._delay = path, pdp, delay
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sidecar, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            pdp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            pdp.connect(str(self._pdp))
+            for source, sink, delay in ((sidecar, pdp, self._delay), (pdp, sidecar, 0.0)):
+                threading.Thread(target=_pipe, args=(source, sink, delay), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket, delay: float) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            time.sleep(delay)
+            sink.sendall(chunk)
+    with contextlib.suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
 @pytest.fixture(scope="module")
-def sidecar(
-    signer: Signer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[PepProcess, Path]]:
-    tmp = tmp_path_factory.mktemp("upstream-faults")
-    upstream = RawUpstream()
-    pdp = start_pdp(signer, tmp / "state")
+def upstream() -> Iterator[RawUpstream]:
+    raw = RawUpstream()
+    yield raw
+    raw.stop()
+
+
+def _start_pdp(signer: Signer, tmp: Path, *flags: str) -> PdpProcess:
+    """A PDP, and the grant the sidecar registers in ``tmp/envelope.json``."""
     envelope = tmp / "envelope.json"
     envelope.write_bytes(
         signer.freeze(INTENT.read_text().replace("acme/support-bot", "acme/faults"), "f")
     )
-    pep = start_pep(
-        pdp.address,
-        {"openai": f"http://127.0.0.1:{upstream.port}"},
-        tmp,
-        "--manifest",
-        str(envelope),
+    return start_pdp(signer, tmp / "state", POLICIES, *flags)
+
+
+def _start_pep(pdp: PdpProcess, tmp: Path, upstream: RawUpstream, *flags: str) -> PepProcess:
+    openai = f"http://127.0.0.1:{upstream.port}"
+    return start_pep(
+        pdp.address, {"openai": openai}, tmp, "--manifest", str(tmp / "envelope.json"), *flags
     )
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    signer: Signer, tmp_path_factory: pytest.TempPathFactory, upstream: RawUpstream
+) -> Iterator[tuple[PepProcess, Path]]:
+    tmp = tmp_path_factory.mktemp("upstream-faults")
+    pdp = _start_pdp(signer, tmp)
+    pep = _start_pep(pdp, tmp, upstream)
     try:
         yield pep, tmp / "state" / "decisions.log"
     finally:
         pep.stop()
         pdp.stop()
-        upstream.stop()
 
 
 def _chat(fault: str) -> dict[str, object]:
@@ -226,6 +284,22 @@ def _last_decision(log: Path) -> str:
     return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
 
 
+def _hang_up_after(pep: PepProcess, body: dict[str, object], wait: float) -> bytes:
+    """Send a chat call as a raw agent, then hang up ``wait`` s later, or once the answer
+    began if ``wait`` is 0; what it had received."""
+    raw = json.dumps(body).encode()
+    host, port = pep.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as agent:
+        agent.sendall(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (CHAT.encode(), host.encode(), len(raw), raw)
+        )
+        if wait:
+            time.sleep(wait)
+            return b""
+        return agent.recv(65536)
+
+
 @pytest.mark.parametrize("fault", ["silent", "stream-then-silent"])
 def test_an_agent_that_hangs_up_stops_its_call_and_it_settles_at_the_worst_case(
     sidecar: tuple[PepProcess, Path], fault: str
@@ -234,20 +308,44 @@ def test_an_agent_that_hangs_up_stops_its_call_and_it_settles_at_the_worst_case(
     no further), not held until the upstream answers; the call may have run, so it settles
     at its worst case, whatever part of a stream was relayed."""
     pep, log = sidecar
-    body = json.dumps({**_chat(fault), "stream": fault.startswith("stream")}).encode()
-    host, port = pep.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as agent:
-        agent.sendall(
-            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (CHAT.encode(), host.encode(), len(body), body)
-        )
-        if fault.startswith("stream"):
-            assert agent.recv(65536).startswith(b"HTTP/1.1 200")  # the stream had begun
-        else:
-            time.sleep(0.5)  # decided and forwarded; the upstream is thinking
-        hung_up = time.monotonic()
+    streamed = fault.startswith("stream")
+    # Hangs up once the stream had begun, or while the upstream is thinking.
+    received = _hang_up_after(pep, {**_chat(fault), "stream": streamed}, 0 if streamed else 0.5)
+    hung_up = time.monotonic()
+    assert received.startswith(b"HTTP/1.1 200") or not streamed
     assert HUNG_UP.get(timeout=5) - hung_up < 5  # not the upstream's own 30 s
     reserved, settled = _settled(log, _last_decision(log))
     assert settled == reserved > 0
     reply = httpx.post(f"{pep.url}{CHAT}", json=_chat("answered"), timeout=10)
     assert reply.status_code == 200 and reply.content == ANSWER  # serving on
+
+
+def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
+    signer: Signer, upstream: RawUpstream
+) -> None:
+    """The PDP decides it all the same (the request had reached it) and reserves its worst
+    case; nothing was forwarded, so the sidecar settles it at 0 rather than leave it held,
+    and charged, until the reservation expires."""
+    tmp = Path(tempfile.mkdtemp(prefix="abc-hang-"))  # a socket path fits in 108 bytes
+    pdp = _start_pdp(signer, tmp, "--decide-socket", str(tmp / "d.sock"))
+    slow = SlowDecisions(tmp / "d.sock", tmp / "slow.sock", 0.6)
+    pep = _start_pep(pdp, tmp, upstream, "--pdp-socket", str(slow.path))
+    log = tmp / "state" / "decisions.log"
+    try:
+        logged = len(log.read_text().splitlines())
+        _hang_up_after(pep, _chat("never"), 0.2)  # before the PDP's answer, 0.6 s away
+        for _ in range(100):
+            added = [json.loads(line) for line in log.read_text().splitlines()[logged:]]
+            decisions = [r for r in added if r.get("kind") == "decision"]
+            if decisions:
+                break
+            time.sleep(0.05)
+        assert decisions[0]["result"]["allow"] and decisions[0]["reservation_id"]
+        reserved, settled = _settled(log, decisions[0]["decision_id"])
+        assert (reserved > 0, settled) == (True, 0)
+        assert FORWARDED.empty()
+    finally:
+        pep.stop()
+        slow.close()
+        pdp.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
