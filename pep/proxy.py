@@ -70,7 +70,7 @@ class Sidecar:
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self.unfinished.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("after its agent hung up: %r", task.exception())
+            log.error("work a request handler left running failed: %r", task.exception())
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
