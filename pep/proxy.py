@@ -277,9 +277,11 @@ class Handler:
                 return await relay(request, upstream, extra, tap)
         except asyncio.CancelledError:
             # The agent hung up. The call may have reached the upstream and run: settled at
-            # the worst case unless its answer was read whole.
+            # the worst case unless its answer was read whole, or its stream's last event
+            # (an SDK may hang up once it has [DONE], before the chunked body's end).
             log.info("agent gone: upstream %s call abandoned", route)
-            sent, cut = True, answer is None or not answer.complete
+            whole = answer is not None and answer.complete
+            sent, cut = True, not (whole or (reader is not None and reader.stream_ended))
             raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)

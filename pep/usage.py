@@ -71,6 +71,12 @@ class UsageReader:
                     if isinstance(value, int) and not isinstance(value, bool):
                         self._seen[key] = value
 
+    @property
+    def stream_ended(self) -> bool:
+        """A stream whose protocol end was seen: its usage is whole, however its HTTP
+        framing ends."""
+        return self._streaming and self._ended
+
     def tokens(self) -> int | None:
         """Total tokens the upstream reported, or None if it reported none readable (or
         its stream did not end)."""

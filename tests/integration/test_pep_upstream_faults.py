@@ -88,9 +88,26 @@ async def _stream_then_silent(reader: asyncio.StreamReader, writer: asyncio.Stre
     await _hold(reader)
 
 
+async def _stream_done_then_silent(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    events = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,'
+        b'"total_tokens":7}}\n\ndata: [DONE]\n\n'
+    )
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(events), events)
+    )
+    await writer.drain()
+    await _hold(reader)  # the body's last chunk comes late
+
+
 FAULTS: dict[str, Fault] = {
     "silent": _silent,
     "stream-then-silent": _stream_then_silent,
+    "stream-done-then-silent": _stream_done_then_silent,
     "head-then-close": _head_then_close,
     "read-then-close": _read_then_close,
     "garbage": _garbage,
@@ -284,9 +301,11 @@ def _last_decision(log: Path) -> str:
     return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
 
 
-def _hang_up_after(pep: PepProcess, body: dict[str, object], wait: float) -> bytes:
-    """Send a chat call as a raw agent, then hang up ``wait`` s later, or once the answer
-    began if ``wait`` is 0; what it had received."""
+def _hang_up_after(
+    pep: PepProcess, body: dict[str, object], *, until: bytes = b"", wait: float = 0.0
+) -> bytes:
+    """Send a chat call as a raw agent; hang up once it has received ``until`` and waited
+    ``wait`` s more. What it had received."""
     raw = json.dumps(body).encode()
     host, port = pep.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as agent:
@@ -294,10 +313,11 @@ def _hang_up_after(pep: PepProcess, body: dict[str, object], wait: float) -> byt
             b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (CHAT.encode(), host.encode(), len(raw), raw)
         )
-        if wait:
-            time.sleep(wait)
-            return b""
-        return agent.recv(65536)
+        received = b""
+        while until not in received:
+            received += agent.recv(65536)
+        time.sleep(wait)
+        return received
 
 
 @pytest.mark.parametrize("fault", ["silent", "stream-then-silent"])
@@ -310,7 +330,9 @@ def test_an_agent_that_hangs_up_stops_its_call_and_it_settles_at_the_worst_case(
     pep, log = sidecar
     streamed = fault.startswith("stream")
     # Hangs up once the stream had begun, or while the upstream is thinking.
-    received = _hang_up_after(pep, {**_chat(fault), "stream": streamed}, 0 if streamed else 0.5)
+    received = _hang_up_after(
+        pep, {**_chat(fault), "stream": streamed}, until=b"data: " if streamed else b"", wait=0.5
+    )
     hung_up = time.monotonic()
     assert received.startswith(b"HTTP/1.1 200") or not streamed
     assert HUNG_UP.get(timeout=5) - hung_up < 5  # not the upstream's own 30 s
@@ -333,7 +355,7 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
     log = tmp / "state" / "decisions.log"
     try:
         logged = len(log.read_text().splitlines())
-        _hang_up_after(pep, _chat("never"), 0.2)  # before the PDP's answer, 0.6 s away
+        _hang_up_after(pep, _chat("never"), wait=0.2)  # before the PDP's answer, 0.6 s away
         for _ in range(100):
             added = [json.loads(line) for line in log.read_text().splitlines()[logged:]]
             decisions = [r for r in added if r.get("kind") == "decision"]
@@ -349,3 +371,15 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
         slow.close()
         pdp.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_an_agent_that_hangs_up_after_its_streams_last_event_is_charged_what_it_used(
+    sidecar: tuple[PepProcess, Path],
+) -> None:
+    """The stream ended as its protocol ends one ([DONE], after its usage): its usage is
+    whole though the chunked body's end had not come, and the call settles at it."""
+    pep, log = sidecar
+    _hang_up_after(pep, {**_chat("stream-done-then-silent"), "stream": True}, until=b"[DONE]")
+    assert HUNG_UP.get(timeout=5)
+    reserved, settled = _settled(log, _last_decision(log))
+    assert (settled, reserved > 7) == (7, True)
