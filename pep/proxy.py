@@ -285,7 +285,9 @@ class Handler:
             raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             log.warning("upstream %s failed: %s", route, exc)
-            sent, cut = isinstance(exc, UpstreamError) and exc.sent, bool(status)
+            sent = isinstance(exc, UpstreamError) and exc.sent
+            # Cut part way: what it reported is not the whole, unless its stream had ended.
+            cut = bool(status) and not (reader is not None and reader.stream_ended)
             if request.writer.output_size:
                 raise  # the answer had started: the agent's connection carries the failure
             return self.adapter.refusal(

@@ -39,14 +39,16 @@ class SseSplitter:
         return self._buffer
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def event_data(raw: bytes) -> str | None:
-    """The event's data (its ``data:`` lines joined), or None if it has none."""
-    lines = raw.decode("utf-8").splitlines()
+    """The event's data (its ``data:`` lines joined), or None if it has none. Lines end
+    as the protocol ends them, not ``str.splitlines``'s way: U+2028, U+2029 and U+0085
+    stand in JSON strings unescaped, and model text carries them."""
+    lines = _LINE_END.split(raw.decode("utf-8"))
     data = [line[5:].removeprefix(" ") for line in lines if line.startswith("data:")]
     return "\n".join(data) if data else None
-
-
-_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)

@@ -88,9 +88,9 @@ async def _stream_then_silent(reader: asyncio.StreamReader, writer: asyncio.Stre
     await _hold(reader)
 
 
-async def _stream_done_then_silent(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _stream_done(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A whole stream, its usage and [DONE], but not the chunked body's end: the
+    connection closes there."""
     events = (
         b'data: {"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n'
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,'
@@ -100,6 +100,12 @@ async def _stream_done_then_silent(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(events), events)
     )
+
+
+async def _stream_done_then_silent(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await _stream_done(reader, writer)
     await writer.drain()
     await _hold(reader)  # the body's last chunk comes late
 
@@ -108,6 +114,7 @@ FAULTS: dict[str, Fault] = {
     "silent": _silent,
     "stream-then-silent": _stream_then_silent,
     "stream-done-then-silent": _stream_done_then_silent,
+    "stream-done-then-close": _stream_done,
     "head-then-close": _head_then_close,
     "read-then-close": _read_then_close,
     "garbage": _garbage,
@@ -285,6 +292,22 @@ def test_an_answer_cut_part_way_settles_at_the_worst_case_whatever_it_reported(
     decision_id = [r for r in decisions if r.get("kind") == "decision"][-1]["decision_id"]
     reserved, settled = _settled(log, decision_id)
     assert settled == reserved > 7
+
+
+def test_a_stream_cut_after_its_last_event_settles_at_its_usage(
+    sidecar: tuple[PepProcess, Path],
+) -> None:
+    """Its protocol said it ended ([DONE], after its usage): the usage is whole, however
+    the connection ended after it."""
+    pep, log = sidecar
+    body = {**_chat("stream-done-then-close"), "stream": True}
+    with (
+        pytest.raises(httpx.HTTPError),  # the agent sees the body cut
+        httpx.stream("POST", f"{pep.url}{CHAT}", json=body, timeout=10) as reply,
+    ):
+        reply.read()
+    reserved, settled = _settled(log, _last_decision(log))
+    assert (settled, reserved > 7) == (7, True)
 
 
 def test_an_answered_call_settles_at_what_the_upstream_reported(

@@ -100,6 +100,16 @@ def test_a_stream_counts_its_usage_only_once_it_ended(stream: bytes, tokens: int
     assert _read([stream], streaming=True) == tokens
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_a_stream_whose_text_holds_a_unicode_line_separator_is_read(separator: str) -> None:
+    # JSON leaves these unescaped; only CR and LF end an event-stream line.
+    stream = (
+        f'data: {{"choices":[{{"delta":{{"content":"a{separator}b"}}}}]}}\n\n'
+        'data: {"choices":[],"usage":{"total_tokens":9}}\n\ndata: [DONE]\n\n'
+    ).encode()
+    assert _read([stream], streaming=True) == 9
+
+
 def test_a_stream_with_an_unreadable_event_reports_nothing() -> None:
     stream = b'data: {"usage": {"total_tokens": 5}}\n\ndata: {broken\n\n'
     assert _read([stream], streaming=True) is None
