@@ -284,22 +284,16 @@ class Handler:
             sent, cut = True, not (whole or (reader is not None and reader.stream_ended))
             raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
-            log.warning("upstream %s failed: %s", route, exc)
+            # The id the agent's 502 carries, so that the two can be matched.
+            traced = verdict.decision_id if verdict else _request_id(request)
+            log.warning("upstream %s failed (%s): %s", route, traced, exc)
             sent = isinstance(exc, UpstreamError) and exc.sent
             # Cut part way: what it reported is not the whole, unless its stream had ended.
             cut = bool(status) and not (reader is not None and reader.stream_ended)
             if request.writer.output_size:
                 raise  # the answer had started: the agent's connection carries the failure
-            return self.adapter.refusal(
-                Verdict(
-                    False,
-                    ReasonCode.BAD_REQUEST,
-                    "the upstream did not answer",
-                    verdict.decision_id if verdict else _request_id(request),
-                ),
-                call,
-                502,
-            )
+            failed = Verdict(False, ReasonCode.BAD_REQUEST, "the upstream did not answer", traced)
+            return self.adapter.refusal(failed, call, 502)
         finally:
             sidecar.metrics.observe_upstream(route, time.perf_counter() - started)
             if verdict is not None and verdict.reservation_id:

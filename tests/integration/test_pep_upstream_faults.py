@@ -1,6 +1,10 @@
-"""A model upstream that fails after it was sent a call, through the real sidecar and PDP:
-the agent gets a refusal it can trace (never aiohttp's bare 500), and the call settles at
-its reserved worst case, since the upstream may have carried it out and billed it."""
+"""A model call that fails part way, through the real sidecar and PDP.
+
+An upstream that fails after it was sent the call: the agent gets a refusal it can trace
+(never aiohttp's bare 500), and the call settles at its reserved worst case, since the
+upstream may have carried it out and billed it. An agent that hangs up: the upstream call is
+closed at once, and settled at the worst case, at 0 if it was never forwarded, or at its
+usage if its stream had ended."""
 
 from __future__ import annotations
 
@@ -260,6 +264,11 @@ def _settled(log: Path, decision_id: str) -> tuple[int, int]:
     raise AssertionError(f"no settlement for {decision_id}")
 
 
+def _last_decision(log: Path) -> str:
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
+
+
 @pytest.mark.parametrize(
     ("fault", "worst"),
     [("head-then-close", True), ("read-then-close", True), ("garbage", True), ("refused", False)],
@@ -275,6 +284,7 @@ def test_a_call_the_upstream_received_but_never_answered_settles_at_its_worst_ca
         # A refusal in the agent's protocol, traceable to its decision; never aiohttp's 500.
         assert reply.status_code == 502, reply.text
         assert reply.json()["error"]["decision_id"] == decision_id
+        assert f"upstream openai failed ({decision_id})" in pep.output()  # the operator's trace
         assert settled == reserved > 0
     else:  # the upstream's own refusal, relayed as sent, and not spent
         assert reply.status_code == 429
@@ -288,9 +298,7 @@ def test_an_answer_cut_part_way_settles_at_the_worst_case_whatever_it_reported(
     pep, log = sidecar
     with pytest.raises(httpx.HTTPError):  # the agent sees the cut
         httpx.post(f"{pep.url}{CHAT}", json=_chat("cut-after-usage"), timeout=10).read()
-    decisions = [json.loads(line) for line in log.read_text().splitlines()]
-    decision_id = [r for r in decisions if r.get("kind") == "decision"][-1]["decision_id"]
-    reserved, settled = _settled(log, decision_id)
+    reserved, settled = _settled(log, _last_decision(log))
     assert settled == reserved > 7
 
 
@@ -317,11 +325,6 @@ def test_an_answered_call_settles_at_what_the_upstream_reported(
     reply = httpx.post(f"{pep.url}{CHAT}", json=_chat("answered"), timeout=10)
     assert reply.status_code == 200 and reply.content == ANSWER
     assert _settled(log, reply.headers["x-abc-decision-id"])[1] == 7
-
-
-def _last_decision(log: Path) -> str:
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
 
 
 def _hang_up_after(
