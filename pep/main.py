@@ -133,6 +133,7 @@ async def _export(metrics: PepMetrics, address: str) -> web.AppRunner:
 async def serve(config: PepConfig, stop: asyncio.Event) -> None:
     pdp = _pdp_client(config)
     runners: list[web.AppRunner] = []
+    sidecar: Sidecar | None = None
     try:
         run_id: str | None = config.run
         runs: RunKeys | None = None
@@ -166,6 +167,10 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        if sidecar is not None and sidecar.unfinished:
+            # What cancelled handlers left running (a hung-up call's release, a refusal's
+            # record) ends first: the settlements it queues are flushed with the rest.
+            await asyncio.wait(sidecar.unfinished, timeout=config.pdp_deadline_seconds + 1)
         await pdp.close()
     log.info("abc-pep stopped")
 

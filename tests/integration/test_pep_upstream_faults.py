@@ -368,12 +368,13 @@ def test_an_agent_that_hangs_up_stops_its_call_and_it_settles_at_the_worst_case(
     assert reply.status_code == 200 and reply.content == ANSWER  # serving on
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["serving", "stopped-at-once"])
 def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
-    signer: Signer, upstream: RawUpstream
+    signer: Signer, upstream: RawUpstream, stopped: bool
 ) -> None:
     """The PDP decides it all the same (the request had reached it) and reserves its worst
     case; nothing was forwarded, so the sidecar settles it at 0 rather than leave it held,
-    and charged, until the reservation expires."""
+    and charged, until the reservation expires; a sidecar stopped meanwhile does so first."""
     tmp = Path(tempfile.mkdtemp(prefix="abc-hang-"))  # a socket path fits in 108 bytes
     pdp = _start_pdp(signer, tmp, "--decide-socket", str(tmp / "d.sock"))
     slow = SlowDecisions(tmp / "d.sock", tmp / "slow.sock", 0.6)
@@ -382,6 +383,8 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
     try:
         logged = len(log.read_text().splitlines())
         _hang_up_after(pep, _chat("never"), wait=0.2)  # before the PDP's answer, 0.6 s away
+        if stopped:
+            pep.stop()  # SIGTERM, while the release is on its way
         for _ in range(100):
             added = [json.loads(line) for line in log.read_text().splitlines()[logged:]]
             decisions = [r for r in added if r.get("kind") == "decision"]
