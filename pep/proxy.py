@@ -252,7 +252,7 @@ class Handler:
         started = time.perf_counter()
         status = 0
         sent = False  # failed unanswered, but the upstream may have received the call
-        cut = False  # the answer failed part way: what it reported is not the whole
+        cut = False  # the answer failed part way
         tap = reader.feed if reader else None
         answer: UpstreamResponse | None = None
         try:
@@ -276,20 +276,15 @@ class Handler:
                     return await call.respond(request, upstream, _prober(sidecar, run_id))
                 return await relay(request, upstream, extra, tap)
         except asyncio.CancelledError:
-            # The agent hung up. The call may have reached the upstream and run: settled at
-            # the worst case unless its answer was read whole, or its stream's last event
-            # (an SDK may hang up once it has [DONE], before the chunked body's end).
+            # The agent hung up. The call may have reached the upstream and run.
             log.info("agent gone: upstream %s call abandoned", route)
-            whole = answer is not None and answer.complete
-            sent, cut = True, not (whole or (reader is not None and reader.stream_ended))
+            sent, cut = True, answer is None or not answer.complete
             raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             # The id the agent's 502 carries, so that the two can be matched.
             traced = verdict.decision_id if verdict else _request_id(request)
             log.warning("upstream %s failed (%s): %s", route, traced, exc)
-            sent = isinstance(exc, UpstreamError) and exc.sent
-            # Cut part way: what it reported is not the whole, unless its stream had ended.
-            cut = bool(status) and not (reader is not None and reader.stream_ended)
+            sent, cut = isinstance(exc, UpstreamError) and exc.sent, bool(status)
             if request.writer.output_size:
                 raise  # the answer had started: the agent's connection carries the failure
             failed = Verdict(False, ReasonCode.BAD_REQUEST, "the upstream did not answer", traced)
@@ -298,7 +293,7 @@ class Handler:
             sidecar.metrics.observe_upstream(route, time.perf_counter() - started)
             if verdict is not None and verdict.reservation_id:
                 received = sent or status > 0
-                _settle(sidecar, verdict, call, None if cut else reader, status, received)
+                _settle(sidecar, verdict, call, reader, status, received, cut)
 
 
 async def _release_unforwarded(
@@ -320,11 +315,16 @@ def _settle(
     reader: UsageReader | None,
     status: int,
     received: bool,
+    cut: bool,
 ) -> None:
     """Report real usage. Unknown usage settles at the reserved worst case; at 0 only a call
     the upstream never received, or answered with an error status: one it received and
-    never answered may have been carried out and billed."""
-    tokens = reader.tokens() if reader else None
+    never answered may have been carried out and billed. An answer ``cut`` part way (by
+    either end) reported less than the whole, unless its stream had ended as its protocol
+    ends one (an SDK may hang up on [DONE], before the chunked body's end)."""
+    tokens = None
+    if reader is not None and (not cut or reader.stream_ended):
+        tokens = reader.tokens()
     if tokens is None:
         action = call.action or pdp_pb2.Action()
         worst = worst_case_tokens(verdict.obligations, action.max_tokens, action.input_bytes)
