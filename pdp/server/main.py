@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import signal
 import ssl
 import sys
@@ -52,7 +53,7 @@ from pdp.service import DecisionService
 if TYPE_CHECKING:  # imported where used: redis and aiohttp cost start-up when unused
     from pdp.server.rest import RestServer
 
-__all__ = ["check_bundle_compiles", "main", "main_exit", "serve"]
+__all__ = ["check_bundle_compiles", "main", "main_exit", "serve", "stop_on_signal"]
 
 log = logging.getLogger("abc.pdp")
 _SIGNAL_POLL_SECONDS = 0.2
@@ -343,6 +344,26 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     log.info("abc-pdp stopped")
 
 
+def stop_on_signal(stop: threading.Event) -> Callable[[int, FrameType | None], None]:
+    """A signal handler that sets ``stop``, from a thread of its own. Python runs a handler
+    in the main thread between two of its steps, and the main thread waits in ``stop.wait``:
+    a handler calling ``stop.set`` there, just as the wait took the event's lock back, would
+    wait for that lock forever (a PDP that never stopped on SIGTERM). ``SimpleQueue.put``
+    takes no lock a handler can meet."""
+    signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def relay() -> None:
+        signals.get()
+        stop.set()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals.put(signum)
+
+    return on_signal
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(argv)
@@ -352,10 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream=sys.stderr,
         )
         stop = threading.Event()
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            stop.set()
-
+        on_signal = stop_on_signal(stop)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         serve(config, stop)
