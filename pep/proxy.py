@@ -36,7 +36,7 @@ from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, models_list
 from pep.pdp_client import PdpClient, Verdict
 from pep.runs import RunKeys
-from pep.upstream import ModelUpstream, UpstreamError, UpstreamResponse
+from pep.upstream import Lease, ModelUpstream, UpstreamError, UpstreamResponse
 from pep.usage import UsageReader
 
 __all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
@@ -254,11 +254,13 @@ class Handler:
         sent = False  # failed unanswered, but the upstream may have received the call
         cut = False  # the answer failed part way
         tap = reader.feed if reader else None
+        lease: Lease | None = None  # a model call's connection, on which it is sent at once
         answer: UpstreamResponse | None = None
         try:
             if route in _MODEL_ROUTES:
                 assert isinstance(data, bytes)
-                answer = await sidecar.model_upstream.request(URL(url, encoded=True), headers, data)
+                lease = await sidecar.model_upstream.connect(URL(url, encoded=True), headers, data)
+                answer = await lease.send()
                 async with answer:
                     status = answer.status
                     return await relay(request, answer, extra, tap)
@@ -276,9 +278,11 @@ class Handler:
                     return await call.respond(request, upstream, _prober(sidecar, run_id))
                 return await relay(request, upstream, extra, tap)
         except asyncio.CancelledError:
-            # The agent hung up. The call may have reached the upstream and run.
+            # The agent hung up. The call may have reached the upstream and run, unless it
+            # was a model call still waiting for its connection.
             log.info("agent gone: upstream %s call abandoned", route)
-            sent, cut = True, answer is None or not answer.complete
+            sent = lease is not None or route not in _MODEL_ROUTES
+            cut = answer is None or not answer.complete
             raise
         except (aiohttp.ClientError, UpstreamError, TimeoutError) as exc:
             # The id the agent's 502 carries, so that the two can be matched.

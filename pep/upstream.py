@@ -31,7 +31,7 @@ import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
-__all__ = ["ModelUpstream", "UpstreamError", "UpstreamResponse"]
+__all__ = ["Lease", "ModelUpstream", "UpstreamError", "UpstreamResponse"]
 
 CONNECT_SECONDS = 10.0
 READ_SECONDS = 600.0  # the longest an upstream may stay silent, mid-answer included
@@ -333,6 +333,29 @@ class UpstreamResponse:
         self._pool.release(self._connection)
 
 
+class Lease:
+    """A request and the pooled connection it is to go on, not written yet
+    (``ModelUpstream.connect``)."""
+
+    def __init__(
+        self, pool: ModelUpstream, connection: _Connection, request: bytes, read_seconds: float
+    ) -> None:
+        self._pool, self._connection, self._request = pool, connection, request
+        self._read_seconds = read_seconds
+
+    async def send(self) -> UpstreamResponse:
+        """Write the request, before anything is awaited; the answer once its head has
+        arrived, else ``UpstreamError`` (``sent``)."""
+        try:
+            await self._connection.send(self._request, self._read_seconds)
+        except BaseException as exc:
+            self._pool.abandon(self._connection)
+            if isinstance(exc, UpstreamError):
+                exc.sent = True
+            raise
+        return UpstreamResponse(self._pool, self._connection)
+
+
 class ModelUpstream:
     """Kept-alive connections to the model upstreams, at most ``limit`` at once."""
 
@@ -350,12 +373,11 @@ class ModelUpstream:
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
-    async def request(
-        self, url: URL, headers: Iterable[tuple[str, str]], body: bytes
-    ) -> UpstreamResponse:
-        """POST ``body`` to ``url`` (sent as encoded) with ``headers`` and a Host and
-        Content-Length of its own; the answer once its head has arrived, else
-        ``UpstreamError``."""
+    async def connect(self, url: URL, headers: Iterable[tuple[str, str]], body: bytes) -> Lease:
+        """A POST of ``body`` to ``url`` (sent as encoded) with ``headers`` and a Host and
+        Content-Length of its own, and a pooled connection to send it on; nothing written
+        yet, so a caller cancelled here knows its call never left. ``UpstreamError`` if
+        the request cannot be sent or no connection had; ``Lease.send`` writes it."""
         host = url.raw_host
         if url.scheme not in ("http", "https") or not host or url.port is None:
             raise UpstreamError(f"not an http(s) URL: {url.scheme}://...")
@@ -364,24 +386,21 @@ class ModelUpstream:
         if self._closed:
             raise UpstreamError("the sidecar is stopping")
         await self._slots.acquire()
-        connection: _Connection | None = None
         try:
             connection = self._reuse(key) or await self._connect(key)
-            await connection.send(request, self._read_seconds)
         except BaseException as exc:
-            if connection is not None:
-                self._discard(connection)
             self._slots.release()
-            sent = connection is not None
-            if isinstance(exc, UpstreamError):
-                exc.sent = sent
-                raise
             # Refused, unreachable, TLS, connect timeout; what aiohappyeyeballs raises on an
             # empty address list (ValueError) or a loop it cannot drive (RuntimeError).
             if isinstance(exc, OSError | RuntimeError | ValueError):
-                raise UpstreamError(f"{type(exc).__name__}: {exc}", sent=sent) from exc
+                raise UpstreamError(f"{type(exc).__name__}: {exc}") from exc
             raise
-        return UpstreamResponse(self, connection)
+        return Lease(self, connection, request, self._read_seconds)
+
+    def abandon(self, connection: _Connection) -> None:
+        """Close a leased connection whose request failed, and free its slot."""
+        self._discard(connection)
+        self._slots.release()
 
     def release(self, connection: _Connection) -> None:
         self._slots.release()

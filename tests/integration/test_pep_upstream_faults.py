@@ -3,8 +3,8 @@
 An upstream that fails after it was sent the call: the agent gets a refusal it can trace
 (never aiohttp's bare 500), and the call settles at its reserved worst case, since the
 upstream may have carried it out and billed it. An agent that hangs up: the upstream call is
-closed at once, and settled at the worst case, at 0 if it was never forwarded, or at its
-usage if its stream had ended."""
+closed at once, and settled at the worst case, at 0 if it was never forwarded (still decided, or
+connecting), or at its usage if its stream had ended."""
 
 from __future__ import annotations
 
@@ -222,8 +222,9 @@ def _start_pdp(signer: Signer, tmp: Path, *flags: str) -> PdpProcess:
     return start_pdp(signer, tmp / "state", POLICIES, *flags)
 
 
-def _start_pep(pdp: PdpProcess, tmp: Path, upstream: RawUpstream, *flags: str) -> PepProcess:
-    openai = f"http://127.0.0.1:{upstream.port}"
+def _start_pep(pdp: PdpProcess, tmp: Path, upstream: RawUpstream | int, *flags: str) -> PepProcess:
+    port = upstream if isinstance(upstream, int) else upstream.port
+    openai = f"http://127.0.0.1:{port}"
     return start_pep(
         pdp.address, {"openai": openai}, tmp, "--manifest", str(tmp / "envelope.json"), *flags
     )
@@ -400,6 +401,30 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
         slow.close()
         pdp.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_call_whose_agent_hangs_up_before_its_upstream_connects_settles_at_0(
+    signer: Signer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Nothing was written to the upstream: the call cannot have run, and its reservation
+    is given back rather than charged at its worst case."""
+    tmp = tmp_path_factory.mktemp("unconnected")
+    with socket.socket() as listener, socket.socket() as queued:
+        # An accept queue of one, taken: the kernel drops the sidecar's SYNs, and its
+        # connect waits, as it does for an upstream that is slow to answer them.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued.connect(listener.getsockname())
+        pdp = _start_pdp(signer, tmp)
+        pep = _start_pep(pdp, tmp, listener.getsockname()[1])
+        log = tmp / "state" / "decisions.log"
+        try:
+            _hang_up_after(pep, _chat("answered"), wait=0.5)
+            reserved, settled = _settled(log, _last_decision(log))
+            assert (reserved > 0, settled) == (True, 0)
+        finally:
+            pep.stop()
+            pdp.stop()
 
 
 def test_an_agent_that_hangs_up_after_its_streams_last_event_is_charged_what_it_used(

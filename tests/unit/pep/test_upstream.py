@@ -17,7 +17,14 @@ import pytest
 from yarl import URL
 
 from pdp.certs import write_dev_certs
-from pep.upstream import _HIGH_WATER, MAX_HEAD_BYTES, MAX_HEADERS, ModelUpstream, UpstreamError
+from pep.upstream import (
+    _HIGH_WATER,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    ModelUpstream,
+    UpstreamError,
+    UpstreamResponse,
+)
 
 BODY = b'{"model":"m","max_tokens":5}'
 HEADERS = [("Content-Type", "application/json"), ("Authorization", "Bearer sk-test")]
@@ -89,8 +96,15 @@ def serve(answer: Answer, run: Callable[[ModelUpstream, URL, Server], Awaitable[
     return asyncio.run(_with_server(answer, run))
 
 
+async def post(
+    upstream: ModelUpstream, url: URL, headers: list[tuple[str, str]], body: bytes
+) -> UpstreamResponse:
+    """The sidecar's two steps: a connection from the pool, then the request on it."""
+    return await (await upstream.connect(url, headers, body)).send()
+
+
 async def fetch(upstream: ModelUpstream, url: URL) -> tuple[int, dict[str, str], bytes]:
-    async with await upstream.request(url, HEADERS, BODY) as answer:
+    async with await post(upstream, url, HEADERS, BODY) as answer:
         body = b"".join([chunk async for chunk in answer.chunks()])
         return answer.status, dict(answer.headers), body
 
@@ -196,7 +210,7 @@ def test_an_answer_outside_http_is_an_upstream_error(answer: bytes, why: str) ->
 
 def test_an_answer_cut_short_fails_the_read_after_its_head() -> None:
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             assert answer.status == 200
             with pytest.raises(UpstreamError):
                 async for _ in answer.chunks():
@@ -212,7 +226,7 @@ def test_a_silent_upstream_times_out_before_and_after_its_head() -> None:
             await fetch(upstream, url)
 
     async def stalls(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             with pytest.raises(UpstreamError, match="silent"):
                 async for _ in answer.chunks():
                     pass
@@ -233,7 +247,7 @@ def test_a_slow_reader_pauses_the_upstream_without_timing_it_out() -> None:
     big = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(piece) * count)
 
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             received, peak = bytearray(), 0
             async for chunk in answer.chunks():
                 received += chunk
@@ -285,7 +299,7 @@ def test_a_header_that_would_split_the_request_is_never_written() -> None:
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
         for name, value in (("X-A", "1\r\nX-Injected: 1"), ("X-A\nB", "1"), ("X-A", "1\0")):
             with pytest.raises(UpstreamError):
-                await upstream.request(url, [(name, value)], BODY)
+                await post(upstream, url, [(name, value)], BODY)
         assert await fetch(upstream, url) == (200, {"Content-Length": "5", "X-Up": "1"}, b"hello")
 
     server = serve(sends(OK), run)
@@ -300,7 +314,7 @@ def test_an_unreachable_upstream_is_an_upstream_error() -> None:
         await listening.wait_closed()
         upstream = ModelUpstream()
         with pytest.raises(UpstreamError) as failed:
-            await upstream.request(URL(f"http://127.0.0.1:{port}/v1/x"), HEADERS, BODY)
+            await post(upstream, URL(f"http://127.0.0.1:{port}/v1/x"), HEADERS, BODY)
         assert not failed.value.sent
         await upstream.close()
 
@@ -350,7 +364,7 @@ def test_a_head_that_never_ends_is_cut_at_the_limit() -> None:
 
 def test_a_trailer_that_never_ends_is_cut_at_the_limit() -> None:
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             with pytest.raises(UpstreamError, match="over the limit"):
                 async for _ in answer.chunks():
                     pass
@@ -395,7 +409,7 @@ def test_a_reason_phrase_is_the_answers_own() -> None:
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
         reasons = []
         for _ in range(4):
-            async with await upstream.request(url, HEADERS, BODY) as got:
+            async with await post(upstream, url, HEADERS, BODY) as got:
                 reasons.append((got.status, got.reason))
         assert reasons == [
             (200, "fine for org-A"),
@@ -413,13 +427,13 @@ def test_an_answer_the_sidecar_cuts_is_never_read_as_whole() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: one\n\n"
 
     async def silent(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             with pytest.raises(UpstreamError, match="silent"):
                 async for _ in answer.chunks():
                     await asyncio.sleep(0.5)  # a slow agent, while the upstream stalls
 
     async def shutdown(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             assert await anext(answer.chunks()) == b"data: one\n\n"
             await upstream.close()
             with pytest.raises(UpstreamError):
@@ -467,7 +481,7 @@ def test_what_arrived_in_many_pieces_is_read_in_one() -> None:
     answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + pieces + b"0\r\n\r\n"
 
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as got:
+        async with await post(upstream, url, HEADERS, BODY) as got:
             reads = [chunk async for chunk in got.chunks()]
         assert b"".join(reads) == b"x" * 500 and len(reads) < 10
 
@@ -529,7 +543,7 @@ def test_a_connection_is_reused_after_a_success_only() -> None:
 
 def test_a_closed_pool_takes_no_request_and_keeps_no_connection() -> None:
     async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
-        async with await upstream.request(url, HEADERS, BODY) as answer:
+        async with await post(upstream, url, HEADERS, BODY) as answer:
             await upstream.close()  # a shutdown while an answer is read
             assert b"".join([chunk async for chunk in answer.chunks()]) == b"hello"
         assert not upstream._open and not upstream._idle and upstream._sweeper is None
