@@ -260,6 +260,8 @@ class Handler:
             if route in _MODEL_ROUTES:
                 assert isinstance(data, bytes)
                 lease = await sidecar.model_upstream.connect(URL(url, encoded=True), headers, data)
+                # Nothing may be awaited between the two: a cancellation there would leave
+                # the lease's slot and connection held.
                 answer = await lease.send()
                 async with answer:
                     status = answer.status

@@ -352,6 +352,9 @@ class Lease:
             self._pool.abandon(self._connection)
             if isinstance(exc, UpstreamError):
                 exc.sent = True
+                raise
+            if isinstance(exc, OSError | RuntimeError | ValueError):  # a transport's own
+                raise UpstreamError(f"{type(exc).__name__}: {exc}", sent=True) from exc
             raise
         return UpstreamResponse(self._pool, self._connection)
 

@@ -414,6 +414,7 @@ def test_a_call_whose_agent_hangs_up_before_its_upstream_connects_settles_at_0(
         # connect waits, as it does for an upstream that is slow to answer them.
         listener.bind(("127.0.0.1", 0))
         listener.listen(0)
+        queued.settimeout(5)
         queued.connect(listener.getsockname())
         pdp = _start_pdp(signer, tmp)
         pep = _start_pep(pdp, tmp, listener.getsockname()[1])
@@ -422,6 +423,8 @@ def test_a_call_whose_agent_hangs_up_before_its_upstream_connects_settles_at_0(
             _hang_up_after(pep, _chat("answered"), wait=0.5)
             reserved, settled = _settled(log, _last_decision(log))
             assert (reserved > 0, settled) == (True, 0)
+            # Hung up on while forwarding (not while decided, which settles at 0 too).
+            assert "upstream openai call abandoned" in pep.output()
         finally:
             pep.stop()
             pdp.stop()

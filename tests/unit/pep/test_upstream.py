@@ -306,6 +306,30 @@ def test_a_header_that_would_split_the_request_is_never_written() -> None:
     assert len(server.requests) == 1 and b"Injected" not in server.requests[0]
 
 
+def test_a_request_cancelled_while_it_connects_gives_its_slot_back() -> None:
+    """An agent that hangs up while its call connects: nothing was written, and the pool's
+    slot is free for the next call."""
+
+    async def run(upstream: ModelUpstream, url: URL, server: Server) -> None:
+        with socket.socket() as listener, socket.socket() as queued:
+            # An accept queue of one, taken: a connect to it waits for its SYN's answer.
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            queued.settimeout(5)
+            queued.connect(listener.getsockname())
+            silent = URL(f"http://127.0.0.1:{listener.getsockname()[1]}/v1/x")
+            connecting = asyncio.ensure_future(upstream.connect(silent, HEADERS, BODY))
+            await asyncio.sleep(0.2)
+            assert not connecting.done()
+            connecting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await connecting
+        # The pool holds one slot: the call after it is served.
+        assert await fetch(upstream, url) == (200, {"Content-Length": "5", "X-Up": "1"}, b"hello")
+
+    asyncio.run(_with_server(sends(OK), run, limit=1))
+
+
 def test_an_unreachable_upstream_is_an_upstream_error() -> None:
     async def run() -> None:
         listening = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
