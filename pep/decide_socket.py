@@ -1,4 +1,5 @@
-"""``abc-pep --pdp-socket PATH``: ``Decide`` over the PDP's decide socket.
+"""``abc-pep --pdp-socket PATH``: ``Decide``, and the settlements no decision carried, over
+the PDP's decide socket.
 
 Its wire format is ``pdp.api.decide_socket``.
 
@@ -19,10 +20,10 @@ import struct
 import time
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, frame
+from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, SETTLE_PREAMBLE, frame
 
 __all__ = ["DecideSocketClient", "DecideSocketError"]
 
@@ -62,7 +63,9 @@ class _Connection(asyncio.Protocol):
         self.broken = False
         self.used = time.monotonic()
 
-    def start(self, transport: asyncio.Transport, path: Path, users: frozenset[int]) -> None:
+    def start(
+        self, transport: asyncio.Transport, path: Path, users: frozenset[int], preamble: bytes
+    ) -> None:
         # Here, not in connection_made: an event loop may call that only after the
         # connection is handed back, and the preamble must precede the first request.
         self._transport = transport
@@ -73,7 +76,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
-        transport.write(PREAMBLE)
+        transport.write(preamble)
 
     def data_received(self, data: bytes) -> None:
         if self._answer is None or self._answer.done():
@@ -135,6 +138,7 @@ class DecideSocketClient:
     ) -> None:
         self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
         self._idle: list[_Connection] = []
+        self._settling: list[_Connection] = []  # settlements go one batch at a time
         self._slots = asyncio.Semaphore(max_connections)
         self._closed = False
 
@@ -151,53 +155,75 @@ class DecideSocketClient:
             else:
                 await self._slots.acquire()  # at once
             try:
-                connection = self._reuse() or await self._connect(deadline)
-                try:
-                    answer = await connection.exchange(request.SerializeToString(), deadline)
-                except BaseException:
-                    # Its answer may still come: the connection is out of step, never reused.
-                    connection.close()
-                    raise
-                if self._closed:
-                    connection.close()
-                else:
-                    self._idle.append(connection)
+                answer = await self._exchange(self._idle, PREAMBLE, request, deadline)
             finally:
                 self._slots.release()
-            if answer[:1] != OK:
-                raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
-            return pdp_pb2.DecideResponse.FromString(answer[1:])
+            return pdp_pb2.DecideResponse.FromString(answer)
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+
+    async def settle(
+        self, batch: pdp_pb2.ReportUsageBatchRequest, timeout: float
+    ) -> pdp_pb2.ReportUsageBatchResponse:
+        """The PDP's answer to a batch of settlements within ``timeout`` seconds, else
+        ``DecideSocketError``: refused, not made durable, or a PDP that does not take
+        settlements on its socket (it closes the connection)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            answer = await self._exchange(self._settling, SETTLE_PREAMBLE, batch, deadline)
+            return pdp_pb2.ReportUsageBatchResponse.FromString(answer)
+        except (OSError, TimeoutError, DecodeError) as exc:
+            raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+
+    async def _exchange(
+        self, idle: list[_Connection], preamble: bytes, request: Message, deadline: float
+    ) -> bytes:
+        """An OK answer's message bytes, on a connection from ``idle`` (or a new one opened
+        with ``preamble``), which goes back there after it."""
+        connection = self._reuse(idle) or await self._connect(deadline, preamble)
+        try:
+            answer = await connection.exchange(request.SerializeToString(), deadline)
+        except BaseException:
+            # Its answer may still come: the connection is out of step, never reused.
+            connection.close()
+            raise
+        if self._closed:
+            connection.close()
+        else:
+            idle.append(connection)
+        if answer[:1] != OK:
+            raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
+        return answer[1:]
 
     async def check(self, timeout: float) -> None:
         """Connect once, as a decision would (peer checked), and keep the connection for
         the first one; ``DecideSocketError`` when that fails."""
         try:
             deadline = asyncio.get_running_loop().time() + timeout
-            self._idle.append(await self._connect(deadline))
+            self._idle.append(await self._connect(deadline, PREAMBLE))
         except (OSError, TimeoutError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
-    def _reuse(self) -> _Connection | None:
+    def _reuse(self, idle: list[_Connection]) -> _Connection | None:
         """An idle connection still open: one the PDP closed meanwhile (a restart) would
         refuse the decision it was handed. One idle for half the PDP's idle limit is let go
         too, so that a request never meets the PDP closing it."""
-        while self._idle:
-            connection = self._idle.pop()
+        while idle:
+            connection = idle.pop()
             if not connection.broken and time.monotonic() - connection.used < self._reuse_seconds:
                 return connection
             connection.close()
         return None
 
-    async def _connect(self, deadline: float) -> _Connection:
+    async def _connect(self, deadline: float, preamble: bytes) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
             transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
-        connection.start(transport, self._path, self._users)
+        connection.start(transport, self._path, self._users, preamble)
         return connection
 
     async def close(self) -> None:
         self._closed = True  # those in flight are closed as they finish
-        while self._idle:
-            self._idle.pop().close()
+        for idle in (self._idle, self._settling):
+            while idle:
+                idle.pop().close()

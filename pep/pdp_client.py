@@ -141,7 +141,7 @@ class PdpClient:
         # Settlements wait this long for a decision to carry them, then go in a batch: an
         # agent's next call mostly follows its last within it (a tool's result goes straight
         # back to the model), and a reservation settled later only holds its worst case.
-        self._usage = UsageReporter(self._stub, deadline_seconds, settle_linger)
+        self._usage = UsageReporter(self._stub, deadline_seconds, settle_linger, self._socket)
         # The manifest this sidecar registered, stated on every call: the PDP refuses a run
         # of another grant (run_not_bound). "" until registered (a --run sidecar).
         self._bound = ""

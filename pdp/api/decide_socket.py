@@ -8,7 +8,11 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
 - a request is a 4-byte big-endian length, then a serialized ``abc.pdp.v1.DecideRequest``;
 - its answer is a 4-byte big-endian length, then one status byte, then either a serialized
   ``DecideResponse`` (``OK``) or a UTF-8 reason (``REFUSED``: the request was not judged);
-- one request at a time on a connection: a client wanting more opens more connections.
+- one request at a time on a connection: a client wanting more opens more connections;
+- a connection that opens with ``SETTLE_PREAMBLE`` instead carries settlements: each request
+  a serialized ``ReportUsageBatchRequest``, each ``OK`` answer a ``ReportUsageBatchResponse``
+  (``REFUSED``: not settled, to be sent again). A PDP that does not know it closes the
+  connection, and the sidecar settles over gRPC instead.
 
 Anything else (another preamble, a length over ``MAX_FRAME``, bytes that do not parse)
 closes the connection, and the client refuses the call it was making: it fails closed.
@@ -21,9 +25,10 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["HEADER", "MAX_FRAME", "OK", "PREAMBLE", "REFUSED", "frame"]
+__all__ = ["HEADER", "MAX_FRAME", "OK", "PREAMBLE", "REFUSED", "SETTLE_PREAMBLE", "frame"]
 
 PREAMBLE = b"ABC-DECIDE/1\n"
+SETTLE_PREAMBLE = b"ABC-SETTLE/1\n"  # as long as PREAMBLE: one read tells them apart
 HEADER = struct.Struct(">I")
 MAX_FRAME = (1 << 20) + 4096  # as the gRPC port's largest message (an envelope's + 4 KiB)
 OK, REFUSED = b"\x00", b"\x01"

@@ -2,7 +2,8 @@
 
 Its wire format is ``pdp.api.decide_socket``.
 
-A thread per connection reads a request, judges it and writes the answer itself. Over
+A thread per connection reads a request, judges it and writes the answer itself; a
+connection opened for settlements (``SETTLE_PREAMBLE``) settles usage batches instead. Over
 gRPC the same decision crosses gRPC's polling thread and its worker pool, and those
 hand-offs cost more CPU than the decision (issue 18's profile); the decision itself is the
 same ``DecisionServicer.decide``, with its guarantees: durable before the answer.
@@ -20,17 +21,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, REFUSED, frame
-from pdp.errors import BadRequest, ConfigError
+from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, REFUSED, SETTLE_PREAMBLE, frame
+from pdp.errors import AbcError, ConfigError
 
 __all__ = ["DecideSocketServer", "bind_decide_socket"]
 
 log = logging.getLogger("abc.pdp")
 
 Decide = Callable[[pdp_pb2.DecideRequest], pdp_pb2.DecideResponse]
+Settle = Callable[[pdp_pb2.ReportUsageBatchRequest], pdp_pb2.ReportUsageBatchResponse]
+Answer = Callable[[bytes], Message]
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
@@ -113,14 +116,15 @@ class _Requests:
                 return False
         return True
 
-    def preamble(self) -> bool:
+    def preamble(self) -> bytes | None:
+        """What the connection opened with (both preambles are as long); None if nothing."""
         if not self._recv(self._idle):  # a sidecar that connects ahead says it at once
-            return False
+            return None
         if not self._fill(len(PREAMBLE), time.monotonic() + self._frame_seconds):
-            return False
+            return None
         said = bytes(self._buffer[: len(PREAMBLE)])
         del self._buffer[: len(PREAMBLE)]
-        return said == PREAMBLE
+        return said
 
     def next(self) -> bytes | None:
         """The next request's bytes; None when the peer is done, or sent a frame too long
@@ -163,13 +167,17 @@ class DecideSocketServer:
         self._acceptor: threading.Thread | None = None
         self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
 
-    def start(self, decide: Decide) -> None:
+    def start(self, decide: Decide, settle: Settle) -> None:
+        answers: dict[bytes, Answer] = {
+            PREAMBLE: lambda body: decide(pdp_pb2.DecideRequest.FromString(body)),
+            SETTLE_PREAMBLE: lambda body: settle(pdp_pb2.ReportUsageBatchRequest.FromString(body)),
+        }
         self._acceptor = threading.Thread(
-            target=self._accept, args=(decide,), name="decide-socket", daemon=True
+            target=self._accept, args=(answers,), name="decide-socket", daemon=True
         )
         self._acceptor.start()
 
-    def _accept(self, decide: Decide) -> None:
+    def _accept(self, answers: dict[bytes, Answer]) -> None:
         while True:
             try:
                 conn, _ = self._sock.accept()
@@ -186,7 +194,7 @@ class DecideSocketServer:
                     conn.close()
                     continue
                 thread = threading.Thread(
-                    target=self._serve, args=(conn, decide), name="decide-conn", daemon=True
+                    target=self._serve, args=(conn, answers), name="decide-conn", daemon=True
                 )
                 self._connections[conn] = thread
             try:
@@ -211,16 +219,17 @@ class DecideSocketServer:
             )
             self._refused, self._refused_said = 0, now
 
-    def _serve(self, conn: socket.socket, decide: Decide) -> None:
+    def _serve(self, conn: socket.socket, answers: dict[bytes, Answer]) -> None:
         requests = _Requests(conn, self._idle, self._frame_seconds)
         try:
-            if not requests.preamble():
+            said = requests.preamble()
+            answer_to = answers.get(said) if said is not None else None
+            if answer_to is None:
                 return
             while (body := requests.next()) is not None:
-                request = pdp_pb2.DecideRequest.FromString(body)
                 try:
-                    answer = OK + decide(request).SerializeToString()
-                except BadRequest as exc:
+                    answer = OK + answer_to(body).SerializeToString()
+                except AbcError as exc:  # not judged, or not settled: the client says so
                     answer = REFUSED + str(exc).encode()
                 except Exception:
                     # Closed, so the client refuses: a failure here must not answer anything.

@@ -281,7 +281,7 @@ def _start(
         rest.start()
     server.start()
     if listeners.decide_socket is not None:
-        listeners.decide_socket.start(servicer.decide)
+        listeners.decide_socket.start(servicer.decide, servicer.settle)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter

@@ -198,13 +198,23 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def ReportUsageBatch(  # noqa: N802
         self, request: pdp_pb2.ReportUsageBatchRequest, context: grpc.ServicerContext
     ) -> pdp_pb2.ReportUsageBatchResponse:
+        try:
+            return self.settle(request)
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except LogUnavailable:
+            # Not "unknown": the sidecar keeps the reports and tries again.
+            context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
+
+    def settle(self, request: pdp_pb2.ReportUsageBatchRequest) -> pdp_pb2.ReportUsageBatchResponse:
+        """``ReportUsageBatch`` for any transport: ``BadRequest`` for a batch over the limit,
+        ``LogUnavailable`` when it could not be made durable (none of it is settled)."""
         if len(request.reports) > MAX_BATCH:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} reports")
+            raise BadRequest(f"at most {MAX_BATCH} reports")
         # One fsync for the batch, not one per report.
         settled = self._durable(self._carry(request.reports, "", self._clock()))
         if len(settled) != len(request.reports):
-            # Not "unknown": the sidecar keeps the reports and tries again.
-            context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
+            raise LogUnavailable(ReasonCode.PDP_UNAVAILABLE.value)
         return pdp_pb2.ReportUsageBatchResponse(settled=settled)
 
     def RecordRefusal(  # noqa: N802

@@ -10,7 +10,8 @@ for one answer per request, the floor of a proxy that waits on a durable local d
 
 A connection that opens with the decide socket's preamble (a sidecar's, ``abc-pep
 --pdp-socket``) is spoken to in that protocol: each ``DecideRequest`` is answered, after
-the same synced line, with a well-formed allow that settles what the request carried. The
+the same synced line, with a well-formed allow that settles what the request carried; one
+that opens with the settlements' preamble gets each batch settled whole, likewise. The
 sidecar then does all its own work, but waits on the least a decider can do instead of
 on the PDP: the benchmark's ``sidecar_ack`` target, which splits the sidecar's cost into
 its own and what waiting on the real PDP adds.
@@ -27,7 +28,7 @@ from typing import cast
 import uvloop
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, SETTLE_PREAMBLE, frame
 
 ANSWER = frame(b"a" * 115)
 LINE = b"x" * 899 + b"\n"
@@ -46,6 +47,13 @@ def allow(settlements: int) -> bytes:
     )
     response.obligations.update({"max_tokens": 4096})
     return frame(OK + response.SerializeToString())
+
+
+def settled(payload: bytes) -> bytes:
+    reports = len(pdp_pb2.ReportUsageBatchRequest.FromString(payload).reports)
+    return frame(
+        OK + pdp_pb2.ReportUsageBatchResponse(settled=[True] * reports).SerializeToString()
+    )
 
 
 def take_frame(buffer: bytearray) -> bytes | None:
@@ -85,24 +93,28 @@ class Ack(asyncio.Protocol):
         self._log = log
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
-        self._decide: bool | None = None  # a sidecar's connection; None until known
+        self._said: bytes | None = None  # a sidecar's preamble, b"" for none; None until known
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._decide is None:
-            if len(self._buffer) < len(PREAMBLE) and PREAMBLE.startswith(self._buffer):
+        if self._said is None:
+            preambles = (PREAMBLE, SETTLE_PREAMBLE)  # as long as each other
+            if len(self._buffer) < len(PREAMBLE) and any(
+                said.startswith(self._buffer) for said in preambles
+            ):
                 return
-            self._decide = self._buffer.startswith(PREAMBLE)
-            if self._decide:
-                del self._buffer[: len(PREAMBLE)]
+            self._said = next((said for said in preambles if self._buffer.startswith(said)), b"")
+            del self._buffer[: len(self._said)]
         while (payload := take_frame(self._buffer)) is not None:
             assert self._transport is not None
-            if self._decide:
+            if self._said == PREAMBLE:
                 carried = len(pdp_pb2.DecideRequest.FromString(payload).settlements)
                 self._log.owe(self._transport, allow(carried))
+            elif self._said == SETTLE_PREAMBLE:
+                self._log.owe(self._transport, settled(payload))
             else:
                 self._log.owe(self._transport, ANSWER)
 

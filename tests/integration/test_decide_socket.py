@@ -116,6 +116,70 @@ def test_decisions_need_only_the_socket_and_are_the_pdps_own(
     assert spent.tokens == 7  # the carried settlement, durable before the second answer
 
 
+def _spent(pdp: PdpProcess, run_id: str) -> int:
+    runs = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+    return int(runs.GetRun(pdp_pb2.GetRunRequest(run_id=run_id), timeout=5).spent.tokens)
+
+
+def test_a_settlement_no_decision_carries_goes_over_the_socket_too(
+    served: tuple[PdpProcess, Path], run_id: str
+) -> None:
+    """An agent whose next call comes after the linger: its settlement travels alone, and
+    still needs no gRPC (none is behind this client)."""
+    pdp, path = served
+    before = _spent(pdp, run_id)
+
+    async def scenario() -> None:
+        client = PdpClient(f"127.0.0.1:{free_port()}", 5.0, settle_linger=0.05, decide_socket=path)
+        allowed = await client.decide(run_id, "sock-alone-1", MODEL)
+        client.report_usage(allowed.reservation_id, 11)
+        await asyncio.sleep(0.5)  # the linger passes: no decision will carry it
+        await client.close()
+
+    asyncio.run(scenario())
+    assert _spent(pdp, run_id) == before + 11
+
+
+def test_settlements_a_socket_does_not_take_go_over_grpc(
+    served: tuple[PdpProcess, Path], run_id: str, short_dir: Path
+) -> None:
+    """A PDP of before the settlements' preamble closes such a connection: the batch goes
+    over gRPC at once, and is settled all the same."""
+    pdp, _path = served
+    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+    decided = stub.Decide(
+        pdp_pb2.DecideRequest(run_id=run_id, request_id="old-pdp-1", action=MODEL), timeout=5
+    )
+    before = _spent(pdp, run_id)
+    old = short_dir / "old.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(old))
+    listener.listen()
+
+    def hang_up() -> None:  # reads the preamble it does not know, and closes
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(64)
+
+    threading.Thread(target=hang_up, daemon=True).start()
+
+    async def scenario() -> None:
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=old)
+        client.report_usage(decided.reservation_id, 13)
+        await asyncio.sleep(0.5)
+        await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert _spent(pdp, run_id) == before + 13
+
+
 def _held(path: Path) -> int:
     """Sockets named ``path`` on this host: the PDP's listener and its end of each connection."""
     return Path("/proc/net/unix").read_text().count(f" {path}\n")

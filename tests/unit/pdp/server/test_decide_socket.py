@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
-from pdp.errors import ConfigError
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, SETTLE_PREAMBLE, frame
+from pdp.errors import ConfigError, LogUnavailable
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 from tests.harness import read_frame
 
@@ -32,6 +32,12 @@ def where() -> Iterator[Path]:
 
 def _answer(request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
     return pdp_pb2.DecideResponse(decision_id="dec_" + request.request_id)
+
+
+def _settle(request: pdp_pb2.ReportUsageBatchRequest) -> pdp_pb2.ReportUsageBatchResponse:
+    if any(report.reservation_id == "res_down" for report in request.reports):
+        raise LogUnavailable("pdp_unavailable")
+    return pdp_pb2.ReportUsageBatchResponse(settled=[r.tokens > 0 for r in request.reports])
 
 
 def _connect(path: Path) -> socket.socket:
@@ -50,7 +56,7 @@ def _decide(sock: socket.socket, request_id: str) -> str:
 
 def test_an_idle_or_stalled_connection_is_dropped(where: Path) -> None:
     server = DecideSocketServer(bind_decide_socket(where), where, idle_seconds=0.3)
-    server.start(_answer)
+    server.start(_answer, _settle)
     try:
         with _connect(where) as stalled, _connect(where) as working:
             stalled.sendall(PREAMBLE + HEADER.pack(100) + b"half")  # and nothing more
@@ -68,7 +74,7 @@ def test_a_peer_trickling_a_frame_loses_its_slot(where: Path) -> None:
     server = DecideSocketServer(
         bind_decide_socket(where), where, max_connections=1, idle_seconds=1.0, frame_seconds=0.4
     )
-    server.start(_answer)
+    server.start(_answer, _settle)
     try:
         with _connect(where) as trickler:
             trickler.sendall(PREAMBLE + HEADER.pack(100))
@@ -90,7 +96,7 @@ def test_a_connection_may_wait_before_its_preamble_as_long_as_the_idle_limit(
     server = DecideSocketServer(
         bind_decide_socket(where), where, idle_seconds=2.0, frame_seconds=0.2
     )
-    server.start(_answer)
+    server.start(_answer, _settle)
     try:
         with _connect(where) as early:
             time.sleep(0.5)  # longer than a frame may take, within the idle limit
@@ -115,7 +121,7 @@ def test_a_connection_without_a_thread_is_refused_and_the_next_served(
 
     monkeypatch.setattr(threading.Thread, "start", start_or_fail)
     server = DecideSocketServer(bind_decide_socket(where), where)
-    server.start(_answer)
+    server.start(_answer, _settle)
     try:
         with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as unserved:
             assert unserved.recv(1) == b""
@@ -127,6 +133,35 @@ def test_a_connection_without_a_thread_is_refused_and_the_next_served(
         server.close(time.monotonic() + 2)
 
 
+def test_a_connection_opened_for_settlements_settles_batches(where: Path) -> None:
+    server = DecideSocketServer(bind_decide_socket(where), where)
+    server.start(_answer, _settle)
+    try:
+        with _connect(where) as sock:
+            sock.sendall(SETTLE_PREAMBLE)
+            answers = sock.makefile("rb")
+            for reports, said in (
+                ([("res_a", 5), ("res_b", 0)], [True, False]),
+                ([("res_down", 1)], None),  # refused: to be sent again
+                ([("res_c", 1)], [True]),  # and the connection serves on
+            ):
+                batch = pdp_pb2.ReportUsageBatchRequest(
+                    reports=[
+                        pdp_pb2.ReportUsageRequest(reservation_id=r, tokens=t) for r, t in reports
+                    ]
+                )
+                sock.sendall(frame(batch.SerializeToString()))
+                answer = read_frame(answers)
+                assert answer is not None
+                if said is None:
+                    assert answer == REFUSED + b"pdp_unavailable"
+                else:
+                    assert answer[:1] == OK
+                    assert pdp_pb2.ReportUsageBatchResponse.FromString(answer[1:]).settled == said
+    finally:
+        server.close(time.monotonic() + 2)
+
+
 def test_a_decision_that_fails_answers_nothing_and_is_logged(
     where: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -134,7 +169,7 @@ def test_a_decision_that_fails_answers_nothing_and_is_logged(
         raise OSError("the state directory went away")
 
     server = DecideSocketServer(bind_decide_socket(where), where)
-    server.start(failing)
+    server.start(failing, _settle)
     try:
         with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as sock:
             request = pdp_pb2.DecideRequest(request_id="x").SerializeToString()
@@ -149,7 +184,7 @@ def test_connections_over_the_cap_are_refused_and_said(
     where: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server = DecideSocketServer(bind_decide_socket(where), where, max_connections=2)
-    server.start(_answer)
+    server.start(_answer, _settle)
     try:
         with _connect(where) as first, _connect(where) as second:
             for sock in (first, second):
