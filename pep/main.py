@@ -57,7 +57,11 @@ def _pdp_client(config: PepConfig) -> PdpClient:
     for warning in transport_warnings(config):
         log.warning("%s", warning)
     return PdpClient(
-        config.pdp, config.pdp_deadline_seconds, _pdp_tls(config), decide_socket=config.pdp_socket
+        config.pdp,
+        config.pdp_deadline_seconds,
+        _pdp_tls(config),
+        settle_linger=config.settle_linger_seconds,
+        decide_socket=config.pdp_socket,
     )
 
 

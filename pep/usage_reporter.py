@@ -29,6 +29,7 @@ __all__ = ["UsageReporter"]
 log = logging.getLogger("abc.pep")
 MAX_BATCH = 256
 RETRIES = 2
+SOCKET_PAUSE = 300  # seconds over gRPC after the decide socket did not take a batch
 
 
 class UsageReporter:
@@ -40,6 +41,7 @@ class UsageReporter:
         decide_socket: DecideSocketClient | None = None,
     ) -> None:
         self._stub, self._socket = stub, decide_socket
+        self._socket_after = 0.0  # monotonic time before which batches skip the socket
         self._deadline = deadline
         self._linger = linger
         # Each report with the time it was queued: a batch goes only once the oldest has
@@ -87,16 +89,23 @@ class UsageReporter:
     async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
         request = pdp_pb2.ReportUsageBatchRequest(reports=batch)
         timeout = max(self._deadline, 1.0)
-        for attempt in range(RETRIES + 1):
+        if self._socket is not None and time.monotonic() >= self._socket_after:
             try:
-                if self._socket is not None and attempt == 0:
-                    await self._socket.settle(request, timeout)
-                else:
-                    await self._stub.ReportUsageBatch(request, timeout=timeout)
+                await self._socket.settle(request, timeout)
                 return
             except DecideSocketError as exc:
-                failure = str(exc)
-                continue  # at once, over gRPC: a PDP that takes no settlements on its socket
+                # An abc-pdp of before settlements on its socket closes such a connection:
+                # over gRPC for a while, rather than a wasted connection every batch.
+                self._socket_after = time.monotonic() + SOCKET_PAUSE
+                log.warning(
+                    "usage reports go over gRPC for %d s: the decide socket did not take them (%s)",
+                    SOCKET_PAUSE,
+                    exc,
+                )
+        for attempt in range(RETRIES + 1):
+            try:
+                await self._stub.ReportUsageBatch(request, timeout=timeout)
+                return
             except grpc.aio.AioRpcError as exc:
                 failure = exc.code().name
             await asyncio.sleep(0.1 * (attempt + 1))

@@ -12,7 +12,8 @@ from pep.config import ConfigError, parse_config, transport_warnings
 def test_defaults_are_loopback_and_fail_closed() -> None:
     config = parse_config([], environ={})
     assert config.listen == "127.0.0.1:15001" and config.metrics == "127.0.0.1:15090"
-    assert config.pdp_deadline_seconds == 0.25
+    assert config.pdp_deadline_seconds == 0.25 and config.settle_linger_seconds == 0.1
+    assert parse_config([], {"ABC_PEP_SETTLE_LINGER_MS": "2000"}).settle_linger_seconds == 2.0
     assert config.run is None and config.upstreams == {}
     assert config.pdp_ca is config.pdp_cert is config.pdp_key is config.pdp_server_name is None
     assert transport_warnings(config) == []  # a loopback PDP in plaintext is the dev setup
@@ -84,6 +85,7 @@ def test_upstreams_from_flags_and_environment() -> None:
         (["--run", "r", "--manifest", "m.json"], "not both"),
         (["--narrower", "n.json"], "--narrower narrows the runs of --manifest"),
         (["--pdp-deadline-ms", "0"], "1..60000"),
+        (["--settle-linger-ms", "60000"], "--settle-linger-ms must be 0..10000"),
         (["--config", "/nonexistent/pep.yaml"], "cannot read"),
         (["--pdp-ca", "ca", "--pdp-cert", "c"], "--pdp-cert and --pdp-key go together"),
         (["--pdp-ca", "ca", "--pdp-key", "k"], "--pdp-cert and --pdp-key go together"),
@@ -99,6 +101,7 @@ def test_upstreams_from_flags_and_environment() -> None:
         "run-and-manifest",
         "narrower-without-manifest",
         "zero-deadline",
+        "linger-too-long",
         "missing-file",
         "tls-cert-without-key",
         "tls-key-without-cert",

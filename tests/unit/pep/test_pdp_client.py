@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import socket
+import tempfile
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -169,3 +174,45 @@ def test_settlements_a_cancelled_decision_carried_are_sent_again() -> None:
     pdp = asyncio.run(scenario())
     assert pdp.carried == [["rsv_a"]]
     assert pdp.batches == [["rsv_a"]]  # not lost with the cancelled decision
+
+
+def test_batches_the_decide_socket_refuses_go_over_grpc_and_skip_it_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PDP of before settlements on its socket closes such a connection: the batch goes
+    over gRPC at once, said once, and the next batches do not try the socket again."""
+    where = Path(tempfile.mkdtemp(prefix="abc-old-"))  # short: a socket path is 107 bytes
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(where / "d.sock"))
+    listener.listen()
+    tried: list[bytes] = []
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                tried.append(conn.recv(64))
+
+    threading.Thread(target=hang_up, daemon=True).start()
+
+    async def scenario() -> _Outage:
+        pdp = _Outage()
+        async with _serving(pdp) as address:
+            client = PdpClient(address, 3.0, settle_linger=0.05, decide_socket=where / "d.sock")
+            client.report_usage("rsv_a", 10)
+            await asyncio.sleep(0.4)
+            client.report_usage("rsv_b", 20)
+            await client.close()
+        return pdp
+
+    try:
+        pdp = asyncio.run(scenario())
+    finally:
+        listener.close()
+        shutil.rmtree(where, ignore_errors=True)
+    assert pdp.batches == [["rsv_a"], ["rsv_b"]]
+    assert len(tried) == 1 and tried[0].startswith(b"ABC-SETTLE/1")
+    assert caplog.text.count("usage reports go over gRPC for 300 s") == 1
