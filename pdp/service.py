@@ -442,6 +442,10 @@ class DecisionService:
         """Return once ``queued`` is durable; ``LogUnavailable`` if it was lost."""
         self._log.sync(queued)
 
+    def wait_written(self, queued: Queued, within: float) -> None:
+        """Wait up to ``within`` seconds for another commit to make ``queued`` durable."""
+        self._log.wait_written(queued, within)
+
     def unbound(self, reservation_ids: Sequence[str], bound: str, now: datetime) -> set[str]:
         """Those of ``reservation_ids`` holding budget of a run of another grant than the
         manifest ``bound`` ("" checks nothing)."""

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.api.decide_socket import SETTLE_WAIT_SECONDS
 from pep.decide_socket import DecideSocketClient, DecideSocketError
 
 __all__ = ["UsageReporter"]
@@ -29,7 +30,7 @@ __all__ = ["UsageReporter"]
 log = logging.getLogger("abc.pep")
 MAX_BATCH = 256
 RETRIES = 2
-SOCKET_PAUSE = 300  # seconds over gRPC after the decide socket did not take a batch
+SOCKET_PAUSE = 60  # seconds over gRPC after the decide socket did not take a batch
 
 
 class UsageReporter:
@@ -91,7 +92,8 @@ class UsageReporter:
         timeout = max(self._deadline, 1.0)
         if self._socket is not None and time.monotonic() >= self._socket_after:
             try:
-                await self._socket.settle(request, timeout)
+                # The PDP may hold the answer until a decision's commit makes it durable.
+                await self._socket.settle(request, timeout + SETTLE_WAIT_SECONDS)
                 return
             except DecideSocketError as exc:
                 # An abc-pdp of before settlements on its socket closes such a connection:

@@ -11,8 +11,10 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
 - one request at a time on a connection: a client wanting more opens more connections;
 - a connection that opens with ``SETTLE_PREAMBLE`` instead carries settlements: each request
   a serialized ``ReportUsageBatchRequest``, each ``OK`` answer a ``ReportUsageBatchResponse``
-  (``REFUSED``: not settled, to be sent again). A PDP that does not know it closes the
-  connection, and the sidecar settles over gRPC instead.
+  (``REFUSED``: not settled, to be sent again). The batch is settled at once and answered
+  once durable: the PDP may wait up to ``SETTLE_WAIT_SECONDS`` for a decision's commit to
+  make it so, rather than spend a write of its own. A PDP that does not know the preamble
+  closes the connection, and the sidecar settles over gRPC instead.
 
 Anything else (another preamble, a length over ``MAX_FRAME``, bytes that do not parse)
 closes the connection, and the client refuses the call it was making: it fails closed.
@@ -25,10 +27,20 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["HEADER", "MAX_FRAME", "OK", "PREAMBLE", "REFUSED", "SETTLE_PREAMBLE", "frame"]
+__all__ = [
+    "HEADER",
+    "MAX_FRAME",
+    "OK",
+    "PREAMBLE",
+    "REFUSED",
+    "SETTLE_PREAMBLE",
+    "SETTLE_WAIT_SECONDS",
+    "frame",
+]
 
 PREAMBLE = b"ABC-DECIDE/1\n"
 SETTLE_PREAMBLE = b"ABC-SETTLE/1\n"  # as long as PREAMBLE: one read tells them apart
+SETTLE_WAIT_SECONDS = 0.5
 HEADER = struct.Struct(">I")
 MAX_FRAME = (1 << 20) + 4096  # as the gRPC port's largest message (an envelope's + 4 KiB)
 OK, REFUSED = b"\x00", b"\x01"

@@ -228,6 +228,19 @@ class DecisionLog:
             ):
                 self._rotate()
 
+    def wait_written(self, queued: Queued, within: float) -> None:
+        """Wait up to ``within`` seconds for another caller's commit to take ``queued``
+        along (or for its batch to fail): a record no answer is waiting on, such as a
+        settlement no decision carried, then costs no write of its own while decisions keep
+        coming. ``sync`` says what became of it, writing it only if none did."""
+        deadline = time.monotonic() + within
+        with self._lock:
+            while self._written <= queued.seq and self._epoch == queued.epoch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._lock.wait(left)  # every commit and every failure notifies
+
     def _rotate(self) -> None:
         """Seal the active file (ending it with a checkpoint) and start the next one.
 

@@ -9,6 +9,7 @@ The REST door's ``/health`` follows the same state.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -30,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.api.decide_socket import SETTLE_WAIT_SECONDS
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pdp.bundle import PolicyBundle, load_bundle, store_bundle
 from pdp.clock import utc_now
@@ -281,7 +283,13 @@ def _start(
         rest.start()
     server.start()
     if listeners.decide_socket is not None:
-        listeners.decide_socket.start(servicer.decide, servicer.settle)
+        # A batch on the socket is one no decision carried: it may wait for the next one's
+        # commit rather than take a write of its own (the sidecar waits that much longer).
+        # Not with a shared store: there the settlement is seen by the other replicas at
+        # once, and must not go unlogged for longer than a write takes.
+        within = SETTLE_WAIT_SECONDS if config.store == "memory" else 0.0
+        settle = functools.partial(servicer.settle, within=within)
+        listeners.decide_socket.start(servicer.decide, settle)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter

@@ -161,16 +161,19 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         except (StoreUnavailable, LogUnavailable):
             return None
 
-    def _durable(self, carried: list[Queued | None] | None) -> list[bool]:
+    def _durable(self, carried: list[Queued | None] | None, within: float = 0.0) -> list[bool]:
         """Whether each carried settlement was settled, once all are durable; [] if they
         could not be made so."""
+        queued = [q for q in carried or () if q is not None]
         try:
-            for queued in carried or ():
-                if queued is not None:
-                    self._service.sync(queued)
+            if queued and within:
+                # The last one queued: a commit that takes it takes those before it.
+                self._service.wait_written(queued[-1], within)
+            for each in queued:
+                self._service.sync(each)
         except LogUnavailable:
             return []
-        return [queued is not None for queued in carried or ()]
+        return [q is not None for q in carried or ()]
 
     def ReportUsage(  # noqa: N802
         self, request: pdp_pb2.ReportUsageRequest, context: grpc.ServicerContext
@@ -206,13 +209,17 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             # Not "unknown": the sidecar keeps the reports and tries again.
             context.abort(grpc.StatusCode.UNAVAILABLE, ReasonCode.PDP_UNAVAILABLE.value)
 
-    def settle(self, request: pdp_pb2.ReportUsageBatchRequest) -> pdp_pb2.ReportUsageBatchResponse:
+    def settle(
+        self, request: pdp_pb2.ReportUsageBatchRequest, within: float = 0.0
+    ) -> pdp_pb2.ReportUsageBatchResponse:
         """``ReportUsageBatch`` for any transport: ``BadRequest`` for a batch over the limit,
-        ``LogUnavailable`` when it could not be made durable (none of it is settled)."""
+        ``LogUnavailable`` when it could not be made durable (none of it is settled).
+        Settled at once, answered once durable: ``within`` seconds may be waited for another
+        commit (a decision's) to make it so, before it takes one of its own."""
         if len(request.reports) > MAX_BATCH:
             raise BadRequest(f"at most {MAX_BATCH} reports")
         # One fsync for the batch, not one per report.
-        settled = self._durable(self._carry(request.reports, "", self._clock()))
+        settled = self._durable(self._carry(request.reports, "", self._clock()), within)
         if len(settled) != len(request.reports):
             raise LogUnavailable(ReasonCode.PDP_UNAVAILABLE.value)
         return pdp_pb2.ReportUsageBatchResponse(settled=settled)

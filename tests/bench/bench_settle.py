@@ -9,7 +9,8 @@ before its next call) through four targets, taking turns batch by batch against 
   decide socket: its socket is a relay that passes the PDP decisions and closes any other
   connection, as a PDP of before does (the sidecar then settles over gRPC);
 - ``settle_socket``: a sidecar on the PDP's decide socket, the default linger (100 ms):
-  each call's usage travels alone, on the socket;
+  each call's usage travels alone, on the socket, and the PDP holds its answer until the
+  next decision's commit makes it durable (at most ``SETTLE_WAIT_SECONDS``);
 - ``linger_1s``: the same with ``--settle-linger-ms 1000``: the next decision carries it.
 
 For each: CPU ms per call of the sidecar and the PDP (``cpu.py``), the PDP's fsyncs and
@@ -33,7 +34,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pdp.api.decide_socket import PREAMBLE
+from pdp.api.decide_socket import PREAMBLE, SETTLE_WAIT_SECONDS
 from tests.bench.bench_pep import _end, one, wait_port, wait_socket
 from tests.bench.conftest import summary_ms, write_results
 from tests.bench.cpu import CpuMeter
@@ -41,9 +42,10 @@ from tests.harness import INTENT, POLICIES, Signer, free_port, start_pdp, start_
 
 PACE = 0.15  # longer than the default linger (0.1 s)
 BATCH, BATCHES, WARMUP = 30, 4, 10
-# Each batch ends by waiting out the longest linger, so that its last call's usage (which
-# no decision carries) is charged to it: the same wait for every target.
-TAIL = 1.2
+# Each batch ends by waiting out the longest linger and the PDP's wait for a commit, so
+# that its last call's usage (which no decision carries) is charged to it: the same wait
+# for every target.
+TAIL = 1.0 + SETTLE_WAIT_SECONDS + 0.5
 SIDECARS = ("settle_grpc", "settle_socket", "linger_1s")
 
 

@@ -215,4 +215,4 @@ def test_batches_the_decide_socket_refuses_go_over_grpc_and_skip_it_a_while(
         shutil.rmtree(where, ignore_errors=True)
     assert pdp.batches == [["rsv_a"], ["rsv_b"]]
     assert len(tried) == 1 and tried[0].startswith(b"ABC-SETTLE/1")
-    assert caplog.text.count("usage reports go over gRPC for 300 s") == 1
+    assert caplog.text.count("usage reports go over gRPC for 60 s") == 1

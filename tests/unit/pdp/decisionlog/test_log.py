@@ -444,6 +444,57 @@ def test_sync_writes_what_no_append_took_and_flush_everything(
     log.close()
 
 
+def test_a_record_waited_for_rides_on_the_next_commit_or_takes_its_own_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    syncs = _count_syncs(monkeypatch, _log_fd(log))
+    settled = log.queue(decision(0))
+    appended = threading.Timer(0.2, log.append, args=(decision(1),))
+    appended.start()
+    started = time.monotonic()
+    log.wait_written(settled, within=10.0)
+    log.sync(settled)
+    # Durable with the append's commit, well before its own 10 s: one fsync for both.
+    assert time.monotonic() - started < 5 and len(syncs) == 1
+    appended.join()
+    assert len(syncs) == 1 and path.read_bytes().count(b"\n") == 2
+    alone = log.queue(decision(2))
+    started = time.monotonic()
+    log.wait_written(alone, within=0.3)  # nothing else commits: its own write, in time
+    log.sync(alone)
+    assert 0.25 <= time.monotonic() - started < 5 and len(syncs) == 2
+    log.wait_written(alone, within=10.0)  # durable already: at once
+    assert time.monotonic() - started < 5 and len(syncs) == 2
+    log.close()
+    assert _logged(path) == ["dec_0", "dec_1", "dec_2", "checkpoint"]
+
+
+def test_a_record_waited_for_whose_batch_fails_stops_waiting_and_fails_its_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, retry_seconds=60)
+    waited = log.queue(decision(0))
+    disk = Disk(monkeypatch, _log_fd(log), room=0, chunk=1000)
+
+    def commit() -> None:  # another caller's commit, on the full disk
+        with pytest.raises(LogUnavailable):
+            log.flush()
+
+    failing = threading.Timer(0.2, commit)
+    failing.start()
+    started = time.monotonic()
+    log.wait_written(waited, within=10.0)  # woken by the failed commit, not its 10 s
+    assert time.monotonic() - started < 5
+    failing.join()
+    disk.room = 10**6
+    with pytest.raises(LogUnavailable):
+        log.sync(waited)  # lost with its batch: never said to be settled
+    log.close()
+
+
 def test_a_queued_record_lost_with_its_batch_fails_its_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
