@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdp.api.decide_socket import HEADER
+from pdp.api.decide_socket import HEADER, PREAMBLE
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,6 +45,58 @@ def read_frame(reader: BinaryIO) -> bytes | None:
     if len(header) < HEADER.size:
         return None
     return bytes(reader.read(HEADER.unpack(header)[0]))
+
+
+class DecideRelay:
+    """A decide socket at ``path`` in front of the PDP's at ``pdp``. It passes each request
+    on ``delay`` seconds late (a PDP slow to decide); with ``decisions_only``, it closes a
+    connection that opens with anything but the decisions' preamble, as a PDP of before
+    settlements on its socket does (``said``: what each connection opened with). A thread
+    per direction per connection; each ends when its peer hangs up."""
+
+    def __init__(
+        self, pdp: Path, path: Path, delay: float = 0.0, decisions_only: bool = False
+    ) -> None:
+        self.path, self._pdp, self._delay, self._only = path, pdp, delay, decisions_only
+        self.said: list[bytes] = []
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(str(path))
+        self._listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sidecar, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            said = b""
+            while self._only and len(said) < len(PREAMBLE):
+                chunk = sidecar.recv(len(PREAMBLE) - len(said))
+                if not chunk:
+                    break
+                said += chunk
+            self.said.append(said)
+            if self._only and said != PREAMBLE:
+                sidecar.close()
+                continue
+            pdp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            pdp.connect(str(self._pdp))
+            pdp.sendall(said)
+            for source, sink, delay in ((sidecar, pdp, self._delay), (pdp, sidecar, 0.0)):
+                threading.Thread(target=_pipe, args=(source, sink, delay), daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def _pipe(source: socket.socket, sink: socket.socket, delay: float) -> None:
+    with suppress(OSError):
+        while chunk := source.recv(65536):
+            time.sleep(delay)
+            sink.sendall(chunk)
+    with suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
 
 
 def abcctl(*args: object, check: bool = True) -> subprocess.CompletedProcess[str]:

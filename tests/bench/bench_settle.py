@@ -23,10 +23,8 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +32,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pdp.api.decide_socket import PREAMBLE, SETTLE_WAIT_SECONDS
+from pdp.api.decide_socket import SETTLE_WAIT_SECONDS
 from tests.bench.bench_pep import _end, one, wait_port, wait_socket
 from tests.bench.conftest import summary_ms, write_results
 from tests.bench.cpu import CpuMeter
-from tests.harness import INTENT, POLICIES, Signer, free_port, start_pdp, start_pep
+from tests.harness import INTENT, POLICIES, DecideRelay, Signer, free_port, start_pdp, start_pep
 
 PACE = 0.15  # longer than the default linger (0.1 s)
 BATCH, BATCHES, WARMUP = 30, 4, 10
@@ -47,51 +45,6 @@ BATCH, BATCHES, WARMUP = 30, 4, 10
 # for every target.
 TAIL = 1.0 + SETTLE_WAIT_SECONDS + 0.5
 SIDECARS = ("settle_grpc", "settle_socket", "linger_1s")
-
-
-class DecisionsOnly:
-    """A decide socket in front of the PDP's that relays connections opened for decisions
-    and closes any other: a PDP of before settlements on its socket. A thread per
-    direction per connection; each ends when its peer hangs up."""
-
-    def __init__(self, pdp: Path, path: Path) -> None:
-        self.path, self._pdp = path, pdp
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sidecar, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            said = b""
-            while len(said) < len(PREAMBLE):
-                chunk = sidecar.recv(len(PREAMBLE) - len(said))
-                if not chunk:
-                    break
-                said += chunk
-            if said != PREAMBLE:
-                sidecar.close()
-                continue
-            pdp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            pdp.connect(str(self._pdp))
-            pdp.sendall(said)
-            for source, sink in ((sidecar, pdp), (pdp, sidecar)):
-                threading.Thread(target=_pipe, args=(source, sink), daemon=True).start()
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while chunk := source.recv(65536):
-            sink.sendall(chunk)
-    with contextlib.suppress(OSError):
-        sink.shutdown(socket.SHUT_WR)
 
 
 async def _paced(
@@ -167,7 +120,7 @@ def _run(tmp_path: Path, started: contextlib.ExitStack) -> dict[str, Any]:
     pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(decide_socket))
     started.callback(pdp.stop)
     wait_socket(decide_socket)
-    relay = DecisionsOnly(decide_socket, sockets / "old.sock")
+    relay = DecideRelay(decide_socket, sockets / "old.sock", decisions_only=True)
     started.callback(relay.close)
     envelope = tmp_path / "envelope.json"
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-settle")

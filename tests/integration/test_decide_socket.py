@@ -29,6 +29,7 @@ from tests.fakes.serve import FakeUpstreams
 from tests.harness import (
     INTENT,
     POLICIES,
+    DecideRelay,
     PdpProcess,
     PepProcess,
     Signer,
@@ -143,41 +144,26 @@ def test_a_settlement_no_decision_carries_goes_over_the_socket_too(
 def test_settlements_a_socket_does_not_take_go_over_grpc(
     served: tuple[PdpProcess, Path], run_id: str, short_dir: Path
 ) -> None:
-    """A PDP of before the settlements' preamble closes such a connection: the batch goes
-    over gRPC at once, and is settled all the same."""
-    pdp, _path = served
-    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
-    decided = stub.Decide(
-        pdp_pb2.DecideRequest(run_id=run_id, request_id="old-pdp-1", action=MODEL), timeout=5
-    )
+    """A PDP of before the settlements' preamble: decisions on its socket, and a batch of
+    settlements, whose connection it closes, over gRPC at once, settled all the same."""
+    pdp, path = served
     before = _spent(pdp, run_id)
-    old = short_dir / "old.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(old))
-    listener.listen()
-
-    def hang_up() -> None:  # reads the preamble it does not know, and closes
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(64)
-
-    threading.Thread(target=hang_up, daemon=True).start()
+    old = DecideRelay(path, short_dir / "old.sock", decisions_only=True)
 
     async def scenario() -> None:
-        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=old)
-        client.report_usage(decided.reservation_id, 13)
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=old.path)
+        allowed = await client.decide(run_id, "old-pdp-1", MODEL)
+        assert allowed.allow
+        client.report_usage(allowed.reservation_id, 13)
         await asyncio.sleep(0.5)
         await client.close()
 
     try:
         asyncio.run(scenario())
     finally:
-        listener.close()
+        old.close()
     assert _spent(pdp, run_id) == before + 13
+    assert [said[:12] for said in old.said] == [b"ABC-DECIDE/1", b"ABC-SETTLE/1"]
 
 
 def _held(path: Path) -> int:

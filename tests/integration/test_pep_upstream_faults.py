@@ -23,7 +23,16 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from tests.harness import INTENT, POLICIES, PdpProcess, PepProcess, Signer, start_pdp, start_pep
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    DecideRelay,
+    PdpProcess,
+    PepProcess,
+    Signer,
+    start_pdp,
+    start_pep,
+)
 
 CHAT = "/openai/v1/chat/completions"
 ANSWER = b'{"id":"c","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
@@ -168,42 +177,6 @@ class RawUpstream:
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._serving.cancel)
-
-
-class SlowDecisions:
-    """A decide socket in front of the PDP's that passes each request on ``delay`` seconds
-    late: a PDP slow to decide. A thread per direction per connection; each ends when its
-    peer hangs up."""
-
-    def __init__(self, pdp: Path, path: Path, delay: float) -> None:
-        self.path, self._pdp, self._delay = path, pdp, delay
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sidecar, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            pdp = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            pdp.connect(str(self._pdp))
-            for source, sink, delay in ((sidecar, pdp, self._delay), (pdp, sidecar, 0.0)):
-                threading.Thread(target=_pipe, args=(source, sink, delay), daemon=True).start()
-
-    def close(self) -> None:
-        self._listener.close()
-
-
-def _pipe(source: socket.socket, sink: socket.socket, delay: float) -> None:
-    with contextlib.suppress(OSError):
-        while chunk := source.recv(65536):
-            time.sleep(delay)
-            sink.sendall(chunk)
-    with contextlib.suppress(OSError):
-        sink.shutdown(socket.SHUT_WR)
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +351,7 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
     and charged, until the reservation expires; a sidecar stopped meanwhile does so first."""
     tmp = Path(tempfile.mkdtemp(prefix="abc-hang-"))  # a socket path fits in 108 bytes
     pdp = _start_pdp(signer, tmp, "--decide-socket", str(tmp / "d.sock"))
-    slow = SlowDecisions(tmp / "d.sock", tmp / "slow.sock", 0.6)
+    slow = DecideRelay(tmp / "d.sock", tmp / "slow.sock", delay=0.6)
     pep = _start_pep(pdp, tmp, upstream, "--pdp-socket", str(slow.path))
     log = tmp / "state" / "decisions.log"
     try:

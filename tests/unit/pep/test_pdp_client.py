@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import tempfile
-import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from google.protobuf import struct_pb2
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pep.pdp_client import PdpClient, Verdict, _verdict
+from tests.harness import DecideRelay
 
 MODEL = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini")
 TOOL = pdp_pb2.Action(kind="tool", target="tool:kb/search")
@@ -182,21 +181,8 @@ def test_batches_the_decide_socket_refuses_go_over_grpc_and_skip_it_a_while(
     """A PDP of before settlements on its socket closes such a connection: the batch goes
     over gRPC at once, said once, and the next batches do not try the socket again."""
     where = Path(tempfile.mkdtemp(prefix="abc-old-"))  # short: a socket path is 107 bytes
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(where / "d.sock"))
-    listener.listen()
-    tried: list[bytes] = []
-
-    def hang_up() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                tried.append(conn.recv(64))
-
-    threading.Thread(target=hang_up, daemon=True).start()
+    # No PDP behind it: this client only settles, and is closed on.
+    listener = DecideRelay(where / "pdp.sock", where / "d.sock", decisions_only=True)
 
     async def scenario() -> _Outage:
         pdp = _Outage()
@@ -214,5 +200,5 @@ def test_batches_the_decide_socket_refuses_go_over_grpc_and_skip_it_a_while(
         listener.close()
         shutil.rmtree(where, ignore_errors=True)
     assert pdp.batches == [["rsv_a"], ["rsv_b"]]
-    assert len(tried) == 1 and tried[0].startswith(b"ABC-SETTLE/1")
+    assert len(listener.said) == 1 and listener.said[0].startswith(b"ABC-SETTLE/1")
     assert caplog.text.count("usage reports go over gRPC for 60 s") == 1
