@@ -45,7 +45,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from pdp.api.decide_socket import SETTLE_WAIT_SECONDS
 from tests.bench.conftest import percentile, summary_ms, write_results
 from tests.bench.cpu import CpuMeter
 from tests.bench.pep_report import PROXIES, goals, lines, yardsticks
@@ -66,7 +65,6 @@ SINGLE, CONCURRENT, CLIENTS, BATCH, WARMUP = 300, 800, 16, 50, 60
 # Check, the floor) stays hot and looks cheaper per request than it is when requests come
 # at an agent's pace, which is how the sidecar's requests reach the PDP and the upstream.
 PACE = 0.01
-SETTLE_LINGER = 0.1  # abc-pep's default --settle-linger-ms
 PROFILED = 1000  # requests under py-spy: at 200 Hz, enough samples where the GIL is held
 BODY = {
     "model": "gpt-4o-mini",
@@ -179,6 +177,7 @@ async def load(
         targets |= {name: make() for name, make in extra.items()}
         for target in targets.values():
             await asyncio.gather(*(target() for _ in range(WARMUP // 3)))
+        await meter.settled()  # the warm-up's last settlement is not the first batch's
         await meter.quiet()
         samples: dict[str, list[Sample]] = {name: [] for name in targets}
         busy: dict[str, float] = dict.fromkeys(targets, 0.0)
@@ -198,12 +197,6 @@ async def load(
             started = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(clients)))
             busy[name] += time.perf_counter() - started
-            if name == "sidecar":
-                # Its batch's last settlement, which no decision carries, goes alone after
-                # the linger, and the PDP may hold it for a commit to ride on: both are
-                # waited out, so that its write is charged here (with the PDP's idle CPU
-                # meanwhile, about 2 ms a second) and not to the next target's batch.
-                await asyncio.sleep(SETTLE_LINGER + SETTLE_WAIT_SECONDS + 0.1)
 
         try:
             for _ in range(count // BATCH):
@@ -288,6 +281,25 @@ def _end(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def spawn_quiet(started: contextlib.ExitStack, *args: str) -> subprocess.Popen[bytes]:
+    """``python ARGS``, its output dropped, stopped by ``started``."""
+    process = subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    started.callback(_end, process)
+    return process
+
+
+def unbounded_envelope(signer: Signer, path: Path, lineage: str) -> Path:
+    """The sample intent as ``lineage``, its budgets too large for a benchmark to spend,
+    frozen to ``path``."""
+    text = INTENT.read_text().replace("lineage: acme/support-bot", f"lineage: {lineage}")
+    for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
+        text = text.replace(budget, budget.split(":")[0] + ": 1000000000")
+    path.write_bytes(signer.freeze(text, "bench"))
+    return path
+
+
 @pytest.mark.timeout(900)
 def test_bench_pep(tmp_path: Path) -> None:
     with contextlib.ExitStack() as started:  # every process stopped, whatever fails
@@ -309,11 +321,7 @@ def _run(
     it starts is stopped by ``started``."""
 
     def spawn(*args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        started.callback(_end, process)
-        return process
+        return spawn_quiet(started, *args)
 
     upstream_port = free_port()
     fake = spawn("-m", "tests.bench.fake_upstream", str(upstream_port))
@@ -333,11 +341,7 @@ def _run(
     decide_socket = tmp_path / "decide.sock"
     pdp = start_pdp(signer, state, POLICIES, "--decide-socket", str(decide_socket))
     started.callback(pdp.stop)
-    envelope = tmp_path / "envelope.json"
-    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-pep")
-    for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
-        text = text.replace(budget, budget.split(":")[0] + ": 1000000000")
-    envelope.write_bytes(signer.freeze(text, "bench"))
+    envelope = unbounded_envelope(signer, tmp_path / "envelope.json", "acme/bench-pep")
     flags = ("--manifest", str(envelope), "--log-level", "WARNING")
     pep = start_pep(
         pdp.address, {"openai": upstream}, tmp_path, *flags, "--pdp-socket", str(decide_socket)

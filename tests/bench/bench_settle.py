@@ -23,8 +23,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,39 +30,32 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pdp.api.decide_socket import SETTLE_WAIT_SECONDS
-from tests.bench.bench_pep import _end, one, wait_port, wait_socket
+from tests.bench.bench_pep import one, spawn_quiet, unbounded_envelope, wait_port, wait_socket
 from tests.bench.conftest import summary_ms, write_results
 from tests.bench.cpu import CpuMeter
-from tests.harness import INTENT, POLICIES, DecideRelay, Signer, free_port, start_pdp, start_pep
+from tests.harness import POLICIES, DecideRelay, Signer, free_port, start_pdp, start_pep
 
 PACE = 0.15  # longer than the default linger (0.1 s)
 BATCH, BATCHES, WARMUP = 30, 4, 10
-# Each batch ends by waiting out the longest linger and the PDP's wait for a commit, so
-# that its last call's usage (which no decision carries) is charged to it: the same wait
-# for every target.
-TAIL = 1.0 + SETTLE_WAIT_SECONDS + 0.5
 SIDECARS = ("settle_grpc", "settle_socket", "linger_1s")
 
 
-async def _paced(
-    session: aiohttp.ClientSession, url: str, count: int, took: list[float], tail: float = 0.0
-) -> None:
+async def _paced(session: aiohttp.ClientSession, url: str, count: int, took: list[float]) -> None:
     for _ in range(count):
         started = time.perf_counter()
         took.append((await one(session, url, False))[1])
         await asyncio.sleep(max(0.0, PACE - (time.perf_counter() - started)))
-    await asyncio.sleep(tail)
 
 
 async def _load(urls: dict[str, str], meters: dict[str, CpuMeter]) -> dict[str, list[float]]:
     took: dict[str, list[float]] = {name: [] for name in urls}
     async with aiohttp.ClientSession() as session:
         for url in urls.values():
-            await _paced(session, url, WARMUP, [], TAIL)
+            await _paced(session, url, WARMUP, [])
+        await meters["floor"].settled()  # the warm-up's last settlements are no batch's
         for _ in range(BATCHES):
             for name, url in urls.items():
-                await meters[name].measure(name, _paced(session, url, BATCH, took[name], TAIL))
+                await meters[name].measure(name, _paced(session, url, BATCH, took[name]))
     return took
 
 
@@ -100,17 +91,10 @@ def test_bench_settle(tmp_path: Path) -> None:
 
 
 def _run(tmp_path: Path, started: contextlib.ExitStack) -> dict[str, Any]:
-    def spawn(*args: str) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        started.callback(_end, process)
-        return process
-
     upstream_port, floor_port = free_port(), free_port()
-    spawn("-m", "tests.bench.fake_upstream", str(upstream_port))
+    spawn_quiet(started, "-m", "tests.bench.fake_upstream", str(upstream_port))
     upstream = f"http://127.0.0.1:{upstream_port}"
-    floor = spawn("-m", "tests.bench.floor_proxy", str(floor_port), upstream)
+    floor = spawn_quiet(started, "-m", "tests.bench.floor_proxy", str(floor_port), upstream)
     signer = Signer(tmp_path)
     state = tmp_path / "state"
     sockets = Path(os.environ.get("TMPDIR", "/tmp")) / f"abc-settle-{os.getpid()}"
@@ -122,11 +106,7 @@ def _run(tmp_path: Path, started: contextlib.ExitStack) -> dict[str, Any]:
     wait_socket(decide_socket)
     relay = DecideRelay(decide_socket, sockets / "old.sock", decisions_only=True)
     started.callback(relay.close)
-    envelope = tmp_path / "envelope.json"
-    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/bench-settle")
-    for budget in ("tokens: 200000", "usd_micros: 5000000", "tool_calls: 100", "requests: 500"):
-        text = text.replace(budget, budget.split(":")[0] + ": 1000000000")
-    envelope.write_bytes(signer.freeze(text, "bench"))
+    envelope = unbounded_envelope(signer, tmp_path / "envelope.json", "acme/bench-settle")
     flags = ("--manifest", str(envelope), "--log-level", "ERROR")
     peps = {}
     for name, socket_path, extra in (

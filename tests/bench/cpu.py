@@ -5,8 +5,9 @@ them.
 The benchmark's targets take turns batch by batch, so the meter reads every process around
 each batch and charges the difference to the target being driven. Work a batch leaves
 behind (a usage settlement sent after a short linger, a group commit) still belongs to it:
-after each batch the meter waits until the processes together have spent less than
-``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
+after each batch of the counted target the meter waits until each of its decisions has its
+settlement in the log, and after every batch until the processes together have spent less
+than ``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
 batch. What a process spends idle meanwhile (the PDP: about 2 ms a second) is charged too:
 the ``direct`` target's PDP column shows how little that is.
 
@@ -206,6 +207,7 @@ class CpuMeter:
         slept = {name: sleeps(pid) for name, pid in self.pids.items()}
         before = self._read()
         await batch
+        logged = await self.settled() if counted else Counter[str]()
         after = await self.quiet()
         spent = self.cpu.setdefault(target, dict.fromkeys(after, 0.0))
         for name in after:
@@ -216,7 +218,20 @@ class CpuMeter:
         if counted:
             self._fsyncs.disable()
             self.syscw += write_syscalls(self._pdp) - writes
-            self.records.update(self._log.since())
+            self.records.update(logged + self._log.since())
+
+    async def settled(self) -> Counter[str]:
+        """The records logged since the last look, once each decision among them has its
+        settlement too (or after ``GIVE_UP_S``, the shortfall showing in the counts). A
+        batch's last settlement goes after the sidecar's linger, and the PDP may hold it
+        for a commit to ride on: nothing a CPU clock shows while it waits."""
+        logged: Counter[str] = Counter()
+        deadline = time.monotonic() + GIVE_UP_S
+        while True:
+            logged.update(self._log.since())
+            if logged["settlement"] >= logged["decision"] or time.monotonic() > deadline:
+                return logged
+            await asyncio.sleep(POLL_S)
 
     def close(self) -> int | None:
         """The fsyncs counted, or None if they could not be."""
