@@ -17,7 +17,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -64,10 +65,19 @@ from pdp.manifest import (
 from pdp.manifest.canonical import canonical_record_bytes
 from pdp.metrics import PdpMetrics
 
-__all__ = ["DecisionOutcome", "DecisionService", "FleetView", "RunView"]
+__all__ = [
+    "DecisionBatch",
+    "DecisionOutcome",
+    "DecisionService",
+    "FleetView",
+    "HeldDecision",
+    "RunView",
+]
 
 log = logging.getLogger("abc.pdp")
 
+# What a decision the log could not take is answered instead.
+_UNAVAILABLE = Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable")
 # The sidecar's routes, the doors its own refusals come through.
 SIDECAR_ROUTES = frozenset({"openai", "anthropic", "mcp", "http"})
 
@@ -119,6 +129,31 @@ def _refused(error: AbcError | None, policy_input: dict[str, object]) -> _Judged
     else:
         decision = Decision.deny(error.reason, str(error))
     return _Judged(Applied(decision), policy_input, reused=isinstance(error, RequestIdReused))
+
+
+@dataclass(eq=False)
+class HeldDecision:
+    """A decision judged and applied, its record queued in the log and not yet durable:
+    its ``outcome`` is there once the batch it was made in is left, not before."""
+
+    answer: DecisionOutcome  # as judged, or as refused; given only once ``record`` is None
+    record: DecisionRecord | None = None  # None: answered
+    applied: Applied = field(default_factory=lambda: Applied(_UNAVAILABLE))
+    queued: Queued | None = None  # the record to make durable before answering
+    as_judged: bool = False  # False: the log refused the record, ``answer`` says so
+    probe: bool = False
+    claimed: bool = False  # its request id, kept or let go once answered
+    acted: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    failed: Exception | None = None  # what answering it raised
+
+    @property
+    def outcome(self) -> DecisionOutcome:
+        if self.failed is not None:
+            raise self.failed
+        if self.record is not None:
+            raise RuntimeError("a decision read before the batch it was made in was left")
+        return self.answer
 
 
 def _printable(text: str) -> str:
@@ -204,18 +239,25 @@ class DecisionService:
         decision id and reservation, never a second charge. ``bound``, the manifest digest
         the caller is bound to (its sidecar's), refuses a run of another grant.
         """
-        with self._gate.changing():
-            if action.kind != "step" or action.probe:
-                return self._decide(run_id, request_id, action, now, bound)
-            # A run's step changes are logged in the order they are made, or replay (which
-            # moves a step only from the one it was seen at) would drop one: the second of
-            # two waits until the first is durable. Steps are few; calls never wait here.
-            with self._step_order[hash(run_id) % len(self._step_order)]:
-                return self._decide(run_id, request_id, action, now, bound)
+        with self.batch() as batch:
+            held = batch.decide(run_id, request_id, action, now, bound)
+        return held.outcome
 
-    def _decide(
+    @contextmanager
+    def batch(self) -> Iterator[DecisionBatch]:
+        """Decisions made one after another and made durable together, one commit for all:
+        each is answered (``HeldDecision.outcome``) once the batch is left. The state gate
+        is held throughout, so a snapshot never sees a decision judged and not answered."""
+        with self._gate.changing():
+            batch = DecisionBatch(self)
+            try:
+                yield batch
+            finally:
+                batch.commit()
+
+    def _hold(
         self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
-    ) -> DecisionOutcome:
+    ) -> HeldDecision:
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
         run: Run | None = None
@@ -229,7 +271,9 @@ class DecisionService:
             )
             prior = None if action.probe else self._ledger.claim(run_id, request_id, acted)
             if prior is not None:
-                return self._answered_before(run, request_id, action, acted, prior, now)
+                return HeldDecision(
+                    self._answered_before(run, request_id, action, acted, prior, now)
+                )
             claimed = not action.probe
             judged = self._judge(run, action, acted, now)
         except AbcError as exc:
@@ -241,17 +285,41 @@ class DecisionService:
             # A bug, not the caller's input: still refused and logged, never a bare RPC error.
             log.exception("a decision for run %s failed", run_id)
             judged = _refused(None, {"action": acted})
-        outcome, durable = self._record(run_id, request_id, run, judged, now, action.probe)
-        kept = durable and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
-        if claimed and kept and not self._log.masks({"action": acted}):
-            self._ledger.keep(run_id, request_id, acted, outcome)
-        elif claimed:
-            # A passing outage, or a record refused for its spelling: a retry decides anew.
-            # So does one whose action holds a masked secret: a kept answer keeps its
-            # action, in memory and in snapshots, and the log (which replay reads) has it
-            # masked.
-            self._ledger.unclaim(run_id, request_id)
-        self._metrics.decide_seconds.observe(time.perf_counter() - started)
+        held = self._queue_record(run_id, request_id, run, judged, now, action.probe)
+        held.claimed, held.acted, held.started = claimed, acted, started
+        return held
+
+    def _answer(self, held: HeldDecision) -> DecisionOutcome:
+        """``held`` made durable and answered: as judged, or refused if the log lost it."""
+        record = held.record
+        if record is None:
+            return held.answer  # answered already, or a retry's kept answer
+        if held.queued is not None:
+            try:
+                self._log.sync(held.queued)
+            except LogUnavailable as exc:
+                log.error("decision log unwritable, refusing: %s", exc)
+                if held.as_judged:  # a refusal for the log's sake released it already
+                    self._ledger.release(record.run_id, held.applied)
+                held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
+                held.as_judged = False
+        outcome = held.answer
+        self._metrics.count_decision(
+            outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
+        )
+        if held.claimed:
+            kept = held.as_judged and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
+            if kept and not self._log.masks({"action": held.acted}):
+                self._ledger.keep(record.run_id, record.request_id, held.acted, outcome)
+            else:
+                # A passing outage, or a record refused for its spelling: a retry decides
+                # anew. So does one whose action holds a masked secret: a kept answer keeps
+                # its action, in memory and in snapshots, and the log (which replay reads)
+                # has it masked.
+                self._ledger.unclaim(record.run_id, record.request_id)
+        if held.started:  # judged here, not a refusal of what could not be judged
+            self._metrics.decide_seconds.observe(time.perf_counter() - held.started)
+        held.record = None
         return outcome
 
     def _answered_before(
@@ -274,8 +342,7 @@ class DecisionService:
             return prior
         except AbcError as exc:
             judged = replace(_refused(exc, {"action": acted}), reused=True)
-        outcome, _ = self._record(run.run_id, request_id, run, judged, now)
-        return outcome
+        return self._answer(self._queue_record(run.run_id, request_id, run, judged, now))
 
     def _judge(self, run: Run, action: Action, acted: dict[str, Any], now: datetime) -> _Judged:
         """The policy's verdict on the run as it stands, applied by the ledger if it goes
@@ -301,15 +368,21 @@ class DecisionService:
         """Refuse a request a door could not make a valid action of, logged as a decision
         of its run (an unknown run is refused as such, a run of another grant than
         ``bound``'s as ``run_not_bound``, and logged under no run of that grant)."""
+        with self.batch() as batch:
+            held = batch.refuse(run_id, request_id, error, now, bound)
+        return held.outcome
+
+    def _hold_refusal(
+        self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str
+    ) -> HeldDecision:
         run: Run | None = None
         try:
             run = self._grants.run(run_id, now, bound)
         except AbcError as exc:
             error = exc
-        outcome, _ = self._record(run_id, request_id, run, _refused(error, {}), now)
-        return outcome
+        return self._queue_record(run_id, request_id, run, _refused(error, {}), now)
 
-    def _record(
+    def _queue_record(
         self,
         run_id: str,
         request_id: str,
@@ -317,9 +390,10 @@ class DecisionService:
         judged: _Judged,
         now: datetime,
         probe: bool = False,
-    ) -> tuple[DecisionOutcome, bool]:
-        """Make the decision durable, then answer it; the answer, and whether it is the
-        decision as judged (False: the log could not take it, and it was refused instead)."""
+    ) -> HeldDecision:
+        """The decision's record queued for the next commit, its answer held until then
+        (``_answer``); a refusal instead if the log cannot take the record. An unlogged
+        decision is never given: what it reserved or moved is released."""
         applied = judged.applied
         record = DecisionRecord(
             time=now,
@@ -339,44 +413,35 @@ class DecisionService:
             over_budget=applied.over_budget,
             reused_request_id=judged.reused,
         )
-        refusal = self._log_decision(record, applied)
-        if refusal is None:
-            outcome = DecisionOutcome(
+        held = HeldDecision(
+            DecisionOutcome(
                 applied.decision, record.decision_id, applied.reservation_id, not judged.shadow
-            )
-        else:
-            outcome = DecisionOutcome(refusal, record.decision_id)
-        self._metrics.count_decision(
-            outcome.decision.allow, outcome.reason, outcome.enforced, probe=probe
+            ),
+            record,
+            applied,
+            probe=probe,
         )
-        return outcome, refusal is None
-
-    def _log_decision(self, record: DecisionRecord, applied: Applied) -> Decision | None:
-        """Make ``record`` durable before its answer leaves; None if it was.
-
-        Otherwise what ``applied`` reserved is released, and the answer is a refusal: for a
-        record that has no canonical spelling (a number or string no JSON reader would read
-        back as sent), ``bad_request``, itself logged with the action cut to its kind and
-        target; for a log that cannot write, ``pdp_unavailable`` (the log's health reports
-        it). An unlogged decision is never given.
-        """
         try:
-            self._log.append(record)
-            return None
+            held.queued = self._log.queue(record)
+            held.as_judged = True
         except BadRequest as exc:
             # The detail, not the record: the record is what could not be written safely.
+            # It is refused as ``bad_request``, that refusal logged with the action cut to
+            # its kind and target.
             log.warning("decision %s cannot be logged, refused: %s", record.decision_id, exc)
             self._ledger.release(record.run_id, applied)
             refusal = Decision.deny(ReasonCode.BAD_REQUEST, "the action cannot be logged exactly")
+            held.answer = DecisionOutcome(refusal, record.decision_id)
             try:
-                self._log.append(_unloggable(record, refusal))
-                return refusal
+                held.queued = self._log.queue(_unloggable(record, refusal))
             except (BadRequest, LogUnavailable) as again:
                 log.error("decision log refused a refusal, answering unavailable: %s", again)
+                held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
         except LogUnavailable as exc:
             log.error("decision log unwritable, refusing: %s", exc)
             self._ledger.release(record.run_id, applied)
-        return Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable")
+            held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
+        return held
 
     def record_refusal(
         self, run_id: str, request_id: str, route: str, reason: ReasonCode, message: str,
@@ -532,3 +597,67 @@ class DecisionService:
 
     def close(self) -> None:
         self._ledger.store.close()
+
+
+class DecisionBatch:
+    """The decisions of one ``DecisionService.batch``: each judged and applied in turn on
+    the state the ones before it left, its record queued; ``commit`` (also on leaving the
+    batch) makes them durable with one fsync and answers them.
+
+    A request id is claimed until its batch is answered. Two batches each claiming, in
+    crossed order, a request id the other holds wait for each other until the store's
+    in-flight limit refuses one (``pdp_unavailable``): retries crossing each other on two
+    connections are slowed and refused, never charged twice."""
+
+    def __init__(self, service: DecisionService) -> None:
+        self._service = service
+        self._held: list[HeldDecision] = []
+        self._claimed: set[tuple[str, str]] = set()
+
+    def decide(
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str = ""
+    ) -> HeldDecision:
+        """``DecisionService.decide``'s decision, answered when the batch is left."""
+        service = self._service
+        if (run_id, request_id) in self._claimed:
+            # Its claim is held until answered: deciding it again now would wait for itself.
+            self.commit()
+        if action.kind != "step" or action.probe:
+            held = service._hold(run_id, request_id, action, now, bound)
+            self._held.append(held)
+            if held.claimed:
+                self._claimed.add((run_id, request_id))
+            return held
+        # A run's step changes are logged in the order they are made, or replay (which
+        # moves a step only from the one it was seen at) would drop one: the second of two
+        # waits until the first is durable. Steps are few; calls never wait here.
+        with service._step_order[hash(run_id) % len(service._step_order)]:
+            held = service._hold(run_id, request_id, action, now, bound)
+            service._answer(held)
+        return held
+
+    def refuse(
+        self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""
+    ) -> HeldDecision:
+        """``DecisionService.refuse``'s refusal, answered when the batch is left."""
+        held = self._service._hold_refusal(run_id, request_id, error, now, bound)
+        self._held.append(held)
+        return held
+
+    def report_usage(
+        self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
+    ) -> Queued | None:
+        """``DecisionService.report_usage(..., wait=False)`` inside the batch, whose gate is
+        held already; the caller has checked whose reservation it is."""
+        return self._service._ledger.settle(reservation_id, tokens, usd_micros, now, wait=False)
+
+    def commit(self) -> None:
+        """Make every decision held so far durable (one commit takes them all) and answer
+        each: as judged, or refused if the log lost it."""
+        held, self._held = self._held, []
+        self._claimed.clear()
+        for each in held:
+            try:
+                self._service._answer(each)
+            except Exception as exc:  # that one fails as a lone decision would; the rest go on
+                each.failed = exc

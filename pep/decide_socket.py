@@ -4,15 +4,18 @@ the PDP's decide socket.
 Its wire format is ``pdp.api.decide_socket``.
 
 A grpc.aio call costs the sidecar about as much CPU as proxying the request itself; a
-frame on a Unix socket costs a write and a read. A pool of connections, one per decision
-in flight: the protocol answers one request at a time on each. Each connection is a bare
-``asyncio.Protocol``: on every decision, asyncio's streams would add their own buffering
-and wake-ups to the sidecar's busiest path.
+frame on a Unix socket costs a write and a read. Decisions share one connection, each
+written as it comes without waiting for the answers before it, which come back in order:
+the PDP decides what arrived together as one batch, with one commit and one write back
+(``pdp.server.decide_socket``). Settlements take connections of their own, one batch at a
+time on each. Each connection is a bare ``asyncio.Protocol``: on every decision, asyncio's
+streams would add their own buffering and wake-ups to the sidecar's busiest path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -20,7 +23,7 @@ import struct
 import time
 from pathlib import Path
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, SETTLE_PREAMBLE, frame
@@ -48,19 +51,16 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
     return int(uid)
 
 
-def _expire(answer: asyncio.Future[bytes]) -> None:
-    if not answer.done():
-        answer.set_exception(TimeoutError())
-
-
 class _Connection(asyncio.Protocol):
-    """One connection to the socket: a frame out, the frame that answers it back."""
+    """One connection to the socket: requests out as they come, their answers back in the
+    same order."""
 
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
-        self._answer: asyncio.Future[bytes] | None = None
+        self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self.broken = False
+        self._retired = False  # takes no more requests; closed once it has answered all
         self.used = time.monotonic()
 
     def start(
@@ -78,31 +78,54 @@ class _Connection(asyncio.Protocol):
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
         transport.write(preamble)
 
+    def usable(self, reuse_seconds: float) -> bool:
+        """Open and taking requests. One idle for ``reuse_seconds`` is let go, so that a
+        request never meets the PDP closing it (it drops one idle for twice that)."""
+        if self.broken or self._retired:
+            return False
+        if not self._waiting and time.monotonic() - self.used >= reuse_seconds:
+            self.close()
+            return False
+        return True
+
     def data_received(self, data: bytes) -> None:
-        if self._answer is None or self._answer.done():
-            self._break(DecodeError("an answer nobody asked for"))
-            return
-        self._received += data
-        if len(self._received) < HEADER.size:
-            return
-        (length,) = HEADER.unpack_from(self._received)
-        if not 1 <= length <= MAX_FRAME:
-            self._break(DecodeError(f"a frame of {length} bytes"))
-        elif len(self._received) > HEADER.size + length:
-            self._break(DecodeError("more than one answer"))
-        elif len(self._received) == HEADER.size + length:
-            self._answer.set_result(bytes(self._received[HEADER.size :]))
-            self._received.clear()
+        received = self._received
+        received += data
+        while len(received) >= HEADER.size:
+            (length,) = HEADER.unpack_from(received)
+            if not 1 <= length <= MAX_FRAME:
+                self._break(DecodeError(f"a frame of {length} bytes"))
+                return
+            end = HEADER.size + length
+            if len(received) < end:
+                return
+            if not self._waiting:
+                self._break(DecodeError("an answer nobody asked for"))
+                return
+            answer = self._waiting.popleft()
+            if not answer.done():  # done: its caller gave up waiting, the answer is dropped
+                answer.set_result(bytes(memoryview(received)[HEADER.size : end]))
+            del received[:end]
+        if self._retired:
+            self.retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
 
     def _break(self, exc: Exception) -> None:
         self.broken = True
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_exception(exc)
+        while self._waiting:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_exception(exc)
         if self._transport is not None:
             self._transport.close()
+
+    def _expire(self, answer: asyncio.Future[bytes]) -> None:
+        if not answer.done():
+            answer.set_exception(TimeoutError())
+        # The answers behind a late one come later still: new requests go elsewhere.
+        self.retire()
 
     async def exchange(self, payload: bytes, deadline: float) -> bytes:
         """The answer to ``payload``; ``TimeoutError`` once the loop's clock passes
@@ -112,15 +135,21 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("the decide socket connection is closed")
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[bytes] = loop.create_future()
-        self._answer = answer
-        timer = loop.call_at(deadline, _expire, answer)
+        self._waiting.append(answer)
+        timer = loop.call_at(deadline, self._expire, answer)
         self._transport.write(frame(payload))
         try:
             return await answer
         finally:
             timer.cancel()
-            self._answer = None
             self.used = time.monotonic()
+
+    def retire(self) -> None:
+        """Take no more requests; close once no caller waits for an answer (at once if
+        none does)."""
+        self._retired = True
+        if all(answer.done() for answer in self._waiting):
+            self.close()
 
     def close(self) -> None:
         self.broken = True
@@ -132,14 +161,15 @@ class DecideSocketClient:
     def __init__(
         self,
         path: Path,
-        max_connections: int = 64,
+        max_in_flight: int = 64,
         users: frozenset[int] = OWN_USERS,
         reuse_seconds: float = REUSE_SECONDS,
     ) -> None:
         self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
-        self._idle: list[_Connection] = []
+        self._deciding: _Connection | None = None  # where decisions go
+        self._opening: asyncio.Task[_Connection] | None = None
         self._settling: list[_Connection] = []  # settlements go one batch at a time
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._closed = False
 
     async def decide(
@@ -149,16 +179,17 @@ class DecideSocketClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            if self._slots.locked():  # all connections busy: wait for one, bounded too
+            if self._slots.locked():  # as many in flight as allowed: wait, bounded too
                 async with asyncio.timeout_at(deadline):
                     await self._slots.acquire()
             else:
                 await self._slots.acquire()  # at once
             try:
-                answer = await self._exchange(self._idle, PREAMBLE, request, deadline)
+                connection = await self._connection(deadline)
+                answer = await connection.exchange(request.SerializeToString(), deadline)
             finally:
                 self._slots.release()
-            return pdp_pb2.DecideResponse.FromString(answer)
+            return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
 
@@ -170,47 +201,58 @@ class DecideSocketClient:
         settlements on its socket (it closes the connection)."""
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            answer = await self._exchange(self._settling, SETTLE_PREAMBLE, batch, deadline)
-            return pdp_pb2.ReportUsageBatchResponse.FromString(answer)
+            connection = self._reuse(self._settling) or await self._connect(
+                deadline, SETTLE_PREAMBLE
+            )
+            try:
+                answer = await connection.exchange(batch.SerializeToString(), deadline)
+            except BaseException:
+                connection.close()  # a batch unanswered: the next goes on a fresh one
+                raise
+            if self._closed:
+                connection.close()
+            else:
+                self._settling.append(connection)
+            return pdp_pb2.ReportUsageBatchResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
 
-    async def _exchange(
-        self, idle: list[_Connection], preamble: bytes, request: Message, deadline: float
-    ) -> bytes:
-        """An OK answer's message bytes, on a connection from ``idle`` (or a new one opened
-        with ``preamble``), which goes back there after it."""
-        connection = self._reuse(idle) or await self._connect(deadline, preamble)
-        try:
-            answer = await connection.exchange(request.SerializeToString(), deadline)
-        except BaseException:
-            # Its answer may still come: the connection is out of step, never reused.
-            connection.close()
-            raise
+    async def _connection(self, deadline: float) -> _Connection:
+        """The connection decisions go on: the one open, or one opened for all who wait."""
+        current = self._deciding
+        if current is not None and current.usable(self._reuse_seconds):
+            return current
+        if self._opening is None:
+            self._opening = asyncio.ensure_future(self._connect(deadline, PREAMBLE))
+            self._opening.add_done_callback(self._opened)
+        async with asyncio.timeout_at(deadline):
+            # Shielded: one caller's deadline does not end the others' wait.
+            return await asyncio.shield(self._opening)
+
+    def _opened(self, opening: asyncio.Task[_Connection]) -> None:
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return  # each waiter raises it; the next decision tries again
+        if self._deciding is not None:
+            self._deciding.retire()
+        self._deciding = opening.result()
         if self._closed:
-            connection.close()
-        else:
-            idle.append(connection)
-        if answer[:1] != OK:
-            raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
-        return answer[1:]
+            self._deciding.retire()
 
     async def check(self, timeout: float) -> None:
         """Connect once, as a decision would (peer checked), and keep the connection for
-        the first one; ``DecideSocketError`` when that fails."""
+        the decisions; ``DecideSocketError`` when that fails."""
         try:
-            deadline = asyncio.get_running_loop().time() + timeout
-            self._idle.append(await self._connect(deadline, PREAMBLE))
+            await self._connection(asyncio.get_running_loop().time() + timeout)
         except (OSError, TimeoutError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
     def _reuse(self, idle: list[_Connection]) -> _Connection | None:
         """An idle connection still open: one the PDP closed meanwhile (a restart) would
-        refuse the decision it was handed. One idle for half the PDP's idle limit is let go
-        too, so that a request never meets the PDP closing it."""
+        refuse the batch it was handed."""
         while idle:
             connection = idle.pop()
-            if not connection.broken and time.monotonic() - connection.used < self._reuse_seconds:
+            if connection.usable(self._reuse_seconds):
                 return connection
             connection.close()
         return None
@@ -223,7 +265,15 @@ class DecideSocketClient:
         return connection
 
     async def close(self) -> None:
-        self._closed = True  # those in flight are closed as they finish
-        for idle in (self._idle, self._settling):
-            while idle:
-                idle.pop().close()
+        self._closed = True  # decisions in flight are answered first
+        if self._deciding is not None:
+            self._deciding.retire()
+        while self._settling:
+            self._settling.pop().close()
+
+
+def _accepted(answer: bytes) -> bytes:
+    """An OK answer's message bytes; ``DecodeError`` for a refusal."""
+    if answer[:1] != OK:
+        raise DecodeError(f"refused: {answer[1:201].decode(errors='replace')}")
+    return answer[1:]

@@ -8,7 +8,10 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
 - a request is a 4-byte big-endian length, then a serialized ``abc.pdp.v1.DecideRequest``;
 - its answer is a 4-byte big-endian length, then one status byte, then either a serialized
   ``DecideResponse`` (``OK``) or a UTF-8 reason (``REFUSED``: the request was not judged);
-- one request at a time on a connection: a client wanting more opens more connections;
+- requests may follow one another on a connection without waiting for their answers,
+  which come back in the order of the requests. The PDP decides the requests one read
+  brought as one batch, made durable with one commit, and writes their answers together;
+  a PDP of before this took them one at a time, in order, and answers the same;
 - a connection that opens with ``SETTLE_PREAMBLE`` instead carries settlements: each request
   a serialized ``ReportUsageBatchRequest``, each ``OK`` answer a ``ReportUsageBatchResponse``
   (``REFUSED``: not settled, to be sent again). The batch is settled at once and answered

@@ -2,11 +2,17 @@
 
 Its wire format is ``pdp.api.decide_socket``.
 
-A thread per connection reads a request, judges it and writes the answer itself; a
+A thread per connection reads requests, judges them and writes the answers itself; a
 connection opened for settlements (``SETTLE_PREAMBLE``) settles usage batches instead. Over
 gRPC the same decision crosses gRPC's polling thread and its worker pool, and those
 hand-offs cost more CPU than the decision (issue 18's profile); the decision itself is the
-same ``DecisionServicer.decide``, with its guarantees: durable before the answer.
+same ``DecisionServicer``'s, with its guarantees: durable before the answer.
+
+A sidecar sends its decisions on one connection without waiting for each answer. What one
+read brings (up to ``MAX_BATCH`` requests) is decided in turn and made durable with one
+commit, and the answers go back together in one write: one wake-up of this thread, one
+fsync and two system calls for them all, where a thread per decision in flight cost ten
+wake-ups a decision at 16 clients.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from google.protobuf.message import DecodeError, Message
@@ -31,12 +37,20 @@ __all__ = ["DecideSocketServer", "bind_decide_socket"]
 
 log = logging.getLogger("abc.pdp")
 
-Decide = Callable[[pdp_pb2.DecideRequest], pdp_pb2.DecideResponse]
+DecideAll = Callable[[list[pdp_pb2.DecideRequest]], list[pdp_pb2.DecideResponse | Exception]]
 Settle = Callable[[pdp_pb2.ReportUsageBatchRequest], pdp_pb2.ReportUsageBatchResponse]
-Answer = Callable[[bytes], Message]
+Answer = Callable[[list[bytes]], Sequence[Message | Exception]]
+MAX_BATCH = 64  # requests decided together: the state gate is held for all of them
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
+
+
+def _attempt(settle: Settle, batch: pdp_pb2.ReportUsageBatchRequest) -> Message | Exception:
+    try:
+        return settle(batch)
+    except AbcError as exc:
+        return exc
 
 
 def _claim(path: Path) -> None:
@@ -135,9 +149,31 @@ class _Requests:
         if not self._fill(HEADER.size, deadline):
             return None
         (length,) = HEADER.unpack_from(self._buffer)
-        end = HEADER.size + length
-        if length > MAX_FRAME or not self._fill(end, deadline):
+        if length > MAX_FRAME or not self._fill(HEADER.size + length, deadline):
             return None
+        return self._take(length)
+
+    def next_alone(self) -> list[bytes] | None:
+        """``next``, as a batch of one."""
+        body = self.next()
+        return None if body is None else [body]
+
+    def batch(self) -> list[bytes] | None:
+        """The next request and those whole after it in what was read, at most
+        ``MAX_BATCH``; None as for ``next``."""
+        first = self.next()
+        if first is None:
+            return None
+        bodies = [first]
+        while len(bodies) < MAX_BATCH and len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME or len(self._buffer) < HEADER.size + length:
+                break  # ``next`` waits for the rest, or refuses it
+            bodies.append(self._take(length))
+        return bodies
+
+    def _take(self, length: int) -> bytes:
+        end = HEADER.size + length
         body = bytes(memoryview(self._buffer)[HEADER.size : end])  # one copy
         del self._buffer[:end]
         return body
@@ -167,10 +203,15 @@ class DecideSocketServer:
         self._acceptor: threading.Thread | None = None
         self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
 
-    def start(self, decide: Decide, settle: Settle) -> None:
+    def start(self, decide_all: DecideAll, settle: Settle) -> None:
         answers: dict[bytes, Answer] = {
-            PREAMBLE: lambda body: decide(pdp_pb2.DecideRequest.FromString(body)),
-            SETTLE_PREAMBLE: lambda body: settle(pdp_pb2.ReportUsageBatchRequest.FromString(body)),
+            PREAMBLE: lambda bodies: decide_all(
+                [pdp_pb2.DecideRequest.FromString(body) for body in bodies]
+            ),
+            SETTLE_PREAMBLE: lambda bodies: [
+                _attempt(settle, pdp_pb2.ReportUsageBatchRequest.FromString(body))
+                for body in bodies
+            ],
         }
         self._acceptor = threading.Thread(
             target=self._accept, args=(answers,), name="decide-socket", daemon=True
@@ -226,16 +267,20 @@ class DecideSocketServer:
             answer_to = answers.get(said) if said is not None else None
             if answer_to is None:
                 return
-            while (body := requests.next()) is not None:
-                try:
-                    answer = OK + answer_to(body).SerializeToString()
-                except AbcError as exc:  # not judged, or not settled: the client says so
-                    answer = REFUSED + str(exc).encode()
-                except Exception:
-                    # Closed, so the client refuses: a failure here must not answer anything.
-                    log.exception("decide socket: a request failed")
-                    return
-                conn.sendall(frame(answer))
+            # Settlements come one batch at a time: a batch may wait for a decision's commit.
+            take = requests.batch if said == PREAMBLE else requests.next_alone
+            while (bodies := take()) is not None:
+                answers_out = []
+                for answer in answer_to(bodies):
+                    if isinstance(answer, AbcError):  # not judged, or not settled: so said
+                        answers_out.append(frame(REFUSED + str(answer).encode()))
+                    elif isinstance(answer, Exception):
+                        # Closed, so the client refuses: a failure must not answer anything.
+                        log.error("decide socket: a request failed", exc_info=answer)
+                        return
+                    else:
+                        answers_out.append(frame(OK + answer.SerializeToString()))
+                conn.sendall(b"".join(answers_out))
         except (OSError, DecodeError):
             pass  # the client is gone, slow, or spoke something else: it refuses its own call
         except Exception:

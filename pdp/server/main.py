@@ -289,7 +289,7 @@ def _start(
         # once, and must not go unlogged for longer than a write takes.
         within = SETTLE_WAIT_SECONDS if config.store == "memory" else 0.0
         settle = functools.partial(servicer.settle, within=within)
-        listeners.decide_socket.start(servicer.decide, settle)
+        listeners.decide_socket.start(servicer.decide_all, settle)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter

@@ -16,7 +16,7 @@ from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.clock import utc_now
 from pdp.decisionlog import Queued
 from pdp.errors import AbcError, BadRequest, LogUnavailable, ReasonCode, StoreUnavailable
-from pdp.service import DecisionOutcome, DecisionService
+from pdp.service import DecisionBatch, DecisionOutcome, DecisionService, HeldDecision
 
 __all__ = ["DecisionServicer", "decide_wire"]
 
@@ -96,26 +96,50 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
     def decide(self, request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
         """``Decide`` for any transport (gRPC, the decide socket); ``BadRequest`` for a
         request that is not judged at all."""
+        (answer,) = self.decide_all([request])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def decide_all(
+        self, requests: Sequence[pdp_pb2.DecideRequest]
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        """Each request decided in turn, as ``decide`` would, and all made durable with one
+        commit before any is answered: each one's answer, or what refused it (``BadRequest``:
+        not judged at all)."""
+        with self._service.batch() as batch:
+            begun = [self._begin(batch, request) for request in requests]
+        answers: list[pdp_pb2.DecideResponse | Exception] = []
+        for each in begun:
+            try:
+                answers.append(self._respond(*each) if isinstance(each, tuple) else each)
+            except Exception as exc:
+                answers.append(exc)
+        return answers
+
+    def _begin(
+        self, batch: DecisionBatch, request: pdp_pb2.DecideRequest
+    ) -> tuple[HeldDecision, list[Queued | None] | None] | BadRequest:
         now = self._clock()
         if len(request.settlements) > MAX_BATCH:
-            raise BadRequest(f"at most {MAX_BATCH} settlements")
+            return BadRequest(f"at most {MAX_BATCH} settlements")
         # Settled first, their records queued: the decision's own commit makes them durable
         # with it, one fsync for both.
-        carried = self._carry(request.settlements, request.manifest_digest, now)
-        if not request.request_id or len(request.request_id) > MAX_ID_LENGTH:
+        carried = self._carry(batch, request.settlements, request.manifest_digest, now)
+        run_id, request_id, bound = request.run_id, request.request_id, request.manifest_digest
+        if not request_id or len(request_id) > MAX_ID_LENGTH:
             error = BadRequest("request_id is required (at most 128 characters)")
-            outcome = self._service.refuse(
-                request.run_id, request.request_id, error, now, request.manifest_digest
-            )
-        else:
-            outcome = decide_wire(
-                self._service,
-                request.run_id,
-                request.request_id,
-                request.action,
-                now,
-                request.manifest_digest,
-            )
+            return batch.refuse(run_id, request_id, error, now, bound), carried
+        try:
+            action = action_from_proto(request.action)
+        except AbcError as exc:
+            return batch.refuse(run_id, request_id, exc, now, bound), carried
+        return batch.decide(run_id, request_id, action, now, bound), carried
+
+    def _respond(
+        self, held: HeldDecision, carried: list[Queued | None] | None
+    ) -> pdp_pb2.DecideResponse:
+        outcome = held.outcome
         response = pdp_pb2.DecideResponse(
             allow=outcome.forward,
             shadow=not outcome.enforced,
@@ -133,7 +157,11 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         return response
 
     def _carry(
-        self, reports: Sequence[pdp_pb2.ReportUsageRequest], bound: str, now: datetime
+        self,
+        batch: DecisionBatch,
+        reports: Sequence[pdp_pb2.ReportUsageRequest],
+        bound: str,
+        now: datetime,
     ) -> list[Queued | None] | None:
         """Settle ``reports`` without waiting for their records: each one's place in the
         log (None: not settled), or None for all when the store or the log is out (the
@@ -153,8 +181,8 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
             return [
                 None
                 if report.reservation_id in refused
-                else self._service.report_usage(
-                    report.reservation_id, report.tokens, report.usd_micros, now, wait=False
+                else batch.report_usage(
+                    report.reservation_id, report.tokens, report.usd_micros, now
                 )
                 for report in reports
             ]
@@ -219,7 +247,9 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         if len(request.reports) > MAX_BATCH:
             raise BadRequest(f"at most {MAX_BATCH} reports")
         # One fsync for the batch, not one per report.
-        settled = self._durable(self._carry(request.reports, "", self._clock()), within)
+        with self._service.batch() as batch:
+            carried = self._carry(batch, request.reports, "", self._clock())
+        settled = self._durable(carried, within)
         if len(settled) != len(request.reports):
             raise LogUnavailable(ReasonCode.PDP_UNAVAILABLE.value)
         return pdp_pb2.ReportUsageBatchResponse(settled=settled)

@@ -277,7 +277,7 @@ def test_a_decision_waiting_for_a_connection_keeps_its_deadline(
     path.symlink_to(fake)
 
     async def scenario() -> tuple[list[str], float, str]:
-        client = DecideSocketClient(path, max_connections=1)
+        client = DecideSocketClient(path, max_in_flight=1)
         request = pdp_pb2.DecideRequest(run_id=run_id, request_id="r-slot", action=MODEL)
         holding = asyncio.ensure_future(client.decide(request, 1.2))
         await asyncio.sleep(0.05)

@@ -22,6 +22,7 @@ from pdp.decisionlog import (
     DecisionLog,
     DecisionRecord,
     MaskRule,
+    Queued,
     RunStartRecord,
     SettlementRecord,
     read_verified_log,
@@ -462,15 +463,15 @@ def test_step_changes_are_logged_in_the_order_they_are_made(
     run_id = pdp.register()
     # The first step change is slow to write (a busy disk); an ending arrives meanwhile.
     writing, written = threading.Event(), threading.Event()
-    append = pdp.log.append
+    queue = pdp.log.queue
 
-    def slow_append(record: Any) -> int:
+    def slow_queue(record: Any) -> Queued:
         if isinstance(record, DecisionRecord) and record.step and not writing.is_set():
             writing.set()
             written.wait(0.5)
-        return append(record)
+        return queue(record)
 
-    monkeypatch.setattr(pdp.log, "append", slow_append)
+    monkeypatch.setattr(pdp.log, "queue", slow_queue)
     enter = validate_action("step", "step:answer")
     first = threading.Thread(target=pdp.service.decide, args=(run_id, "req-1", enter, NOW))
     first.start()
@@ -522,3 +523,60 @@ def test_a_narrowed_run_is_released_after_its_own_shorter_window(tmp_path: Path)
     pdp.service.sweep(after)
     with pytest.raises(RunReleased):
         pdp.service.get_run(run_id, after)
+
+
+def test_a_batch_is_made_durable_with_one_fsync_and_answered_only_once_left(
+    pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = pdp.register()
+    synced, syncs = os.fdatasync, []
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
+    with pdp.service.batch() as batch:
+        held = [batch.decide(run_id, f"req-{n}", _model(100), NOW) for n in range(5)]
+        with pytest.raises(RuntimeError, match="before the batch"):
+            held[0].outcome  # noqa: B018 - not durable yet: nothing of it may be given
+        assert syncs == []
+    assert len(syncs) == 1
+    assert [h.outcome.decision.allow for h in held] == [True] * 5
+    assert len({h.outcome.reservation_id for h in held}) == 5
+    assert pdp.store.books(run_id).reserved == Usage(tokens=500, requests=5)
+    # Each one's answer is kept: a retry gets the same decision.
+    again = pdp.service.decide(run_id, "req-3", _model(100), NOW)
+    assert again.decision_id == held[3].outcome.decision_id
+
+
+def test_a_batch_whose_commit_fails_refuses_each_and_gives_back_what_they_held(
+    pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = pdp.register()
+    synced, failures = os.fdatasync, iter([OSError(errno.EIO, "a disk hiccup")])
+
+    def hiccup(fd: int) -> None:
+        for failure in failures:  # the first write only
+            raise failure
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", hiccup)
+    with pdp.service.batch() as batch:
+        held = [batch.decide(run_id, f"req-{n}", _model(100), NOW) for n in range(3)]
+    assert [h.outcome.reason for h in held] == [ReasonCode.PDP_UNAVAILABLE] * 3
+    assert pdp.store.books(run_id).reserved == Usage()
+    # Not kept: once the disk is back the same request id is decided anew, and allowed.
+    assert pdp.service.decide(run_id, "req-1", _model(100), NOW).decision.allow
+    assert [d.request_id for d in pdp.decisions()] == ["req-1"]
+
+
+def test_a_request_id_again_in_one_batch_gets_the_first_ones_answer(pdp: _Pdp) -> None:
+    """Its claim is held until the batch is answered: the batch commits first, rather than
+    wait for itself."""
+    run_id = pdp.register()
+    with pdp.service.batch() as batch:
+        first = batch.decide(run_id, "req-1", _model(100), NOW)
+        again = batch.decide(run_id, "req-1", _model(100), NOW)
+    assert again.outcome.decision_id == first.outcome.decision_id
+    assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)

@@ -18,7 +18,7 @@ import pytest
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, SETTLE_PREAMBLE, frame
-from pdp.errors import ConfigError, LogUnavailable
+from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 from tests.harness import read_frame
 
@@ -30,8 +30,10 @@ def where() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _answer(request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
-    return pdp_pb2.DecideResponse(decision_id="dec_" + request.request_id)
+def _answer(
+    requests: list[pdp_pb2.DecideRequest],
+) -> list[pdp_pb2.DecideResponse | Exception]:
+    return [pdp_pb2.DecideResponse(decision_id="dec_" + r.request_id) for r in requests]
 
 
 def _settle(request: pdp_pb2.ReportUsageBatchRequest) -> pdp_pb2.ReportUsageBatchResponse:
@@ -165,8 +167,10 @@ def test_a_connection_opened_for_settlements_settles_batches(where: Path) -> Non
 def test_a_decision_that_fails_answers_nothing_and_is_logged(
     where: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def failing(request: pdp_pb2.DecideRequest) -> pdp_pb2.DecideResponse:
-        raise OSError("the state directory went away")
+    def failing(
+        requests: list[pdp_pb2.DecideRequest],
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        return [OSError("the state directory went away")]
 
     server = DecideSocketServer(bind_decide_socket(where), where)
     server.start(failing, _settle)
@@ -176,6 +180,39 @@ def test_a_decision_that_fails_answers_nothing_and_is_logged(
             sock.sendall(PREAMBLE + frame(request))
             assert sock.recv(1) == b""  # closed: its client refuses the call
         assert "a request failed" in caplog.text and "state directory" in caplog.text
+    finally:
+        server.close(time.monotonic() + 2)
+
+
+def test_requests_that_came_together_are_decided_together_and_answered_in_order(
+    where: Path,
+) -> None:
+    batches: list[list[str]] = []
+
+    def decide_all(
+        requests: list[pdp_pb2.DecideRequest],
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        batches.append([r.request_id for r in requests])
+        return [
+            BadRequest("not this one")
+            if r.request_id == "b"
+            else pdp_pb2.DecideResponse(decision_id="dec_" + r.request_id)
+            for r in requests
+        ]
+
+    server = DecideSocketServer(bind_decide_socket(where), where)
+    server.start(decide_all, _settle)
+    try:
+        with _connect(where) as sock:
+            requests = [pdp_pb2.DecideRequest(request_id=i) for i in "abc"]
+            sock.sendall(PREAMBLE + b"".join(frame(r.SerializeToString()) for r in requests))
+            answers = sock.makefile("rb")
+            said = [read_frame(answers) for _ in requests]
+            assert said[0] == OK + pdp_pb2.DecideResponse(decision_id="dec_a").SerializeToString()
+            assert said[1] == REFUSED + b"not this one"  # and the others are answered
+            assert said[2] == OK + pdp_pb2.DecideResponse(decision_id="dec_c").SerializeToString()
+            assert batches == [["a", "b", "c"]]  # one read, one batch: one commit
+            assert _decide(sock, "d") == "dec_d"  # and the connection serves on
     finally:
         server.close(time.monotonic() + 2)
 

@@ -1,0 +1,129 @@
+"""pep/decide_socket.py against a scripted PDP: decisions share one connection, each
+answer reaches the caller it is for, and a late one sends later decisions elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pdp.api import pdp_pb2
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
+from pep.decide_socket import DecideSocketClient, DecideSocketError
+
+
+@pytest.fixture
+def where() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="abc-pds-"))  # short: a socket path is 107 bytes
+    yield directory / "decide.sock"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class _Pdp:
+    """Reads requests; answers ``dec_<request id>`` for each, in order, once ``ready``
+    says the connection has read enough."""
+
+    def __init__(self, ready: Callable[[int, list[str]], int], delay: float = 0.0) -> None:
+        self.ready, self.delay = ready, delay
+        self.connections: list[list[str]] = []
+        self.ended: list[int] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        number = len(self.connections)
+        seen: list[str] = []
+        self.connections.append(seen)
+        answered = 0
+        try:
+            assert await reader.readexactly(len(PREAMBLE)) == PREAMBLE
+            while True:
+                (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                seen.append(
+                    pdp_pb2.DecideRequest.FromString(await reader.readexactly(length)).request_id
+                )
+                upto = self.ready(number, seen)
+                if upto > answered:
+                    await asyncio.sleep(self.delay if number == 0 else 0)
+                    writer.write(
+                        b"".join(
+                            frame(
+                                OK
+                                + pdp_pb2.DecideResponse(decision_id=f"dec_{r}").SerializeToString()
+                            )
+                            for r in seen[answered:upto]
+                        )
+                    )
+                    answered = upto
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.ended.append(number)
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def _serving(where: Path, pdp: _Pdp) -> AsyncIterator[DecideSocketClient]:
+    server = await asyncio.start_unix_server(pdp.serve, str(where))
+    client = DecideSocketClient(where)
+    try:
+        yield client
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _request(request_id: str) -> pdp_pb2.DecideRequest:
+    return pdp_pb2.DecideRequest(run_id="run_1", request_id=request_id)
+
+
+def test_decisions_in_flight_share_one_connection_and_each_gets_its_own_answer(
+    where: Path,
+) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen) if len(seen) == 8 else 0)  # all 8 answered at once
+
+    async def scenario() -> list[str]:
+        async with _serving(where, pdp) as client:
+            answers = await asyncio.gather(
+                *(client.decide(_request(f"r{n}"), 5.0) for n in range(8))
+            )
+            return [answer.decision_id for answer in answers]
+
+    assert asyncio.run(scenario()) == [f"dec_r{n}" for n in range(8)]
+    assert len(pdp.connections) == 1
+
+
+def test_an_answer_whose_caller_hung_up_is_dropped_not_given_to_the_next(where: Path) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen) if len(seen) == 2 else 0)  # a's answer waits for b
+
+    async def scenario() -> str:
+        async with _serving(where, pdp) as client:
+            first = asyncio.ensure_future(client.decide(_request("a"), 5.0))
+            while not pdp.connections or not pdp.connections[0]:
+                await asyncio.sleep(0.01)
+            first.cancel()  # its agent hung up: the connection stays in step
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            return (await client.decide(_request("b"), 5.0)).decision_id
+
+    assert asyncio.run(scenario()) == "dec_b"
+    assert pdp.connections == [["a", "b"]]
+
+
+def test_a_late_answer_sends_the_next_decisions_to_a_new_connection(where: Path) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen), delay=0.5)  # the first connection answers late
+
+    async def scenario() -> str:
+        async with _serving(where, pdp) as client:
+            with pytest.raises(DecideSocketError, match="TimeoutError"):
+                await client.decide(_request("a"), 0.2)
+            answer = await client.decide(_request("b"), 5.0)
+            await asyncio.sleep(0.6)  # a's answer has come by now, to nobody
+            return answer.decision_id
+
+    assert asyncio.run(scenario()) == "dec_b"
+    assert pdp.connections == [["a"], ["b"]]
+    assert 0 in pdp.ended  # the one given up on is closed, not kept open for good
