@@ -51,6 +51,7 @@ from pdp.grants import Grants
 from pdp.ledger import (
     BUDGETS,
     Applied,
+    ClaimInFlight,
     DecisionOutcome,
     Ledger,
     MemoryRunStore,
@@ -256,7 +257,13 @@ class DecisionService:
                 batch.commit()
 
     def _hold(
-        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
+        self,
+        run_id: str,
+        request_id: str,
+        action: Action,
+        now: datetime,
+        bound: str,
+        wait: bool = True,
     ) -> HeldDecision:
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
@@ -269,13 +276,15 @@ class DecisionService:
             canonical_record_bytes(
                 {"run_id": run_id, "request_id": request_id, "input": {"action": acted}}
             )
-            prior = None if action.probe else self._ledger.claim(run_id, request_id, acted)
+            prior = None if action.probe else self._ledger.claim(run_id, request_id, acted, wait)
             if prior is not None:
                 return HeldDecision(
                     self._answered_before(run, request_id, action, acted, prior, now)
                 )
             claimed = not action.probe
             judged = self._judge(run, action, acted, now)
+        except ClaimInFlight:
+            raise  # nothing held yet: the batch claims again once it holds no other
         except AbcError as exc:
             judged = _refused(exc, {"action": acted})
         except EngineError as exc:
@@ -294,28 +303,35 @@ class DecisionService:
         record = held.record
         if record is None:
             return held.answer  # answered already, or a retry's kept answer
-        if held.queued is not None:
-            try:
-                self._log.sync(held.queued)
-            except LogUnavailable as exc:
-                log.error("decision log unwritable, refusing: %s", exc)
-                if held.as_judged:  # a refusal for the log's sake released it already
-                    self._ledger.release(record.run_id, held.applied)
-                held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
-                held.as_judged = False
-        outcome = held.answer
-        self._metrics.count_decision(
-            outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
-        )
-        if held.claimed:
-            kept = held.as_judged and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
-            if kept and not self._log.masks({"action": held.acted}):
+        kept = False
+        try:
+            if held.queued is not None:
+                try:
+                    self._log.sync(held.queued)
+                except LogUnavailable as exc:
+                    log.error("decision log unwritable, refusing: %s", exc)
+                    if held.as_judged:  # a refusal for the log's sake released it already
+                        self._ledger.release(record.run_id, held.applied)
+                    held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
+                    held.as_judged = False
+            outcome = held.answer
+            self._metrics.count_decision(
+                outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
+            )
+            if (
+                held.claimed
+                and held.as_judged
+                and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
+                and not self._log.masks({"action": held.acted})
+            ):
                 self._ledger.keep(record.run_id, record.request_id, held.acted, outcome)
-            else:
-                # A passing outage, or a record refused for its spelling: a retry decides
-                # anew. So does one whose action holds a masked secret: a kept answer keeps
-                # its action, in memory and in snapshots, and the log (which replay reads)
-                # has it masked.
+                kept = True
+        finally:
+            if held.claimed and not kept:
+                # A passing outage, a record refused for its spelling, or a failure here: a
+                # retry decides anew. So does one whose action holds a masked secret: a
+                # kept answer keeps its action, in memory and in snapshots, and the log
+                # (which replay reads) has it masked.
                 self._ledger.unclaim(record.run_id, record.request_id)
         if held.started:  # judged here, not a refusal of what could not be judged
             self._metrics.decide_seconds.observe(time.perf_counter() - held.started)
@@ -485,23 +501,18 @@ class DecisionService:
         usd_micros: int,
         now: datetime,
         bound: str = "",
-        *,
-        wait: bool = True,
     ) -> Queued | None:
-        """Settle: the settlement's place in the log, None for an unknown or settled
-        reservation or an impossible amount. ``RunNotBound`` for a reservation of a run of
-        another grant than ``bound``'s.
-
-        Not ``wait``: the record goes with the log's next commit (the decision it was
-        carried with), one fsync for both; ``sync`` before saying it was settled.
-        """
+        """Settle, once durable: the settlement's place in the log, None for an unknown or
+        settled reservation or an impossible amount. ``RunNotBound`` for a reservation of
+        a run of another grant than ``bound``'s. (``DecisionBatch.report_usage`` settles
+        one to go with the batch's commit.)"""
         if self.unbound([reservation_id], bound, now):
             raise RunNotBound(
                 f"reservation {reservation_id} holds budget of a run of another manifest than"
                 f" the caller's {bound}"
             )
         with self._gate.changing():
-            return self._ledger.settle(reservation_id, tokens, usd_micros, now, wait=wait)
+            return self._ledger.settle(reservation_id, tokens, usd_micros, now)
 
     def sync(self, queued: Queued) -> None:
         """Return once ``queued`` is durable; ``LogUnavailable`` if it was lost."""
@@ -604,37 +615,42 @@ class DecisionBatch:
     the state the ones before it left, its record queued; ``commit`` (also on leaving the
     batch) makes them durable with one fsync and answers them.
 
-    A request id is claimed until its batch is answered. Two batches each claiming, in
-    crossed order, a request id the other holds wait for each other until the store's
-    in-flight limit refuses one (``pdp_unavailable``): retries crossing each other on two
-    connections are slowed and refused, never charged twice."""
+    A request id is claimed until its batch is answered, so a batch holding claims never
+    waits for another's: a request id being decided elsewhere (or earlier in this batch)
+    makes the batch answer what it holds first, then wait for it as a lone decision does.
+    """
 
     def __init__(self, service: DecisionService) -> None:
         self._service = service
         self._held: list[HeldDecision] = []
-        self._claimed: set[tuple[str, str]] = set()
+        self._claims = 0  # of those held
 
     def decide(
         self, run_id: str, request_id: str, action: Action, now: datetime, bound: str = ""
     ) -> HeldDecision:
         """``DecisionService.decide``'s decision, answered when the batch is left."""
-        service = self._service
-        if (run_id, request_id) in self._claimed:
-            # Its claim is held until answered: deciding it again now would wait for itself.
-            self.commit()
         if action.kind != "step" or action.probe:
-            held = service._hold(run_id, request_id, action, now, bound)
+            held = self._hold(run_id, request_id, action, now, bound)
             self._held.append(held)
-            if held.claimed:
-                self._claimed.add((run_id, request_id))
+            self._claims += held.claimed
             return held
         # A run's step changes are logged in the order they are made, or replay (which
         # moves a step only from the one it was seen at) would drop one: the second of two
         # waits until the first is durable. Steps are few; calls never wait here.
+        service = self._service
         with service._step_order[hash(run_id) % len(service._step_order)]:
-            held = service._hold(run_id, request_id, action, now, bound)
-            service._answer(held)
+            held = self._hold(run_id, request_id, action, now, bound)
+            self._answer(held)
         return held
+
+    def _hold(
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
+    ) -> HeldDecision:
+        try:
+            return self._service._hold(run_id, request_id, action, now, bound, not self._claims)
+        except ClaimInFlight:
+            self.commit()
+            return self._service._hold(run_id, request_id, action, now, bound)
 
     def refuse(
         self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""
@@ -647,17 +663,20 @@ class DecisionBatch:
     def report_usage(
         self, reservation_id: str, tokens: int, usd_micros: int, now: datetime
     ) -> Queued | None:
-        """``DecisionService.report_usage(..., wait=False)`` inside the batch, whose gate is
-        held already; the caller has checked whose reservation it is."""
+        """``DecisionService.report_usage``, its record queued to go with the next commit
+        (the batch's, or any); the caller has checked whose reservation it is. Say it was
+        settled only once ``DecisionService.sync`` returned for it."""
         return self._service._ledger.settle(reservation_id, tokens, usd_micros, now, wait=False)
 
     def commit(self) -> None:
         """Make every decision held so far durable (one commit takes them all) and answer
         each: as judged, or refused if the log lost it."""
-        held, self._held = self._held, []
-        self._claimed.clear()
+        held, self._held, self._claims = self._held, [], 0
         for each in held:
-            try:
-                self._service._answer(each)
-            except Exception as exc:  # that one fails as a lone decision would; the rest go on
-                each.failed = exc
+            self._answer(each)
+
+    def _answer(self, held: HeldDecision) -> None:
+        try:
+            self._service._answer(held)
+        except Exception as exc:  # that one fails as a lone decision would; the rest go on
+            held.failed = exc

@@ -7,8 +7,10 @@ A grpc.aio call costs the sidecar about as much CPU as proxying the request itse
 frame on a Unix socket costs a write and a read. Decisions share one connection, each
 written as it comes without waiting for the answers before it, which come back in order:
 the PDP decides what arrived together as one batch, with one commit and one write back
-(``pdp.server.decide_socket``). Settlements take connections of their own, one batch at a
-time on each. Each connection is a bare ``asyncio.Protocol``: on every decision, asyncio's
+(``pdp.server.decide_socket``). A PDP of before that, which closes such a connection at
+its preamble, gets them one at a time on connections of their own for a while (those sent
+go again: it read none). Settlements take connections of their own, one batch at a time
+on each. Each connection is a bare ``asyncio.Protocol``: on every decision, asyncio's
 streams would add their own buffering and wake-ups to the sidecar's busiest path.
 """
 
@@ -26,18 +28,31 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, SETTLE_PREAMBLE, frame
+from pdp.api.decide_socket import (
+    HEADER,
+    MAX_FRAME,
+    OK,
+    PIPELINED,
+    PREAMBLE,
+    SETTLE_PREAMBLE,
+    frame,
+)
 
 __all__ = ["DecideSocketClient", "DecideSocketError"]
 
 log = logging.getLogger("abc.pep")
 REUSE_SECONDS = 30.0  # the PDP drops a connection idle for 60 s (pdp.server.decide_socket)
+ALONE_SECONDS = 60.0  # decided one at a time this long after a PDP did not take PIPELINED
 # The users a PDP may run as: the sidecar's own, or root.
 OWN_USERS = frozenset({os.getuid(), 0})
 
 
 class DecideSocketError(Exception):
     """No answer to trust: the PDP is down, slow, refused the request or spoke garbage."""
+
+
+class _NotPipelined(ConnectionResetError):
+    """Closed before saying ``PIPELINED`` back: a PDP of before, deciding one at a time."""
 
 
 def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
@@ -61,6 +76,7 @@ class _Connection(asyncio.Protocol):
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self.broken = False
         self._retired = False  # takes no more requests; closed once it has answered all
+        self._echo = b""  # what the PDP says back before its first answer
         self.used = time.monotonic()
 
     def start(
@@ -77,6 +93,8 @@ class _Connection(asyncio.Protocol):
             log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
         transport.write(preamble)
+        if preamble == PIPELINED:
+            self._echo = PIPELINED
 
     def usable(self, reuse_seconds: float) -> bool:
         """Open and taking requests. One idle for ``reuse_seconds`` is let go, so that a
@@ -91,6 +109,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         received = self._received
         received += data
+        if self._echo:
+            if not (received.startswith(self._echo) or self._echo.startswith(received)):
+                self._break(DecodeError("not the decide socket's protocol"))
+                return
+            if len(received) < len(self._echo):
+                return
+            del received[: len(self._echo)]
+            self._echo = b""
         while len(received) >= HEADER.size:
             (length,) = HEADER.unpack_from(received)
             if not 1 <= length <= MAX_FRAME:
@@ -110,7 +136,10 @@ class _Connection(asyncio.Protocol):
             self.retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
+        if self._echo:
+            self._break(_NotPipelined("the PDP closed the connection at its preamble"))
+        else:
+            self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
 
     def _break(self, exc: Exception) -> None:
         self.broken = True
@@ -143,6 +172,8 @@ class _Connection(asyncio.Protocol):
         finally:
             timer.cancel()
             self.used = time.monotonic()
+            if self._retired:  # this caller may have been the last one waiting
+                self.retire()
 
     def retire(self) -> None:
         """Take no more requests; close once no caller waits for an answer (at once if
@@ -168,6 +199,8 @@ class DecideSocketClient:
         self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
         self._deciding: _Connection | None = None  # where decisions go
         self._opening: asyncio.Task[_Connection] | None = None
+        self._alone_until = 0.0  # before it (loop time), decisions go one at a time
+        self._idle: list[_Connection] = []  # those, between decisions
         self._settling: list[_Connection] = []  # settlements go one batch at a time
         self._slots = asyncio.Semaphore(max_in_flight)
         self._closed = False
@@ -178,6 +211,7 @@ class DecideSocketClient:
         """The PDP's answer within ``timeout`` seconds, else ``DecideSocketError``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        payload = request.SerializeToString()
         try:
             if self._slots.locked():  # as many in flight as allowed: wait, bounded too
                 async with asyncio.timeout_at(deadline):
@@ -185,13 +219,30 @@ class DecideSocketClient:
             else:
                 await self._slots.acquire()  # at once
             try:
-                connection = await self._connection(deadline)
-                answer = await connection.exchange(request.SerializeToString(), deadline)
+                if loop.time() >= self._alone_until:
+                    try:
+                        connection = await self._connection(deadline)
+                        answer = await connection.exchange(payload, deadline)
+                        return pdp_pb2.DecideResponse.FromString(_accepted(answer))
+                    except _NotPipelined:
+                        self._decide_alone(loop.time())
+                # Sent again: the PDP read none of it, and a request id is answered once.
+                answer = await self._alone(self._idle, PREAMBLE, payload, deadline)
+                return pdp_pb2.DecideResponse.FromString(_accepted(answer))
             finally:
                 self._slots.release()
-            return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+
+    def _decide_alone(self, now: float) -> None:
+        if now >= self._alone_until:
+            log.warning(
+                "%s: the PDP takes one decision at a time on a connection (a PDP of before):"
+                " so decided for %.0f s",
+                self._path,
+                ALONE_SECONDS,
+            )
+        self._alone_until = now + ALONE_SECONDS
 
     async def settle(
         self, batch: pdp_pb2.ReportUsageBatchRequest, timeout: float
@@ -201,21 +252,29 @@ class DecideSocketClient:
         settlements on its socket (it closes the connection)."""
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            connection = self._reuse(self._settling) or await self._connect(
-                deadline, SETTLE_PREAMBLE
+            answer = await self._alone(
+                self._settling, SETTLE_PREAMBLE, batch.SerializeToString(), deadline
             )
-            try:
-                answer = await connection.exchange(batch.SerializeToString(), deadline)
-            except BaseException:
-                connection.close()  # a batch unanswered: the next goes on a fresh one
-                raise
-            if self._closed:
-                connection.close()
-            else:
-                self._settling.append(connection)
             return pdp_pb2.ReportUsageBatchResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+
+    async def _alone(
+        self, idle: list[_Connection], preamble: bytes, payload: bytes, deadline: float
+    ) -> bytes:
+        """The answer to ``payload`` on a connection of its own, from ``idle`` (or opened
+        with ``preamble``), which goes back there after it."""
+        connection = self._reuse(idle) or await self._connect(deadline, preamble)
+        try:
+            answer = await connection.exchange(payload, deadline)
+        except BaseException:
+            connection.close()  # unanswered: the next request goes on a fresh one
+            raise
+        if self._closed:
+            connection.close()
+        else:
+            idle.append(connection)
+        return answer
 
     async def _connection(self, deadline: float) -> _Connection:
         """The connection decisions go on: the one open, or one opened for all who wait."""
@@ -223,7 +282,7 @@ class DecideSocketClient:
         if current is not None and current.usable(self._reuse_seconds):
             return current
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._connect(deadline, PREAMBLE))
+            self._opening = asyncio.ensure_future(self._connect(deadline, PIPELINED))
             self._opening.add_done_callback(self._opened)
         async with asyncio.timeout_at(deadline):
             # Shielded: one caller's deadline does not end the others' wait.
@@ -268,8 +327,9 @@ class DecideSocketClient:
         self._closed = True  # decisions in flight are answered first
         if self._deciding is not None:
             self._deciding.retire()
-        while self._settling:
-            self._settling.pop().close()
+        for idle in (self._idle, self._settling):
+            while idle:
+                idle.pop().close()
 
 
 def _accepted(answer: bytes) -> bytes:

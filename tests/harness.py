@@ -50,9 +50,10 @@ def read_frame(reader: BinaryIO) -> bytes | None:
 class DecideRelay:
     """A decide socket at ``path`` in front of the PDP's at ``pdp``. It passes each request
     on ``delay`` seconds late (a PDP slow to decide); with ``decisions_only``, it closes a
-    connection that opens with anything but the decisions' preamble, as a PDP of before
-    settlements on its socket does (``said``: what each connection opened with). A thread
-    per direction per connection; each ends when its peer hangs up."""
+    connection that opens with anything but the first preamble (one decision at a time),
+    as a PDP of before pipelined decisions and settlements on its socket does (``said``:
+    what each connection opened with). A thread per direction per connection; each ends
+    when its peer hangs up."""
 
     def __init__(
         self, pdp: Path, path: Path, delay: float = 0.0, decisions_only: bool = False

@@ -4,14 +4,17 @@ A sidecar beside its PDP (one pod, one host) spends most of each decision's CPU 
 own machinery, on both sides. Over this socket the same ``DecideRequest`` and
 ``DecideResponse`` messages travel in plain frames:
 
-- a connection opens with ``PREAMBLE`` from the client;
+- a connection opens with ``PIPELINED`` (or, from a sidecar of before, ``PREAMBLE``) from
+  the client;
 - a request is a 4-byte big-endian length, then a serialized ``abc.pdp.v1.DecideRequest``;
 - its answer is a 4-byte big-endian length, then one status byte, then either a serialized
   ``DecideResponse`` (``OK``) or a UTF-8 reason (``REFUSED``: the request was not judged);
-- requests may follow one another on a connection without waiting for their answers,
-  which come back in the order of the requests. The PDP decides the requests one read
-  brought as one batch, made durable with one commit, and writes their answers together;
-  a PDP of before this took them one at a time, in order, and answers the same;
+- after ``PIPELINED`` requests may follow one another without waiting for their answers,
+  which come back in the order of the requests, after ``PIPELINED`` itself, said back at
+  once. The PDP decides what one read brought as one batch, made durable with one commit,
+  and writes their answers together. A PDP of before this closes such a connection
+  unanswered, and the sidecar decides one request at a time on connections opened with
+  ``PREAMBLE`` (a client wanting more in flight opens more connections);
 - a connection that opens with ``SETTLE_PREAMBLE`` instead carries settlements: each request
   a serialized ``ReportUsageBatchRequest``, each ``OK`` answer a ``ReportUsageBatchResponse``
   (``REFUSED``: not settled, to be sent again). The batch is settled at once and answered
@@ -34,6 +37,7 @@ __all__ = [
     "HEADER",
     "MAX_FRAME",
     "OK",
+    "PIPELINED",
     "PREAMBLE",
     "REFUSED",
     "SETTLE_PREAMBLE",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 PREAMBLE = b"ABC-DECIDE/1\n"
+PIPELINED = b"ABC-DECIDE/2\n"
 SETTLE_PREAMBLE = b"ABC-SETTLE/1\n"  # as long as PREAMBLE: one read tells them apart
 SETTLE_WAIT_SECONDS = 0.5
 HEADER = struct.Struct(">I")

@@ -73,10 +73,13 @@ class Ledger:
         self._settled: OrderedDict[str, tuple[SettlementRecord, Queued | None]] = OrderedDict()
         self._settled_lock = threading.Lock()
 
-    def claim(self, run_id: str, request_id: str, action: dict[str, Any]) -> DecisionOutcome | None:
+    def claim(
+        self, run_id: str, request_id: str, action: dict[str, Any], wait: bool = True
+    ) -> DecisionOutcome | None:
         """The answer already given to ``request_id``, or None once it is claimed for this
-        decision. ``RequestIdReused`` if it was given for another action."""
-        prior = self.store.claim(run_id, request_id)
+        decision. ``RequestIdReused`` if it was given for another action; not ``wait``:
+        ``ClaimInFlight`` if it is being decided."""
+        prior = self.store.claim(run_id, request_id, wait)
         if prior is None:
             return None
         if prior.get("action") != action:

@@ -22,6 +22,7 @@ from pdp.ledger.store import (
     ANSWER_WINDOW,
     RELEASED_WINDOW,
     Books,
+    ClaimInFlight,
     Fleet,
     RunState,
     Usage,
@@ -291,9 +292,11 @@ class MemoryRunStore:
         with self._lock:
             return self._released.get(run_id)
 
-    def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
+    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
         with self._answered:
             run = self._run(run_id)
+            if not wait and request_id in run.in_flight:
+                raise ClaimInFlight(request_id)
             deadline = time.monotonic() + _IN_FLIGHT_SECONDS
             while request_id in run.in_flight:
                 left = deadline - time.monotonic()

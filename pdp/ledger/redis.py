@@ -47,7 +47,15 @@ from pdp.errors import (
     StoreUnavailable,
 )
 from pdp.ledger import lua
-from pdp.ledger.store import ANSWER_WINDOW, RELEASED_WINDOW, Books, Fleet, RunState, Usage
+from pdp.ledger.store import (
+    ANSWER_WINDOW,
+    RELEASED_WINDOW,
+    Books,
+    ClaimInFlight,
+    Fleet,
+    RunState,
+    Usage,
+)
 
 __all__ = ["RedisRunStore"]
 
@@ -284,7 +292,7 @@ class RedisRunStore:
         raw = _guarded(lambda: self._redis.hget(self._prefix + "released", run_id))
         return raw.decode() if isinstance(raw, bytes) else None
 
-    def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
+    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
         key = self._key(run_id, "answers")
         deadline = time.monotonic() + _IN_FLIGHT_MS / 1000
         waited = False
@@ -302,6 +310,8 @@ class RedisRunStore:
             if not prior.startswith(b"~"):
                 answer: dict[str, Any] = json.loads(prior)
                 return answer
+            if not wait:
+                raise ClaimInFlight(request_id)
             waited = True
             time.sleep(0.005)  # another replica is deciding this request id right now
 

@@ -21,6 +21,7 @@ __all__ = [
     "RELEASED_WINDOW",
     "UNLIMITED",
     "Books",
+    "ClaimInFlight",
     "Fleet",
     "RunState",
     "RunStore",
@@ -38,6 +39,11 @@ ANSWER_WINDOW = 10_000
 RELEASED_WINDOW = 10_000
 # A fleet budget the manifest leaves open: exact as a Lua number (2^53), never reached.
 UNLIMITED = 2**53
+
+
+class ClaimInFlight(Exception):
+    """A claim that was not to wait found its request id being decided (``claim``'s
+    ``wait=False``): not a refusal, the caller claims again once it holds no other."""
 
 
 @dataclass
@@ -199,10 +205,11 @@ class RunStore(Protocol):
     def released(self, run_id: str) -> str | None:
         """The status a recently released run ended with, or None."""
 
-    def claim(self, run_id: str, request_id: str) -> dict[str, Any] | None:
+    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
         """The answer already given to ``request_id``, or None after marking it in flight
         (a duplicate arriving meanwhile waits for the first one's answer; ``StoreUnavailable``
-        if none comes within the wait, rather than a second decision and charge)."""
+        if none comes within the wait, rather than a second decision and charge; not
+        ``wait``: ``ClaimInFlight`` at once)."""
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         """Keep the answer (nothing, for a run released while it was decided)."""

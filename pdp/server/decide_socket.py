@@ -9,8 +9,8 @@ hand-offs cost more CPU than the decision (issue 18's profile); the decision its
 same ``DecisionServicer``'s, with its guarantees: durable before the answer.
 
 A sidecar sends its decisions on one connection without waiting for each answer. What one
-read brings (up to ``MAX_BATCH`` requests) is decided in turn and made durable with one
-commit, and the answers go back together in one write: one wake-up of this thread, one
+read brings (up to ``DECIDED_TOGETHER`` requests) is decided in turn and made durable with
+one commit, and the answers go back together in one write: one wake-up of this thread, one
 fsync and two system calls for them all, where a thread per decision in flight cost ten
 wake-ups a decision at 16 clients.
 """
@@ -30,7 +30,16 @@ from pathlib import Path
 from google.protobuf.message import DecodeError, Message
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, MAX_FRAME, OK, PREAMBLE, REFUSED, SETTLE_PREAMBLE, frame
+from pdp.api.decide_socket import (
+    HEADER,
+    MAX_FRAME,
+    OK,
+    PIPELINED,
+    PREAMBLE,
+    REFUSED,
+    SETTLE_PREAMBLE,
+    frame,
+)
 from pdp.errors import AbcError, ConfigError
 
 __all__ = ["DecideSocketServer", "bind_decide_socket"]
@@ -40,7 +49,7 @@ log = logging.getLogger("abc.pdp")
 DecideAll = Callable[[list[pdp_pb2.DecideRequest]], list[pdp_pb2.DecideResponse | Exception]]
 Settle = Callable[[pdp_pb2.ReportUsageBatchRequest], pdp_pb2.ReportUsageBatchResponse]
 Answer = Callable[[list[bytes]], Sequence[Message | Exception]]
-MAX_BATCH = 64  # requests decided together: the state gate is held for all of them
+DECIDED_TOGETHER = 64  # requests at most in one batch: the state gate is held for all
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
@@ -160,12 +169,12 @@ class _Requests:
 
     def batch(self) -> list[bytes] | None:
         """The next request and those whole after it in what was read, at most
-        ``MAX_BATCH``; None as for ``next``."""
+        ``DECIDED_TOGETHER``; None as for ``next``."""
         first = self.next()
         if first is None:
             return None
         bodies = [first]
-        while len(bodies) < MAX_BATCH and len(self._buffer) >= HEADER.size:
+        while len(bodies) < DECIDED_TOGETHER and len(self._buffer) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buffer)
             if length > MAX_FRAME or len(self._buffer) < HEADER.size + length:
                 break  # ``next`` waits for the rest, or refuses it
@@ -204,10 +213,12 @@ class DecideSocketServer:
         self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
 
     def start(self, decide_all: DecideAll, settle: Settle) -> None:
+        def decide(bodies: list[bytes]) -> Sequence[Message | Exception]:
+            return decide_all([pdp_pb2.DecideRequest.FromString(body) for body in bodies])
+
         answers: dict[bytes, Answer] = {
-            PREAMBLE: lambda bodies: decide_all(
-                [pdp_pb2.DecideRequest.FromString(body) for body in bodies]
-            ),
+            PIPELINED: decide,
+            PREAMBLE: decide,  # a sidecar of before: one request at a time, a batch of one
             SETTLE_PREAMBLE: lambda bodies: [
                 _attempt(settle, pdp_pb2.ReportUsageBatchRequest.FromString(body))
                 for body in bodies
@@ -267,20 +278,24 @@ class DecideSocketServer:
             answer_to = answers.get(said) if said is not None else None
             if answer_to is None:
                 return
+            if said == PIPELINED:
+                conn.sendall(PIPELINED)  # so the sidecar knows this PDP takes them so
             # Settlements come one batch at a time: a batch may wait for a decision's commit.
-            take = requests.batch if said == PREAMBLE else requests.next_alone
+            take = requests.next_alone if said == SETTLE_PREAMBLE else requests.batch
             while (bodies := take()) is not None:
-                answers_out = []
+                out = []
                 for answer in answer_to(bodies):
                     if isinstance(answer, AbcError):  # not judged, or not settled: so said
-                        answers_out.append(frame(REFUSED + str(answer).encode()))
+                        out.append(frame(REFUSED + str(answer).encode()))
                     elif isinstance(answer, Exception):
-                        # Closed, so the client refuses: a failure must not answer anything.
+                        # Those before it answered, then closed: the client refuses this one
+                        # and those after it. A failure must not answer anything.
                         log.error("decide socket: a request failed", exc_info=answer)
+                        conn.sendall(b"".join(out))
                         return
                     else:
-                        answers_out.append(frame(OK + answer.SerializeToString()))
-                conn.sendall(b"".join(answers_out))
+                        out.append(frame(OK + answer.SerializeToString()))
+                conn.sendall(b"".join(out))
         except (OSError, DecodeError):
             pass  # the client is gone, slow, or spoke something else: it refuses its own call
         except Exception:

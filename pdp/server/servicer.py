@@ -107,8 +107,13 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         """Each request decided in turn, as ``decide`` would, and all made durable with one
         commit before any is answered: each one's answer, or what refused it (``BadRequest``:
         not judged at all)."""
+        begun: list[tuple[HeldDecision, list[Queued | None] | None] | Exception] = []
         with self._service.batch() as batch:
-            begun = [self._begin(batch, request) for request in requests]
+            for request in requests:
+                try:
+                    begun.append(self._begin(batch, request))
+                except Exception as exc:  # that one fails as a lone decision would
+                    begun.append(exc)
         answers: list[pdp_pb2.DecideResponse | Exception] = []
         for each in begun:
             try:
@@ -119,10 +124,10 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
 
     def _begin(
         self, batch: DecisionBatch, request: pdp_pb2.DecideRequest
-    ) -> tuple[HeldDecision, list[Queued | None] | None] | BadRequest:
+    ) -> tuple[HeldDecision, list[Queued | None] | None]:
         now = self._clock()
         if len(request.settlements) > MAX_BATCH:
-            return BadRequest(f"at most {MAX_BATCH} settlements")
+            raise BadRequest(f"at most {MAX_BATCH} settlements")
         # Settled first, their records queued: the decision's own commit makes them durable
         # with it, one fsync for both.
         carried = self._carry(batch, request.settlements, request.manifest_digest, now)

@@ -28,7 +28,7 @@ from typing import cast
 import uvloop
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, SETTLE_PREAMBLE, frame
+from pdp.api.decide_socket import HEADER, OK, PIPELINED, PREAMBLE, SETTLE_PREAMBLE, frame
 
 ANSWER = frame(b"a" * 115)
 LINE = b"x" * 899 + b"\n"
@@ -101,16 +101,19 @@ class Ack(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._buffer += data
         if self._said is None:
-            preambles = (PREAMBLE, SETTLE_PREAMBLE)  # as long as each other
+            preambles = (PIPELINED, PREAMBLE, SETTLE_PREAMBLE)  # as long as each other
             if len(self._buffer) < len(PREAMBLE) and any(
                 said.startswith(self._buffer) for said in preambles
             ):
                 return
             self._said = next((said for said in preambles if self._buffer.startswith(said)), b"")
             del self._buffer[: len(self._said)]
+            if self._said == PIPELINED:
+                assert self._transport is not None
+                self._transport.write(PIPELINED)  # taken: requests may come back to back
         while (payload := take_frame(self._buffer)) is not None:
             assert self._transport is not None
-            if self._said == PREAMBLE:
+            if self._said in (PIPELINED, PREAMBLE):
                 carried = len(pdp_pb2.DecideRequest.FromString(payload).settlements)
                 self._log.owe(self._transport, allow(carried))
             elif self._said == SETTLE_PREAMBLE:

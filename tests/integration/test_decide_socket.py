@@ -144,8 +144,10 @@ def test_a_settlement_no_decision_carries_goes_over_the_socket_too(
 def test_settlements_a_socket_does_not_take_go_over_grpc(
     served: tuple[PdpProcess, Path], run_id: str, short_dir: Path
 ) -> None:
-    """A PDP of before the settlements' preamble: decisions on its socket, and a batch of
-    settlements, whose connection it closes, over gRPC at once, settled all the same."""
+    """A PDP of before pipelined decisions and the settlements' preamble: decisions on its
+    socket one at a time (the first try of pipelining closed, its decision sent again), and
+    a batch of settlements, whose connection it closes, over gRPC at once, settled all the
+    same."""
     pdp, path = served
     before = _spent(pdp, run_id)
     old = DecideRelay(path, short_dir / "old.sock", decisions_only=True)
@@ -163,7 +165,7 @@ def test_settlements_a_socket_does_not_take_go_over_grpc(
     finally:
         old.close()
     assert _spent(pdp, run_id) == before + 13
-    assert [said[:12] for said in old.said] == [b"ABC-DECIDE/1", b"ABC-SETTLE/1"]
+    assert [said[:12] for said in old.said] == [b"ABC-DECIDE/2", b"ABC-DECIDE/1", b"ABC-SETTLE/1"]
 
 
 def _held(path: Path) -> int:

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from pdp.errors import (
     RunClosed,
     RunReleased,
     SignatureInvalid,
+    StoreUnavailable,
 )
 from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest import SqliteHighWater
@@ -285,7 +287,8 @@ def test_a_settlement_is_said_settled_only_once_it_is_durable(pdp: _Pdp) -> None
     run_id = pdp.register()
     reservation = pdp.service.decide(run_id, "req-1", _model(100), NOW).reservation_id
     # Carried with a decision: queued for the log's next commit, not yet on disk.
-    assert pdp.service.report_usage(reservation, 40, 0, NOW, wait=False) is not None
+    with pdp.service.batch() as batch:
+        assert batch.report_usage(reservation, 40, 0, NOW) is not None
     # A retry of it finds it settled, and says so only once the first record is durable.
     assert pdp.service.report_usage(reservation, 40, 0, NOW) is None
     on_disk = read_verified_log(pdp.log_path, LOG_KEY.public_key(), allow_tail=True).records
@@ -580,3 +583,54 @@ def test_a_request_id_again_in_one_batch_gets_the_first_ones_answer(pdp: _Pdp) -
         again = batch.decide(run_id, "req-1", _model(100), NOW)
     assert again.outcome.decision_id == first.outcome.decision_id
     assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)
+
+
+def test_batches_claiming_the_same_request_ids_in_crossed_order_do_not_stall(pdp: _Pdp) -> None:
+    """Each holds one claim the other wants next: neither waits while holding one, so both
+    finish at once (not after the store's 10 s in-flight limit), each id decided once."""
+    run_id = pdp.register()
+    crossed = threading.Barrier(2)
+    answers: dict[str, list[str]] = {}
+
+    def batch(first: str, then: str) -> None:
+        with pdp.service.batch() as held:
+            one = held.decide(run_id, first, _model(100), NOW)
+            crossed.wait(5)
+            two = held.decide(run_id, then, _model(100), NOW)
+        answers[first] = [one.outcome.decision_id, two.outcome.decision_id]
+
+    threads = [
+        threading.Thread(target=batch, args=ids) for ids in (("req-x", "req-y"), ("req-y", "req-x"))
+    ]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert time.monotonic() - started < 5
+    assert answers["req-x"] == answers["req-y"][::-1]  # the same decision for each id
+    assert pdp.store.books(run_id).reserved == Usage(tokens=200, requests=2)
+
+
+def test_a_step_that_fails_in_a_batch_fails_alone(
+    pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_id = pdp.register()
+    keep = pdp.service._ledger.keep
+
+    def keep_but_steps(run: str, request_id: str, action: Any, outcome: Any) -> None:
+        if action["kind"] == "step":
+            raise StoreUnavailable("the store went away")
+        keep(run, request_id, action, outcome)
+
+    monkeypatch.setattr(pdp.service._ledger, "keep", keep_but_steps)
+    with pdp.service.batch() as batch:
+        before = batch.decide(run_id, "req-1", _model(100), NOW)
+        step = batch.decide(run_id, "req-2", validate_action("step", "step:answer"), NOW)
+        after = batch.decide(run_id, "req-3", _model(100), NOW)
+    with pytest.raises(StoreUnavailable):
+        step.outcome  # noqa: B018
+    assert before.outcome.decision.allow and after.outcome.decision.allow
+    # Not kept, not left claimed: a retry of the step decides it anew.
+    monkeypatch.undo()
+    assert pdp.service.decide(run_id, "req-2", validate_action("step", "step:answer"), NOW)

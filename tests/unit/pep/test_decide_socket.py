@@ -1,10 +1,12 @@
 """pep/decide_socket.py against a scripted PDP: decisions share one connection, each
-answer reaches the caller it is for, and a late one sends later decisions elsewhere."""
+answer reaches the caller it is for, a late one sends later decisions elsewhere, and a PDP
+of before (one decision at a time) still decides every one."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, frame
+from pdp.api.decide_socket import HEADER, OK, PIPELINED, PREAMBLE, frame
 from pep.decide_socket import DecideSocketClient, DecideSocketError
 
 
@@ -28,9 +30,13 @@ class _Pdp:
     """Reads requests; answers ``dec_<request id>`` for each, in order, once ``ready``
     says the connection has read enough."""
 
-    def __init__(self, ready: Callable[[int, list[str]], int], delay: float = 0.0) -> None:
+    def __init__(
+        self, ready: Callable[[int, list[str]], int], delay: float = 0.0, before: bool = False
+    ) -> None:
         self.ready, self.delay = ready, delay
+        self.before = before  # a PDP of before pipelining: PREAMBLE only, one at a time
         self.connections: list[list[str]] = []
+        self.said: list[bytes] = []
         self.ended: list[int] = []
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -39,7 +45,12 @@ class _Pdp:
         self.connections.append(seen)
         answered = 0
         try:
-            assert await reader.readexactly(len(PREAMBLE)) == PREAMBLE
+            said = await reader.readexactly(len(PREAMBLE))
+            self.said.append(said)
+            if said == PIPELINED and not self.before:
+                writer.write(PIPELINED)
+            elif said != PREAMBLE:
+                return  # closed unanswered, as a PDP of before does
             while True:
                 (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
                 seen.append(
@@ -127,3 +138,24 @@ def test_a_late_answer_sends_the_next_decisions_to_a_new_connection(where: Path)
     assert asyncio.run(scenario()) == "dec_b"
     assert pdp.connections == [["a"], ["b"]]
     assert 0 in pdp.ended  # the one given up on is closed, not kept open for good
+
+
+def test_a_pdp_of_before_decides_each_one_at_a_time_and_none_is_refused(
+    where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen), before=True)
+
+    async def scenario() -> list[str]:
+        async with _serving(where, pdp) as client:
+            answers = await asyncio.gather(
+                *(client.decide(_request(f"r{n}"), 5.0) for n in range(4))
+            )
+            answers.append(await client.decide(_request("r4"), 5.0))
+            return [answer.decision_id for answer in answers]
+
+    with caplog.at_level(logging.WARNING, "abc.pep"):
+        assert asyncio.run(scenario()) == [f"dec_r{n}" for n in range(5)]
+    assert pdp.said[0] == PIPELINED  # tried once, then one request per connection at a time
+    assert set(pdp.said[1:]) == {PREAMBLE}
+    assert all(len(seen) <= 2 for seen in pdp.connections)
+    assert caplog.text.count("one decision at a time") == 1

@@ -17,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, SETTLE_PREAMBLE, frame
+from pdp.api.decide_socket import (
+    HEADER,
+    OK,
+    PIPELINED,
+    PREAMBLE,
+    REFUSED,
+    SETTLE_PREAMBLE,
+    frame,
+)
 from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 from tests.harness import read_frame
@@ -205,8 +213,9 @@ def test_requests_that_came_together_are_decided_together_and_answered_in_order(
     try:
         with _connect(where) as sock:
             requests = [pdp_pb2.DecideRequest(request_id=i) for i in "abc"]
-            sock.sendall(PREAMBLE + b"".join(frame(r.SerializeToString()) for r in requests))
+            sock.sendall(PIPELINED + b"".join(frame(r.SerializeToString()) for r in requests))
             answers = sock.makefile("rb")
+            assert answers.read(len(PIPELINED)) == PIPELINED  # said back: it takes them so
             said = [read_frame(answers) for _ in requests]
             assert said[0] == OK + pdp_pb2.DecideResponse(decision_id="dec_a").SerializeToString()
             assert said[1] == REFUSED + b"not this one"  # and the others are answered
