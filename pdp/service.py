@@ -45,6 +45,7 @@ from pdp.errors import (
     ReasonCode,
     RequestIdReused,
     RunNotBound,
+    StoreUnavailable,
 )
 from pdp.gate import StateGate
 from pdp.grants import Grants
@@ -264,6 +265,7 @@ class DecisionService:
         now: datetime,
         bound: str,
         wait: bool = True,
+        waited: bool = False,
     ) -> HeldDecision:
         started = time.perf_counter()
         acted = action.policy_input()  # built once: logged, compared, judged, kept
@@ -276,7 +278,11 @@ class DecisionService:
             canonical_record_bytes(
                 {"run_id": run_id, "request_id": request_id, "input": {"action": acted}}
             )
-            prior = None if action.probe else self._ledger.claim(run_id, request_id, acted, wait)
+            prior = (
+                None
+                if action.probe
+                else self._ledger.claim(run_id, request_id, acted, wait, waited)
+            )
             if prior is not None:
                 return HeldDecision(
                     self._answered_before(run, request_id, action, acted, prior, now)
@@ -303,40 +309,43 @@ class DecisionService:
         record = held.record
         if record is None:
             return held.answer  # answered already, or a retry's kept answer
-        kept = False
-        try:
-            if held.queued is not None:
-                try:
-                    self._log.sync(held.queued)
-                except LogUnavailable as exc:
-                    log.error("decision log unwritable, refusing: %s", exc)
-                    if held.as_judged:  # a refusal for the log's sake released it already
-                        self._ledger.release(record.run_id, held.applied)
-                    held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
-                    held.as_judged = False
-            outcome = held.answer
-            self._metrics.count_decision(
-                outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
-            )
-            if (
-                held.claimed
-                and held.as_judged
-                and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
-                and not self._log.masks({"action": held.acted})
-            ):
-                self._ledger.keep(record.run_id, record.request_id, held.acted, outcome)
-                kept = True
-        finally:
-            if held.claimed and not kept:
-                # A passing outage, a record refused for its spelling, or a failure here: a
-                # retry decides anew. So does one whose action holds a masked secret: a
-                # kept answer keeps its action, in memory and in snapshots, and the log
-                # (which replay reads) has it masked.
+        if held.queued is not None:
+            try:
+                self._log.sync(held.queued)
+            except LogUnavailable as exc:
+                log.error("decision log unwritable, refusing: %s", exc)
+                if held.as_judged:  # a refusal for the log's sake released it already
+                    self._ledger.release(record.run_id, held.applied)
+                held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
+                held.as_judged = False
+        outcome = held.answer
+        self._metrics.count_decision(
+            outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
+        )
+        if held.claimed:
+            kept = held.as_judged and outcome.reason is not ReasonCode.PDP_UNAVAILABLE
+            if kept and not self._log.masks({"action": held.acted}):
+                self._keep(record, held.acted, outcome)
+            else:
+                # A passing outage, or a record refused for its spelling: a retry decides
+                # anew. So does one whose action holds a masked secret: a kept answer keeps
+                # its action, in memory and in snapshots, and the log (which replay reads)
+                # has it masked.
                 self._ledger.unclaim(record.run_id, record.request_id)
         if held.started:  # judged here, not a refusal of what could not be judged
             self._metrics.decide_seconds.observe(time.perf_counter() - held.started)
         held.record = None
         return outcome
+
+    def _keep(
+        self, record: DecisionRecord, acted: dict[str, Any], outcome: DecisionOutcome
+    ) -> None:
+        try:
+            self._ledger.keep(record.run_id, record.request_id, acted, outcome)
+        except StoreUnavailable as exc:
+            # Durable and charged: answered all the same. Its request id stays claimed, so a
+            # retry is refused while the claim holds, never decided and charged again.
+            log.error("answer to %s not kept, its claim stays: %s", record.request_id, exc)
 
     def _answered_before(
         self,
@@ -636,10 +645,13 @@ class DecisionBatch:
             return held
         # A run's step changes are logged in the order they are made, or replay (which
         # moves a step only from the one it was seen at) would drop one: the second of two
-        # waits until the first is durable. Steps are few; calls never wait here.
+        # waits until the first is durable. Steps are few; calls never wait here. What this
+        # batch holds is answered first: a batch holding claims never waits for this lock,
+        # so the claim waited for under it is always let go.
+        self.commit()
         service = self._service
         with service._step_order[hash(run_id) % len(service._step_order)]:
-            held = self._hold(run_id, request_id, action, now, bound)
+            held = service._hold(run_id, request_id, action, now, bound)
             self._answer(held)
         return held
 
@@ -650,7 +662,7 @@ class DecisionBatch:
             return self._service._hold(run_id, request_id, action, now, bound, not self._claims)
         except ClaimInFlight:
             self.commit()
-            return self._service._hold(run_id, request_id, action, now, bound)
+            return self._service._hold(run_id, request_id, action, now, bound, waited=True)
 
     def refuse(
         self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""

@@ -7,11 +7,12 @@ A grpc.aio call costs the sidecar about as much CPU as proxying the request itse
 frame on a Unix socket costs a write and a read. Decisions share one connection, each
 written as it comes without waiting for the answers before it, which come back in order:
 the PDP decides what arrived together as one batch, with one commit and one write back
-(``pdp.server.decide_socket``). A PDP of before that, which closes such a connection at
-its preamble, gets them one at a time on connections of their own for a while (those sent
-go again: it read none). Settlements take connections of their own, one batch at a time
-on each. Each connection is a bare ``asyncio.Protocol``: on every decision, asyncio's
-streams would add their own buffering and wake-ups to the sidecar's busiest path.
+(``pdp.server.decide_socket``). Nothing is sent on such a connection before the PDP has
+said its preamble back: a PDP of before that closes it instead, and gets the decisions one
+at a time on connections of their own for a while. Settlements take connections of their
+own, one batch at a time on each. Each connection is a bare ``asyncio.Protocol``: on every
+decision, asyncio's streams would add their own buffering and wake-ups to the sidecar's
+busiest path.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class DecideSocketError(Exception):
 
 
 class _NotPipelined(ConnectionResetError):
-    """Closed before saying ``PIPELINED`` back: a PDP of before, deciding one at a time."""
+    """Closed at ``PIPELINED`` without saying it back: a PDP of before, deciding one at a
+    time. Nothing was sent on the connection."""
 
 
 def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
@@ -76,7 +78,8 @@ class _Connection(asyncio.Protocol):
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self.broken = False
         self._retired = False  # takes no more requests; closed once it has answered all
-        self._echo = b""  # what the PDP says back before its first answer
+        # Set once the PDP said ``PIPELINED`` back: until then no request is sent.
+        self.greeted: asyncio.Future[None] | None = None
         self.used = time.monotonic()
 
     def start(
@@ -94,7 +97,7 @@ class _Connection(asyncio.Protocol):
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
         transport.write(preamble)
         if preamble == PIPELINED:
-            self._echo = PIPELINED
+            self.greeted = asyncio.get_running_loop().create_future()
 
     def usable(self, reuse_seconds: float) -> bool:
         """Open and taking requests. One idle for ``reuse_seconds`` is let go, so that a
@@ -109,14 +112,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         received = self._received
         received += data
-        if self._echo:
-            if not (received.startswith(self._echo) or self._echo.startswith(received)):
+        if self.greeted is not None and not self.greeted.done():
+            if not (received.startswith(PIPELINED) or PIPELINED.startswith(received)):
                 self._break(DecodeError("not the decide socket's protocol"))
                 return
-            if len(received) < len(self._echo):
+            if len(received) < len(PIPELINED):
                 return
-            del received[: len(self._echo)]
-            self._echo = b""
+            del received[: len(PIPELINED)]
+            self.greeted.set_result(None)
         while len(received) >= HEADER.size:
             (length,) = HEADER.unpack_from(received)
             if not 1 <= length <= MAX_FRAME:
@@ -136,13 +139,16 @@ class _Connection(asyncio.Protocol):
             self.retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._echo:
-            self._break(_NotPipelined("the PDP closed the connection at its preamble"))
-        else:
-            self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
+        self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
 
     def _break(self, exc: Exception) -> None:
         self.broken = True
+        if self.greeted is not None and not self.greeted.done():
+            self.greeted.set_exception(
+                _NotPipelined("the PDP closed the connection at its preamble")
+                if isinstance(exc, ConnectionError)
+                else exc
+            )
         while self._waiting:
             answer = self._waiting.popleft()
             if not answer.done():
@@ -199,8 +205,10 @@ class DecideSocketClient:
         self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
         self._deciding: _Connection | None = None  # where decisions go
         self._opening: asyncio.Task[_Connection] | None = None
-        self._alone_until = 0.0  # before it (loop time), decisions go one at a time
-        self._idle: list[_Connection] = []  # those, between decisions
+        # Until then (loop time) decisions go one at a time, each on a connection of its
+        # own (a PDP of before), from ``_idle`` and back.
+        self._alone_until = 0.0
+        self._idle: list[_Connection] = []
         self._settling: list[_Connection] = []  # settlements go one batch at a time
         self._slots = asyncio.Semaphore(max_in_flight)
         self._closed = False
@@ -219,30 +227,30 @@ class DecideSocketClient:
             else:
                 await self._slots.acquire()  # at once
             try:
-                if loop.time() >= self._alone_until:
-                    try:
-                        connection = await self._connection(deadline)
-                        answer = await connection.exchange(payload, deadline)
-                        return pdp_pb2.DecideResponse.FromString(_accepted(answer))
-                    except _NotPipelined:
-                        self._decide_alone(loop.time())
-                # Sent again: the PDP read none of it, and a request id is answered once.
-                answer = await self._alone(self._idle, PREAMBLE, payload, deadline)
-                return pdp_pb2.DecideResponse.FromString(_accepted(answer))
+                answer = await self._exchange(payload, deadline)
             finally:
                 self._slots.release()
+            return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
 
-    def _decide_alone(self, now: float) -> None:
-        if now >= self._alone_until:
-            log.warning(
-                "%s: the PDP takes one decision at a time on a connection (a PDP of before):"
-                " so decided for %.0f s",
-                self._path,
-                ALONE_SECONDS,
-            )
-        self._alone_until = now + ALONE_SECONDS
+    async def _exchange(self, payload: bytes, deadline: float) -> bytes:
+        if asyncio.get_running_loop().time() >= self._alone_until:
+            try:
+                connection = await self._connection(deadline)
+            except _NotPipelined:
+                now = asyncio.get_running_loop().time()
+                if now >= self._alone_until:  # the first of those who waited for it says so
+                    log.warning(
+                        "%s: the PDP takes one decision at a time on a connection (a PDP of"
+                        " before): so decided for %.0f s",
+                        self._path,
+                        ALONE_SECONDS,
+                    )
+                    self._alone_until = now + ALONE_SECONDS
+            else:
+                return await connection.exchange(payload, deadline)
+        return await self._alone(self._idle, PREAMBLE, payload, deadline)
 
     async def settle(
         self, batch: pdp_pb2.ReportUsageBatchRequest, timeout: float
@@ -297,6 +305,8 @@ class DecideSocketClient:
         self._deciding = opening.result()
         if self._closed:
             self._deciding.retire()
+        while self._idle:  # a PDP that takes them all on one now: not needed any more
+            self._idle.pop().close()
 
     async def check(self, timeout: float) -> None:
         """Connect once, as a decision would (peer checked), and keep the connection for
@@ -321,6 +331,13 @@ class DecideSocketClient:
         async with asyncio.timeout_at(deadline):
             transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
         connection.start(transport, self._path, self._users, preamble)
+        if connection.greeted is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await connection.greeted
+            except BaseException:
+                connection.close()
+                raise
         return connection
 
     async def close(self) -> None:

@@ -22,6 +22,9 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
   make it so, rather than spend a write of its own. A PDP that does not know the preamble
   closes the connection, and the sidecar settles over gRPC instead.
 
+A PDP that cannot serve another connection now (at its cap, stopping) says ``BUSY`` and
+closes it: the sidecar refuses the call, and does not take it for a PDP of before.
+
 Anything else (another preamble, a length over ``MAX_FRAME``, bytes that do not parse)
 closes the connection, and the client refuses the call it was making: it fails closed.
 There is no TLS: the file's mode (0600) guards who connects, and the client checks who
@@ -34,6 +37,7 @@ from __future__ import annotations
 import struct
 
 __all__ = [
+    "BUSY",
     "HEADER",
     "MAX_FRAME",
     "OK",
@@ -47,6 +51,7 @@ __all__ = [
 
 PREAMBLE = b"ABC-DECIDE/1\n"
 PIPELINED = b"ABC-DECIDE/2\n"
+BUSY = b"ABC-BUSY/1\n"
 SETTLE_PREAMBLE = b"ABC-SETTLE/1\n"  # as long as PREAMBLE: one read tells them apart
 SETTLE_WAIT_SECONDS = 0.5
 HEADER = struct.Struct(">I")

@@ -74,12 +74,17 @@ class Ledger:
         self._settled_lock = threading.Lock()
 
     def claim(
-        self, run_id: str, request_id: str, action: dict[str, Any], wait: bool = True
+        self,
+        run_id: str,
+        request_id: str,
+        action: dict[str, Any],
+        wait: bool = True,
+        waited: bool = False,
     ) -> DecisionOutcome | None:
         """The answer already given to ``request_id``, or None once it is claimed for this
         decision. ``RequestIdReused`` if it was given for another action; not ``wait``:
-        ``ClaimInFlight`` if it is being decided."""
-        prior = self.store.claim(run_id, request_id, wait)
+        ``ClaimInFlight`` if it is being decided (``RunStore.claim``)."""
+        prior = self.store.claim(run_id, request_id, wait, waited)
         if prior is None:
             return None
         if prior.get("action") != action:

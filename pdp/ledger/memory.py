@@ -292,7 +292,10 @@ class MemoryRunStore:
         with self._lock:
             return self._released.get(run_id)
 
-    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
+    def claim(
+        self, run_id: str, request_id: str, wait: bool = True, waited: bool = False
+    ) -> dict[str, Any] | None:
+        # ``waited`` changes nothing here: a mark in this process never lapses.
         with self._answered:
             run = self._run(run_id)
             if not wait and request_id in run.in_flight:

@@ -292,10 +292,11 @@ class RedisRunStore:
         raw = _guarded(lambda: self._redis.hget(self._prefix + "released", run_id))
         return raw.decode() if isinstance(raw, bytes) else None
 
-    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
+    def claim(
+        self, run_id: str, request_id: str, wait: bool = True, waited: bool = False
+    ) -> dict[str, Any] | None:
         key = self._key(run_id, "answers")
         deadline = time.monotonic() + _IN_FLIGHT_MS / 1000
-        waited = False
         while True:
             prior = _guarded(lambda: self._claim(keys=[key], args=[request_id, _IN_FLIGHT_MS]))
             if prior is None or (prior == b"!" and not waited):

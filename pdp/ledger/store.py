@@ -205,11 +205,14 @@ class RunStore(Protocol):
     def released(self, run_id: str) -> str | None:
         """The status a recently released run ended with, or None."""
 
-    def claim(self, run_id: str, request_id: str, wait: bool = True) -> dict[str, Any] | None:
+    def claim(
+        self, run_id: str, request_id: str, wait: bool = True, waited: bool = False
+    ) -> dict[str, Any] | None:
         """The answer already given to ``request_id``, or None after marking it in flight
         (a duplicate arriving meanwhile waits for the first one's answer; ``StoreUnavailable``
         if none comes within the wait, rather than a second decision and charge; not
-        ``wait``: ``ClaimInFlight`` at once)."""
+        ``wait``: ``ClaimInFlight`` at once). ``waited``: a claim before this one found it
+        in flight, so a mark found lapsed now is not one found lapsed on arrival."""
 
     def answer(self, run_id: str, request_id: str, stored: dict[str, Any]) -> None:
         """Keep the answer (nothing, for a run released while it was decided)."""

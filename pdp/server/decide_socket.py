@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError, Message
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import (
+    BUSY,
     HEADER,
     MAX_FRAME,
     OK,
@@ -53,6 +54,14 @@ DECIDED_TOGETHER = 64  # requests at most in one batch: the state gate is held f
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
+
+
+def _turn_away(conn: socket.socket) -> None:
+    """Close a connection this PDP cannot serve now, saying ``BUSY`` first: closed at its
+    preamble, a sidecar would take this PDP for one of before pipelined decisions."""
+    with contextlib.suppress(OSError):
+        conn.send(BUSY)
+    conn.close()
 
 
 def _attempt(settle: Settle, batch: pdp_pb2.ReportUsageBatchRequest) -> Message | Exception:
@@ -243,7 +252,7 @@ class DecideSocketServer:
                 if self._closing or len(self._connections) >= self._max:
                     if not self._closing:
                         self._say_refused()
-                    conn.close()
+                    _turn_away(conn)
                     continue
                 thread = threading.Thread(
                     target=self._serve, args=(conn, answers), name="decide-conn", daemon=True
@@ -255,7 +264,7 @@ class DecideSocketServer:
                 log.error("decide socket: no thread for a connection, refused: %s", exc)
                 with self._lock:
                     self._connections.pop(conn, None)
-                conn.close()
+                _turn_away(conn)
                 time.sleep(0.1)
 
     def _say_refused(self) -> None:
@@ -279,10 +288,11 @@ class DecideSocketServer:
             if answer_to is None:
                 return
             if said == PIPELINED:
-                conn.sendall(PIPELINED)  # so the sidecar knows this PDP takes them so
+                conn.sendall(PIPELINED)  # the sidecar sends nothing before it reads this
             # Settlements come one batch at a time: a batch may wait for a decision's commit.
             take = requests.next_alone if said == SETTLE_PREAMBLE else requests.batch
-            while (bodies := take()) is not None:
+            failed = False
+            while not failed and (bodies := take()) is not None:
                 out = []
                 for answer in answer_to(bodies):
                     if isinstance(answer, AbcError):  # not judged, or not settled: so said
@@ -291,8 +301,8 @@ class DecideSocketServer:
                         # Those before it answered, then closed: the client refuses this one
                         # and those after it. A failure must not answer anything.
                         log.error("decide socket: a request failed", exc_info=answer)
-                        conn.sendall(b"".join(out))
-                        return
+                        failed = True
+                        break
                     else:
                         out.append(frame(OK + answer.SerializeToString()))
                 conn.sendall(b"".join(out))

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from pdp.errors import ManifestRollback, ManifestUnknown, RunClosed, StoreUnavailable
-from pdp.ledger import Fleet, MemoryRunStore, RunStore, Usage
+from pdp.ledger import ClaimInFlight, Fleet, MemoryRunStore, RunStore, Usage
 from pdp.ledger.redis import RedisRunStore
 from tests.harness import RedisProcess, free_port
 
@@ -361,3 +361,22 @@ def test_settled_reservations_do_not_pile_up_in_the_expiry_heap() -> None:
     # Every reservation was settled long before it could expire: the heap must not keep
     # 10,000 dead entries until then.
     assert len(store._runs[run_id].expiries) <= 2048
+
+
+def test_a_claim_that_may_not_wait_says_so_and_one_that_waited_before_never_takes_a_lapsed_mark(
+    store: RunStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holding claims claims without waiting (``ClaimInFlight``), answers what it
+    holds, then claims again as one that waited: a mark that lapsed meanwhile (a replica
+    stuck or gone) is refused, not decided and charged a second time."""
+    monkeypatch.setattr("pdp.ledger.memory._IN_FLIGHT_SECONDS", 0.3)
+    monkeypatch.setattr("pdp.ledger.redis._IN_FLIGHT_MS", 300)
+    run_id = opened(store)
+    assert store.claim(run_id, "req-1") is None  # being decided elsewhere
+    started = time.monotonic()
+    with pytest.raises(ClaimInFlight):
+        store.claim(run_id, "req-1", wait=False)
+    assert time.monotonic() - started < 0.1  # at once
+    time.sleep(0.4)  # the first one's mark lapses, unanswered
+    with pytest.raises(StoreUnavailable, match="still under way"):
+        store.claim(run_id, "req-1", waited=True)

@@ -620,7 +620,7 @@ def test_a_step_that_fails_in_a_batch_fails_alone(
 
     def keep_but_steps(run: str, request_id: str, action: Any, outcome: Any) -> None:
         if action["kind"] == "step":
-            raise StoreUnavailable("the store went away")
+            raise RuntimeError("a bug")
         keep(run, request_id, action, outcome)
 
     monkeypatch.setattr(pdp.service._ledger, "keep", keep_but_steps)
@@ -628,9 +628,26 @@ def test_a_step_that_fails_in_a_batch_fails_alone(
         before = batch.decide(run_id, "req-1", _model(100), NOW)
         step = batch.decide(run_id, "req-2", validate_action("step", "step:answer"), NOW)
         after = batch.decide(run_id, "req-3", _model(100), NOW)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(RuntimeError, match="a bug"):
         step.outcome  # noqa: B018
     assert before.outcome.decision.allow and after.outcome.decision.allow
-    # Not kept, not left claimed: a retry of the step decides it anew.
-    monkeypatch.undo()
-    assert pdp.service.decide(run_id, "req-2", validate_action("step", "step:answer"), NOW)
+
+
+def test_an_answer_the_store_could_not_keep_is_given_and_never_decided_again(
+    pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durable and charged, so answered; its request id stays claimed, so a retry is
+    refused rather than decided and charged a second time."""
+    monkeypatch.setattr("pdp.ledger.memory._IN_FLIGHT_SECONDS", 0.2)
+    run_id = pdp.register()
+
+    def unkept(*args: Any) -> None:
+        raise StoreUnavailable("the store went away")
+
+    keep = pdp.service._ledger.keep
+    monkeypatch.setattr(pdp.service._ledger, "keep", unkept)
+    assert pdp.service.decide(run_id, "req-1", _model(100), NOW).decision.allow
+    monkeypatch.setattr(pdp.service._ledger, "keep", keep)
+    retried = pdp.service.decide(run_id, "req-1", _model(100), NOW)
+    assert retried.reason is ReasonCode.PDP_UNAVAILABLE
+    assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pdp.api import pdp_pb2
-from pdp.api.decide_socket import HEADER, OK, PIPELINED, PREAMBLE, frame
+from pdp.api.decide_socket import BUSY, HEADER, OK, PIPELINED, PREAMBLE, frame
 from pep.decide_socket import DecideSocketClient, DecideSocketError
 
 
@@ -31,10 +31,15 @@ class _Pdp:
     says the connection has read enough."""
 
     def __init__(
-        self, ready: Callable[[int, list[str]], int], delay: float = 0.0, before: bool = False
+        self,
+        ready: Callable[[int, list[str]], int],
+        delay: float = 0.0,
+        before: bool = False,
+        busy: int = 0,
     ) -> None:
         self.ready, self.delay = ready, delay
         self.before = before  # a PDP of before pipelining: PREAMBLE only, one at a time
+        self.busy = busy  # connections turned away first, as a PDP at its cap does
         self.connections: list[list[str]] = []
         self.said: list[bytes] = []
         self.ended: list[int] = []
@@ -45,6 +50,9 @@ class _Pdp:
         self.connections.append(seen)
         answered = 0
         try:
+            if number < self.busy:
+                writer.write(BUSY)
+                return
             said = await reader.readexactly(len(PREAMBLE))
             self.said.append(said)
             if said == PIPELINED and not self.before:
@@ -159,3 +167,20 @@ def test_a_pdp_of_before_decides_each_one_at_a_time_and_none_is_refused(
     assert set(pdp.said[1:]) == {PREAMBLE}
     assert all(len(seen) <= 2 for seen in pdp.connections)
     assert caplog.text.count("one decision at a time") == 1
+
+
+def test_a_pdp_turning_a_connection_away_is_a_refusal_not_a_pdp_of_before(
+    where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen), busy=1)
+
+    async def scenario() -> str:
+        async with _serving(where, pdp) as client:
+            with pytest.raises(DecideSocketError, match="DecodeError"):
+                await client.decide(_request("a"), 5.0)
+            return (await client.decide(_request("b"), 5.0)).decision_id
+
+    with caplog.at_level(logging.WARNING, "abc.pep"):
+        assert asyncio.run(scenario()) == "dec_b"
+    assert pdp.said == [PIPELINED]  # the next one pipelined again, on a new connection
+    assert "one decision at a time" not in caplog.text

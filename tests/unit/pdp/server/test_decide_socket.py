@@ -18,6 +18,7 @@ import pytest
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import (
+    BUSY,
     HEADER,
     OK,
     PIPELINED,
@@ -134,6 +135,7 @@ def test_a_connection_without_a_thread_is_refused_and_the_next_served(
     server.start(_answer, _settle)
     try:
         with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as unserved:
+            assert unserved.recv(64) == BUSY  # not taken for a PDP of before
             assert unserved.recv(1) == b""
         assert "no thread for a connection" in caplog.text
         with _connect(where) as served:
@@ -239,6 +241,7 @@ def test_connections_over_the_cap_are_refused_and_said(
             with caplog.at_level(logging.WARNING, "abc.pdp"):
                 for _ in range(3):
                     with _connect(where) as over:
+                        assert over.recv(64) == BUSY
                         assert over.recv(1) == b""
             # Said once, not once per connection: a peer in a loop cannot flood the log.
             assert caplog.text.count("2 connections open, 1 refused since the last") == 1
