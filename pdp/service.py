@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pdp.action import Action
 from pdp.bundle import PolicyBundle
@@ -78,6 +78,9 @@ __all__ = [
 
 log = logging.getLogger("abc.pdp")
 
+# How a decision claims its request id when another holds it: wait for that one's answer,
+# raise ``ClaimInFlight`` (a batch holding claims), or refuse at once.
+Claiming = Literal["wait", "try", "refuse"]
 # What a decision the log could not take is answered instead.
 _UNAVAILABLE = Decision.deny(ReasonCode.PDP_UNAVAILABLE, "decision log unavailable")
 # The sidecar's routes, the doors its own refusals come through.
@@ -246,12 +249,16 @@ class DecisionService:
         return held.outcome
 
     @contextmanager
-    def batch(self) -> Iterator[DecisionBatch]:
+    def batch(self, wait_for_claims: bool = True) -> Iterator[DecisionBatch]:
         """Decisions made one after another and made durable together, one commit for all:
         each is answered (``HeldDecision.outcome``) once the batch is left. The state gate
-        is held throughout, so a snapshot never sees a decision judged and not answered."""
+        is held throughout, so a snapshot never sees a decision judged and not answered.
+
+        Not ``wait_for_claims``: a request id being decided elsewhere is refused at once
+        (``pdp_unavailable``, "still under way") rather than waited for, so that it never
+        holds up the decisions queued behind it (a sidecar's, on one connection)."""
         with self._gate.changing():
-            batch = DecisionBatch(self)
+            batch = DecisionBatch(self, wait_for_claims)
             try:
                 yield batch
             finally:
@@ -264,7 +271,7 @@ class DecisionService:
         action: Action,
         now: datetime,
         bound: str,
-        wait: bool = True,
+        claiming: Claiming = "wait",
         waited: bool = False,
     ) -> HeldDecision:
         started = time.perf_counter()
@@ -279,9 +286,7 @@ class DecisionService:
                 {"run_id": run_id, "request_id": request_id, "input": {"action": acted}}
             )
             prior = (
-                None
-                if action.probe
-                else self._ledger.claim(run_id, request_id, acted, wait, waited)
+                None if action.probe else self._claim(run_id, request_id, acted, claiming, waited)
             )
             if prior is not None:
                 return HeldDecision(
@@ -300,9 +305,24 @@ class DecisionService:
             # A bug, not the caller's input: still refused and logged, never a bare RPC error.
             log.exception("a decision for run %s failed", run_id)
             judged = _refused(None, {"action": acted})
-        held = self._queue_record(run_id, request_id, run, judged, now, action.probe)
+        try:
+            held = self._queue_record(run_id, request_id, run, judged, now, action.probe)
+        except BaseException:
+            if claimed:  # nothing of it was logged: a retry decides it
+                self._ledger.unclaim(run_id, request_id)
+            raise
         held.claimed, held.acted, held.started = claimed, acted, started
         return held
+
+    def _claim(
+        self, run_id: str, request_id: str, acted: dict[str, Any], claiming: Claiming, waited: bool
+    ) -> DecisionOutcome | None:
+        try:
+            return self._ledger.claim(run_id, request_id, acted, claiming == "wait", waited)
+        except ClaimInFlight:
+            if claiming == "try":
+                raise
+            raise StoreUnavailable("a decision for this request id is still under way") from None
 
     def _answer(self, held: HeldDecision) -> DecisionOutcome:
         """``held`` made durable and answered: as judged, or refused if the log lost it."""
@@ -314,10 +334,15 @@ class DecisionService:
                 self._log.sync(held.queued)
             except LogUnavailable as exc:
                 log.error("decision log unwritable, refusing: %s", exc)
-                if held.as_judged:  # a refusal for the log's sake released it already
-                    self._ledger.release(record.run_id, held.applied)
                 held.answer = DecisionOutcome(_UNAVAILABLE, record.decision_id)
-                held.as_judged = False
+                judged, held.as_judged = held.as_judged, False
+                try:
+                    if judged:  # a refusal for the log's sake released it already
+                        self._ledger.release(record.run_id, held.applied)
+                except BaseException:
+                    if held.claimed:  # never logged: a retry decides it
+                        self._ledger.unclaim(record.run_id, record.request_id)
+                    raise
         outcome = held.answer
         self._metrics.count_decision(
             outcome.decision.allow, outcome.reason, outcome.enforced, probe=held.probe
@@ -344,7 +369,8 @@ class DecisionService:
             self._ledger.keep(record.run_id, record.request_id, acted, outcome)
         except StoreUnavailable as exc:
             # Durable and charged: answered all the same. Its request id stays claimed, so a
-            # retry is refused while the claim holds, never decided and charged again.
+            # retry is refused while the claim holds (for good in this process's store, for
+            # the in-flight limit in Redis, as for a replica gone mid-decision).
             log.error("answer to %s not kept, its claim stays: %s", record.request_id, exc)
 
     def _answered_before(
@@ -626,11 +652,13 @@ class DecisionBatch:
 
     A request id is claimed until its batch is answered, so a batch holding claims never
     waits for another's: a request id being decided elsewhere (or earlier in this batch)
-    makes the batch answer what it holds first, then wait for it as a lone decision does.
+    makes the batch answer what it holds first, then wait for it as a lone decision does
+    (or, not ``wait_for_claims``, refuse it).
     """
 
-    def __init__(self, service: DecisionService) -> None:
+    def __init__(self, service: DecisionService, wait_for_claims: bool = True) -> None:
         self._service = service
+        self._claiming: Claiming = "wait" if wait_for_claims else "refuse"
         self._held: list[HeldDecision] = []
         self._claims = 0  # of those held
 
@@ -651,18 +679,20 @@ class DecisionBatch:
         self.commit()
         service = self._service
         with service._step_order[hash(run_id) % len(service._step_order)]:
-            held = service._hold(run_id, request_id, action, now, bound)
+            held = service._hold(run_id, request_id, action, now, bound, self._claiming)
             self._answer(held)
         return held
 
     def _hold(
         self, run_id: str, request_id: str, action: Action, now: datetime, bound: str
     ) -> HeldDecision:
+        service = self._service
         try:
-            return self._service._hold(run_id, request_id, action, now, bound, not self._claims)
+            claiming: Claiming = "try" if self._claims else self._claiming
+            return service._hold(run_id, request_id, action, now, bound, claiming)
         except ClaimInFlight:
             self.commit()
-            return self._service._hold(run_id, request_id, action, now, bound, waited=True)
+            return service._hold(run_id, request_id, action, now, bound, self._claiming, True)
 
     def refuse(
         self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""

@@ -30,6 +30,7 @@ from google.protobuf.message import DecodeError
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import (
+    BUSY,
     HEADER,
     MAX_FRAME,
     OK,
@@ -44,6 +45,7 @@ __all__ = ["DecideSocketClient", "DecideSocketError"]
 log = logging.getLogger("abc.pep")
 REUSE_SECONDS = 30.0  # the PDP drops a connection idle for 60 s (pdp.server.decide_socket)
 ALONE_SECONDS = 60.0  # decided one at a time this long after a PDP did not take PIPELINED
+OPEN_SECONDS = 5.0  # to open a connection decisions share: each waits its own deadline
 # The users a PDP may run as: the sidecar's own, or root.
 OWN_USERS = frozenset({os.getuid(), 0})
 
@@ -78,7 +80,8 @@ class _Connection(asyncio.Protocol):
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self.broken = False
         self._retired = False  # takes no more requests; closed once it has answered all
-        # Set once the PDP said ``PIPELINED`` back: until then no request is sent.
+        # Set once the PDP said ``PIPELINED`` back: a request sent before could be one a PDP
+        # of before never read, or one it did; after it, never sent twice.
         self.greeted: asyncio.Future[None] | None = None
         self.used = time.monotonic()
 
@@ -113,6 +116,9 @@ class _Connection(asyncio.Protocol):
         received = self._received
         received += data
         if self.greeted is not None and not self.greeted.done():
+            if received.startswith(BUSY):
+                self._break(ConnectionRefusedError("the PDP turned the connection away: busy"))
+                return
             if not (received.startswith(PIPELINED) or PIPELINED.startswith(received)):
                 self._break(DecodeError("not the decide socket's protocol"))
                 return
@@ -139,16 +145,16 @@ class _Connection(asyncio.Protocol):
             self.retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None and self.greeted is not None and not self.greeted.done():
+            # A clean end before any word: a PDP of before reads the preamble and closes. A
+            # reset or a broken pipe is a PDP going away, or turning us away, instead.
+            exc = _NotPipelined("the PDP closed the connection at its preamble")
         self._break(exc or ConnectionResetError("the PDP closed the decide socket"))
 
     def _break(self, exc: Exception) -> None:
         self.broken = True
         if self.greeted is not None and not self.greeted.done():
-            self.greeted.set_exception(
-                _NotPipelined("the PDP closed the connection at its preamble")
-                if isinstance(exc, ConnectionError)
-                else exc
-            )
+            self.greeted.set_exception(exc)
         while self._waiting:
             answer = self._waiting.popleft()
             if not answer.done():
@@ -239,18 +245,21 @@ class DecideSocketClient:
             try:
                 connection = await self._connection(deadline)
             except _NotPipelined:
-                now = asyncio.get_running_loop().time()
-                if now >= self._alone_until:  # the first of those who waited for it says so
-                    log.warning(
-                        "%s: the PDP takes one decision at a time on a connection (a PDP of"
-                        " before): so decided for %.0f s",
-                        self._path,
-                        ALONE_SECONDS,
-                    )
-                    self._alone_until = now + ALONE_SECONDS
+                self._go_alone()
             else:
                 return await connection.exchange(payload, deadline)
         return await self._alone(self._idle, PREAMBLE, payload, deadline)
+
+    def _go_alone(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._alone_until:  # the first of those who waited for it says so
+            log.warning(
+                "%s: the PDP takes one decision at a time on a connection (a PDP of before):"
+                " so decided for %.0f s",
+                self._path,
+                ALONE_SECONDS,
+            )
+            self._alone_until = now + ALONE_SECONDS
 
     async def settle(
         self, batch: pdp_pb2.ReportUsageBatchRequest, timeout: float
@@ -278,8 +287,9 @@ class DecideSocketClient:
         except BaseException:
             connection.close()  # unanswered: the next request goes on a fresh one
             raise
-        if self._closed:
-            connection.close()
+        alone = idle is not self._idle or self._alone_until > asyncio.get_running_loop().time()
+        if self._closed or not alone:
+            connection.close()  # one at a time no more: decisions share one again
         else:
             idle.append(connection)
         return answer
@@ -290,7 +300,8 @@ class DecideSocketClient:
         if current is not None and current.usable(self._reuse_seconds):
             return current
         if self._opening is None:
-            self._opening = asyncio.ensure_future(self._connect(deadline, PIPELINED))
+            opened_by = asyncio.get_running_loop().time() + OPEN_SECONDS
+            self._opening = asyncio.ensure_future(self._connect(opened_by, PIPELINED))
             self._opening.add_done_callback(self._opened)
         async with asyncio.timeout_at(deadline):
             # Shielded: one caller's deadline does not end the others' wait.
@@ -305,7 +316,7 @@ class DecideSocketClient:
         self._deciding = opening.result()
         if self._closed:
             self._deciding.retire()
-        while self._idle:  # a PDP that takes them all on one now: not needed any more
+        while self._idle:  # each holds a thread of the PDP until its idle limit
             self._idle.pop().close()
 
     async def check(self, timeout: float) -> None:
@@ -313,6 +324,8 @@ class DecideSocketClient:
         the decisions; ``DecideSocketError`` when that fails."""
         try:
             await self._connection(asyncio.get_running_loop().time() + timeout)
+        except _NotPipelined:
+            self._go_alone()  # reachable, and decides: one at a time
         except (OSError, TimeoutError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 

@@ -284,6 +284,10 @@ class DecideSocketServer:
         requests = _Requests(conn, self._idle, self._frame_seconds)
         try:
             said = requests.preamble()
+            if said is None and self._closing:
+                # Stopping: said, or the sidecar would take this PDP for one of before.
+                _turn_away(conn)
+                return
             answer_to = answers.get(said) if said is not None else None
             if answer_to is None:
                 return

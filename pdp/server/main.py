@@ -289,7 +289,10 @@ def _start(
         # once, and must not go unlogged for longer than a write takes.
         within = SETTLE_WAIT_SECONDS if config.store == "memory" else 0.0
         settle = functools.partial(servicer.settle, within=within)
-        listeners.decide_socket.start(servicer.decide_all, settle)
+        # One connection carries all of a sidecar's decisions: none waits there for a
+        # request id decided elsewhere, which would hold up all those behind it.
+        decide_all = functools.partial(servicer.decide_all, wait_for_claims=False)
+        listeners.decide_socket.start(decide_all, settle)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter

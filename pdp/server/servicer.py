@@ -102,13 +102,13 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         return answer
 
     def decide_all(
-        self, requests: Sequence[pdp_pb2.DecideRequest]
+        self, requests: Sequence[pdp_pb2.DecideRequest], wait_for_claims: bool = True
     ) -> list[pdp_pb2.DecideResponse | Exception]:
         """Each request decided in turn, as ``decide`` would, and all made durable with one
         commit before any is answered: each one's answer, or what refused it (``BadRequest``:
-        not judged at all)."""
+        not judged at all). ``wait_for_claims``: ``DecisionService.batch``'s."""
         begun: list[tuple[HeldDecision, list[Queued | None] | None] | Exception] = []
-        with self._service.batch() as batch:
+        with self._service.batch(wait_for_claims) as batch:
             for request in requests:
                 try:
                     begun.append(self._begin(batch, request))

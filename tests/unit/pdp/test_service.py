@@ -97,6 +97,18 @@ def pdp(tmp_path: Path) -> _Pdp:
     return _Pdp(tmp_path)
 
 
+def _hiccup_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log's next fsync fails (a disk hiccup); those after it succeed."""
+    synced, failures = os.fdatasync, iter([OSError(errno.EIO, "a disk hiccup")])
+
+    def hiccup(fd: int) -> None:
+        for failure in failures:
+            raise failure
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", hiccup)
+
+
 def _model(max_tokens: int = 100) -> Action:
     return validate_action("model", "model:openai/gpt-4o-mini", max_tokens=max_tokens)
 
@@ -228,14 +240,7 @@ def test_a_settlement_whose_write_was_lost_is_written_when_it_is_retried(
     pdp = _Pdp(tmp_path)
     run_id = pdp.register()
     reservation = pdp.service.decide(run_id, "req-1", _model(100), NOW).reservation_id
-    synced, failures = os.fdatasync, iter([OSError(errno.EIO, "a disk hiccup")])
-
-    def hiccup(fd: int) -> None:
-        for failure in failures:  # the first write only
-            raise failure
-        synced(fd)
-
-    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", hiccup)
+    _hiccup_once(monkeypatch)
     with pytest.raises(LogUnavailable):
         pdp.service.report_usage(reservation, 40, 0, NOW)
     # The caller retries once the disk is back: the settlement is written, then answered.
@@ -557,14 +562,7 @@ def test_a_batch_whose_commit_fails_refuses_each_and_gives_back_what_they_held(
     pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_id = pdp.register()
-    synced, failures = os.fdatasync, iter([OSError(errno.EIO, "a disk hiccup")])
-
-    def hiccup(fd: int) -> None:
-        for failure in failures:  # the first write only
-            raise failure
-        synced(fd)
-
-    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", hiccup)
+    _hiccup_once(monkeypatch)
     with pdp.service.batch() as batch:
         held = [batch.decide(run_id, f"req-{n}", _model(100), NOW) for n in range(3)]
     assert [h.outcome.reason for h in held] == [ReasonCode.PDP_UNAVAILABLE] * 3
@@ -651,3 +649,19 @@ def test_an_answer_the_store_could_not_keep_is_given_and_never_decided_again(
     retried = pdp.service.decide(run_id, "req-1", _model(100), NOW)
     assert retried.reason is ReasonCode.PDP_UNAVAILABLE
     assert pdp.store.books(run_id).reserved == Usage(tokens=100, requests=1)
+
+
+def test_a_batch_that_may_not_wait_refuses_a_request_id_decided_elsewhere_at_once(
+    pdp: _Pdp,
+) -> None:
+    """A sidecar's decisions share one connection: one waiting for another's request id
+    would hold up all those behind it."""
+    run_id = pdp.register()
+    assert pdp.store.claim(run_id, "req-1") is None  # being decided elsewhere, and stuck
+    started = time.monotonic()
+    with pdp.service.batch(wait_for_claims=False) as batch:
+        stuck = batch.decide(run_id, "req-1", _model(100), NOW)
+        other = batch.decide(run_id, "req-2", _model(100), NOW)
+    assert time.monotonic() - started < 1  # not the store's 10 s in-flight limit
+    assert stuck.outcome.reason is ReasonCode.PDP_UNAVAILABLE
+    assert other.outcome.decision.allow

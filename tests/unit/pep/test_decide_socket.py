@@ -176,7 +176,7 @@ def test_a_pdp_turning_a_connection_away_is_a_refusal_not_a_pdp_of_before(
 
     async def scenario() -> str:
         async with _serving(where, pdp) as client:
-            with pytest.raises(DecideSocketError, match="DecodeError"):
+            with pytest.raises(DecideSocketError, match="turned the connection away: busy"):
                 await client.decide(_request("a"), 5.0)
             return (await client.decide(_request("b"), 5.0)).decision_id
 
@@ -184,3 +184,15 @@ def test_a_pdp_turning_a_connection_away_is_a_refusal_not_a_pdp_of_before(
         assert asyncio.run(scenario()) == "dec_b"
     assert pdp.said == [PIPELINED]  # the next one pipelined again, on a new connection
     assert "one decision at a time" not in caplog.text
+
+
+def test_a_sidecar_starting_beside_a_pdp_of_before_starts_and_decides(where: Path) -> None:
+    pdp = _Pdp(lambda _, seen: len(seen), before=True)
+
+    async def scenario() -> str:
+        async with _serving(where, pdp) as client:
+            await client.check(5.0)  # reachable: it decides, one at a time
+            return (await client.decide(_request("a"), 5.0)).decision_id
+
+    assert asyncio.run(scenario()) == "dec_a"
+    assert pdp.said == [PIPELINED, PREAMBLE]
