@@ -25,6 +25,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import cast
 
 from google.protobuf.message import DecodeError
 
@@ -54,6 +55,10 @@ class DecideSocketError(Exception):
     """No answer to trust: the PDP is down, slow, refused the request or spoke garbage."""
 
 
+class _Busy(ConnectionRefusedError):
+    """The PDP said ``BUSY``: it cannot serve another connection now."""
+
+
 class _NotPipelined(ConnectionResetError):
     """Closed at ``PIPELINED`` without saying it back: a PDP of before, deciding one at a
     time. Nothing was sent on the connection."""
@@ -74,20 +79,26 @@ class _Connection(asyncio.Protocol):
     """One connection to the socket: requests out as they come, their answers back in the
     same order."""
 
-    def __init__(self) -> None:
+    def __init__(self, preamble: bytes) -> None:
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
         self.broken = False
         self._retired = False  # takes no more requests; closed once it has answered all
+        self._first = True  # nothing heard yet: it may be ``BUSY``
         # Set once the PDP said ``PIPELINED`` back: a request sent before could be one a PDP
-        # of before never read, or one it did; after it, never sent twice.
+        # of before never read, or one it did; after it, never sent twice. Made here, not
+        # in ``start``: a loop may hand over the first bytes before the connection.
         self.greeted: asyncio.Future[None] | None = None
+        if preamble == PIPELINED:
+            self.greeted = asyncio.get_running_loop().create_future()
+        self._preamble = preamble
         self.used = time.monotonic()
 
-    def start(
-        self, transport: asyncio.Transport, path: Path, users: frozenset[int], preamble: bytes
-    ) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # to close it, if need be
+
+    def start(self, transport: asyncio.Transport, path: Path, users: frozenset[int]) -> None:
         # Here, not in connection_made: an event loop may call that only after the
         # connection is handed back, and the preamble must precede the first request.
         self._transport = transport
@@ -98,9 +109,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
             raise PermissionError(f"served by uid {uid}, not this sidecar's user")
-        transport.write(preamble)
-        if preamble == PIPELINED:
-            self.greeted = asyncio.get_running_loop().create_future()
+        transport.write(self._preamble)
 
     def usable(self, reuse_seconds: float) -> bool:
         """Open and taking requests. One idle for ``reuse_seconds`` is let go, so that a
@@ -115,10 +124,14 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         received = self._received
         received += data
-        if self.greeted is not None and not self.greeted.done():
+        if self._first:
+            if len(received) < len(BUSY) and BUSY.startswith(received):
+                return  # perhaps BUSY, cut short (its first bytes are PIPELINED's too)
             if received.startswith(BUSY):
-                self._break(ConnectionRefusedError("the PDP turned the connection away: busy"))
+                self._break(_Busy("the PDP turned the connection away: busy"))
                 return
+            self._first = False
+        if self.greeted is not None and not self.greeted.done():
             if not (received.startswith(PIPELINED) or PIPELINED.startswith(received)):
                 self._break(DecodeError("not the decide socket's protocol"))
                 return
@@ -287,15 +300,19 @@ class DecideSocketClient:
         except BaseException:
             connection.close()  # unanswered: the next request goes on a fresh one
             raise
-        alone = idle is not self._idle or self._alone_until > asyncio.get_running_loop().time()
-        if self._closed or not alone:
-            connection.close()  # one at a time no more: decisions share one again
+        pipelining_again = (
+            idle is self._idle and asyncio.get_running_loop().time() >= self._alone_until
+        )
+        if self._closed or pipelining_again:
+            connection.close()
         else:
             idle.append(connection)
         return answer
 
     async def _connection(self, deadline: float) -> _Connection:
         """The connection decisions go on: the one open, or one opened for all who wait."""
+        if self._closed:
+            raise ConnectionResetError("the decide socket client is closed")
         current = self._deciding
         if current is not None and current.usable(self._reuse_seconds):
             return current
@@ -326,7 +343,9 @@ class DecideSocketClient:
             await self._connection(asyncio.get_running_loop().time() + timeout)
         except _NotPipelined:
             self._go_alone()  # reachable, and decides: one at a time
-        except (OSError, TimeoutError) as exc:
+        except _Busy:
+            log.warning("%s: the PDP is busy (at its connection cap, or stopping)", self._path)
+        except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
     def _reuse(self, idle: list[_Connection]) -> _Connection | None:
@@ -342,8 +361,10 @@ class DecideSocketClient:
     async def _connect(self, deadline: float, preamble: bytes) -> _Connection:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
-            transport, connection = await loop.create_unix_connection(_Connection, str(self._path))
-        connection.start(transport, self._path, self._users, preamble)
+            transport, connection = await loop.create_unix_connection(
+                lambda: _Connection(preamble), str(self._path)
+            )
+        connection.start(transport, self._path, self._users)
         if connection.greeted is not None:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -354,7 +375,7 @@ class DecideSocketClient:
         return connection
 
     async def close(self) -> None:
-        self._closed = True  # decisions in flight are answered first
+        self._closed = True  # those in flight on the open connection are answered first
         if self._deciding is not None:
             self._deciding.retire()
         for idle in (self._idle, self._settling):

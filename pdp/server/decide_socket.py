@@ -149,7 +149,7 @@ class _Requests:
         return True
 
     def preamble(self) -> bytes | None:
-        """What the connection opened with (both preambles are as long); None if nothing."""
+        """What the connection opened with (every preamble is as long); None if nothing."""
         if not self._recv(self._idle):  # a sidecar that connects ahead says it at once
             return None
         if not self._fill(len(PREAMBLE), time.monotonic() + self._frame_seconds):
@@ -199,7 +199,7 @@ class _Requests:
 
 class DecideSocketServer:
     """Serves a bound decide socket once started; at most ``max_connections`` at once (a
-    connection beyond them is closed at once, and its client refuses its call)."""
+    connection beyond them is told ``BUSY`` and closed, and its client refuses its call)."""
 
     def __init__(
         self,
@@ -295,18 +295,16 @@ class DecideSocketServer:
                 conn.sendall(PIPELINED)  # the sidecar sends nothing before it reads this
             # Settlements come one batch at a time: a batch may wait for a decision's commit.
             take = requests.next_alone if said == SETTLE_PREAMBLE else requests.batch
-            failed = False
-            while not failed and (bodies := take()) is not None:
+            while (bodies := take()) is not None:
                 out = []
                 for answer in answer_to(bodies):
                     if isinstance(answer, AbcError):  # not judged, or not settled: so said
                         out.append(frame(REFUSED + str(answer).encode()))
                     elif isinstance(answer, Exception):
-                        # Those before it answered, then closed: the client refuses this one
-                        # and those after it. A failure must not answer anything.
+                        # A failure answers nothing but a refusal, which its client refuses
+                        # the call on; those decided with it are answered as decided.
                         log.error("decide socket: a request failed", exc_info=answer)
-                        failed = True
-                        break
+                        out.append(frame(REFUSED + b"the PDP failed to answer (its log says)"))
                     else:
                         out.append(frame(OK + answer.SerializeToString()))
                 conn.sendall(b"".join(out))

@@ -174,24 +174,40 @@ def test_a_connection_opened_for_settlements_settles_batches(where: Path) -> Non
         server.close(time.monotonic() + 2)
 
 
-def test_a_decision_that_fails_answers_nothing_and_is_logged(
+def test_a_decision_that_fails_is_refused_and_logged_and_the_others_answered(
     where: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     def failing(
         requests: list[pdp_pb2.DecideRequest],
     ) -> list[pdp_pb2.DecideResponse | Exception]:
-        return [OSError("the state directory went away")]
+        return [
+            OSError("the state directory went away")
+            if r.request_id == "x"
+            else pdp_pb2.DecideResponse(decision_id="dec_" + r.request_id)
+            for r in requests
+        ]
 
     server = DecideSocketServer(bind_decide_socket(where), where)
     server.start(failing, _settle)
     try:
         with caplog.at_level(logging.ERROR, "abc.pdp"), _connect(where) as sock:
-            request = pdp_pb2.DecideRequest(request_id="x").SerializeToString()
-            sock.sendall(PREAMBLE + frame(request))
-            assert sock.recv(1) == b""  # closed: its client refuses the call
+            requests = [pdp_pb2.DecideRequest(request_id=i).SerializeToString() for i in "xy"]
+            sock.sendall(PREAMBLE + b"".join(frame(r) for r in requests))
+            answers = sock.makefile("rb")
+            failed = read_frame(answers)
+            assert failed is not None and failed.startswith(REFUSED)  # its client refuses
+            assert b"state directory" not in failed  # the detail is the PDP's log's
+            assert (
+                read_frame(answers)
+                == OK + pdp_pb2.DecideResponse(decision_id="dec_y").SerializeToString()
+            )
         assert "a request failed" in caplog.text and "state directory" in caplog.text
     finally:
         server.close(time.monotonic() + 2)
+
+
+def test_every_preamble_is_as_long_so_one_read_tells_them_apart() -> None:
+    assert len(PIPELINED) == len(PREAMBLE) == len(SETTLE_PREAMBLE)
 
 
 def test_requests_that_came_together_are_decided_together_and_answered_in_order(
