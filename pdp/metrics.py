@@ -42,7 +42,8 @@ class PdpMetrics:
         )
         self.decide_seconds = Histogram(
             "abc_pdp_decide_seconds",
-            "Time to decide one action, inside the PDP.",
+            "Time to decide one action, inside the PDP, until it is durable (with the"
+            " decisions made durable together with it, on the decide socket).",
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
