@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Protocol, TypeVar
 
 import grpc
 
-from pdp.action import action_from_proto
+from pdp.action import Action, action_from_proto
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from pdp.clock import utc_now
 from pdp.decisionlog import Queued
 from pdp.errors import AbcError, BadRequest, LogUnavailable, ReasonCode, StoreUnavailable
-from pdp.service import DecisionBatch, DecisionOutcome, DecisionService, HeldDecision
+from pdp.service import DecisionBatch, DecisionService, HeldDecision
 
 __all__ = ["DecisionServicer", "decide_wire"]
 
@@ -44,23 +45,36 @@ _RUN_STATUS = {
 }
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1024
+_Answer = TypeVar("_Answer", covariant=True)
+
+
+class _Decider(Protocol[_Answer]):
+    """``DecisionService`` (its answer given) or a ``DecisionBatch`` (its answer held)."""
+
+    def decide(
+        self, run_id: str, request_id: str, action: Action, now: datetime, bound: str = ""
+    ) -> _Answer: ...
+
+    def refuse(
+        self, run_id: str, request_id: str, error: AbcError, now: datetime, bound: str = ""
+    ) -> _Answer: ...
 
 
 def decide_wire(
-    service: DecisionService,
+    decider: _Decider[_Answer],
     run_id: str,
     request_id: str,
     message: pdp_pb2.Action,
     now: datetime,
     bound: str = "",
-) -> DecisionOutcome:
+) -> _Answer:
     """Decide an action as it came over the wire: validated first, and what is not valid
     refused (and logged) as a decision of its run."""
     try:
         action = action_from_proto(message)
     except AbcError as exc:
-        return service.refuse(run_id, request_id, exc, now, bound)
-    return service.decide(run_id, request_id, action, now, bound)
+        return decider.refuse(run_id, request_id, exc, now, bound)
+    return decider.decide(run_id, request_id, action, now, bound)
 
 
 class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
@@ -135,11 +149,7 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         if not request_id or len(request_id) > MAX_ID_LENGTH:
             error = BadRequest("request_id is required (at most 128 characters)")
             return batch.refuse(run_id, request_id, error, now, bound), carried
-        try:
-            action = action_from_proto(request.action)
-        except AbcError as exc:
-            return batch.refuse(run_id, request_id, exc, now, bound), carried
-        return batch.decide(run_id, request_id, action, now, bound), carried
+        return decide_wire(batch, run_id, request_id, request.action, now, bound), carried
 
     def _respond(
         self, held: HeldDecision, carried: list[Queued | None] | None
