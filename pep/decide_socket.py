@@ -86,12 +86,14 @@ class _Connection(asyncio.Protocol):
         self.broken = False
         self._retired = False  # takes no more requests; closed once it has answered all
         self._first = True  # nothing heard yet: it may be ``BUSY``
+        # Kept: each asyncio.get_running_loop() is a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         # Set once the PDP said ``PIPELINED`` back: a request sent before could be one a PDP
         # of before never read, or one it did; after it, never sent twice. Made here, not
         # in ``start``: a loop may hand over the first bytes before the connection.
         self.greeted: asyncio.Future[None] | None = None
         if preamble == PIPELINED:
-            self.greeted = asyncio.get_running_loop().create_future()
+            self.greeted = self._loop.create_future()
         self._preamble = preamble
         self.used = time.monotonic()
 
@@ -187,10 +189,9 @@ class _Connection(asyncio.Protocol):
         the whole task: this runs on every decision."""
         if self.broken or self._transport is None:
             raise ConnectionResetError("the decide socket connection is closed")
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[bytes] = loop.create_future()
+        answer: asyncio.Future[bytes] = self._loop.create_future()
         self._waiting.append(answer)
-        timer = loop.call_at(deadline, self._expire, answer)
+        timer = self._loop.call_at(deadline, self._expire, answer)
         self._transport.write(frame(payload))
         try:
             return await answer
@@ -246,15 +247,17 @@ class DecideSocketClient:
             else:
                 await self._slots.acquire()  # at once
             try:
-                answer = await self._exchange(payload, deadline)
+                answer = await self._exchange(loop, payload, deadline)
             finally:
                 self._slots.release()
             return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
 
-    async def _exchange(self, payload: bytes, deadline: float) -> bytes:
-        if asyncio.get_running_loop().time() >= self._alone_until:
+    async def _exchange(
+        self, loop: asyncio.AbstractEventLoop, payload: bytes, deadline: float
+    ) -> bytes:
+        if loop.time() >= self._alone_until:
             try:
                 connection = await self._connection(deadline)
             except _NotPipelined:

@@ -222,12 +222,12 @@ class _Connection(asyncio.Protocol):
         elif not self.complete and self.failure is None:
             self._timer = self._loop.call_at(self._last_data + limit, self._check_silence, limit)
 
-    def usable(self, now: float) -> bool:
+    def usable(self) -> bool:
         """Open, not idle too long, and nothing waiting to be read: bytes (or a close) the
         loop has not delivered yet would otherwise be read as the next answer."""
         if self._transport is None or self._transport.is_closing():
             return False
-        if now - self.idle_since >= KEEP_IDLE_SECONDS:
+        if self._loop.time() - self.idle_since >= KEEP_IDLE_SECONDS:
             return False
         sock = self._transport.get_extra_info("socket")
         if sock is None:
@@ -286,12 +286,12 @@ class _Connection(asyncio.Protocol):
             and not self._transport.get_write_buffer_size()
         )
 
-    def idle(self, now: float) -> None:
+    def idle(self) -> None:
         """Back in the pool (only after ``reusable()``)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._parser, self.idle_since = None, now
+        self._parser, self.idle_since = None, self._loop.time()
 
     def close(self) -> None:
         self._closed_here = True
@@ -410,7 +410,7 @@ class ModelUpstream:
         if self._closed or not connection.reusable():
             self._discard(connection)
             return
-        connection.idle(asyncio.get_running_loop().time())
+        connection.idle()
         self._idle.setdefault(connection.key, []).append(connection)
         if self._sweeper is None:
             loop = asyncio.get_running_loop()
@@ -427,10 +427,10 @@ class ModelUpstream:
             self._sweeper = asyncio.get_running_loop().call_later(KEEP_IDLE_SECONDS, self._sweep)
 
     def _reuse(self, key: tuple[str, str, int]) -> _Connection | None:
-        idle, now = self._idle.get(key), asyncio.get_running_loop().time()
+        idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
-            if connection.usable(now):
+            if connection.usable():
                 return connection
             self._discard(connection)
         return None

@@ -28,15 +28,15 @@ __all__ = [
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    if len(keys) != len(set(keys)):
+    document = dict(pairs)
+    if len(document) != len(pairs):
         # Parsers disagree on which duplicate wins; the decider and the upstream must not.
         raise MappingError("duplicate keys in the request body")
-    if len(keys) > 1 and len(keys) != len({key.casefold() for key in keys}):
+    if len(document) > 1 and len(document) != len({key.casefold() for key in document}):
         # Go's encoding/json (Ollama, Go gateways) matches keys case-insensitively, with
         # Unicode folding: "Model" or "max_to\u212aens" would be its "model", "max_tokens".
         raise MappingError("keys that differ only in case in the request body")
-    return dict(pairs)
+    return document
 
 
 def _no_constant(name: str) -> Any:
@@ -116,7 +116,11 @@ _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([^\";\s]*)", re.IGNORECASE)
 _UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # ASCII bodies are UTF-8 too
 
 
-def _header_problem(headers: Iterable[tuple[str, str]], body_judged: bool) -> str | None:
+def _header_problem(
+    headers: Iterable[tuple[str, str]], body_judged: bool, content_types: list[str]
+) -> str | None:
+    """What makes the headers unsafe, or None; ``content_types`` gets each Content-Type's
+    value, under any spelling."""
     spellings: dict[str, str] = {}
     for name, value in headers:
         key = _header_key(name)
@@ -125,14 +129,12 @@ def _header_problem(headers: Iterable[tuple[str, str]], body_judged: bool) -> st
         # Every Content-Encoding header counts: a second one must not hide behind the first.
         if key == "content-encoding" and value.strip().lower() != "identity":
             return "compressed request bodies are refused"
-        # The body is judged as UTF-8; a server decoding it by the charset it names
-        # (UTF-7, Shift_JIS...) would read another request.
-        if (
-            body_judged
-            and key == "content-type"
-            and any(c.lower() not in _UTF8 for c in _CHARSET.findall(value))
-        ):
-            return "a request body in another charset than UTF-8 is refused"
+        if key == "content-type":
+            content_types.append(value)
+            # The body is judged as UTF-8; a server decoding it by the charset it names
+            # (UTF-7, Shift_JIS...) would read another request.
+            if body_judged and any(c.lower() not in _UTF8 for c in _CHARSET.findall(value)):
+                return "a request body in another charset than UTF-8 is refused"
         if "_" in name and (key in _MEANINGFUL_HEADERS or key.startswith(("x-abc-", "mcp-"))):
             # Mcp-* route MCP requests (Mcp-Method, Mcp-Name, Mcp-Param-*): spelled
             # Mcp_Name, one a proxy reads as Mcp-Name would escape their check.
@@ -144,6 +146,8 @@ def _header_problem(headers: Iterable[tuple[str, str]], body_judged: bool) -> st
 
 
 def _query_problem(raw_query: str) -> str | None:
+    if not raw_query:
+        return None
     for pair in re.split(r"[&;]", raw_query):
         raw_key = pair.split("=", 1)[0].replace("+", " ")
         key = unquote_to_bytes(raw_key).decode("utf-8", "replace")
@@ -166,8 +170,8 @@ def unsafe_request(
     ``headers`` are (name, value) pairs as received; ``raw_path`` and ``raw_query`` are the
     path and query string as sent; ``body_judged`` is False where the body passes unread.
     """
-    headers = list(headers)
-    problem = _header_problem(headers, body_judged) or _query_problem(raw_query)
+    types: list[str] = []
+    problem = _header_problem(headers, body_judged, types) or _query_problem(raw_query)
     if problem is not None:
         return problem
     if model_route:
@@ -175,7 +179,6 @@ def unsafe_request(
             return f"{method} on a model endpoint is not governed"
         if "%" in raw_path:
             return "percent-encoded model endpoint paths are refused"
-        types = [v for n, v in headers if _header_key(n) == "content-type"]
         if len(types) != 1 or types[0].split(";")[0].strip().lower() != "application/json":
             # The body is judged as JSON; an upstream parsing it as a form would read
             # fields the policy never saw.
