@@ -116,8 +116,8 @@ class _Connection(asyncio.Protocol):
     def usable(self, reuse_seconds: float) -> bool:
         """Open and taking requests. One idle for ``reuse_seconds`` is let go, so that a
         request never meets the PDP closing it (it drops one idle for twice that)."""
-        if self.broken or self._retired:
-            return False
+        if self.broken or self._retired or self._loop.is_closed():
+            return False  # closed loop: made under an earlier asyncio.run, useless in this one
         if not self._waiting and time.monotonic() - self.used >= reuse_seconds:
             self.close()
             return False

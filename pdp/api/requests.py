@@ -117,32 +117,36 @@ _UTF8 = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})  # ASCII bodies are UT
 
 
 def _header_problem(
-    headers: Iterable[tuple[str, str]], body_judged: bool, content_types: list[str]
-) -> str | None:
-    """What makes the headers unsafe, or None; ``content_types`` gets each Content-Type's
-    value, under any spelling."""
+    headers: Iterable[tuple[str, str]], body_judged: bool
+) -> tuple[str | None, list[str]]:
+    """What makes the headers unsafe (or None), and the values of their Content-Type
+    headers under any spelling: one pass over them."""
     spellings: dict[str, str] = {}
+    content_types: list[str] = []
     for name, value in headers:
         key = _header_key(name)
         if key in OVERRIDE_HEADERS:
-            return "method or URL override headers are refused"
+            return "method or URL override headers are refused", content_types
         # Every Content-Encoding header counts: a second one must not hide behind the first.
         if key == "content-encoding" and value.strip().lower() != "identity":
-            return "compressed request bodies are refused"
+            return "compressed request bodies are refused", content_types
         if key == "content-type":
             content_types.append(value)
             # The body is judged as UTF-8; a server decoding it by the charset it names
             # (UTF-7, Shift_JIS...) would read another request.
             if body_judged and any(c.lower() not in _UTF8 for c in _CHARSET.findall(value)):
-                return "a request body in another charset than UTF-8 is refused"
+                return "a request body in another charset than UTF-8 is refused", content_types
         if "_" in name and (key in _MEANINGFUL_HEADERS or key.startswith(("x-abc-", "mcp-"))):
             # Mcp-* route MCP requests (Mcp-Method, Mcp-Name, Mcp-Param-*): spelled
             # Mcp_Name, one a proxy reads as Mcp-Name would escape their check.
-            return "a framing, routing or sidecar header spelled with an underscore is refused"
+            return (
+                "a framing, routing or sidecar header spelled with an underscore is refused",
+                content_types,
+            )
         if spellings.setdefault(key, name.lower()) != name.lower():
             # X-Api-Key and X_Api_Key: which one an upstream reads is its choice, not ours.
-            return "one header sent under two spellings is refused"
-    return None
+            return "one header sent under two spellings is refused", content_types
+    return None, content_types
 
 
 def _query_problem(raw_query: str) -> str | None:
@@ -170,8 +174,8 @@ def unsafe_request(
     ``headers`` are (name, value) pairs as received; ``raw_path`` and ``raw_query`` are the
     path and query string as sent; ``body_judged`` is False where the body passes unread.
     """
-    types: list[str] = []
-    problem = _header_problem(headers, body_judged, types) or _query_problem(raw_query)
+    problem, types = _header_problem(headers, body_judged)
+    problem = problem or _query_problem(raw_query)
     if problem is not None:
         return problem
     if model_route:
