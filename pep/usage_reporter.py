@@ -14,6 +14,7 @@ worst case a little longer: conservative, never an overspend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -49,6 +50,9 @@ class UsageReporter:
         # waited ``linger``. A timer that fired every ``linger`` instead would take the report
         # queued just before it, which the next decision was about to carry: a second fsync.
         self._queue: deque[tuple[float, pdp_pb2.ReportUsageRequest]] = deque()
+        # Settled on the socket, not yet durable (answered pending): the next decision
+        # carries them again, and its answer says they are durable.
+        self._confirming: deque[pdp_pb2.ReportUsageRequest] = deque()
         self._task: asyncio.Task[None] | None = None
 
     def report(
@@ -64,8 +68,15 @@ class UsageReporter:
         self._drain_soon()
 
     def take(self) -> list[pdp_pb2.ReportUsageRequest]:
-        """What is queued (at most a batch), for a decision to carry."""
-        return [self._queue.popleft()[1] for _ in range(min(len(self._queue), MAX_BATCH))]
+        """For a decision to carry (at most a batch): the reports settled and still to be
+        confirmed durable, then what is queued."""
+        confirming = [
+            self._confirming.popleft() for _ in range(min(len(self._confirming), MAX_BATCH))
+        ]
+        return confirming + self._queued(MAX_BATCH - len(confirming))
+
+    def _queued(self, most: int = MAX_BATCH) -> list[pdp_pb2.ReportUsageRequest]:
+        return [self._queue.popleft()[1] for _ in range(min(len(self._queue), most))]
 
     def unsettled(self, reports: Sequence[pdp_pb2.ReportUsageRequest]) -> None:
         """Reports a decision carried but the PDP did not answer for: sent again, first."""
@@ -85,15 +96,20 @@ class UsageReporter:
                 continue  # decisions may have carried it meanwhile
             # The oldest has waited long enough: the batch takes the newer ones too, since
             # it costs the PDP one fsync however many it holds.
-            await self._send(self.take())
+            await self._send(self._queued())
 
-    async def _send(self, batch: list[pdp_pb2.ReportUsageRequest]) -> None:
-        request = pdp_pb2.ReportUsageBatchRequest(reports=batch)
+    async def _send(self, batch: list[pdp_pb2.ReportUsageRequest], confirm: bool = True) -> None:
+        """Settle ``batch``; with ``confirm``, on the socket, answered before it is durable
+        (its records then go with the next commit, none of their own) and kept until the
+        next decision, which carries it again, confirms it."""
+        request = pdp_pb2.ReportUsageBatchRequest(reports=batch, confirm_by_decision=confirm)
         timeout = max(self._deadline, 1.0)
         if self._socket is not None and time.monotonic() >= self._socket_after:
             try:
                 # The PDP may hold the answer until a decision's commit makes it durable.
-                await self._socket.settle(request, timeout + SETTLE_WAIT_SECONDS)
+                answer = await self._socket.settle(request, timeout + SETTLE_WAIT_SECONDS)
+                if answer.pending:
+                    self._confirming.extend(batch)
                 return
             except DecideSocketError as exc:
                 # An abc-pdp of before settlements on its socket closes such a connection:
@@ -120,6 +136,13 @@ class UsageReporter:
         )
 
     async def flush(self, timeout: float = 5.0) -> None:
-        """Deliver what is queued (on shutdown), bounded in time."""
+        """Deliver what is queued, and make durable what is still to be confirmed (on
+        shutdown), bounded in time."""
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=timeout)
+        if self._confirming:
+            # No decision is coming to confirm them: answered only once durable.
+            confirming, self._confirming = list(self._confirming), deque()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._send(confirming, confirm=False)

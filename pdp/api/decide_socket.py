@@ -19,7 +19,10 @@ own machinery, on both sides. Over this socket the same ``DecideRequest`` and
   a serialized ``ReportUsageBatchRequest``, each ``OK`` answer a ``ReportUsageBatchResponse``
   (``REFUSED``: not settled, to be sent again). The batch is settled at once and answered
   once durable: the PDP may wait up to ``SETTLE_WAIT_SECONDS`` for a decision's commit to
-  make it so, rather than spend a write of its own. A PDP that does not know the preamble
+  make it so, rather than spend a write of its own. A batch that asks for it
+  (``confirm_by_decision``, to a PDP with its own store) is answered at once, ``pending``:
+  its records go with the next commit, and the sidecar's next decision carries the same
+  reports again, its answer saying they are durable. A PDP that does not know the preamble
   closes the connection, and the sidecar settles over gRPC instead.
 
 A PDP that cannot serve another connection now (at its cap, stopping) says ``BUSY`` and

@@ -228,6 +228,11 @@ class DecisionLog:
             ):
                 self._rotate()
 
+    def pending(self, queued: Queued) -> bool:
+        """Queued and not written yet, nor lost with a failed batch: the next commit takes it."""
+        with self._lock:
+            return queued.epoch == self._epoch and self._written <= queued.seq
+
     def wait_written(self, queued: Queued, within: float) -> None:
         """Wait up to ``within`` seconds for another caller's commit to take ``queued``
         along (or for its batch to fail): a record no answer is waiting on, such as a

@@ -325,7 +325,8 @@ class Ledger:
     def _settled_before(self, reservation_id: str, wait: bool) -> Queued | None:
         """A retry of a settlement the store made already: None ("settled") once its
         record is durable; its record written again if that write was lost (the store
-        kept the settlement, the log did not), and that place returned."""
+        kept the settlement, the log did not), and that place returned; not ``wait``ing,
+        its place too while it is still queued, for the caller's commit to take."""
         with self._settled_lock:
             known = self._settled.get(reservation_id)
         if known is None:
@@ -334,6 +335,10 @@ class Ledger:
             self._log.flush()
             return None
         record, queued = known
+        if queued is not None and not wait and self._log.pending(queued):
+            # Settled by a batch answered before its record was durable, now carried again
+            # by a decision: the record goes with that decision's commit, not one before it.
+            return queued
         if queued is not None:
             try:
                 self._log.sync(queued)  # not under the lock: new settlements go on meanwhile

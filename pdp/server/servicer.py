@@ -258,12 +258,19 @@ class DecisionServicer(pdp_pb2_grpc.DecisionServiceServicer):
         """``ReportUsageBatch`` for any transport: ``BadRequest`` for a batch over the limit,
         ``LogUnavailable`` when it could not be made durable (none of it is settled).
         Settled at once, answered once durable: ``within`` seconds may be waited for another
-        commit (a decision's) to make it so, before it takes one of its own."""
+        commit (a decision's) to make it so, before it takes one of its own. With ``within``
+        (a PDP whose settlements no other replica reads) a batch that asks for it
+        (``confirm_by_decision``) is answered at once, ``pending``: its records go with the
+        next commit, whoever makes it, and the caller's next decision confirms them."""
         if len(request.reports) > MAX_BATCH:
             raise BadRequest(f"at most {MAX_BATCH} reports")
         # One fsync for the batch, not one per report.
         with self._service.batch() as batch:
             carried = self._carry(batch, request.reports, "", self._clock())
+        if carried is not None and within and request.confirm_by_decision:
+            return pdp_pb2.ReportUsageBatchResponse(
+                settled=[q is not None for q in carried], pending=True
+            )
         settled = self._durable(carried, within)
         if len(settled) != len(request.reports):
             raise LogUnavailable(ReasonCode.PDP_UNAVAILABLE.value)

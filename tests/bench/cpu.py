@@ -40,8 +40,10 @@ import time
 from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 QUIET_S, POLL_S, GIVE_UP_S = 0.1, 0.01, 10.0
+SETTLE_S = 0.3  # past the linger: a settlement sent, settled and answered by then
 IDLE_MS_PER_S = 5.0  # all processes together below this rate count as quiet
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -77,19 +79,19 @@ def write_syscalls(pid: int) -> int:
 
 
 class LogTally:
-    """Records appended to the PDP's decision log since the last look, by kind."""
+    """Records appended to the PDP's decision log since the last look."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._offset = path.stat().st_size
 
-    def since(self) -> Counter[str]:
+    def since(self) -> list[dict[str, Any]]:
         with self._path.open("rb") as handle:
             handle.seek(self._offset)
             data = handle.read()
         complete = data[: data.rfind(b"\n") + 1]
         self._offset += len(complete)
-        return Counter(json.loads(line)["kind"] for line in complete.splitlines())
+        return [json.loads(line) for line in complete.splitlines()]
 
 
 class FsyncCounter:
@@ -166,16 +168,22 @@ class FsyncCounter:
 class CpuMeter:
     """CPU per process charged to targets, and the PDP's writes charged to one of them."""
 
-    def __init__(self, pids: dict[str, int], log: Path, counted: str) -> None:
+    def __init__(self, pids: dict[str, int], log: Path, counted: str, linger: float = 0.1) -> None:
         """``pids`` by name, ``pdp`` among them; ``log`` the PDP's decision log; ``counted``
-        the target whose batches the PDP's writes are counted in."""
+        the target whose batches the PDP's writes are counted in, its sidecar's settlements
+        sent ``linger`` seconds after its last call at the latest."""
         self.pids, self._pdp, self._counted = pids, pids["pdp"], counted
         self.cpu: dict[str, dict[str, float]] = {}  # target -> process -> CPU seconds
         self.sleeps: dict[str, dict[str, int]] = {}  # target -> process -> sleeps
         self.records: Counter[str] = Counter()
         self.syscw = 0
+        self._linger = linger
         self._log = LogTally(log)
         self._fsyncs = FsyncCounter(self._pdp)
+        # The counted target's reservations: their settlements count wherever they were
+        # written. One answered before it was durable is written with the next commit,
+        # which may be another target's (a decision of another agent's takes it along).
+        self._reserved: set[str] = set()
 
     def _read(self) -> dict[str, float]:
         return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -200,14 +208,14 @@ class CpuMeter:
     async def measure(self, target: str, batch: Awaitable[None]) -> None:
         """Run one batch of ``target`` and charge it what every process spent."""
         counted = target == self._counted
+        self._tally(self._log.since(), batch_of_counted=False)  # another batch's writes
         if counted:
             self._fsyncs.enable()
-            self._log.since()
             writes = write_syscalls(self._pdp)
         slept = {name: sleeps(pid) for name, pid in self.pids.items()}
         before = self._read()
         await batch
-        logged = await self.settled() if counted else Counter[str]()
+        logged = await self.settled() if counted else []
         after = await self.quiet()
         spent = self.cpu.setdefault(target, dict.fromkeys(after, 0.0))
         for name in after:
@@ -215,24 +223,44 @@ class CpuMeter:
         woken = self.sleeps.setdefault(target, dict.fromkeys(slept, 0))
         for name, pid in self.pids.items():
             woken[name] += sleeps(pid) - slept[name]
+        self._tally(logged + self._log.since(), batch_of_counted=counted)
         if counted:
             self._fsyncs.disable()
             self.syscw += write_syscalls(self._pdp) - writes
-            self.records.update(logged + self._log.since())
 
-    async def settled(self) -> Counter[str]:
+    def _tally(self, records: list[dict[str, Any]], batch_of_counted: bool) -> None:
+        """Count the records of a batch of the counted target, and the settlements of its
+        reservations wherever they were written."""
+        for record in records:
+            kind = record["kind"]
+            if kind == "settlement":
+                if record["reservation_id"] in self._reserved:
+                    self._reserved.discard(record["reservation_id"])
+                    self.records[kind] += 1
+                continue
+            if batch_of_counted:
+                self.records[kind] += 1
+                if kind == "decision" and record.get("reservation_id"):
+                    self._reserved.add(record["reservation_id"])
+
+    async def settled(self) -> list[dict[str, Any]]:
         """The records logged since the last look, once each decision among them has its
-        settlement too (or after ``GIVE_UP_S``, the shortfall showing in the counts). A
-        batch's last settlement goes after the sidecar's linger, and the PDP may hold it
-        for a commit to ride on: nothing a CPU clock shows while it waits."""
-        logged: Counter[str] = Counter()
-        deadline = time.monotonic() + GIVE_UP_S
+        settlement too, or once the sidecar's linger and a little more have passed: a
+        settlement no decision carried goes then, and may be answered before it is durable,
+        its record written with the next commit, whoever makes it (its write is counted
+        where it happens). What settling it cost the processes is spent by then."""
+        logged: list[dict[str, Any]] = []
+        deadline = time.monotonic() + self._linger + SETTLE_S
         while True:
-            logged.update(self._log.since())
-            if logged["settlement"] >= logged["decision"] or time.monotonic() > deadline:
+            logged += self._log.since()
+            reserved = {r["reservation_id"] for r in logged if r.get("reservation_id")}
+            made = {r["reservation_id"] for r in logged if r["kind"] == "settlement"}
+            if reserved <= made or time.monotonic() > deadline:
                 return logged
             await asyncio.sleep(POLL_S)
 
     def close(self) -> int | None:
-        """The fsyncs counted, or None if they could not be."""
+        """The fsyncs counted, or None if they could not be (and the settlements written
+        since the last batch counted)."""
+        self._tally(self._log.since(), batch_of_counted=False)
         return self._fsyncs.close()

@@ -8,8 +8,10 @@ and the PDP serves on; a PDP gone, silent or garbled is a refusal.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -22,7 +24,7 @@ import openai
 import pytest
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
-from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, frame
+from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, SETTLE_WAIT_SECONDS, frame
 from pep.decide_socket import OWN_USERS, DecideSocketClient, DecideSocketError
 from pep.pdp_client import PdpClient
 from tests.fakes.serve import FakeUpstreams
@@ -139,6 +141,117 @@ def test_a_settlement_no_decision_carries_goes_over_the_socket_too(
 
     asyncio.run(scenario())
     assert _spent(pdp, run_id) == before + 11
+
+
+def _settled_in_log(state: Path) -> set[str]:
+    """The reservations whose settlement records are in the PDP's decision log."""
+    lines = (state / "decisions.log").read_text().splitlines()
+    return {r["reservation_id"] for r in map(json.loads, lines) if r["kind"] == "settlement"}
+
+
+def _folding_pdp(signer: Signer, where: Path) -> tuple[PdpProcess, str]:
+    """A PDP of its own, with no idle checkpoint to write its log's tail meanwhile: what
+    reaches its log is what its decisions' commits took along. Its run's id."""
+    where.mkdir()
+    flags = ("--decide-socket", str(where / "d.sock"), "--checkpoint-seconds", "3600")
+    pdp = start_pdp(signer, where / "state", POLICIES, *flags)
+    stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+    text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/folding")
+    envelope = signer.freeze(text, "folding")
+    registered = stub.RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope))
+    return pdp, str(registered.run_id)
+
+
+def test_a_settlement_no_decision_carries_is_written_with_the_next_commit(
+    signer: Signer, short_dir: Path
+) -> None:
+    """The last call before a pause: its settlement, sent alone after the linger, is settled
+    and answered at once, with no write of its own. The next decision carries it again and
+    its commit writes it: one durable write a call, the pause's included."""
+    where = short_dir / "fold"
+    pdp, run_id = _folding_pdp(signer, where)
+
+    async def scenario() -> tuple[str, int, set[str], set[str]]:
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=where / "d.sock")
+        first = await client.decide(run_id, "fold-1", MODEL)
+        client.report_usage(first.reservation_id, 11)
+        # The linger passes and no decision carries it; nor would the PDP's wait for one.
+        await asyncio.sleep(0.3 + SETTLE_WAIT_SECONDS)
+        spent, written = _spent(pdp, run_id), _settled_in_log(where / "state")
+        assert (await client.decide(run_id, "fold-2", MODEL)).allow
+        after = _settled_in_log(where / "state")
+        await client.close()
+        return first.reservation_id, spent, written, after
+
+    try:
+        reservation, spent, written, after = asyncio.run(scenario())
+    finally:
+        pdp.stop()
+    assert spent == 11  # settled at once
+    assert reservation not in written  # its record waited for a commit
+    assert reservation in after  # the next decision's took it along
+
+
+def test_a_closing_sidecar_makes_what_it_had_left_to_confirm_durable(
+    signer: Signer, short_dir: Path
+) -> None:
+    """No decision will come to confirm it: on closing, the sidecar sends the settlement
+    again and is answered once it is durable (settled already, so false, and written)."""
+    where = short_dir / "closing"
+    pdp, run_id = _folding_pdp(signer, where)
+
+    async def scenario() -> tuple[str, set[str]]:
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=where / "d.sock")
+        first = await client.decide(run_id, "closing-1", MODEL)
+        client.report_usage(first.reservation_id, 11)
+        await asyncio.sleep(0.3 + SETTLE_WAIT_SECONDS)
+        written = _settled_in_log(where / "state")
+        await client.close()
+        return first.reservation_id, written
+
+    try:
+        reservation, written = asyncio.run(scenario())
+        assert reservation not in written
+        assert reservation in _settled_in_log(where / "state")
+        assert _spent(pdp, run_id) == 11
+    finally:
+        pdp.stop()
+
+
+def test_a_settlement_answered_before_it_was_durable_survives_kill_9(
+    signer: Signer, short_dir: Path
+) -> None:
+    """Settled, answered pending, then the PDP is killed before any commit wrote it: the
+    settlement is lost with the process, not with the sidecar, whose next decision on the
+    restarted PDP carries it again. The reservation ends settled at what was used, not
+    held at its worst case."""
+    where = short_dir / "k9"
+    pdp, run_id = _folding_pdp(signer, where)
+    flags = ("--decide-socket", str(where / "d.sock"), "--checkpoint-seconds", "3600")
+    restarted: list[PdpProcess] = []
+
+    async def scenario() -> tuple[int, int]:
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=where / "d.sock")
+        first = await client.decide(run_id, "k9-1", MODEL)
+        client.report_usage(first.reservation_id, 11)
+        await asyncio.sleep(0.5)
+        assert _spent(pdp, run_id) == 11
+        pdp.stop(signal.SIGKILL)
+        restarted.append(start_pdp(signer, where / "state", POLICIES, *flags))
+        lost = _spent(restarted[0], run_id)
+        await asyncio.sleep(0.2)  # the loop, held by the calls above, sees the old one gone
+        assert (await client.decide(run_id, "k9-2", MODEL)).allow
+        await client.close()
+        return lost, _spent(restarted[0], run_id)
+
+    try:
+        lost, spent = asyncio.run(scenario())
+    finally:
+        pdp.stop()
+        for again in restarted:
+            again.stop()
+    assert lost == 0  # the restarted PDP never saw the settlement
+    assert spent == 11  # the sidecar's next decision brought it back
 
 
 def test_settlements_a_socket_does_not_take_go_over_grpc(

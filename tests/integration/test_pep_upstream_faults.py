@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.harness import (
     INTENT,
     POLICIES,
@@ -366,6 +367,16 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
                 break
             time.sleep(0.05)
         assert decisions[0]["result"]["allow"] and decisions[0]["reservation_id"]
+        runs = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
+        asked = pdp_pb2.GetRunRequest(run_id=decisions[0]["run_id"])
+        for _ in range(100):  # released, while the sidecar serves on: nothing held, nothing spent
+            run = runs.GetRun(asked, timeout=5)
+            if not run.reserved.tokens:
+                break
+            time.sleep(0.05)
+        assert (run.reserved.tokens, run.spent.tokens) == (0, 0)
+        # Its record: with the next commit, or the sidecar's last settlements as it stops.
+        pep.stop()
         reserved, settled = _settled(log, decisions[0]["decision_id"])
         assert (reserved > 0, settled) == (True, 0)
         assert FORWARDED.empty()

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 
 from pdp.action import Action, validate_action
+from pdp.api import pdp_pb2
 from pdp.bundle import load_bundle
 from pdp.decisionlog import (
     DecisionLog,
@@ -44,6 +45,7 @@ from pdp.errors import (
 from pdp.ledger import MemoryRunStore, Usage
 from pdp.manifest import SqliteHighWater
 from pdp.metrics import PdpMetrics
+from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
 from tests.factories import NOW, manifest_document, signed_envelope, trust_entry, trust_store
 
@@ -556,6 +558,47 @@ def test_a_batch_is_made_durable_with_one_fsync_and_answered_only_once_left(
     # Each one's answer is kept: a retry gets the same decision.
     again = pdp.service.decide(run_id, "req-3", _model(100), NOW)
     assert again.decision_id == held[3].outcome.decision_id
+
+
+def test_a_settlement_answered_pending_is_written_by_the_decision_carrying_it_again(
+    pdp: _Pdp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``confirm_by_decision``: the batch is settled and answered at once, with no fsync of
+    its own; the next decision carries it again, and that decision's one fsync makes both
+    durable. Without ``within`` (a store other replicas read) the answer waits for it."""
+    servicer = DecisionServicer(pdp.service, clock=lambda: NOW)
+    run_id = pdp.register()
+    model = pdp_pb2.Action(kind="model", target="model:openai/gpt-4o-mini", max_tokens=100)
+
+    def decide(request_id: str, *carried: pdp_pb2.ReportUsageRequest) -> Any:
+        request = pdp_pb2.DecideRequest(
+            run_id=run_id, request_id=request_id, action=model, settlements=carried
+        )
+        return servicer.decide_all([request])[0]
+
+    first, other = decide("req-1"), decide("req-2")
+    report = pdp_pb2.ReportUsageRequest(reservation_id=first.reservation_id, tokens=10)
+    synced, syncs = os.fdatasync, []
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
+    ask = pdp_pb2.ReportUsageBatchRequest(reports=[report], confirm_by_decision=True)
+    lazy = servicer.settle(ask, within=0.5)
+    assert list(lazy.settled) == [True] and lazy.pending and syncs == []
+    assert pdp.store.books(run_id).spent.tokens == 10  # settled at once
+    third = decide("req-3", report)
+    assert list(third.settled) == [True] and len(syncs) == 1
+    late = pdp_pb2.ReportUsageRequest(reservation_id=other.reservation_id, tokens=5)
+    asked = pdp_pb2.ReportUsageBatchRequest(reports=[late], confirm_by_decision=True)
+    durable = servicer.settle(asked)
+    assert list(durable.settled) == [True] and not durable.pending and len(syncs) == 2
+    pdp.log.close()
+    records = read_verified_log(pdp.log_path, LOG_KEY.public_key()).records
+    settled = [r.reservation_id for r in records if isinstance(r, SettlementRecord)]
+    assert settled == [first.reservation_id, other.reservation_id]  # each written once
 
 
 def test_a_batch_whose_commit_fails_refuses_each_and_gives_back_what_they_held(

@@ -102,16 +102,20 @@ class ReportUsageResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportUsageBatchRequest(_message.Message):
-    __slots__ = ("reports",)
+    __slots__ = ("reports", "confirm_by_decision")
     REPORTS_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_BY_DECISION_FIELD_NUMBER: _ClassVar[int]
     reports: _containers.RepeatedCompositeFieldContainer[ReportUsageRequest]
-    def __init__(self, reports: _Optional[_Iterable[_Union[ReportUsageRequest, _Mapping]]] = ...) -> None: ...
+    confirm_by_decision: bool
+    def __init__(self, reports: _Optional[_Iterable[_Union[ReportUsageRequest, _Mapping]]] = ..., confirm_by_decision: _Optional[bool] = ...) -> None: ...
 
 class ReportUsageBatchResponse(_message.Message):
-    __slots__ = ("settled",)
+    __slots__ = ("settled", "pending")
     SETTLED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     settled: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, settled: _Optional[_Iterable[bool]] = ...) -> None: ...
+    pending: bool
+    def __init__(self, settled: _Optional[_Iterable[bool]] = ..., pending: _Optional[bool] = ...) -> None: ...
 
 class StartRunRequest(_message.Message):
     __slots__ = ("manifest_digest", "run_key", "narrower")
