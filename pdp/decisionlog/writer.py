@@ -441,13 +441,16 @@ class DecisionLog:
             self._commit_through(self._seq)
 
     def _idle_checkpoints(self) -> None:
-        """Sign an idle log's tail within ``checkpoint_seconds``; while the log cannot
-        write, try a checkpoint every ``retry_seconds``, so that it recovers (and health
-        with it) without waiting for a decision that health keeps away."""
+        """Sign an idle log's tail within ``checkpoint_seconds`` and a tenth more (a second
+        at most): a log still written to meanwhile takes its checkpoint along with the next
+        record's commit, not in a write of its own. While the log cannot write, try a
+        checkpoint every ``retry_seconds``, so that it recovers (and health with it)
+        without waiting for a decision that health keeps away."""
+        grace = min(1.0, self._seconds / 10)
         while True:
             with self._lock:
                 if self._writable:
-                    left = self._checkpoint_at + self._seconds - time.monotonic()
+                    left = self._checkpoint_at + self._seconds + grace - time.monotonic()
                     wait = left if left > 0 else self._seconds
                 else:
                     wait = self._retry

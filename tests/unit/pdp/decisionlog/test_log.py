@@ -133,6 +133,35 @@ def test_an_idle_tail_is_checkpointed_within_the_interval(tmp_path: Path) -> Non
     assert verify_log(path, KEY.public_key()).records == 5
 
 
+def test_a_log_written_to_takes_its_timed_checkpoints_along_with_its_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interval passes while records keep coming: the checkpoint goes with the next
+    record's commit, and the idle timer, a little later, finds nothing to sign. No write of
+    its own: one fsync a record."""
+    synced, syncs = os.fdatasync, []
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_seconds=2.0)  # the idle timer's grace: 0.2 s
+    appended = 0
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 4.5:
+            log.append(decision(appended))
+            appended += 1
+            time.sleep(0.01)
+        kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+        assert kinds.count("checkpoint") == 2
+        assert len(syncs) == appended
+    finally:
+        log.close()
+
+
 def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None:
     path = written_log(tmp_path, records=3)
     with path.open("ab") as handle:
