@@ -140,9 +140,10 @@ class UsageReporter:
         shutdown), bounded in time."""
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=timeout)
-        if self._confirming:
-            # No decision is coming to confirm them: answered only once durable.
-            confirming, self._confirming = list(self._confirming), deque()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._send(confirming, confirm=False)
+        # No decision is coming to confirm them: answered only once durable.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._confirming:
+                    most = min(len(self._confirming), MAX_BATCH)
+                    batch = [self._confirming.popleft() for _ in range(most)]
+                    await self._send(batch, confirm=False)

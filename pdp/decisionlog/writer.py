@@ -441,11 +441,12 @@ class DecisionLog:
             self._commit_through(self._seq)
 
     def _idle_checkpoints(self) -> None:
-        """Sign an idle log's tail within ``checkpoint_seconds`` and a tenth more (a second
-        at most): a log still written to meanwhile takes its checkpoint along with the next
-        record's commit, not in a write of its own. While the log cannot write, try a
-        checkpoint every ``retry_seconds``, so that it recovers (and health with it)
-        without waiting for a decision that health keeps away."""
+        """Sign an idle log's tail, and write what is queued, within ``checkpoint_seconds``
+        and a tenth more (a second at most): a log still written to meanwhile takes its
+        checkpoint along with the next record's commit, not in a write of its own. While
+        the log cannot write, try a checkpoint every ``retry_seconds``, so that it
+        recovers (and health with it) without waiting for a decision that health keeps
+        away."""
         grace = min(1.0, self._seconds / 10)
         while True:
             with self._lock:
@@ -462,9 +463,12 @@ class DecisionLog:
                 if woken:
                     continue  # the log just failed: first retry after retry_seconds
                 due = self._since_checkpoint and self._due_checkpoint()
-                if not (due or not self._writable):
+                # Records queued that no commit took are written too: a settlement answered
+                # before its write, whose own queuing put the due checkpoint behind it.
+                if not (due or self._pending or not self._writable):
                     continue
-                self._enqueue_checkpoint()
+                if due or not self._writable:
+                    self._enqueue_checkpoint()
                 # A failure is logged by _fail and tried again after retry_seconds.
                 with contextlib.suppress(OSError):
                     self._commit_through(self._seq)

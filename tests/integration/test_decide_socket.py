@@ -157,6 +157,7 @@ def _folding_pdp(signer: Signer, where: Path) -> tuple[PdpProcess, str]:
     pdp = start_pdp(signer, where / "state", POLICIES, *flags)
     stub = pdp_pb2_grpc.DecisionServiceStub(pdp.channel())  # type: ignore[no-untyped-call]
     text = INTENT.read_text().replace("lineage: acme/support-bot", "lineage: acme/folding")
+    text = text.replace("requests: 500", "requests: 5000")  # for a burst of calls
     envelope = signer.freeze(text, "folding")
     registered = stub.RegisterManifest(pdp_pb2.RegisterManifestRequest(envelope=envelope))
     return pdp, str(registered.run_id)
@@ -218,6 +219,32 @@ def test_a_closing_sidecar_makes_what_it_had_left_to_confirm_durable(
         pdp.stop()
 
 
+def test_a_closing_sidecar_sends_what_it_has_to_confirm_in_batches_the_pdp_takes(
+    signer: Signer, short_dir: Path
+) -> None:
+    """More settlements left to confirm than one batch may hold (a burst, then no call): on
+    closing they go in batches the PDP takes, none dropped."""
+    where = short_dir / "burst"
+    pdp, run_id = _folding_pdp(signer, where)
+    calls = 1100  # past the PDP's 1,024 reports a batch
+
+    async def scenario() -> set[str]:
+        client = PdpClient(pdp.address, 5.0, settle_linger=0.05, decide_socket=where / "d.sock")
+        allowed = [await client.decide(run_id, f"burst-{n}", MODEL) for n in range(calls)]
+        for verdict in allowed:
+            client.report_usage(verdict.reservation_id, 1)
+        await asyncio.sleep(0.3 + SETTLE_WAIT_SECONDS)
+        await client.close()
+        return {verdict.reservation_id for verdict in allowed}
+
+    try:
+        reservations = asyncio.run(scenario())
+        assert reservations <= _settled_in_log(where / "state")
+        assert _spent(pdp, run_id) == calls
+    finally:
+        pdp.stop()
+
+
 def test_a_settlement_answered_before_it_was_durable_survives_kill_9(
     signer: Signer, short_dir: Path
 ) -> None:
@@ -241,8 +268,9 @@ def test_a_settlement_answered_before_it_was_durable_survives_kill_9(
         lost = _spent(restarted[0], run_id)
         await asyncio.sleep(0.2)  # the loop, held by the calls above, sees the old one gone
         assert (await client.decide(run_id, "k9-2", MODEL)).allow
+        spent = _spent(restarted[0], run_id)  # before closing, which would send it anyway
         await client.close()
-        return lost, _spent(restarted[0], run_id)
+        return lost, spent
 
     try:
         lost, spent = asyncio.run(scenario())

@@ -133,6 +133,26 @@ def test_an_idle_tail_is_checkpointed_within_the_interval(tmp_path: Path) -> Non
     assert verify_log(path, KEY.public_key()).records == 5
 
 
+def test_records_queued_and_never_synced_are_written_by_the_idle_timer(tmp_path: Path) -> None:
+    """A record queued that no commit takes (a settlement answered before its write), whose
+    queuing put the due checkpoint behind it: nothing is left to sign, and both are written
+    within the interval all the same."""
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_every=2, checkpoint_seconds=0.3)
+    try:
+        log.append(decision(0))
+        log.queue(decision(1))  # the second record since the last checkpoint: one is due
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+            if len(kinds) == 3:
+                break
+            time.sleep(0.02)
+        assert kinds == ["decision", "decision", "checkpoint"]
+    finally:
+        log.close()
+
+
 def test_a_log_written_to_takes_its_timed_checkpoints_along_with_its_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
