@@ -32,11 +32,13 @@ its clock only for the checkpoints it signs.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import errno
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +69,8 @@ __all__ = ["DecisionLog", "MaskRule", "Queued"]
 MASK = "***"
 # After a failed rotation, the log grows on in its file this long before it tries again.
 _ROTATE_BACKOFF = 60.0
+# How many times the durable seq a failed epoch kept is remembered (each time it moved).
+_KEPT_EPOCHS = 4096
 log = logging.getLogger("abc.pdp")
 
 
@@ -159,6 +163,10 @@ class DecisionLog:
         self._epoch = 0
         # Per failed epoch: its error, and the seq it had made durable (those below it).
         self._failures: dict[int, tuple[OSError, int]] = {}
+        # The same durable seq for older epochs, kept longer: (first epoch, seq) each time it
+        # moved. A settlement answered before its write is carried again by a decision,
+        # perhaps after a long outage; it must find its record durable, not write it twice.
+        self._kept: list[tuple[int, int]] = []
         self._writable = True
         self._watchers: list[Callable[[bool], None]] = []
         self._closed = False
@@ -319,7 +327,7 @@ class DecisionLog:
         while self._written < target or self._epoch != epoch:
             if self._epoch != epoch:
                 # A batch failed since: the records it had made durable before stay so.
-                lost, kept = self._failures.get(epoch, (None, 0))
+                lost, kept = self._failures.get(epoch, (None, self._kept_in(epoch)))
                 if target <= kept:
                     return
                 raise lost or OSError(errno.EIO, "decision log write failed")
@@ -381,6 +389,11 @@ class DecisionLog:
             raise
         return start + len(data)
 
+    def _kept_in(self, epoch: int) -> int:
+        """The seq a failed ``epoch`` had made durable; 0 (none known) if forgotten."""
+        found = bisect.bisect_right(self._kept, (epoch, sys.maxsize)) - 1
+        return self._kept[found][1] if found >= 0 and self._kept[0][0] <= epoch else 0
+
     def _cut(self, size: int) -> None:
         os.ftruncate(self._fd, size)
         os.fdatasync(self._fd)
@@ -392,6 +405,9 @@ class DecisionLog:
         log.error("decision log unwritable: %s", failure)
         self._failures[self._epoch] = (failure, self._durable.seq)
         self._failures.pop(self._epoch - 64, None)  # only waiters of recent epochs remain
+        if not self._kept or self._kept[-1][1] != self._durable.seq:
+            self._kept.append((self._epoch, self._durable.seq))
+            del self._kept[:-_KEPT_EPOCHS]
         self._epoch += 1
         self._pending = []
         durable = self._durable

@@ -153,6 +153,37 @@ def test_records_queued_and_never_synced_are_written_by_the_idle_timer(tmp_path:
         log.close()
 
 
+def test_a_record_made_durable_before_a_long_outage_is_known_durable_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settlement answered before its write and written, then a disk that fails many
+    times over, then the decision that carries it again: its record is durable, not
+    written a second time."""
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY)
+    try:
+        written = log.queue(decision(0))
+        log.sync(written)
+        synced, failing = os.fdatasync, [True]
+
+        def outage(fd: int) -> None:
+            if failing[0]:
+                raise OSError(errno.ENOSPC, "a full disk")
+            synced(fd)
+
+        monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", outage)
+        for n in range(100):  # far more failed writes than the recent ones kept in full
+            with pytest.raises(LogUnavailable):
+                log.append(decision(n + 1))
+        failing[0] = False
+        log.sync(written)  # durable: no LogUnavailable, nothing written again
+        assert not log.pending(written)
+        kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+        assert kinds == ["decision"]
+    finally:
+        log.close()
+
+
 def test_a_log_written_to_takes_its_timed_checkpoints_along_with_its_records(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
