@@ -6,8 +6,10 @@ The benchmark's targets take turns batch by batch, so the meter reads every proc
 each batch and charges the difference to the target being driven. Work a batch leaves
 behind (a usage settlement sent after a short linger, a group commit) still belongs to it:
 after each batch of the counted target the meter waits until each of its decisions has its
-settlement in the log, and after every batch until the processes together have spent less
-than ``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
+settlement in the log, or its sidecar's linger and ``SETTLE_S`` have passed (a settlement
+answered before its write is written with the next commit, whichever target's, and counted
+for its own), and after every batch until the processes together have spent less than
+``IDLE_MS_PER_S`` over the last ``QUIET_S``, so nothing spills into the next target's
 batch. What a process spends idle meanwhile (the PDP: about 2 ms a second) is charged too:
 the ``direct`` target's PDP column shows how little that is.
 
