@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -30,6 +31,7 @@ __all__ = ["UsageReporter"]
 
 log = logging.getLogger("abc.pep")
 MAX_BATCH = 256
+_Item = TypeVar("_Item")
 RETRIES = 2
 SOCKET_PAUSE = 60  # seconds over gRPC after the decide socket did not take a batch
 
@@ -70,13 +72,11 @@ class UsageReporter:
     def take(self) -> list[pdp_pb2.ReportUsageRequest]:
         """For a decision to carry (at most a batch): the reports settled and still to be
         confirmed durable, then what is queued."""
-        confirming = [
-            self._confirming.popleft() for _ in range(min(len(self._confirming), MAX_BATCH))
-        ]
+        confirming = _first(self._confirming, MAX_BATCH)
         return confirming + self._queued(MAX_BATCH - len(confirming))
 
     def _queued(self, most: int = MAX_BATCH) -> list[pdp_pb2.ReportUsageRequest]:
-        return [self._queue.popleft()[1] for _ in range(min(len(self._queue), most))]
+        return [report for _, report in _first(self._queue, most)]
 
     def unsettled(self, reports: Sequence[pdp_pb2.ReportUsageRequest]) -> None:
         """Reports a decision carried but the PDP did not answer for: sent again, first."""
@@ -143,7 +143,10 @@ class UsageReporter:
         # No decision is coming to confirm them: answered only once durable.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                while self._confirming:
-                    most = min(len(self._confirming), MAX_BATCH)
-                    batch = [self._confirming.popleft() for _ in range(most)]
+                while batch := _first(self._confirming, MAX_BATCH):
                     await self._send(batch, confirm=False)
+
+
+def _first(queue: deque[_Item], most: int) -> list[_Item]:
+    """Up to ``most`` items taken from the front of ``queue``."""
+    return [queue.popleft() for _ in range(min(len(queue), most))]
