@@ -36,6 +36,7 @@ class PepConfig:
     pdp_server_name: str | None = None
     narrower: Path | None = None  # every run key's run is started narrowed by it
     pdp_socket: Path | None = None  # the PDP's decide socket: Decide there, the rest by gRPC
+    pdp_decide: str | None = None  # the same protocol over TLS, to a PDP on another host
 
 
 MAX_SOCKET_PATH = 107  # sun_path's 108 bytes, the last one NUL
@@ -49,6 +50,14 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
         None,
         "the PDP's decide socket (abc-pdp --decide-socket) on this host: decisions go there,"
         " for less CPU than gRPC, and the rest to --pdp",
+    ),
+    (
+        "pdp_decide",
+        "ABC_PEP_PDP_DECIDE",
+        None,
+        "HOST:PORT of a PDP's decide socket over TLS (abc-pdp --decide-listen): decisions go"
+        " there, for less CPU than gRPC, and the rest to --pdp; needs --pdp-ca, --pdp-cert"
+        " and --pdp-key",
     ),
     ("run", "ABC_PEP_RUN", None, "default run id (requests may name one in x-abc-run)"),
     ("manifest", "ABC_PEP_MANIFEST", None, "envelope to register at start-up instead of --run"),
@@ -201,6 +210,14 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         raise ConfigError("--settle-linger-ms must be 0..10000")
     metrics = str(values["metrics"])
     pdp_ca, pdp_cert, pdp_key, pdp_server_name = _tls(values)
+    pdp_decide = (
+        _address(str(values["pdp_decide"]), "--pdp-decide") if values.get("pdp_decide") else None
+    )
+    if pdp_decide and values.get("pdp_socket"):
+        raise ConfigError("give --pdp-socket or --pdp-decide, not both: decisions go one way")
+    if pdp_decide and pdp_key is None:
+        # The PDP takes no decision over TCP from a sidecar it does not know by certificate.
+        raise ConfigError("--pdp-decide needs --pdp-ca, --pdp-cert and --pdp-key")
     return PepConfig(
         listen=_address(str(values["listen"]), "--listen"),
         pdp=_address(str(values["pdp"]), "--pdp"),
@@ -208,6 +225,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         manifest=Path(values["manifest"]) if values.get("manifest") else None,
         narrower=_path(values.get("narrower")),
         pdp_socket=_socket_path(values.get("pdp_socket")),
+        pdp_decide=pdp_decide,
         metrics=None if metrics == "off" else _address(metrics, "--metrics"),
         upstreams=upstreams,
         pdp_deadline_seconds=deadline_ms / 1000,

@@ -1,5 +1,6 @@
 """``abc-pep --pdp-socket PATH``: ``Decide``, and the settlements no decision carried, over
-the PDP's decide socket.
+the PDP's decide socket; ``--pdp-decide HOST:PORT``: the same over TLS, to a PDP on another
+host (``abc-pdp --decide-listen``), this sidecar showing its client certificate.
 
 Its wire format is ``pdp.api.decide_socket``.
 
@@ -22,8 +23,11 @@ import collections
 import logging
 import os
 import socket
+import ssl
 import struct
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -41,7 +45,7 @@ from pdp.api.decide_socket import (
     frame,
 )
 
-__all__ = ["DecideSocketClient", "DecideSocketError"]
+__all__ = ["DecideSocketClient", "DecideSocketError", "TlsPeer", "UnixPeer"]
 
 log = logging.getLogger("abc.pep")
 REUSE_SECONDS = 30.0  # the PDP drops a connection idle for 60 s (pdp.server.decide_socket)
@@ -75,6 +79,60 @@ def _peer_uid(transport: asyncio.BaseTransport) -> int | None:
     return int(uid)
 
 
+@dataclass(frozen=True)
+class UnixPeer:
+    """The PDP's socket on this host, served by one of ``users``."""
+
+    path: Path
+    users: frozenset[int] = OWN_USERS
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    async def open(
+        self, factory: Callable[[], _Connection]
+    ) -> tuple[asyncio.Transport, _Connection]:
+        loop = asyncio.get_running_loop()
+        transport, connection = await loop.create_unix_connection(factory, str(self.path))
+        # The file's mode guards who may connect, not who serves: whoever can write to the
+        # socket's directory could put a socket of their own there and answer allow.
+        uid = _peer_uid(transport)
+        if uid not in self.users:
+            transport.close()
+            log.error("%s is served by uid %s, not this sidecar's user: refused", self.path, uid)
+            raise PermissionError(f"served by uid {uid}, not this sidecar's user")
+        return transport, connection
+
+
+@dataclass(frozen=True)
+class TlsPeer:
+    """A PDP on another host, known by its certificate: ``context`` trusts the PDP's CA
+    alone and holds this sidecar's client certificate; ``server_name`` is checked in the
+    PDP's."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext
+    server_name: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def open(
+        self, factory: Callable[[], _Connection]
+    ) -> tuple[asyncio.Transport, _Connection]:
+        loop = asyncio.get_running_loop()
+        transport, connection = await loop.create_connection(
+            factory,
+            self.host,
+            self.port,
+            ssl=self.context,
+            server_hostname=self.server_name,
+            ssl_handshake_timeout=OPEN_SECONDS,
+        )
+        return transport, connection
+
+
 class _Connection(asyncio.Protocol):
     """One connection to the socket: requests out as they come, their answers back in the
     same order."""
@@ -100,17 +158,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # to close it, if need be
 
-    def start(self, transport: asyncio.Transport, path: Path, users: frozenset[int]) -> None:
+    def start(self, transport: asyncio.Transport) -> None:
         # Here, not in connection_made: an event loop may call that only after the
         # connection is handed back, and the preamble must precede the first request.
         self._transport = transport
-        # The file's mode guards who may connect, not who serves: whoever can write to the
-        # socket's directory could put a socket of their own there and answer allow.
-        uid = _peer_uid(transport)
-        if uid not in users:
-            self.close()
-            log.error("%s is served by uid %s, not this sidecar's user: refused", path, uid)
-            raise PermissionError(f"served by uid {uid}, not this sidecar's user")
         transport.write(self._preamble)
 
     def usable(self, reuse_seconds: float) -> bool:
@@ -217,12 +268,12 @@ class _Connection(asyncio.Protocol):
 class DecideSocketClient:
     def __init__(
         self,
-        path: Path,
+        peer: Path | UnixPeer | TlsPeer,
         max_in_flight: int = 64,
-        users: frozenset[int] = OWN_USERS,
         reuse_seconds: float = REUSE_SECONDS,
     ) -> None:
-        self._path, self._users, self._reuse_seconds = path, users, reuse_seconds
+        self._peer = UnixPeer(peer) if isinstance(peer, Path) else peer
+        self._reuse_seconds = reuse_seconds
         self._deciding: _Connection | None = None  # where decisions go
         self._opening: asyncio.Task[_Connection] | None = None
         # Until then (loop time) decisions go one at a time, each on a connection of its
@@ -252,7 +303,7 @@ class DecideSocketClient:
                 self._slots.release()
             return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
-            raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+            raise DecideSocketError(f"{self._peer}: {type(exc).__name__}: {exc}") from exc
 
     async def _exchange(
         self, loop: asyncio.AbstractEventLoop, payload: bytes, deadline: float
@@ -272,7 +323,7 @@ class DecideSocketClient:
             log.warning(
                 "%s: the PDP takes one decision at a time on a connection (a PDP of before):"
                 " so decided for %.0f s",
-                self._path,
+                self._peer,
                 ALONE_SECONDS,
             )
             self._alone_until = now + ALONE_SECONDS
@@ -290,7 +341,7 @@ class DecideSocketClient:
             )
             return pdp_pb2.ReportUsageBatchResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
-            raise DecideSocketError(f"{self._path}: {type(exc).__name__}: {exc}") from exc
+            raise DecideSocketError(f"{self._peer}: {type(exc).__name__}: {exc}") from exc
 
     async def _alone(
         self, idle: list[_Connection], preamble: bytes, payload: bytes, deadline: float
@@ -347,7 +398,7 @@ class DecideSocketClient:
         except _NotPipelined:
             self._go_alone()  # reachable, and decides: one at a time
         except _Busy:
-            log.warning("%s: the PDP is busy (at its connection cap, or stopping)", self._path)
+            log.warning("%s: the PDP is busy (at its connection cap, or stopping)", self._peer)
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -362,12 +413,9 @@ class DecideSocketClient:
         return None
 
     async def _connect(self, deadline: float, preamble: bytes) -> _Connection:
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(deadline):
-            transport, connection = await loop.create_unix_connection(
-                lambda: _Connection(preamble), str(self._path)
-            )
-        connection.start(transport, self._path, self._users)
+            transport, connection = await self._peer.open(lambda: _Connection(preamble))
+        connection.start(transport)
         if connection.greeted is not None:
             try:
                 async with asyncio.timeout_at(deadline):

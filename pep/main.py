@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from pdp.api.config import read_envelope_file
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
+from pep.decide_socket import TlsPeer
 from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
@@ -53,15 +55,34 @@ def _pdp_tls(config: PepConfig) -> PdpTls | None:
     return PdpTls(root, chain, key, config.pdp_server_name)
 
 
+def _decide_peer(config: PepConfig) -> TlsPeer | None:
+    """The PDP's decide socket over TLS (--pdp-decide): its CA alone trusted, this sidecar's
+    certificate shown, the PDP's name checked; None when not given."""
+    if config.pdp_decide is None:
+        return None
+    assert config.pdp_ca is not None and config.pdp_cert is not None  # parse_config's rule
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # hostname checked, certificate required
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=config.pdp_ca)
+        context.load_cert_chain(config.pdp_cert, config.pdp_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--pdp-decide: cannot use the --pdp-* files: {exc}") from exc
+    host, _, port = config.pdp_decide.rpartition(":")
+    host = host.strip("[]")
+    return TlsPeer(host, int(port), context, config.pdp_server_name or host)
+
+
 def _pdp_client(config: PepConfig) -> PdpClient:
     for warning in transport_warnings(config):
         log.warning("%s", warning)
+    tls = _pdp_tls(config)  # first: a wrong file is named by the flag that gave it
     return PdpClient(
         config.pdp,
         config.pdp_deadline_seconds,
-        _pdp_tls(config),
+        tls,
         settle_linger=config.settle_linger_seconds,
-        decide_socket=config.pdp_socket,
+        decide_socket=config.pdp_socket or _decide_peer(config),
     )
 
 
@@ -89,10 +110,16 @@ async def _check_decide_socket(pdp: PdpClient, config: PepConfig, registered: bo
     problem = await pdp.check_decide_socket()
     if problem is None:
         return
-    message = (
-        f"--pdp-socket {config.pdp_socket}: cannot decide there ({problem});"
-        f" is abc-pdp started with --decide-socket {config.pdp_socket}?"
-    )
+    if config.pdp_decide is not None:
+        message = (
+            f"--pdp-decide {config.pdp_decide}: cannot decide there ({problem}); is abc-pdp"
+            " started with --decide-listen there, and do the TLS files match?"
+        )
+    else:
+        message = (
+            f"--pdp-socket {config.pdp_socket}: cannot decide there ({problem});"
+            f" is abc-pdp started with --decide-socket {config.pdp_socket}?"
+        )
     if registered:
         raise ConfigError(message)
     log.warning("%s", message)
@@ -164,7 +191,9 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
             run_id or "-",
             config.pdp,
             "plaintext" if config.pdp_ca is None else "TLS",
-            f"; decisions on {config.pdp_socket}" if config.pdp_socket else "",
+            f"; decisions on {config.pdp_socket or config.pdp_decide}"
+            if config.pdp_socket or config.pdp_decide
+            else "",
         )
         await stop.wait()
         log.info("abc-pep stopping")

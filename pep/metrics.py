@@ -15,8 +15,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 ROUTES = ("openai", "anthropic", "mcp", "http", "unknown")
 # "pass": forwarded without a decision (MCP initialize, notifications, session traffic).
 DECISIONS = ("allow", "deny", "pass")
-# How decisions reach the PDP: gRPC, or the PDP's decide socket (--pdp-socket).
-TRANSPORTS = ("grpc", "decide_socket")
+# How decisions reach the PDP: gRPC, the PDP's decide socket (--pdp-socket), or the same
+# over TLS (--pdp-decide).
+TRANSPORTS = ("grpc", "decide_socket", "decide_tls")
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
@@ -66,7 +67,7 @@ class PepMetrics:
         # meant to decide on the socket but was started without it. Set once, at start-up.
         self.pdp_transport = Gauge(
             "abc_pep_pdp_transport",
-            "1 for the transport this sidecar's decisions take to the PDP, 0 for the other.",
+            "1 for the transport this sidecar's decisions take to the PDP, 0 for the others.",
             ["transport"],
             registry=registry,
         )

@@ -18,7 +18,7 @@ import grpc
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pdp.api.mapping import MAX_TOKENS
-from pep.decide_socket import DecideSocketClient, DecideSocketError
+from pep.decide_socket import DecideSocketClient, DecideSocketError, TlsPeer
 from pep.usage_reporter import UsageReporter
 
 __all__ = ["PdpClient", "PdpTls", "Verdict"]
@@ -131,11 +131,12 @@ class PdpClient:
         deadline_seconds: float,
         tls: PdpTls | None = None,
         settle_linger: float = 0.1,
-        decide_socket: Path | None = None,
+        decide_socket: Path | TlsPeer | None = None,
     ) -> None:
         self._channel = _channel(target, tls)
-        # Decisions on the PDP's decide socket when it is on this host; gRPC otherwise.
+        # Decisions on the PDP's decide socket (on this host, or over TLS); gRPC otherwise.
         self._socket = DecideSocketClient(decide_socket) if decide_socket else None
+        self._socket_kind = "decide_tls" if isinstance(decide_socket, TlsPeer) else "decide_socket"
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
         # Settlements wait this long for a decision to carry them, then go in a batch: an
@@ -186,7 +187,7 @@ class PdpClient:
     @property
     def transport(self) -> str:
         """The way decisions go to the PDP (one of ``pep.metrics.TRANSPORTS``)."""
-        return "grpc" if self._socket is None else "decide_socket"
+        return "grpc" if self._socket is None else self._socket_kind
 
     async def check_decide_socket(self) -> str | None:
         """Why decisions cannot go to the decide socket, or None when they can (or when

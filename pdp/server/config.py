@@ -42,6 +42,7 @@ class PdpConfig:
     http: str | None = None  # the OPA-compatible REST door; off when None
     health: str | None = None  # plaintext grpc.health.v1 only, for probes; off when None
     decide_socket: Path | None = None  # Decide alone, for a sidecar on this host; off when None
+    decide_listen: str | None = None  # the same over mTLS, for sidecars elsewhere; off when None
     ext_authz_openai_prefix: str | None = "/openai/"  # None: no OpenAI route
     ext_authz_anthropic_prefix: str | None = "/anthropic/"
 
@@ -65,6 +66,14 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         None,
         "Unix socket PATH serving Decide alone, for less CPU than gRPC, to a sidecar on this"
         " host (abc-pep --pdp-socket); mode 0600, so the PDP's user only (off when unset)",
+    ),
+    (
+        "--decide-listen",
+        "ABC_PDP_DECIDE_LISTEN",
+        None,
+        "HOST:PORT serving the decide socket's protocol over TLS to sidecars on other hosts"
+        " (abc-pep --pdp-decide), for less CPU than gRPC; needs --tls-cert, --tls-key and"
+        " --tls-client-ca (off when unset)",
     ),
     ("--workers", "ABC_PDP_WORKERS", "8", "gRPC worker threads"),
     ("--grace", "ABC_PDP_GRACE", "5", "seconds to drain on SIGTERM"),
@@ -219,6 +228,12 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     if not 1 <= workers <= 256:
         raise ConfigError("--workers must be between 1 and 256")
     tls_cert, tls_key, tls_client_ca = _tls(args)
+    if args.decide_listen and tls_client_ca is None:
+        # No plaintext door, not even on loopback: the Unix socket is the local one.
+        raise ConfigError(
+            "--decide-listen needs --tls-cert, --tls-key and --tls-client-ca: it takes"
+            " sidecars by their client certificates only"
+        )
     openai = _prefix("openai", args.ext_authz_openai_prefix)
     anthropic = _prefix("anthropic", args.ext_authz_anthropic_prefix)
     if openai and anthropic and (openai.startswith(anthropic) or anthropic.startswith(openai)):
@@ -249,6 +264,9 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         http=_address(args.http, "--http") if args.http else None,
         health=_address(args.health, "--health") if args.health else None,
         decide_socket=Path(args.decide_socket) if args.decide_socket else None,
+        decide_listen=_address(args.decide_listen, "--decide-listen")
+        if args.decide_listen
+        else None,
         ext_authz_openai_prefix=openai,
         ext_authz_anthropic_prefix=anthropic,
     )

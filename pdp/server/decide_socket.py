@@ -1,4 +1,5 @@
-"""``abc-pdp --decide-socket PATH``: ``Decide`` on a local Unix socket.
+"""``abc-pdp --decide-socket PATH``: ``Decide`` on a local Unix socket; ``--decide-listen
+HOST:PORT``: the same over TLS, to sidecars on other hosts that present a client certificate.
 
 Its wire format is ``pdp.api.decide_socket``.
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -127,6 +130,14 @@ class _Requests:
         self._buffer = bytearray()
         self._timeout = idle
         conn.settimeout(idle)
+        # A TLS read hands over one record, and the sidecar writes a record a request: the
+        # records already here are read too, so that what came together is decided
+        # together, with one commit (one fsync per request, else, at load).
+        self._tls: tuple[ssl.SSLSocket, select.poll] | None = None
+        if isinstance(conn, ssl.SSLSocket):
+            arrived = select.poll()
+            arrived.register(conn, select.POLLIN)
+            self._tls = conn, arrived
 
     def _recv(self, timeout: float) -> bool:
         """One read, waiting at most ``timeout`` (``TimeoutError``); False at end of stream."""
@@ -135,7 +146,20 @@ class _Requests:
             self._timeout = timeout
         chunk = self._conn.recv(65536)
         self._buffer += chunk
+        if chunk and self._tls is not None:
+            self._read_arrived(*self._tls)
         return bool(chunk)
+
+    def _read_arrived(self, conn: ssl.SSLSocket, arrived: select.poll) -> None:
+        """The records already here, decrypted or not yet read (a batch's worth at most: a
+        client that never pauses must not keep this from deciding)."""
+        for _ in range(DECIDED_TOGETHER):
+            if not (conn.pending() or arrived.poll(0)):
+                return
+            more = conn.recv(65536)
+            if not more:
+                return  # the end of the stream: the next read says it again
+            self._buffer += more
 
     def _fill(self, size: int, deadline: float) -> bool:
         """``size`` bytes buffered by ``deadline`` (``TimeoutError`` past it); False if the
@@ -198,23 +222,30 @@ class _Requests:
 
 
 class DecideSocketServer:
-    """Serves a bound decide socket once started; at most ``max_connections`` at once (a
+    """Serves a bound decide socket once started: the Unix socket at ``path``, or a TCP
+    socket whose connections must complete ``tls`` (a server context that requires client
+    certificates) before a byte of the protocol. At most ``max_connections`` at once (a
     connection beyond them is told ``BUSY`` and closed, and its client refuses its call)."""
 
     def __init__(
         self,
         sock: socket.socket,
-        path: Path,
+        path: Path | None = None,
+        tls: ssl.SSLContext | None = None,
         max_connections: int = 256,
         idle_seconds: float = IDLE_SECONDS,
         frame_seconds: float = FRAME_SECONDS,
     ) -> None:
-        self._sock, self._path, self._max = sock, path, max_connections
+        if (path is None) == (tls is None):
+            raise ValueError("a decide socket is a Unix socket's path or a TLS listener")
+        if tls is not None and tls.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("the decide socket over TLS takes only clients with certificates")
+        self._sock, self._path, self._tls, self._max = sock, path, tls, max_connections
         self._idle, self._frame_seconds = idle_seconds, frame_seconds
         # Which file is ours: a PDP started on the same path while this one drains has
         # replaced it, and this one must not remove the newcomer's.
-        created = os.lstat(path)
-        self._file = (created.st_dev, created.st_ino)
+        created = os.lstat(path) if path is not None else None
+        self._file = (created.st_dev, created.st_ino) if created is not None else None
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._closing = False
@@ -252,7 +283,10 @@ class DecideSocketServer:
                 if self._closing or len(self._connections) >= self._max:
                     if not self._closing:
                         self._say_refused()
-                    _turn_away(conn)
+                    if self._tls is None:
+                        _turn_away(conn)
+                    else:  # no word outside TLS, and no handshake on the accepting thread
+                        conn.close()
                     continue
                 thread = threading.Thread(
                     target=self._serve, args=(conn, answers), name="decide-conn", daemon=True
@@ -281,8 +315,10 @@ class DecideSocketServer:
             self._refused, self._refused_said = 0, now
 
     def _serve(self, conn: socket.socket, answers: dict[bytes, Answer]) -> None:
-        requests = _Requests(conn, self._idle, self._frame_seconds)
         try:
+            if self._tls is not None:
+                conn = self._handshake(conn)
+            requests = _Requests(conn, self._idle, self._frame_seconds)
             said = requests.preamble()
             if said is None and self._closing:
                 # Stopping: said, or the sidecar would take this PDP for one of before.
@@ -309,7 +345,9 @@ class DecideSocketServer:
                         out.append(frame(OK + answer.SerializeToString()))
                 conn.sendall(b"".join(out))
         except (OSError, DecodeError):
-            pass  # the client is gone, slow, or spoke something else: it refuses its own call
+            # The client is gone, slow, spoke something else or failed the handshake (an
+            # ssl.SSLError, said by the server's log nowhere else): it refuses its own call.
+            pass
         except Exception:
             log.exception("decide socket: a connection failed")  # closed: its client refuses
         finally:
@@ -317,21 +355,37 @@ class DecideSocketServer:
             with self._lock:
                 self._connections.pop(conn, None)
 
+    def _handshake(self, conn: socket.socket) -> ssl.SSLSocket:
+        """``conn`` once its client has shown a certificate the client CA signed, within
+        ``frame_seconds``; ``ssl.SSLError`` (an ``OSError``) otherwise."""
+        assert self._tls is not None
+        raw = conn
+        # Answers go as soon as they are written: Nagle's algorithm would hold a batch's
+        # answers until the client acknowledged the last ones, a delayed ACK of up to 40 ms.
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(self._frame_seconds)  # a client that never finishes holds no thread
+        wrapped = self._tls.wrap_socket(raw, server_side=True)
+        with self._lock:  # wrap_socket took the descriptor: close() must find the new one
+            self._connections[wrapped] = self._connections.pop(raw)
+        return wrapped
+
     def close(self, deadline: float) -> None:
         """Remove the socket file, stop accepting, and let decisions in progress answer
         until ``deadline`` (monotonic)."""
-        with contextlib.suppress(FileNotFoundError):
-            now = os.lstat(self._path)
-            if (now.st_dev, now.st_ino) == self._file:
-                self._path.unlink()  # first: a PDP starting meanwhile may take the path
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                now = os.lstat(self._path)
+                if (now.st_dev, now.st_ino) == self._file:
+                    self._path.unlink()  # first: a PDP starting meanwhile may take the path
         with self._lock:
             self._closing = True
             serving = dict(self._connections)
         for sock in (self._sock, *serving):
             # Wakes a thread blocked in accept() or waiting for a next request; a decision
-            # in progress still writes its answer.
+            # in progress still writes its answer. The plain socket's shutdown, even on a
+            # TLS one: SSLSocket's own drops TLS, and that answer would leave unencrypted.
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+                socket.socket.shutdown(sock, socket.SHUT_RD)
         self._sock.close()
         if self._acceptor is not None:
             self._acceptor.join(max(0.0, deadline - time.monotonic()))

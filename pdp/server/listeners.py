@@ -2,14 +2,15 @@
 
 A start that fails because a port is taken must leave nothing behind: no state
 directory, no new decision-log key. So every address (gRPC, health probes, metrics,
-REST, the decide socket) is bound first, and the state comes after (``pdp.server.main``).
+REST, the decide sockets) is bound first, and the state comes after (``pdp.server.main``).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -21,7 +22,7 @@ from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.server.config import PdpConfig
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 
-__all__ = ["Listeners", "listen"]
+__all__ = ["Listeners", "listen", "server_ssl_context"]
 
 
 def _add_port(
@@ -61,6 +62,25 @@ def _bind_tcp(address: str, what: str) -> socket.socket:
         raise ConfigError(f"cannot serve {what} on {address}: {exc.strerror}") from exc
 
 
+def server_ssl_context(config: PdpConfig, flag: str) -> ssl.SSLContext | None:
+    """TLS for a port served by Python (REST, the decide socket over TCP): the gRPC port's
+    files and the same client-certificate rule. None without ``--tls-cert``."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    # A bare server context: create_default_context() would also trust the system's CAs
+    # for client certificates, letting in any client a public CA ever signed.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=config.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{flag}: cannot use the --tls-* files: {exc}") from exc
+    return context
+
+
 @dataclass
 class Listeners:
     """Every port, bound before any state is written: a taken port leaves nothing behind."""
@@ -71,12 +91,13 @@ class Listeners:
     registry: CollectorRegistry
     metrics_server: WSGIServer | None
     rest_socket: socket.socket | None
-    decide_socket: DecideSocketServer | None = None
+    # The Unix socket (--decide-socket) and the TLS one (--decide-listen), each if given.
+    deciders: list[DecideSocketServer] = field(default_factory=list)
 
     def close(self) -> None:
         self.server.stop(0)
-        if self.decide_socket is not None:
-            self.decide_socket.close(deadline=0.0)
+        for decider in self.deciders:
+            decider.close(deadline=0.0)
         if self.probes is not None:
             self.probes.stop(0)
         if self.metrics_server is not None:
@@ -115,9 +136,12 @@ def listen(config: PdpConfig, credentials: grpc.ServerCredentials | None) -> Lis
         if config.http:
             listeners.rest_socket = _bind_tcp(config.http, "REST")
         if config.decide_socket is not None:
-            listeners.decide_socket = DecideSocketServer(
-                bind_decide_socket(config.decide_socket), config.decide_socket
-            )
+            sock = bind_decide_socket(config.decide_socket)
+            listeners.deciders.append(DecideSocketServer(sock, path=config.decide_socket))
+        if config.decide_listen is not None:
+            tls = server_ssl_context(config, "--decide-listen")
+            sock = _bind_tcp(config.decide_listen, "the decide socket")
+            listeners.deciders.append(DecideSocketServer(sock, tls=tls))
     except ConfigError:
         listeners.close()
         raise

@@ -14,7 +14,6 @@ import json
 import logging
 import queue
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -48,7 +47,7 @@ from pdp.metrics import PdpMetrics
 from pdp.server.config import PdpConfig, parse_config, transport_warnings
 from pdp.server.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE
 from pdp.server.ext_authz import ExtAuthzServicer, ModelRoutes
-from pdp.server.listeners import Listeners, listen
+from pdp.server.listeners import Listeners, listen, server_ssl_context
 from pdp.server.servicer import DecisionServicer
 from pdp.service import DecisionService
 
@@ -151,24 +150,6 @@ def _server_credentials(config: PdpConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
-
-
-def _rest_ssl_context(config: PdpConfig) -> ssl.SSLContext | None:
-    """The REST door's TLS: the gRPC port's files and the same client-certificate rule."""
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    # A bare server context: create_default_context() would also trust the system's CAs
-    # for client certificates, letting in any client a public CA ever signed.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-        if config.tls_client_ca is not None:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=config.tls_client_ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"--http: cannot use the --tls-* files: {exc}") from exc
-    return context
 
 
 def _transport(config: PdpConfig) -> str:
@@ -278,11 +259,11 @@ def _start(
             serving,
             sock=listeners.rest_socket,
             workers=config.workers,
-            ssl_context=_rest_ssl_context(config),
+            ssl_context=server_ssl_context(config, "--http"),
         )
         rest.start()
     server.start()
-    if listeners.decide_socket is not None:
+    if listeners.deciders:
         # A batch on the socket is one no decision carried: it may wait for the next one's
         # commit rather than take a write of its own (the sidecar waits that much longer).
         # Not with a shared store: there the settlement is seen by the other replicas at
@@ -292,7 +273,8 @@ def _start(
         # One connection carries all of a sidecar's decisions: none waits there for a
         # request id decided elsewhere, which would hold up all those behind it.
         decide_all = functools.partial(servicer.decide_all, wait_for_claims=False)
-        listeners.decide_socket.start(decide_all, settle)
+        for decider in listeners.deciders:
+            decider.start(decide_all, settle)
     if listeners.probes is not None:
         listeners.probes.start()
     return service, decision_log, rest, snapshotter
@@ -317,13 +299,14 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     # without it: a full disk turns health NOT_SERVING until space returns).
     decision_log.watch(_health_follows_log(health_servicer, serving, stop))
     log.info(
-        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s%s",
+        "abc-pdp serving on %s (%s; policy %s, %d trusted keys)%s%s%s",
         config.listen,
         _transport(config),
         bundle.digest,
         len(trust.entries),
         f"; OPA REST API on {config.http}" if config.http else "",
         f"; Decide on {config.decide_socket}" if config.decide_socket else "",
+        f"; Decide over TLS on {config.decide_listen}" if config.decide_listen else "",
     )
     if ready is not None:
         ready.set()
@@ -338,8 +321,8 @@ def serve(config: PdpConfig, stop: threading.Event, ready: threading.Event | Non
     serving.clear()
     health_servicer.enter_graceful_shutdown()
     stopped = server.stop(config.grace_seconds)
-    if listeners.decide_socket is not None:
-        listeners.decide_socket.close(deadline)  # drains beside gRPC, in the same grace
+    for decider in listeners.deciders:
+        decider.close(deadline)  # drains beside gRPC, in the same grace
     stopped.wait()
     if probes is not None:
         probes.stop(0)

@@ -53,7 +53,9 @@ from tests.harness import (
     INTENT,
     POLICIES,
     PdpProcess,
+    PepProcess,
     Signer,
+    abcctl,
     free_port,
     start_pdp,
     start_pep,
@@ -234,7 +236,7 @@ async def load(
                         (percentile(ours, q) - percentile(theirs, q)) * 1000, 3
                     )
         result[name] = entry
-    for name in ("sidecar", "sidecar_grpc"):
+    for name in ("sidecar", "sidecar_grpc", "sidecar_tls"):
         result[f"{name}_vs_floor_throughput"] = round(
             result[name]["throughput_per_s"] / result["floor"]["throughput_per_s"], 3
         )
@@ -300,6 +302,44 @@ def unbounded_envelope(signer: Signer, path: Path, lineage: str) -> Path:
     return path
 
 
+def decide_over_tls(
+    signer: Signer,
+    tmp_path: Path,
+    upstream: str,
+    flags: tuple[str, ...],
+    started: contextlib.ExitStack,
+) -> tuple[PdpProcess, PepProcess]:
+    """A PDP of its own serving the decide socket over TLS (``--decide-listen``, mTLS on
+    loopback) and a sidecar deciding there: a PDP on another host, reached without gRPC.
+    Its own PDP, as TLS takes the gRPC port's files: the first PDP's gRPC stays plaintext,
+    so the other targets and the baselines are as before."""
+    pki = tmp_path / "pki"
+    made = abcctl("certs", "--out", pki, "--days", "2", check=False)
+    assert made.returncode == 0, made.stderr
+    decide_address = f"127.0.0.1:{free_port()}"
+    credentials = grpc.ssl_channel_credentials(
+        (pki / "ca.pem").read_bytes(),
+        (pki / "pep.key").read_bytes(),
+        (pki / "pep.pem").read_bytes(),
+    )
+    pdp = start_pdp(
+        signer,
+        tmp_path / "state-tls",
+        POLICIES,
+        "--tls-cert", str(pki / "pdp.pem"), "--tls-key", str(pki / "pdp.key"),
+        "--tls-client-ca", str(pki / "ca.pem"), "--decide-listen", decide_address,
+        credentials=credentials,
+    )  # fmt: skip
+    started.callback(pdp.stop)
+    tls = ("--pdp-ca", str(pki / "ca.pem"), "--pdp-cert", str(pki / "pep.pem"))
+    pep = start_pep(
+        pdp.address, {"openai": upstream}, tmp_path, *flags, *tls,
+        "--pdp-key", str(pki / "pep.key"), "--pdp-decide", decide_address,
+    )  # fmt: skip
+    started.callback(pep.stop)
+    return pdp, pep
+
+
 @pytest.mark.timeout(900)
 def test_bench_pep(tmp_path: Path) -> None:
     with contextlib.ExitStack() as started:  # every process stopped, whatever fails
@@ -349,6 +389,7 @@ def _run(
     started.callback(pep.stop)
     pep_grpc = start_pep(pdp.address, {"openai": upstream}, tmp_path, *flags)
     started.callback(pep_grpc.stop)
+    pdp_tls, pep_tls = decide_over_tls(signer, tmp_path, upstream, flags, started)
     wait_socket(ack_socket)
     pep_ack = start_pep(
         pdp.address, {"openai": upstream}, tmp_path, *flags, "--pdp-socket", str(ack_socket)
@@ -363,6 +404,7 @@ def _run(
         "sidecar": f"{pep.url}/openai/v1/chat/completions",
         "sidecar_grpc": f"{pep_grpc.url}/openai/v1/chat/completions",
         "sidecar_ack": f"{pep_ack.url}/openai/v1/chat/completions",
+        "sidecar_tls": f"{pep_tls.url}/openai/v1/chat/completions",
     }
     # Registering the sidecar's envelope again answers with the run it is bound to.
     run_id = (
@@ -378,7 +420,9 @@ def _run(
         "sidecar": pep.process.pid,
         "sidecar_grpc": pep_grpc.process.pid,
         "sidecar_ack": pep_ack.process.pid,
+        "sidecar_tls": pep_tls.process.pid,
         "pdp": pdp.process.pid,
+        "pdp_tls": pdp_tls.process.pid,
         "upstream": fake.pid,
         "client": os.getpid(),
     }

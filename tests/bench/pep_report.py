@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 PROCESSES = (
-    "floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "sidecar_ack", "pdp", "upstream",
-    "client",
+    "floor", "floor_ack", "ack", "sidecar", "sidecar_grpc", "sidecar_ack", "sidecar_tls", "pdp",
+    "pdp_tls", "upstream", "client",
 )  # fmt: skip
 # The targets that proxy to the upstream: their added latency and their own sleeps are read.
-PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc", "sidecar_ack")
+PROXIES = ("floor", "floor_ack", "sidecar", "sidecar_grpc", "sidecar_ack", "sidecar_tls")
 Scenario = dict[str, Any]
 
 
@@ -86,6 +86,22 @@ GOALS = (
         2.0,
         lambda r: _ratio(_cpu(r, "sidecar_grpc", "pdp"), _cpu(r, "grpc_check", "pdp")),
     ),
+    # And over the decide socket's TLS port: a PDP elsewhere, without gRPC. Its PDP is one of
+    # its own (TLS on), held to the plaintext Check of the first.
+    Goal(
+        "tls_sidecar_cpu_vs_floor",
+        "over TLS: sidecar CPU / floor CPU",
+        "<=",
+        1.5,
+        lambda r: _ratio(_cpu(r, "sidecar_tls", "sidecar_tls"), _cpu(r, "floor", "floor")),
+    ),
+    Goal(
+        "tls_pdp_cpu_vs_health_check",
+        "over TLS: PDP CPU per request / per Check",
+        "<=",
+        2.0,
+        lambda r: _ratio(_cpu(r, "sidecar_tls", "pdp_tls"), _cpu(r, "grpc_check", "pdp")),
+    ),
     Goal(
         "upstream_cpu_sidecar_vs_floor",
         "upstream CPU via sidecar / via floor",
@@ -120,6 +136,13 @@ GOALS = (
         ">=",
         0.35,
         lambda r: r["sidecar_grpc_vs_floor_throughput"] if r["clients"] > 1 else None,
+    ),
+    Goal(
+        "tls_throughput_vs_floor",
+        "over TLS: throughput / floor, 16 clients",
+        ">=",
+        0.35,
+        lambda r: r["sidecar_tls_vs_floor_throughput"] if r["clients"] > 1 else None,
     ),
     Goal(
         "fsyncs_per_request",

@@ -179,9 +179,12 @@ def test_the_sidecar_is_a_native_sidecar_on_loopback_that_the_agent_uses() -> No
     assert routes == {"openai", "anthropic", "mcp", "http"}
 
 
-def test_the_sidecar_finds_the_pdp_through_its_service() -> None:
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("--pdp", "--listen"), ("--pdp-decide", "--decide-listen")]
+)
+def test_the_sidecar_finds_the_pdp_through_its_service(ours: str, theirs: str) -> None:
     (pep,) = pod_templates()["support-bot"]["spec"]["initContainers"]
-    (address,) = option_value(pep["args"], "--pdp")
+    (address,) = option_value(pep["args"], ours)
     host, port = address.rsplit(":", 1)
     name, namespace, *_ = host.split(".")
     service = of_kind("Service")[name]
@@ -193,7 +196,7 @@ def test_the_sidecar_finds_the_pdp_through_its_service() -> None:
     (served,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
     pdp = container("abc-pdp", "pdp")
     assert container_port(pdp, served["targetPort"]) == port_of(
-        option_value(pdp["args"], "--listen")[0]
+        option_value(pdp["args"], theirs)[0]
     )
     # Over mTLS: the PDP's certificate must name the Service (abcctl certs --pdp-host).
     mounts = {m["mountPath"] for m in pep["volumeMounts"]}
@@ -234,14 +237,14 @@ def test_network_policies_deny_by_default_and_admit_only_the_sidecar_s_needs() -
     pdp_labels = pods["abc-pdp"]["metadata"]["labels"]
     agent_labels = pods["support-bot"]["metadata"]["labels"]
     pdp = container("abc-pdp", "pdp")
-    grpc = container_port(pdp, "grpc")
+    served = {container_port(pdp, "grpc"), container_port(pdp, "decide")}
 
     to_pdp = policies["abc-pdp"]["spec"]
     assert selects(to_pdp["podSelector"], pdp_labels)
     assert to_pdp["egress"] == []
     sidecars = [r for r in to_pdp["ingress"] if any("podSelector" in f for f in r["from"])]
     (from_sidecars,) = sidecars
-    assert policy_ports(from_sidecars) == {grpc}
+    assert policy_ports(from_sidecars) == served
     assert selects(from_sidecars["from"][0]["podSelector"], agent_labels)
     for rule in to_pdp["ingress"]:
         assert policy_ports(rule) <= {p["containerPort"] for p in pdp["ports"]}
@@ -252,7 +255,7 @@ def test_network_policies_deny_by_default_and_admit_only_the_sidecar_s_needs() -
     (pep,) = pods["support-bot"]["spec"]["initContainers"]
     assert all(policy_ports(r) == {container_port(pep, "metrics")} for r in agent["ingress"])
     (to_pdp_rule,) = [r for r in agent["egress"] if any(reaches(f, pdp_labels) for f in r["to"])]
-    assert policy_ports(to_pdp_rule) == {grpc}
+    assert policy_ports(to_pdp_rule) == served
     for rule in agent["egress"]:
         assert rule.get("ports"), "every egress rule names its ports"
         for peer in rule["to"]:

@@ -25,7 +25,7 @@ import pytest
 
 from pdp.api import ReasonCode, pdp_pb2, pdp_pb2_grpc
 from pdp.api.decide_socket import HEADER, OK, PREAMBLE, REFUSED, SETTLE_WAIT_SECONDS, frame
-from pep.decide_socket import OWN_USERS, DecideSocketClient, DecideSocketError
+from pep.decide_socket import OWN_USERS, DecideSocketClient, DecideSocketError, UnixPeer
 from pep.pdp_client import PdpClient
 from tests.fakes.serve import FakeUpstreams
 from tests.harness import (
@@ -592,7 +592,7 @@ def test_a_socket_served_by_another_user_is_refused(
     try:
 
         async def scenario() -> None:
-            client = DecideSocketClient(path, users=users)
+            client = DecideSocketClient(UnixPeer(path, users))
             request = pdp_pb2.DecideRequest(run_id="run_any", request_id="imp-1", action=MODEL)
             # No answer at all, not the impostor's allow (PdpClient refuses on this error).
             with pytest.raises(DecideSocketError, match="not this sidecar's user"):

@@ -6,6 +6,10 @@ handshake before any RPC. A sidecar whose certificate is refused fails closed.
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import ssl
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
+from pdp.api.decide_socket import PIPELINED
 from tests.fakes.serve import FakeUpstreams
 from tests.harness import (
     API_KEY,
@@ -27,6 +32,7 @@ from tests.harness import (
     abcctl,
     free_port,
     pdp_flags,
+    sample,
     start_pdp,
     start_pep,
     start_up_error,
@@ -82,8 +88,17 @@ def health_address() -> str:
 
 
 @pytest.fixture(scope="module")
+def decide_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
 def tls_pdp(
-    signer: Signer, ours: Pki, health_address: str, tmp_path_factory: pytest.TempPathFactory
+    signer: Signer,
+    ours: Pki,
+    health_address: str,
+    decide_address: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[PdpProcess]:
     process = start_pdp(
         signer,
@@ -97,6 +112,8 @@ def tls_pdp(
         ours.path("ca.pem"),
         "--health",
         health_address,
+        "--decide-listen",
+        decide_address,
         credentials=client_credentials(ours, ours),
     )
     yield process
@@ -295,3 +312,197 @@ def test_tls_mistakes_stop_start_up_naming_the_file(
         "abc-pep", "--run", "r", "--pdp-ca", str(tmp_path / "absent.pem"), "--metrics", "off"
     )
     assert "cannot read --pdp-ca" in missing_ca
+
+
+# The decide socket over TLS (--decide-listen / --pdp-decide): the gRPC port's files, the
+# same rule (a client certificate the client CA signed), and no plaintext at all.
+
+
+def _established(port: int) -> int:
+    """TCP connections on this host established to local ``port`` (the PDP's ends)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            count += state == "01" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
+
+
+def _decide_tls_flags(pki: Pki, client: Pki, address: str) -> list[str]:
+    return [
+        "--pdp-decide",
+        address,
+        "--pdp-ca",
+        pki.path("ca.pem"),
+        "--pdp-cert",
+        client.path("pep.pem"),
+        "--pdp-key",
+        client.path("pep.key"),
+    ]
+
+
+def test_the_sidecar_decides_and_settles_over_the_decide_socket_over_tls(
+    tls_pdp: PdpProcess,
+    decide_address: str,
+    ours: Pki,
+    fakes: FakeUpstreams,
+    demo_envelope: bytes,
+    tmp_path: Path,
+) -> None:
+    envelope = tmp_path / "envelope.json"
+    envelope.write_bytes(demo_envelope)
+    port = int(decide_address.rsplit(":", 1)[1])
+    before = _established(port)
+    pep = start_pep(
+        tls_pdp.address,
+        {"openai": fakes.openai_url.removesuffix("/v1")},
+        tmp_path,
+        "--manifest",
+        str(envelope),
+        "--settle-linger-ms",
+        "10",
+        *_decide_tls_flags(ours, ours, decide_address),
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0)
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "over the decide TLS"}]
+        )
+        assert reply.choices[0].message.content.startswith("Hello from the fake OpenAI")
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(
+                model="gpt-5", messages=[{"role": "user", "content": "x"}]
+            )
+        assert refused.value.code == "model_not_allowed"
+        assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
+        # Decided there: the sidecar holds its connection to the decide port, and says so.
+        assert _established(port) > before
+        metrics = pep.metrics()
+        assert sample(metrics, "abc_pep_pdp_transport", transport="decide_tls") == 1
+        assert sample(metrics, "abc_pep_pdp_transport", transport="grpc") == 0
+        assert f"decisions on {decide_address}" in pep.output()
+        assert f"Decide over TLS on {decide_address}" in tls_pdp.output()
+        # The allowed call's usage is settled (on a settlement connection of the same port),
+        # so the run's reservation is released: nothing is left reserved.
+        run_id = pep.output().split("for run ")[1].split()[0]
+        deadline = time.monotonic() + 10
+        while True:
+            with tls_pdp.channel() as channel:
+                run = pdp_pb2_grpc.DecisionServiceStub(channel).GetRun(
+                    pdp_pb2.GetRunRequest(run_id=run_id), timeout=5
+                )
+            if run.reserved.tokens == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert run.reserved.tokens == 0 and run.spent.tokens > 0
+    finally:
+        pep.stop()
+
+
+def _handshake(address: str, context: ssl.SSLContext) -> bytes:
+    """What a client holding ``context`` reads back after saying the pipelined preamble:
+    the PDP's answer, or b"" (or an error) when it was not taken."""
+    host, _, port = address.rpartition(":")
+    raw = socket.create_connection((host, int(port)), timeout=5)
+    with context.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(PIPELINED)
+        return conn.recv(64)
+
+
+def _client_context(trusted: Pki, client: Pki | None, name: str = "pep") -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=trusted.path("ca.pem"))
+    if client is not None:
+        context.load_cert_chain(client.path(f"{name}.pem"), client.path(f"{name}.key"))
+    return context
+
+
+def test_the_decide_port_answers_a_client_with_a_certificate_from_the_ca(
+    tls_pdp: PdpProcess, decide_address: str, ours: Pki
+) -> None:
+    assert _handshake(decide_address, _client_context(ours, ours)) == PIPELINED
+
+
+@pytest.mark.parametrize(
+    "client", ["no-client-cert", "cert-from-another-ca", "server-cert-as-client", "plaintext"]
+)
+def test_the_decide_port_refuses_a_client_without_a_valid_certificate(
+    tls_pdp: PdpProcess, decide_address: str, ours: Pki, other: Pki, client: str
+) -> None:
+    if client == "plaintext":
+        host, _, port = decide_address.rpartition(":")
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=5) as conn:
+            conn.sendall(PIPELINED)
+            with contextlib.suppress(ConnectionResetError):  # not a TLS ClientHello
+                answer = conn.recv(64)
+        assert PIPELINED not in answer  # the start of a TLS alert, or nothing: never served
+        return
+    context = {
+        "no-client-cert": lambda: _client_context(ours, None),
+        "cert-from-another-ca": lambda: _client_context(ours, other),
+        # Signed by the right CA, but for serverAuth only: the EKU check refuses it.
+        "server-cert-as-client": lambda: _client_context(ours, ours, name="pdp"),
+    }[client]()
+    # TLS 1.3 finishes the client's side of the handshake before the server has checked its
+    # certificate: the refusal comes as an alert on the first read, or as an end of stream.
+    with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+        assert _handshake(decide_address, context) == b""
+
+
+@pytest.mark.parametrize("problem", ["cert-from-another-ca", "wrong-server-name", "other-ca"])
+def test_a_sidecar_on_the_decide_port_that_tls_refuses_fails_closed(
+    tls_pdp: PdpProcess,
+    decide_address: str,
+    run_id: str,
+    ours: Pki,
+    other: Pki,
+    fakes: FakeUpstreams,
+    tmp_path: Path,
+    problem: str,
+) -> None:
+    flags = {
+        # The PDP refuses the sidecar's certificate.
+        "cert-from-another-ca": _decide_tls_flags(ours, other, decide_address),
+        # The sidecar refuses the PDP's: not the name it asked for, or not its CA's.
+        "wrong-server-name": [
+            *_decide_tls_flags(ours, ours, decide_address),
+            "--pdp-server-name",
+            "not-the-pdp.example",
+        ],
+        "other-ca": _decide_tls_flags(other, ours, decide_address),
+    }[problem]
+    pep = start_pep(
+        tls_pdp.address,
+        {"openai": fakes.openai_url.removesuffix("/v1")},
+        tmp_path,
+        "--run",
+        run_id,
+        *flags,
+    )
+    forwarded = len(fakes.recorder.find("openai"))
+    try:
+        reply = httpx.post(pep.url + CHAT, json=BODY, timeout=10)
+        assert reply.status_code == 503
+        assert reply.json()["error"]["code"] == "pdp_unavailable"
+        assert reply.headers["x-abc-decision-id"].startswith("pep_")
+        assert len(fakes.recorder.find("openai")) == forwarded
+        assert "cannot decide there" in pep.output()  # said once, at start-up
+    finally:
+        pep.stop()
+
+
+def test_decide_over_tls_without_its_files_stops_start_up(
+    signer: Signer, ours: Pki, tmp_path: Path
+) -> None:
+    pdp = pdp_flags(signer.trust, tmp_path / "state")
+    tls = ["--tls-cert", ours.path("pdp.pem"), "--tls-key", ours.path("pdp.key")]
+    listen = ["--decide-listen", f"127.0.0.1:{free_port()}"]
+    assert "--decide-listen needs --tls-cert, --tls-key and --tls-client-ca" in start_up_error(
+        "abc-pdp", *pdp, *tls, *listen
+    )
+    no_cert = start_up_error(
+        "abc-pep", "--run", "r", "--metrics", "off", "--pdp-decide", "127.0.0.1:1",
+        "--pdp-ca", ours.path("ca.pem"),
+    )  # fmt: skip
+    assert "--pdp-decide needs --pdp-ca, --pdp-cert and --pdp-key" in no_cert

@@ -94,3 +94,18 @@ def test_the_decide_socket_is_off_unless_given() -> None:
     assert parse_config(REQUIRED, environ=environ).decide_socket == Path("/run/abc/env.sock")
     flag = parse_config([*REQUIRED, "--decide-socket", "/run/abc/pdp.sock"], environ=environ)
     assert flag.decide_socket == Path("/run/abc/pdp.sock")
+
+
+def test_decide_over_tls_needs_client_certificates() -> None:
+    tls = ["--tls-cert", "c.pem", "--tls-key", "k.pem"]
+    listen = ["--decide-listen", "0.0.0.0:9193"]
+    for missing in ([], tls):  # no plaintext door, and no TLS door open to any client
+        with pytest.raises(ConfigError, match="--decide-listen needs --tls-cert, --tls-key"):
+            parse_config([*REQUIRED, *missing, *listen], environ={})
+    config = parse_config([*REQUIRED, *tls, "--tls-client-ca", "ca.pem", *listen], environ={})
+    assert config.decide_listen == "0.0.0.0:9193"
+    assert parse_config(REQUIRED, environ={}).decide_listen is None
+    with pytest.raises(ConfigError, match="--decide-listen must be HOST:PORT"):
+        parse_config(
+            [*REQUIRED, *tls, "--tls-client-ca", "ca.pem", "--decide-listen", "x"], environ={}
+        )

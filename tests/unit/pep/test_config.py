@@ -91,6 +91,13 @@ def test_upstreams_from_flags_and_environment() -> None:
         (["--pdp-ca", "ca", "--pdp-key", "k"], "--pdp-cert and --pdp-key go together"),
         (["--pdp-cert", "c", "--pdp-key", "k"], "need --pdp-ca"),
         (["--pdp-server-name", "abc-pdp"], "--pdp-server-name needs --pdp-ca"),
+        (["--pdp-decide", "pdp:9193", "--pdp-ca", "ca"], "--pdp-decide needs --pdp-ca, --pdp-"),
+        (["--pdp-decide", "pdp:9193"], "--pdp-decide needs --pdp-ca, --pdp-cert"),
+        (["--pdp-decide", "pdp"], "--pdp-decide must be HOST:PORT"),
+        (
+            ["--pdp-decide", "pdp:9193", "--pdp-socket", "/run/abc/d.sock"],
+            "--pdp-socket or --pdp-decide, not both",
+        ),
     ],
     ids=[
         "unknown-kind",
@@ -107,6 +114,10 @@ def test_upstreams_from_flags_and_environment() -> None:
         "tls-key-without-cert",
         "tls-client-pair-without-ca",
         "tls-server-name-without-ca",
+        "decide-tls-without-client-certificate",
+        "decide-tls-without-tls",
+        "decide-tls-without-port",
+        "decide-tls-and-socket",
     ],
 )
 def test_mistakes_are_config_errors(argv: list[str], message: str) -> None:
@@ -150,3 +161,12 @@ def test_a_socket_path_longer_than_a_unix_socket_takes_stops_start_up() -> None:
     assert parse_config(["--pdp-socket", longest], environ={}).pdp_socket == Path(longest)
     with pytest.raises(ConfigError, match="at most 107 bytes"):
         parse_config(["--pdp-socket", longest + "s"], environ={})
+
+
+def test_decisions_over_tls_take_the_pdp_channels_files() -> None:
+    tls = ["--pdp-ca", "ca.pem", "--pdp-cert", "pep.pem", "--pdp-key", "pep.key"]
+    config = parse_config(["--pdp-decide", "abc-pdp:9193", *tls], environ={})
+    assert config.pdp_decide == "abc-pdp:9193" and config.pdp_socket is None
+    environ = {"ABC_PEP_PDP_DECIDE": "[::1]:9193"}
+    assert parse_config(tls, environ=environ).pdp_decide == "[::1]:9193"
+    assert parse_config(tls, environ={}).pdp_decide is None

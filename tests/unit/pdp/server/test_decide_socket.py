@@ -8,6 +8,7 @@ import logging
 import re
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -27,6 +28,7 @@ from pdp.api.decide_socket import (
     SETTLE_PREAMBLE,
     frame,
 )
+from pdp.certs import write_dev_certs
 from pdp.errors import BadRequest, ConfigError, LogUnavailable
 from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
 from tests.harness import read_frame
@@ -293,3 +295,83 @@ def test_a_path_in_the_way_is_refused_and_a_dead_ones_socket_replaced(where: Pat
     live.close()  # its file stays, with nobody behind it
     bind_decide_socket(where).close()
     assert where.exists()
+
+
+def _tls_context(pki: Path, verify: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki / "pdp.pem", pki / "pdp.key")
+    context.load_verify_locations(cafile=pki / "ca.pem")
+    context.verify_mode = verify
+    return context
+
+
+def test_over_tls_only_clients_with_certificates_and_no_stalled_handshake(
+    tmp_path: Path,
+) -> None:
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    with pytest.raises(ValueError, match="only clients with certificates"):
+        DecideSocketServer(listener, tls=_tls_context(tmp_path, ssl.CERT_OPTIONAL))
+    with pytest.raises(ValueError, match="a Unix socket's path or a TLS listener"):
+        DecideSocketServer(listener)
+    server = DecideSocketServer(listener, tls=_tls_context(tmp_path), frame_seconds=0.3)
+    server.start(_answer, _settle)
+    try:
+        # A client that opens a connection and never says its ClientHello holds no thread.
+        with socket.create_connection(listener.getsockname(), timeout=5) as stalled:
+            started = time.monotonic()
+            assert stalled.recv(1) == b""
+            assert time.monotonic() - started < 3
+        client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+        client.load_cert_chain(tmp_path / "pep.pem", tmp_path / "pep.key")
+        raw = socket.create_connection(listener.getsockname(), timeout=5)
+        with client.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(PIPELINED)
+            assert conn.recv(len(PIPELINED)) == PIPELINED
+            assert _decide(conn, "over-tls") == "dec_over-tls"  # type: ignore[arg-type]
+    finally:
+        server.close(deadline=time.monotonic() + 2)
+
+
+def test_over_tls_what_arrived_together_is_decided_together(tmp_path: Path) -> None:
+    """A TLS read hands over one record, and a sidecar writes one a request: the records
+    already there are read too, so the batch is as large as on the Unix socket."""
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    busy, batches = threading.Event(), []
+
+    def decide_all(
+        requests: list[pdp_pb2.DecideRequest],
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        batches.append(len(requests))
+        busy.wait(5)  # the first batch holds the thread while the next requests arrive
+        return _answer(requests)
+
+    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
+    server.start(decide_all, _settle)
+    client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+    client.load_cert_chain(tmp_path / "pep.pem", tmp_path / "pep.key")
+    raw = socket.create_connection(listener.getsockname(), timeout=5)
+    try:
+        with client.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(PIPELINED)
+            assert conn.recv(len(PIPELINED)) == PIPELINED
+            for n in range(6):  # six writes: six TLS records
+                conn.sendall(frame(pdp_pb2.DecideRequest(request_id=f"r{n}").SerializeToString()))
+                if n == 0:
+                    deadline = time.monotonic() + 5
+                    while not batches and time.monotonic() < deadline:
+                        time.sleep(0.01)
+            time.sleep(0.2)  # all five in the server's socket before its next read
+            busy.set()
+            answers = conn.makefile("rb")
+            ids = []
+            for _ in range(6):
+                answer = read_frame(answers)
+                assert answer is not None and answer[:1] == OK
+                ids.append(pdp_pb2.DecideResponse.FromString(answer[1:]).decision_id)
+        assert ids == [f"dec_r{n}" for n in range(6)]
+        assert batches == [1, 5]
+    finally:
+        busy.set()
+        server.close(deadline=time.monotonic() + 2)
