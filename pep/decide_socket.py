@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import ClassVar, cast
 
 from google.protobuf.message import DecodeError
 
@@ -85,6 +85,8 @@ class UnixPeer:
 
     path: Path
     users: frozenset[int] = OWN_USERS
+    # A PDP of before pipelining closes the connection at its preamble: taken for one.
+    old_pdps: ClassVar[bool] = True
 
     def __str__(self) -> str:
         return str(self.path)
@@ -114,6 +116,8 @@ class TlsPeer:
     port: int
     context: ssl.SSLContext
     server_name: str
+    # Every PDP serving TLS pipelines: one that closes at the preamble is stopping, or busy.
+    old_pdps: ClassVar[bool] = False
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -137,7 +141,7 @@ class _Connection(asyncio.Protocol):
     """One connection to the socket: requests out as they come, their answers back in the
     same order."""
 
-    def __init__(self, preamble: bytes) -> None:
+    def __init__(self, preamble: bytes, old_pdps: bool = True) -> None:
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
         self._waiting: collections.deque[asyncio.Future[bytes]] = collections.deque()
@@ -153,6 +157,7 @@ class _Connection(asyncio.Protocol):
         if preamble == PIPELINED:
             self.greeted = self._loop.create_future()
         self._preamble = preamble
+        self._old_pdps = old_pdps
         self.used = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -211,7 +216,7 @@ class _Connection(asyncio.Protocol):
             self.retire()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if exc is None and self.greeted is not None and not self.greeted.done():
+        if exc is None and self._old_pdps and self.greeted is not None and not self.greeted.done():
             # A clean end before any word: a PDP of before reads the preamble and closes. A
             # reset or a broken pipe is a PDP going away, or turning us away, instead.
             exc = _NotPipelined("the PDP closed the connection at its preamble")
@@ -414,7 +419,9 @@ class DecideSocketClient:
 
     async def _connect(self, deadline: float, preamble: bytes) -> _Connection:
         async with asyncio.timeout_at(deadline):
-            transport, connection = await self._peer.open(lambda: _Connection(preamble))
+            transport, connection = await self._peer.open(
+                lambda: _Connection(preamble, self._peer.old_pdps)
+            )
         connection.start(transport)
         if connection.greeted is not None:
             try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 import ssl
 import stat
@@ -57,6 +56,12 @@ DECIDED_TOGETHER = 64  # requests at most in one batch: the state gate is held f
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
+# Connections over TLS that have not finished their handshake, at most: past it the oldest
+# is cut off. Nobody can then hold the connection slots, or the threads, without a client
+# certificate: a handshake takes a few ms, and each would have to be pushed out by this
+# many new connections meanwhile.
+HANDSHAKING = 16
+_TLS_HEADER = 5  # a TLS record's type, version and length, before its payload
 
 
 def _turn_away(conn: socket.socket) -> None:
@@ -125,19 +130,22 @@ class _Requests:
     limit; once one has begun, all of it must arrive within ``frame_seconds``: a peer that
     sends a byte now and then cannot hold a thread and a connection slot for good."""
 
-    def __init__(self, conn: socket.socket, idle: float, frame_seconds: float) -> None:
+    def __init__(
+        self,
+        conn: socket.socket,
+        idle: float,
+        frame_seconds: float,
+        tcp: socket.socket | None = None,
+    ) -> None:
         self._conn, self._idle, self._frame_seconds = conn, idle, frame_seconds
         self._buffer = bytearray()
         self._timeout = idle
         conn.settimeout(idle)
-        # A TLS read hands over one record, and the sidecar writes a record a request: the
-        # records already here are read too, so that what came together is decided
-        # together, with one commit (one fsync per request, else, at load).
-        self._tls: tuple[ssl.SSLSocket, select.poll] | None = None
-        if isinstance(conn, ssl.SSLSocket):
-            arrived = select.poll()
-            arrived.register(conn, select.POLLIN)
-            self._tls = conn, arrived
+        # ``conn`` over TLS, the TCP socket under it (its own descriptor): a TLS read hands
+        # over one record, and the sidecar writes one a request. The whole records already
+        # here are read too, so that what came together is decided together, with one
+        # commit (else one fsync a request, at load).
+        self._tls = (conn, tcp) if isinstance(conn, ssl.SSLSocket) and tcp is not None else None
 
     def _recv(self, timeout: float) -> bool:
         """One read, waiting at most ``timeout`` (``TimeoutError``); False at end of stream."""
@@ -150,16 +158,23 @@ class _Requests:
             self._read_arrived(*self._tls)
         return bool(chunk)
 
-    def _read_arrived(self, conn: ssl.SSLSocket, arrived: select.poll) -> None:
-        """The records already here, decrypted or not yet read (a batch's worth at most: a
-        client that never pauses must not keep this from deciding)."""
+    def _read_arrived(self, conn: ssl.SSLSocket, tcp: socket.socket) -> None:
+        """The records already here whole, a batch's worth at most (a client that never
+        pauses must not keep this from deciding). Looked at, not read, first: a record cut
+        short would block the read until the rest came, and a read of the end of the stream
+        would leave TLS unable to send the answers."""
         for _ in range(DECIDED_TOGETHER):
-            if not (conn.pending() or arrived.poll(0)):
-                return
-            more = conn.recv(65536)
-            if not more:
-                return  # the end of the stream: the next read says it again
-            self._buffer += more
+            if not conn.pending():
+                try:
+                    head = tcp.recv(_TLS_HEADER, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    if len(head) < _TLS_HEADER:
+                        return  # nothing, the end of the stream, or a header cut short
+                    whole = _TLS_HEADER + int.from_bytes(head[3:5], "big")
+                    if len(tcp.recv(whole, socket.MSG_PEEK | socket.MSG_DONTWAIT)) < whole:
+                        return
+                except BlockingIOError:
+                    return
+            self._buffer += conn.recv(65536)
 
     def _fill(self, size: int, deadline: float) -> bool:
         """``size`` bytes buffered by ``deadline`` (``TimeoutError`` past it); False if the
@@ -225,7 +240,9 @@ class DecideSocketServer:
     """Serves a bound decide socket once started: the Unix socket at ``path``, or a TCP
     socket whose connections must complete ``tls`` (a server context that requires client
     certificates) before a byte of the protocol. At most ``max_connections`` at once (a
-    connection beyond them is told ``BUSY`` and closed, and its client refuses its call)."""
+    connection beyond them is told ``BUSY`` and closed, over TCP closed without a word, and
+    its client refuses its call), of which at most ``handshaking`` without a finished
+    handshake."""
 
     def __init__(
         self,
@@ -235,6 +252,7 @@ class DecideSocketServer:
         max_connections: int = 256,
         idle_seconds: float = IDLE_SECONDS,
         frame_seconds: float = FRAME_SECONDS,
+        handshaking: int = HANDSHAKING,
     ) -> None:
         if (path is None) == (tls is None):
             raise ValueError("a decide socket is a Unix socket's path or a TLS listener")
@@ -247,7 +265,11 @@ class DecideSocketServer:
         created = os.lstat(path) if path is not None else None
         self._file = (created.st_dev, created.st_ino) if created is not None else None
         self._lock = threading.Lock()
+        # Each accepted socket (over TLS, the TCP one under it: shut down, it wakes its
+        # thread at any point, the handshake included) and the thread serving it.
         self._connections: dict[socket.socket, threading.Thread] = {}
+        self._handshaking: dict[socket.socket, None] = {}  # oldest first
+        self._max_handshaking = handshaking
         self._closing = False
         self._acceptor: threading.Thread | None = None
         self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
@@ -283,11 +305,11 @@ class DecideSocketServer:
                 if self._closing or len(self._connections) >= self._max:
                     if not self._closing:
                         self._say_refused()
-                    if self._tls is None:
-                        _turn_away(conn)
-                    else:  # no word outside TLS, and no handshake on the accepting thread
-                        conn.close()
+                    self._refuse(conn)
                     continue
+                if self._tls is not None:
+                    self._make_room_to_handshake()
+                    self._handshaking[conn] = None
                 thread = threading.Thread(
                     target=self._serve, args=(conn, answers), name="decide-conn", daemon=True
                 )
@@ -298,8 +320,26 @@ class DecideSocketServer:
                 log.error("decide socket: no thread for a connection, refused: %s", exc)
                 with self._lock:
                     self._connections.pop(conn, None)
-                _turn_away(conn)
+                    self._handshaking.pop(conn, None)
+                self._refuse(conn)
                 time.sleep(0.1)
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Close a connection not served: saying ``BUSY`` on the Unix socket; over TCP
+        without a word, since nothing goes outside TLS (nor a handshake on this thread)."""
+        if self._tls is None:
+            _turn_away(conn)
+        else:
+            conn.close()
+
+    def _make_room_to_handshake(self) -> None:
+        """Cut off the oldest handshake if as many are unfinished as allowed: its thread
+        wakes to a closed connection. Holds ``self._lock``."""
+        if len(self._handshaking) >= self._max_handshaking:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            with contextlib.suppress(OSError):
+                oldest.shutdown(socket.SHUT_RDWR)
 
     def _say_refused(self) -> None:
         """Warn of connections over the cap, at most once per ``REFUSED_SAID_SECONDS``: a
@@ -314,11 +354,12 @@ class DecideSocketServer:
             )
             self._refused, self._refused_said = 0, now
 
-    def _serve(self, conn: socket.socket, answers: dict[bytes, Answer]) -> None:
+    def _serve(self, tcp: socket.socket, answers: dict[bytes, Answer]) -> None:
+        conn = tcp
         try:
             if self._tls is not None:
-                conn = self._handshake(conn)
-            requests = _Requests(conn, self._idle, self._frame_seconds)
+                conn = self._handshake(tcp)
+            requests = _Requests(conn, self._idle, self._frame_seconds, tcp)
             said = requests.preamble()
             if said is None and self._closing:
                 # Stopping: said, or the sidecar would take this PDP for one of before.
@@ -352,22 +393,27 @@ class DecideSocketServer:
             log.exception("decide socket: a connection failed")  # closed: its client refuses
         finally:
             conn.close()
+            tcp.close()
             with self._lock:
-                self._connections.pop(conn, None)
+                self._connections.pop(tcp, None)
+                self._handshaking.pop(tcp, None)
 
-    def _handshake(self, conn: socket.socket) -> ssl.SSLSocket:
-        """``conn`` once its client has shown a certificate the client CA signed, within
-        ``frame_seconds``; ``ssl.SSLError`` (an ``OSError``) otherwise."""
+    def _handshake(self, tcp: socket.socket) -> ssl.SSLSocket:
+        """TLS over ``tcp`` once its client has shown a certificate the client CA signed,
+        within ``frame_seconds``; ``ssl.SSLError`` (an ``OSError``) otherwise. On a
+        descriptor of its own: ``tcp`` stays this server's, to wake the thread by."""
         assert self._tls is not None
-        raw = conn
         # Answers go as soon as they are written: Nagle's algorithm would hold a batch's
         # answers until the client acknowledged the last ones, a delayed ACK of up to 40 ms.
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(self._frame_seconds)  # a client that never finishes holds no thread
-        wrapped = self._tls.wrap_socket(raw, server_side=True)
-        with self._lock:  # wrap_socket took the descriptor: close() must find the new one
-            self._connections[wrapped] = self._connections.pop(raw)
-        return wrapped
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        own = tcp.dup()
+        own.settimeout(self._frame_seconds)  # a client that never finishes holds no thread
+        try:
+            return self._tls.wrap_socket(own, server_side=True)
+        finally:
+            own.close()  # taken by the TLS socket, or left by a failed handshake
+            with self._lock:
+                self._handshaking.pop(tcp, None)
 
     def close(self, deadline: float) -> None:
         """Remove the socket file, stop accepting, and let decisions in progress answer
@@ -381,11 +427,11 @@ class DecideSocketServer:
             self._closing = True
             serving = dict(self._connections)
         for sock in (self._sock, *serving):
-            # Wakes a thread blocked in accept() or waiting for a next request; a decision
-            # in progress still writes its answer. The plain socket's shutdown, even on a
-            # TLS one: SSLSocket's own drops TLS, and that answer would leave unencrypted.
+            # Wakes a thread blocked in accept(), a handshake or waiting for a next request;
+            # a decision in progress still writes its answer. Always a plain socket's
+            # shutdown: SSLSocket's own drops TLS, and that answer would leave unencrypted.
             with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RD)
+                sock.shutdown(socket.SHUT_RD)
         self._sock.close()
         if self._acceptor is not None:
             self._acceptor.join(max(0.0, deadline - time.monotonic()))

@@ -369,21 +369,8 @@ def test_the_sidecar_decides_and_settles_over_the_decide_socket_over_tls(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "over the decide TLS"}]
         )
         assert reply.choices[0].message.content.startswith("Hello from the fake OpenAI")
-        with pytest.raises(openai.PermissionDeniedError) as refused:
-            client.chat.completions.create(
-                model="gpt-5", messages=[{"role": "user", "content": "x"}]
-            )
-        assert refused.value.code == "model_not_allowed"
-        assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
-        # Decided there: the sidecar holds its connection to the decide port, and says so.
-        assert _established(port) > before
-        metrics = pep.metrics()
-        assert sample(metrics, "abc_pep_pdp_transport", transport="decide_tls") == 1
-        assert sample(metrics, "abc_pep_pdp_transport", transport="grpc") == 0
-        assert f"decisions on {decide_address}" in pep.output()
-        assert f"Decide over TLS on {decide_address}" in tls_pdp.output()
-        # The allowed call's usage is settled (on a settlement connection of the same port),
-        # so the run's reservation is released: nothing is left reserved.
+        # No decision follows to carry the call's usage: it is settled on a settlement
+        # connection of the same port, within the 10 ms linger, and nothing stays reserved.
         run_id = pep.output().split("for run ")[1].split()[0]
         deadline = time.monotonic() + 10
         while True:
@@ -395,6 +382,21 @@ def test_the_sidecar_decides_and_settles_over_the_decide_socket_over_tls(
                 break
             time.sleep(0.1)
         assert run.reserved.tokens == 0 and run.spent.tokens > 0
+        # Both went to the decide port: the decisions' connection and the settlements'
+        # (a settlement refused there would have gone over gRPC instead, and said so).
+        assert _established(port) - before >= 2
+        assert "usage reports go over gRPC" not in pep.output()
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            client.chat.completions.create(
+                model="gpt-5", messages=[{"role": "user", "content": "x"}]
+            )
+        assert refused.value.code == "model_not_allowed"
+        assert refused.value.response.headers["x-abc-decision-id"].startswith("dec_")
+        metrics = pep.metrics()
+        assert sample(metrics, "abc_pep_pdp_transport", transport="decide_tls") == 1
+        assert sample(metrics, "abc_pep_pdp_transport", transport="grpc") == 0
+        assert f"decisions on {decide_address}" in pep.output()
+        assert f"Decide over TLS on {decide_address}" in tls_pdp.output()
     finally:
         pep.stop()
 

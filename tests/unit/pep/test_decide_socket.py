@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ import uvloop
 
 from pdp.api import pdp_pb2
 from pdp.api.decide_socket import BUSY, HEADER, OK, PIPELINED, PREAMBLE, frame
-from pep.decide_socket import DecideSocketClient, DecideSocketError
+from pdp.certs import write_dev_certs
+from pep.decide_socket import DecideSocketClient, DecideSocketError, TlsPeer
 
 
 @pytest.fixture
@@ -203,3 +205,34 @@ def test_a_sidecar_starting_beside_a_pdp_of_before_starts_and_decides(where: Pat
 
     assert asyncio.run(scenario()) == "dec_a"
     assert pdp.said == [PIPELINED, PREAMBLE]
+
+
+def test_over_tls_a_pdp_closing_at_the_preamble_is_a_refusal_not_a_pdp_of_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every PDP that serves TLS pipelines: one that closes at the preamble is stopping or
+    busy, and the sidecar never falls back to a connection (a handshake) per decision."""
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(tmp_path / "pdp.pem", tmp_path / "pdp.key")
+    client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_side.load_verify_locations(cafile=tmp_path / "ca.pem")
+    pdp = _Pdp(lambda _, seen: len(seen), before=True)
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(pdp.serve, "127.0.0.1", 0, ssl=server_side)
+        port = server.sockets[0].getsockname()[1]
+        client = DecideSocketClient(TlsPeer("127.0.0.1", port, client_side, "localhost"))
+        try:
+            for request_id in ("a", "b"):
+                with pytest.raises(DecideSocketError):
+                    await client.decide(_request(request_id), 5.0)
+        finally:
+            await client.close()
+            server.close()
+            await server.wait_closed()
+
+    with caplog.at_level(logging.WARNING, "abc.pep"):
+        uvloop.run(scenario())
+    assert pdp.said == [PIPELINED, PIPELINED]  # each tried pipelined, none alone
+    assert "one decision at a time" not in caplog.text

@@ -375,3 +375,85 @@ def test_over_tls_what_arrived_together_is_decided_together(tmp_path: Path) -> N
     finally:
         busy.set()
         server.close(deadline=time.monotonic() + 2)
+
+
+def _tls_client(pki: Path, address: tuple[str, int]) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=pki / "ca.pem")
+    context.load_cert_chain(pki / "pep.pem", pki / "pep.key")
+    conn = context.wrap_socket(
+        socket.create_connection(address, timeout=5), server_hostname="localhost"
+    )
+    conn.sendall(PIPELINED)
+    assert conn.recv(len(PIPELINED)) == PIPELINED
+    return conn
+
+
+def test_over_tls_unfinished_handshakes_cannot_hold_the_slots(tmp_path: Path) -> None:
+    """Past ``handshaking`` unfinished handshakes the oldest is cut off, long before its
+    own limit: connections without a certificate cannot keep a sidecar out."""
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = DecideSocketServer(
+        listener, tls=_tls_context(tmp_path), max_connections=3, handshaking=2
+    )
+    server.start(_answer, _settle)
+    address = listener.getsockname()
+    stalled = [socket.create_connection(address, timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)  # both accepted, handshaking
+        started = time.monotonic()
+        stalled.append(socket.create_connection(address, timeout=5))  # the first is cut off
+        assert stalled[0].recv(1) == b""
+        assert time.monotonic() - started < 2  # not the 5 s handshake limit
+        with _tls_client(tmp_path, address) as conn:  # pushes the second out, and is served
+            assert _decide(conn, "served") == "dec_served"  # type: ignore[arg-type]
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.close(deadline=time.monotonic() + 2)
+
+
+def test_over_tls_stopping_wakes_every_thread_and_answers_what_is_decided(
+    tmp_path: Path,
+) -> None:
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    deciding, release = threading.Event(), threading.Event()
+
+    def decide_all(
+        requests: list[pdp_pb2.DecideRequest],
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        if requests[0].request_id == "in-flight":
+            deciding.set()
+            release.wait(5)
+        return _answer(requests)
+
+    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
+    server.start(decide_all, _settle)
+    address = listener.getsockname()
+    handshaking = socket.create_connection(address, timeout=5)
+    idle = _tls_client(tmp_path, address)
+    busy = _tls_client(tmp_path, address)
+    try:
+        busy.sendall(frame(pdp_pb2.DecideRequest(request_id="in-flight").SerializeToString()))
+        assert deciding.wait(5)
+        started = time.monotonic()
+        stopping = threading.Thread(target=server.close, args=(time.monotonic() + 5,))
+        stopping.start()
+        time.sleep(0.2)
+        release.set()
+        # The decision in progress is answered, over TLS still (not the plain socket's
+        # bytes: this read would fail); the others are woken and closed at once.
+        answer = read_frame(busy.makefile("rb"))
+        assert answer is not None and answer[:1] == OK
+        assert pdp_pb2.DecideResponse.FromString(answer[1:]).decision_id == "dec_in-flight"
+        while handshaking.recv(64):  # a TLS alert perhaps, then the end (not a timeout)
+            pass
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            assert idle.recv(1) == b""
+        stopping.join(5)
+        assert not stopping.is_alive() and time.monotonic() - started < 2
+    finally:
+        release.set()
+        for sock in (handshaking, idle, busy):
+            sock.close()
