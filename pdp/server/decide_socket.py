@@ -18,6 +18,7 @@ wake-ups a decision at 16 clients.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -56,11 +57,12 @@ DECIDED_TOGETHER = 64  # requests at most in one batch: the state gate is held f
 IDLE_SECONDS = 60.0  # waiting for a connection's next request
 FRAME_SECONDS = 5.0  # all of a preamble or a request, once it has begun
 REFUSED_SAID_SECONDS = 10.0  # one warning at most this often for connections over the cap
-# Connections over TLS that have not finished their handshake, at most: past it the oldest
-# is cut off. Nobody can then hold the connection slots, or the threads, without a client
-# certificate: a handshake takes a few ms, and each would have to be pushed out by this
-# many new connections meanwhile.
-HANDSHAKING = 16
+# Connections over TLS that have not finished their handshake, at most, and from one peer
+# address: past either, one of the peer with the most is cut off, its oldest. Nobody holds
+# the connection slots, or their threads, without a client certificate, and one address
+# cannot push out the handshakes of the others: a flood must come from many.
+HANDSHAKING = 64
+HANDSHAKING_PER_PEER = 4
 _TLS_HEADER = 5  # a TLS record's type, version and length, before its payload
 
 
@@ -253,6 +255,7 @@ class DecideSocketServer:
         idle_seconds: float = IDLE_SECONDS,
         frame_seconds: float = FRAME_SECONDS,
         handshaking: int = HANDSHAKING,
+        handshaking_per_peer: int = HANDSHAKING_PER_PEER,
     ) -> None:
         if (path is None) == (tls is None):
             raise ValueError("a decide socket is a Unix socket's path or a TLS listener")
@@ -268,8 +271,8 @@ class DecideSocketServer:
         # Each accepted socket (over TLS, the TCP one under it: shut down, it wakes its
         # thread at any point, the handshake included) and the thread serving it.
         self._connections: dict[socket.socket, threading.Thread] = {}
-        self._handshaking: dict[socket.socket, None] = {}  # oldest first
-        self._max_handshaking = handshaking
+        self._handshaking: dict[socket.socket, str] = {}  # to its peer's address, oldest first
+        self._max_handshaking, self._per_peer = handshaking, handshaking_per_peer
         self._closing = False
         self._acceptor: threading.Thread | None = None
         self._refused, self._refused_said = 0, -REFUSED_SAID_SECONDS
@@ -294,7 +297,7 @@ class DecideSocketServer:
     def _accept(self, answers: dict[bytes, Answer]) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, address = self._sock.accept()
             except OSError as exc:
                 if self._closing:
                     return
@@ -308,8 +311,9 @@ class DecideSocketServer:
                     self._refuse(conn)
                     continue
                 if self._tls is not None:
-                    self._make_room_to_handshake()
-                    self._handshaking[conn] = None
+                    peer = str(address[0])
+                    self._make_room_to_handshake(peer)
+                    self._handshaking[conn] = peer
                 thread = threading.Thread(
                     target=self._serve, args=(conn, answers), name="decide-conn", daemon=True
                 )
@@ -332,14 +336,19 @@ class DecideSocketServer:
         else:
             conn.close()
 
-    def _make_room_to_handshake(self) -> None:
-        """Cut off the oldest handshake if as many are unfinished as allowed: its thread
-        wakes to a closed connection. Holds ``self._lock``."""
-        if len(self._handshaking) >= self._max_handshaking:
-            oldest = next(iter(self._handshaking))
-            del self._handshaking[oldest]
-            with contextlib.suppress(OSError):
-                oldest.shutdown(socket.SHUT_RDWR)
+    def _make_room_to_handshake(self, peer: str) -> None:
+        """Before ``peer``'s new connection: past the limits, cut off the oldest unfinished
+        handshake of ``peer``, or else of the peer with the most; its thread wakes to a
+        closed connection. Holds ``self._lock``."""
+        counts = collections.Counter(self._handshaking.values())
+        if counts[peer] < self._per_peer:
+            if len(self._handshaking) < self._max_handshaking:
+                return
+            peer = counts.most_common(1)[0][0]
+        oldest = next(sock for sock, whose in self._handshaking.items() if whose == peer)
+        del self._handshaking[oldest]
+        with contextlib.suppress(OSError):
+            oldest.shutdown(socket.SHUT_RDWR)
 
     def _say_refused(self) -> None:
         """Warn of connections over the cap, at most once per ``REFUSED_SAID_SECONDS``: a
@@ -359,6 +368,9 @@ class DecideSocketServer:
         try:
             if self._tls is not None:
                 conn = self._handshake(tcp)
+                if self._closing:  # stopping: said inside TLS, and nothing decided
+                    _turn_away(conn)
+                    return
             requests = _Requests(conn, self._idle, self._frame_seconds, tcp)
             said = requests.preamble()
             if said is None and self._closing:
@@ -373,6 +385,11 @@ class DecideSocketServer:
             # Settlements come one batch at a time: a batch may wait for a decision's commit.
             take = requests.next_alone if said == SETTLE_PREAMBLE else requests.batch
             while (bodies := take()) is not None:
+                if self._closing:
+                    # Stopping: nothing more is decided, as the PDP's state closes behind
+                    # this. A TCP socket shut for reading still takes what a busy client
+                    # sends: only this ends its connection. Its clients refuse the calls.
+                    return
                 out = []
                 for answer in answer_to(bodies):
                     if isinstance(answer, AbcError):  # not judged, or not settled: so said
@@ -409,7 +426,13 @@ class DecideSocketServer:
         own = tcp.dup()
         own.settimeout(self._frame_seconds)  # a client that never finishes holds no thread
         try:
-            return self._tls.wrap_socket(own, server_side=True)
+            conn = self._tls.wrap_socket(own, server_side=True)
+            if conn.version() is None:
+                # Closed before (cut off, or its client gone): Python then hands back a
+                # socket that never shook hands, whose reads and writes would be plain.
+                conn.close()
+                raise ConnectionResetError("closed before its TLS handshake")
+            return conn
         finally:
             own.close()  # taken by the TLS socket, or left by a failed handshake
             with self._lock:

@@ -459,3 +459,78 @@ def test_over_tls_stopping_wakes_every_thread_and_answers_what_is_decided(
         release.set()
         for sock in (handshaking, idle, busy):
             sock.close()
+
+
+def test_over_tls_one_address_cannot_push_out_the_handshakes_of_others(tmp_path: Path) -> None:
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = DecideSocketServer(
+        listener, tls=_tls_context(tmp_path), handshaking=8, handshaking_per_peer=2
+    )
+    server.start(_answer, _settle)
+    address = listener.getsockname()
+    other = socket.create_connection(address, timeout=0.5, source_address=("127.0.0.2", 0))
+    flood = [socket.create_connection(address, timeout=5) for _ in range(6)]
+    try:
+        # The flood's address keeps its two newest; the other address's is left alone.
+        for cut_off in flood[:4]:
+            assert cut_off.recv(1) == b""
+        with pytest.raises(TimeoutError):
+            other.recv(1)
+    finally:
+        for sock in (other, *flood):
+            sock.close()
+        server.close(deadline=time.monotonic() + 2)
+
+
+def test_over_tls_stopping_ends_a_busy_connection(tmp_path: Path) -> None:
+    """A TCP socket shut for reading still takes what its client sends: a client that keeps
+    sending is not decided for once the PDP stops."""
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    batches: list[int] = []
+
+    def decide_all(
+        requests: list[pdp_pb2.DecideRequest],
+    ) -> list[pdp_pb2.DecideResponse | Exception]:
+        batches.append(len(requests))
+        time.sleep(0.002)  # a decision's time: requests wait in the socket meanwhile
+        return _answer(requests)
+
+    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
+    server.start(decide_all, _settle)
+    conn = _tls_client(tmp_path, listener.getsockname())
+    sending = threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:
+        n = 0
+        with contextlib.suppress(OSError):
+            while sending.is_set():
+                conn.sendall(frame(pdp_pb2.DecideRequest(request_id=f"r{n}").SerializeToString()))
+                n += 1
+                time.sleep(0.0005)
+
+    def keep_reading() -> None:
+        with contextlib.suppress(OSError), conn.makefile("rb") as answers:
+            while read_frame(answers) is not None:
+                pass
+
+    sender = threading.Thread(target=keep_sending)
+    reader = threading.Thread(target=keep_reading, daemon=True)
+    sender.start()
+    reader.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(batches) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        server.close(deadline=time.monotonic() + 2)
+        assert time.monotonic() - started < 1  # not held to its deadline
+        at_close = len(batches)
+        time.sleep(0.3)
+        assert at_close >= 20 and len(batches) <= at_close + 1  # a batch in progress at most
+    finally:
+        sending.clear()
+        sender.join(5)
+        conn.close()
