@@ -534,3 +534,24 @@ def test_over_tls_stopping_ends_a_busy_connection(tmp_path: Path) -> None:
         sending.clear()
         sender.join(5)
         conn.close()
+
+
+def test_over_tls_a_connection_gone_before_its_handshake_is_never_served(
+    tmp_path: Path,
+) -> None:
+    """Closed before its thread runs (cut off, or its client gone), a TCP socket comes back
+    from ``wrap_socket`` with no handshake at all, its reads and writes plain: refused."""
+    write_dev_certs(tmp_path, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    tcp, _ = listener.accept()
+    try:
+        client.close()
+        tcp.shutdown(socket.SHUT_RDWR)
+        time.sleep(0.1)  # the connection is gone: getpeername() fails
+        with pytest.raises(ConnectionResetError, match="closed before its TLS handshake"):
+            server._handshake(tcp)
+    finally:
+        tcp.close()
+        listener.close()
