@@ -9,10 +9,12 @@ each request, on a bare local process that answers after one durable write
 through the sidecar with a real PDP, deciding on the PDP's decide socket, (e) through a
 second sidecar deciding over gRPC, (f) through a third sidecar whose decide socket is the
 ack server's, which answers it a well-formed allow after the same synced line: the
-sidecar's own cost, apart from what waiting on the real PDP adds to it. The targets take
-turns batch by batch after an unmeasured warm-up, and every process's CPU is read around
-each batch (``cpu.py``): CPU ms per request of both floors, the ack server, the sidecars,
-the PDP, the upstream and this client, for each target. Writes bench-results/pep.json.
+sidecar's own cost, apart from what waiting on the real PDP adds to it, (g) through a
+fourth sidecar deciding over TLS on the decide port of a second PDP of its own
+(``--decide-listen``): a PDP elsewhere, without gRPC. The targets take turns batch by
+batch after an unmeasured warm-up, and every process's CPU is read around each batch
+(``cpu.py``): CPU ms per request of both floors, the ack server, the sidecars, both PDPs,
+the upstream and this client, for each target. Writes bench-results/pep.json.
 
 With one client, three more baselines take the same turns, so the sidecar's added latency
 can be split: a bare gRPC health check to the same PDP, one ``Decide`` for the sidecar's run
