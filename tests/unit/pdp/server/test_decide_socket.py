@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ from pdp.api.decide_socket import (
 )
 from pdp.certs import write_dev_certs
 from pdp.errors import BadRequest, ConfigError, LogUnavailable
-from pdp.server.decide_socket import DecideSocketServer, bind_decide_socket
+from pdp.server.decide_socket import DecideAll, DecideSocketServer, bind_decide_socket
 from tests.harness import read_frame
 
 
@@ -305,6 +306,29 @@ def _tls_context(pki: Path, verify: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.S
     return context
 
 
+def _tls_server(
+    pki: Path, decide_all: DecideAll = _answer, **limits: Any
+) -> tuple[DecideSocketServer, tuple[str, int]]:
+    """A decide socket over TLS on loopback, started, its certificates made in ``pki``;
+    and its address."""
+    write_dev_certs(pki, ["localhost"], 2, False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = DecideSocketServer(listener, tls=_tls_context(pki), **limits)
+    server.start(decide_all, _settle)
+    return server, listener.getsockname()
+
+
+def _tls_client(pki: Path, address: tuple[str, int]) -> ssl.SSLSocket:
+    """A sidecar's connection: its certificate shown, the pipelined preamble said back."""
+    context = ssl.create_default_context(cafile=pki / "ca.pem")
+    context.load_cert_chain(pki / "pep.pem", pki / "pep.key")
+    raw = socket.create_connection(address, timeout=5)
+    conn = context.wrap_socket(raw, server_hostname="localhost")
+    conn.sendall(PIPELINED)
+    assert conn.recv(len(PIPELINED)) == PIPELINED
+    return conn
+
+
 def test_over_tls_only_clients_with_certificates_and_no_stalled_handshake(
     tmp_path: Path,
 ) -> None:
@@ -322,13 +346,8 @@ def test_over_tls_only_clients_with_certificates_and_no_stalled_handshake(
             started = time.monotonic()
             assert stalled.recv(1) == b""
             assert time.monotonic() - started < 3
-        client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
-        client.load_cert_chain(tmp_path / "pep.pem", tmp_path / "pep.key")
-        raw = socket.create_connection(listener.getsockname(), timeout=5)
-        with client.wrap_socket(raw, server_hostname="localhost") as conn:
-            conn.sendall(PIPELINED)
-            assert conn.recv(len(PIPELINED)) == PIPELINED
-            assert _decide(conn, "over-tls") == "dec_over-tls"  # type: ignore[arg-type]
+        with _tls_client(tmp_path, listener.getsockname()) as conn:
+            assert _decide(conn, "over-tls") == "dec_over-tls"
     finally:
         server.close(deadline=time.monotonic() + 2)
 
@@ -336,8 +355,6 @@ def test_over_tls_only_clients_with_certificates_and_no_stalled_handshake(
 def test_over_tls_what_arrived_together_is_decided_together(tmp_path: Path) -> None:
     """A TLS read hands over one record, and a sidecar writes one a request: the records
     already there are read too, so the batch is as large as on the Unix socket."""
-    write_dev_certs(tmp_path, ["localhost"], 2, False)
-    listener = socket.create_server(("127.0.0.1", 0))
     busy, batches = threading.Event(), []
 
     def decide_all(
@@ -347,15 +364,9 @@ def test_over_tls_what_arrived_together_is_decided_together(tmp_path: Path) -> N
         busy.wait(5)  # the first batch holds the thread while the next requests arrive
         return _answer(requests)
 
-    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
-    server.start(decide_all, _settle)
-    client = ssl.create_default_context(cafile=tmp_path / "ca.pem")
-    client.load_cert_chain(tmp_path / "pep.pem", tmp_path / "pep.key")
-    raw = socket.create_connection(listener.getsockname(), timeout=5)
+    server, address = _tls_server(tmp_path, decide_all)
     try:
-        with client.wrap_socket(raw, server_hostname="localhost") as conn:
-            conn.sendall(PIPELINED)
-            assert conn.recv(len(PIPELINED)) == PIPELINED
+        with _tls_client(tmp_path, address) as conn:
             for n in range(6):  # six writes: six TLS records
                 conn.sendall(frame(pdp_pb2.DecideRequest(request_id=f"r{n}").SerializeToString()))
                 if n == 0:
@@ -377,29 +388,12 @@ def test_over_tls_what_arrived_together_is_decided_together(tmp_path: Path) -> N
         server.close(deadline=time.monotonic() + 2)
 
 
-def _tls_client(pki: Path, address: tuple[str, int]) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=pki / "ca.pem")
-    context.load_cert_chain(pki / "pep.pem", pki / "pep.key")
-    conn = context.wrap_socket(
-        socket.create_connection(address, timeout=5), server_hostname="localhost"
-    )
-    conn.sendall(PIPELINED)
-    assert conn.recv(len(PIPELINED)) == PIPELINED
-    return conn
-
-
 def test_over_tls_unfinished_handshakes_cannot_hold_the_slots(tmp_path: Path) -> None:
     """Past ``handshaking`` unfinished handshakes the oldest is cut off, long before its
     own limit: connections without a certificate cannot keep a sidecar out."""
-    write_dev_certs(tmp_path, ["localhost"], 2, False)
-    listener = socket.create_server(("127.0.0.1", 0))
     # Room for the three connections without a certificate (the one cut off may not have
     # left yet) and the sidecar's: cut off, two could not hold a third slot.
-    server = DecideSocketServer(
-        listener, tls=_tls_context(tmp_path), max_connections=4, handshaking=2
-    )
-    server.start(_answer, _settle)
-    address = listener.getsockname()
+    server, address = _tls_server(tmp_path, max_connections=4, handshaking=2)
     stalled = [socket.create_connection(address, timeout=5) for _ in range(2)]
     try:
         time.sleep(0.2)  # both accepted, handshaking
@@ -418,8 +412,6 @@ def test_over_tls_unfinished_handshakes_cannot_hold_the_slots(tmp_path: Path) ->
 def test_over_tls_stopping_wakes_every_thread_and_answers_what_is_decided(
     tmp_path: Path,
 ) -> None:
-    write_dev_certs(tmp_path, ["localhost"], 2, False)
-    listener = socket.create_server(("127.0.0.1", 0))
     deciding, release = threading.Event(), threading.Event()
 
     def decide_all(
@@ -430,9 +422,7 @@ def test_over_tls_stopping_wakes_every_thread_and_answers_what_is_decided(
             release.wait(5)
         return _answer(requests)
 
-    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
-    server.start(decide_all, _settle)
-    address = listener.getsockname()
+    server, address = _tls_server(tmp_path, decide_all)
     handshaking = socket.create_connection(address, timeout=5)
     idle = _tls_client(tmp_path, address)
     busy = _tls_client(tmp_path, address)
@@ -462,13 +452,7 @@ def test_over_tls_stopping_wakes_every_thread_and_answers_what_is_decided(
 
 
 def test_over_tls_one_address_cannot_push_out_the_handshakes_of_others(tmp_path: Path) -> None:
-    write_dev_certs(tmp_path, ["localhost"], 2, False)
-    listener = socket.create_server(("127.0.0.1", 0))
-    server = DecideSocketServer(
-        listener, tls=_tls_context(tmp_path), handshaking=8, handshaking_per_peer=2
-    )
-    server.start(_answer, _settle)
-    address = listener.getsockname()
+    server, address = _tls_server(tmp_path, handshaking=8, handshaking_per_peer=2)
     other = socket.create_connection(address, timeout=0.5, source_address=("127.0.0.2", 0))
     flood = [socket.create_connection(address, timeout=5) for _ in range(6)]
     try:
@@ -486,8 +470,6 @@ def test_over_tls_one_address_cannot_push_out_the_handshakes_of_others(tmp_path:
 def test_over_tls_stopping_ends_a_busy_connection(tmp_path: Path) -> None:
     """A TCP socket shut for reading still takes what its client sends: a client that keeps
     sending is not decided for once the PDP stops."""
-    write_dev_certs(tmp_path, ["localhost"], 2, False)
-    listener = socket.create_server(("127.0.0.1", 0))
     batches: list[int] = []
 
     def decide_all(
@@ -497,9 +479,8 @@ def test_over_tls_stopping_ends_a_busy_connection(tmp_path: Path) -> None:
         time.sleep(0.002)  # a decision's time: requests wait in the socket meanwhile
         return _answer(requests)
 
-    server = DecideSocketServer(listener, tls=_tls_context(tmp_path))
-    server.start(decide_all, _settle)
-    conn = _tls_client(tmp_path, listener.getsockname())
+    server, address = _tls_server(tmp_path, decide_all)
+    conn = _tls_client(tmp_path, address)
     sending = threading.Event()
     sending.set()
 
