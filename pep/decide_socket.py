@@ -87,6 +87,7 @@ class UnixPeer:
     users: frozenset[int] = OWN_USERS
     # A PDP of before pipelining closes the connection at its preamble: taken for one.
     old_pdps: ClassVar[bool] = True
+    transport: ClassVar[str] = "decide_socket"  # one of pep.metrics.TRANSPORTS
 
     def __str__(self) -> str:
         return str(self.path)
@@ -118,6 +119,7 @@ class TlsPeer:
     server_name: str
     # Every PDP serving TLS pipelines: one that closes at the preamble is stopping, or busy.
     old_pdps: ClassVar[bool] = False
+    transport: ClassVar[str] = "decide_tls"
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
@@ -277,7 +279,7 @@ class DecideSocketClient:
         max_in_flight: int = 64,
         reuse_seconds: float = REUSE_SECONDS,
     ) -> None:
-        self._peer = UnixPeer(peer) if isinstance(peer, Path) else peer
+        self.peer = UnixPeer(peer) if isinstance(peer, Path) else peer
         self._reuse_seconds = reuse_seconds
         self._deciding: _Connection | None = None  # where decisions go
         self._opening: asyncio.Task[_Connection] | None = None
@@ -308,7 +310,7 @@ class DecideSocketClient:
                 self._slots.release()
             return pdp_pb2.DecideResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
-            raise DecideSocketError(f"{self._peer}: {type(exc).__name__}: {exc}") from exc
+            raise DecideSocketError(f"{self.peer}: {type(exc).__name__}: {exc}") from exc
 
     async def _exchange(
         self, loop: asyncio.AbstractEventLoop, payload: bytes, deadline: float
@@ -328,7 +330,7 @@ class DecideSocketClient:
             log.warning(
                 "%s: the PDP takes one decision at a time on a connection (a PDP of before):"
                 " so decided for %.0f s",
-                self._peer,
+                self.peer,
                 ALONE_SECONDS,
             )
             self._alone_until = now + ALONE_SECONDS
@@ -346,7 +348,7 @@ class DecideSocketClient:
             )
             return pdp_pb2.ReportUsageBatchResponse.FromString(_accepted(answer))
         except (OSError, TimeoutError, DecodeError) as exc:
-            raise DecideSocketError(f"{self._peer}: {type(exc).__name__}: {exc}") from exc
+            raise DecideSocketError(f"{self.peer}: {type(exc).__name__}: {exc}") from exc
 
     async def _alone(
         self, idle: list[_Connection], preamble: bytes, payload: bytes, deadline: float
@@ -403,7 +405,7 @@ class DecideSocketClient:
         except _NotPipelined:
             self._go_alone()  # reachable, and decides: one at a time
         except _Busy:
-            log.warning("%s: the PDP is busy (at its connection cap, or stopping)", self._peer)
+            log.warning("%s: the PDP is busy (at its connection cap, or stopping)", self.peer)
         except (OSError, TimeoutError, DecodeError) as exc:
             raise DecideSocketError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -419,8 +421,8 @@ class DecideSocketClient:
 
     async def _connect(self, deadline: float, preamble: bytes) -> _Connection:
         async with asyncio.timeout_at(deadline):
-            transport, connection = await self._peer.open(
-                lambda: _Connection(preamble, self._peer.old_pdps)
+            transport, connection = await self.peer.open(
+                lambda: _Connection(preamble, self.peer.old_pdps)
             )
         connection.start(transport)
         if connection.greeted is not None:

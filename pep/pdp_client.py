@@ -136,7 +136,6 @@ class PdpClient:
         self._channel = _channel(target, tls)
         # Decisions on the PDP's decide socket (on this host, or over TLS); gRPC otherwise.
         self._socket = DecideSocketClient(decide_socket) if decide_socket else None
-        self._socket_kind = "decide_tls" if isinstance(decide_socket, TlsPeer) else "decide_socket"
         self._stub = pdp_pb2_grpc.DecisionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._deadline = deadline_seconds
         # Settlements wait this long for a decision to carry them, then go in a batch: an
@@ -187,7 +186,7 @@ class PdpClient:
     @property
     def transport(self) -> str:
         """The way decisions go to the PDP (one of ``pep.metrics.TRANSPORTS``)."""
-        return "grpc" if self._socket is None else self._socket_kind
+        return "grpc" if self._socket is None else self._socket.peer.transport
 
     async def check_decide_socket(self) -> str | None:
         """Why decisions cannot go to the decide socket, or None when they can (or when
