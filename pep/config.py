@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from yarl import URL
 
-from pdp.api.config import ConfigError
+from pdp.api.config import ConfigError, host_port
 from pdp.api.tls import is_loopback
 
 __all__ = ["ConfigError", "PepConfig", "build_parser", "parse_config", "transport_warnings"]
@@ -92,13 +92,6 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
         "name checked in the PDP's certificate when not the host of --pdp",
     ),
 )
-
-
-def _address(value: str, name: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{name} must be HOST:PORT, got {value!r}")
-    return value
 
 
 def _upstream(entry: str) -> tuple[str, str]:
@@ -211,7 +204,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
     metrics = str(values["metrics"])
     pdp_ca, pdp_cert, pdp_key, pdp_server_name = _tls(values)
     pdp_decide = (
-        _address(str(values["pdp_decide"]), "--pdp-decide") if values.get("pdp_decide") else None
+        host_port(str(values["pdp_decide"]), "--pdp-decide") if values.get("pdp_decide") else None
     )
     if pdp_decide and values.get("pdp_socket"):
         raise ConfigError("give --pdp-socket or --pdp-decide, not both: decisions go one way")
@@ -219,14 +212,14 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         # The PDP takes no decision over TCP from a sidecar it does not know by certificate.
         raise ConfigError("--pdp-decide needs --pdp-ca, --pdp-cert and --pdp-key")
     return PepConfig(
-        listen=_address(str(values["listen"]), "--listen"),
-        pdp=_address(str(values["pdp"]), "--pdp"),
+        listen=host_port(str(values["listen"]), "--listen"),
+        pdp=host_port(str(values["pdp"]), "--pdp"),
         run=values.get("run"),
         manifest=Path(values["manifest"]) if values.get("manifest") else None,
         narrower=_path(values.get("narrower")),
         pdp_socket=_socket_path(values.get("pdp_socket")),
         pdp_decide=pdp_decide,
-        metrics=None if metrics == "off" else _address(metrics, "--metrics"),
+        metrics=None if metrics == "off" else host_port(metrics, "--metrics"),
         upstreams=upstreams,
         pdp_deadline_seconds=deadline_ms / 1000,
         settle_linger_seconds=linger_ms / 1000,

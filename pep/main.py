@@ -20,7 +20,7 @@ import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from pdp.api.config import read_envelope_file
+from pdp.api.config import read_envelope_file, split_host_port
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.decide_socket import TlsPeer
@@ -68,9 +68,8 @@ def _decide_peer(config: PepConfig) -> TlsPeer | None:
         context.load_cert_chain(config.pdp_cert, config.pdp_key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"--pdp-decide: cannot use the --pdp-* files: {exc}") from exc
-    host, _, port = config.pdp_decide.rpartition(":")
-    host = host.strip("[]")
-    return TlsPeer(host, int(port), context, config.pdp_server_name or host)
+    host, port = split_host_port(config.pdp_decide)
+    return TlsPeer(host, port, context, config.pdp_server_name or host)
 
 
 def _pdp_client(config: PepConfig) -> PdpClient:

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pdp.api.config import host_port
 from pdp.api.tls import is_loopback
 from pdp.errors import ConfigError
 
@@ -157,13 +158,6 @@ _OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
 )
 
 
-def _address(value: str, flag: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{flag} must be HOST:PORT, got {value!r}")
-    return value
-
-
 def _tls(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
     """Cert and key come together; a client CA needs them (it is checked inside TLS)."""
     cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
@@ -240,11 +234,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         # One provider's requests would be judged as the other's.
         raise ConfigError("--ext-authz-openai-prefix and --ext-authz-anthropic-prefix overlap")
     return PdpConfig(
-        listen=_address(args.listen, "--listen"),
+        listen=host_port(args.listen, "--listen"),
         trust=Path(args.trust),
         policies=Path(args.policies),
         state=Path(args.state),
-        metrics=_address(args.metrics, "--metrics") if args.metrics else None,
+        metrics=host_port(args.metrics, "--metrics") if args.metrics else None,
         workers=workers,
         grace_seconds=grace,
         log_level=args.log_level.upper(),
@@ -261,10 +255,10 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str] = os.env
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
-        http=_address(args.http, "--http") if args.http else None,
-        health=_address(args.health, "--health") if args.health else None,
+        http=host_port(args.http, "--http") if args.http else None,
+        health=host_port(args.health, "--health") if args.health else None,
         decide_socket=Path(args.decide_socket) if args.decide_socket else None,
-        decide_listen=_address(args.decide_listen, "--decide-listen")
+        decide_listen=host_port(args.decide_listen, "--decide-listen")
         if args.decide_listen
         else None,
         ext_authz_openai_prefix=openai,

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from pdp.api.config import split_host_port
 from pdp.errors import ConfigError
 from pdp.manifest.envelope import MAX_ENVELOPE_BYTES
 from pdp.server.config import PdpConfig
@@ -44,10 +45,10 @@ def _add_port(
 
 
 def _bind_tcp(address: str, what: str) -> socket.socket:
-    host, _, port = address.rpartition(":")
+    host, port = split_host_port(address)
     try:
         family, kind, proto, _name, where = socket.getaddrinfo(
-            host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
         try:
