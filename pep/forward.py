@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from aiohttp import ClientResponse, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from pep.front import LeanResponse, ModelRequest
 from pep.upstream import UpstreamResponse
 
 __all__ = ["HOP_BY_HOP", "relay", "request_headers", "response_headers"]
@@ -56,7 +57,9 @@ def _dropped(
     return always | named
 
 
-def request_headers(request: web.Request, *, identity: bool) -> list[tuple[str, str]]:
+def request_headers(
+    request: web.Request | ModelRequest, *, identity: bool
+) -> list[tuple[str, str]]:
     """The agent's headers to send upstream, in order; ``identity`` replaces its
     Accept-Encoding with ``identity``."""
     drop = _dropped(request.headers, _REQUEST_DROP)
@@ -90,25 +93,33 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 async def relay(
-    request: web.Request,
+    request: web.Request | ModelRequest,
     upstream: ClientResponse | UpstreamResponse,
     extra_headers: dict[str, str],
     tap: Callable[[bytes], None] | None = None,
-) -> web.StreamResponse:
+) -> web.StreamResponse | LeanResponse:
     """Send the upstream's response to the agent chunk by chunk, exactly as received.
 
     A body of known length (a JSON answer) usually arrives with its head: the two leave
     in one write. A stream (SSE, chunked) sends its head at once, so the agent sees the
     status before the first event, however long that takes."""
     length = upstream.content_length
-    kind = web.StreamResponse if length is None else _HeadersWithBody
-    response = kind(status=upstream.status, reason=upstream.reason)
+    response: web.StreamResponse | LeanResponse
+    if isinstance(request, ModelRequest):
+        response = LeanResponse(request, upstream.status, upstream.reason)
+    else:
+        kind = web.StreamResponse if length is None else _HeadersWithBody
+        response = kind(status=upstream.status, reason=upstream.reason)
     response.headers.extend(_response_pairs(upstream))
     response.headers.update(extra_headers)
     if length is not None:
         response.content_length = length  # same bytes, same length
     try:
-        await response.prepare(request)
+        if isinstance(response, LeanResponse):
+            await response.prepare()
+        else:
+            assert not isinstance(request, ModelRequest)
+            await response.prepare(request)
         if isinstance(upstream, UpstreamResponse):
             chunks = upstream.chunks()
         else:

@@ -24,10 +24,11 @@ from pdp.api.config import read_envelope_file, split_host_port
 from pdp.api.tls import TlsFileError, load_certificates, load_key_pair
 from pep.config import ConfigError, PepConfig, parse_config, transport_warnings
 from pep.decide_socket import TlsPeer
+from pep.front import IDLE_SECONDS, Front
 from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
-from pep.proxy import Sidecar, build_app, metrics_app
+from pep.proxy import MODEL_ROUTES, Sidecar, build_app, metrics_app
 from pep.runs import RunKeys
 from pep.stdio import serve_stdio
 
@@ -142,6 +143,19 @@ async def _site(runner: web.AppRunner, address: str) -> None:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
 
 
+async def _front(proxy: web.AppRunner, config: PepConfig) -> Front:
+    """The proxy's listening socket: model calls lean, the rest on ``proxy``'s server."""
+    assert proxy.server is not None, "set up first"
+    app = proxy.app
+    front = Front(app, app[MODEL_ROUTES], proxy.server, config.max_body_bytes)
+    host, port = split_host_port(config.listen)
+    try:
+        await front.listen(host, port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+    return front
+
+
 def _metrics(pdp: PdpClient) -> PepMetrics:
     metrics = PepMetrics(CollectorRegistry())
     metrics.decide_over(pdp.transport)
@@ -163,6 +177,7 @@ async def _export(metrics: PepMetrics, address: str) -> web.AppRunner:
 async def serve(config: PepConfig, stop: asyncio.Event) -> None:
     pdp = _pdp_client(config)
     runners: list[web.AppRunner] = []
+    front: Front | None = None
     sidecar: Sidecar | None = None
     try:
         run_id: str | None = config.run
@@ -177,11 +192,15 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         # An agent that hangs up cancels its handler: the upstream call is closed at once (a
         # provider stops generating) rather than held, with its pool slot, until it answers.
         proxy = web.AppRunner(
-            build_app(sidecar), access_log=None, handle_signals=False, handler_cancellation=True
+            build_app(sidecar),
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            keepalive_timeout=IDLE_SECONDS,  # as the lean connections
         )
         runners.append(proxy)
         await proxy.setup()
-        await _site(proxy, config.listen)
+        front = await _front(proxy, config)
         if config.metrics:
             runners.append(await _export(metrics, config.metrics))
         log.info(
@@ -197,6 +216,8 @@ async def serve(config: PepConfig, stop: asyncio.Event) -> None:
         await stop.wait()
         log.info("abc-pep stopping")
     finally:
+        if front is not None:
+            await front.close()
         for runner in reversed(runners):
             await runner.cleanup()
         if sidecar is not None and sidecar.unfinished:

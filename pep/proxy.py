@@ -32,6 +32,7 @@ from pep.adapters.mcp import McpAdapter
 from pep.adapters.openai import OpenAIAdapter
 from pep.config import PepConfig
 from pep.forward import relay, request_headers
+from pep.front import LeanResponse, ModelRequest, Serve
 from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, models_list
 from pep.pdp_client import PdpClient, Verdict
@@ -39,7 +40,7 @@ from pep.runs import RunKeys
 from pep.upstream import Lease, ModelUpstream, UpstreamError, UpstreamResponse
 from pep.usage import UsageReader
 
-__all__ = ["SIDECAR", "Sidecar", "build_app", "metrics_app"]
+__all__ = ["MODEL_ROUTES", "SIDECAR", "Sidecar", "build_app", "metrics_app"]
 
 log = logging.getLogger("abc.pep")
 T = TypeVar("T")
@@ -74,12 +75,17 @@ class Sidecar:
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
+# The model routes' handlers, for the lean server (pep.front) to call.
+MODEL_ROUTES = web.AppKey("model_routes", dict[str, Serve])
 
 
 _MODEL_ROUTES = frozenset({"openai", "anthropic"})
 
 
-def _request_id(request: web.Request) -> str:
+Request = web.Request | ModelRequest  # read by aiohttp, or by the lean server
+
+
+def _request_id(request: Request) -> str:
     """A fresh id per request, never one the agent chose: a replayed id gets the stored
     allow again, so an agent naming its own could repeat one paid call as often as it liked.
     (A retry by the agent is then a new, charged decision: fail closed on budget.)
@@ -87,7 +93,7 @@ def _request_id(request: web.Request) -> str:
     return "pep_" + secrets.token_hex(16)
 
 
-def _unsafe_request(request: web.Request, adapter: Adapter) -> str | None:
+def _unsafe_request(request: Request, adapter: Adapter) -> str | None:
     """Why this request cannot be judged faithfully, or None (the shared rule)."""
     return unsafe_request(
         request.method,
@@ -99,7 +105,7 @@ def _unsafe_request(request: web.Request, adapter: Adapter) -> str | None:
     )
 
 
-def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:
+def _upstream_url(request: Request, adapter: Adapter, upstreams: dict[str, str]) -> str | None:
     """The upstream URL, its path and query the raw ones the agent sent (what was decided)."""
     query = request.rel_url.raw_query_string
     suffix = f"?{query}" if query else ""
@@ -115,7 +121,7 @@ def _upstream_url(request: web.Request, adapter: Adapter, upstreams: dict[str, s
             return None if base is None else f"{base}{upstream_path(request)}{suffix}"
 
 
-def _name(request: web.Request, route: str) -> str:
+def _name(request: Request, route: str) -> str:
     """The ``--upstream`` name a request's route needs: openai, mcp:kb, http:billing..."""
     if route == "mcp":
         return f"mcp:{request.match_info['server']}"
@@ -129,6 +135,11 @@ class Handler:
         self.adapter = adapter
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
+        response = await self.handle(request)
+        assert isinstance(response, web.StreamResponse)  # what aiohttp's requests are answered by
+        return response
+
+    async def handle(self, request: Request) -> web.StreamResponse | LeanResponse:
         sidecar = request.app[SIDECAR]
         adapter, route = self.adapter, self.adapter.route
 
@@ -177,7 +188,10 @@ class Handler:
         run_id = chosen
         body = b""
         if adapter.reads_body:
-            read = await read_body(request, sidecar.config.max_body_bytes)
+            if isinstance(request, ModelRequest):
+                read = request.body  # read by the lean server, with the same limit
+            else:
+                read = await read_body(request, sidecar.config.max_body_bytes)
             if read is None:
                 return await refuse(
                     Verdict.refuse(ReasonCode.BAD_REQUEST, "request body over the size limit"),
@@ -230,20 +244,21 @@ class Handler:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: Request,
         sidecar: Sidecar,
         call: Call,
         body: bytes,
         url: str,
         run_id: str,
         verdict: Verdict | None,
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | LeanResponse:
         assert sidecar.session is not None and sidecar.model_upstream is not None
         route = self.adapter.route
         # The sidecar must read model responses (usage) and tool lists: ask for identity.
         headers = request_headers(request, identity=call.reads_usage or call.respond is not None)
         data: bytes | aiohttp.StreamReader | None = body
         if not self.adapter.reads_body:
+            assert isinstance(request, web.Request)  # the lean server reads every body
             data = request.content if request.body_exists else None
             if request.content_length is not None:
                 headers.append(("Content-Length", str(request.content_length)))
@@ -277,6 +292,7 @@ class Handler:
             ) as upstream:
                 status = upstream.status
                 if call.respond is not None:
+                    assert isinstance(request, web.Request)  # MCP: never lean
                     return await call.respond(request, upstream, _prober(sidecar, run_id))
                 return await relay(request, upstream, extra, tap)
         except asyncio.CancelledError:
@@ -339,7 +355,7 @@ def _settle(
     sidecar.pdp.report_usage(verdict.reservation_id, tokens)
 
 
-async def _run_id(request: web.Request, sidecar: Sidecar) -> str | Verdict:
+async def _run_id(request: Request, sidecar: Sidecar) -> str | Verdict:
     """The run a request is decided under: its run key's (a run of the sidecar's grant),
     else the default run, else the run it names; or the refusal to answer with."""
     named = request.headers.get("x-abc-run")
@@ -416,6 +432,8 @@ def build_app(sidecar: Sidecar) -> web.Application:
 
     app.cleanup_ctx.append(session_ctx)
     openai_route, anthropic_route = Handler(OpenAIAdapter()), Handler(AnthropicAdapter())
+    lean: dict[str, Serve] = {"openai": openai_route.handle, "anthropic": anthropic_route.handle}
+    app[MODEL_ROUTES] = lean
     for route, handler in (("openai", openai_route), ("anthropic", anthropic_route)):
         listing = models_list(route, sidecar.models, handler, sidecar.metrics.count)
         app.router.add_route("*", f"/{route}/v1/models", listing)

@@ -8,11 +8,13 @@ MCP answer filter (tool lists), which gets a probe function from the loop.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import ClientResponse, web
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from pdp.api import pdp_pb2
 from pdp.api.reasons import MappingError, refusal_status
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Adapter",
+    "AgentRequest",
     "Call",
     "MappingError",
     "Probe",
@@ -57,11 +60,24 @@ class Call:
     lists_tools: bool = False
 
 
+class AgentRequest(Protocol):
+    """What an adapter reads of a request: aiohttp's, or the lean server's (pep.front)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def rel_url(self) -> URL: ...
+    @property
+    def match_info(self) -> Mapping[str, str]: ...
+
+
 class Adapter(Protocol):
     route: str
     reads_body: bool  # False: the request body streams through unread
 
-    def call(self, request: web.Request, body: bytes) -> Call:
+    def call(self, request: AgentRequest, body: bytes) -> Call:
         """Map the request; ``MappingError`` if it cannot be mapped (then it is refused)."""
 
     def refusal(self, verdict: Verdict, call: Call | None, status: int) -> web.Response:

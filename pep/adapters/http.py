@@ -6,13 +6,13 @@ from aiohttp import web
 
 from pdp.api.mapping import http_action
 from pdp.api.reasons import MappingError
-from pep.adapters.base import Call
+from pep.adapters.base import AgentRequest, Call
 from pep.pdp_client import Verdict
 
 __all__ = ["HttpAdapter", "upstream_path"]
 
 
-def upstream_path(request: web.Request) -> str:
+def upstream_path(request: AgentRequest) -> str:
     """The raw path after ``/http/<name>``, as sent (encoded dots stay visible to the policy)."""
     prefix = f"/http/{request.match_info['name']}"
     raw = request.rel_url.raw_path
@@ -25,7 +25,7 @@ class HttpAdapter:
     route = "http"
     reads_body = False
 
-    def call(self, request: web.Request, body: bytes) -> Call:
+    def call(self, request: AgentRequest, body: bytes) -> Call:
         action = http_action(request.match_info["name"], request.method, upstream_path(request))
         return Call(action=action, body=b"")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pdp.api.mapping import model_request, token_fields
-from pep.adapters.base import Call, model_call
+from pep.adapters.base import AgentRequest, Call, model_call
 from pep.pdp_client import Verdict
 
 __all__ = ["OpenAIAdapter"]
@@ -17,7 +17,7 @@ class OpenAIAdapter:
     route = "openai"
     reads_body = True
 
-    def call(self, request: web.Request, body: bytes) -> Call:
+    def call(self, request: AgentRequest, body: bytes) -> Call:
         endpoint = request.match_info["tail"]
         action, document = model_request("openai", endpoint, body)
         return model_call(body, document, action, token_fields("openai", endpoint))

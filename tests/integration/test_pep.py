@@ -114,6 +114,50 @@ def test_openai_refused_model_raises_permission_error(pep: PepProcess) -> None:
     assert caught.value.body["decision_id"] == decision_id  # type: ignore[index]
 
 
+def test_one_connection_carries_model_calls_and_every_other_route(pep: PepProcess) -> None:
+    """Model calls are served by the sidecar's lean server, the rest by aiohttp: a client that
+    keeps one connection gets every answer on it, whichever route comes first."""
+    with httpx.Client(limits=httpx.Limits(max_connections=1)) as http:
+        client = openai.OpenAI(
+            base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0, http_client=http
+        )
+        for _ in range(2):
+            chat = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}]
+            )
+            assert chat.choices[0].message.content
+            assert MODEL in [model.id for model in client.models.list()]
+        invoice = http.get(f"{pep.url}/http/billing.internal/v1/invoices/1")
+        assert invoice.status_code == 200
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert chat.choices[0].message.content
+
+
+def test_a_refusal_reads_the_same_from_either_server(pep: PepProcess) -> None:
+    """The same refused call, its body framed by a length (the lean server) and chunked
+    (aiohttp's): the same answer but for its decision id and date."""
+    body = json.dumps({"model": "gpt-5", "messages": [{"role": "user", "content": "x"}]})
+    url = f"{pep.url}/openai/v1/chat/completions"
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    lean = httpx.post(url, content=body.encode(), headers=headers)
+    chunked = httpx.post(url, content=iter([body.encode()]), headers=headers)
+    assert "transfer-encoding" in chunked.request.headers
+
+    def seen(reply: httpx.Response) -> tuple[int, dict[str, str], Any]:
+        decision = reply.headers["x-abc-decision-id"]
+        kept = {
+            name: value.replace(decision, "ID")
+            for name, value in reply.headers.items()
+            if name not in ("date", "server")
+        }
+        return reply.status_code, kept, json.loads(reply.text.replace(decision, "ID"))
+
+    assert seen(lean) == seen(chunked)
+    assert lean.status_code == 403 and lean.json()["error"]["code"] == "model_not_allowed"
+
+
 def test_openai_stream_with_usage(pep: PepProcess) -> None:
     chunks = list(
         oai(pep).chat.completions.create(

@@ -33,7 +33,7 @@ from pdp.api.mapping import (
     mcp_tool_action,
 )
 from pdp.api.reasons import MappingError
-from pep.adapters.base import Call, parse_json_object
+from pep.adapters.base import AgentRequest, Call, parse_json_object
 from pep.adapters.mcp.answers import AnswerFilter
 from pep.adapters.mcp.envelope import (
     MODERN_VERSIONS,
@@ -105,7 +105,7 @@ class McpAdapter:
     def _filter(self, server: str, answer_id: Any) -> AnswerFilter:
         return AnswerFilter(server, answer_id, self.schemas)
 
-    def call(self, request: web.Request, body: bytes) -> Call:
+    def call(self, request: AgentRequest, body: bytes) -> Call:
         server = request.match_info["server"]
         if request.method in ("GET", "DELETE"):
             # The server's event stream (new or resumed), and ending a session: no message to

@@ -1,0 +1,479 @@
+"""The sidecar's listening socket: model calls on a lean HTTP/1.1 server, the rest on aiohttp.
+
+A model call is the sidecar's busiest path, and aiohttp's web server spent about 0.03 ms of
+CPU on each one beyond reading and writing its bytes (0.07 ms when calls come apart, its
+code cold): a tenth of all the sidecar spends on a call.
+
+Every connection starts here. A request of the one plain shape model calls take (``POST``
+to ``/openai/v1/*`` or ``/anthropic/v1/*`` but ``models``, HTTP/1.1, an origin-form target
+of plain characters, printable ASCII headers, its body framed by one ``Content-Length``) is
+parsed by llhttp (``httptools``; aiohttp parses with llhttp too) and served by the route's
+handler. At the first request of any other shape (another route or method, a chunked body,
+``Expect``, ``Upgrade``, a header or target that is not plain, a head llhttp refuses), the
+connection goes to aiohttp with that request's bytes from its first: aiohttp judges it by
+its own rules, as it judged every request before. No request is read by both.
+
+A connection carries one request at a time. Bytes that arrive while one is answered (a
+pipelined request: no SDK sends one) are never read as a request: the connection closes
+once the answer is written. An agent that hangs up cancels its handler, as aiohttp's
+``handler_cancellation`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+__all__ = ["IDLE_SECONDS", "Front", "LeanResponse", "ModelRequest"]
+
+log = logging.getLogger("abc.pep")
+
+IDLE_SECONDS = 75.0  # a connection with nothing to do is closed (aiohttp's keepalive_timeout)
+MAX_HEAD = 64 * 1024  # a head still unfinished past this goes to aiohttp, which limits heads
+MAX_HEADERS = 128
+# The lean shape: a route and a tail of plain segments, a query of plain characters.
+_TARGET = re.compile(
+    r"/(openai|anthropic)/v1/([A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*)(?:\?([A-Za-z0-9_.~=&+%,-]*))?"
+)
+_TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_VALUE = re.compile(rb"[\x20-\x7e]*")
+_NOT_LEAN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+_NO_BODY = frozenset({204, 304})
+# Framing is the answer's own: never a header copied from elsewhere.
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+class _Stop(Exception):
+    """Raised in a parser callback: the parser reads no further into this chunk."""
+
+
+class _Output:
+    """How many bytes of an answer were written: ``request.writer`` on aiohttp."""
+
+    output_size = 0
+
+
+class ModelRequest:
+    """A model call read by the lean server, with the part of ``web.Request`` handlers use."""
+
+    method = "POST"
+
+    def __init__(
+        self,
+        connection: _Connection,
+        app: web.Application,
+        route: str,
+        target: str,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+    ) -> None:
+        self.connection = connection
+        self.app = app
+        self.route = route  # "openai" or "anthropic"
+        path, _, query = target.partition("?")
+        self.rel_url = URL.build(path=path, query_string=query, encoded=True)  # as aiohttp
+        self.match_info = {"tail": path[len(route) + 5 :]}  # after /ROUTE/v1/
+        self.headers = CIMultiDictProxy(headers)
+        self.body = body  # None: declared over the size limit, and not read
+        self.writer = _Output()
+
+
+class LeanResponse:
+    """An answer on a lean connection, with the part of ``web.StreamResponse`` relaying uses.
+
+    A body of known length leaves with its head in one write; another (a stream) is sent
+    chunked, its head at once."""
+
+    def __init__(self, request: ModelRequest, status: int, reason: str | None = None) -> None:
+        self._request = request
+        self.status = status
+        self.reason = reason or _reason(status)
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length: int | None = None
+        self._connection: _Connection | None = None
+        self._held = b""  # the head, until the body's first bytes
+        self._chunked = False
+        self._left: int | None = None
+        self.complete = False
+
+    async def prepare(self) -> None:
+        request = self._request
+        self._connection = request.connection
+        bodiless = self.status in _NO_BODY or self.status < 200
+        framing: list[tuple[str, str]] = []
+        if self.content_length is not None and not bodiless:
+            framing.append(("Content-Length", str(self.content_length)))
+            self._left = self.content_length
+        elif not bodiless:
+            framing.append(("Transfer-Encoding", "chunked"))
+            self._chunked = True
+        head = _head(
+            self.status, self.reason, self.headers, framing, closing=request.connection.closing
+        )
+        if self._left is None:
+            request.connection.write(head)  # a stream: the agent sees its status at once
+        else:
+            self._held = head
+
+    async def write(self, data: bytes) -> None:
+        connection = self._connection
+        assert connection is not None, "prepare first"
+        if not data:
+            return
+        if self._left is not None:
+            self._left -= len(data)
+            if self._left < 0:
+                raise ConnectionResetError("an answer longer than its Content-Length")
+            framed = self._held + data
+            self._held = b""
+        else:
+            framed = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+        connection.write(framed)
+        await connection.drain()
+
+    async def write_eof(self) -> None:
+        connection = self._connection
+        assert connection is not None, "prepare first"
+        if self._held:
+            connection.write(self._held)
+            self._held = b""
+        if self._chunked:
+            connection.write(b"0\r\n\r\n")
+        await connection.drain()
+        # An answer shorter than it said leaves the agent's connection out of step.
+        self.complete = not self._left
+
+
+def _reason(status: int) -> str:
+    with contextlib.suppress(ValueError):
+        return HTTPStatus(status).phrase
+    return ""
+
+
+def _head(
+    status: int,
+    reason: str,
+    headers: CIMultiDict[str],
+    framing: list[tuple[str, str]],
+    *,
+    closing: bool,
+) -> bytes:
+    """An answer's status line and headers; ``ValueError`` for a name or value that would
+    split the head (as aiohttp refuses them)."""
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    own = [(name, value) for name, value in headers.items() if name.lower() not in _FRAMING]
+    for name, value in (*own, *framing):
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value or ":" in name:
+            raise ValueError(f"header {name!r} cannot be sent")
+        lines.append(f"{name}: {value}\r\n")
+    if "Date" not in headers:
+        lines.append(f"Date: {formatdate(usegmt=True)}\r\n")
+    if closing:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+Serve = Callable[[ModelRequest], Awaitable[web.StreamResponse | LeanResponse]]
+
+
+class Front:
+    """The listening socket's protocol factory: lean model calls, aiohttp for the rest."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        serve: dict[str, Serve],
+        aiohttp_server: web.Server,
+        max_body_bytes: int,
+    ) -> None:
+        self.app = app
+        self.serve = serve  # by route: "openai", "anthropic"
+        self.aiohttp_server = aiohttp_server
+        self.max_body_bytes = max_body_bytes
+        self.connections: set[_Connection] = set()
+        self._listening: asyncio.Server | None = None
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._listening = await loop.create_server(self, host, port)
+
+    async def close(self, timeout: float = 60.0) -> None:
+        """Stop listening; close each connection once its answer is written, waiting up to
+        ``timeout`` for those in progress (then cancelled, as an agent hanging up would)."""
+        if self._listening is not None:
+            self._listening.close()
+        busy = []
+        for connection in list(self.connections):
+            task = connection.close_when_done()
+            if task is not None:
+                busy.append(task)
+        if busy:
+            _done, pending = await asyncio.wait(busy, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(busy, timeout=1.0)
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class _Connection(asyncio.Protocol):
+    """One agent connection, lean until it carries a request of another shape."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._raw: list[bytes] | None = None  # this request's bytes, while it may go to aiohttp
+        self._raw_size = 0
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: bytearray | None = None
+        self._request: ModelRequest | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._hand_off = False
+        self._stopped = False  # a callback stopped the parser on purpose
+        self.closing = False  # closed once the answer in progress is written
+        self._writable: asyncio.Future[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+
+    # --- the connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._front.connections.add(self)
+        self._await_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._front.connections.discard(self)
+        self._transport = None
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(ConnectionResetError("the agent hung up"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # the agent hung up: its call is abandoned
+
+    def eof_received(self) -> bool:
+        # The agent hung up, as aiohttp takes an end of input: the transport closes, and the
+        # call in progress is cancelled.
+        return False
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the agent's connection is closed")
+        transport.write(data)
+        if self._request is not None:
+            self._request.writer.output_size += len(data)
+
+    async def drain(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def close_when_done(self) -> asyncio.Task[None] | None:
+        """The answer in progress, if any; the connection closes after it (at once if none)."""
+        self.closing = True
+        if self._task is None or self._task.done():
+            self.abort()
+            return None
+        return self._task
+
+    def _await_request(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(IDLE_SECONDS, self._idle_too_long)
+
+    def _idle_too_long(self) -> None:
+        if self._task is None:
+            self.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self._task is not None or self.closing:
+            # Sent while a request is answered: a pipelined request, never read as one.
+            self.closing = True
+            return
+        self._await_request()  # idle counts from the last byte: a head sent slowly ends too
+        if self._raw is None and self._request is None:
+            self._raw, self._raw_size = [], 0  # a request begins with this chunk
+        if self._raw is not None:
+            self._raw.append(data)
+            self._raw_size += len(data)
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Stopped by a callback; else a head aiohttp answers its way, or (past a lean
+            # head, where llhttp counts a declared length) a connection to close.
+            if not self._stopped:
+                self._hand_off = True
+        if not self._hand_off and self._raw is not None and self._raw_size > MAX_HEAD:
+            self._hand_off = True
+        if self._hand_off:
+            self._to_aiohttp()
+
+    def _stop(self) -> _Stop:
+        self._stopped = True
+        return _Stop()
+
+    def _to_aiohttp(self) -> None:
+        transport, raw = self._transport, self._raw
+        if transport is None or raw is None:  # past a lean head: never aiohttp's
+            self.abort()
+            return
+        if self._idle is not None:
+            self._idle.cancel()
+        self._front.connections.discard(self)
+        handler = self._front.aiohttp_server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(b"".join(raw))
+
+    # --- llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        if self._request is not None:  # a request pipelined behind one being answered
+            self.closing = True
+            raise self._stop()
+        self._url, self._headers, self._body = b"", [], None
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= MAX_HEADERS:
+            self._hand_off = True
+            raise self._stop()
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self._lean_request()
+        if request is None:
+            self._hand_off = True
+            raise self._stop()
+        self._raw = None  # lean: never aiohttp's
+        self._request = request
+        if request.body is None:  # over the size limit: refused unread, and closed after
+            self.closing = True
+            self._start()
+            raise self._stop()
+        self._body = bytearray()
+
+    def on_body(self, body: bytes) -> None:
+        if self._body is not None:
+            self._body += body
+
+    def on_message_complete(self) -> None:
+        request = self._request
+        if request is None or self._body is None:
+            return
+        request.body = bytes(self._body)
+        self._body = None
+        self._start()
+
+    def _lean_request(self) -> ModelRequest | None:
+        """This request, if it has the lean shape; None if it goes to aiohttp."""
+        parser = self._parser
+        if parser.get_method() != b"POST" or parser.get_http_version() != "1.1":
+            return None
+        if parser.should_upgrade():
+            return None
+        try:
+            target = self._url.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        match = _TARGET.fullmatch(target)
+        if match is None or match[2] == "models" or "/." in target or len(target) > 8190:
+            return None
+        headers: CIMultiDict[str] = CIMultiDict()
+        length: bytes | None = None
+        for name, raw_value in self._headers:
+            value = raw_value.rstrip(b" ")  # llhttp strips the space before a value, not after
+            lower = name.lower()
+            if not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value) or lower in _NOT_LEAN:
+                return None
+            if len(name) > 8190 or len(value) > 8190:
+                return None
+            if lower == b"content-length":  # one, of digits: llhttp refuses others
+                length = value
+            if lower == b"connection" and b"close" in value.lower():
+                self.closing = True
+            headers.add(name.decode("ascii"), value.decode("ascii"))
+        if length is None:
+            return None
+        body = None if int(length) > self._front.max_body_bytes else b""
+        return ModelRequest(self, self._front.app, match[1], target, headers, body)
+
+    # --- the answer
+
+    def _start(self) -> None:
+        request = self._request
+        assert request is not None
+        if self._idle is not None:
+            self._idle.cancel()
+        serve = self._front.serve[request.route]
+        self._task = self._loop.create_task(self._answer(serve, request))
+
+    async def _answer(self, serve: Serve, request: ModelRequest) -> None:
+        complete = False
+        try:
+            response = await serve(request)
+            if isinstance(response, LeanResponse):
+                complete = response.complete
+            elif request.writer.output_size == 0:
+                complete = self._send(response)
+        except asyncio.CancelledError:
+            pass  # the agent hung up, or the sidecar stops
+        except ConnectionResetError:
+            pass  # the agent hung up while its answer was written
+        except Exception:
+            log.exception("a model call's handler failed")
+            if request.writer.output_size == 0:
+                self.closing = True
+                with contextlib.suppress(ConnectionResetError):
+                    self._send(web.Response(status=500, text="500 Internal Server Error"))
+        finally:
+            self._task = None
+            self._request = None
+            if not complete or self.closing or self._transport is None:
+                self.abort()
+            else:
+                self._await_request()
+
+    def _send(self, response: web.StreamResponse) -> bool:
+        """A whole answer the handler made (a refusal): written in one piece."""
+        body = response.body if isinstance(response, web.Response) else None
+        if not isinstance(body, bytes):
+            raise TypeError(f"a lean connection cannot send {type(response).__name__}")
+        framing = [("Content-Length", str(len(body)))]
+        head = _head(
+            response.status, response.reason, response.headers, framing, closing=self.closing
+        )
+        self.write(head + body)
+        return True
