@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -48,7 +49,23 @@ _TARGET = re.compile(
 )
 _TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _VALUE = re.compile(rb"[\x20-\x7e]*")
-_NOT_LEAN = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+_NOT_LEAN = frozenset(
+    {b"transfer-encoding", b"expect", b"upgrade", b"content-encoding", b"sec-websocket-key1"}
+)
+# Headers aiohttp refuses twice (its SINGLETON_HEADERS): such a request is its to refuse.
+_ONCE = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"user-agent",
+    }
+)
 _NO_BODY = frozenset({204, 304})
 # Framing is the answer's own: never a header copied from elsewhere.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
@@ -171,6 +188,8 @@ def _head(
 ) -> bytes:
     """An answer's status line and headers; ``ValueError`` for a name or value that would
     split the head (as aiohttp refuses them)."""
+    if "\r" in reason or "\n" in reason:
+        raise ValueError("a reason phrase that would split the head")
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     own = [(name, value) for name, value in headers.items() if name.lower() not in _FRAMING]
     for name, value in (*own, *framing):
@@ -204,6 +223,7 @@ class Front:
         self.max_body_bytes = max_body_bytes
         self.connections: set[_Connection] = set()
         self._listening: asyncio.Server | None = None
+        self.closed = False
 
     def __call__(self) -> _Connection:
         return _Connection(self)
@@ -215,20 +235,23 @@ class Front:
     async def close(self, timeout: float = 60.0) -> None:
         """Stop listening; close each connection once its answer is written, waiting up to
         ``timeout`` for those in progress (then cancelled, as an agent hanging up would)."""
+        self.closed = True  # a connection accepted meanwhile is closed as it is made
         if self._listening is not None:
             self._listening.close()
-        busy = []
+        busy = {}
         for connection in list(self.connections):
             task = connection.close_when_done()
             if task is not None:
-                busy.append(task)
-        if busy:
-            _done, pending = await asyncio.wait(busy, timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(busy, timeout=1.0)
-        for connection in list(self.connections):
-            connection.abort()
+                busy[task] = connection
+        if not busy:
+            return
+        _done, late = await asyncio.wait(busy, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
+        for task in late:
+            busy[task].abort()  # perhaps an agent that does not read: its buffer let go
 
 
 class _Connection(asyncio.Protocol):
@@ -256,7 +279,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if self._front.closed:
+            transport.close()
+            return
         self._front.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # as aiohttp's connections: dead peers found
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._await_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -294,15 +324,21 @@ class _Connection(asyncio.Protocol):
         if self._writable is not None and not self._writable.done():
             await self._writable
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Closed once what was written has left."""
         if self._transport is not None:
             self._transport.close()
+
+    def abort(self) -> None:
+        """Closed now, whatever is still buffered."""
+        if self._transport is not None:
+            self._transport.abort()
 
     def close_when_done(self) -> asyncio.Task[None] | None:
         """The answer in progress, if any; the connection closes after it (at once if none)."""
         self.closing = True
         if self._task is None or self._task.done():
-            self.abort()
+            self.close()
             return None
         return self._task
 
@@ -313,10 +349,10 @@ class _Connection(asyncio.Protocol):
 
     def _idle_too_long(self) -> None:
         if self._task is None:
-            self.abort()
+            self.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._task is not None or self.closing:
+        if self._task is not None:
             # Sent while a request is answered: a pipelined request, never read as one.
             self.closing = True
             return
@@ -329,9 +365,13 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # Stopped by a callback; else a head aiohttp answers its way, or (past a lean
-            # head, where llhttp counts a declared length) a connection to close.
-            if not self._stopped:
+            if self._task is not None:
+                # Bytes after the request being answered (llhttp refuses any after a
+                # Connection: close): never read; closed after the answer.
+                self.closing = True
+            elif not self._stopped:
+                # A head aiohttp answers its way; past a lean head (a body of a declared
+                # length, which llhttp counts), a connection to close.
                 self._hand_off = True
         if not self._hand_off and self._raw is not None and self._raw_size > MAX_HEAD:
             self._hand_off = True
@@ -345,7 +385,7 @@ class _Connection(asyncio.Protocol):
     def _to_aiohttp(self) -> None:
         transport, raw = self._transport, self._raw
         if transport is None or raw is None:  # past a lean head: never aiohttp's
-            self.abort()
+            self.close()
             return
         if self._idle is not None:
             self._idle.cancel()
@@ -413,6 +453,7 @@ class _Connection(asyncio.Protocol):
             return None
         headers: CIMultiDict[str] = CIMultiDict()
         length: bytes | None = None
+        once: set[bytes] = set()
         for name, raw_value in self._headers:
             value = raw_value.rstrip(b" ")  # llhttp strips the space before a value, not after
             lower = name.lower()
@@ -420,12 +461,16 @@ class _Connection(asyncio.Protocol):
                 return None
             if len(name) > 8190 or len(value) > 8190:
                 return None
+            if lower in _ONCE:
+                if lower in once:
+                    return None
+                once.add(lower)
             if lower == b"content-length":  # one, of digits: llhttp refuses others
                 length = value
             if lower == b"connection" and b"close" in value.lower():
                 self.closing = True
             headers.add(name.decode("ascii"), value.decode("ascii"))
-        if length is None:
+        if length is None or b"host" not in once:
             return None
         body = None if int(length) > self._front.max_body_bytes else b""
         return ModelRequest(self, self._front.app, match[1], target, headers, body)
@@ -462,7 +507,7 @@ class _Connection(asyncio.Protocol):
             self._task = None
             self._request = None
             if not complete or self.closing or self._transport is None:
-                self.abort()
+                self.close()
             else:
                 self._await_request()
 

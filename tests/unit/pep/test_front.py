@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ def _lean(served: Served) -> Callable[[ModelRequest], Awaitable[web.StreamRespon
                 await asyncio.sleep(30)
             if tail == "boom":
                 raise RuntimeError("a handler's bug")
+            if tail == "flood":  # more than an agent that does not read will take
+                response = LeanResponse(request, 200)
+                await response.prepare()
+                while True:
+                    await response.write(b"x" * 65536)
             if tail == "stream":
                 response = LeanResponse(request, 200)
                 response.headers["Content-Type"] = "text/event-stream"
@@ -178,6 +184,10 @@ def test_another_request_hands_the_connection_to_aiohttp_from_its_first_byte() -
         pytest.param(_post(b"/mcp/kb"), id="another-route"),
         pytest.param(_post(CHAT, BODY).replace(b"POST", b"PUT", 1), id="put"),
         pytest.param(_post(CHAT, BODY, b"Content-Length: 13"), id="two-lengths-400"),
+        pytest.param(_post(CHAT, BODY, b"Host: other"), id="two-hosts-400"),
+        pytest.param(_post(CHAT, BODY, b"User-Agent: a", b"User-Agent: b"), id="two-agents-400"),
+        pytest.param(_post(CHAT, BODY).replace(b"Host: sidecar\r\n", b""), id="no-host-400"),
+        pytest.param(_post(CHAT, BODY, b"Sec-WebSocket-Key1: 1"), id="hixie-key-400"),
         pytest.param(_post(CHAT, BODY, b"Upgrade: h2c", b"Connection: upgrade"), id="upgrade"),
         pytest.param(
             _post(CHAT, BODY, *(b"X-%d: 1" % i for i in range(MAX_HEADERS))), id="many-headers-400"
@@ -357,11 +367,16 @@ def test_closing_waits_for_the_answer_in_progress_then_closes() -> None:
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("name, value", [("X", "a\r\nB: c"), ("X\nB", "c"), ("X:Y", "c")])
-def test_a_header_that_would_split_the_answer_is_refused(name: str, value: str) -> None:
+@pytest.mark.parametrize(
+    "name, value, reason",
+    [("X", "a\r\nB: c", "OK"), ("X\nB", "c", "OK"), ("X:Y", "c", "OK"), ("X", "c", "OK\r\nB: c")],
+)
+def test_a_header_that_would_split_the_answer_is_refused(
+    name: str, value: str, reason: str
+) -> None:
     headers = web.Response(headers={name: value}).headers
-    with pytest.raises(ValueError, match="cannot be sent"):
-        pep.front._head(200, "OK", headers, [], closing=False)
+    with pytest.raises(ValueError, match=r"split the head|cannot be sent"):
+        pep.front._head(200, reason, headers, [], closing=False)
 
 
 def test_a_handler_that_fails_answers_500_and_closes() -> None:
@@ -372,6 +387,59 @@ def test_a_handler_that_fails_answers_500_and_closes() -> None:
             status, headers, _ = await _answer(reader)
             assert status == 500 and headers["connection"] == "close"
             assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("trailing", [b"", b"X"], ids=["body-after-head", "a-byte-after-it"])
+def test_a_call_asking_to_close_is_read_whole_answered_then_closed(trailing: bytes) -> None:
+    """Its body in a later write, or a byte after it (llhttp refuses any after a close):
+    answered all the same, then closed."""
+
+    async def scenario() -> None:
+        async with front() as (_, port, served):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            request = _post(CHAT, BODY, b"Connection: close")
+            head, body = request[: -len(BODY)], request[-len(BODY) :]
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(body + trailing)
+            status, headers, answer = await _answer(reader)
+            assert status == 200 and headers["connection"] == "close"
+            assert json.loads(answer)["body"] == BODY.decode()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            assert len(served.requests) == 1
+
+    asyncio.run(scenario())
+
+
+def test_lean_connections_are_kept_alive_by_tcp() -> None:
+    async def scenario() -> None:
+        async with front() as (_, port, served):
+            await _exchange(port, _post())
+            sock = served.requests[0].connection._transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+
+    asyncio.run(scenario())
+
+
+def test_closing_cuts_off_an_agent_that_does_not_read() -> None:
+    async def scenario() -> None:
+        async with front() as (door, port, served):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.transport.pause_reading()  # never reads its answer
+            writer.write(_post(b"/openai/v1/flood"))
+            await asyncio.wait_for(served.started.wait(), 5)
+            await asyncio.sleep(0.2)  # the sidecar's buffer for it is full by now
+            await door.close(timeout=0.2)
+            for _ in range(100):
+                if not door.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert not door.connections
             writer.close()
 
     asyncio.run(scenario())
