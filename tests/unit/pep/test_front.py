@@ -375,7 +375,7 @@ def test_a_header_that_would_split_the_answer_is_refused(
     name: str, value: str, reason: str
 ) -> None:
     headers = web.Response(headers={name: value}).headers
-    with pytest.raises(ValueError, match=r"split the head|cannot be sent"):
+    with pytest.raises(ValueError, match="would split the head"):
         pep.front._head(200, reason, headers, [], closing=False)
 
 
