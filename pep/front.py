@@ -32,8 +32,8 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 __all__ = ["IDLE_SECONDS", "Front", "LeanResponse", "ModelRequest"]
@@ -65,6 +65,10 @@ _ONCE = frozenset(
     }
 )
 _NO_BODY = frozenset({204, 304})
+# aiohttp names the headers it knows as hdrs spells them, whatever case was sent.
+_SPELLED = {
+    str(name).lower().encode(): str(name) for name in vars(hdrs).values() if isinstance(name, istr)
+}
 # Framing is the answer's own: never a header copied from elsewhere.
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -472,7 +476,7 @@ class _Connection(asyncio.Protocol):
                 length = value
             if lower == b"connection" and b"close" in value.lower():
                 self.closing = True
-            headers.add(name.decode("ascii"), value.decode("ascii"))
+            headers.add(_SPELLED.get(lower) or name.decode("ascii"), value.decode("ascii"))
         if length is None or b"host" not in once:
             return None
         body = None if int(length) > self._front.max_body_bytes else b""
