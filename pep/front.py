@@ -41,7 +41,11 @@ __all__ = ["IDLE_SECONDS", "Front", "LeanResponse", "ModelRequest"]
 log = logging.getLogger("abc.pep")
 
 IDLE_SECONDS = 75.0  # a connection with nothing to do is closed (aiohttp's keepalive_timeout)
+LINGER_SECONDS = 10.0  # reading on, unread, after a last answer (aiohttp's lingering_time)
 MAX_HEAD = 64 * 1024  # a head still unfinished past this goes to aiohttp, which limits heads
+# A lean header's name and value together, and its target: well inside aiohttp's limit of
+# 8190 however it counts a line (a value with its trailing spaces, a name with the last one's).
+MAX_FIELD = 4000
 MAX_HEADERS = 128
 # The lean shape: a route and a tail of plain segments, a query of plain characters.
 _TARGET = re.compile(
@@ -239,10 +243,15 @@ class Front:
 
     async def close(self, timeout: float = 60.0) -> None:
         """Stop listening; close each connection once its answer is written, waiting up to
-        ``timeout`` for those in progress (then cancelled, as an agent hanging up would)."""
+        ``timeout`` for those in progress (then cancelled, as an agent hanging up would).
+        The connections handed to aiohttp stop alike, at the same time."""
         self.closed = True  # a connection accepted meanwhile is closed as it is made
         if self._listening is not None:
             self._listening.close()
+        self.aiohttp_server.pre_shutdown()
+        await asyncio.gather(self._close_lean(timeout), self.aiohttp_server.shutdown(timeout))
+
+    async def _close_lean(self, timeout: float) -> None:
         busy = {}
         for connection in list(self.connections):
             task = connection.close_when_done()
@@ -279,6 +288,10 @@ class _Connection(asyncio.Protocol):
         self.closing = False  # closed once the answer in progress is written
         self._writable: asyncio.Future[None] | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._early: list[bytes] = []  # sent while an answer's task ran: read after it
+        self._early_size = 0
+        self._paused = False
+        self._lingering = False
 
     # --- the connection
 
@@ -357,9 +370,16 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering or (self.closing and self._task is not None):
+            return  # nothing more is read on this connection
         if self._task is not None:
-            # Sent while a request is answered: a pipelined request, never read as one.
-            self.closing = True
+            # A next request sent as soon as the answer arrived, before its task ended: read
+            # once it has. Past a head's worth, the agent waits.
+            self._early.append(data)
+            self._early_size += len(data)
+            if self._early_size > MAX_HEAD and self._transport is not None and not self._paused:
+                self._transport.pause_reading()
+                self._paused = True
             return
         self._await_request()  # idle counts from the last byte: a head sent slowly ends too
         if self._raw is None and self._request is None:
@@ -454,7 +474,7 @@ class _Connection(asyncio.Protocol):
         except UnicodeDecodeError:
             return None
         match = _TARGET.fullmatch(target)
-        if match is None or match[2] == "models" or "/." in target or len(target) > 8190:
+        if match is None or match[2] == "models" or "/." in target or len(target) > MAX_FIELD:
             return None
         headers: CIMultiDict[str] = CIMultiDict()
         length: bytes | None = None
@@ -463,7 +483,7 @@ class _Connection(asyncio.Protocol):
             # llhttp has refused a name that is not a token, and control characters in a
             # value but tabs; it strips the space before a value, not after.
             value = raw_value.rstrip(b" ")
-            if not value.isascii() or b"\t" in value or len(name) > 8190 or len(value) > 8190:
+            if not value.isascii() or b"\t" in value or len(name) + len(raw_value) > MAX_FIELD:
                 return None
             lower = name.lower()
             if lower in _NOT_LEAN:
@@ -474,7 +494,7 @@ class _Connection(asyncio.Protocol):
                 once.add(lower)
             if lower == b"content-length":  # one, of digits: llhttp refuses others
                 length = value
-            if lower == b"connection" and b"close" in value.lower():
+            if lower == b"connection" and b"close" in value.lower().replace(b" ", b"").split(b","):
                 self.closing = True
             headers.add(_SPELLED.get(lower) or name.decode("ascii"), value.decode("ascii"))
         if length is None or b"host" not in once:
@@ -513,10 +533,40 @@ class _Connection(asyncio.Protocol):
         finally:
             self._task = None
             self._request = None
-            if not complete or self.closing or self._transport is None:
+            if not complete or self._transport is None:
                 self.close()
+            elif self.closing:
+                self._linger()
             else:
                 self._await_request()
+                self._read_early()
+
+    def _resume(self) -> None:
+        if self._paused and self._transport is not None:
+            self._transport.resume_reading()
+        self._paused = False
+
+    def _read_early(self) -> None:
+        early, self._early, self._early_size = b"".join(self._early), [], 0
+        self._resume()
+        if early:
+            self.data_received(early)
+
+    def _linger(self) -> None:
+        """The last answer written: input ends, read and dropped, before the connection
+        closes (or in ``LINGER_SECONDS``). Closing on unread bytes (a body refused unread, a
+        request sent behind) resets the connection, and a reset can overtake the answer."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._lingering = True
+        self._early.clear()
+        self._resume()
+        if transport.can_write_eof():
+            transport.write_eof()
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = self._loop.call_later(LINGER_SECONDS, self.close)
 
     def _send(self, response: web.StreamResponse) -> bool:
         """A whole answer the handler made (a refusal): written in one piece."""
