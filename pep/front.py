@@ -2,7 +2,7 @@
 
 A model call is the sidecar's busiest path, and aiohttp's web server spent about 0.03 ms of
 CPU on each one beyond reading and writing its bytes (0.07 ms when calls come apart, its
-code cold): a tenth of all the sidecar spends on a call.
+code cold): a tenth or more of all the sidecar spent on a call.
 
 Every connection starts here. A request of the one plain shape model calls take (``POST``
 to ``/openai/v1/*`` or ``/anthropic/v1/*`` but ``models``, HTTP/1.1, an origin-form target
@@ -13,10 +13,12 @@ handler. At the first request of any other shape (another route or method, a chu
 connection goes to aiohttp with that request's bytes from its first: aiohttp judges it by
 its own rules, as it judged every request before. No request is read by both.
 
-A connection carries one request at a time. Bytes that arrive while one is answered (a
-pipelined request: no SDK sends one) are never read as a request: the connection closes
-once the answer is written. An agent that hangs up cancels its handler, as aiohttp's
-``handler_cancellation`` does.
+A connection carries one request at a time. One sent before the last answer's handler
+ended is read after it; one in the same segment as the request before it (pipelined: no SDK
+sends one) is never read, and the connection closes once the answer is written, reading on
+and dropping what the agent still sends for a while (as aiohttp does): a close on unread
+bytes resets the connection, and a reset can overtake the answer. An agent that hangs up
+cancels its handler, as aiohttp's ``handler_cancellation`` does.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
-__all__ = ["IDLE_SECONDS", "Front", "LeanResponse", "ModelRequest"]
+__all__ = ["IDLE_SECONDS", "Front", "LeanResponse", "ModelRequest", "Serve"]
 
 log = logging.getLogger("abc.pep")
 
