@@ -13,7 +13,7 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import grpc
@@ -135,10 +135,11 @@ def _narrower(config: PepConfig) -> bytes:
         raise ConfigError(f"cannot read --narrower {config.narrower}: {exc.strerror}") from exc
 
 
-async def _site(runner: web.AppRunner, address: str) -> None:
-    host, _, port = address.rpartition(":")
+async def _listen(address: str, start: Callable[[str, int], Awaitable[object]]) -> None:
+    """``start(host, port)`` of a checked HOST:PORT; ``ConfigError`` if it cannot listen."""
+    host, port = split_host_port(address)
     try:
-        await web.TCPSite(runner, host, int(port)).start()
+        await start(host, port)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
 
@@ -148,11 +149,7 @@ async def _front(proxy: web.AppRunner, config: PepConfig) -> Front:
     assert proxy.server is not None, "set up first"
     app = proxy.app
     front = Front(app, app[MODEL_ROUTES], proxy.server, config.max_body_bytes)
-    host, port = split_host_port(config.listen)
-    try:
-        await front.listen(host, port)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {config.listen}: {exc.strerror}") from exc
+    await _listen(config.listen, front.listen)
     return front
 
 
@@ -167,7 +164,7 @@ async def _export(metrics: PepMetrics, address: str) -> web.AppRunner:
     exporter = web.AppRunner(metrics_app(metrics), access_log=None, handle_signals=False)
     await exporter.setup()
     try:
-        await _site(exporter, address)
+        await _listen(address, lambda host, port: web.TCPSite(exporter, host, port).start())
     except ConfigError:
         await exporter.cleanup()
         raise

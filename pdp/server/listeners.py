@@ -127,10 +127,10 @@ def listen(config: PdpConfig, credentials: grpc.ServerCredentials | None) -> Lis
             health_pb2_grpc.add_HealthServicer_to_server(listeners.health, listeners.probes)
             _add_port(listeners.probes, config.health, None)
         if config.metrics:
-            host, _, port = config.metrics.rpartition(":")
+            host, port = split_host_port(config.metrics)
             try:
                 listeners.metrics_server, _thread = start_http_server(
-                    int(port), addr=host, registry=listeners.registry
+                    port, addr=host, registry=listeners.registry
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot serve metrics on {config.metrics}: {exc}") from exc

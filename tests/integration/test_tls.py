@@ -28,6 +28,7 @@ from tests.harness import (
     API_KEY,
     POLICIES,
     PdpProcess,
+    PepProcess,
     Signer,
     abcctl,
     free_port,
@@ -208,21 +209,8 @@ def test_the_sidecar_over_mtls_forwards_an_allowed_call_end_to_end(
     demo_envelope: bytes,
     tmp_path: Path,
 ) -> None:
-    envelope = tmp_path / "envelope.json"
-    envelope.write_bytes(demo_envelope)
-    pep = start_pep(
-        tls_pdp.address,
-        {"openai": fakes.openai_url.removesuffix("/v1")},
-        tmp_path,
-        "--manifest",  # registered over mTLS too
-        str(envelope),
-        "--pdp-ca",
-        ours.path("ca.pem"),
-        "--pdp-cert",
-        ours.path("pep.pem"),
-        "--pdp-key",
-        ours.path("pep.key"),
-    )
+    # Registered over mTLS too.
+    pep = _sidecar(tls_pdp, fakes, tmp_path, *_manifest(demo_envelope, tmp_path), *_tls(ours, ours))
     try:
         client = openai.OpenAI(base_url=f"{pep.url}/openai/v1", api_key=API_KEY, max_retries=0)
         reply = client.chat.completions.create(
@@ -257,34 +245,42 @@ def test_a_sidecar_the_pdp_refuses_fails_closed(
     problem: str,
 ) -> None:
     tls = {
-        "cert-from-another-ca": [
-            "--pdp-ca",
-            ours.path("ca.pem"),
-            "--pdp-cert",
-            other.path("pep.pem"),
-            "--pdp-key",
-            other.path("pep.key"),
-        ],
+        "cert-from-another-ca": _tls(ours, other),
         "no-client-cert": ["--pdp-ca", ours.path("ca.pem")],
-        "wrong-server-name": [
-            "--pdp-ca",
-            ours.path("ca.pem"),
-            "--pdp-cert",
-            ours.path("pep.pem"),
-            "--pdp-key",
-            ours.path("pep.key"),
-            "--pdp-server-name",
-            "not-the-pdp.example",
-        ],
+        "wrong-server-name": [*_tls(ours, ours), "--pdp-server-name", "not-the-pdp.example"],
         "plaintext": [],
     }[problem]
     _fails_closed(tls_pdp, fakes, tmp_path, "--run", run_id, *tls)
 
 
+def _sidecar(pdp: PdpProcess, fakes: FakeUpstreams, log_dir: Path, *flags: str) -> PepProcess:
+    """A sidecar of ``pdp``, started with ``flags``, its model calls going to the fake OpenAI."""
+    return start_pep(pdp.address, {"openai": fakes.openai_url.removesuffix("/v1")}, log_dir, *flags)
+
+
+def _manifest(envelope: bytes, tmp_path: Path) -> list[str]:
+    """The flags registering ``envelope``, written to a file for it."""
+    path = tmp_path / "envelope.json"
+    path.write_bytes(envelope)
+    return ["--manifest", str(path)]
+
+
+def _tls(pki: Pki, client: Pki) -> list[str]:
+    """The flags trusting ``pki``'s CA alone and showing ``client``'s sidecar certificate."""
+    return [
+        "--pdp-ca",
+        pki.path("ca.pem"),
+        "--pdp-cert",
+        client.path("pep.pem"),
+        "--pdp-key",
+        client.path("pep.key"),
+    ]
+
+
 def _fails_closed(pdp: PdpProcess, fakes: FakeUpstreams, log_dir: Path, *flags: str) -> str:
     """A sidecar started with ``flags`` refuses a call ``pdp_unavailable`` and forwards
     nothing; its output."""
-    pep = start_pep(pdp.address, {"openai": fakes.openai_url.removesuffix("/v1")}, log_dir, *flags)
+    pep = _sidecar(pdp, fakes, log_dir, *flags)
     forwarded = len(fakes.recorder.find("openai"))
     try:
         reply = httpx.post(pep.url + CHAT, json=BODY, timeout=10)
@@ -329,16 +325,7 @@ def _established(port: int) -> int:
 
 
 def _decide_tls_flags(pki: Pki, client: Pki, address: str) -> list[str]:
-    return [
-        "--pdp-decide",
-        address,
-        "--pdp-ca",
-        pki.path("ca.pem"),
-        "--pdp-cert",
-        client.path("pep.pem"),
-        "--pdp-key",
-        client.path("pep.key"),
-    ]
+    return ["--pdp-decide", address, *_tls(pki, client)]
 
 
 def test_the_sidecar_decides_and_settles_over_the_decide_socket_over_tls(
@@ -349,16 +336,13 @@ def test_the_sidecar_decides_and_settles_over_the_decide_socket_over_tls(
     demo_envelope: bytes,
     tmp_path: Path,
 ) -> None:
-    envelope = tmp_path / "envelope.json"
-    envelope.write_bytes(demo_envelope)
     port = int(decide_address.rsplit(":", 1)[1])
     before = _established(port)
-    pep = start_pep(
-        tls_pdp.address,
-        {"openai": fakes.openai_url.removesuffix("/v1")},
+    pep = _sidecar(
+        tls_pdp,
+        fakes,
         tmp_path,
-        "--manifest",
-        str(envelope),
+        *_manifest(demo_envelope, tmp_path),
         "--settle-linger-ms",
         "10",
         *_decide_tls_flags(ours, ours, decide_address),
