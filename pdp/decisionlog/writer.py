@@ -146,6 +146,7 @@ class DecisionLog:
         self._fd = self._file.fileno()
         self._lock = threading.Condition()
         self._pending: list[bytes] = []
+        self._pending_at = 0.0  # monotonic time the oldest of them was queued
         self._written = head.seq  # every seq below this is on disk
         self._since_checkpoint, self._checkpoint_at = 0, time.monotonic()
         self._rotate_after = 0.0  # monotonic time before which no rotation is tried
@@ -435,6 +436,8 @@ class DecisionLog:
         encoded = canonical_record_bytes(line_fields(record, seq, self._prev))
         if not isinstance(record, CheckpointRecord):  # signed on its own
             encoded = with_mac(encoded, self._mac_key)
+        if not self._pending:
+            self._pending_at = time.monotonic()
         self._pending.append(encoded + b"\n")
         self._seq, self._prev = seq + 1, digest(encoded)
         self._since_checkpoint += 1
@@ -459,18 +462,24 @@ class DecisionLog:
     def _idle_checkpoints(self) -> None:
         """Sign an idle log's tail, and write what is queued, within ``checkpoint_seconds``
         and a tenth more (a second at most): a log still written to meanwhile takes its
-        checkpoint along with the next record's commit, not in a write of its own. While
+        checkpoint along with the next record's commit, not in a write of its own, and
+        records queued less than that tenth ago are left to the commit about to take them. While
         the log cannot write, try a checkpoint every ``retry_seconds``, so that it
         recovers (and health with it) without waiting for a decision that health keeps
         away."""
         grace = min(1.0, self._seconds / 10)
         while True:
             with self._lock:
-                if self._writable:
-                    left = self._checkpoint_at + self._seconds + grace - time.monotonic()
-                    wait = left if left > 0 else self._seconds
-                else:
+                now = time.monotonic()
+                if not self._writable:
                     wait = self._retry
+                elif self._pending and now - self._pending_at < grace:
+                    # Queued just now, most likely by a decision about to commit them (a
+                    # settlement it carries goes first): its commit takes them.
+                    wait = self._pending_at + grace - now
+                else:
+                    left = self._checkpoint_at + self._seconds + grace - now
+                    wait = left if left > 0 else self._seconds
             woken = self._wake_timer.wait(timeout=wait)
             self._wake_timer.clear()
             with self._lock:
@@ -478,10 +487,14 @@ class DecisionLog:
                     return
                 if woken:
                     continue  # the log just failed: first retry after retry_seconds
-                due = self._since_checkpoint and self._due_checkpoint()
-                # Records queued that no commit took are written too: a settlement answered
-                # before its write, whose own queuing put the due checkpoint behind it.
-                if not (due or self._pending or not self._writable):
+                # Overdue by the grace: a record queued meanwhile would have taken it along.
+                now = time.monotonic()
+                due = self._since_checkpoint and now - self._checkpoint_at >= self._seconds + grace
+                # Records queued that no commit took within the grace are written too: a
+                # settlement answered before its write, whose own queuing put the due
+                # checkpoint behind it.
+                stale = self._pending and now - self._pending_at >= grace
+                if not (due or stale or not self._writable):
                     continue
                 if due or not self._writable:
                     self._enqueue_checkpoint()

@@ -23,8 +23,9 @@ bare gRPC + sync is the least that any sidecar asking a remote PDP for a durable
 can add on this machine. The health check also runs at 16 clients: the PDP's CPU per Check
 is the yardstick of its CPU per enforced request. A stream keeps its client tens of ms, so
 the PDP idles that long between a sidecar's decisions: at one client, the baselines of the
-stream scenario are paced (``PACE``), lest a Check kept hot look cheaper than the same
-Check at the rate the sidecar's decisions come. Issue 18's goals are read off as ratios
+stream scenario start one call per sidecar stream (the median length of its warm-up's),
+lest a Check kept hotter look cheaper than the same Check at the rate the sidecar's
+decisions come. Issue 18's goals are read off as ratios
 (``pep_report.py``); ``ABC_BENCH_PYSPY`` adds profiles (``profiles.py``).
 """
 
@@ -171,8 +172,9 @@ async def load(
     extra: dict[str, Callable[[], Target]],
     meter: CpuMeter,
     pace: float = 0.0,
-    baseline_pace: float = 0.0,
+    baseline_pace: float | None = 0.0,
 ) -> dict[str, Any]:
+    """``baseline_pace`` None: the baselines start one call per sidecar request's length."""
     connector = aiohttp.TCPConnector(limit=clients * 2)
     async with aiohttp.ClientSession(connector=connector) as session:
         targets: dict[str, Target] = {
@@ -185,10 +187,16 @@ async def load(
         await meter.quiet()
         samples: dict[str, list[Sample]] = {name: [] for name in targets}
         busy: dict[str, float] = dict.fromkeys(targets, 0.0)
+        periods: list[float] = []  # the baselines' paces, when they follow the sidecar's
 
         async def batch(name: str, target: Target) -> None:
             queue = list(range(BATCH))
             period = baseline_pace if name in extra else pace
+            if period is None:
+                # As often as the sidecar's decisions come: one per request of its (the
+                # sidecar's batches come first), each the length of its median so far.
+                period = percentile([total for _, total in samples["sidecar"]], 0.5)
+                periods.append(period)
 
             async def client() -> None:
                 while queue:
@@ -212,7 +220,9 @@ async def load(
         "stream": stream,
         "clients": clients,
         "pace_ms": pace * 1000,
-        "baseline_pace_ms": baseline_pace * 1000,
+        "baseline_pace_ms": round(
+            (baseline_pace if baseline_pace is not None else percentile(periods, 0.5)) * 1000, 1
+        ),
     }
     direct = samples["direct"]
     for name, values in samples.items():
@@ -434,7 +444,7 @@ def _run(
         (False, 1, 0.0, 0.0),
         (False, 1, PACE, PACE),
         (False, CLIENTS, 0.0, 0.0),
-        (True, 1, 0.0, PACE),
+        (True, 1, 0.0, None),
         (True, CLIENTS, 0.0, 0.0),
     ):
         # Every baseline at one client (the latency floor and its split); the

@@ -213,6 +213,37 @@ def test_a_log_written_to_takes_its_timed_checkpoints_along_with_its_records(
         log.close()
 
 
+def test_records_queued_just_before_the_idle_timer_wakes_go_with_the_next_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision's carried settlement is queued a moment before the decision is judged
+    and committed: the idle timer, waking in between, leaves it to that commit rather than
+    writing it alone (a second fsync for one request). Here the moment is 20 ms, and a
+    settlement is pending nearly all the time the timer may wake."""
+    synced, syncs = os.fdatasync, []
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        synced(fd)
+
+    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, KEY, checkpoint_seconds=1.0)  # the idle timer's grace: 0.1 s
+    requests = 0
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:  # the timer wakes twice at least
+            log.queue(decision(2 * requests))  # the carried settlement
+            time.sleep(0.02)
+            log.append(decision(2 * requests + 1))  # the decision, one commit for both
+            requests += 1
+        assert len(syncs) == requests
+    finally:
+        log.close()
+    kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+    assert kinds.count("decision") == 2 * requests and kinds.count("checkpoint") >= 2
+
+
 def test_a_torn_last_line_from_a_crash_is_cut_on_restart(tmp_path: Path) -> None:
     path = written_log(tmp_path, records=3)
     with path.open("ab") as handle:
