@@ -473,13 +473,13 @@ class DecisionLog:
                 now = time.monotonic()
                 if not self._writable:
                     wait = self._retry
-                elif self._pending and now - self._pending_at < grace:
-                    # Queued just now, most likely by a decision about to commit them (a
-                    # settlement it carries goes first): its commit takes them.
-                    wait = self._pending_at + grace - now
+                elif self._pending:
+                    # Left for the grace to the commit most likely about to take them (a
+                    # decision's carried settlement is queued just before the decision).
+                    wait = max(0.0, self._pending_at + grace - now)
                 else:
                     left = self._checkpoint_at + self._seconds + grace - now
-                    wait = left if left > 0 else self._seconds
+                    wait = left if left > 0 else (0.0 if self._since_checkpoint else self._seconds)
             woken = self._wake_timer.wait(timeout=wait)
             self._wake_timer.clear()
             with self._lock:
