@@ -463,8 +463,8 @@ class DecisionLog:
         """Sign an idle log's tail, and write what is queued, within ``checkpoint_seconds``
         and a tenth more (a second at most): a log still written to meanwhile takes its
         checkpoint along with the next record's commit, not in a write of its own, and
-        records queued less than that tenth ago are left to the commit about to take them. While
-        the log cannot write, try a checkpoint every ``retry_seconds``, so that it
+        records queued less than that tenth ago are left to the commit about to take them.
+        While the log cannot write, try a checkpoint every ``retry_seconds``, so that it
         recovers (and health with it) without waiting for a decision that health keeps
         away."""
         grace = min(1.0, self._seconds / 10)

@@ -23,9 +23,9 @@ bare gRPC + sync is the least that any sidecar asking a remote PDP for a durable
 can add on this machine. The health check also runs at 16 clients: the PDP's CPU per Check
 is the yardstick of its CPU per enforced request. A stream keeps its client tens of ms, so
 the PDP idles that long between a sidecar's decisions: at one client, the baselines of the
-stream scenario start one call per sidecar stream (the median length of its warm-up's),
-lest a Check kept hotter look cheaper than the same Check at the rate the sidecar's
-decisions come. Issue 18's goals are read off as ratios
+stream scenario start one call per sidecar stream (the median length of the sidecar's
+streams measured so far), lest a Check kept hotter look cheaper than the same Check at the
+rate the sidecar's decisions come. Issue 18's goals are read off as ratios
 (``pep_report.py``); ``ABC_BENCH_PYSPY`` adds profiles (``profiles.py``).
 """
 
@@ -193,8 +193,8 @@ async def load(
             queue = list(range(BATCH))
             period = baseline_pace if name in extra else pace
             if period is None:
-                # As often as the sidecar's decisions come: one per request of its (the
-                # sidecar's batches come first), each the length of its median so far.
+                # As often as the sidecar's decisions come: one call per sidecar request,
+                # as long as their median so far (each round runs the sidecar's batch first).
                 period = percentile([total for _, total in samples["sidecar"]], 0.5)
                 periods.append(period)
 

@@ -169,7 +169,17 @@ class Ports:
             return f"{match[1]}{self[int(match[2])]}"
 
         localised = [re.sub(r"\b(?:0\.0\.0\.0|127\.0\.0\.1|pdp):(\d+)\b", address, a) for a in args]
-        return [re.sub(r"^(--[a-z]+-port=)(\d+)$", port_flag, a) for a in localised]
+        ported = [re.sub(r"^(--[a-z]+-port=)(\d+)$", port_flag, a) for a in localised]
+        # The fake MCP servers beside --mcp-port default to the two ports after it, which
+        # need not be free here: each gets a free port of its own too.
+        for arg in args:
+            if mcp := re.fullmatch(r"--mcp-port=(\d+)", arg):
+                base = int(mcp[1])
+                ported += [
+                    f"--mcp-json-port={self[base + 1]}",
+                    f"--mcp-stateless-port={self[base + 2]}",
+                ]
+        return ported
 
 
 def compose_volumes(service: str, named: dict[str, Path]) -> list[Volume]:
