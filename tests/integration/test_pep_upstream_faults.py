@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -223,10 +224,17 @@ def _chat(fault: str) -> dict[str, object]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": fault}
 
 
+def _records(log: Path) -> list[dict[str, Any]]:
+    """The records of a running PDP's log written whole so far: a line still being
+    written is left for the next look."""
+    text = log.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
 def _settled(log: Path, decision_id: str) -> tuple[int, int]:
     """(tokens reserved by the decision, tokens its settlement reported), once logged."""
     for _ in range(100):
-        records = [json.loads(line) for line in log.read_text().splitlines()]
+        records = _records(log)
         decision = next(r for r in records if r.get("decision_id") == decision_id)
         settled = [
             r["tokens"]
@@ -240,8 +248,7 @@ def _settled(log: Path, decision_id: str) -> tuple[int, int]:
 
 
 def _last_decision(log: Path) -> str:
-    records = [json.loads(line) for line in log.read_text().splitlines()]
-    return str([r for r in records if r.get("kind") == "decision"][-1]["decision_id"])
+    return str([r for r in _records(log) if r.get("kind") == "decision"][-1]["decision_id"])
 
 
 @pytest.mark.parametrize(
@@ -356,12 +363,12 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
     pep = _start_pep(pdp, tmp, upstream, "--pdp-socket", str(slow.path))
     log = tmp / "state" / "decisions.log"
     try:
-        logged = len(log.read_text().splitlines())
+        logged = len(_records(log))
         _hang_up_after(pep, _chat("never"), wait=0.2)  # before the PDP's answer, 0.6 s away
         if stopped:
             pep.stop()  # SIGTERM, while the release is on its way
         for _ in range(100):
-            added = [json.loads(line) for line in log.read_text().splitlines()[logged:]]
+            added = _records(log)[logged:]
             decisions = [r for r in added if r.get("kind") == "decision"]
             if decisions:
                 break

@@ -190,15 +190,9 @@ def test_a_log_written_to_takes_its_timed_checkpoints_along_with_its_records(
     """The interval passes while records keep coming: the checkpoint goes with the next
     record's commit, and the idle timer, a little later, finds nothing to sign. No write of
     its own: one fsync a record."""
-    synced, syncs = os.fdatasync, []
-
-    def counted(fd: int) -> None:
-        syncs.append(fd)
-        synced(fd)
-
-    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY, checkpoint_seconds=2.0)  # the idle timer's grace: 0.2 s
+    syncs = _count_syncs(monkeypatch, _log_fd(log))
     appended = 0
     try:
         started = time.monotonic()
@@ -220,15 +214,9 @@ def test_records_queued_just_before_the_idle_timer_wakes_go_with_the_next_commit
     and committed: the idle timer, waking in between, leaves it to that commit rather than
     writing it alone (a second fsync for one request). Here the moment is 20 ms, and a
     settlement is pending nearly all the time the timer may wake (first at 2.2 s)."""
-    synced, syncs = os.fdatasync, []
-
-    def counted(fd: int) -> None:
-        syncs.append(fd)
-        synced(fd)
-
-    monkeypatch.setattr("pdp.decisionlog.writer.os.fdatasync", counted)
     path = tmp_path / "decisions.log"
     log = DecisionLog(path, KEY, checkpoint_seconds=2.0)  # the idle timer's grace: 0.2 s
+    syncs = _count_syncs(monkeypatch, _log_fd(log))
     requests = 0
     try:
         started = time.monotonic()
