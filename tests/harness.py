@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -37,6 +38,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def log_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a decision log written whole so far: a line a running PDP is still
+    writing is left for the next look."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def read_frame(reader: BinaryIO) -> bytes | None:

@@ -18,7 +18,16 @@ from mcp.client.streamable_http import streamable_http_client
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
 from tests.fakes.serve import FakeUpstreams
-from tests.harness import INTENT, PdpProcess, PepProcess, Signer, audit_verify, start_pdp, start_pep
+from tests.harness import (
+    INTENT,
+    PdpProcess,
+    PepProcess,
+    Signer,
+    audit_verify,
+    log_records,
+    start_pdp,
+    start_pep,
+)
 
 
 def scored_intent() -> str:
@@ -31,7 +40,7 @@ def scored_intent() -> str:
 
 
 def records(state: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    return log_records(state / "decisions.log")
 
 
 @pytest.fixture

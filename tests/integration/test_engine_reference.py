@@ -10,7 +10,6 @@ result), and only those are.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from pdp.engine import policy_data
 from pdp.manifest.freeze import freeze, sign_manifest
 from pdp.manifest.intent import parse_intent
 from pdp.manifest.keys import load_private_key
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, start_pdp
+from tests.harness import INTENT, POLICIES, PdpProcess, Signer, log_records, start_pdp
 from tests.reference import DEMO_BUDGETS, WIDE_INTENT, Case, Reference, cases, with_version
 
 ACTIONS = 3000  # per manifest
@@ -110,7 +109,7 @@ def _run(pdp: PdpProcess, signer: Signer, intent_text: str, seed: int) -> list[O
 
 def _logged(state: Path) -> dict[str, dict[str, object]]:
     """Decision records by decision id, from the PDP's own log."""
-    records = (json.loads(line) for line in (state / "decisions.log").read_text().splitlines())
+    records = log_records(state / "decisions.log")
     return {r["decision_id"]: r for r in records if r.get("kind") == "decision"}
 
 

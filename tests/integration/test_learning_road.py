@@ -30,6 +30,7 @@ from tests.harness import (
     Signer,
     abcctl,
     audit_verify,
+    log_records,
     start_pdp,
     start_pep,
 )
@@ -164,7 +165,7 @@ class Road:
         return self.state / "pdp-log.pub"
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines()]
+        return log_records(self.log)
 
 
 def _shadow_signer(directory: Path) -> tuple[Signer, Path]:
@@ -352,7 +353,7 @@ def test_the_enforced_grant_passes_the_same_traffic_and_refuses_one_call_outside
         assert pdp.stop() == 0
     assert traffic.outcomes == ["ok"] * CALLS + ["tool_not_allowed"]
     assert deleted == 0
-    records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    records = log_records(state / "decisions.log")
     assert all(r.get("enforced", True) for r in records if r["kind"] == "decision")
     assert audit_verify(state).returncode == 0
 

@@ -21,7 +21,16 @@ from opa_client import OpaClient
 from opa_client.errors import DeleteDataError, DeletePolicyError, PatchDataError, RegoParseError
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, POLICIES, PdpProcess, Signer, abcctl, sample, start_pdp
+from tests.harness import (
+    INTENT,
+    POLICIES,
+    PdpProcess,
+    Signer,
+    abcctl,
+    log_records,
+    sample,
+    start_pdp,
+)
 
 DECISION = "/v1/data/abc/authz/decision"
 SEARCH = {"kind": "tool", "target": "tool:kb/search", "args": {"query": "refund policy"}}
@@ -206,7 +215,7 @@ def test_one_decision_path_for_both_doors(
         + 1
     )
     state = rest_pdp.log.parent / "state"
-    records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    records = log_records(state / "decisions.log")
     logged = {r["decision_id"]: r for r in records if r["kind"] == "decision"}
     assert logged[rest["decision_id"]]["request_id"] == "same"
     assert logged[rest["decision_id"]]["input"]["action"]["max_tokens"] == 300

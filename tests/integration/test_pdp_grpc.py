@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import INTENT, PdpProcess, Signer, sample, start_pdp
+from tests.harness import INTENT, PdpProcess, Signer, log_records, sample, start_pdp
 from tests.harness import POLICIES as POLICIES_DIR
 
 
@@ -382,7 +382,7 @@ def test_every_decision_is_logged_masked_and_the_log_verifies(
     ] + [stub(pdp).Decide(tool_call(run_id, "drop_tables", {}, "l-deny"), timeout=5)]
     assert pdp.stop() == 0
     log = state / "decisions.log"
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = log_records(log)
     decisions = [r for r in records if r["kind"] == "decision"]
     assert [d["decision_id"] for d in decisions] == [a.decision_id for a in answers]
     assert decisions[-1]["result"]["reasons"][0]["code"] == "tool_not_allowed"
@@ -508,7 +508,7 @@ def test_a_decision_carries_settlements_settled_before_it_is_judged_and_logged_w
     )
     assert second.allow and list(second.settled) == [True]
     assert pdp.state is not None
-    lines = [json.loads(line) for line in (pdp.state / "decisions.log").read_text().splitlines()]
+    lines = log_records(pdp.state / "decisions.log")
     kinds = [
         (line["kind"], line["request_id" if line["kind"] == "decision" else "reservation_id"])
         for line in lines

@@ -29,6 +29,7 @@ from tests.harness import (
     Signer,
     abcctl,
     audit_verify,
+    log_records,
     pdp_flags,
     read_frame,
     start_pdp,
@@ -95,9 +96,7 @@ def test_an_unreported_reservation_expires_at_its_worst_case(
         assert list(late.settled) == [False]  # already settled: never counted twice
     finally:
         pdp.stop()
-    records = [
-        json.loads(line) for line in (tmp_path / "state" / "decisions.log").read_text().splitlines()
-    ]
+    records = log_records(tmp_path / "state" / "decisions.log")
     assert any(r["kind"] == "settlement" and r.get("expired") for r in records)
 
 
@@ -290,7 +289,7 @@ def test_kill_9_under_load_loses_no_answer_a_client_saw(signer: Signer, tmp_path
     try:
         assert "restored state from the snapshot at seq" in again.output()
         run = stub(again).GetRun(pdp_pb2.GetRunRequest(run_id=run_id))
-        records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+        records = log_records(state / "decisions.log")
         reserved = sum(
             r.get("cost", {}).get("tool_calls", 0) for r in records if r["kind"] == "decision"
         )

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -32,6 +31,7 @@ from tests.harness import (
     PdpProcess,
     PepProcess,
     Signer,
+    log_records,
     start_pdp,
     start_pep,
 )
@@ -224,17 +224,10 @@ def _chat(fault: str) -> dict[str, object]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": fault}
 
 
-def _records(log: Path) -> list[dict[str, Any]]:
-    """The records of a running PDP's log written whole so far: a line still being
-    written is left for the next look."""
-    text = log.read_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-
 def _settled(log: Path, decision_id: str) -> tuple[int, int]:
     """(tokens reserved by the decision, tokens its settlement reported), once logged."""
     for _ in range(100):
-        records = _records(log)
+        records = log_records(log)
         decision = next(r for r in records if r.get("decision_id") == decision_id)
         settled = [
             r["tokens"]
@@ -248,7 +241,7 @@ def _settled(log: Path, decision_id: str) -> tuple[int, int]:
 
 
 def _last_decision(log: Path) -> str:
-    return str([r for r in _records(log) if r.get("kind") == "decision"][-1]["decision_id"])
+    return str([r for r in log_records(log) if r.get("kind") == "decision"][-1]["decision_id"])
 
 
 @pytest.mark.parametrize(
@@ -363,12 +356,12 @@ def test_a_call_whose_agent_hangs_up_while_it_is_decided_is_released_not_held(
     pep = _start_pep(pdp, tmp, upstream, "--pdp-socket", str(slow.path))
     log = tmp / "state" / "decisions.log"
     try:
-        logged = len(_records(log))
+        logged = len(log_records(log))
         _hang_up_after(pep, _chat("never"), wait=0.2)  # before the PDP's answer, 0.6 s away
         if stopped:
             pep.stop()  # SIGTERM, while the release is on its way
         for _ in range(100):
-            added = _records(log)[logged:]
+            added = log_records(log)[logged:]
             decisions = [r for r in added if r.get("kind") == "decision"]
             if decisions:
                 break

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 from pdp.api import pdp_pb2, pdp_pb2_grpc
-from tests.harness import BIN, INTENT, Signer, start_pdp
+from tests.harness import BIN, INTENT, Signer, log_records, start_pdp
 
 
 def replay(state: Path) -> subprocess.CompletedProcess[str]:
@@ -68,7 +67,7 @@ def test_an_untouched_log_replays_identically(signer: Signer, tmp_path: Path) ->
     assert done.stdout.strip().endswith(
         f"{count} decisions re-decided: {count} identical, 0 divergent"
     )
-    records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    records = log_records(state / "decisions.log")
     final = [
         r["result"]["reasons"][0]["code"]
         for r in records

@@ -19,6 +19,7 @@ from tests.harness import (
     RedisProcess,
     Signer,
     abcctl,
+    log_records,
     start_pdp,
     start_redis,
 )
@@ -79,7 +80,7 @@ def test_a_replica_logs_the_grants_and_runs_it_decides_for(
         assert allowed.allow, allowed.reasons
     assert b.state is not None
     log = b.state / "decisions.log"
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    records = log_records(log)
     kinds = [(r["kind"], r.get("run_id")) for r in records if r["kind"] != "checkpoint"]
     assert kinds == [
         ("registration", grant_run),

@@ -6,7 +6,6 @@ say which refusals were enforced and which were only observed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.harness import (
     PepProcess,
     Signer,
     abcctl,
+    log_records,
     sample,
     start_pdp,
     start_pep,
@@ -77,7 +77,7 @@ def intent(lineage: str, shadow: bool, requests: int = 500) -> str:
 
 
 def decisions_of(state: Path, run_id: str) -> list[dict[str, object]]:
-    records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    records = log_records(state / "decisions.log")
     return [r for r in records if r["kind"] == "decision" and r["run_id"] == run_id]
 
 
