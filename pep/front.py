@@ -521,7 +521,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(response, LeanResponse):
                 complete = response.complete
             elif request.writer.output_size == 0:
-                complete = self._send(response)
+                self._send(response)
+                complete = True
         except asyncio.CancelledError:
             pass  # the agent hung up, or the sidecar stops
         except ConnectionResetError:
@@ -570,7 +571,7 @@ class _Connection(asyncio.Protocol):
             self._idle.cancel()
         self._idle = self._loop.call_later(LINGER_SECONDS, self.close)
 
-    def _send(self, response: web.StreamResponse) -> bool:
+    def _send(self, response: web.StreamResponse) -> None:
         """A whole answer the handler made (a refusal): written in one piece."""
         body = response.body if isinstance(response, web.Response) else None
         if not isinstance(body, bytes):
@@ -580,4 +581,3 @@ class _Connection(asyncio.Protocol):
             response.status, response.reason, response.headers, framing, closing=self.closing
         )
         self.write(head + body)
-        return True

@@ -28,7 +28,7 @@ from pep.front import IDLE_SECONDS, Front
 from pep.metrics import PepMetrics
 from pep.models_list import GrantedModels, granted_models
 from pep.pdp_client import PdpClient, PdpTls
-from pep.proxy import MODEL_ROUTES, Sidecar, build_app, metrics_app
+from pep.proxy import MODEL_HANDLERS, Sidecar, build_app, metrics_app
 from pep.runs import RunKeys
 from pep.stdio import serve_stdio
 
@@ -148,7 +148,7 @@ async def _front(proxy: web.AppRunner, config: PepConfig) -> Front:
     """The proxy's listening socket: model calls lean, the rest on ``proxy``'s server."""
     assert proxy.server is not None, "set up first"
     app = proxy.app
-    front = Front(app, app[MODEL_ROUTES], proxy.server, config.max_body_bytes)
+    front = Front(app, app[MODEL_HANDLERS], proxy.server, config.max_body_bytes)
     await _listen(config.listen, front.listen)
     return front
 

@@ -40,7 +40,7 @@ from pep.runs import RunKeys
 from pep.upstream import Lease, ModelUpstream, UpstreamError, UpstreamResponse
 from pep.usage import UsageReader
 
-__all__ = ["MODEL_ROUTES", "SIDECAR", "Sidecar", "build_app", "metrics_app"]
+__all__ = ["MODEL_HANDLERS", "SIDECAR", "Sidecar", "build_app", "metrics_app"]
 
 log = logging.getLogger("abc.pep")
 T = TypeVar("T")
@@ -75,8 +75,8 @@ class Sidecar:
 
 
 SIDECAR = web.AppKey("sidecar", Sidecar)
-# The model routes' handlers, for the lean server (pep.front) to call.
-MODEL_ROUTES = web.AppKey("model_routes", dict[str, Serve])
+# The model routes' handlers by route, for the lean server (pep.front) to call.
+MODEL_HANDLERS = web.AppKey("model_handlers", dict[str, Serve])
 
 
 _MODEL_ROUTES = frozenset({"openai", "anthropic"})
@@ -431,14 +431,13 @@ def build_app(sidecar: Sidecar) -> web.Application:
         await sidecar.model_upstream.close()
 
     app.cleanup_ctx.append(session_ctx)
-    openai_route, anthropic_route = Handler(OpenAIAdapter()), Handler(AnthropicAdapter())
-    lean: dict[str, Serve] = {"openai": openai_route.handle, "anthropic": anthropic_route.handle}
-    app[MODEL_ROUTES] = lean
-    for route, handler in (("openai", openai_route), ("anthropic", anthropic_route)):
+    models = {"openai": Handler(OpenAIAdapter()), "anthropic": Handler(AnthropicAdapter())}
+    handlers: dict[str, Serve] = {route: handler.handle for route, handler in models.items()}
+    app[MODEL_HANDLERS] = handlers
+    for route, handler in models.items():
         listing = models_list(route, sidecar.models, handler, sidecar.metrics.count)
-        app.router.add_route("*", f"/{route}/v1/models", listing)
-    app.router.add_route("*", "/openai/v1/{tail:.*}", openai_route)
-    app.router.add_route("*", "/anthropic/v1/{tail:.*}", anthropic_route)
+        app.router.add_route("*", f"/{route}/v1/models", listing)  # before the tail's route
+        app.router.add_route("*", f"/{route}/v1/{{tail:.*}}", handler)
     app.router.add_route("*", "/mcp/{server}", Handler(McpAdapter()))
     app.router.add_route("*", "/http/{name}/{tail:.*}", Handler(HttpAdapter()))
     app.router.add_route("*", "/http/{name}", Handler(HttpAdapter()))
